@@ -1,0 +1,239 @@
+//! The command line (clap). Every option can also come from a `PORTOLAN_*` environment
+//! variable or the TOML file given with `--config`; precedence is flag > env > file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{EtcdOverrides, RegistrarOverrides, WatcherOverrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portolan",
+    version,
+    about = "Keep an HAProxy front door in step with the Docker containers behind it, through etcd.",
+    long_about = "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n\
+  registrar  runs on every Docker host and writes each running container's host:port\n\
+             into etcd under <prefix>/services/<service>/<instance>, on a lease, so a\n\
+             dead host disappears by itself.\n\
+  watcher    runs beside HAProxy, watches that prefix, renders templates, validates the\n\
+             result with `haproxy -c`, swaps it in atomically and reloads HAProxy\n\
+             without dropping a request.\n\n\
+Inspect and fix the state with plain etcdctl:\n\
+  etcdctl get --prefix /portolan/services/\n\
+  etcdctl put /portolan/services/web/manual-1 10.0.0.9:80\n\n\
+Try everything on one machine with `portolan dev`.",
+    after_help = "Every option can also be set in the config file (--config, default \
+/etc/portolan/portolan.toml) or as an environment variable PORTOLAN_<OPTION>; a flag wins \
+over the environment, which wins over the file."
+)]
+pub struct Cli {
+    /// TOML config file. Default /etc/portolan/portolan.toml, read if it exists.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "PORTOLAN_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Log as JSON lines (for log shippers) instead of plain text.
+    #[arg(long, global = true, env = "PORTOLAN_LOG_JSON")]
+    pub log_json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the local Docker daemon and keep this node's containers registered in etcd.
+    ///
+    /// Each published port of a running container becomes
+    /// <prefix>/services/<service>/<node>-<container id>-<port> with a JSON record
+    /// {"addr":"<advertise-ip>:<host port>",...}, attached to this registrar's lease.
+    /// Containers are removed the moment they die, stop, are killed, paused or turn
+    /// unhealthy; a lost host is removed by lease expiry after --ttl seconds.
+    ///
+    /// Labels: portolan.service=NAME, portolan.port.<p>.service=NAME, portolan.ignore=true,
+    /// portolan.tags=a,b, portolan.weight=N, portolan.check.http=/path,
+    /// portolan.check.tcp=true; registrator's SERVICE_NAME, SERVICE_<p>_NAME,
+    /// SERVICE_IGNORE, SERVICE_TAGS environment variables work as fallback.
+    Registrar(RegistrarArgs),
+    /// Watch etcd, render templates, check them with haproxy -c, swap and reload HAProxy.
+    ///
+    /// Reads the [[template]] resources of --config. The first change after a quiet
+    /// spell is applied at once; changes that arrive while an apply is in flight are
+    /// batched into the next one. A config that fails its check never goes live.
+    Watcher(WatcherArgs),
+    /// Render the templates once from etcd and write them (or print them with --dry-run).
+    ///
+    /// Like `confd -onetime`. With --dry-run nothing is written or reloaded: the output
+    /// is printed with the check result, and the exit code is non-zero when the check fails.
+    Render(RenderArgs),
+    /// List services and their instances from etcd.
+    Ls(LsArgs),
+    /// Validate a config file and compile its templates, without touching anything.
+    ///
+    /// The systemd units run this in ExecStartPre so a broken config never starts a daemon.
+    Check,
+    /// Start a one-machine stack to try Portolan: etcd, HAProxy, a registrar and a watcher.
+    ///
+    /// Needs etcd, haproxy and a running Docker Engine on this machine. Everything it
+    /// starts listens on 127.0.0.1 and is stopped with Ctrl-C.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long,
+        env = "PORTOLAN_ETCD_ENDPOINTS",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix shared by registrars and watchers [default: /portolan].
+    #[arg(long, env = "PORTOLAN_PREFIX", value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "PORTOLAN_ETCD_USERNAME", value_name = "USER")]
+    pub etcd_username: Option<String>,
+    /// etcd password; prefer the environment variable over the flag.
+    #[arg(
+        long,
+        env = "PORTOLAN_ETCD_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    pub fn overrides(&self) -> EtcdOverrides {
+        EtcdOverrides {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.prefix.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct RegistrarArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// This host's node name, part of every instance id [default: the host name].
+    #[arg(long, env = "PORTOLAN_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// IP address clients of this host's published ports use [default: the local
+    /// address used to reach etcd].
+    #[arg(long, env = "PORTOLAN_ADVERTISE_IP", value_name = "IP")]
+    pub advertise_ip: Option<String>,
+    /// Lease TTL in seconds: how long a lost host's keys survive it [default: 10].
+    #[arg(long, env = "PORTOLAN_TTL", value_name = "SECS")]
+    pub ttl: Option<u64>,
+    /// Where the lease id is kept across restarts [default: /var/lib/portolan].
+    #[arg(long, env = "PORTOLAN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Docker daemon address, e.g. unix:///var/run/docker.sock [default: DOCKER_HOST or the local socket].
+    #[arg(long, env = "PORTOLAN_DOCKER_HOST", value_name = "URI")]
+    pub docker_host: Option<String>,
+    /// Docker API version to speak, e.g. 1.41 [default: negotiated with the daemon].
+    #[arg(long, env = "PORTOLAN_DOCKER_API_VERSION", value_name = "VERSION")]
+    pub docker_api_version: Option<String>,
+    /// Register container IP and container port instead of advertise IP and published port.
+    #[arg(long, env = "PORTOLAN_INTERNAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub internal: Option<bool>,
+    /// Full reconcile of Docker against etcd every SECS seconds [default: 60].
+    #[arg(long, env = "PORTOLAN_RESYNC", value_name = "SECS")]
+    pub resync: Option<u64>,
+    /// On a clean stop, revoke the lease so this node's keys vanish at once
+    /// (otherwise they live until the TTL, so a quick restart causes no churn).
+    #[arg(long, env = "PORTOLAN_DEREGISTER_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub deregister_on_exit: Option<bool>,
+}
+
+impl RegistrarArgs {
+    pub fn overrides(&self) -> RegistrarOverrides {
+        RegistrarOverrides {
+            etcd: self.etcd.overrides(),
+            node: self.node.clone(),
+            advertise_ip: self.advertise_ip.clone(),
+            ttl: self.ttl,
+            state_dir: self.state_dir.clone(),
+            docker_host: self.docker_host.clone(),
+            docker_api_version: self.docker_api_version.clone(),
+            internal: self.internal,
+            resync: self.resync,
+            deregister_on_exit: self.deregister_on_exit,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct WatcherArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Watcher name, the key of its status under <prefix>/watchers/ [default: the host name].
+    #[arg(long, env = "PORTOLAN_WATCHER_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9477.
+    #[arg(long, env = "PORTOLAN_LISTEN", value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+}
+
+impl WatcherArgs {
+    pub fn overrides(&self) -> WatcherOverrides {
+        WatcherOverrides {
+            etcd: self.etcd.overrides(),
+            name: self.name.clone(),
+            listen: self.listen.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Render one time and exit (the only mode; kept for confd users' muscle memory).
+    #[arg(long, default_value_t = true)]
+    pub once: bool,
+    /// Print what would be written (and the check result); write and reload nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// Only this service.
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Print JSON instead of a table, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Port of the HTTP front door on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Port of the HAProxy stats page on 127.0.0.1.
+    #[arg(long, default_value_t = 8404)]
+    pub stats_port: u16,
+    /// Client port of the private etcd on 127.0.0.1.
+    #[arg(long, default_value_t = 23790)]
+    pub etcd_port: u16,
+    /// Domain for Host-header routing: <service>.<domain>.
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+    /// Keep the temporary folder (etcd data, rendered config) after stopping.
+    #[arg(long)]
+    pub keep: bool,
+}

@@ -1,0 +1,54 @@
+//! Connecting to etcd. Both daemons share these options so that a dead or partitioned
+//! member is noticed in seconds (HTTP/2 keep-alive), and a member cut off from its
+//! cluster answers "no leader" instead of serving stale data (`require_leader`).
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::config::EtcdConfig;
+
+/// Upper bound for one unary etcd call. Streams (watch, keep-alive) are not bounded:
+/// a gRPC deadline would cut them, so callers wrap unary calls in `call()`.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn connect_options(cfg: &EtcdConfig) -> ConnectOptions {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(cfg.dial_timeout)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        opts = opts
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
+    }
+    opts
+}
+
+/// Connects to the configured endpoints. Fails fast (dial timeout) when none answers;
+/// callers own the retry policy.
+pub async fn connect(cfg: &EtcdConfig) -> Result<Client, etcd_client::Error> {
+    let fut = Client::connect(&cfg.endpoints, Some(connect_options(cfg)));
+    match tokio::time::timeout(cfg.dial_timeout + CALL_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no etcd endpoint answered: {}", cfg.endpoints.join(",")),
+        ))),
+    }
+}
+
+/// Runs one unary etcd call with `CALL_TIMEOUT`, turning a hang into an error.
+pub async fn call<T, F>(fut: F) -> Result<T, etcd_client::Error>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "etcd call timed out",
+        ))),
+    }
+}

@@ -1,0 +1,491 @@
+//! The etcd key/value contract, schema v1 (see DESIGN.md).
+//!
+//! Everything that reads or writes etcd goes through here, so the rules about names,
+//! values and what may reach a rendered HAProxy file live in one place. Pure: no I/O.
+//!
+//! ```text
+//! <prefix>/services/<service>/<instance>   JSON Instance record, or a bare "host:port"
+//! <prefix>/nodes/<node>                    JSON NodeRecord, on the node's lease
+//! <prefix>/watchers/<name>                 JSON WatcherStatus, on the watcher's lease
+//! <prefix>/config/<path>                   raw values, handed to templates as `kv`
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_PREFIX: &str = "/portolan";
+/// HAProxy accepts server weights 0..=256.
+pub const MAX_WEIGHT: u32 = 256;
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// A key or value that breaks the schema. Always names the key and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key {key:?}: {rule}")]
+pub struct SchemaError {
+    pub key: String,
+    pub rule: String,
+}
+
+impl SchemaError {
+    fn new(key: &str, rule: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            rule: rule.into(),
+        }
+    }
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`: safe as an etcd path segment, an HAProxy
+/// backend or server name, and a Host-header label.
+pub fn is_valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Tags end up in templates; keep them to characters that cannot break a config line.
+pub fn is_valid_tag(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-' | b':' | b'='))
+}
+
+/// Normalises a prefix: leading slash, no trailing slash. `"portolan/"` → `"/portolan"`.
+pub fn normalize_prefix(prefix: &str) -> Result<String, String> {
+    let trimmed = prefix.trim().trim_end_matches('/');
+    let p = if trimmed.starts_with('/') {
+        trimmed.to_string()
+    } else {
+        format!("/{trimmed}")
+    };
+    if p == "/" || p.is_empty() {
+        return Err(format!(
+            "prefix {prefix:?} is empty: use something like \"/portolan\""
+        ));
+    }
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("prefix {prefix:?} contains whitespace"));
+    }
+    Ok(p)
+}
+
+pub fn services_prefix(prefix: &str) -> String {
+    format!("{prefix}/services/")
+}
+pub fn service_key(prefix: &str, service: &str, instance: &str) -> String {
+    format!("{prefix}/services/{service}/{instance}")
+}
+pub fn nodes_prefix(prefix: &str) -> String {
+    format!("{prefix}/nodes/")
+}
+pub fn node_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}/nodes/{node}")
+}
+pub fn watcher_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}/watchers/{name}")
+}
+pub fn config_prefix(prefix: &str) -> String {
+    format!("{prefix}/config/")
+}
+
+/// `<node>-<container id, 12 hex>-<container port>`: stable across registrar restarts.
+pub fn instance_id(node: &str, container_id: &str, port: u16) -> String {
+    let short: String = container_id.chars().take(12).collect();
+    format!("{node}-{short}-{port}")
+}
+
+/// What a key under the prefix is, by its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Service {
+        service: String,
+        instance: String,
+    },
+    Node {
+        name: String,
+    },
+    Watcher {
+        name: String,
+    },
+    /// Path below `<prefix>/config/`, unvalidated: templates decide what it means.
+    Config {
+        path: String,
+    },
+}
+
+/// Classifies a full etcd key. Keys outside the prefix or of unknown shape are errors.
+pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
+    let rest = key
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(|| SchemaError::new(key, format!("not under prefix {prefix:?}")))?;
+    let (kind, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let name_rule = "names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}";
+    match kind {
+        "services" => {
+            let mut parts = tail.split('/');
+            let (Some(service), Some(instance), None) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(SchemaError::new(
+                    key,
+                    "service keys are <prefix>/services/<service>/<instance>",
+                ));
+            };
+            if !is_valid_name(service) {
+                return Err(SchemaError::new(
+                    key,
+                    format!("service {service:?}: {name_rule}"),
+                ));
+            }
+            if !is_valid_name(instance) {
+                return Err(SchemaError::new(
+                    key,
+                    format!("instance {instance:?}: {name_rule}"),
+                ));
+            }
+            Ok(Key::Service {
+                service: service.to_string(),
+                instance: instance.to_string(),
+            })
+        }
+        "nodes" | "watchers" => {
+            if !is_valid_name(tail) {
+                return Err(SchemaError::new(
+                    key,
+                    format!("{kind} name {tail:?}: {name_rule}"),
+                ));
+            }
+            let name = tail.to_string();
+            Ok(if kind == "nodes" {
+                Key::Node { name }
+            } else {
+                Key::Watcher { name }
+            })
+        }
+        "config" if !tail.is_empty() => Ok(Key::Config {
+            path: tail.to_string(),
+        }),
+        _ => Err(SchemaError::new(
+            key,
+            "unknown key kind: expected services/, nodes/, watchers/ or config/",
+        )),
+    }
+}
+
+/// A reachable `host:port`. The host is an IP address or a DNS name; nothing else gets
+/// through, so an address can be pasted into an HAProxy `server` line verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Addr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Addr {
+    pub fn parse(s: &str) -> Result<Addr, String> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("address {s:?}: expected [ipv6]:port"))?;
+            h.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("address {s:?}: {h:?} is not an IPv6 address"))?;
+            (h, p)
+        } else {
+            let (h, p) = s
+                .rsplit_once(':')
+                .ok_or_else(|| format!("address {s:?}: expected host:port"))?;
+            let ok_host = h.parse::<IpAddr>().is_ok()
+                || (!h.is_empty()
+                    && h.len() <= 253
+                    && !h.starts_with(['-', '.'])
+                    && h.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.')));
+            if !ok_host || h.contains(':') {
+                return Err(format!(
+                    "address {s:?}: host {h:?} is not an IP address or DNS name"
+                ));
+            }
+            (h, p)
+        };
+        let port: u16 =
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("address {s:?}: port {port:?} is not a number in 1..65535")
+            })?;
+        Ok(Addr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// The JSON value of a service key, as the registrar writes it. One line, so that
+/// `etcdctl get --prefix` stays readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRecord {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    /// The container's own port (the published one is in `addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+impl InstanceRecord {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("instance record serialises")
+    }
+}
+
+/// A decoded, validated instance: what templates and the runtime API see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    pub id: String,
+    pub service: String,
+    pub addr: String,
+    pub host: String,
+    pub port: u16,
+    pub node: String,
+    pub container: String,
+    pub tags: Vec<String>,
+    pub weight: u32,
+}
+
+/// Decodes the value of `<prefix>/services/<service>/<instance>`: a JSON record or a
+/// hand-written bare `host:port`. Anything that could smuggle text into a config file
+/// (newlines, spaces, odd characters) is rejected with the rule it broke.
+pub fn decode_instance(
+    key: &str,
+    service: &str,
+    instance: &str,
+    value: &[u8],
+) -> Result<Instance, SchemaError> {
+    let text =
+        std::str::from_utf8(value).map_err(|_| SchemaError::new(key, "value is not UTF-8"))?;
+    let text = text.trim();
+    let record = if text.starts_with('{') {
+        serde_json::from_str::<InstanceRecord>(text).map_err(|e| {
+            SchemaError::new(key, format!("value is not a valid instance record: {e}"))
+        })?
+    } else {
+        InstanceRecord {
+            addr: text.to_string(),
+            node: String::new(),
+            container: String::new(),
+            port: None,
+            tags: Vec::new(),
+            weight: DEFAULT_WEIGHT,
+        }
+    };
+    let addr = Addr::parse(&record.addr).map_err(|e| SchemaError::new(key, e))?;
+    if !record.node.is_empty() && !is_valid_name(&record.node) {
+        return Err(SchemaError::new(
+            key,
+            format!("node {:?} is not a valid name", record.node),
+        ));
+    }
+    if !record.container.is_empty()
+        && (record.container.len() > 64 || !record.container.bytes().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(SchemaError::new(
+            key,
+            format!("container {:?} is not a hex container id", record.container),
+        ));
+    }
+    if let Some(bad) = record.tags.iter().find(|t| !is_valid_tag(t)) {
+        return Err(SchemaError::new(
+            key,
+            format!("tag {bad:?}: tags must match [A-Za-z0-9_.:=-]{{1,64}}"),
+        ));
+    }
+    if record.weight > MAX_WEIGHT {
+        return Err(SchemaError::new(
+            key,
+            format!("weight {} is out of range 0..={MAX_WEIGHT}", record.weight),
+        ));
+    }
+    Ok(Instance {
+        id: instance.to_string(),
+        service: service.to_string(),
+        addr: addr.to_string(),
+        host: addr.host,
+        port: addr.port,
+        node: record.node,
+        container: record.container,
+        tags: record.tags,
+        weight: record.weight,
+    })
+}
+
+/// The value of `<prefix>/nodes/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub addr: String,
+    pub version: String,
+    /// RFC 3339 / seconds since the epoch, as written by the registrar.
+    pub started_at: u64,
+}
+
+/// The value of `<prefix>/watchers/<name>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatcherStatus {
+    pub name: String,
+    /// etcd revision of the snapshot last rendered.
+    pub revision: i64,
+    /// Seconds since the epoch of the last reload attempt, if any.
+    pub last_reload_at: Option<u64>,
+    /// "ok", "rejected", "failed", or None before the first reload.
+    pub last_reload_result: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("web"));
+        assert!(is_valid_name("a.b_c-1"));
+        assert!(is_valid_name(&"a".repeat(128)));
+        assert!(!is_valid_name(&"a".repeat(129)));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("-web"));
+        assert!(!is_valid_name("web app"));
+        assert!(!is_valid_name("web\nbind"));
+        assert!(!is_valid_name("wéb"));
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(normalize_prefix("/portolan/").unwrap(), "/portolan");
+        assert_eq!(normalize_prefix("portolan").unwrap(), "/portolan");
+        assert!(normalize_prefix("/").is_err());
+        assert!(normalize_prefix("/a b").is_err());
+    }
+
+    #[test]
+    fn keys() {
+        let p = "/portolan";
+        assert_eq!(
+            parse_key(p, "/portolan/services/web/a-1").unwrap(),
+            Key::Service {
+                service: "web".into(),
+                instance: "a-1".into()
+            }
+        );
+        assert_eq!(
+            parse_key(p, "/portolan/nodes/host-a").unwrap(),
+            Key::Node {
+                name: "host-a".into()
+            }
+        );
+        assert_eq!(
+            parse_key(p, "/portolan/config/domain").unwrap(),
+            Key::Config {
+                path: "domain".into()
+            }
+        );
+        for bad in [
+            "/portolan/services/web",
+            "/portolan/services/web/a/b",
+            "/portolan/services/we b/a",
+            "/portolan/services/web/a\nbind :80",
+            "/portolanx/services/web/a",
+            "/portolan/other/x",
+        ] {
+            let err = parse_key(p, bad).unwrap_err();
+            assert_eq!(err.key, bad);
+        }
+    }
+
+    #[test]
+    fn instance_ids() {
+        assert_eq!(
+            instance_id("host-a", "3f2a9c1b7d10aaaabbbbcccc", 8080),
+            "host-a-3f2a9c1b7d10-8080"
+        );
+        assert!(is_valid_name(&instance_id("h", "3f2a9c1b7d10", 1)));
+    }
+
+    #[test]
+    fn decode_record_and_bare() {
+        let rec = br#"{"addr":"10.0.0.5:32768","node":"host-a","container":"3f2a9c1b7d10","port":8080,"tags":["v2"],"weight":100}"#;
+        let i = decode_instance("k", "web", "i1", rec).unwrap();
+        assert_eq!(i.addr, "10.0.0.5:32768");
+        assert_eq!(i.host, "10.0.0.5");
+        assert_eq!(i.port, 32768);
+        assert_eq!(i.tags, vec!["v2"]);
+        let bare = decode_instance("k", "web", "i2", b"10.0.0.9:80\n").unwrap();
+        assert_eq!(bare.addr, "10.0.0.9:80");
+        assert_eq!(bare.weight, DEFAULT_WEIGHT);
+        let v6 = decode_instance("k", "web", "i3", b"[::1]:80").unwrap();
+        assert_eq!(v6.addr, "[::1]:80");
+        let dns = decode_instance("k", "web", "i4", b"app.internal:8080").unwrap();
+        assert_eq!(dns.host, "app.internal");
+    }
+
+    #[test]
+    fn decode_rejects_injection_and_garbage() {
+        for bad in [
+            &b"10.0.0.9:80\n  bind :9999"[..],
+            b"10.0.0.9:80 check",
+            b"10.0.0.9",
+            b"10.0.0.9:0",
+            b"10.0.0.9:70000",
+            b":80",
+            b"",
+            b"\xff\xfe",
+            br#"{"addr":"1.2.3.4:80","tags":["a b"]}"#,
+            br#"{"addr":"1.2.3.4:80","weight":1000}"#,
+            br#"{"addr":"1.2.3.4:80","node":"x\ny"}"#,
+            br#"{"addr":"1.2.3.4:80","extra":1}"#,
+            br#"{"addr":"1.2.3.4:80 backup"}"#,
+        ] {
+            let err = decode_instance("/p/services/web/x", "web", "x", bad).unwrap_err();
+            assert_eq!(err.key, "/p/services/web/x");
+            assert!(!err.rule.is_empty());
+        }
+    }
+
+    #[test]
+    fn record_round_trips_as_one_line() {
+        let r = InstanceRecord {
+            addr: "127.0.0.1:1".into(),
+            node: "n".into(),
+            container: "abc".into(),
+            port: Some(80),
+            tags: vec![],
+            weight: 100,
+        };
+        let json = r.to_json();
+        assert!(!json.contains('\n'));
+        assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), r);
+    }
+}
