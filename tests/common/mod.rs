@@ -6,6 +6,9 @@
 //! dir and its own key prefix, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod haproxy;
+pub mod registrar;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

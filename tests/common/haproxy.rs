@@ -1,0 +1,1 @@
+//! HAProxy in master-worker mode for tests (owned by the watcher tests).

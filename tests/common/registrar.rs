@@ -1,0 +1,1 @@
+//! Starting registrars for tests (owned by the registrar tests).
