@@ -352,7 +352,7 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
     let key = read_prefix(&etcd.prefix, service);
     let resp = etcd::call(client.get(key.as_str(), Some(GetOptions::new().with_prefix())))
         .await
-        .with_context(|| format!("etcd get --prefix {key} at {endpoints}"))?;
+        .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let kvs: Vec<RawKv> = resp
         .kvs()
@@ -390,10 +390,7 @@ pub async fn run(etcd: &EtcdConfig, service: Option<&str>, json: bool) -> anyhow
     } else {
         print!("{}", table(&snap));
         if snap.instance_count() == 0 {
-            eprintln!(
-                "no instances under {}",
-                read_prefix(&snap.prefix, service)
-            );
+            eprintln!("no instances under {}", read_prefix(&snap.prefix, service));
         }
     }
     Ok(())
@@ -476,7 +473,12 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
         );
         let w = warnings(&snap);
         assert_eq!(w.lines().count(), 2);
-        assert!(w.starts_with("warning: skipped key \"/portolan/services/bad name/x\": service \"bad name\""), "{w}");
+        assert!(
+            w.starts_with(
+                "warning: skipped key \"/portolan/services/bad name/x\": service \"bad name\""
+            ),
+            "{w}"
+        );
         assert_eq!(snap.instance_count(), 3);
     }
 
