@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Helpers shared by the provisioning scripts (sourced, from the synced repository).
+
+export DEBIAN_FRONTEND=noninteractive
+
+# apt-get install, with one `apt-get update` per machine.
+apt_install() {
+  if [ ! -e /var/lib/portolan-vagrant-apt-updated ]; then
+    apt-get update -q
+    touch /var/lib/portolan-vagrant-apt-updated
+  fi
+  apt-get install -y -q --no-install-recommends "$@"
+}
+
+# "http://a:2379,http://b:2379" -> "http://a:2379", "http://b:2379" (TOML array body).
+toml_list() {
+  local items=() out=""
+  IFS=, read -ra items <<<"$1"
+  for item in "${items[@]}"; do
+    out+="${out:+, }\"$item\""
+  done
+  printf '%s' "$out"
+}
+
+# Waits until every etcd endpoint answers healthy (the members come up one by one).
+wait_for_etcd() {
+  local endpoints=$1
+  for _ in $(seq 1 180); do
+    if etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 1
+  done
+  echo "etcd at $endpoints is not healthy after 180 s; see 'journalctl -u etcd' on the etcd machines" >&2
+  etcdctl --endpoints "$endpoints" endpoint health >&2 || true
+  return 1
+}
