@@ -519,19 +519,17 @@ async fn haproxy_drop_in_gives_the_watcher_its_master_socket() {
     haproxy.kill();
 }
 
-fn vagrant(cwd: &Path) -> Command {
-    let home = std::env::temp_dir().join("portolan-test-vagrant-home");
+/// `vagrant validate` of the Vagrantfile in `cwd`, keeping Vagrant's own files
+/// (VAGRANT_HOME, the .vagrant folder) in `scratch` rather than in the repository.
+fn vagrant_validate(cwd: &Path, scratch: &Path) -> Command {
     let mut cmd = Command::new("vagrant");
     cmd.arg("validate")
         // Providers (VirtualBox, libvirt) cannot run here and need not: -p checks
         // everything but the provider blocks, offline.
         .arg("--ignore-provider")
         .env("VAGRANT_CWD", cwd)
-        .env("VAGRANT_HOME", home)
-        .env(
-            "VAGRANT_DOTFILE_PATH",
-            std::env::temp_dir().join(unique("portolan-vagrant-dot")),
-        )
+        .env("VAGRANT_HOME", scratch.join("home"))
+        .env("VAGRANT_DOTFILE_PATH", scratch.join("dot"))
         .env("VAGRANT_CHECKPOINT_DISABLE", "1")
         .env("VAGRANT_NO_COLOR", "1");
     cmd
@@ -539,7 +537,11 @@ fn vagrant(cwd: &Path) -> Command {
 
 #[test]
 fn vagrant_validate_passes_offline() {
-    let out = must(&mut vagrant(&repo().join("vagrant")));
+    let scratch = tempfile::tempdir().unwrap();
+    let out = must(&mut vagrant_validate(
+        &repo().join("vagrant"),
+        scratch.path(),
+    ));
     assert!(out.contains("Vagrantfile validated successfully."), "{out}");
     for machine in ["etcd-1", "etcd-2", "etcd-3", "docker-1", "docker-2", "lb-1"] {
         assert!(
@@ -574,7 +576,7 @@ fn vagrant_validate_passes_offline() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&repo().join("vagrant"), dir.path());
     fs::remove_file(dir.path().join("provision/lb.sh")).unwrap();
-    let out = run(&mut vagrant(dir.path()));
+    let out = run(&mut vagrant_validate(dir.path(), scratch.path()));
     assert!(!out.status.success(), "validate passed without lb.sh");
     assert!(
         text(&out.stdout).contains("lb.sh") || text(&out.stderr).contains("lb.sh"),
