@@ -756,3 +756,67 @@ fn debian_package_holds_binary_units_template_and_conffiles() {
         assert!(out.contains(": ok"), "{role}: {out}");
     }
 }
+
+/// The configs the provisioning writes are ones portolan accepts, and the load
+/// balancer's template resource is the shipped example's.
+#[test]
+fn vagrant_provisioning_writes_valid_configs() {
+    let lib = repo().join("vagrant/provision/lib.sh");
+    let endpoints = "http://192.168.56.11:2379,http://192.168.56.12:2379,http://192.168.56.13:2379";
+    let render = |call: &str| {
+        must(
+            Command::new("bash")
+                .arg("-c")
+                .arg(format!(". \"$0\"; {call}"))
+                .arg(&lib),
+        )
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let reg_path = dir.path().join("registrar.toml");
+    fs::write(
+        &reg_path,
+        render(&format!(
+            "registrar_toml docker-1 192.168.56.21 {endpoints}"
+        )),
+    )
+    .unwrap();
+    must(
+        Command::new(portolan_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&reg_path),
+    );
+    let reg = portolan::config::resolve_registrar(
+        &FileConfig::load(Some(&reg_path)).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(reg.node, "docker-1");
+    assert_eq!(reg.advertise_ip, Some("192.168.56.21".parse().unwrap()));
+    assert_eq!(reg.etcd.endpoints, endpoints.split(',').collect::<Vec<_>>());
+    assert_eq!(reg.etcd.prefix, "/portolan");
+
+    let lb = FileConfig::from_str(
+        &render(&format!("watcher_toml lb-1 {endpoints}")),
+        Path::new("watcher.toml"),
+    )
+    .expect("lb watcher.toml parses");
+    let example = FileConfig::from_str(
+        &read("systemd/etc/portolan/watcher.toml"),
+        Path::new("watcher.toml"),
+    )
+    .unwrap();
+    assert_eq!(lb.template, example.template);
+    assert_eq!(lb.watcher.name.as_deref(), Some("lb-1"));
+    assert_eq!(
+        lb.etcd.endpoints,
+        Some(endpoints.split(',').map(String::from).collect())
+    );
+
+    // The Vagrantfile hands the provisioning exactly these three etcd members.
+    let vagrantfile = read("vagrant/Vagrantfile");
+    for ip in ["192.168.56.11", "192.168.56.12", "192.168.56.13"] {
+        assert!(vagrantfile.contains(&format!("\"{ip}\"")), "{ip}");
+    }
+}

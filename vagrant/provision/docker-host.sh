@@ -10,20 +10,7 @@ endpoints=$3
 
 apt_install docker.io etcd-client busybox-static
 
-cat >/etc/portolan/registrar.toml <<CONF
-# Written by vagrant/provision/docker-host.sh from systemd/etc/portolan/registrar.toml.
-[etcd]
-endpoints = [$(toml_list "$endpoints")]
-prefix = "/portolan"
-
-[registrar]
-node = "$node"
-advertise_ip = "$ip"
-ttl = 10
-state_dir = "/var/lib/portolan"
-resync = 60
-deregister_on_exit = false
-CONF
+registrar_toml "$node" "$ip" "$endpoints" >/etc/portolan/registrar.toml
 portolan check --config /etc/portolan/registrar.toml
 
 wait_for_etcd "$endpoints"

@@ -17,24 +17,7 @@ for _ in $(seq 1 50); do
 done
 [ -S /run/haproxy-master.sock ] || { echo "HAProxy has no master socket; see 'systemctl cat haproxy'" >&2; exit 1; }
 
-cat >/etc/portolan/watcher.toml <<CONF
-# Written by vagrant/provision/lb.sh from systemd/etc/portolan/watcher.toml.
-[etcd]
-endpoints = [$(toml_list "$endpoints")]
-prefix = "/portolan"
-
-[watcher]
-name = "$name"
-wait = { min_ms = 20, max_ms = 500 }
-listen = "127.0.0.1:9477"
-
-[[template]]
-src = "/usr/share/portolan/templates/haproxy.cfg.tera"
-dest = "/etc/haproxy/haproxy.cfg"
-check_cmd = "haproxy -c -q -f {src}"
-haproxy_master_socket = "/run/haproxy-master.sock"
-mode = "0644"
-CONF
+watcher_toml "$name" "$endpoints" >/etc/portolan/watcher.toml
 portolan check --config /etc/portolan/watcher.toml
 
 wait_for_etcd "$endpoints"

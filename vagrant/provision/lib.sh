@@ -22,6 +22,46 @@ toml_list() {
   printf '%s' "$out"
 }
 
+# /etc/portolan/registrar.toml for a Docker host: registrar_toml NODE IP ENDPOINTS
+registrar_toml() {
+  cat <<CONF
+# Written by vagrant/provision/docker-host.sh from systemd/etc/portolan/registrar.toml.
+[etcd]
+endpoints = [$(toml_list "$3")]
+prefix = "/portolan"
+
+[registrar]
+node = "$1"
+advertise_ip = "$2"
+ttl = 10
+state_dir = "/var/lib/portolan"
+resync = 60
+deregister_on_exit = false
+CONF
+}
+
+# /etc/portolan/watcher.toml for the load balancer: watcher_toml NAME ENDPOINTS
+watcher_toml() {
+  cat <<CONF
+# Written by vagrant/provision/lb.sh from systemd/etc/portolan/watcher.toml.
+[etcd]
+endpoints = [$(toml_list "$2")]
+prefix = "/portolan"
+
+[watcher]
+name = "$1"
+wait = { min_ms = 20, max_ms = 500 }
+listen = "127.0.0.1:9477"
+
+[[template]]
+src = "/usr/share/portolan/templates/haproxy.cfg.tera"
+dest = "/etc/haproxy/haproxy.cfg"
+check_cmd = "haproxy -c -q -f {src}"
+haproxy_master_socket = "/run/haproxy-master.sock"
+mode = "0644"
+CONF
+}
+
 # Waits until every etcd endpoint answers healthy (the members come up one by one).
 wait_for_etcd() {
   local endpoints=$1
