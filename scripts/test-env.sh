@@ -22,6 +22,9 @@ need vagrant vagrant
 need curl curl
 need systemd-analyze systemd
 need dpkg-deb dpkg
+need dpkg-shlibdeps dpkg-dev
+need strip binutils
+[ -x /bin/kill ] || missing+=(procps)
 need ip iproute2
 need iptables iptables
 if ! docker info >/dev/null 2>&1; then

@@ -1,8 +1,536 @@
 //! `portolan ls`: services and instances from etcd, as a table or JSON.
+//!
+//! One `get --prefix <prefix>/services/[<service>/]` reads the state, then one
+//! `LeaseTimeToLive` per distinct lease (one per registrar node in practice). Decoding
+//! goes through `schema`, exactly as the watcher does, so `ls` shows what a rendered
+//! file would contain; a key the watcher would skip is reported on stderr, naming the
+//! key and the rule it broke, and listed under `skipped` in the JSON.
+//!
+//! There is no AGE column: etcd stores no timestamps (revisions are counters) and the
+//! instance record carries none, so any age shown would be invented. The LEASE column
+//! shows what etcd does know: the seconds the key has left unless its registrar keeps
+//! the lease alive, out of the lease's TTL (`7s/10s`). A live registrar refreshes at a
+//! third of the TTL, so a value well below two thirds of the TTL means the host has
+//! stopped refreshing; `-` is a key without a lease (written by hand, permanent);
+//! `expired` is a key whose lease ran out while `ls` was reading.
+//!
+//! The JSON document (stable; fields are only ever added):
+//!
+//! ```json
+//! {"prefix": "/portolan", "revision": 42,
+//!  "services": {"web": [{"id": "...", "addr": "10.0.0.5:32768", "host": "10.0.0.5",
+//!     "port": 32768, "node": "host-a", "container": "3f2a9c1b7d10", "tags": ["v2"],
+//!     "weight": 100, "lease": {"id": "694d7f2a3b0c1d05", "ttl": 7, "granted_ttl": 10}}]},
+//!  "skipped": [{"key": "...", "reason": "..."}]}
+//! ```
+//!
+//! `node` and `container` are `null` for hand-written `host:port` values; `lease` is
+//! `null` for keys without one; an expired lease has `"ttl": -1` (etcd's convention).
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use etcd_client::GetOptions;
+use serde::Serialize;
 
 use crate::config::EtcdConfig;
+use crate::etcd;
+use crate::schema::{self, Instance, Key, SchemaError};
+
+/// One key/value as read from etcd, before decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawKv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// 0 when the key has no lease.
+    pub lease: i64,
+}
+
+/// What etcd said about a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    Live { ttl: i64, granted_ttl: i64 },
+    Expired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    None,
+    Live { id: i64, ttl: i64, granted_ttl: i64 },
+    Expired { id: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub instance: Instance,
+    pub lease: Lease,
+}
+
+/// Everything `ls` shows. Services and their instances are sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub prefix: String,
+    pub revision: i64,
+    pub services: BTreeMap<String, Vec<Entry>>,
+    /// Keys the watcher would skip, in key order.
+    pub skipped: Vec<SchemaError>,
+}
+
+impl Snapshot {
+    pub fn instance_count(&self) -> usize {
+        self.services.values().map(Vec::len).sum()
+    }
+}
+
+/// The etcd key prefix read for `service` (all services when None).
+pub fn read_prefix(prefix: &str, service: Option<&str>) -> String {
+    match service {
+        Some(s) => format!("{}{s}/", schema::services_prefix(prefix)),
+        None => schema::services_prefix(prefix),
+    }
+}
+
+/// Lease ids worth asking etcd about: those of keys that decode.
+pub fn leases_to_look_up(prefix: &str, kvs: &[RawKv]) -> Vec<i64> {
+    let mut ids: Vec<i64> = kvs
+        .iter()
+        .filter(|kv| kv.lease != 0 && decode(prefix, kv).is_ok())
+        .map(|kv| kv.lease)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn decode(prefix: &str, kv: &RawKv) -> Result<Instance, SchemaError> {
+    let key = String::from_utf8_lossy(&kv.key);
+    match schema::parse_key(prefix, &key)? {
+        Key::Service { service, instance } => {
+            schema::decode_instance(&key, &service, &instance, &kv.value)
+        }
+        _ => Err(SchemaError {
+            key: key.to_string(),
+            rule: "not a service key".into(),
+        }),
+    }
+}
+
+/// Builds the snapshot from what etcd returned. Pure.
+pub fn snapshot(
+    prefix: &str,
+    revision: i64,
+    kvs: &[RawKv],
+    leases: &BTreeMap<i64, LeaseState>,
+) -> Snapshot {
+    let mut services: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for kv in kvs {
+        match decode(prefix, kv) {
+            Ok(instance) => {
+                let lease = match (kv.lease, leases.get(&kv.lease)) {
+                    (0, _) => Lease::None,
+                    (id, Some(LeaseState::Live { ttl, granted_ttl })) => Lease::Live {
+                        id,
+                        ttl: *ttl,
+                        granted_ttl: *granted_ttl,
+                    },
+                    (id, _) => Lease::Expired { id },
+                };
+                services
+                    .entry(instance.service.clone())
+                    .or_default()
+                    .push(Entry { instance, lease });
+            }
+            Err(e) => skipped.push(e),
+        }
+    }
+    for entries in services.values_mut() {
+        entries.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
+    }
+    skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    Snapshot {
+        prefix: prefix.to_string(),
+        revision,
+        services,
+        skipped,
+    }
+}
+
+/// etcdctl prints lease ids in hex; so do we, so they can be pasted into
+/// `etcdctl lease timetolive`.
+fn lease_hex(id: i64) -> String {
+    format!("{id:x}")
+}
+
+fn lease_cell(lease: &Lease) -> String {
+    match lease {
+        Lease::None => "-".into(),
+        Lease::Live {
+            ttl, granted_ttl, ..
+        } => format!("{ttl}s/{granted_ttl}s"),
+        Lease::Expired { .. } => "expired".into(),
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+const HEADER: [&str; 8] = [
+    "SERVICE",
+    "INSTANCE",
+    "ADDR",
+    "NODE",
+    "CONTAINER",
+    "LEASE",
+    "WEIGHT",
+    "TAGS",
+];
+
+/// The human table: one line per instance, columns padded, no trailing spaces. Pure.
+pub fn table(snap: &Snapshot) -> String {
+    let mut rows: Vec<[String; 8]> = vec![HEADER.map(String::from)];
+    for (service, entries) in &snap.services {
+        for e in entries {
+            let i = &e.instance;
+            let container: String = i.container.chars().take(12).collect();
+            rows.push([
+                service.clone(),
+                i.id.clone(),
+                i.addr.clone(),
+                or_dash(&i.node).to_string(),
+                or_dash(&container).to_string(),
+                lease_cell(&e.lease),
+                i.weight.to_string(),
+                or_dash(&i.tags.join(",")).to_string(),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (n, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if n > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct JsonDoc<'a> {
+    prefix: &'a str,
+    revision: i64,
+    services: BTreeMap<&'a str, Vec<JsonInstance<'a>>>,
+    skipped: Vec<JsonSkipped<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonInstance<'a> {
+    id: &'a str,
+    addr: &'a str,
+    host: &'a str,
+    port: u16,
+    node: Option<&'a str>,
+    container: Option<&'a str>,
+    tags: &'a [String],
+    weight: u32,
+    lease: Option<JsonLease>,
+}
+
+#[derive(Serialize)]
+struct JsonLease {
+    id: String,
+    ttl: i64,
+    granted_ttl: i64,
+}
+
+#[derive(Serialize)]
+struct JsonSkipped<'a> {
+    key: &'a str,
+    reason: &'a str,
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// The JSON document for scripts (see the module doc), pretty-printed. Pure.
+pub fn json(snap: &Snapshot) -> String {
+    let doc = JsonDoc {
+        prefix: &snap.prefix,
+        revision: snap.revision,
+        services: snap
+            .services
+            .iter()
+            .map(|(name, entries)| {
+                let list = entries
+                    .iter()
+                    .map(|e| {
+                        let i = &e.instance;
+                        JsonInstance {
+                            id: &i.id,
+                            addr: &i.addr,
+                            host: &i.host,
+                            port: i.port,
+                            node: non_empty(&i.node),
+                            container: non_empty(&i.container),
+                            tags: &i.tags,
+                            weight: i.weight,
+                            lease: match e.lease {
+                                Lease::None => None,
+                                Lease::Live {
+                                    id,
+                                    ttl,
+                                    granted_ttl,
+                                } => Some(JsonLease {
+                                    id: lease_hex(id),
+                                    ttl,
+                                    granted_ttl,
+                                }),
+                                Lease::Expired { id } => Some(JsonLease {
+                                    id: lease_hex(id),
+                                    ttl: -1,
+                                    granted_ttl: 0,
+                                }),
+                            },
+                        }
+                    })
+                    .collect();
+                (name.as_str(), list)
+            })
+            .collect(),
+        skipped: snap
+            .skipped
+            .iter()
+            .map(|s| JsonSkipped {
+                key: &s.key,
+                reason: &s.rule,
+            })
+            .collect(),
+    };
+    let mut text = serde_json::to_string_pretty(&doc).expect("ls document serialises");
+    text.push('\n');
+    text
+}
+
+/// One line per skipped key, for stderr.
+pub fn warnings(snap: &Snapshot) -> String {
+    snap.skipped
+        .iter()
+        .map(|e| format!("warning: skipped {e}\n"))
+        .collect()
+}
+
+/// Reads the snapshot from etcd: one `get --prefix`, one `LeaseTimeToLive` per lease.
+pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Snapshot> {
+    if let Some(s) = service {
+        anyhow::ensure!(
+            schema::is_valid_name(s),
+            "service {s:?}: names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
+        );
+    }
+    let endpoints = etcd.endpoints.join(",");
+    let mut client = etcd::connect(etcd)
+        .await
+        .with_context(|| format!("cannot reach etcd at {endpoints} (--etcd-endpoints URL)"))?;
+    let key = read_prefix(&etcd.prefix, service);
+    let resp = etcd::call(client.get(key.as_str(), Some(GetOptions::new().with_prefix())))
+        .await
+        .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let kvs: Vec<RawKv> = resp
+        .kvs()
+        .iter()
+        .map(|kv| RawKv {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            lease: kv.lease(),
+        })
+        .collect();
+    let mut leases = BTreeMap::new();
+    for id in leases_to_look_up(&etcd.prefix, &kvs) {
+        let r = etcd::call(client.lease_time_to_live(id, None))
+            .await
+            .with_context(|| format!("etcd lease timetolive {}", lease_hex(id)))?;
+        // etcd answers a lease that is gone with TTL -1 rather than an error.
+        let state = if r.ttl() < 0 {
+            LeaseState::Expired
+        } else {
+            LeaseState::Live {
+                ttl: r.ttl(),
+                granted_ttl: r.granted_ttl(),
+            }
+        };
+        leases.insert(id, state);
+    }
+    Ok(snapshot(&etcd.prefix, revision, &kvs, &leases))
+}
 
 pub async fn run(etcd: &EtcdConfig, service: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let _ = (etcd, service, json);
-    anyhow::bail!("ls: not implemented yet")
+    let snap = read(etcd, service).await?;
+    eprint!("{}", warnings(&snap));
+    if json {
+        print!("{}", self::json(&snap));
+    } else {
+        print!("{}", table(&snap));
+        if snap.instance_count() == 0 {
+            eprintln!("no instances under {}", read_prefix(&snap.prefix, service));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/portolan";
+
+    fn kv(key: &str, value: &str, lease: i64) -> RawKv {
+        RawKv {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            lease,
+        }
+    }
+
+    fn fixture() -> Snapshot {
+        let kvs = vec![
+            kv(
+                "/portolan/services/web/host-b-aaaaaaaaaaaa-8080",
+                r#"{"addr":"10.0.0.6:32769","node":"host-b","container":"aaaaaaaaaaaabbbb","port":8080,"tags":["v2","canary"],"weight":50}"#,
+                0x1f,
+            ),
+            kv(
+                "/portolan/services/web/host-a-3f2a9c1b7d10-8080",
+                r#"{"addr":"10.0.0.5:32768","node":"host-a","container":"3f2a9c1b7d10","port":8080,"tags":["v2"],"weight":100}"#,
+                0x2a,
+            ),
+            kv("/portolan/services/api/manual-1", "10.0.0.9:80", 0),
+            kv("/portolan/services/bad name/x", "10.0.0.1:80", 0),
+            kv("/portolan/services/web/broken", "10.0.0.9:80 backup", 0),
+        ];
+        let leases = BTreeMap::from([
+            (
+                0x2a,
+                LeaseState::Live {
+                    ttl: 7,
+                    granted_ttl: 10,
+                },
+            ),
+            (0x1f, LeaseState::Expired),
+        ]);
+        snapshot(P, 12, &kvs, &leases)
+    }
+
+    #[test]
+    fn table_is_sorted_aligned_and_marks_missing_values() {
+        let expected = "\
+SERVICE  INSTANCE                  ADDR            NODE    CONTAINER     LEASE    WEIGHT  TAGS
+api      manual-1                  10.0.0.9:80     -       -             -        100     -
+web      host-a-3f2a9c1b7d10-8080  10.0.0.5:32768  host-a  3f2a9c1b7d10  7s/10s   100     v2
+web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired  50      v2,canary
+";
+        assert_eq!(table(&fixture()), expected);
+    }
+
+    #[test]
+    fn empty_table_is_just_the_header() {
+        let snap = snapshot(P, 1, &[], &BTreeMap::new());
+        assert_eq!(
+            table(&snap),
+            "SERVICE  INSTANCE  ADDR  NODE  CONTAINER  LEASE  WEIGHT  TAGS\n"
+        );
+        assert_eq!(snap.instance_count(), 0);
+    }
+
+    #[test]
+    fn invalid_keys_and_values_are_skipped_by_name() {
+        let snap = fixture();
+        let keys: Vec<&str> = snap.skipped.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "/portolan/services/bad name/x",
+                "/portolan/services/web/broken"
+            ]
+        );
+        let w = warnings(&snap);
+        assert_eq!(w.lines().count(), 2);
+        assert!(
+            w.starts_with(
+                "warning: skipped key \"/portolan/services/bad name/x\": service \"bad name\""
+            ),
+            "{w}"
+        );
+        assert_eq!(snap.instance_count(), 3);
+    }
+
+    #[test]
+    fn json_document_is_stable() {
+        let v: serde_json::Value = serde_json::from_str(&json(&fixture())).unwrap();
+        let expected = serde_json::json!({
+            "prefix": "/portolan",
+            "revision": 12,
+            "services": {
+                "api": [{"id": "manual-1", "addr": "10.0.0.9:80", "host": "10.0.0.9", "port": 80,
+                         "node": null, "container": null, "tags": [], "weight": 100, "lease": null}],
+                "web": [
+                    {"id": "host-a-3f2a9c1b7d10-8080", "addr": "10.0.0.5:32768", "host": "10.0.0.5",
+                     "port": 32768, "node": "host-a", "container": "3f2a9c1b7d10", "tags": ["v2"],
+                     "weight": 100, "lease": {"id": "2a", "ttl": 7, "granted_ttl": 10}},
+                    {"id": "host-b-aaaaaaaaaaaa-8080", "addr": "10.0.0.6:32769", "host": "10.0.0.6",
+                     "port": 32769, "node": "host-b", "container": "aaaaaaaaaaaabbbb",
+                     "tags": ["v2", "canary"], "weight": 50,
+                     "lease": {"id": "1f", "ttl": -1, "granted_ttl": 0}}
+                ]
+            },
+            "skipped": [
+                {"key": "/portolan/services/bad name/x",
+                 "reason": "service \"bad name\": names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}"},
+                {"key": "/portolan/services/web/broken",
+                 "reason": "address \"10.0.0.9:80 backup\": port \"80 backup\" is not a number in 1..65535"}
+            ]
+        });
+        assert_eq!(v, expected);
+        // Field order is part of the contract for people reading it.
+        let text = json(&fixture());
+        let order = ["\"prefix\"", "\"revision\"", "\"services\"", "\"skipped\""];
+        let pos: Vec<usize> = order.iter().map(|k| text.find(k).unwrap()).collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+
+    #[test]
+    fn only_leases_of_valid_keys_are_looked_up() {
+        let kvs = vec![
+            kv("/portolan/services/web/a", "10.0.0.1:80", 5),
+            kv("/portolan/services/web/b", "10.0.0.2:80", 5),
+            kv("/portolan/services/web/c", "10.0.0.3:80", 0),
+            kv("/portolan/services/web/d", "garbage", 9),
+        ];
+        assert_eq!(leases_to_look_up(P, &kvs), vec![5]);
+    }
+
+    #[test]
+    fn filtered_prefix_ends_with_a_slash() {
+        // "web/" so that `ls web` does not also list "web2".
+        assert_eq!(read_prefix(P, Some("web")), "/portolan/services/web/");
+        assert_eq!(read_prefix(P, None), "/portolan/services/");
+    }
 }
