@@ -75,6 +75,8 @@ pub struct RegistrarFile {
     pub internal: Option<bool>,
     pub resync: Option<u64>,
     pub deregister_on_exit: Option<bool>,
+    /// `KEY` or `KEY=VALUE`: register only containers carrying this label.
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -182,6 +184,7 @@ pub struct RegistrarOverrides {
     pub internal: Option<bool>,
     pub resync: Option<u64>,
     pub deregister_on_exit: Option<bool>,
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -231,6 +234,9 @@ pub struct RegistrarConfig {
     pub internal: bool,
     pub resync: Duration,
     pub deregister_on_exit: bool,
+    /// `KEY` or `KEY=VALUE`: only containers carrying this label are registered
+    /// (Docker label filter syntax). None: every container.
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +342,15 @@ pub fn resolve_registrar(
     if resync == 0 {
         problems.push("resync 0: must be at least 1 second".into());
     }
+    let only_label = o.only_label.clone().or_else(|| f.only_label.clone());
+    if let Some(l) = &only_label {
+        let key = l.split_once('=').map_or(l.as_str(), |(k, _)| k);
+        if key.is_empty() || l.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.push(format!(
+                "only label {l:?}: expected KEY or KEY=VALUE without spaces (--only-label portolan.enable=true)"
+            ));
+        }
+    }
     let cfg = RegistrarConfig {
         etcd,
         node,
@@ -357,6 +372,7 @@ pub fn resolve_registrar(
             .deregister_on_exit
             .or(f.deregister_on_exit)
             .unwrap_or(false),
+        only_label,
     };
     if problems.is_empty() {
         Ok(cfg)
@@ -540,6 +556,32 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             panic!()
         };
         assert_eq!(p.len(), 3, "{p:?}");
+    }
+
+    #[test]
+    fn only_label_from_file_and_flag() {
+        let f = FileConfig::from_str(
+            "[registrar]\nonly_label = \"portolan.enable=true\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let c = resolve_registrar(&f, &RegistrarOverrides::default()).unwrap();
+        assert_eq!(c.only_label.as_deref(), Some("portolan.enable=true"));
+        let o = RegistrarOverrides {
+            only_label: Some("team".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve_registrar(&f, &o).unwrap().only_label.as_deref(),
+            Some("team")
+        );
+        for bad in ["", "=x", "a b=c"] {
+            let o = RegistrarOverrides {
+                only_label: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(resolve_registrar(&f, &o).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

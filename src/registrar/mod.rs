@@ -1,5 +1,7 @@
 //! The registrar: keeps this node's running containers registered in etcd.
 
+pub mod selector;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RegistrarConfig;
