@@ -186,16 +186,15 @@ pub fn registrations(
             );
             continue;
         };
-        match meta.lookup(Some(port), "ignore") {
-            Some((src, v)) => match parse_ignore(&src, v) {
+        if let Some((src, v)) = meta.lookup(Some(port), "ignore") {
+            match parse_ignore(&src, v) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
                     w.push(&src, &e);
                     continue;
                 }
-            },
-            None => {}
+            }
         }
         let service = match meta.lookup_port_only(port, "service") {
             Some((src, name)) => Some((src, name.to_string())),
