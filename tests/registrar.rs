@@ -18,7 +18,7 @@ async fn serves_page(addr: &str, c: &Container) -> bool {
     matches!(http_get(addr, "test", "/").await, Some((200, body)) if body.trim() == c.short_id())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_a_started_container_at_an_address_that_serves_it() {
     let rig = Rig::new("reg-start").await;
     let registrar = rig.start(&Opts {
@@ -66,7 +66,7 @@ async fn registers_a_started_container_at_an_address_that_serves_it() {
     assert!(rig.value(&key).await.is_some());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_kill_and_pause_deregister_and_unpause_registers_again() {
     let rig = Rig::new("reg-stop").await;
     let _registrar = rig.start(&Opts::default());
@@ -105,10 +105,11 @@ async fn stop_kill_and_pause_deregister_and_unpause_registers_again() {
     assert_eq!(rig.services().await.len(), 2, "{:?}", rig.services().await);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_to_etcd_latency() {
     let rig = Rig::new("reg-latency").await;
-    let _registrar = rig.start(&Opts::default());
+    // A separate process, as in production: nothing in the test can stall it.
+    let _registrar = rig.spawn(&Opts::default());
     let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
     // Warm up (first inspect, first txn) outside the measurement.
     let warm = rig.container(&[]);
@@ -167,7 +168,7 @@ async fn event_to_etcd_latency() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_registers_only_while_healthy() {
     let rig = Rig::new("reg-health").await;
     let _registrar = rig.start(&Opts::default());
@@ -203,7 +204,7 @@ async fn healthcheck_registers_only_while_healthy() {
     assert_eq!(health(), "unhealthy");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_probe_drops_a_frozen_server_and_restores_it() {
     let rig = Rig::new("reg-probe").await;
     let _registrar = rig.start(&Opts::default());
@@ -245,7 +246,7 @@ async fn http_probe_drops_a_frozen_server_and_restores_it() {
     assert!(serves_page(&rec.addr, &c).await);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_probe_sees_through_docker_proxy() {
     let rig = Rig::new("reg-tcp").await;
     let _registrar = rig.start(&Opts::default());
@@ -282,7 +283,7 @@ async fn tcp_probe_sees_through_docker_proxy() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_env_several_ports_ignore_and_bad_labels() {
     let rig = Rig::new("reg-labels").await;
     let registrar = rig.spawn(&Opts::default());
@@ -354,7 +355,7 @@ async fn labels_env_several_ports_ignore_and_bad_labels() {
     assert!(registrar.proc.alive());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_registers_the_container_ip_and_port() {
     let rig = Rig::new("reg-internal").await;
     let _registrar = rig.start(&Opts {
@@ -375,7 +376,7 @@ async fn internal_registers_the_container_ip_and_port() {
     assert_eq!(rec.port, Some(8080));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
     let rig = Rig::new("reg-sigkill").await;
     let opts = Opts {
@@ -429,7 +430,7 @@ async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciles_what_changed_while_it_was_down() {
     let rig = Rig::new("reg-down").await;
     let opts = Opts {
@@ -503,7 +504,7 @@ async fn reconciles_what_changed_while_it_was_down() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_deregister_on_exit_removes_everything_at_once() {
     let rig = Rig::new("reg-dereg").await;
     let mut registrar = rig.spawn(&Opts {
@@ -524,7 +525,7 @@ async fn sigterm_with_deregister_on_exit_removes_everything_at_once() {
     assert!(!rig.state_file().exists());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restarts_with_its_data_or_empty_and_the_keys_come_back() {
     let mut rig = Rig::new("reg-etcd").await;
     let registrar = rig.start(&Opts::default());
