@@ -68,7 +68,9 @@ pub enum Command {
     ///   portolan.weight=N              HAProxy weight 0..256 [default: 100]
     ///   portolan.check.http=/path      probe: GET /path on the registered address, 2xx/3xx
     ///                                  is a success
-    ///   portolan.check.tcp=true        probe: connect to the registered address
+    ///   portolan.check.tcp=true        probe: connect to the registered address; a
+    ///                                  connection closed at once (docker-proxy with a
+    ///                                  dead backend) is a failure
     ///   portolan.check.interval=5s     time between probes [default: 5s]
     ///   portolan.check.timeout=2s      one probe's time limit [default: 2s]
     ///   portolan.check.fall=3          failures in a row that deregister [default: 3]
@@ -79,6 +81,7 @@ pub enum Command {
     /// registered after its first successful probe. A container with a Docker HEALTHCHECK
     /// is registered only while it is healthy. A label with a bad value is logged as a
     /// warning naming the container and the label, and that container is not registered.
+    #[command(verbatim_doc_comment)]
     Registrar(RegistrarArgs),
     /// Watch etcd, render templates, check them with haproxy -c, swap and reload HAProxy.
     ///
