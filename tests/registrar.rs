@@ -562,3 +562,41 @@ async fn etcd_restarts_with_its_data_or_empty_and_the_keys_come_back() {
     assert!(serves_page(&rec.addr, &a).await);
     assert!(registrar.running(), "the registrar exited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_in_a_partition_is_granted_again_and_everything_put_back() {
+    let rig = Rig::new("reg-partition").await;
+    let partition = Partition::start(rig.etcd.client_port).await;
+    let mut cfg = rig.config(&Opts::default());
+    cfg.etcd.endpoints = vec![partition.endpoint()];
+    let registrar = InProcess::start(cfg);
+    let a = rig.container(&[]);
+    let key_a = rig.image_key(&a);
+    rig.wait_value(&key_a, T).await;
+    let old_lease = rig.kvs().await[&key_a].lease;
+
+    // etcd keeps running, the registrar cannot reach it: the lease expires, the keys go.
+    partition.cut();
+    let gone = rig.wait_gone(&key_a, T).await;
+    assert!(
+        rig.kvs().await.is_empty(),
+        "the node key outlived the lease"
+    );
+    let b = rig.container(&[]);
+    let key_b = rig.image_key(&b);
+
+    partition.heal();
+    let start = Instant::now();
+    rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_b, T).await;
+    rig.wait_value(&rig.node_key(), T).await;
+    eprintln!(
+        "partition: keys expired {gone:?} after the cut (ttl 3s), all back {:?} after it healed",
+        start.elapsed()
+    );
+    let kvs = rig.kvs().await;
+    let new_lease = kvs[&key_a].lease;
+    assert_ne!(new_lease, old_lease);
+    assert!(kvs.values().all(|kv| kv.lease == new_lease), "{kvs:?}");
+    assert!(registrar.running());
+}

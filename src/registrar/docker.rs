@@ -234,7 +234,7 @@ pub async fn run(
         let Some(error) = error else { return };
         let delay = backoff.next_delay();
         if !was_down {
-            tracing::warn!(error = %error, "docker: {error}; reconnecting");
+            tracing::warn!(error = %error, "docker: connection lost; reconnecting with backoff");
         } else {
             tracing::debug!(error = %error, retry_in = ?delay, "docker still unreachable");
         }

@@ -92,18 +92,24 @@ pub async fn acquire(
         .ok()
         .and_then(|t| parse_state(&t));
     if let Some(id) = previous {
-        let r = etcd::call(client.lease_time_to_live(id, None)).await?;
-        if r.ttl() > 0 && r.granted_ttl() == ttl_secs {
-            return Ok(Lease { id, reused: true });
-        }
-        if r.ttl() > 0 {
-            // The TTL changed: a new lease carries it; the old one expires by itself
-            // once every key has moved over.
-            tracing::info!(
-                lease = id,
-                granted_ttl = r.granted_ttl(),
-                "lease TTL differs from --ttl; granting a new lease"
-            );
+        // etcd 3.4 answers a TimeToLive of a dead lease with "lease not found" rather
+        // than TTL -1: both mean grant a new one.
+        match etcd::call(client.lease_time_to_live(id, None)).await {
+            Ok(r) if r.ttl() > 0 && r.granted_ttl() == ttl_secs => {
+                return Ok(Lease { id, reused: true });
+            }
+            Ok(r) if r.ttl() > 0 => {
+                // The TTL changed: a new lease carries it; the old one expires by itself
+                // once every key has moved over.
+                tracing::info!(
+                    lease = id,
+                    granted_ttl = r.granted_ttl(),
+                    "lease TTL differs from --ttl; granting a new lease"
+                );
+            }
+            Ok(_) => {}
+            Err(e) if is_lease_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     let r = etcd::call(client.lease_grant(ttl_secs, None)).await?;

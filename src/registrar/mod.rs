@@ -186,6 +186,7 @@ struct Registrar {
     /// While set, etcd is being retried after a failure: no syncs before then.
     retry_at: Option<Instant>,
     backoff: Backoff,
+    last_lease_loss: Option<Instant>,
     etcd_trouble: bool,
     ready: bool,
     tracker: TaskTracker,
@@ -232,6 +233,7 @@ impl Registrar {
             lease: None,
             keeper_stop: None,
             retry_at: None,
+            last_lease_loss: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             etcd_trouble: false,
             ready: false,
@@ -259,10 +261,16 @@ impl Registrar {
             tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
         loop {
             // Open the session (and keep a reused lease alive) before Docker answers.
-            if self.retry_at.is_none() {
+            // A sync that finds the lease gone goes again at once with a new one
+            // (`lease_lost` backs off if that keeps happening).
+            while self.retry_at.is_none() {
+                let had_lease = self.lease.is_some();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.sync() => {}
+                }
+                if !(had_lease && self.lease.is_none()) {
+                    break;
                 }
             }
             let retry_at = self.retry_at;
@@ -461,7 +469,13 @@ impl Registrar {
         }
         self.node_value = None;
         self.dirty = true;
-        self.retry_at = None;
+        // Re-grant at once, unless leases keep vanishing: then back off like any failure.
+        let now = Instant::now();
+        let recent = self
+            .last_lease_loss
+            .is_some_and(|t| now.duration_since(t) < self.cfg.ttl);
+        self.last_lease_loss = Some(now);
+        self.retry_at = recent.then(|| now + self.backoff.next_delay());
     }
 
     // ---------- etcd ----------
@@ -510,7 +524,7 @@ impl Registrar {
                 self.dirty = true;
                 let delay = self.backoff.next_delay();
                 if !self.etcd_trouble {
-                    tracing::warn!(error = %e, "etcd: {e}; retrying with backoff");
+                    tracing::warn!(error = %e, "etcd: cannot sync; retrying with backoff");
                     self.etcd_trouble = true;
                 } else {
                     tracing::debug!(error = %e, retry_in = ?delay, "etcd still failing");
@@ -544,10 +558,8 @@ impl Registrar {
         };
         let l = lease::acquire(client, self.cfg.ttl, &self.cfg.state_dir)
             .await
-            .map_err(|e| match e {
-                lease::LeaseError::Etcd(e) => Failure::from(e),
-                other => Failure::Retry(other.to_string()),
-            })?;
+            // Never LeaseLost from here: that would only loop back into this call.
+            .map_err(|e| Failure::Retry(e.to_string()))?;
         tracing::info!(
             lease = l.id,
             reused = l.reused,
@@ -757,5 +769,21 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn advertise_ip_is_the_address_facing_etcd() {
+        let ip = detect_advertise_ip(&["http://127.0.0.1:2379".into()])
+            .await
+            .unwrap();
+        assert_eq!(ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        let ip = detect_advertise_ip(&["127.0.0.1".into()]).await.unwrap();
+        assert!(ip.is_loopback());
+        assert!(detect_advertise_ip(&[]).await.is_err());
     }
 }
