@@ -342,6 +342,20 @@ pub fn resolve_registrar(
     if resync == 0 {
         problems.push("resync 0: must be at least 1 second".into());
     }
+    let docker_api_version = o
+        .docker_api_version
+        .clone()
+        .or_else(|| f.docker_api_version.clone());
+    if let Some(v) = &docker_api_version {
+        let ok = v
+            .split_once('.')
+            .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+        if !ok {
+            problems.push(format!(
+                "docker api version {v:?}: expected MAJOR.MINOR like 1.41 (or leave it unset to negotiate)"
+            ));
+        }
+    }
     let only_label = o.only_label.clone().or_else(|| f.only_label.clone());
     if let Some(l) = &only_label {
         let key = l.split_once('=').map_or(l.as_str(), |(k, _)| k);
@@ -362,10 +376,7 @@ pub fn resolve_registrar(
             .or_else(|| f.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         docker_host: o.docker_host.clone().or_else(|| f.docker_host.clone()),
-        docker_api_version: o
-            .docker_api_version
-            .clone()
-            .or_else(|| f.docker_api_version.clone()),
+        docker_api_version,
         internal: o.internal.or(f.internal).unwrap_or(false),
         resync: Duration::from_secs(resync),
         deregister_on_exit: o
@@ -575,6 +586,11 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             resolve_registrar(&f, &o).unwrap().only_label.as_deref(),
             Some("team")
         );
+        let o = RegistrarOverrides {
+            docker_api_version: Some("v1".into()),
+            ..Default::default()
+        };
+        assert!(resolve_registrar(&f, &o).is_err());
         for bad in ["", "=x", "a b=c"] {
             let o = RegistrarOverrides {
                 only_label: Some(bad.into()),

@@ -428,6 +428,16 @@ async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
         took >= Duration::from_secs(opts.ttl - 2),
         "expired too early: {took:?}"
     );
+
+    // Restarted after the TTL: the state file names a dead lease; a new one is granted
+    // and everything is put back.
+    let third = rig.spawn(&opts);
+    rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_b, T).await;
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs.len(), 3, "{kvs:?}");
+    assert_ne!(kvs[&key_a].lease, lease);
+    assert!(third.log().contains("granted lease"), "{}", third.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

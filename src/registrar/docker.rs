@@ -256,7 +256,11 @@ async fn session(
 ) -> Option<String> {
     let docker = match connect(settings).await {
         Ok(d) => d,
-        Err(e) => return Some(format!("cannot connect: {e}")),
+        Err(e) => {
+            return Some(format!(
+                "cannot connect: {e} (is dockerd running? is --docker-host right?)"
+            ))
+        }
     };
     let since = SystemTime::now()
         .checked_sub(SINCE_MARGIN)
