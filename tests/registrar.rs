@@ -386,9 +386,18 @@ async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
     let mut first = rig.spawn(&opts);
     let a = rig.container(&[]);
     let key_a = rig.image_key(&a);
+    // A probed instance must survive the restart too, while the new probe warms up.
+    let probed = rig.container(&[
+        "--label",
+        "portolan.service=probed",
+        "--label",
+        "portolan.check.http=/",
+    ]);
+    let key_probed = rig.key("probed", &probed, 8080);
     rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_probed, T).await;
     let before = rig.kvs().await;
-    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before.len(), 3, "{before:?}");
     let lease = before[&key_a].lease;
 
     first.sigkill();
@@ -434,8 +443,9 @@ async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
     let third = rig.spawn(&opts);
     rig.wait_value(&key_a, T).await;
     rig.wait_value(&key_b, T).await;
+    rig.wait_value(&key_probed, T).await;
     let kvs = rig.kvs().await;
-    assert_eq!(kvs.len(), 3, "{kvs:?}");
+    assert_eq!(kvs.len(), 4, "{kvs:?}");
     assert_ne!(kvs[&key_a].lease, lease);
     assert!(third.log().contains("granted lease"), "{}", third.log());
 }
