@@ -53,13 +53,35 @@ pub enum Command {
     /// Each published port of a running container becomes
     /// <prefix>/services/<service>/<node>-<container id>-<port> with a JSON record
     /// {"addr":"<advertise-ip>:<host port>",...}, attached to this registrar's lease.
+    /// A port published on one host IP (-p 10.0.0.5::80) is registered with that IP.
     /// Containers are removed the moment they die, stop, are killed, paused or turn
     /// unhealthy; a lost host is removed by lease expiry after --ttl seconds.
     ///
-    /// Labels: portolan.service=NAME, portolan.port.<p>.service=NAME, portolan.ignore=true,
-    /// portolan.tags=a,b, portolan.weight=N, portolan.check.http=/path,
-    /// portolan.check.tcp=true; registrator's SERVICE_NAME, SERVICE_<p>_NAME,
-    /// SERVICE_IGNORE, SERVICE_TAGS environment variables work as fallback.
+    /// Container labels (registrator's environment variables in brackets work as fallback):
+    ///
+    ///   portolan.service=NAME          service name [SERVICE_NAME]; default: the image's
+    ///                                  base name; "-<port>" is appended when the container
+    ///                                  publishes several ports
+    ///   portolan.port.<p>.service=NAME name for container port <p> [SERVICE_<p>_NAME]
+    ///   portolan.ignore=true           do not register [SERVICE_IGNORE]
+    ///   portolan.tags=a,b              tags [SERVICE_TAGS]
+    ///   portolan.weight=N              HAProxy weight 0..256 [default: 100]
+    ///   portolan.check.http=/path      probe: GET /path on the registered address, 2xx/3xx
+    ///                                  is a success
+    ///   portolan.check.tcp=true        probe: connect to the registered address; a
+    ///                                  connection closed at once (docker-proxy with a
+    ///                                  dead backend) is a failure
+    ///   portolan.check.interval=5s     time between probes [default: 5s]
+    ///   portolan.check.timeout=2s      one probe's time limit [default: 2s]
+    ///   portolan.check.fall=3          failures in a row that deregister [default: 3]
+    ///   portolan.check.rise=2          successes in a row that re-register [default: 2]
+    ///
+    /// Every portolan.<x> label can be set for one port as portolan.port.<p>.<x>. Durations
+    /// take ms, s or m ("500ms", "5s"; a bare number is seconds). A probed container is
+    /// registered after its first successful probe. A container with a Docker HEALTHCHECK
+    /// is registered only while it is healthy. A label with a bad value is logged as a
+    /// warning naming the container and the label, and that container is not registered.
+    #[command(verbatim_doc_comment)]
     Registrar(RegistrarArgs),
     /// Watch etcd, render templates, check them with haproxy -c, swap and reload HAProxy.
     ///
@@ -155,6 +177,10 @@ pub struct RegistrarArgs {
     /// (otherwise they live until the TTL, so a quick restart causes no churn).
     #[arg(long, env = "PORTOLAN_DEREGISTER_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub deregister_on_exit: Option<bool>,
+    /// Register only containers carrying this label, e.g. portolan.enable=true or team
+    /// (KEY matches any value) [default: every container].
+    #[arg(long, env = "PORTOLAN_ONLY_LABEL", value_name = "KEY[=VALUE]")]
+    pub only_label: Option<String>,
 }
 
 impl RegistrarArgs {
@@ -170,6 +196,7 @@ impl RegistrarArgs {
             internal: self.internal,
             resync: self.resync,
             deregister_on_exit: self.deregister_on_exit,
+            only_label: self.only_label.clone(),
         }
     }
 }

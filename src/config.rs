@@ -75,6 +75,8 @@ pub struct RegistrarFile {
     pub internal: Option<bool>,
     pub resync: Option<u64>,
     pub deregister_on_exit: Option<bool>,
+    /// `KEY` or `KEY=VALUE`: register only containers carrying this label.
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -182,6 +184,7 @@ pub struct RegistrarOverrides {
     pub internal: Option<bool>,
     pub resync: Option<u64>,
     pub deregister_on_exit: Option<bool>,
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -231,6 +234,9 @@ pub struct RegistrarConfig {
     pub internal: bool,
     pub resync: Duration,
     pub deregister_on_exit: bool,
+    /// `KEY` or `KEY=VALUE`: only containers carrying this label are registered
+    /// (Docker label filter syntax). None: every container.
+    pub only_label: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +342,29 @@ pub fn resolve_registrar(
     if resync == 0 {
         problems.push("resync 0: must be at least 1 second".into());
     }
+    let docker_api_version = o
+        .docker_api_version
+        .clone()
+        .or_else(|| f.docker_api_version.clone());
+    if let Some(v) = &docker_api_version {
+        let ok = v
+            .split_once('.')
+            .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+        if !ok {
+            problems.push(format!(
+                "docker api version {v:?}: expected MAJOR.MINOR like 1.41 (or leave it unset to negotiate)"
+            ));
+        }
+    }
+    let only_label = o.only_label.clone().or_else(|| f.only_label.clone());
+    if let Some(l) = &only_label {
+        let key = l.split_once('=').map_or(l.as_str(), |(k, _)| k);
+        if key.is_empty() || l.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.push(format!(
+                "only label {l:?}: expected KEY or KEY=VALUE without spaces (--only-label portolan.enable=true)"
+            ));
+        }
+    }
     let cfg = RegistrarConfig {
         etcd,
         node,
@@ -347,16 +376,14 @@ pub fn resolve_registrar(
             .or_else(|| f.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         docker_host: o.docker_host.clone().or_else(|| f.docker_host.clone()),
-        docker_api_version: o
-            .docker_api_version
-            .clone()
-            .or_else(|| f.docker_api_version.clone()),
+        docker_api_version,
         internal: o.internal.or(f.internal).unwrap_or(false),
         resync: Duration::from_secs(resync),
         deregister_on_exit: o
             .deregister_on_exit
             .or(f.deregister_on_exit)
             .unwrap_or(false),
+        only_label,
     };
     if problems.is_empty() {
         Ok(cfg)
@@ -540,6 +567,37 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             panic!()
         };
         assert_eq!(p.len(), 3, "{p:?}");
+    }
+
+    #[test]
+    fn only_label_from_file_and_flag() {
+        let f = FileConfig::from_str(
+            "[registrar]\nonly_label = \"portolan.enable=true\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let c = resolve_registrar(&f, &RegistrarOverrides::default()).unwrap();
+        assert_eq!(c.only_label.as_deref(), Some("portolan.enable=true"));
+        let o = RegistrarOverrides {
+            only_label: Some("team".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve_registrar(&f, &o).unwrap().only_label.as_deref(),
+            Some("team")
+        );
+        let o = RegistrarOverrides {
+            docker_api_version: Some("v1".into()),
+            ..Default::default()
+        };
+        assert!(resolve_registrar(&f, &o).is_err());
+        for bad in ["", "=x", "a b=c"] {
+            let o = RegistrarOverrides {
+                only_label: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(resolve_registrar(&f, &o).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

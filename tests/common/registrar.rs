@@ -1,1 +1,488 @@
 //! Starting registrars for tests (owned by the registrar tests).
+//!
+//! A `Rig` is one test's world: its own etcd, key prefix, node name, state dir and run
+//! id. Every registrar it starts sees only containers labelled with that run id
+//! (`--only-label portolan.test=<run>`), because other tests use the same Docker Engine
+//! at the same time. Dropping the rig removes the run's containers, even on panic.
+//!
+//! Registrars run in-process (`portolan::registrar::run`, stopped by cancelling its
+//! token) or as a `portolan registrar` subprocess when a test needs SIGKILL, SIGTERM or a
+//! restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use portolan::config::RegistrarConfig;
+use portolan::schema;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub ttl: u64,
+    pub resync: u64,
+    pub internal: bool,
+    pub deregister_on_exit: bool,
+    pub docker_host: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            ttl: 3,
+            resync: 60,
+            internal: false,
+            deregister_on_exit: false,
+            docker_host: None,
+        }
+    }
+}
+
+pub struct Rig {
+    pub etcd: Etcd,
+    pub prefix: String,
+    pub run: String,
+    pub node: String,
+    pub state: tempfile::TempDir,
+}
+
+impl Rig {
+    pub async fn new(tag: &str) -> Rig {
+        portolan::telemetry::init(false);
+        ensure_test_image();
+        Rig {
+            etcd: Etcd::start().await,
+            prefix: unique_prefix(tag),
+            run: unique(tag),
+            node: format!("node-{}", unique(tag)),
+            state: tempfile::tempdir().expect("state dir"),
+        }
+    }
+
+    pub fn only_label(&self) -> String {
+        format!("{TEST_LABEL}={}", self.run)
+    }
+
+    pub fn config(&self, opts: &Opts) -> RegistrarConfig {
+        RegistrarConfig {
+            etcd: self.etcd.config(&self.prefix),
+            node: self.node.clone(),
+            advertise_ip: Some("127.0.0.1".parse().expect("ip")),
+            ttl: Duration::from_secs(opts.ttl),
+            state_dir: self.state.path().join("state"),
+            docker_host: opts.docker_host.clone(),
+            docker_api_version: None,
+            internal: opts.internal,
+            resync: Duration::from_secs(opts.resync),
+            deregister_on_exit: opts.deregister_on_exit,
+            only_label: Some(self.only_label()),
+        }
+    }
+
+    /// A registrar running in this test's runtime.
+    pub fn start(&self, opts: &Opts) -> InProcess {
+        InProcess::start(self.config(opts))
+    }
+
+    /// A `portolan registrar` child process logging to a file in the state dir.
+    pub fn spawn(&self, opts: &Opts) -> Subprocess {
+        let log = self
+            .state
+            .path()
+            .join(format!("registrar-{}.log", unique("log")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = owned_command(portolan_bin());
+        cmd.arg("registrar")
+            .args(["--etcd-endpoints", &self.etcd.endpoint()])
+            .args(["--prefix", &self.prefix])
+            .args(["--node", &self.node])
+            .args(["--advertise-ip", "127.0.0.1"])
+            .args(["--ttl", &opts.ttl.to_string()])
+            .args(["--resync", &opts.resync.to_string()])
+            .arg("--state-dir")
+            .arg(self.state.path().join("state"))
+            .args(["--only-label", &self.only_label()])
+            .env("RUST_LOG", "info")
+            // A config file on this machine must not leak into the test.
+            .env("PORTOLAN_CONFIG", "/dev/null")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        if opts.internal {
+            cmd.arg("--internal");
+        }
+        if opts.deregister_on_exit {
+            cmd.arg("--deregister-on-exit");
+        }
+        if let Some(h) = &opts.docker_host {
+            cmd.args(["--docker-host", h]);
+        }
+        Subprocess {
+            proc: Proc::spawn("portolan registrar", &mut cmd),
+            log,
+        }
+    }
+
+    /// A container of this run, publishing 8080 on loopback only.
+    pub fn container(&self, extra: &[&str]) -> Container {
+        let mut args = vec!["-p", "127.0.0.1::8080"];
+        args.extend_from_slice(extra);
+        Container::run(&self.run, &args, None)
+    }
+
+    pub fn services_prefix(&self) -> String {
+        schema::services_prefix(&self.prefix)
+    }
+
+    pub fn node_key(&self) -> String {
+        schema::node_key(&self.prefix, &self.node)
+    }
+
+    pub fn key(&self, service: &str, c: &Container, port: u16) -> String {
+        schema::service_key(
+            &self.prefix,
+            service,
+            &schema::instance_id(&self.node, &c.id, port),
+        )
+    }
+
+    /// The default service name of the test image.
+    pub fn image_key(&self, c: &Container) -> String {
+        self.key("portolan-test-busybox", c, 8080)
+    }
+
+    /// Every key under the prefix with its metadata.
+    pub async fn kvs(&self) -> BTreeMap<String, Kv> {
+        let mut c = self.etcd.client().await;
+        let resp = c
+            .get(
+                self.prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("etcd get");
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().unwrap_or("").to_string();
+                (
+                    key,
+                    Kv {
+                        value: kv.value_str().unwrap_or("").to_string(),
+                        mod_revision: kv.mod_revision(),
+                        lease: kv.lease(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Service keys only, key → value.
+    pub async fn services(&self) -> BTreeMap<String, String> {
+        self.etcd
+            .get_prefix(&self.services_prefix())
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    pub async fn value(&self, key: &str) -> Option<String> {
+        self.kvs().await.remove(key).map(|kv| kv.value)
+    }
+
+    pub async fn wait_value(&self, key: &str, timeout: Duration) -> String {
+        wait_until(&format!("key {key}"), timeout, || async {
+            self.value(key).await.is_some()
+        })
+        .await;
+        self.value(key).await.unwrap_or_default()
+    }
+
+    pub async fn wait_gone(&self, key: &str, timeout: Duration) -> Duration {
+        wait_until(&format!("key {key} to vanish"), timeout, || async {
+            self.value(key).await.is_none()
+        })
+        .await
+    }
+
+    /// The current etcd revision: unchanged means nothing was written.
+    pub async fn revision(&self) -> i64 {
+        let mut c = self.etcd.client().await;
+        let resp = c.get("\0", None).await.expect("etcd get");
+        resp.header().map(|h| h.revision()).unwrap_or_default()
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state.path().join("state").join("registrar.lease")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        remove_labelled(&self.run);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub value: String,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// The instance record of a registered key.
+pub fn record(value: &str) -> schema::InstanceRecord {
+    serde_json::from_str(value).unwrap_or_else(|e| panic!("not a record: {value:?}: {e}"))
+}
+
+/// `portolan::registrar::run` on the test's runtime, stopped when dropped.
+pub struct InProcess {
+    token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    pub fn start(cfg: RegistrarConfig) -> InProcess {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(portolan::registrar::run(cfg, token.clone()));
+        InProcess {
+            token,
+            handle: Some(handle),
+        }
+    }
+
+    /// True while `run` has not returned.
+    pub fn running(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Cancels and waits; returns how long the stop took.
+    pub async fn stop(mut self) -> Duration {
+        let start = std::time::Instant::now();
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            let r = tokio::time::timeout(Duration::from_secs(10), h)
+                .await
+                .expect("registrar stops within 10 s");
+            r.expect("registrar task").expect("registrar returns Ok");
+        }
+        start.elapsed()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub struct Subprocess {
+    pub proc: Proc,
+    pub log: PathBuf,
+}
+
+impl Subprocess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_until(
+            &format!("registrar log line {needle:?}"),
+            timeout,
+            || async { self.log().contains(needle) },
+        )
+        .await;
+    }
+
+    pub fn sigkill(&mut self) {
+        self.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        self.proc.wait_exit(Duration::from_secs(5));
+    }
+}
+
+/// Records every change under a prefix with the wall-clock time it reached this test,
+/// to measure Docker event → etcd latency.
+pub struct KeyWatch {
+    events: Arc<Mutex<Vec<WatchEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    pub key: String,
+    pub put: bool,
+    pub at: SystemTime,
+}
+
+impl KeyWatch {
+    pub async fn start(etcd: &Etcd, prefix: &str) -> KeyWatch {
+        let mut client = etcd.client().await;
+        let mut stream = client
+            .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await
+            .expect("etcd watch");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Ok(Some(resp)) = stream.message().await {
+                let at = SystemTime::now();
+                let mut sink = sink.lock().expect("lock");
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        sink.push(WatchEvent {
+                            key: kv.key_str().unwrap_or("").to_string(),
+                            put: ev.event_type() == etcd_client::EventType::Put,
+                            at,
+                        });
+                    }
+                }
+            }
+        });
+        KeyWatch { events, task }
+    }
+
+    /// When `key` was last put (or deleted).
+    pub fn last(&self, key: &str, put: bool) -> Option<SystemTime> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .find(|e| e.key == key && e.put == put)
+            .map(|e| e.at)
+    }
+
+    pub fn count(&self, key: &str, put: bool) -> usize {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.key == key && e.put == put)
+            .count()
+    }
+}
+
+impl Drop for KeyWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Docker's own event times for a run's containers: (container id, action, time).
+pub fn docker_events(run: &str, since: f64) -> Vec<(String, String, SystemTime)> {
+    let out = docker(&[
+        "events",
+        "--since",
+        &format!("{since:.3}"),
+        "--until",
+        &format!("{:.3}", unix_now()),
+        "--filter",
+        &format!("label={TEST_LABEL}={run}"),
+        "--filter",
+        "type=container",
+        "--format",
+        "{{.TimeNano}} {{.Action}} {{.Actor.ID}}",
+    ]);
+    // Actions may contain spaces ("health_status: healthy"): time first, id last.
+    out.lines()
+        .filter_map(|l| {
+            let (nanos, rest) = l.split_once(' ')?;
+            let (action, id) = rest.rsplit_once(' ')?;
+            let nanos: u64 = nanos.parse().ok()?;
+            Some((
+                id.to_string(),
+                action.to_string(),
+                UNIX_EPOCH + Duration::from_nanos(nanos),
+            ))
+        })
+        .collect()
+}
+
+/// `median=… max=…` of a list of durations.
+pub fn summary(mut d: Vec<Duration>) -> String {
+    d.sort();
+    if d.is_empty() {
+        return "n/a".into();
+    }
+    let median = d[d.len() / 2];
+    let max = d[d.len() - 1];
+    format!("median={median:.1?} max={max:.1?}")
+}
+
+/// A TCP relay in front of etcd that a test can cut, to partition a registrar from
+/// etcd while etcd itself keeps running (and so keeps expiring leases).
+pub struct Partition {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    pub async fn start(target_port: u16) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused in effect
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().expect("lock").push(relay);
+            }
+        });
+        Partition {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

@@ -1,0 +1,423 @@
+//! The Docker side: connect, subscribe to container events, list what runs, and turn
+//! both into `DockerReport`s for the loop. Reconnects with backoff forever; a closed
+//! stream is a reason to reconnect and resync, never to exit.
+//!
+//! No gap between list and watch: the event stream is opened with `since` a moment
+//! before the list, so the daemon replays whatever happened in between. Replays are
+//! harmless because every event leads to an inspect of the container's current state
+//! (or to a deregistration of a container that is going away anyway).
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use bollard::{ClientVersion, Docker};
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+
+/// Per-request time limit for list and inspect (the event stream is not limited).
+const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Inspects in flight at once, after an event burst or for a full list.
+const INSPECT_CONCURRENCY: usize = 16;
+/// How far back the event stream starts, to cover the list that follows it.
+const SINCE_MARGIN: Duration = Duration::from_secs(2);
+
+/// Events that can change what is registered; others (exec_*, attach, …) are filtered
+/// out by the daemon. `health_status` matches `health_status: healthy` and friends.
+const EVENTS: &[&str] = &[
+    "start",
+    "restart",
+    "unpause",
+    "health_status",
+    "die",
+    "stop",
+    "kill",
+    "oom",
+    "pause",
+    "destroy",
+];
+
+#[derive(Debug, Clone)]
+pub struct DockerSettings {
+    /// None: `DOCKER_HOST` or the local socket.
+    pub host: Option<String>,
+    /// None: negotiate (Engine 20.10 speaks 1.41; a newer client version prefix gets
+    /// HTTP 400 from it).
+    pub api_version: Option<String>,
+    /// `KEY` or `KEY=VALUE`: only containers with this label are seen at all.
+    pub only_label: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum DockerReport {
+    /// Every running container, after a (re)connect or on request: the loop rebuilds its
+    /// view from this and reconciles etcd against it.
+    Snapshot(Vec<ContainerInspectResponse>),
+    /// A container's current state after an event that may register it.
+    Changed(Box<ContainerInspectResponse>),
+    /// Deregister this container now, without asking Docker anything.
+    Gone { id: String, action: String },
+}
+
+/// What an event means for registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Look at the container again (it may have become registrable).
+    Refresh,
+    /// It is going away or must not take traffic: deregister at once.
+    Deregister,
+}
+
+/// Classifies a container event. Pure; None for anything that does not matter.
+pub fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
+    if ev.typ != Some(EventMessageTypeEnum::CONTAINER) {
+        return None;
+    }
+    let actor = ev.actor.as_ref()?;
+    let id = actor.id.clone().filter(|id| !id.is_empty())?;
+    let action = ev.action.as_deref()?.trim();
+    let what = match action {
+        "start" | "restart" | "unpause" | "health_status: healthy" => Action::Refresh,
+        "die" | "stop" | "oom" | "pause" | "destroy" | "health_status: unhealthy" => {
+            Action::Deregister
+        }
+        // `docker kill -s HUP` is a reload, not a death: only stopping signals count.
+        "kill" => {
+            let signal = actor
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get("signal"))
+                .map(String::as_str);
+            if is_stopping_signal(signal) {
+                Action::Deregister
+            } else {
+                return None;
+            }
+        }
+        _ => return None,
+    };
+    Some((id, what, action.to_string()))
+}
+
+fn is_stopping_signal(signal: Option<&str>) -> bool {
+    let Some(s) = signal else { return true };
+    let s = s.trim().to_ascii_uppercase();
+    let s = s.strip_prefix("SIG").unwrap_or(&s);
+    matches!(
+        s,
+        "" | "9" | "15" | "2" | "3" | "KILL" | "TERM" | "INT" | "QUIT"
+    )
+}
+
+/// Connects and settles the API version. Cheap: nothing is sent before the first call
+/// unless the version is negotiated.
+pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
+    let host = settings
+        .host
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+    let explicit = settings
+        .api_version
+        .as_deref()
+        .map(parse_version)
+        .transpose()?;
+    let version = explicit.unwrap_or(*bollard::API_DEFAULT_VERSION);
+    let docker = if host.starts_with("unix://") {
+        Docker::connect_with_unix(&host, REQUEST_TIMEOUT_SECS, &version)?
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(&host, REQUEST_TIMEOUT_SECS, &version)?
+    } else if host.starts_with('/') {
+        Docker::connect_with_unix(&format!("unix://{host}"), REQUEST_TIMEOUT_SECS, &version)?
+    } else {
+        return Err(DockerError::UnsupportedURISchemeError { uri: host });
+    };
+    if explicit.is_some() {
+        Ok(docker)
+    } else {
+        docker.negotiate_version().await
+    }
+}
+
+fn parse_version(v: &str) -> Result<ClientVersion, DockerError> {
+    let bad = || DockerError::APIVersionParseError {};
+    let (major, minor) = v.trim().split_once('.').ok_or_else(bad)?;
+    Ok(ClientVersion {
+        major_version: major.parse().map_err(|_| bad())?,
+        minor_version: minor.parse().map_err(|_| bad())?,
+    })
+}
+
+fn label_filter(settings: &DockerSettings) -> HashMap<String, Vec<String>> {
+    let mut filters = HashMap::new();
+    if let Some(l) = &settings.only_label {
+        filters.insert("label".to_string(), vec![l.clone()]);
+    }
+    filters
+}
+
+/// Running containers, inspected. A container that vanishes between list and inspect
+/// is simply not there.
+pub async fn snapshot(
+    docker: &Docker,
+    settings: &DockerSettings,
+) -> Result<Vec<ContainerInspectResponse>, DockerError> {
+    let list = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(label_filter(settings)),
+            ..Default::default()
+        }))
+        .await?;
+    let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+    futures_util::stream::iter(ids)
+        .map(|id| inspect(docker, id))
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .try_filter_map(|c| async move { Ok(c) })
+        .try_collect()
+        .await
+}
+
+/// None when the container no longer exists.
+async fn inspect(
+    docker: &Docker,
+    id: String,
+) -> Result<Option<ContainerInspectResponse>, DockerError> {
+    match docker.inspect_container(&id, None).await {
+        Ok(c) => Ok(Some(c)),
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Turns one event into a report, inspecting when the event calls for it.
+async fn report_for(
+    docker: Docker,
+    ev: Result<EventMessage, DockerError>,
+) -> Result<Option<DockerReport>, DockerError> {
+    let Some((id, action, name)) = classify(&ev?) else {
+        return Ok(None);
+    };
+    Ok(Some(match action {
+        Action::Deregister => DockerReport::Gone { id, action: name },
+        Action::Refresh => match inspect(&docker, id.clone()).await? {
+            Some(c) => DockerReport::Changed(Box::new(c)),
+            None => DockerReport::Gone {
+                id,
+                action: "vanished".into(),
+            },
+        },
+    }))
+}
+
+/// The Docker task: runs until cancelled. `resync` asks for a fresh snapshot.
+pub async fn run(
+    settings: DockerSettings,
+    reports: mpsc::Sender<DockerReport>,
+    mut resync: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut was_down = false;
+    loop {
+        let error = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = session(&settings, &reports, &mut resync, &mut backoff, &mut was_down) => e,
+        };
+        let Some(error) = error else { return };
+        let delay = backoff.next_delay();
+        if !was_down {
+            tracing::warn!(error = %error, "docker: connection lost; reconnecting with backoff");
+        } else {
+            tracing::debug!(error = %error, retry_in = ?delay, "docker still unreachable");
+        }
+        was_down = true;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One connection's life. Returns why it ended; None when the loop has gone away.
+async fn session(
+    settings: &DockerSettings,
+    reports: &mpsc::Sender<DockerReport>,
+    resync: &mut mpsc::Receiver<()>,
+    backoff: &mut Backoff,
+    was_down: &mut bool,
+) -> Option<String> {
+    let docker = match connect(settings).await {
+        Ok(d) => d,
+        Err(e) => {
+            return Some(format!(
+                "cannot connect: {e} (is dockerd running? is --docker-host right?)"
+            ))
+        }
+    };
+    let since = SystemTime::now()
+        .checked_sub(SINCE_MARGIN)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()));
+    let mut filters = label_filter(settings);
+    filters.insert("type".into(), vec!["container".into()]);
+    filters.insert(
+        "event".into(),
+        EVENTS.iter().map(|e| e.to_string()).collect(),
+    );
+    let events = docker.events(Some(EventsOptions {
+        since,
+        until: None,
+        filters: Some(filters),
+    }));
+    let containers = match snapshot(&docker, settings).await {
+        Ok(c) => c,
+        Err(e) => return Some(format!("cannot list containers: {e}")),
+    };
+    let version = docker.client_version();
+    if *was_down {
+        tracing::info!(containers = containers.len(), "docker: reconnected");
+    } else {
+        tracing::info!(
+            containers = containers.len(),
+            api = %format!("{}.{}", version.major_version, version.minor_version),
+            "docker: connected"
+        );
+    }
+    *was_down = false;
+    if reports
+        .send(DockerReport::Snapshot(containers))
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    backoff.reset();
+    // Ordered, bounded concurrency: inspects overlap, reports keep event order, so a
+    // `die` can never be overtaken by the `start` before it.
+    let docker_for_events = docker.clone();
+    let mut pipeline = events
+        .map(move |ev| report_for(docker_for_events.clone(), ev))
+        .buffered(INSPECT_CONCURRENCY);
+    loop {
+        tokio::select! {
+            asked = resync.recv() => {
+                // The loop has gone away: nothing left to report to.
+                asked?;
+                match snapshot(&docker, settings).await {
+                    Ok(c) => {
+                        if reports.send(DockerReport::Snapshot(c)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => return Some(format!("cannot list containers: {e}")),
+                }
+            }
+            item = pipeline.next() => match item {
+                None => return Some("event stream closed".into()),
+                Some(Err(e)) => return Some(format!("event stream: {e}")),
+                Some(Ok(None)) => {}
+                Some(Ok(Some(report))) => {
+                    if reports.send(report).await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str, attrs: &[(&str, &str)]) -> EventMessage {
+        serde_json::from_value(serde_json::json!({
+            "Type": "container",
+            "Action": action,
+            "Actor": {
+                "ID": "3f2a9c1b7d10aaaa",
+                "Attributes": attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+            },
+            "time": 1700000000,
+            "timeNano": 1700000000000000000i64,
+        }))
+        .unwrap()
+    }
+
+    fn action(ev: &EventMessage) -> Option<Action> {
+        classify(ev).map(|(_, a, _)| a)
+    }
+
+    #[test]
+    fn classifies_events() {
+        for a in ["start", "restart", "unpause", "health_status: healthy"] {
+            assert_eq!(action(&event(a, &[])), Some(Action::Refresh), "{a}");
+        }
+        for a in [
+            "die",
+            "stop",
+            "oom",
+            "pause",
+            "destroy",
+            "health_status: unhealthy",
+        ] {
+            assert_eq!(action(&event(a, &[])), Some(Action::Deregister), "{a}");
+        }
+        for a in [
+            "create",
+            "exec_start: sh",
+            "attach",
+            "rename",
+            "health_status: starting",
+        ] {
+            assert_eq!(action(&event(a, &[])), None, "{a}");
+        }
+        let (id, _, name) = classify(&event("die", &[])).unwrap();
+        assert_eq!(id, "3f2a9c1b7d10aaaa");
+        assert_eq!(name, "die");
+    }
+
+    #[test]
+    fn only_stopping_signals_deregister() {
+        for s in ["15", "9", "SIGTERM", "KILL", "sigint", "3"] {
+            assert_eq!(
+                action(&event("kill", &[("signal", s)])),
+                Some(Action::Deregister),
+                "{s}"
+            );
+        }
+        assert_eq!(action(&event("kill", &[])), Some(Action::Deregister));
+        for s in ["1", "SIGHUP", "USR1", "10"] {
+            assert_eq!(action(&event("kill", &[("signal", s)])), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_ignored() {
+        let ev: EventMessage = serde_json::from_str("{}").unwrap();
+        assert_eq!(classify(&ev), None);
+        let ev: EventMessage =
+            serde_json::from_str(r#"{"Type":"container","Action":"die"}"#).unwrap();
+        assert_eq!(classify(&ev), None);
+        let ev: EventMessage =
+            serde_json::from_str(r#"{"Type":"network","Action":"connect","Actor":{"ID":"abc"}}"#)
+                .unwrap();
+        assert_eq!(classify(&ev), None);
+    }
+
+    #[test]
+    fn api_versions() {
+        let v = parse_version("1.41").unwrap();
+        assert_eq!((v.major_version, v.minor_version), (1, 41));
+        assert!(parse_version("v1").is_err());
+        assert!(parse_version("1.x").is_err());
+    }
+}

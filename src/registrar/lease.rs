@@ -1,0 +1,267 @@
+//! This registrar's one etcd lease: every key it writes hangs on it, so a dead or
+//! partitioned host vanishes from etcd after the TTL without anyone deleting anything.
+//!
+//! The lease id is kept in `<state-dir>/registrar.lease`, so a restarted registrar picks
+//! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
+//! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
+//! stream whenever it dies (an etcd restart kills open streams); it reports, never
+//! decides: the loop re-grants when told the lease is lost.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::Client;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::etcd;
+
+const STATE_FILE: &str = "registrar.lease";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("cannot write the lease state file {path}: {source} (is --state-dir writable?)")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: i64,
+    /// Picked up from the state file, still alive: etcd may already hold our keys.
+    pub reused: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    lease_id: i64,
+}
+
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(STATE_FILE)
+}
+
+/// The lease id in a state file's text; None for anything unreadable (a fresh grant is
+/// the safe answer to a damaged file).
+pub fn parse_state(text: &str) -> Option<i64> {
+    serde_json::from_str::<State>(text)
+        .ok()
+        .map(|s| s.lease_id)
+        .filter(|id| *id != 0)
+}
+
+pub fn render_state(lease_id: i64) -> String {
+    serde_json::to_string(&State { lease_id }).unwrap_or_default() + "\n"
+}
+
+/// Writes the state file atomically (temp file, fsync, rename), so a crash mid-write
+/// never leaves a half-written id behind.
+fn write_state(path: &Path, lease_id: i64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(render_state(lease_id).as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes the state file after a revoke; a missing file is fine.
+pub fn forget(state_dir: &Path) {
+    let _ = std::fs::remove_file(state_path(state_dir));
+}
+
+/// Reuses the lease named in the state file if it is still alive with the same TTL,
+/// otherwise grants a new one and records it.
+pub async fn acquire(
+    client: &mut Client,
+    ttl: Duration,
+    state_dir: &Path,
+) -> Result<Lease, LeaseError> {
+    let path = state_path(state_dir);
+    let ttl_secs = ttl.as_secs() as i64;
+    let previous = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| parse_state(&t));
+    if let Some(id) = previous {
+        // etcd 3.4 answers a TimeToLive of a dead lease with "lease not found" rather
+        // than TTL -1: both mean grant a new one.
+        match etcd::call(client.lease_time_to_live(id, None)).await {
+            Ok(r) if r.ttl() > 0 && r.granted_ttl() == ttl_secs => {
+                return Ok(Lease { id, reused: true });
+            }
+            Ok(r) if r.ttl() > 0 => {
+                // The TTL changed: a new lease carries it; the old one expires by itself
+                // once every key has moved over.
+                tracing::info!(
+                    lease = id,
+                    granted_ttl = r.granted_ttl(),
+                    "lease TTL differs from --ttl; granting a new lease"
+                );
+            }
+            Ok(_) => {}
+            Err(e) if is_lease_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let r = etcd::call(client.lease_grant(ttl_secs, None)).await?;
+    write_state(&path, r.id()).map_err(|source| LeaseError::State { path, source })?;
+    Ok(Lease {
+        id: r.id(),
+        reused: false,
+    })
+}
+
+/// Whether an etcd error says our lease no longer exists (expired or revoked, or the
+/// cluster was replaced by an empty one).
+pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeeperEvent {
+    /// Keep-alives are failing; the lease may still be alive.
+    Trouble(String),
+    /// Keep-alives work again after trouble: etcd may have restarted, reconcile.
+    Alive,
+    /// The lease is gone: grant a new one and put everything again.
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeeperReport {
+    pub lease: i64,
+    pub event: KeeperEvent,
+}
+
+/// Keeps `lease` alive until cancelled or lost. Run it as a tracked task.
+pub async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    ttl: Duration,
+    reports: mpsc::Sender<KeeperReport>,
+    shutdown: CancellationToken,
+) {
+    let period = ttl / 3;
+    let mut backoff = Backoff::new(
+        Duration::from_millis(100),
+        period.max(Duration::from_secs(1)),
+    );
+    let mut healthy = true;
+    let report = |event: KeeperEvent| {
+        let reports = reports.clone();
+        async move {
+            let _ = reports.send(KeeperReport { lease, event }).await;
+        }
+    };
+    loop {
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = etcd::call(client.lease_keep_alive(lease)) => r,
+        };
+        let (mut keeper, mut stream) = match opened {
+            Ok(pair) => pair,
+            Err(e) if is_lease_not_found(&e) => {
+                report(KeeperEvent::Lost).await;
+                return;
+            }
+            Err(e) => {
+                if healthy {
+                    healthy = false;
+                    report(KeeperEvent::Trouble(e.to_string())).await;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
+        if !healthy {
+            healthy = true;
+            report(KeeperEvent::Alive).await;
+        }
+        backoff.reset();
+        let mut last_ack = Instant::now();
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let trouble = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    // No answer for a whole TTL: the stream is dead even if it says nothing.
+                    if last_ack.elapsed() > ttl {
+                        break "no keep-alive answer for a whole TTL".to_string();
+                    }
+                    if let Err(e) = keeper.keep_alive().await {
+                        break e.to_string();
+                    }
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) if r.ttl() <= 0 => {
+                        report(KeeperEvent::Lost).await;
+                        return;
+                    }
+                    Ok(Some(_)) => last_ack = Instant::now(),
+                    Ok(None) => break "keep-alive stream closed".to_string(),
+                    Err(e) => break e.to_string(),
+                },
+            }
+        };
+        if healthy {
+            healthy = false;
+            report(KeeperEvent::Trouble(trouble)).await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        assert_eq!(parse_state(&render_state(7587884)), Some(7587884));
+        assert_eq!(parse_state(""), None);
+        assert_eq!(parse_state("garbage"), None);
+        assert_eq!(parse_state(r#"{"lease_id":0}"#), None);
+    }
+
+    #[test]
+    fn state_file_is_written_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(dir.path());
+        write_state(&path, 42).unwrap();
+        write_state(&path, 43).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(parse_state(&text), Some(43));
+        assert!(!path.with_extension("tmp").exists());
+        forget(dir.path());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn lease_not_found_errors() {
+        assert!(is_lease_not_found(
+            &etcd_client::Error::LeaseKeepAliveError("lease not found".into())
+        ));
+        assert!(!is_lease_not_found(&etcd_client::Error::IoError(
+            std::io::Error::other("connection refused")
+        )));
+    }
+}

@@ -1,0 +1,263 @@
+//! Reconciling this node's keys: `plan(desired, actual)` gives the puts and deletes that
+//! make etcd match Docker. Pure; the loop applies the ops in transactions.
+//!
+//! Invariants:
+//! - Only this node's keys are ever in `actual` (`is_ours`): other nodes' keys and
+//!   hand-written keys are never touched.
+//! - A key whose value is already right and whose lease is ours is left alone, so a
+//!   steady state or a registrar restart writes nothing.
+
+use std::collections::BTreeMap;
+
+use crate::schema::{self, InstanceRecord, Key, NodeRecord};
+
+/// etcd's default `--max-txn-ops` is 128; stay well under it.
+pub const MAX_TXN_OPS: usize = 64;
+
+/// A key of this node as read from etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actual {
+    pub value: String,
+    /// 0: no lease.
+    pub lease: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put { key: String, value: String },
+    Delete { key: String },
+}
+
+/// Puts for what is missing, different or not on `lease`; deletes for what is stale.
+/// Sorted by key within each kind: puts first, so a batch never leaves a service
+/// emptier than it has to be.
+pub fn plan(
+    desired: &BTreeMap<String, String>,
+    actual: &BTreeMap<String, Actual>,
+    lease: i64,
+) -> Vec<Op> {
+    let puts = desired
+        .iter()
+        .filter_map(|(key, value)| match actual.get(key) {
+            Some(a) if a.value == *value && a.lease == lease => None,
+            _ => Some(Op::Put {
+                key: key.clone(),
+                value: value.clone(),
+            }),
+        });
+    let deletes = actual
+        .keys()
+        .filter(|key| !desired.contains_key(*key))
+        .map(|key| Op::Delete { key: key.clone() });
+    puts.chain(deletes).collect()
+}
+
+/// Whether a key read from etcd belongs to this node: the node key, or a service key
+/// whose instance is exactly `<node>-<12 hex>-<port>` and whose value is an instance
+/// record naming this node. The exact shape matters: node `web` must not claim
+/// `web-2-3f2a9c1b7d10-80`, and a hand-written `host:port` under a lookalike key
+/// stays the operator's.
+pub fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
+    match schema::parse_key(prefix, key) {
+        Ok(Key::Node { name }) => name == node,
+        Ok(Key::Service { instance, .. }) => {
+            let Some(rest) = instance
+                .strip_prefix(node)
+                .and_then(|r| r.strip_prefix('-'))
+            else {
+                return false;
+            };
+            let Some((id, port)) = rest.split_once('-') else {
+                return false;
+            };
+            let shape_ok = id.len() == 12
+                && id.bytes().all(|b| b.is_ascii_hexdigit())
+                && port.parse::<u16>().is_ok_and(|p| p != 0);
+            shape_ok
+                && serde_json::from_slice::<InstanceRecord>(value).is_ok_and(|r| r.node == node)
+        }
+        _ => false,
+    }
+}
+
+/// The node record to write: the one already in etcd when it is on our lease and says
+/// the same (its `started_at` is older, not wrong), so a restart rewrites nothing.
+pub fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> String {
+    if let Some(a) = actual.filter(|a| a.lease == lease) {
+        if let Ok(have) = serde_json::from_str::<NodeRecord>(&a.value) {
+            if have.name == want.name && have.addr == want.addr && have.version == want.version {
+                return a.value.clone();
+            }
+        }
+    }
+    serde_json::to_string(want).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: i64 = 7;
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn actual(kv: &[(&str, &str, i64)]) -> BTreeMap<String, Actual> {
+        kv.iter()
+            .map(|(k, v, l)| {
+                (
+                    k.to_string(),
+                    Actual {
+                        value: v.to_string(),
+                        lease: *l,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steady_state_is_no_ops() {
+        let d = map(&[("a", "1"), ("b", "2")]);
+        assert!(plan(&d, &actual(&[("a", "1", L), ("b", "2", L)]), L).is_empty());
+        assert!(plan(&BTreeMap::new(), &BTreeMap::new(), L).is_empty());
+    }
+
+    #[test]
+    fn puts_missing_changed_and_foreign_lease_deletes_stale() {
+        let d = map(&[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]);
+        let a = actual(&[
+            ("b", "old", L),
+            ("c", "3", 99),
+            ("d", "4", L),
+            ("e", "5", L),
+            ("f", "6", 0),
+        ]);
+        assert_eq!(
+            plan(&d, &a, L),
+            vec![
+                Op::Put {
+                    key: "a".into(),
+                    value: "1".into()
+                },
+                Op::Put {
+                    key: "b".into(),
+                    value: "2".into()
+                },
+                Op::Put {
+                    key: "c".into(),
+                    value: "3".into()
+                },
+                Op::Delete { key: "e".into() },
+                Op::Delete { key: "f".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_lease_puts_everything() {
+        let d = map(&[("a", "1"), ("b", "2")]);
+        let a = actual(&[("a", "1", L), ("b", "2", L)]);
+        assert_eq!(plan(&d, &a, L + 1).len(), 2);
+    }
+
+    #[test]
+    fn ownership() {
+        let p = "/portolan";
+        let rec = |node: &str| {
+            format!(
+                r#"{{"addr":"10.0.0.5:1","node":"{node}","container":"3f2a9c1b7d10","port":80}}"#
+            )
+        };
+        let ours = rec("web");
+        assert!(is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-3f2a9c1b7d10-80",
+            ours.as_bytes()
+        ));
+        assert!(is_ours(p, "web", "/portolan/nodes/web", b"{}"));
+        // Another node, even one whose name extends ours.
+        assert!(!is_ours(p, "web", "/portolan/nodes/web-2", b"{}"));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-2-3f2a9c1b7d10-80",
+            rec("web-2").as_bytes()
+        ));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-3f2a9c1b7d10-80",
+            rec("other").as_bytes()
+        ));
+        // Hand-written values and lookalike keys.
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-3f2a9c1b7d10-80",
+            b"10.0.0.9:80"
+        ));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-manual-1",
+            ours.as_bytes()
+        ));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-3f2a9c1b7d1x-80",
+            ours.as_bytes()
+        ));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/portolan/services/api/web-3f2a9c1b7d10-0",
+            ours.as_bytes()
+        ));
+        assert!(!is_ours(p, "web", "/portolan/watchers/web", b"{}"));
+        assert!(!is_ours(
+            p,
+            "web",
+            "/other/services/api/web-3f2a9c1b7d10-80",
+            ours.as_bytes()
+        ));
+    }
+
+    #[test]
+    fn node_record_survives_a_restart() {
+        let want = NodeRecord {
+            name: "web".into(),
+            addr: "10.0.0.5".into(),
+            version: "0.1.0".into(),
+            started_at: 200,
+        };
+        let older = NodeRecord {
+            started_at: 100,
+            ..want.clone()
+        };
+        let older_json = serde_json::to_string(&older).unwrap();
+        let have = Actual {
+            value: older_json.clone(),
+            lease: L,
+        };
+        assert_eq!(node_value(&want, Some(&have), L), older_json);
+        // Another lease, another address or nothing at all: write ours.
+        let want_json = serde_json::to_string(&want).unwrap();
+        assert_eq!(node_value(&want, Some(&have), L + 1), want_json);
+        let moved = Actual {
+            value: serde_json::to_string(&NodeRecord {
+                addr: "10.0.0.6".into(),
+                ..older
+            })
+            .unwrap(),
+            lease: L,
+        };
+        assert_eq!(node_value(&want, Some(&moved), L), want_json);
+        assert_eq!(node_value(&want, None, L), want_json);
+    }
+}

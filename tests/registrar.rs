@@ -1,0 +1,622 @@
+//! The registrar against a real etcd, a real Docker Engine and real containers serving
+//! HTTP. Every test has its own etcd, prefix, node name and container label; every
+//! registrar sees only its own test's containers (`--only-label`).
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::registrar::*;
+use common::*;
+use portolan::schema::NodeRecord;
+
+/// Upper bound for anything that should take milliseconds; generous because the
+/// machine is small and shared.
+const T: Duration = Duration::from_secs(20);
+
+async fn serves_page(addr: &str, c: &Container) -> bool {
+    matches!(http_get(addr, "test", "/").await, Some((200, body)) if body.trim() == c.short_id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_a_started_container_at_an_address_that_serves_it() {
+    let rig = Rig::new("reg-start").await;
+    let registrar = rig.start(&Opts {
+        resync: 1,
+        ..Default::default()
+    });
+    let c = rig.container(&[]);
+    let key = rig.image_key(&c);
+    let rec = record(&rig.wait_value(&key, T).await);
+    assert_eq!(rec.addr, format!("127.0.0.1:{}", c.host_port(8080)));
+    assert_eq!(rec.node, rig.node);
+    assert_eq!(rec.container, c.short_id());
+    assert_eq!(rec.port, Some(8080));
+    assert_eq!(rec.weight, 100);
+    assert!(rec.tags.is_empty());
+    wait_until(
+        "the registered address to serve the container's page",
+        T,
+        || serves_page(&rec.addr, &c),
+    )
+    .await;
+
+    // The node key rides on the same lease as the instance.
+    let kvs = rig.kvs().await;
+    let node_kv = &kvs[&rig.node_key()];
+    assert_ne!(kvs[&key].lease, 0);
+    assert_eq!(node_kv.lease, kvs[&key].lease);
+    let node: NodeRecord = serde_json::from_str(&node_kv.value).expect("node record");
+    assert_eq!(node.name, rig.node);
+    assert_eq!(node.addr, "127.0.0.1");
+
+    // Steady state: three resyncs later, not one write (keep-alives do not count).
+    let revision = rig.revision().await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        rig.revision().await,
+        revision,
+        "a steady state wrote to etcd"
+    );
+    assert!(registrar.running());
+
+    // A clean stop is quick, and the keys stay for the TTL so a restart causes no churn.
+    let took = registrar.stop().await;
+    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    assert!(rig.value(&key).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kill_and_pause_deregister_and_unpause_registers_again() {
+    let rig = Rig::new("reg-stop").await;
+    let _registrar = rig.start(&Opts::default());
+    let stopped = rig.container(&[]);
+    let killed = rig.container(&[]);
+    let paused = rig.container(&[]);
+    for c in [&stopped, &killed, &paused] {
+        rig.wait_value(&rig.image_key(c), T).await;
+    }
+
+    docker(&["stop", "-t", "1", &stopped.id]);
+    rig.wait_gone(&rig.image_key(&stopped), T).await;
+    docker(&["kill", "-s", "KILL", &killed.id]);
+    rig.wait_gone(&rig.image_key(&killed), T).await;
+    docker(&["pause", &paused.id]);
+    rig.wait_gone(&rig.image_key(&paused), T).await;
+    docker(&["unpause", &paused.id]);
+    let rec = record(&rig.wait_value(&rig.image_key(&paused), T).await);
+    wait_until("the unpaused container to serve", T, || {
+        serves_page(&rec.addr, &paused)
+    })
+    .await;
+
+    // SIGHUP is a reload, not a death: the key stays. A later container's registration
+    // proves the registrar has processed the HUP event by then.
+    let revision_of_paused = rig.kvs().await[&rig.image_key(&paused)].mod_revision;
+    docker(&["kill", "-s", "HUP", &paused.id]);
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
+    let kvs = rig.kvs().await;
+    assert_eq!(
+        kvs.get(&rig.image_key(&paused)).map(|kv| kv.mod_revision),
+        Some(revision_of_paused),
+        "docker kill -s HUP must not deregister"
+    );
+    assert_eq!(rig.services().await.len(), 2, "{:?}", rig.services().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_to_etcd_latency() {
+    let rig = Rig::new("reg-latency").await;
+    // A separate process, as in production: nothing in the test can stall it.
+    let _registrar = rig.spawn(&Opts::default());
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    // Warm up (first inspect, first txn) outside the measurement.
+    let warm = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&warm), T).await;
+    let since = unix_now() - 0.5;
+    let mut containers = Vec::new();
+    for _ in 0..10 {
+        let c = rig.container(&[]);
+        let key = rig.image_key(&c);
+        rig.wait_value(&key, T).await;
+        docker(&["kill", &c.id]);
+        rig.wait_gone(&key, T).await;
+        containers.push(c);
+    }
+    let events = docker_events(&rig.run, since);
+    let docker_time = |c: &Container, action: &str| {
+        events
+            .iter()
+            .find(|(id, a, _)| *id == c.id && a == action)
+            .map(|(_, _, t)| *t)
+            .unwrap_or_else(|| panic!("no {action} event for {}", c.short_id()))
+    };
+    let mut register = Vec::new();
+    let mut deregister = Vec::new();
+    for c in &containers {
+        let key = rig.image_key(c);
+        let put = watch.last(&key, true).expect("put seen by the watch");
+        let del = watch.last(&key, false).expect("delete seen by the watch");
+        register.push(
+            put.duration_since(docker_time(c, "start"))
+                .unwrap_or_default(),
+        );
+        deregister.push(
+            del.duration_since(docker_time(c, "kill"))
+                .unwrap_or_default(),
+        );
+        assert_eq!(
+            watch.count(&key, true),
+            1,
+            "{key} was written more than once"
+        );
+    }
+    eprintln!(
+        "registrar latency: register {} deregister {} (n={})",
+        summary(register.clone()),
+        summary(deregister.clone()),
+        containers.len()
+    );
+    assert!(
+        register.iter().all(|d| *d < Duration::from_secs(2)),
+        "{register:?}"
+    );
+    assert!(
+        deregister.iter().all(|d| *d < Duration::from_secs(1)),
+        "{deregister:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_registers_only_while_healthy() {
+    let rig = Rig::new("reg-health").await;
+    let _registrar = rig.start(&Opts::default());
+    let c = rig.container(&[
+        "--health-cmd",
+        "test -f /www/ok",
+        "--health-interval",
+        "300ms",
+        "--health-timeout",
+        "2s",
+        "--health-retries",
+        "1",
+    ]);
+    let key = rig.image_key(&c);
+    let health = || docker(&["inspect", "-f", "{{.State.Health.Status}}", &c.id]);
+    wait_until("docker to call the container unhealthy", T, || async {
+        health() == "unhealthy"
+    })
+    .await;
+    // A plain container registered after that point proves the registrar has seen the
+    // health events before it.
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
+    assert_eq!(rig.value(&key).await, None, "registered while not healthy");
+
+    docker(&["exec", &c.id, "touch", "/www/ok"]);
+    let rec = record(&rig.wait_value(&key, T).await);
+    assert_eq!(health(), "healthy");
+    assert!(serves_page(&rec.addr, &c).await);
+
+    docker(&["exec", &c.id, "rm", "/www/ok"]);
+    rig.wait_gone(&key, T).await;
+    assert_eq!(health(), "unhealthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_probe_drops_a_frozen_server_and_restores_it() {
+    let rig = Rig::new("reg-probe").await;
+    let _registrar = rig.start(&Opts::default());
+    // httpd as a child of a shell, so that it can be frozen from inside the container.
+    let c = Container::run(
+        &rig.run,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "--label",
+            "portolan.check.http=/",
+            "--label",
+            "portolan.check.interval=200ms",
+            "--label",
+            "portolan.check.timeout=300ms",
+            "--label",
+            "portolan.check.fall=2",
+            "--label",
+            "portolan.check.rise=2",
+        ],
+        Some(&["sh", "-c", "/bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    let rec = record(&rig.wait_value(&key, T).await);
+    assert!(serves_page(&rec.addr, &c).await);
+
+    docker(&["exec", &c.id, "killall", "-STOP", "httpd"]);
+    let took = rig.wait_gone(&key, T).await;
+    assert!(
+        http_get(&rec.addr, "test", "/").await.is_none(),
+        "the frozen server still answered"
+    );
+    eprintln!(
+        "probe: frozen server deregistered after {took:?} (interval 200ms, timeout 300ms, fall 2)"
+    );
+
+    docker(&["exec", &c.id, "killall", "-CONT", "httpd"]);
+    let rec = record(&rig.wait_value(&key, T).await);
+    assert!(serves_page(&rec.addr, &c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_probe_sees_through_docker_proxy() {
+    let rig = Rig::new("reg-tcp").await;
+    let _registrar = rig.start(&Opts::default());
+    // Nothing listens inside yet: docker-proxy still accepts on the published port and
+    // closes at once, which must not count as alive.
+    let c = Container::run(
+        &rig.run,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "--label",
+            "portolan.check.tcp=true",
+            "--label",
+            "portolan.check.interval=200ms",
+        ],
+        Some(&["sleep", "1000"]),
+    );
+    let key = rig.image_key(&c);
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
+    // Several probe rounds have run by the time this container has been up a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        rig.value(&key).await,
+        None,
+        "registered with nothing listening"
+    );
+
+    docker(&["exec", "-d", &c.id, "/bin/serve"]);
+    let rec = record(&rig.wait_value(&key, T).await);
+    wait_until("the late server to answer", T, || {
+        serves_page(&rec.addr, &c)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_env_several_ports_ignore_and_bad_labels() {
+    let rig = Rig::new("reg-labels").await;
+    let registrar = rig.spawn(&Opts::default());
+    let web = rig.container(&[
+        "--label",
+        "portolan.service=web",
+        "--label",
+        "portolan.tags=v2,canary",
+        "--label",
+        "portolan.weight=50",
+    ]);
+    let legacy = rig.container(&["-e", "SERVICE_NAME=legacy", "-e", "SERVICE_TAGS=old"]);
+    let per_port = rig.container(&["-e", "SERVICE_8080_NAME=perport"]);
+    let two = rig.container(&[
+        "-p",
+        "127.0.0.1::9090",
+        "--label",
+        "portolan.port.9090.service=admin",
+    ]);
+    let _ignored = rig.container(&["--label", "portolan.ignore=true"]);
+    let _env_ignored = rig.container(&["-e", "SERVICE_IGNORE=1"]);
+    let bad_weight = rig.container(&["--label", "portolan.weight=heavy"]);
+    let bad_name = rig.container(&["--label", "portolan.service=bad name!"]);
+    let bad_port = rig.container(&["--label", "portolan.port.1234.service=x"]);
+    // Events are handled in order: once the last container is in, all are decided.
+    let last = rig.container(&["--label", "portolan.service=last"]);
+    rig.wait_value(&rig.key("last", &last, 8080), T).await;
+
+    let want: BTreeSet<String> = [
+        rig.key("web", &web, 8080),
+        rig.key("legacy", &legacy, 8080),
+        rig.key("perport", &per_port, 8080),
+        rig.key("portolan-test-busybox-8080", &two, 8080),
+        rig.key("admin", &two, 9090),
+        rig.key("last", &last, 8080),
+    ]
+    .into();
+    let got = rig.services().await;
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
+
+    let web_rec = record(&got[&rig.key("web", &web, 8080)]);
+    assert_eq!(web_rec.tags, vec!["v2", "canary"]);
+    assert_eq!(web_rec.weight, 50);
+    assert!(serves_page(&web_rec.addr, &web).await);
+    assert_eq!(
+        record(&got[&rig.key("legacy", &legacy, 8080)]).tags,
+        vec!["old"]
+    );
+    let admin = record(&got[&rig.key("admin", &two, 9090)]);
+    assert_eq!(admin.addr, format!("127.0.0.1:{}", two.host_port(9090)));
+    assert_eq!(admin.port, Some(9090));
+    let two_http = record(&got[&rig.key("portolan-test-busybox-8080", &two, 8080)]);
+    assert!(serves_page(&two_http.addr, &two).await);
+
+    // Each bad container is named in a warning with the label at fault; the daemon goes on.
+    let log = registrar.log();
+    for (c, label) in [
+        (&bad_weight, "portolan.weight"),
+        (&bad_name, "portolan.service"),
+        (&bad_port, "portolan.port.1234.service"),
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&c.name) && l.contains(label))
+            .unwrap_or_else(|| panic!("no warning naming {} and {label} in:\n{log}", c.name));
+        assert!(line.contains(&c.short_id()), "{line}");
+    }
+    let mut registrar = registrar;
+    assert!(registrar.proc.alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_registers_the_container_ip_and_port() {
+    let rig = Rig::new("reg-internal").await;
+    let _registrar = rig.start(&Opts {
+        internal: true,
+        ..Default::default()
+    });
+    let c = rig.container(&[]);
+    let rec = record(&rig.wait_value(&rig.image_key(&c), T).await);
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &c.id,
+    ]);
+    assert!(!ip.is_empty());
+    // Only the value is checked: tests never send traffic to bridge addresses.
+    assert_eq!(rec.addr, format!("{ip}:8080"));
+    assert_eq!(rec.port, Some(8080));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_expires_after_the_ttl_and_a_quick_restart_reuses_the_lease() {
+    let rig = Rig::new("reg-sigkill").await;
+    let opts = Opts {
+        ttl: 4,
+        ..Default::default()
+    };
+    let mut first = rig.spawn(&opts);
+    let a = rig.container(&[]);
+    let key_a = rig.image_key(&a);
+    // A probed instance must survive the restart too, while the new probe warms up.
+    let probed = rig.container(&[
+        "--label",
+        "portolan.service=probed",
+        "--label",
+        "portolan.check.http=/",
+    ]);
+    let key_probed = rig.key("probed", &probed, 8080);
+    rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_probed, T).await;
+    let before = rig.kvs().await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    let lease = before[&key_a].lease;
+
+    first.sigkill();
+    let second = rig.spawn(&opts);
+    second.wait_log("reusing live lease", T).await;
+    let b = rig.container(&[]);
+    let key_b = rig.image_key(&b);
+    rig.wait_value(&key_b, T).await;
+    // Longer than the TTL: the keys only survive if the lease is being kept alive.
+    tokio::time::sleep(Duration::from_secs(opts.ttl + 1)).await;
+    let after = rig.kvs().await;
+    for (key, kv) in &before {
+        assert_eq!(after.get(key), Some(kv), "{key} was rewritten or lost");
+    }
+    assert_eq!(after[&key_b].lease, lease);
+    assert_eq!(
+        std::fs::read_to_string(rig.state_file()).expect("state file"),
+        format!("{{\"lease_id\":{lease}}}\n")
+    );
+
+    // Killed for good: everything of this node, node key included, goes with the lease.
+    let mut second = second;
+    second.sigkill();
+    let start = Instant::now();
+    wait_until(
+        "every key to expire",
+        Duration::from_secs(opts.ttl + 10),
+        || async { rig.kvs().await.is_empty() },
+    )
+    .await;
+    let took = start.elapsed();
+    eprintln!(
+        "registrar SIGKILL: keys expired after {took:?} (ttl {}s)",
+        opts.ttl
+    );
+    assert!(
+        took >= Duration::from_secs(opts.ttl - 2),
+        "expired too early: {took:?}"
+    );
+
+    // Restarted after the TTL: the state file names a dead lease; a new one is granted
+    // and everything is put back.
+    let third = rig.spawn(&opts);
+    rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_b, T).await;
+    rig.wait_value(&key_probed, T).await;
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs.len(), 4, "{kvs:?}");
+    assert_ne!(kvs[&key_a].lease, lease);
+    assert!(third.log().contains("granted lease"), "{}", third.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_what_changed_while_it_was_down() {
+    let rig = Rig::new("reg-down").await;
+    let opts = Opts {
+        ttl: 15,
+        ..Default::default()
+    };
+    let mut first = rig.spawn(&opts);
+    let kept = rig.container(&[]);
+    let removed = rig.container(&[]);
+    let key_kept = rig.image_key(&kept);
+    let key_removed = rig.image_key(&removed);
+    rig.wait_value(&key_kept, T).await;
+    rig.wait_value(&key_removed, T).await;
+
+    // Keys that are not this registrar's to touch, and one stale key that is.
+    let svc = |rest: &str| format!("{}web/{rest}", rig.services_prefix());
+    let other_node = svc("othernode-0123456789ab-80");
+    let hand_written = svc("manual-1");
+    let lookalike = svc(&format!("{}-0123456789ab-80", rig.node));
+    let stale = svc(&format!("{}-deadbeef0000-8080", rig.node));
+    rig.etcd
+        .put(
+            &other_node,
+            r#"{"addr":"10.0.0.7:80","node":"othernode","container":"0123456789ab","port":80}"#,
+        )
+        .await;
+    rig.etcd.put(&hand_written, "10.0.0.9:80").await;
+    rig.etcd.put(&lookalike, "10.0.0.9:80").await;
+    rig.etcd
+        .put(
+            &stale,
+            &format!(
+                r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
+                rig.node
+            ),
+        )
+        .await;
+
+    // SIGTERM: a clean, quick stop that leaves the keys to the TTL.
+    first.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = first
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("registrar stops within 5 s of SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", first.log());
+    let before = rig.kvs().await;
+    assert!(before.contains_key(&key_kept) && before.contains_key(&key_removed));
+
+    docker(&["rm", "-f", &removed.id]);
+    let added = rig.container(&[]);
+    let key_added = rig.image_key(&added);
+
+    let second = rig.spawn(&opts);
+    rig.wait_value(&key_added, T).await;
+    rig.wait_gone(&key_removed, T).await;
+    rig.wait_gone(&stale, T).await;
+    let after = rig.kvs().await;
+    for key in [
+        &key_kept,
+        &other_node,
+        &hand_written,
+        &lookalike,
+        &rig.node_key(),
+    ] {
+        assert_eq!(after.get(key), before.get(key), "{key} was touched");
+    }
+    assert!(
+        second.log().contains("reusing live lease"),
+        "{}",
+        second.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_deregister_on_exit_removes_everything_at_once() {
+    let rig = Rig::new("reg-dereg").await;
+    let mut registrar = rig.spawn(&Opts {
+        ttl: 60,
+        deregister_on_exit: true,
+        ..Default::default()
+    });
+    let c = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&c), T).await;
+    registrar.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = registrar
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("registrar stops within 5 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // Not after the 60 s TTL: right now.
+    assert_eq!(rig.kvs().await, BTreeMap::new());
+    assert!(!rig.state_file().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarts_with_its_data_or_empty_and_the_keys_come_back() {
+    let mut rig = Rig::new("reg-etcd").await;
+    let registrar = rig.start(&Opts::default());
+    let a = rig.container(&[]);
+    let key_a = rig.image_key(&a);
+    rig.wait_value(&key_a, T).await;
+
+    // An outage with the same data dir; a container starts meanwhile.
+    rig.etcd.stop();
+    let b = rig.container(&[]);
+    let key_b = rig.image_key(&b);
+    rig.etcd.restart().await;
+    let start = Instant::now();
+    rig.wait_value(&key_b, T).await;
+    eprintln!(
+        "etcd restart (same data): missed registration written {:?} after etcd was back",
+        start.elapsed()
+    );
+    assert!(rig.value(&key_a).await.is_some());
+
+    // A fresh, empty cluster on the same address: everything is put back, on a new lease.
+    rig.etcd.restart_empty().await;
+    let start = Instant::now();
+    let rec = record(&rig.wait_value(&key_a, T).await);
+    rig.wait_value(&key_b, T).await;
+    rig.wait_value(&rig.node_key(), T).await;
+    eprintln!(
+        "etcd restart (empty): keys back after {:?}",
+        start.elapsed()
+    );
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs.len(), 3, "{kvs:?}");
+    assert_eq!(kvs[&key_a].lease, kvs[&rig.node_key()].lease);
+    assert!(serves_page(&rec.addr, &a).await);
+    assert!(registrar.running(), "the registrar exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_in_a_partition_is_granted_again_and_everything_put_back() {
+    let rig = Rig::new("reg-partition").await;
+    let partition = Partition::start(rig.etcd.client_port).await;
+    let mut cfg = rig.config(&Opts::default());
+    cfg.etcd.endpoints = vec![partition.endpoint()];
+    let registrar = InProcess::start(cfg);
+    let a = rig.container(&[]);
+    let key_a = rig.image_key(&a);
+    rig.wait_value(&key_a, T).await;
+    let old_lease = rig.kvs().await[&key_a].lease;
+
+    // etcd keeps running, the registrar cannot reach it: the lease expires, the keys go.
+    partition.cut();
+    let gone = rig.wait_gone(&key_a, T).await;
+    assert!(
+        rig.kvs().await.is_empty(),
+        "the node key outlived the lease"
+    );
+    let b = rig.container(&[]);
+    let key_b = rig.image_key(&b);
+
+    partition.heal();
+    let start = Instant::now();
+    rig.wait_value(&key_a, T).await;
+    rig.wait_value(&key_b, T).await;
+    rig.wait_value(&rig.node_key(), T).await;
+    eprintln!(
+        "partition: keys expired {gone:?} after the cut (ttl 3s), all back {:?} after it healed",
+        start.elapsed()
+    );
+    let kvs = rig.kvs().await;
+    let new_lease = kvs[&key_a].lease;
+    assert_ne!(new_lease, old_lease);
+    assert!(kvs.values().all(|kv| kv.lease == new_lease), "{kvs:?}");
+    assert!(registrar.running());
+}
