@@ -95,7 +95,7 @@ pub struct WaitFile {
 }
 
 /// One `[[template]]` resource, confd style.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateResource {
     pub src: PathBuf,
@@ -110,6 +110,10 @@ pub struct TemplateResource {
     pub haproxy_admin_socket: Option<PathBuf>,
     /// File mode of `dest`, octal string like "0644".
     pub mode: Option<String>,
+    /// Free-form table handed to the template as `vars` (ports, domain, timeouts), so one
+    /// template serves several sites without edits. Empty when unset.
+    #[serde(default)]
+    pub vars: toml::Table,
 }
 
 impl FileConfig {
