@@ -161,7 +161,8 @@ impl Resource {
     /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
     pub async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
         let changed = self.live.as_deref() != Some(rendered.as_bytes());
-        if !changed && !(self.reload_pending && self.has_reload()) {
+        let must_reload = self.reload_pending && self.has_reload();
+        if !changed && !must_reload {
             self.reload_pending = false;
             return Outcome::Unchanged;
         }
@@ -204,7 +205,7 @@ impl Resource {
                 };
             }
         }
-        let previous = std::mem::replace(&mut self.live, Some(rendered.as_bytes().to_vec()));
+        let previous = self.live.replace(rendered.as_bytes().to_vec());
         if !self.has_reload() {
             self.reload_pending = false;
             return Outcome::Written;
