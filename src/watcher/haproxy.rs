@@ -88,6 +88,9 @@ async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, Re
         s.write_all(format!("{cmd}\n").as_bytes())
             .await
             .map_err(unreachable)?;
+        // Half-close: the master CLI answers and closes once it sees the end of input;
+        // without it the connection stays open waiting for more commands.
+        s.shutdown().await.map_err(unreachable)?;
         let mut buf = Vec::new();
         // The master may close without answering (`reload` does): not an error.
         let _ = s.read_to_end(&mut buf).await;
