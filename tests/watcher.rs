@@ -29,7 +29,10 @@ async fn put_routes_delete_unroutes_bare_address_works() {
     // A hand-written bare host:port, as confd-era scripts write them.
     etcd.put(&fd.service_key("legacy", "manual-1"), &b.addr_string())
         .await;
-    wait_until("legacy routed to bravo", T, || fd.routes_to("legacy", "bravo")).await;
+    wait_until("legacy routed to bravo", T, || {
+        fd.routes_to("legacy", "bravo")
+    })
+    .await;
 
     etcd.delete(&fd.service_key("web", "test-aaaaaaaaaaaa-80"))
         .await;
@@ -82,7 +85,10 @@ async fn put_routes_delete_unroutes_bare_address_works() {
         .await
         .expect("reloads metric");
     assert!(ok >= 3.0, "reloads_total ok = {ok}");
-    assert_eq!(fd.metric("portolan_watcher_instances").await, Some(2.0));
+    wait_until("instances gauge = 2 (legacy + dead)", T, || async {
+        fd.metric("portolan_watcher_instances").await == Some(2.0)
+    })
+    .await;
     let health = http_get(&fd.metrics_addr(), "x", "/healthz").await;
     assert_eq!(health.map(|h| h.0), Some(200));
     assert!(fd.dest_is_valid());
@@ -99,7 +105,8 @@ async fn put_to_routed_latency() {
         let be = Backend::start(&format!("lat{i}")).await;
         let service = format!("lat{i}");
         let start = Instant::now();
-        etcd.put(&fd.service_key(&service, "i1"), &be.record()).await;
+        etcd.put(&fd.service_key(&service, "i1"), &be.record())
+            .await;
         loop {
             if fd.routes_to(&service, &be.name).await {
                 break;
@@ -229,7 +236,10 @@ async fn template_edit_rerenders_and_a_broken_template_keeps_the_last_good_outpu
 
     let original = std::fs::read_to_string(&fd.template).expect("template");
     fd.save_template(&format!("{original}\n# edit-one\n"));
-    wait_until("edit rendered", T, || async { fd.dest_text().contains("# edit-one") }).await;
+    wait_until("edit rendered", T, || async {
+        fd.dest_text().contains("# edit-one")
+    })
+    .await;
 
     // Line 3 of the broken template is the bad one; tera says file:line:col.
     let broken = format!("# broken\n#\n{{% for x in %}}\n{original}");
@@ -239,7 +249,10 @@ async fn template_edit_rerenders_and_a_broken_template_keeps_the_last_good_outpu
         fd.log().contains(&needle)
     })
     .await;
-    assert!(fd.dest_text().contains("# edit-one"), "last good output kept");
+    assert!(
+        fd.dest_text().contains("# edit-one"),
+        "last good output kept"
+    );
     assert!(fd.dest_is_valid());
     // etcd changes still render, with the last good template.
     etcd.put(&fd.service_key("other", "b"), &b.record()).await;
@@ -291,10 +304,20 @@ async fn failed_check_keeps_the_live_file_byte_identical_and_is_retried() {
         fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
     })
     .await;
-    assert_eq!(std::fs::read(&fd.dest).expect("live"), live, "byte-identical");
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("live"),
+        live,
+        "byte-identical"
+    );
     let log = fd.log();
-    assert!(log.contains("bogus_directive_xyz"), "check output logged:\n{log}");
-    assert!(log.contains("+bogus_directive_xyz on"), "diff logged:\n{log}");
+    assert!(
+        log.contains("bogus_directive_xyz"),
+        "check output logged:\n{log}"
+    );
+    assert!(
+        log.contains("+bogus_directive_xyz on"),
+        "diff logged:\n{log}"
+    );
 
     // The next change is retried (and rejected again while the bad value is there).
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
@@ -346,7 +369,11 @@ async fn failed_reload_is_reported_and_the_last_good_file_restored() {
     })
     .await;
     assert_eq!(std::fs::read(&fd.dest).expect("live"), live, "restored");
-    assert!(fd.log().contains("refused the new configuration"), "{}", fd.log());
+    assert!(
+        fd.log().contains("refused the new configuration"),
+        "{}",
+        fd.log()
+    );
     let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
     wait_until("status says failed", T, || async {
         etcd.get_prefix(&status_key)
@@ -402,7 +429,10 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     let fast = cfg.clone();
     std::fs::write(
         &fd.config,
-        cfg.replace("check_cmd = \"haproxy -c -q -f {src}\"", &format!("check_cmd = {slow:?}")),
+        cfg.replace(
+            "check_cmd = \"haproxy -c -q -f {src}\"",
+            &format!("check_cmd = {slow:?}"),
+        ),
     )
     .expect("config");
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
@@ -410,7 +440,11 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     wait_until("check started", T, || async { marker.exists() }).await;
     let before = std::fs::read(&fd.dest).expect("dest");
     fd.kill_watcher();
-    assert_eq!(std::fs::read(&fd.dest).expect("dest"), before, "dest untouched");
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        before,
+        "dest untouched"
+    );
     let staged = |dir: &std::path::Path| {
         std::fs::read_dir(dir)
             .expect("dir")
@@ -418,7 +452,11 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .count()
     };
-    assert_eq!(staged(fd.dir.path()), 1, "the killed run left its staging file");
+    assert_eq!(
+        staged(fd.dir.path()),
+        1,
+        "the killed run left its staging file"
+    );
 
     // Restart with a fast check: stale staging removed, change applied.
     std::fs::write(&fd.config, &fast).expect("config");
@@ -458,26 +496,40 @@ async fn etcd_restart_and_replacement_converge() {
     etcd.stop();
     let reloads = fd.haproxy.reloads().await;
     for _ in 0..10 {
-        assert!(fd.routes_to("web", "a").await, "still routed with etcd down");
+        assert!(
+            fd.routes_to("web", "a").await,
+            "still routed with etcd down"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(fd.haproxy.reloads().await, reloads, "no reload while etcd is down");
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload while etcd is down"
+    );
     assert!(fd.dest_text().contains("server a "));
     wait_until("healthz reports etcd down", T, || async {
-        matches!(http_get(&fd.metrics_addr(), "x", "/healthz").await, Some((503, _)))
+        matches!(
+            http_get(&fd.metrics_addr(), "x", "/healthz").await,
+            Some((503, _))
+        )
     })
     .await;
 
     // Same data back: the watcher re-lists and sees new changes.
     etcd.restart().await;
     etcd.put(&fd.service_key("api", "b"), &b.record()).await;
-    wait_until("api routed after etcd restart", T, || fd.routes_to("api", "b")).await;
+    wait_until("api routed after etcd restart", T, || {
+        fd.routes_to("api", "b")
+    })
+    .await;
     assert!(fd.routes_to("web", "a").await);
 
     // Replaced by an empty cluster: the new (empty) truth wins.
     etcd.restart_empty().await;
     wait_until("old services gone after replacement", T, || async {
-        matches!(fd.get("web").await, Some((503, _))) && matches!(fd.get("api").await, Some((503, _)))
+        matches!(fd.get("web").await, Some((503, _)))
+            && matches!(fd.get("api").await, Some((503, _)))
     })
     .await;
     assert!(
@@ -486,9 +538,15 @@ async fn etcd_restart_and_replacement_converge() {
         fd.log()
     );
     etcd.put(&fd.service_key("new", "c"), &c.record()).await;
-    wait_until("new routed on the new cluster", T, || fd.routes_to("new", "c")).await;
+    wait_until("new routed on the new cluster", T, || {
+        fd.routes_to("new", "c")
+    })
+    .await;
     wait_until("healthz ok again", T, || async {
-        matches!(http_get(&fd.metrics_addr(), "x", "/healthz").await, Some((200, _)))
+        matches!(
+            http_get(&fd.metrics_addr(), "x", "/healthz").await,
+            Some((200, _))
+        )
     })
     .await;
 }
@@ -523,13 +581,23 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
     assert!(stdout.contains("+    server a "), "diff printed:\n{stdout}");
     assert!(stdout.contains("-frontend bootstrap"), "{stdout}");
     assert!(stdout.contains("check passed"), "{stdout}");
-    assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap, "dry run writes nothing");
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        bootstrap,
+        "dry run writes nothing"
+    );
 
-    etcd.put(&format!("{}/config/extra", fd.prefix), "bogus_directive_xyz")
-        .await;
+    etcd.put(
+        &format!("{}/config/extra", fd.prefix),
+        "bogus_directive_xyz",
+    )
+    .await;
     let out = portolan(&["render", "--once", "--dry-run"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "failed check must exit non-zero:\n{stdout}");
+    assert!(
+        !out.status.success(),
+        "failed check must exit non-zero:\n{stdout}"
+    );
     assert!(stdout.contains("check FAILED"), "{stdout}");
     assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap);
 
@@ -539,14 +607,22 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
 
     etcd.delete(&format!("{}/config/extra", fd.prefix)).await;
     let out = portolan(&["render", "--once"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(fd.dest_text().contains("server a "));
     // `render --once` reloads like the watcher does.
     assert!(fd.haproxy.reloads().await >= 1);
     wait_until("routed after render --once", T, || fd.routes_to("web", "a")).await;
 
     let out = portolan(&["check"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fd.save_template("ok\n{{ services | nope }}\n");
     let out = portolan(&["check"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -60,9 +60,7 @@ impl Backend {
                         h.fetch_add(1, Ordering::Relaxed);
                         let body = body.clone();
                         async move {
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                body,
-                            )))
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
                         }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
@@ -88,7 +86,10 @@ impl Backend {
 
     /// An instance record as the registrar writes it.
     pub fn record(&self) -> String {
-        format!(r#"{{"addr":"{}","node":"test","tags":["t"],"weight":100}}"#, self.addr)
+        format!(
+            r#"{{"addr":"{}","node":"test","tags":["t"],"weight":100}}"#,
+            self.addr
+        )
     }
 }
 
@@ -155,7 +156,10 @@ impl Haproxy {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("haproxy master socket {} stopped answering", self.sock.display());
+        panic!(
+            "haproxy master socket {} stopped answering",
+            self.sock.display()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -241,8 +245,7 @@ impl FrontDoor {
         let text = match &opts.template {
             Some(t) => t.clone(),
             None => {
-                let mut t =
-                    std::fs::read_to_string(shipped_template()).expect("shipped template");
+                let mut t = std::fs::read_to_string(shipped_template()).expect("shipped template");
                 t.push_str(&opts.template_extra);
                 t
             }
@@ -338,9 +341,11 @@ stats_bind = "127.0.0.1:{stats_port}"
 
     pub async fn wait_for_first_reload(&self) {
         let h = &self.haproxy;
-        wait_until("the watcher's first reload", Duration::from_secs(20), || async {
-            h.status().await.map(|s| s.reloads >= 1).unwrap_or(false)
-        })
+        wait_until(
+            "the watcher's first reload",
+            Duration::from_secs(20),
+            || async { h.status().await.map(|s| s.reloads >= 1).unwrap_or(false) },
+        )
         .await;
     }
 
