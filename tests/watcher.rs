@@ -92,6 +92,45 @@ async fn put_routes_delete_unroutes_bare_address_works() {
     let health = http_get(&fd.metrics_addr(), "x", "/healthz").await;
     assert_eq!(health.map(|h| h.0), Some(200));
     assert!(fd.dest_is_valid());
+
+    // SIGTERM: a clean, prompt stop that revokes the status lease; HAProxy keeps serving.
+    let mut fd = fd;
+    let w = fd.watcher.as_mut().expect("watcher");
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    let exit = tokio::task::block_in_place(|| w.wait_exit(Duration::from_secs(8)));
+    assert!(exit.is_some_and(|s| s.success()), "clean exit: {exit:?}");
+    assert!(
+        etcd.get_prefix(&status_key).await.is_empty(),
+        "status lease revoked"
+    );
+    assert!(fd.routes_to("legacy", "bravo").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_example_template_forwards_connections() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("db-a").await;
+    let tcp_port = free_port();
+    let template =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/haproxy-tcp.cfg.tera");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template: Some(std::fs::read_to_string(template).expect("tcp template")),
+            vars: format!("bind_ip = \"127.0.0.1\"\ntcp_ports = {{ db = {tcp_port} }}"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let front = format!("127.0.0.1:{tcp_port}");
+    etcd.put(&fd.service_key("db", "a"), &a.record()).await;
+    wait_until("db forwarded over TCP", T, || async {
+        matches!(http_get(&front, "any", "/").await, Some((200, b)) if b == "db-a")
+    })
+    .await;
+    assert!(fd
+        .dest_text()
+        .contains(&format!("listen tcp_db\n    bind 127.0.0.1:{tcp_port}")));
 }
 
 /// put → routed latency, each put isolated (after a quiet spell).
