@@ -152,7 +152,7 @@ impl Source {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut stream = match client.watch(dir, Some(opts)).await {
+        let mut stream = match etcd::call(client.watch(dir, Some(opts))).await {
             Ok(s) => s,
             Err(e) => return e.into(),
         };
