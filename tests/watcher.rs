@@ -671,3 +671,32 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
         "check names file:line:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let block = dir.path().join("block");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            check_cmd: format!("haproxy -c -q -f {{src}} && test ! -e {}", block.display()),
+            ..Default::default()
+        },
+    )
+    .await;
+    std::fs::write(&block, "").expect("block");
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("check failure", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
+    })
+    .await;
+    assert!(!fd.dest_text().contains("server a "));
+    std::fs::remove_file(&block).expect("unblock");
+    fd.watcher
+        .as_ref()
+        .expect("watcher")
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("routed after SIGHUP", T, || fd.routes_to("web", "a")).await;
+}

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use etcd_client::GetOptions;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -159,11 +160,21 @@ enum Wake {
     Store,
     Templates,
     Retry,
+    /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
+    /// changed — e.g. to retry a check that failed for a reason outside the file.
+    Hangup,
 }
 
 impl Loop<'_> {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut watchdog = sd::watchdog_interval().map(tokio::time::interval);
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); reload by editing a template");
+                None
+            }
+        };
         let mut last_apply: Option<(Instant, Instant)> = None; // (started, ended)
         loop {
             let wake = tokio::select! {
@@ -175,6 +186,7 @@ impl Loop<'_> {
                 },
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
                 _ = sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
+                Some(()) = recv(&mut hangup) => Wake::Hangup,
                 _ = tick(&mut watchdog) => {
                     sd::watchdog();
                     continue;
@@ -187,6 +199,10 @@ impl Loop<'_> {
                     }
                 }
                 Wake::Retry => self.retry_at = None,
+                Wake::Hangup => {
+                    tracing::info!("SIGHUP: re-reading templates and rendering");
+                    self.reload_templates().await;
+                }
                 Wake::Store => {}
             }
             if self.snap_rx.borrow().is_none() {
@@ -363,6 +379,13 @@ impl Loop<'_> {
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv(sig: &mut Option<Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
         None => std::future::pending().await,
     }
 }
