@@ -700,3 +700,49 @@ async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
         .signal(nix::sys::signal::Signal::SIGHUP);
     wait_until("routed after SIGHUP", T, || fd.routes_to("web", "a")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_down_then_up_is_retried_until_reloaded() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let mut fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            command_timeout_ms: 1500,
+            ..Default::default()
+        },
+    )
+    .await;
+    fd.haproxy.kill();
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    fd.start_watcher();
+    wait_until("a failed reload while HAProxy is down", T, || async {
+        fd.metric(r#"portolan_watcher_reloads_total{result="failed"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    assert!(
+        fd.dest_text().contains("frontend bootstrap"),
+        "the file HAProxy would start with is the last good one"
+    );
+    assert!(
+        fd.log().contains("retrying the failed apply"),
+        "{}",
+        fd.log()
+    );
+
+    let (cfg, sock, log) = (
+        fd.haproxy.cfg.clone(),
+        fd.haproxy.sock.clone(),
+        fd.haproxy.log.clone(),
+    );
+    fd.haproxy = common::haproxy::Haproxy::start(&cfg, &sock, &log).await;
+    wait_until(
+        "routed once HAProxy is back",
+        Duration::from_secs(40),
+        || fd.routes_to("web", "a"),
+    )
+    .await;
+    assert!(fd.dest_text().contains("server a "));
+}

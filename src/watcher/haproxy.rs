@@ -118,6 +118,13 @@ pub async fn show_proc(path: &Path, timeout: Duration) -> Result<MasterStatus, R
 /// Returns the master status after the reload.
 pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
     let deadline = Instant::now() + timeout;
+    // No socket file at all: HAProxy is not running. Fail now rather than at the timeout.
+    if tokio::fs::metadata(path).await.is_err() {
+        return Err(ReloadError::Unreachable {
+            path: path.display().to_string(),
+            error: "no such socket".into(),
+        });
+    }
     // A reload started by someone else may still be running: wait for the CLI.
     let before = loop {
         match show_proc(path, timeout).await {

@@ -140,6 +140,11 @@ impl Haproxy {
         }
     }
 
+    /// SIGKILL the master (its workers follow). The socket file stays, as after a crash.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
     pub fn master_pid(&self) -> i32 {
         self.proc.pid()
     }
