@@ -88,6 +88,7 @@ pub enum Command {
     /// Reads the [[template]] resources of --config. The first change after a quiet
     /// spell is applied at once; changes that arrive while an apply is in flight are
     /// batched into the next one. A config that fails its check never goes live.
+    /// Template edits are picked up at once; SIGHUP re-reads templates and renders again.
     Watcher(WatcherArgs),
     /// Render the templates once from etcd and write them (or print them with --dry-run).
     ///

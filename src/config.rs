@@ -89,15 +89,21 @@ pub struct WatcherFile {
     pub command_timeout_ms: Option<u64>,
 }
 
+/// Coalescing of etcd changes (group commit, see `watcher` module docs): a change that
+/// finds the watcher idle is applied at once; changes arriving during an apply (or within
+/// `min_ms` after it) are batched until `min_ms` pass without a change, but no longer than
+/// `max_ms` after that apply started.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WaitFile {
+    /// Quiet period that closes a batch [default: 20].
     pub min_ms: Option<u64>,
+    /// Longest a batched change may wait [default: 500].
     pub max_ms: Option<u64>,
 }
 
 /// One `[[template]]` resource, confd style.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateResource {
     pub src: PathBuf,
@@ -112,6 +118,10 @@ pub struct TemplateResource {
     pub haproxy_admin_socket: Option<PathBuf>,
     /// File mode of `dest`, octal string like "0644".
     pub mode: Option<String>,
+    /// Free-form table handed to the template as `vars` (ports, domain, timeouts), so one
+    /// template serves several sites without edits. Empty when unset.
+    #[serde(default)]
+    pub vars: toml::Table,
 }
 
 impl FileConfig {
@@ -155,6 +165,14 @@ impl FileConfig {
                 }
                 if t.dest.is_relative() {
                     t.dest = base.join(&t.dest);
+                }
+                for sock in [&mut t.haproxy_master_socket, &mut t.haproxy_admin_socket]
+                    .into_iter()
+                    .flatten()
+                {
+                    if sock.is_relative() {
+                        *sock = base.join(&*sock);
+                    }
                 }
             }
         }
@@ -598,6 +616,27 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             };
             assert!(resolve_registrar(&f, &o).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn template_vars_and_relative_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n\
+             haproxy_master_socket = \"master.sock\"\n\
+             [template.vars]\ndomain = \"example.org\"\ntcp_ports = { db = 5432 }\n",
+        )
+        .unwrap();
+        let f = FileConfig::load(Some(&path)).unwrap();
+        let t = &f.template[0];
+        assert_eq!(t.vars["domain"].as_str(), Some("example.org"));
+        assert_eq!(t.vars["tcp_ports"]["db"].as_integer(), Some(5432));
+        assert_eq!(
+            t.haproxy_master_socket.as_deref(),
+            Some(dir.path().join("master.sock").as_path())
+        );
     }
 
     #[test]

@@ -1,23 +1,510 @@
-//! The watcher: etcd → tera → haproxy -c → atomic swap → confirmed reload.
+//! The watcher: etcd → tera → `check_cmd` → atomic swap → confirmed reload.
+//!
+//! ```text
+//!  source (etcd list+watch) ──watch channel: latest snapshot──▶ loop ──▶ resource.apply()
+//!  template_files (notify) ──"re-read"──────────────────────────▶  │      stage, check, swap,
+//!                                                                   │      reload (haproxy)
+//!                                       status (etcd, own lease) ◀──┴──▶ metrics (/metrics)
+//! ```
+//!
+//! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
+//! `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
+//! (master socket), `template_files` (notify), `status`, `metrics`.
+//!
+//! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
+//! - a change that finds the watcher idle — no apply running and none finished in the
+//!   last `min` — is applied at once: an isolated change costs no waiting;
+//! - changes that arrive while an apply runs (or within `min` after it) are batched:
+//!   the next apply starts once no change has come for `min`, and no later than `max`
+//!   after the apply they arrived during started.
+//!
+//! A burst therefore costs one apply for its first change and one for the rest, and
+//! since applies run one after the other — each reload confirmed before the loop moves
+//! on — there is never more than one HAProxy reload in flight.
 
+mod diff;
+pub mod haproxy;
+mod metrics;
+pub mod render;
+pub mod resource;
+mod source;
+mod status;
+pub mod store;
+mod template_files;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use etcd_client::GetOptions;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
+use crate::schema::WatcherStatus;
+use crate::{etcd, sd};
+use metrics::Metrics;
+use resource::{Outcome, Resource};
+use source::{Published, Source};
+
+/// How long a template edit may take to settle (editors write, then rename).
+const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
+/// Bound on the drain of background tasks at shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled.
 pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = (cfg, shutdown);
-    anyhow::bail!("watcher: not implemented yet")
-}
+    let metrics = Arc::new(Metrics::new());
+    let tracker = TaskTracker::new();
+    let tasks = shutdown.child_token();
 
-/// `portolan render --once [--dry-run]`. Returns false when a check failed.
-pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
-    let _ = (cfg, dry_run);
-    anyhow::bail!("render: not implemented yet")
-}
+    let mut resources = Vec::new();
+    for t in &cfg.templates {
+        let mut r = Resource::new(t.clone());
+        match resource::clean_stale_staging(&t.dest).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                dest = %t.dest.display(),
+                "removed {n} staging file(s) left by an interrupted run"
+            ),
+            Err(e) => tracing::warn!(dest = %t.dest.display(), "cannot clean staging files: {e}"),
+        }
+        r.read_live()
+            .await
+            .with_context(|| format!("cannot read {}", t.dest.display()))?;
+        if let Err(e) = r.load_template().await {
+            metrics.template_errors.inc();
+            tracing::error!("{e}\nfix the template: it is re-read as soon as it changes");
+        }
+        resources.push(r);
+    }
 
-/// `portolan check`: compiles every template of the config. Pure apart from reading files.
-pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
-    let _ = cfg;
+    let (tpl_tx, tpl_rx) = mpsc::channel(1);
+    let srcs: Vec<_> = cfg.templates.iter().map(|t| t.src.clone()).collect();
+    let _template_files = template_files::watch(&srcs, tpl_tx)
+        .context("cannot watch the template folders for edits (inotify limits?)")?;
+
+    if let Some(addr) = cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics (watcher.listen)"))?;
+        tracker.spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            tracker.clone(),
+            tasks.clone(),
+        ));
+    }
+
+    let (snap_tx, snap_rx) = watch::channel(None);
+    tracker.spawn(Source::new(cfg.etcd.clone(), snap_tx, metrics.clone()).run(tasks.clone()));
+
+    let (status_tx, status_rx) = watch::channel(WatcherStatus {
+        name: cfg.name.clone(),
+        ..Default::default()
+    });
+    tracker.spawn(status::run(
+        cfg.etcd.clone(),
+        cfg.name.clone(),
+        status_rx,
+        tasks.clone(),
+    ));
+
+    tracing::info!(
+        watcher = %cfg.name,
+        prefix = %cfg.etcd.prefix,
+        templates = resources.len(),
+        "watcher started"
+    );
+    let mut lp = Loop {
+        cfg: &cfg,
+        resources,
+        snap_rx,
+        tpl_rx,
+        status_tx,
+        metrics,
+        ready: false,
+        retry_at: None,
+        retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+    };
+    lp.run(&shutdown).await;
+
+    sd::stopping();
+    tasks.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within {DRAIN:?}");
+    }
+    tracing::info!("watcher stopped");
     Ok(())
+}
+
+struct Loop<'a> {
+    cfg: &'a WatcherConfig,
+    resources: Vec<Resource>,
+    snap_rx: watch::Receiver<Option<Published>>,
+    tpl_rx: mpsc::Receiver<()>,
+    status_tx: watch::Sender<WatcherStatus>,
+    metrics: Arc<Metrics>,
+    ready: bool,
+    /// When to try again after a transient failure (unreachable master socket, I/O).
+    retry_at: Option<Instant>,
+    retry_backoff: Backoff,
+}
+
+enum Wake {
+    Store,
+    Templates,
+    Retry,
+    /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
+    /// changed — e.g. to retry a check that failed for a reason outside the file.
+    Hangup,
+}
+
+impl Loop<'_> {
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let mut watchdog = sd::watchdog_interval().map(tokio::time::interval);
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); reload by editing a template");
+                None
+            }
+        };
+        let mut last_apply: Option<(Instant, Instant)> = None; // (started, ended)
+        loop {
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                r = self.snap_rx.changed() => match r {
+                    Ok(()) => Wake::Store,
+                    Err(_) => return,
+                },
+                Some(()) = self.tpl_rx.recv() => Wake::Templates,
+                _ = sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
+                Some(()) = recv(&mut hangup) => Wake::Hangup,
+                _ = tick(&mut watchdog) => {
+                    sd::watchdog();
+                    continue;
+                }
+            };
+            match wake {
+                Wake::Templates => {
+                    if !self.reload_templates().await {
+                        continue;
+                    }
+                }
+                Wake::Retry => self.retry_at = None,
+                Wake::Hangup => {
+                    tracing::info!("SIGHUP: re-reading templates and rendering");
+                    self.reload_templates().await;
+                }
+                Wake::Store => {}
+            }
+            if self.snap_rx.borrow().is_none() {
+                // Never listed etcd yet: rendering now would render an empty store.
+                continue;
+            }
+            if let Some((started, ended)) = last_apply {
+                if ended.elapsed() < self.cfg.wait_min {
+                    let deadline = started + self.cfg.wait_max;
+                    if !self.gather(deadline, shutdown).await {
+                        return;
+                    }
+                }
+            }
+            let started = Instant::now();
+            self.pass().await;
+            last_apply = Some((started, Instant::now()));
+        }
+    }
+
+    /// Waits for `wait_min` of quiet, or until `deadline`. False on shutdown.
+    async fn gather(&mut self, deadline: Instant, shutdown: &CancellationToken) -> bool {
+        loop {
+            let quiet_until = (Instant::now() + self.cfg.wait_min).min(deadline);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return false,
+                r = self.snap_rx.changed() => if r.is_err() { return false },
+                Some(()) = self.tpl_rx.recv() => { self.reload_templates().await; }
+                _ = tokio::time::sleep_until(quiet_until) => return true,
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+        }
+    }
+
+    /// Re-reads every template after an edit. True when one of them changed.
+    async fn reload_templates(&mut self) -> bool {
+        tokio::time::sleep(TEMPLATE_SETTLE).await;
+        while self.tpl_rx.try_recv().is_ok() {}
+        let mut changed = false;
+        for r in &mut self.resources {
+            match r.load_template().await {
+                Ok(true) => {
+                    tracing::info!(template = %r.name(), "template changed, re-rendering");
+                    changed = true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.metrics.template_errors.inc();
+                    tracing::error!(
+                        "{e}\n{} keeps its last good content until the template is fixed",
+                        r.cfg.dest.display()
+                    );
+                    self.status_tx
+                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                }
+            }
+        }
+        changed
+    }
+
+    /// Renders every resource from the latest snapshot and applies what changed.
+    async fn pass(&mut self) {
+        let Some(published) = self.snap_rx.borrow_and_update().clone() else {
+            return;
+        };
+        let snapshot = &published.snapshot;
+        let started = Instant::now();
+        let timeout = self.cfg.command_timeout;
+        let mut errors: Vec<String> = Vec::new();
+        let mut reload: Option<&'static str> = None;
+        let mut retry = false;
+        for r in &mut self.resources {
+            if let Some(e) = &r.template_error {
+                errors.push(e.to_string());
+            }
+            let rendered = match r.render(snapshot) {
+                None => continue,
+                Some(Ok(text)) => text,
+                Some(Err(e)) => {
+                    self.metrics.template_errors.inc();
+                    tracing::error!("{e}\n{} keeps its last good content", r.cfg.dest.display());
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            self.metrics.renders.inc();
+            let outcome = r.apply(&rendered, timeout).await;
+            let label = match &outcome {
+                Outcome::Unchanged => "unchanged",
+                Outcome::Reloaded => "reloaded",
+                Outcome::Written => "written",
+                Outcome::Rejected { .. } => "rejected",
+                Outcome::Failed { .. } => "failed",
+            };
+            self.metrics
+                .applies
+                .get_or_create(&metrics::result(label))
+                .inc();
+            match outcome {
+                Outcome::Unchanged => {}
+                Outcome::Written => {
+                    tracing::info!(dest = %r.cfg.dest.display(), revision = published.revision, "written (no reload configured)");
+                }
+                Outcome::Reloaded => {
+                    self.metrics
+                        .reloads
+                        .get_or_create(&metrics::result("ok"))
+                        .inc();
+                    reload = reload.or(Some("ok"));
+                    tracing::info!(
+                        dest = %r.cfg.dest.display(),
+                        revision = published.revision,
+                        services = snapshot.services.len(),
+                        instances = snapshot.instance_count(),
+                        "reloaded in {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+                Outcome::Rejected { stderr } => {
+                    // resource.apply logged the check output and the diff.
+                    self.metrics.check_failures.inc();
+                    reload = Some("rejected");
+                    errors.push(format!(
+                        "check_cmd rejected the new {}: {}",
+                        r.cfg.dest.display(),
+                        stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
+                    ));
+                }
+                Outcome::Failed { error, transient } => {
+                    self.metrics
+                        .reloads
+                        .get_or_create(&metrics::result("failed"))
+                        .inc();
+                    reload = Some("failed");
+                    retry |= transient;
+                    tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
+                    errors.push(error);
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        if reload.is_some() {
+            self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
+        }
+        self.metrics.revision.set(published.revision);
+        self.metrics.services.set(snapshot.services.len() as i64);
+        self.metrics.instances.set(snapshot.instance_count() as i64);
+        self.status_tx.send_modify(|s| {
+            s.revision = published.revision;
+            if let Some(result) = reload {
+                s.last_reload_at = Some(unix_now());
+                s.last_reload_result = Some(result.to_string());
+            }
+            s.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
+        });
+        self.retry_at = if retry {
+            let delay = self.retry_backoff.next_delay();
+            tracing::info!("retrying the failed apply in {} ms", delay.as_millis());
+            Some(Instant::now() + delay)
+        } else {
+            None
+        };
+        if !self.ready {
+            self.ready = true;
+            self.metrics.set_ready();
+            sd::ready(&format!("rendered etcd revision {}", published.revision));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv(sig: &mut Option<Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `portolan render --once [--dry-run]`: one list from etcd, the same render and apply
+/// path as the watcher. A dry run writes and reloads nothing: it prints the diff to the
+/// live file (or the whole file when none exists) and the check's verdict. Returns false
+/// when a check failed.
+pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
+    let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
+        format!(
+            "cannot reach etcd at {} (--etcd-endpoints)",
+            cfg.etcd.endpoints.join(",")
+        )
+    })?;
+    let dir = format!("{}/", cfg.etcd.prefix);
+    let listing = etcd::call(client.get(dir.clone(), Some(GetOptions::new().with_prefix())))
+        .await
+        .with_context(|| format!("cannot list {dir} in etcd"))?;
+    let mut store = store::Store::new(&cfg.etcd.prefix);
+    let keys: Vec<(String, &[u8])> = listing
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
+        .collect();
+    for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
+        tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
+    }
+    let snapshot = store.snapshot();
+    let mut ok = true;
+    for t in &cfg.templates {
+        let mut r = Resource::new(t.clone());
+        r.assume_running();
+        r.load_template().await?;
+        r.read_live()
+            .await
+            .with_context(|| format!("cannot read {}", t.dest.display()))?;
+        let rendered = match r.render(&snapshot) {
+            Some(result) => result?,
+            None => continue,
+        };
+        if dry_run {
+            match r.live() {
+                Some(live) if live == rendered.as_bytes() => {
+                    println!("# {}: unchanged", t.dest.display());
+                }
+                Some(_) => print!("{}", r.diff(&rendered)),
+                None => {
+                    println!("# {} (does not exist yet):", t.dest.display());
+                    print!("{rendered}");
+                }
+            }
+            if let Some(check) = r.dry_check(&rendered, cfg.command_timeout).await {
+                if check.success {
+                    println!("# check passed: {}", t.dest.display());
+                } else {
+                    ok = false;
+                    println!(
+                        "# check FAILED ({}) for {}:\n{}",
+                        check.status,
+                        t.dest.display(),
+                        check.output
+                    );
+                }
+            }
+            continue;
+        }
+        resource::clean_stale_staging(&t.dest).await.ok();
+        match r.apply(&rendered, cfg.command_timeout).await {
+            Outcome::Unchanged => println!("{}: unchanged", t.dest.display()),
+            Outcome::Written => println!("{}: written", t.dest.display()),
+            Outcome::Reloaded => println!("{}: written and reloaded", t.dest.display()),
+            Outcome::Rejected { stderr } => {
+                ok = false;
+                println!(
+                    "{}: check failed, file left as it was:\n{stderr}",
+                    t.dest.display()
+                );
+            }
+            Outcome::Failed { error, .. } => anyhow::bail!("{}: {error}", t.dest.display()),
+        }
+    }
+    Ok(ok)
+}
+
+/// `portolan check` (and the watcher's start): compiles every template, reporting all
+/// broken ones with file:line:col.
+pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for t in &cfg.templates {
+        let name = t.src.display().to_string();
+        match std::fs::read_to_string(&t.src) {
+            Ok(text) => {
+                if let Err(e) = render::Template::compile(&name, &text) {
+                    problems.push(e.to_string());
+                }
+            }
+            Err(e) => problems.push(format!("template {name}: cannot read: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", problems.join("\n"))
+    }
 }

@@ -1,0 +1,184 @@
+//! Confirmed reloads through the HAProxy master CLI (`haproxy -W -S <socket>`).
+//!
+//! HAProxy 2.6 silently drops a reload that arrives while the previous one is still
+//! running, and its master CLI refuses connections meanwhile (both measured on this
+//! project's machines). So a reload here is: read the master's reload counter with
+//! `show proc`, send `reload`, then poll `show proc` until the counter goes up. The
+//! watcher's loop awaits that before it starts the next apply, which makes "one reload
+//! in flight" a property of the control flow rather than of a lock.
+//!
+//! The `[failed: N]` figure next to the counter is the number of failed loads since the
+//! last good one, so a non-zero value right after our reload means HAProxy refused the
+//! new file (the old workers keep serving).
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+/// How often the master is polled while a reload runs. A reload of a small config
+/// takes tens of milliseconds; polling faster only adds refused connections.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The master process line of `show proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MasterStatus {
+    pub pid: u32,
+    /// Reloads since the master started (successful or not).
+    pub reloads: u64,
+    /// Failed loads since the last successful one.
+    pub failed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The master socket did not answer: HAProxy is not running, or not in master-worker
+    /// mode with `-S` pointing here. Transient: retried with backoff.
+    #[error(
+        "HAProxy master socket {path}: {error} (is HAProxy running as `haproxy -W -S {path} -f …`?)"
+    )]
+    Unreachable { path: String, error: String },
+    /// HAProxy tried the new file and refused it; the old workers keep serving.
+    #[error("HAProxy refused the new configuration on reload (its log says why; failed loads: {failed})")]
+    LoadFailed { failed: u64 },
+    #[error("HAProxy did not confirm the reload within {0:?} (reload counter did not go up)")]
+    Timeout(Duration),
+    #[error("unexpected `show proc` answer from {path}: {answer:?}")]
+    Protocol { path: String, answer: String },
+}
+
+/// Parses the answer to `show proc` (HAProxy 2.x):
+///
+/// ```text
+/// #<PID>          <type>          <reloads>       <uptime>        <version>
+/// 15510           master          1 [failed: 0]   0d00h00m02s     2.6.12
+/// # workers
+/// 15562           worker          0               0d00h00m01s     2.6.12
+/// ```
+pub fn parse_show_proc(answer: &str) -> Option<MasterStatus> {
+    let line = answer
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("master"))?;
+    let mut words = line.split_whitespace();
+    let pid = words.next()?.parse().ok()?;
+    words.next();
+    let reloads = words.next()?.parse().ok()?;
+    let failed = line
+        .split_once("[failed:")
+        .and_then(|(_, rest)| rest.split(']').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    Some(MasterStatus {
+        pid,
+        reloads,
+        failed,
+    })
+}
+
+/// Sends one command to the master CLI and reads the answer until it closes.
+async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, ReloadError> {
+    let unreachable = |e: std::io::Error| ReloadError::Unreachable {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    };
+    let fut = async {
+        let mut s = UnixStream::connect(path).await.map_err(unreachable)?;
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(unreachable)?;
+        // Half-close: the master CLI answers and closes once it sees the end of input;
+        // without it the connection stays open waiting for more commands.
+        s.shutdown().await.map_err(unreachable)?;
+        let mut buf = Vec::new();
+        // The master may close without answering (`reload` does): not an error.
+        let _ = s.read_to_end(&mut buf).await;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ReloadError::Unreachable {
+            path: path.display().to_string(),
+            error: format!("no answer within {timeout:?}"),
+        }),
+    }
+}
+
+/// `show proc` on the master socket.
+pub async fn show_proc(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
+    let answer = command(path, "show proc", timeout).await?;
+    parse_show_proc(&answer).ok_or_else(|| ReloadError::Protocol {
+        path: path.display().to_string(),
+        answer: answer.chars().take(200).collect(),
+    })
+}
+
+/// Reloads HAProxy and waits (up to `timeout`) until the master confirms it.
+/// Returns the master status after the reload.
+pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
+    let deadline = Instant::now() + timeout;
+    // No socket file at all: HAProxy is not running. Fail now rather than at the timeout.
+    if tokio::fs::metadata(path).await.is_err() {
+        return Err(ReloadError::Unreachable {
+            path: path.display().to_string(),
+            error: "no such socket".into(),
+        });
+    }
+    // A reload started by someone else may still be running: wait for the CLI.
+    let before = loop {
+        match show_proc(path, timeout).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() + POLL >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    };
+    command(path, "reload", timeout).await?;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(ReloadError::Timeout(timeout));
+        }
+        tokio::time::sleep(POLL).await;
+        // Refused connections are expected while the master re-executes itself.
+        let Ok(now) = show_proc(path, timeout).await else {
+            continue;
+        };
+        if now.reloads > before.reloads {
+            if now.failed > 0 {
+                return Err(ReloadError::LoadFailed { failed: now.failed });
+            }
+            return Ok(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_haproxy_2_6_show_proc() {
+        let answer =
+            "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+15510           master          2 [failed: 1]   0d00h00m05s     2.6.12-1+deb12u4\n\
+# workers\n\
+15562           worker          1               0d00h00m04s     2.6.12-1+deb12u4\n\
+# programs\n\n";
+        assert_eq!(
+            parse_show_proc(answer),
+            Some(MasterStatus {
+                pid: 15510,
+                reloads: 2,
+                failed: 1
+            })
+        );
+    }
+
+    #[test]
+    fn tolerates_a_missing_failed_count_and_rejects_garbage() {
+        let s = parse_show_proc("1 master 7 0d00h00m05s 2.4\n").unwrap();
+        assert_eq!((s.reloads, s.failed), (7, 0));
+        assert_eq!(parse_show_proc("Unknown command.\n"), None);
+        assert_eq!(parse_show_proc(""), None);
+    }
+}

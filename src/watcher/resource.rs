@@ -1,0 +1,512 @@
+//! One `[[template]]` resource: its compiled template, the bytes live at `dest`, and
+//! the apply pipeline — stage beside `dest`, check, fsync, rename, fsync the folder,
+//! reload — with a typed outcome.
+//!
+//! Invariants:
+//! - `dest` only ever changes by `rename(2)` of a fully written, fsynced, checked file,
+//!   so a crash at any point leaves either the old or the new file, never a partial one.
+//!   Staged files are named `.<dest name>.portolan.<pid>.<n>.tmp`; leftovers of a killed
+//!   run are removed by `clean_stale_staging` at start.
+//! - A failed check leaves `dest` byte-identical. A failed reload puts the last good
+//!   bytes back, so the file on disk is always what HAProxy runs (or last accepted).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use super::diff;
+use super::haproxy;
+use super::render::{self, Template, TemplateError};
+use super::store::Snapshot;
+use crate::config::TemplateResource;
+
+/// Lines of diff logged with a rejected check.
+const DIFF_LINES_LOGGED: usize = 40;
+
+/// What one apply did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rendered bytes equal the live file; nothing was touched.
+    Unchanged,
+    /// Written and reloaded (reload confirmed by HAProxy, or `reload_cmd` succeeded).
+    Reloaded,
+    /// Written; no reload is configured for this resource.
+    Written,
+    /// `check_cmd` refused the new file; `dest` is untouched.
+    Rejected { stderr: String },
+    /// Writing or reloading failed; `dest` holds the last good bytes again.
+    Failed { error: String, transient: bool },
+}
+
+/// Output of a shell command.
+#[derive(Debug)]
+pub struct CommandResult {
+    pub success: bool,
+    pub status: String,
+    /// stdout then stderr, trimmed.
+    pub output: String,
+}
+
+pub struct Resource {
+    pub cfg: TemplateResource,
+    /// Last template that compiled. Kept when an edit breaks the file.
+    template: Option<Template>,
+    /// Text of the template file as last read, to skip recompiling an unchanged file.
+    source_text: Option<String>,
+    /// Set while the template file on disk does not compile.
+    pub template_error: Option<TemplateError>,
+    /// What `dest` holds, as far as this process knows (read at start, then written).
+    live: Option<Vec<u8>>,
+    /// Reload on the next apply even if the bytes are unchanged: a previous run may
+    /// have died between rename and reload, so HAProxy could be running an older file.
+    reload_pending: bool,
+}
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Resource {
+    pub fn new(cfg: TemplateResource) -> Resource {
+        Resource {
+            cfg,
+            template: None,
+            source_text: None,
+            template_error: None,
+            live: None,
+            reload_pending: true,
+        }
+    }
+
+    /// For one-shot renders: HAProxy is taken to run the file on disk, so identical
+    /// bytes cause no reload.
+    pub fn assume_running(&mut self) {
+        self.reload_pending = false;
+    }
+
+    pub fn name(&self) -> String {
+        self.cfg.src.display().to_string()
+    }
+
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Reads and compiles the template file. Returns true when the compiled template
+    /// changed. On error the last good template stays in use and the error is kept in
+    /// `template_error` (and returned).
+    pub async fn load_template(&mut self) -> Result<bool, TemplateError> {
+        let name = self.name();
+        let text = match tokio::fs::read_to_string(&self.cfg.src).await {
+            Ok(t) => t,
+            Err(e) => {
+                let err = TemplateError {
+                    name: name.clone(),
+                    message: format!("cannot read the template file: {e}"),
+                };
+                self.template_error = Some(err.clone());
+                return Err(err);
+            }
+        };
+        if self.source_text.as_deref() == Some(text.as_str()) && self.template_error.is_none() {
+            return Ok(false);
+        }
+        self.source_text = Some(text.clone());
+        match Template::compile(&name, &text) {
+            Ok(t) => {
+                self.template = Some(t);
+                self.template_error = None;
+                Ok(true)
+            }
+            Err(e) => {
+                self.template_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads what `dest` holds now (missing file = nothing live).
+    pub async fn read_live(&mut self) -> std::io::Result<()> {
+        self.live = match tokio::fs::read(&self.cfg.dest).await {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(())
+    }
+
+    pub fn live(&self) -> Option<&[u8]> {
+        self.live.as_deref()
+    }
+
+    /// Renders with the last good template; None before any template compiled.
+    pub fn render(&self, snapshot: &Snapshot) -> Option<Result<String, TemplateError>> {
+        let t = self.template.as_ref()?;
+        Some(t.render(&render::context(snapshot, &self.cfg.vars)))
+    }
+
+    /// The diff of the live file against `rendered`, for logs and dry runs.
+    pub fn diff(&self, rendered: &str) -> String {
+        let live = self
+            .live
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        let dest = self.cfg.dest.display().to_string();
+        diff::unified(&live, rendered, &dest, &format!("{dest} (new)"))
+    }
+
+    /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
+    pub async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
+        let changed = self.live.as_deref() != Some(rendered.as_bytes());
+        let must_reload = self.reload_pending && self.has_reload();
+        if !changed && !must_reload {
+            self.reload_pending = false;
+            return Outcome::Unchanged;
+        }
+        if changed {
+            let staged = match self.stage(rendered.as_bytes()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    return Outcome::Failed {
+                        error: format!(
+                            "cannot write a staging file beside {}: {e} (check the folder's permissions and free space)",
+                            self.cfg.dest.display()
+                        ),
+                        transient: true,
+                    }
+                }
+            };
+            if let Some(cmd) = &self.cfg.check_cmd {
+                let result = run_check(cmd, &staged, timeout).await;
+                if !result.success {
+                    let _ = tokio::fs::remove_file(&staged).await;
+                    tracing::error!(
+                        template = %self.name(),
+                        dest = %self.cfg.dest.display(),
+                        "check_cmd rejected the new file ({}); {} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{}",
+                        result.status,
+                        self.cfg.dest.display(),
+                        result.output,
+                        diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
+                    );
+                    return Outcome::Rejected {
+                        stderr: result.output,
+                    };
+                }
+            }
+            if let Err(e) = swap(&staged, &self.cfg.dest).await {
+                let _ = tokio::fs::remove_file(&staged).await;
+                return Outcome::Failed {
+                    error: format!("cannot replace {}: {e}", self.cfg.dest.display()),
+                    transient: true,
+                };
+            }
+        }
+        let previous = self.live.replace(rendered.as_bytes().to_vec());
+        if !self.has_reload() {
+            self.reload_pending = false;
+            return Outcome::Written;
+        }
+        match self.reload(timeout).await {
+            Ok(()) => {
+                self.reload_pending = false;
+                Outcome::Reloaded
+            }
+            Err((error, transient)) => {
+                // Put the last good file back so the file matches what HAProxy runs.
+                if changed {
+                    if let Some(prev) = previous {
+                        match self.restore(&prev).await {
+                            Ok(()) => self.live = Some(prev),
+                            Err(e) => tracing::error!(
+                                dest = %self.cfg.dest.display(),
+                                "cannot restore the last good file after a failed reload: {e}"
+                            ),
+                        }
+                    }
+                }
+                Outcome::Failed { error, transient }
+            }
+        }
+    }
+
+    fn has_reload(&self) -> bool {
+        self.cfg.haproxy_master_socket.is_some() || self.cfg.reload_cmd.is_some()
+    }
+
+    /// Reload through the master socket, or `reload_cmd`. Error: (message, transient).
+    async fn reload(&self, timeout: Duration) -> Result<(), (String, bool)> {
+        if let Some(sock) = &self.cfg.haproxy_master_socket {
+            return match haproxy::reload(sock, timeout).await {
+                Ok(_) => Ok(()),
+                Err(e @ haproxy::ReloadError::LoadFailed { .. }) => Err((e.to_string(), false)),
+                Err(e) => Err((e.to_string(), true)),
+            };
+        }
+        if let Some(cmd) = &self.cfg.reload_cmd {
+            let r = run_shell(cmd, timeout).await;
+            if !r.success {
+                return Err((
+                    format!("reload_cmd {cmd:?} failed ({}): {}", r.status, r.output),
+                    true,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let staged = self.stage(bytes).await?;
+        swap(&staged, &self.cfg.dest).await
+    }
+
+    /// Writes `bytes` to a fresh staging file beside `dest` and fsyncs it.
+    async fn stage(&self, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        let path = staging_path(&self.cfg.dest);
+        let mode = match &self.cfg.mode {
+            Some(m) => u32::from_str_radix(m, 8).unwrap_or(0o644),
+            None => match tokio::fs::metadata(&self.cfg.dest).await {
+                Ok(md) => md.permissions().mode() & 0o7777,
+                Err(_) => 0o644,
+            },
+        };
+        let result = async {
+            let mut f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .await?;
+            f.write_all(bytes).await?;
+            // The umask may have narrowed the mode given at creation.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .await?;
+            f.sync_all().await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// `render --once --dry-run`: the check runs on a file in the system temp folder,
+    /// so nothing is written beside `dest`.
+    pub async fn dry_check(&self, rendered: &str, timeout: Duration) -> Option<CommandResult> {
+        let cmd = self.cfg.check_cmd.as_ref()?;
+        let dir = std::env::temp_dir();
+        let name = self
+            .cfg
+            .dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dest".into());
+        let path = dir.join(format!(
+            "portolan-dry-run.{}.{}.{name}",
+            std::process::id(),
+            STAGING_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        if let Err(e) = tokio::fs::write(&path, rendered).await {
+            return Some(CommandResult {
+                success: false,
+                status: "not run".into(),
+                output: format!("cannot write {}: {e}", path.display()),
+            });
+        }
+        let r = run_check(cmd, &path, timeout).await;
+        let _ = tokio::fs::remove_file(&path).await;
+        Some(r)
+    }
+}
+
+fn staging_prefix(dest: &Path) -> String {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.portolan.")
+}
+
+fn staging_path(dest: &Path) -> PathBuf {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        "{}{}.{}.tmp",
+        staging_prefix(dest),
+        std::process::id(),
+        STAGING_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Removes staging files a killed run left beside `dest`. Returns how many.
+pub async fn clean_stale_staging(dest: &Path) -> std::io::Result<usize> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = staging_prefix(dest);
+    let mut removed = 0;
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            tokio::fs::remove_file(entry.path()).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// rename(2) `staged` over `dest`, then fsync the folder so the rename is durable.
+async fn swap(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    tokio::fs::rename(staged, dest).await?;
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// Quotes a path for `sh -c`.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult {
+    run_shell(&cmd.replace("{src}", &shell_quote(staged)), timeout).await
+}
+
+/// Runs `sh -c cmd` in its own process group with a timeout; on timeout the whole group
+/// is killed, so a hung check (or anything it started) never wedges the watcher.
+pub async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return CommandResult {
+                success: false,
+                status: "not started".into(),
+                output: format!("cannot run `sh -c {cmd}`: {e}"),
+            }
+        }
+    };
+    let pgid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            CommandResult {
+                success: out.status.success(),
+                status: out.status.to_string(),
+                output: text.trim().to_string(),
+            }
+        }
+        Ok(Err(e)) => CommandResult {
+            success: false,
+            status: "wait failed".into(),
+            output: format!("waiting for `{cmd}`: {e}"),
+        },
+        Err(_) => {
+            if let Some(id) = pgid {
+                // Negative pid: the whole process group this command runs in.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-(id as i32)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            CommandResult {
+                success: false,
+                status: format!("timed out after {timeout:?}"),
+                output: format!(
+                    "`{cmd}` did not finish within {timeout:?} and was killed (raise watcher.command_timeout_ms if it is just slow)"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(dir: &Path, check: Option<&str>) -> Resource {
+        Resource::new(TemplateResource {
+            src: dir.join("t.tera"),
+            dest: dir.join("out.cfg"),
+            check_cmd: check.map(str::to_string),
+            haproxy_master_socket: None,
+            reload_cmd: None,
+            haproxy_admin_socket: None,
+            mode: Some("0640".into()),
+            vars: toml::Table::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn writes_checks_and_skips_identical_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = resource(dir.path(), Some("grep -q ok {src}"));
+        r.read_live().await.unwrap();
+        let t = Duration::from_secs(5);
+        assert_eq!(r.apply("ok 1\n", t).await, Outcome::Written);
+        let dest = dir.path().join("out.cfg");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "ok 1\n");
+        let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        assert_eq!(r.apply("ok 1\n", t).await, Outcome::Unchanged);
+        let Outcome::Rejected { .. } = r.apply("bad\n", t).await else {
+            panic!("check must reject")
+        };
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "ok 1\n");
+        // Nothing staged is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn hung_check_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = resource(dir.path(), Some("sleep 30; true {src}"));
+        let start = std::time::Instant::now();
+        let out = r.apply("x", Duration::from_millis(300)).await;
+        assert!(
+            matches!(out, Outcome::Rejected { ref stderr } if stderr.contains("did not finish"))
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn stale_staging_files_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("haproxy.cfg");
+        std::fs::write(dir.path().join(".haproxy.cfg.portolan.1.0.tmp"), "partial").unwrap();
+        std::fs::write(dir.path().join("keep.tmp"), "x").unwrap();
+        assert_eq!(clean_stale_staging(&dest).await.unwrap(), 1);
+        assert!(dir.path().join("keep.tmp").exists());
+    }
+
+    #[tokio::test]
+    async fn src_path_is_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("it's here");
+        std::fs::create_dir(&sub).unwrap();
+        let mut r = resource(&sub, Some("test -s {src}"));
+        assert_eq!(
+            r.apply("x\n", Duration::from_secs(5)).await,
+            Outcome::Written
+        );
+    }
+}

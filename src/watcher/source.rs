@@ -1,0 +1,230 @@
+//! etcd → `Store` → published snapshot.
+//!
+//! One session: connect, `get --prefix` at revision R, `watch --prefix` from R+1 — no gap,
+//! no polling. Anything that ends the watch (etcd restarted: the stream dies; compaction
+//! or cancellation: etcd says so) ends the session, and the next one starts with a full
+//! re-list after a backoff. A re-list *replaces* the store, so an etcd that came back
+//! empty (new cluster id, or a revision lower than the last one seen) is taken as the
+//! new truth, and the change is logged.
+//!
+//! While etcd is unreachable nothing is published: the last snapshot stays, so the live
+//! config is never rendered from a store that merely could not be read.
+//!
+//! The snapshot travels on a `tokio::sync::watch` channel: it holds the latest value and
+//! a "changed" flag, which is exactly the state the loop's group commit needs — however
+//! many batches arrive during an apply, the next apply sees one change, the latest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+use super::store::{Change, Snapshot, Store, Warning};
+use crate::backoff::Backoff;
+use crate::config::EtcdConfig;
+use crate::etcd;
+
+/// What the loop renders from.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub snapshot: Arc<Snapshot>,
+    /// etcd revision the snapshot reflects.
+    pub revision: i64,
+}
+
+/// Why a session ended. All of them lead to a re-list.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error(
+        "etcd cancelled the watch at revision {revision} (compacted up to {compact}): re-listing"
+    )]
+    Compacted { revision: i64, compact: i64 },
+    #[error("etcd cancelled the watch ({0}): re-listing")]
+    Cancelled(String),
+    #[error("etcd closed the watch stream: re-listing")]
+    StreamClosed,
+    #[error("etcd cluster id changed under a live watch: re-listing")]
+    ClusterChanged,
+}
+
+pub struct Source {
+    cfg: EtcdConfig,
+    tx: watch::Sender<Option<Published>>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    /// (cluster id, revision) of the last listing or event, to notice a replaced etcd.
+    seen: Option<(u64, i64)>,
+}
+
+impl Source {
+    pub fn new(
+        cfg: EtcdConfig,
+        tx: watch::Sender<Option<Published>>,
+        metrics: Arc<Metrics>,
+    ) -> Source {
+        let store = Store::new(&cfg.prefix);
+        Source {
+            cfg,
+            tx,
+            metrics,
+            store,
+            seen: None,
+        }
+    }
+
+    /// Runs sessions until `shutdown`, with backoff between them.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        // Short cap: the watcher is the thing that should notice a recovered etcd first.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        loop {
+            let end = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                end = self.session(&mut backoff) => end,
+            };
+            self.metrics.set_etcd_connected(false);
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                "{end}; keeping the last good config live, retrying in {} ms",
+                delay.as_millis()
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One list + watch. Only returns when it ends.
+    async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
+        let mut client = match etcd::connect(&self.cfg).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        let dir = format!("{}/", self.cfg.prefix);
+        let listing = match etcd::call(
+            client.get(dir.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        let (cluster, revision) = listing
+            .header()
+            .map(|h| (h.cluster_id(), h.revision()))
+            .unwrap_or((0, 0));
+        match self.seen {
+            Some((c, _)) if c != cluster => tracing::warn!(
+                revision,
+                "etcd cluster id changed ({c:x} → {cluster:x}): etcd was replaced, resyncing everything from the new cluster"
+            ),
+            Some((_, r)) if revision < r => tracing::warn!(
+                revision,
+                "etcd revision went backwards ({r} → {revision}): etcd was restored or replaced, resyncing everything"
+            ),
+            _ => {}
+        }
+        let keys: Vec<(String, &[u8])> = listing
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
+            .collect();
+        warn_all(&self.store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))));
+        self.seen = Some((cluster, revision));
+        self.metrics.resyncs.inc();
+        self.metrics.set_etcd_connected(true);
+        self.metrics
+            .invalid_keys
+            .set(self.store.invalid_count() as i64);
+        self.publish(revision);
+        tracing::info!(
+            revision,
+            keys = listing.kvs().len(),
+            "listed {dir}; watching from revision {}",
+            revision + 1
+        );
+
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = match etcd::call(client.watch(dir, Some(opts))).await {
+            Ok(s) => s,
+            Err(e) => return e.into(),
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return SessionEnd::StreamClosed,
+                Err(e) => return e.into(),
+            };
+            if resp.canceled() {
+                let rev = self.seen.map(|s| s.1).unwrap_or(revision);
+                return if resp.compact_revision() > 0 {
+                    SessionEnd::Compacted {
+                        revision: rev,
+                        compact: resp.compact_revision(),
+                    }
+                } else {
+                    SessionEnd::Cancelled(resp.cancel_reason().to_string())
+                };
+            }
+            let Some(header) = resp.header() else {
+                continue;
+            };
+            if header.cluster_id() != cluster {
+                return SessionEnd::ClusterChanged;
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let change = match ev.event_type() {
+                    EventType::Put => Change::Put {
+                        key,
+                        value: kv.value().to_vec(),
+                    },
+                    EventType::Delete => Change::Delete { key },
+                };
+                if let Some(w) = self.store.apply(change) {
+                    warn_all(&[w]);
+                }
+            }
+            self.seen = Some((cluster, header.revision()));
+            self.metrics
+                .invalid_keys
+                .set(self.store.invalid_count() as i64);
+            self.publish(header.revision());
+            // A watch that delivers is a healthy connection.
+            backoff.reset();
+        }
+    }
+
+    /// Publishes the store if its snapshot changed; otherwise only records the revision,
+    /// without waking the loop.
+    fn publish(&self, revision: i64) {
+        let snapshot = self.store.snapshot();
+        self.tx.send_if_modified(|cur| match cur {
+            Some(p) if *p.snapshot == snapshot => {
+                p.revision = revision;
+                false
+            }
+            _ => {
+                *cur = Some(Published {
+                    snapshot: Arc::new(snapshot),
+                    revision,
+                });
+                true
+            }
+        });
+    }
+}
+
+fn warn_all(warnings: &[Warning]) {
+    for w in warnings {
+        tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
+    }
+}

@@ -1,0 +1,748 @@
+//! The watcher end to end: real etcd, real HAProxy (master-worker), real HTTP backends,
+//! the `portolan watcher` binary rendering the shipped template.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::haproxy::{Backend, FrontDoor, Options};
+use common::*;
+use futures_util::StreamExt;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_routes_delete_unroutes_bare_address_works() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("alpha").await;
+    let b = Backend::start("bravo").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+
+    // Nothing registered: a clear 503 for an unknown host.
+    let (status, body) = fd.get("web").await.expect("front door answers");
+    assert_eq!(status, 503);
+    assert!(body.contains("no service is registered"), "{body}");
+
+    etcd.put(&fd.service_key("web", "test-aaaaaaaaaaaa-80"), &a.record())
+        .await;
+    wait_until("web routed to alpha", T, || fd.routes_to("web", "alpha")).await;
+
+    // A hand-written bare host:port, as confd-era scripts write them.
+    etcd.put(&fd.service_key("legacy", "manual-1"), &b.addr_string())
+        .await;
+    wait_until("legacy routed to bravo", T, || {
+        fd.routes_to("legacy", "bravo")
+    })
+    .await;
+
+    etcd.delete(&fd.service_key("web", "test-aaaaaaaaaaaa-80"))
+        .await;
+    wait_until("web no longer routed", T, || async {
+        matches!(fd.get("web").await, Some((503, _)))
+    })
+    .await;
+    let before = a.hits.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..20 {
+        let (status, body) = fd.get("web").await.expect("answer");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("no service is registered"), "{body}");
+    }
+    assert_eq!(
+        a.hits.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "no request reached the deleted instance"
+    );
+    assert!(fd.routes_to("legacy", "bravo").await);
+
+    // An instance that is registered but down: the service's own 503 page.
+    let gone = Backend::start("gone").await;
+    let gone_addr = gone.addr_string();
+    drop(gone);
+    etcd.put(&fd.service_key("dead", "d1"), &gone_addr).await;
+    wait_until("dead service answers its own 503", T, || async {
+        matches!(fd.get("dead").await, Some((503, b)) if b.contains("no live instance of dead"))
+    })
+    .await;
+
+    // Status record, metrics and health.
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    let read_status = || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    wait_until("status record with a reload", T, || async {
+        read_status().await.contains(r#""last_reload_result":"ok""#)
+    })
+    .await;
+    let status = read_status().await;
+    let rec: portolan::schema::WatcherStatus = serde_json::from_str(&status).expect("json");
+    assert_eq!(rec.name, fd.name);
+    assert!(rec.revision > 0 && rec.last_error.is_none(), "{rec:?}");
+    let ok = fd
+        .metric(r#"portolan_watcher_reloads_total{result="ok"}"#)
+        .await
+        .expect("reloads metric");
+    assert!(ok >= 3.0, "reloads_total ok = {ok}");
+    wait_until("instances gauge = 2 (legacy + dead)", T, || async {
+        fd.metric("portolan_watcher_instances").await == Some(2.0)
+    })
+    .await;
+    let health = http_get(&fd.metrics_addr(), "x", "/healthz").await;
+    assert_eq!(health.map(|h| h.0), Some(200));
+    assert!(fd.dest_is_valid());
+
+    // SIGTERM: a clean, prompt stop that revokes the status lease; HAProxy keeps serving.
+    let mut fd = fd;
+    let w = fd.watcher.as_mut().expect("watcher");
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    let exit = tokio::task::block_in_place(|| w.wait_exit(Duration::from_secs(8)));
+    assert!(exit.is_some_and(|s| s.success()), "clean exit: {exit:?}");
+    assert!(
+        etcd.get_prefix(&status_key).await.is_empty(),
+        "status lease revoked"
+    );
+    assert!(fd.routes_to("legacy", "bravo").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_example_template_forwards_connections() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("db-a").await;
+    let tcp_port = free_port();
+    let template =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/haproxy-tcp.cfg.tera");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template: Some(std::fs::read_to_string(template).expect("tcp template")),
+            vars: format!("bind_ip = \"127.0.0.1\"\ntcp_ports = {{ db = {tcp_port} }}"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let front = format!("127.0.0.1:{tcp_port}");
+    etcd.put(&fd.service_key("db", "a"), &a.record()).await;
+    wait_until("db forwarded over TCP", T, || async {
+        matches!(http_get(&front, "any", "/").await, Some((200, b)) if b == "db-a")
+    })
+    .await;
+    assert!(fd
+        .dest_text()
+        .contains(&format!("listen tcp_db\n    bind 127.0.0.1:{tcp_port}")));
+}
+
+/// put → routed latency, each put isolated (after a quiet spell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_to_routed_latency() {
+    let etcd = Etcd::start().await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    let mut backends = Vec::new();
+    let mut took = Vec::new();
+    for i in 0..20 {
+        let be = Backend::start(&format!("lat{i}")).await;
+        let service = format!("lat{i}");
+        let start = Instant::now();
+        etcd.put(&fd.service_key(&service, "i1"), &be.record())
+            .await;
+        loop {
+            if fd.routes_to(&service, &be.name).await {
+                break;
+            }
+            assert!(start.elapsed() < T, "lat{i} not routed within {T:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        took.push(start.elapsed());
+        backends.push(be);
+        // A quiet spell, so the next put is an isolated change.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    let max = took[took.len() - 1];
+    eprintln!(
+        "watcher latency: put→routed median={} ms max={} ms (n={})",
+        median.as_millis(),
+        max.as_millis(),
+        took.len()
+    );
+    assert!(median < Duration::from_secs(1), "median {median:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_500_puts_costs_at_most_two_reloads() {
+    let etcd = Etcd::start().await;
+    let be = Backend::start("burst").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    // Let the startup reload settle so it is not counted.
+    let settled = fd.haproxy.reloads().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fd.haproxy.reloads().await, settled, "no reload while idle");
+
+    let client = etcd.client().await;
+    let record = be.record();
+    let keys: Vec<String> = (0..500)
+        .map(|i| fd.service_key("burst", &format!("i{i:03}")))
+        .collect();
+    let start = Instant::now();
+    futures_util::stream::iter(keys.iter().cloned())
+        .map(|k| {
+            let mut c = client.clone();
+            let v = record.clone();
+            async move { c.put(k, v, None).await.expect("put") }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let put_time = start.elapsed();
+    wait_until("all 500 servers in the live file", T, || async {
+        fd.dest_text().matches("\n    server i").count() == 500
+    })
+    .await;
+    let converged = start.elapsed();
+    // Anything still in flight would show up as another reload: wait a little past max.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reloads = fd.haproxy.reloads().await - settled;
+    eprintln!(
+        "watcher burst: 500 puts → {reloads} reloads (puts took {} ms, live file complete after {} ms)",
+        put_time.as_millis(),
+        converged.as_millis()
+    );
+    assert!(reloads <= 2, "{reloads} reloads for one burst");
+    assert!(reloads >= 1);
+    assert!(fd.routes_to("burst", "burst").await);
+    assert!(fd.dest_is_valid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_and_injecting_keys_are_left_out_with_a_warning() {
+    let etcd = Etcd::start().await;
+    let good = Backend::start("good").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    let trap = free_port();
+    let bad: Vec<(String, String)> = vec![
+        (
+            fd.service_key("web", "inj1"),
+            format!("127.0.0.1:1\n    bind 127.0.0.1:{trap}"),
+        ),
+        (fd.service_key("web", "inj2"), "127.0.0.1:1 backup".into()),
+        (
+            fd.service_key("web", "inj3"),
+            r#"{"addr":"127.0.0.1:1","tags":["x\nbind :1"]}"#.into(),
+        ),
+        (fd.service_key("web bind", "x"), good.addr_string()),
+        (fd.service_key("web", "-dash"), good.addr_string()),
+        (fd.service_key("web", "notjson"), "{broken".into()),
+    ];
+    for (k, v) in &bad {
+        etcd.put(k, v).await;
+    }
+    etcd.put(&fd.service_key("web", "ok"), &good.record()).await;
+    wait_until("web routed to good", T, || fd.routes_to("web", "good")).await;
+
+    let cfg = fd.dest_text();
+    assert!(!cfg.contains(&trap.to_string()), "injected bind:\n{cfg}");
+    assert!(!cfg.contains("backup") && !cfg.contains("inj") && !cfg.contains("web bind"));
+    assert_eq!(cfg.matches("\n    server ").count(), 1, "{cfg}");
+    assert!(fd.dest_is_valid(), "config still valid");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", trap)).is_err(),
+        "HAProxy must not listen on the injected port"
+    );
+    let log = fd.log();
+    for (k, _) in &bad {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(k.as_str())),
+            "no warning naming {k:?} in:\n{log}"
+        );
+    }
+    assert_eq!(
+        fd.metric("portolan_watcher_invalid_keys").await,
+        Some(bad.len() as f64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_edit_rerenders_and_a_broken_template_keeps_the_last_good_output() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+
+    let original = std::fs::read_to_string(&fd.template).expect("template");
+    fd.save_template(&format!("{original}\n# edit-one\n"));
+    wait_until("edit rendered", T, || async {
+        fd.dest_text().contains("# edit-one")
+    })
+    .await;
+
+    // Line 3 of the broken template is the bad one; tera says file:line:col.
+    let broken = format!("# broken\n#\n{{% for x in %}}\n{original}");
+    fd.save_template(&broken);
+    let needle = format!("{}:3:", fd.template.display());
+    wait_until("template error logged with file:line", T, || async {
+        fd.log().contains(&needle)
+    })
+    .await;
+    assert!(
+        fd.dest_text().contains("# edit-one"),
+        "last good output kept"
+    );
+    assert!(fd.dest_is_valid());
+    // etcd changes still render, with the last good template.
+    etcd.put(&fd.service_key("other", "b"), &b.record()).await;
+    wait_until("other routed while the template is broken", T, || {
+        fd.routes_to("other", "b")
+    })
+    .await;
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("status names the template error", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| v.contains(":3:"))
+    })
+    .await;
+    assert!(fd.metric("portolan_watcher_template_errors_total").await >= Some(1.0));
+
+    fd.save_template(&format!("{original}\n# edit-two\n"));
+    wait_until("fixed template rendered", T, || async {
+        fd.dest_text().contains("# edit-two")
+    })
+    .await;
+    assert!(fd.routes_to("web", "a").await && fd.routes_to("other", "b").await);
+}
+
+/// A config that passes the template but fails `haproxy -c` (a raw kv value pasted in).
+const KV_EXTRA: &str = "\n{{ kv.extra | default(value=\"\") }}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_check_keeps_the_live_file_byte_identical_and_is_retried() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: KV_EXTRA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+    let live = std::fs::read(&fd.dest).expect("live file");
+
+    let extra = format!("{}/config/extra", fd.prefix);
+    etcd.put(&extra, "bogus_directive_xyz on").await;
+    wait_until("a check failure", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("live"),
+        live,
+        "byte-identical"
+    );
+    let log = fd.log();
+    assert!(
+        log.contains("bogus_directive_xyz"),
+        "check output logged:\n{log}"
+    );
+    assert!(
+        log.contains("+bogus_directive_xyz on"),
+        "diff logged:\n{log}"
+    );
+
+    // The next change is retried (and rejected again while the bad value is there).
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("second check failure", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(2.0)
+    })
+    .await;
+    assert_eq!(std::fs::read(&fd.dest).expect("live"), live);
+    assert!(fd.routes_to("web", "a").await);
+
+    etcd.delete(&extra).await;
+    wait_until("b routed once the bad value is gone", T, || async {
+        fd.dest_text().contains("server b ")
+    })
+    .await;
+    assert!(fd.dest_is_valid());
+    assert!(!fd.dest_text().contains("bogus"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reload_is_reported_and_the_last_good_file_restored() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: KV_EXTRA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+    let live = std::fs::read(&fd.dest).expect("live");
+
+    // `haproxy -c` does not bind, so a port already in use passes the check and fails
+    // only when HAProxy loads the file.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    etcd.put(
+        &format!("{}/config/extra", fd.prefix),
+        &format!("frontend extra\n    bind 127.0.0.1:{port}"),
+    )
+    .await;
+    wait_until("a failed reload", T, || async {
+        fd.metric(r#"portolan_watcher_reloads_total{result="failed"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    assert_eq!(std::fs::read(&fd.dest).expect("live"), live, "restored");
+    assert!(
+        fd.log().contains("refused the new configuration"),
+        "{}",
+        fd.log()
+    );
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("status says failed", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| v.contains(r#""last_reload_result":"failed""#))
+    })
+    .await;
+    // The old workers still serve.
+    assert!(fd.routes_to("web", "a").await);
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_cmd_fallback_reloads_haproxy() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let mut fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            reload_cmd: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The master's PID is only known now: point reload_cmd at it (SIGUSR2 = reload).
+    let cfg = std::fs::read_to_string(&fd.config).expect("config");
+    let cfg = cfg.replace(
+        "reload_cmd = \"\"",
+        &format!("reload_cmd = \"kill -USR2 {}\"", fd.haproxy.master_pid()),
+    );
+    std::fs::write(&fd.config, cfg).expect("config");
+    fd.start_watcher();
+    fd.wait_for_first_reload().await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed via reload_cmd", T, || fd.routes_to("web", "a")).await;
+    assert!(fd.haproxy.reloads().await >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_apply_leaves_no_partial_file() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let mut fd = FrontDoor::prepare(&etcd, Options::default()).await;
+    // A check that announces itself and then takes its time.
+    let marker = fd.dir.path().join("checking");
+    let slow = format!(
+        "touch {}; sleep 3; haproxy -c -q -f {{src}}",
+        marker.display()
+    );
+    let cfg = std::fs::read_to_string(&fd.config).expect("config");
+    let fast = cfg.clone();
+    std::fs::write(
+        &fd.config,
+        cfg.replace(
+            "check_cmd = \"haproxy -c -q -f {src}\"",
+            &format!("check_cmd = {slow:?}"),
+        ),
+    )
+    .expect("config");
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    fd.start_watcher();
+    wait_until("check started", T, || async { marker.exists() }).await;
+    let before = std::fs::read(&fd.dest).expect("dest");
+    fd.kill_watcher();
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        before,
+        "dest untouched"
+    );
+    let staged = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count()
+    };
+    assert_eq!(
+        staged(fd.dir.path()),
+        1,
+        "the killed run left its staging file"
+    );
+
+    // Restart with a fast check: stale staging removed, change applied.
+    std::fs::write(&fd.config, &fast).expect("config");
+    fd.start_watcher();
+    wait_until("web routed after restart", T, || fd.routes_to("web", "a")).await;
+    assert_eq!(staged(fd.dir.path()), 0, "stale staging file cleaned");
+
+    // Kills at random points of a busy apply loop never leave a partial file.
+    for i in 0..8 {
+        etcd.put(&fd.service_key("web", &format!("k{i}")), &b.record())
+            .await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..120))).await;
+        fd.kill_watcher();
+        let text = fd.dest_text();
+        assert!(text.ends_with("stats refresh 5s\n    stats show-legends\n    http-request use-service prometheus-exporter if { path /metrics }\n"), "partial file after kill {i}:\n{text}");
+        assert!(fd.dest_is_valid(), "invalid file after kill {i}");
+        fd.start_watcher();
+    }
+    wait_until("all k* instances live", T, || async {
+        fd.dest_text().contains("server k7 ")
+    })
+    .await;
+    assert!(fd.dest_is_valid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_and_replacement_converge() {
+    let mut etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+
+    // etcd down: the last good config stays live, nothing is rendered empty.
+    etcd.stop();
+    let reloads = fd.haproxy.reloads().await;
+    for _ in 0..10 {
+        assert!(
+            fd.routes_to("web", "a").await,
+            "still routed with etcd down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload while etcd is down"
+    );
+    assert!(fd.dest_text().contains("server a "));
+    wait_until("healthz reports etcd down", T, || async {
+        matches!(
+            http_get(&fd.metrics_addr(), "x", "/healthz").await,
+            Some((503, _))
+        )
+    })
+    .await;
+
+    // Same data back: the watcher re-lists and sees new changes.
+    etcd.restart().await;
+    etcd.put(&fd.service_key("api", "b"), &b.record()).await;
+    wait_until("api routed after etcd restart", T, || {
+        fd.routes_to("api", "b")
+    })
+    .await;
+    assert!(fd.routes_to("web", "a").await);
+
+    // Replaced by an empty cluster: the new (empty) truth wins.
+    etcd.restart_empty().await;
+    wait_until("old services gone after replacement", T, || async {
+        matches!(fd.get("web").await, Some((503, _)))
+            && matches!(fd.get("api").await, Some((503, _)))
+    })
+    .await;
+    assert!(
+        fd.log().contains("cluster id changed") || fd.log().contains("went backwards"),
+        "replacement noticed:\n{}",
+        fd.log()
+    );
+    etcd.put(&fd.service_key("new", "c"), &c.record()).await;
+    wait_until("new routed on the new cluster", T, || {
+        fd.routes_to("new", "c")
+    })
+    .await;
+    wait_until("healthz ok again", T, || async {
+        matches!(
+            http_get(&fd.metrics_addr(), "x", "/healthz").await,
+            Some((200, _))
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_once_dry_run_and_check_share_the_code_path() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            template_extra: KV_EXTRA.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    let bootstrap = std::fs::read(&fd.dest).expect("dest");
+    let portolan = |args: &[&str]| {
+        std::process::Command::new(portolan_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&fd.config)
+            .env_remove("PORTOLAN_CONFIG")
+            .output()
+            .expect("run portolan")
+    };
+
+    let out = portolan(&["render", "--once", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("+    server a "), "diff printed:\n{stdout}");
+    assert!(stdout.contains("-frontend bootstrap"), "{stdout}");
+    assert!(stdout.contains("check passed"), "{stdout}");
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        bootstrap,
+        "dry run writes nothing"
+    );
+
+    etcd.put(
+        &format!("{}/config/extra", fd.prefix),
+        "bogus_directive_xyz",
+    )
+    .await;
+    let out = portolan(&["render", "--once", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "failed check must exit non-zero:\n{stdout}"
+    );
+    assert!(stdout.contains("check FAILED"), "{stdout}");
+    assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap);
+
+    let out = portolan(&["render", "--once"]);
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap);
+
+    etcd.delete(&format!("{}/config/extra", fd.prefix)).await;
+    let out = portolan(&["render", "--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fd.dest_text().contains("server a "));
+    // `render --once` reloads like the watcher does.
+    assert!(fd.haproxy.reloads().await >= 1);
+    wait_until("routed after render --once", T, || fd.routes_to("web", "a")).await;
+
+    let out = portolan(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fd.save_template("ok\n{{ services | nope }}\n");
+    let out = portolan(&["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{}:2:", fd.template.display())),
+        "check names file:line:\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let block = dir.path().join("block");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            check_cmd: format!("haproxy -c -q -f {{src}} && test ! -e {}", block.display()),
+            ..Default::default()
+        },
+    )
+    .await;
+    std::fs::write(&block, "").expect("block");
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("check failure", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
+    })
+    .await;
+    assert!(!fd.dest_text().contains("server a "));
+    std::fs::remove_file(&block).expect("unblock");
+    fd.watcher
+        .as_ref()
+        .expect("watcher")
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("routed after SIGHUP", T, || fd.routes_to("web", "a")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_down_then_up_is_retried_until_reloaded() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let mut fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            command_timeout_ms: 1500,
+            ..Default::default()
+        },
+    )
+    .await;
+    fd.haproxy.kill();
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    fd.start_watcher();
+    wait_until("a failed reload while HAProxy is down", T, || async {
+        fd.metric(r#"portolan_watcher_reloads_total{result="failed"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    assert!(
+        fd.dest_text().contains("frontend bootstrap"),
+        "the file HAProxy would start with is the last good one"
+    );
+    assert!(
+        fd.log().contains("retrying the failed apply"),
+        "{}",
+        fd.log()
+    );
+
+    let (cfg, sock, log) = (
+        fd.haproxy.cfg.clone(),
+        fd.haproxy.sock.clone(),
+        fd.haproxy.log.clone(),
+    );
+    fd.haproxy = common::haproxy::Haproxy::start(&cfg, &sock, &log).await;
+    wait_until(
+        "routed once HAProxy is back",
+        Duration::from_secs(40),
+        || fd.routes_to("web", "a"),
+    )
+    .await;
+    assert!(fd.dest_text().contains("server a "));
+}
