@@ -25,7 +25,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let result = run_in(&args, &dir, &tasks, &shutdown).await;
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .is_err()
+    {
         eprintln!("[dev] some components did not stop within 10 s");
     }
     if args.keep {
