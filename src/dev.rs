@@ -13,7 +13,13 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::net::IpAddr;
+
+use tracing::Instrument;
+
 use crate::cli::DevArgs;
+use crate::config::{self, EtcdConfig, RegistrarConfig, TemplateResource, WatcherConfig};
+use crate::{registrar, watcher};
 
 /// A binary `portolan dev` needs, and the Debian package that provides it.
 const NEEDS: &[(&str, &str)] = &[("etcd", "etcd-server"), ("haproxy", "haproxy")];
@@ -156,13 +162,244 @@ async fn wait_for_etcd(endpoint: &str, child: &mut Child, timeout: Duration) -> 
     bail!("etcd did not answer on {endpoint} within {timeout:?}")
 }
 
+/// The default template, shipped inside the binary so `portolan dev` works from anywhere.
+const DEFAULT_TEMPLATE: &str = include_str!("../templates/haproxy.cfg.tera");
+/// Image built by scripts/dev.sh (busybox httpd on :8080), used in the printed example.
+const DEMO_IMAGE: &str = "portolan-demo:latest";
+const PREFIX: &str = "/portolan";
+
 async fn run_in(
     args: &DevArgs,
     dir: &Path,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let _ = (args, dir, tasks, shutdown);
-    let _ = (spawn_child, stop_child, wait_for_etcd);
-    bail!("dev: not implemented yet")
+    let endpoint = format!("http://127.0.0.1:{}", args.etcd_port);
+    let peer = format!("http://127.0.0.1:{}", args.etcd_port.saturating_add(1));
+    let mut etcd = spawn_child(
+        "etcd",
+        Command::new("etcd")
+            .args(["--name", "dev", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("dev={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"]),
+        tasks,
+    )?;
+    let result = with_etcd(args, dir, tasks, shutdown, &endpoint, &mut etcd).await;
+    stop_child(&mut etcd, Duration::from_secs(5)).await;
+    result
+}
+
+async fn with_etcd(
+    args: &DevArgs,
+    dir: &Path,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    endpoint: &str,
+    etcd: &mut Child,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        r = wait_for_etcd(endpoint, etcd, Duration::from_secs(20)) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+
+    // HAProxy needs a valid file before the watcher exists: render the template
+    // with no services, exactly as the watcher would.
+    let template_path = dir.join("haproxy.cfg.tera");
+    let cfg_path = dir.join("haproxy.cfg");
+    let master = dir.join("master.sock");
+    let admin = dir.join("admin.sock");
+    std::fs::write(&template_path, DEFAULT_TEMPLATE)?;
+    let mut vars = toml::Table::new();
+    vars.insert("domain".into(), args.domain.clone().into());
+    vars.insert(
+        "http_bind".into(),
+        format!("127.0.0.1:{}", args.http_port).into(),
+    );
+    vars.insert(
+        "stats_bind".into(),
+        format!("127.0.0.1:{}", args.stats_port).into(),
+    );
+    vars.insert("admin_socket".into(), admin.display().to_string().into());
+    let template =
+        watcher::render::Template::compile(&template_path.display().to_string(), DEFAULT_TEMPLATE)?;
+    let empty = watcher::store::Snapshot::default();
+    std::fs::write(
+        &cfg_path,
+        template.render(&watcher::render::context(&empty, &vars))?,
+    )?;
+
+    let mut haproxy = spawn_child(
+        "haproxy",
+        Command::new("haproxy")
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", master.display()))
+            .arg("-f")
+            .arg(&cfg_path),
+        tasks,
+    )?;
+    let result = with_haproxy(args, dir, shutdown, endpoint, &mut haproxy, vars).await;
+    stop_child(&mut haproxy, Duration::from_secs(5)).await;
+    result
+}
+
+async fn with_haproxy(
+    args: &DevArgs,
+    dir: &Path,
+    shutdown: &CancellationToken,
+    endpoint: &str,
+    haproxy: &mut Child,
+    vars: toml::Table,
+) -> anyhow::Result<()> {
+    let master = dir.join("master.sock");
+    let start = Instant::now();
+    while !master.exists() {
+        if let Ok(Some(status)) = haproxy.try_wait() {
+            bail!(
+                "haproxy exited at start ({status}); are ports {} and {} free? try --http-port/--stats-port",
+                args.http_port,
+                args.stats_port
+            );
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "haproxy did not open its master socket {}",
+                master.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let etcd = EtcdConfig::local(endpoint, PREFIX);
+    let watcher_cfg = WatcherConfig {
+        etcd: etcd.clone(),
+        name: "dev".into(),
+        wait_min: Duration::from_millis(config::DEFAULT_WAIT_MIN_MS),
+        wait_max: Duration::from_millis(config::DEFAULT_WAIT_MAX_MS),
+        listen: None,
+        command_timeout: Duration::from_millis(config::DEFAULT_COMMAND_TIMEOUT_MS),
+        templates: vec![TemplateResource {
+            src: dir.join("haproxy.cfg.tera"),
+            dest: dir.join("haproxy.cfg"),
+            check_cmd: Some("haproxy -c -q -f {src}".into()),
+            haproxy_master_socket: Some(master.clone()),
+            reload_cmd: None,
+            haproxy_admin_socket: Some(dir.join("admin.sock")),
+            mode: None,
+            vars,
+        }],
+    };
+    let registrar_cfg = RegistrarConfig {
+        etcd,
+        node: config::hostname(),
+        advertise_ip: Some(IpAddr::from([127, 0, 0, 1])),
+        ttl: Duration::from_secs(config::DEFAULT_TTL_SECS),
+        state_dir: dir.join("state"),
+        docker_host: None,
+        docker_api_version: None,
+        internal: false,
+        resync: Duration::from_secs(config::DEFAULT_RESYNC_SECS),
+        deregister_on_exit: true,
+        only_label: None,
+    };
+
+    let components = shutdown.child_token();
+    let mut watcher_task = tokio::spawn(
+        watcher::run(watcher_cfg, components.clone()).instrument(tracing::info_span!("watcher")),
+    );
+    let mut registrar_task = tokio::spawn(
+        registrar::run(registrar_cfg, components.clone())
+            .instrument(tracing::info_span!("registrar")),
+    );
+    print_banner(args, dir, endpoint);
+
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        r = &mut watcher_task => Err(component_ended("watcher", r)),
+        r = &mut registrar_task => Err(component_ended("registrar", r)),
+        s = haproxy.wait() => Err(anyhow::anyhow!("haproxy exited unexpectedly ({})", s.map(|s| s.to_string()).unwrap_or_default())),
+    };
+    components.cancel();
+    let drain = async {
+        let _ = (&mut watcher_task).await;
+        let _ = (&mut registrar_task).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        watcher_task.abort();
+        registrar_task.abort();
+        eprintln!("[dev] registrar/watcher did not stop within 10 s");
+    }
+    outcome
+}
+
+fn component_ended(
+    name: &str,
+    r: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match r {
+        Ok(Ok(())) => anyhow::anyhow!("{name} stopped unexpectedly"),
+        Ok(Err(e)) => e.context(format!("{name} failed")),
+        Err(e) => anyhow::anyhow!("{name} panicked: {e}"),
+    }
+}
+
+/// How to call this binary again: `portolan` when that is what PATH finds, else the
+/// full path (e.g. target/release/portolan right after scripts/dev.sh).
+fn self_command() -> String {
+    let me = std::env::current_exe().ok();
+    match (&me, which("portolan")) {
+        (Some(me), Some(found)) if found.canonicalize().ok().as_ref() == Some(me) => {
+            "portolan".into()
+        }
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "portolan".into(),
+    }
+}
+
+fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str) {
+    let front = format!("http://127.0.0.1:{}", args.http_port);
+    let have_demo = std::process::Command::new("docker")
+        .args(["image", "inspect", DEMO_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let run = if have_demo {
+        format!("docker run -d --rm -l portolan.service=hello -p 8080 {DEMO_IMAGE}")
+    } else {
+        "docker run -d --rm -l portolan.service=hello -p 80 nginx   \
+         # any image serving HTTP; scripts/dev.sh builds portolan-demo offline"
+            .to_string()
+    };
+    let lines = [
+        String::new(),
+        "Portolan dev stack is up (Ctrl-C stops everything).".into(),
+        format!(
+            "  front door  {front}   routes Host: <service>.{}",
+            args.domain
+        ),
+        format!("  stats       http://127.0.0.1:{}/", args.stats_port),
+        format!("  etcd        {endpoint}   prefix {PREFIX}"),
+        format!(
+            "  files       {}   (edit haproxy.cfg.tera there: it re-renders at once)",
+            dir.display()
+        ),
+        String::new(),
+        "Try it:".into(),
+        format!("  {run}"),
+        format!("  curl -H 'Host: hello.{}' {front}/", args.domain),
+        format!("  {} ls --etcd-endpoints {endpoint}", self_command()),
+        format!("  etcdctl --endpoints {endpoint} get --prefix {PREFIX}/"),
+        String::new(),
+    ];
+    println!("{}", lines.join("\n"));
 }
