@@ -132,6 +132,15 @@ pub struct EtcdArgs {
         hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+    /// PEM CA bundle for https:// etcd endpoints.
+    #[arg(long, env = "PORTOLAN_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), when etcd requires client certs.
+    #[arg(long, env = "PORTOLAN_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "PORTOLAN_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl EtcdArgs {
@@ -141,6 +150,9 @@ impl EtcdArgs {
             prefix: self.prefix.clone(),
             username: self.etcd_username.clone(),
             password: self.etcd_password.clone(),
+            ca_file: self.etcd_ca.clone(),
+            cert_file: self.etcd_cert.clone(),
+            key_file: self.etcd_key.clone(),
         }
     }
 }

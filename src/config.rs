@@ -61,6 +61,11 @@ pub struct EtcdFile {
     pub username: Option<String>,
     pub password: Option<String>,
     pub dial_timeout_ms: Option<u64>,
+    /// PEM CA bundle that signed the etcd servers' certificates (https:// endpoints).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for etcd's `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -188,6 +193,9 @@ pub struct EtcdOverrides {
     pub prefix: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -222,6 +230,8 @@ pub struct EtcdConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub dial_timeout: Duration,
+    /// TLS for https:// endpoints; None = plain http.
+    pub tls: Option<EtcdTls>,
 }
 
 impl EtcdConfig {
@@ -233,8 +243,18 @@ impl EtcdConfig {
             username: None,
             password: None,
             dial_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
+}
+
+/// Files for TLS to etcd. Read at connect time, so renewed certificates are picked up
+/// on the next reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key, both or neither.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -304,12 +324,62 @@ fn resolve_etcd(file: &EtcdFile, o: &EtcdOverrides, problems: &mut Vec<String>) 
     if username.is_some() != password.is_some() {
         problems.push("etcd auth: username and password go together".into());
     }
+    let tls = resolve_tls(file, o, &endpoints, problems);
     EtcdConfig {
         endpoints,
         prefix,
         username,
         password,
         dial_timeout: Duration::from_millis(file.dial_timeout_ms.unwrap_or(2000)),
+        tls,
+    }
+}
+
+fn resolve_tls(
+    file: &EtcdFile,
+    o: &EtcdOverrides,
+    endpoints: &[String],
+    problems: &mut Vec<String>,
+) -> Option<EtcdTls> {
+    let ca = o.ca_file.clone().or_else(|| file.ca_file.clone());
+    let cert = o.cert_file.clone().or_else(|| file.cert_file.clone());
+    let key = o.key_file.clone().or_else(|| file.key_file.clone());
+    let https = endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    for path in [&ca, &cert, &key].into_iter().flatten() {
+        if !path.is_file() {
+            problems.push(format!("etcd TLS file {} does not exist", path.display()));
+        }
+    }
+    if cert.is_some() != key.is_some() {
+        problems
+            .push("etcd TLS: cert_file and key_file go together (--etcd-cert, --etcd-key)".into());
+    }
+    match ca {
+        None if https > 0 => {
+            problems.push(
+                "etcd endpoints use https:// but no CA is given: set [etcd] ca_file or --etcd-ca"
+                    .into(),
+            );
+            None
+        }
+        None => {
+            if cert.is_some() {
+                problems.push("etcd TLS: a client certificate needs ca_file (--etcd-ca) and https:// endpoints".into());
+            }
+            None
+        }
+        Some(ca_file) => {
+            if https != endpoints.len() {
+                problems.push("etcd TLS: with ca_file every endpoint must be https://".into());
+            }
+            Some(EtcdTls {
+                ca_file,
+                client: cert.zip(key),
+            })
+        }
     }
 }
 
@@ -637,6 +707,33 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             t.haproxy_master_socket.as_deref(),
             Some(dir.path().join("master.sock").as_path())
         );
+    }
+
+    #[test]
+    fn etcd_tls_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let https = |ca: Option<PathBuf>| RegistrarOverrides {
+            etcd: EtcdOverrides {
+                endpoints: Some(vec!["https://127.0.0.1:2379".into()]),
+                ca_file: ca,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let f = FileConfig::default();
+        let c = resolve_registrar(&f, &https(Some(ca.clone()))).unwrap();
+        assert_eq!(c.etcd.tls.unwrap().ca_file, ca);
+        let err = resolve_registrar(&f, &https(None)).unwrap_err().to_string();
+        assert!(err.contains("--etcd-ca"), "{err}");
+        let err = resolve_registrar(&f, &https(Some(dir.path().join("missing.pem"))))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+        let mut mixed = https(Some(ca));
+        mixed.etcd.endpoints = Some(vec!["http://127.0.0.1:2379".into()]);
+        assert!(resolve_registrar(&f, &mixed).is_err());
     }
 
     #[test]

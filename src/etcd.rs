@@ -4,15 +4,32 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTls};
 
 /// Upper bound for one unary etcd call. Streams (watch, keep-alive) are not bounded:
 /// a gRPC deadline would cut them, so callers wrap unary calls in `call()`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn connect_options(cfg: &EtcdConfig) -> ConnectOptions {
+/// Reads the TLS files named by the config. An unreadable file is an error naming it.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, etcd_client::Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            etcd_client::Error::IoError(std::io::Error::new(
+                e.kind(),
+                format!("cannot read etcd TLS file {}: {e}", path.display()),
+            ))
+        })
+    };
+    let mut opts = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
+    if let Some((cert, key)) = &tls.client {
+        opts = opts.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(opts)
+}
+
+pub fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, etcd_client::Error> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(cfg.dial_timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
@@ -23,13 +40,16 @@ pub fn connect_options(cfg: &EtcdConfig) -> ConnectOptions {
             .with_user(user.clone(), password.clone())
             .with_auto_token_refresh(true);
     }
-    opts
+    if let Some(tls) = &cfg.tls {
+        opts = opts.with_tls(tls_options(tls)?);
+    }
+    Ok(opts)
 }
 
 /// Connects to the configured endpoints. Fails fast (dial timeout) when none answers;
 /// callers own the retry policy.
 pub async fn connect(cfg: &EtcdConfig) -> Result<Client, etcd_client::Error> {
-    let fut = Client::connect(&cfg.endpoints, Some(connect_options(cfg)));
+    let fut = Client::connect(&cfg.endpoints, Some(connect_options(cfg)?));
     match tokio::time::timeout(cfg.dial_timeout + CALL_TIMEOUT, fut).await {
         Ok(r) => r,
         Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
