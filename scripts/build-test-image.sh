@@ -23,5 +23,10 @@ COPY serve /bin/serve
 EXPOSE 8080
 CMD ["/bin/serve"]
 DF
-DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null
+# The legacy builder needs no buildx plugin; its deprecation notice is noise unless
+# the build fails.
+if ! out=$(DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" 2>&1); then
+  echo "$out" >&2
+  exit 1
+fi
 echo "built $image"
