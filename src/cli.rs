@@ -12,17 +12,19 @@ use crate::config::{EtcdOverrides, RegistrarOverrides, WatcherOverrides};
     name = "portolan",
     version,
     about = "Keep an HAProxy front door in step with the Docker containers behind it, through etcd.",
-    long_about = "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n\
-  registrar  runs on every Docker host and writes each running container's host:port\n\
-             into etcd under <prefix>/services/<service>/<instance>, on a lease, so a\n\
-             dead host disappears by itself.\n\
-  watcher    runs beside HAProxy, watches that prefix, renders templates, validates the\n\
-             result with `haproxy -c`, swaps it in atomically and reloads HAProxy\n\
-             without dropping a request.\n\n\
-Inspect and fix the state with plain etcdctl:\n\
-  etcdctl get --prefix /portolan/services/\n\
-  etcdctl put /portolan/services/web/manual-1 10.0.0.9:80\n\n\
-Try everything on one machine with `portolan dev`.",
+    long_about = concat!(
+        "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n",
+        "  registrar  runs on every Docker host and writes each running container's\n",
+        "             host:port into etcd under <prefix>/services/<service>/<instance>,\n",
+        "             on a lease, so a dead host disappears by itself.\n",
+        "  watcher    runs beside HAProxy, watches that prefix, renders templates,\n",
+        "             validates the result with `haproxy -c`, swaps it in atomically and\n",
+        "             reloads HAProxy without dropping a request.\n\n",
+        "Inspect and fix the state with plain etcdctl:\n",
+        "  etcdctl get --prefix /portolan/services/\n",
+        "  etcdctl put /portolan/services/web/manual-1 10.0.0.9:80\n\n",
+        "Try everything on one machine with `portolan dev`."
+    ),
     after_help = "Every option can also be set in the config file (--config, default \
 /etc/portolan/portolan.toml) or as an environment variable PORTOLAN_<OPTION>; a flag wins \
 over the environment, which wins over the file."
@@ -89,6 +91,19 @@ pub enum Command {
     /// spell is applied at once; changes that arrive while an apply is in flight are
     /// batched into the next one. A config that fails its check never goes live.
     /// Template edits are picked up at once; SIGHUP re-reads templates and renders again.
+    ///
+    /// A minimal config file (all keys: README, "Watcher configuration"):
+    ///
+    ///   [etcd]
+    ///   endpoints = ["http://127.0.0.1:2379"]
+    ///   [[template]]
+    ///   src = "/usr/share/portolan/templates/haproxy.cfg.tera"
+    ///   dest = "/etc/haproxy/haproxy.cfg"
+    ///   check_cmd = "haproxy -c -q -f {src}"          # {src} = the staged file
+    ///   haproxy_master_socket = "/run/haproxy-master.sock"
+    ///   [template.vars]
+    ///   domain = "example.com"                       # Host: <service>.example.com
+    #[command(verbatim_doc_comment)]
     Watcher(WatcherArgs),
     /// Render the templates once from etcd and write them (or print them with --dry-run).
     ///
@@ -96,6 +111,14 @@ pub enum Command {
     /// is printed with the check result, and the exit code is non-zero when the check fails.
     Render(RenderArgs),
     /// List services and their instances from etcd.
+    ///
+    /// One row per instance: SERVICE INSTANCE ADDR NODE CONTAINER LEASE WEIGHT TAGS.
+    /// LEASE is what etcd knows about the key's life: seconds left out of the lease TTL
+    /// (`7s/10s`; a live registrar refreshes at a third of the TTL), `-` for a key without
+    /// lease (written by hand: it stays until deleted), `expired` for a lease that ran out
+    /// while reading. A key the watcher would skip is reported on stderr with the rule it
+    /// breaks. --json prints a stable document for scripts: {prefix, revision,
+    /// services: {name: [instance…]}, skipped: [{key, reason}]}.
     Ls(LsArgs),
     /// Validate a config file and compile its templates, without touching anything.
     ///
