@@ -316,7 +316,7 @@ async fn with_haproxy(
         registrar::run(registrar_cfg, components.clone())
             .instrument(tracing::info_span!("registrar")),
     );
-    print_banner(args, dir, endpoint);
+    print_banner(args, dir, endpoint).await;
 
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => Ok(()),
@@ -364,13 +364,14 @@ fn self_command() -> String {
     }
 }
 
-fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str) {
+async fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str) {
     let front = format!("http://127.0.0.1:{}", args.http_port);
-    let have_demo = std::process::Command::new("docker")
+    let have_demo = Command::new("docker")
         .args(["image", "inspect", DEMO_IMAGE])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
+        .await
         .map(|s| s.success())
         .unwrap_or(false);
     let run = if have_demo {
