@@ -29,10 +29,16 @@ fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, etcd_client::Error> {
     Ok(opts)
 }
 
+/// HTTP/2 ping interval: finds a silently dead etcd connection within ~15 s, and stays
+/// above etcd's default `--grpc-keepalive-min-time` of 5 s.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 pub fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, etcd_client::Error> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(cfg.dial_timeout)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+        // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time) with
+        // GOAWAY, which killed every watch stream after ~8 s at a 2 s interval.
+        .with_keep_alive(KEEPALIVE_INTERVAL, Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
