@@ -746,3 +746,120 @@ async fn haproxy_down_then_up_is_retried_until_reloaded() {
     .await;
     assert!(fd.dest_text().contains("server a "));
 }
+
+/// etcd's count of watchers it could not keep up to date (victims + unsynced), from its
+/// own /metrics on the client port.
+async fn etcd_slow_watchers(etcd: &Etcd) -> f64 {
+    let addr = format!("127.0.0.1:{}", etcd.client_port);
+    http_get(&addr, "x", "/metrics")
+        .await
+        .and_then(|(_, body)| {
+            body.lines()
+                .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_slow_watcher_total "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The open watch hits compaction for real: the watcher is frozen (SIGSTOP) while large
+/// writes fill the gRPC stream, so etcd moves its watch out of the synced group; the
+/// meaningful changes come after that, then etcd is compacted to its latest revision.
+/// On SIGCONT etcd cancels the watch with the compact revision, and the only way to the
+/// final state is the full re-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_watch_relists_and_converges() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    assert_eq!(etcd_slow_watchers(&etcd).await, 0.0);
+
+    let watcher = fd.watcher.as_ref().expect("watcher");
+    watcher.signal(nix::sys::signal::Signal::SIGSTOP);
+    // Under the watched prefix but ignored by the store (watcher status records), so
+    // the filler changes nothing the watcher renders.
+    let filler = format!("{}/watchers/filler", fd.prefix);
+    let big = "x".repeat(128 * 1024);
+    let mut client = etcd.client().await;
+    let mut puts = 0;
+    let slow = loop {
+        for _ in 0..16 {
+            client
+                .put(filler.as_str(), big.as_str(), None)
+                .await
+                .expect("put");
+            puts += 1;
+        }
+        // etcd refreshes the gauge every 100 ms.
+        if eventually(Duration::from_millis(300), || async {
+            etcd_slow_watchers(&etcd).await >= 1.0
+        })
+        .await
+        {
+            break true;
+        }
+        if puts >= 2000 {
+            break false;
+        }
+    };
+    if !slow {
+        watcher.signal(nix::sys::signal::Signal::SIGCONT);
+        panic!("etcd never reported the frozen watcher as slow after {puts} puts of 128 KiB");
+    }
+    // The new truth, only reachable through a re-list.
+    etcd.delete(&fd.service_key("web", "a")).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    etcd.put(&fd.service_key("api", "c"), &c.record()).await;
+    let rev = client
+        .delete(filler.as_str(), None)
+        .await
+        .expect("delete filler")
+        .header()
+        .expect("header")
+        .revision();
+    client
+        .compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+    watcher.signal(nix::sys::signal::Signal::SIGCONT);
+
+    wait_until("the watcher logs the compacted watch", T, || async {
+        fd.log().contains("compacted up to")
+    })
+    .await;
+    wait_until(
+        "web routed to b and api to c after the re-list",
+        T,
+        || async { fd.routes_to("web", "b").await && fd.routes_to("api", "c").await },
+    )
+    .await;
+    let live = fd.dest_text();
+    assert!(
+        !live.contains("server a "),
+        "deleted instance still live:\n{live}"
+    );
+    assert!(
+        live.contains("server b ") && live.contains("server c "),
+        "{live}"
+    );
+    for _ in 0..10 {
+        assert!(fd.routes_to("web", "b").await, "only b serves web");
+    }
+    assert!(
+        fd.metric("portolan_watcher_resyncs_total").await >= Some(2.0),
+        "a second full listing"
+    );
+    eprintln!("watcher compaction: {puts} filler puts of 128 KiB froze the watch; compacted at revision {rev}; re-listed and converged");
+    // The new watch is healthy: later changes arrive as events again.
+    etcd.delete(&fd.service_key("api", "c")).await;
+    wait_until("api gone after the re-list", T, || async {
+        matches!(fd.get("api").await, Some((503, _)))
+    })
+    .await;
+}
