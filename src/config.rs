@@ -470,6 +470,14 @@ pub fn resolve_watcher(
                 "template #{n}: set haproxy_master_socket or reload_cmd, not both"
             ));
         }
+        if t.haproxy_admin_socket.is_some()
+            && t.haproxy_master_socket.is_none()
+            && t.reload_cmd.is_none()
+        {
+            problems.push(format!(
+                "template #{n}: haproxy_admin_socket needs haproxy_master_socket or reload_cmd too: the runtime API only takes membership changes, and falls back to a reload"
+            ));
+        }
         if let Some(m) = &t.mode {
             if u32::from_str_radix(m, 8)
                 .map(|v| v > 0o7777)

@@ -863,3 +863,164 @@ async fn compacted_watch_relists_and_converges() {
     })
     .await;
 }
+
+/// Membership changes inside an existing backend go through the runtime API: routed
+/// (and unrouted) with zero reloads, and the file on disk still follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_api_changes_membership_without_reloading() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A new service is a new backend: that takes a reload.
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    let start = Instant::now();
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("b serves web", T, || fd.routes_to("web", "b")).await;
+    let took = start.elapsed();
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload for an added server"
+    );
+    assert!(fd.dest_text().contains("server b "), "the file follows");
+    assert!(fd.dest_is_valid());
+    let state = fd.admin("show servers state svc_web").await;
+    assert!(
+        state.contains(" b 127.0.0.1 2 0 100 "),
+        "b running, weight 100:\n{state}"
+    );
+    wait_until("runtime update counted", T, || async {
+        fd.metric(r#"portolan_watcher_runtime_updates_total{result="ok"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    assert!(
+        fd.log()
+            .contains("applied through the runtime API, no reload (+1 -0 ~0 servers)"),
+        "{}",
+        fd.log()
+    );
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("status says runtime", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| v.contains(r#""last_apply_path":"runtime""#))
+    })
+    .await;
+
+    // A weight change is `set server … weight`.
+    let heavier = b.record().replace(r#""weight":100"#, r#""weight":7"#);
+    etcd.put(&fd.service_key("web", "b"), &heavier).await;
+    wait_until("b's weight is 7", T, || async {
+        fd.admin("get weight svc_web/b").await.starts_with("7 ")
+    })
+    .await;
+    assert!(fd.dest_text().contains("server b 127.0.0.1"));
+    assert!(fd.dest_text().contains("weight 7 check"));
+
+    // A delete: no request reaches b any more, still no reload.
+    etcd.delete(&fd.service_key("web", "b")).await;
+    wait_until("b gone from the file", T, || async {
+        !fd.dest_text().contains("server b ")
+    })
+    .await;
+    wait_until("b gone from HAProxy", T, || async {
+        !fd.admin("show servers state svc_web")
+            .await
+            .contains(" b 127.0.0.1")
+    })
+    .await;
+    let before = b.hits.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..20 {
+        assert!(fd.routes_to("web", "a").await, "only a serves web");
+    }
+    assert_eq!(b.hits.load(std::sync::atomic::Ordering::Relaxed), before);
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload for a delete"
+    );
+
+    // A new service still reloads, and the dynamic state and the file agree after it.
+    etcd.put(&fd.service_key("api", "c"), &c.record()).await;
+    wait_until("api routed to c", T, || fd.routes_to("api", "c")).await;
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads + 1,
+        "new backend reloads"
+    );
+    assert!(fd.routes_to("web", "a").await);
+    eprintln!(
+        "watcher runtime API: put→routed {} ms (one isolated put, through check and write)",
+        took.as_millis()
+    );
+}
+
+/// Any runtime API failure falls back to the reload of the new file and converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_api_failure_falls_back_to_a_reload() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            // HAProxy renders its admin socket, the watcher is told a path with nothing.
+            watcher_admin_socket: Some("/nonexistent/portolan-admin.sock".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("b serves web", T, || fd.routes_to("web", "b")).await;
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads + 1,
+        "fell back to a reload"
+    );
+    assert!(fd.dest_text().contains("server b "));
+    wait_until("fallback counted", T, || async {
+        fd.metric(r#"portolan_watcher_runtime_updates_total{result="fallback"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    let log = fd.log();
+    assert!(
+        log.contains("runtime API failed, reloaded instead")
+            && log.contains("/nonexistent/portolan-admin.sock"),
+        "{log}"
+    );
+    // And a delete the same way.
+    etcd.delete(&fd.service_key("web", "a")).await;
+    wait_until("a gone from the file", T, || async {
+        !fd.dest_text().contains("server a ")
+    })
+    .await;
+    wait_until("reloaded without a", T, || async {
+        fd.haproxy.reloads().await >= reloads + 2
+    })
+    .await;
+    for _ in 0..10 {
+        assert!(fd.routes_to("web", "b").await, "only b serves web");
+    }
+    assert!(fd.haproxy.reloads().await >= reloads + 2);
+}
