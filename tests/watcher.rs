@@ -964,6 +964,18 @@ async fn runtime_api_changes_membership_without_reloading() {
         "new backend reloads"
     );
     assert!(fd.routes_to("web", "a").await);
+    // A change that arrives during a reload is applied right after it is confirmed:
+    // the runtime API must reach the new worker by then.
+    etcd.put(&fd.service_key("api2", "c"), &c.record()).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("api2 routed", T, || fd.routes_to("api2", "c")).await;
+    wait_until("b serves web again", T, || fd.routes_to("web", "b")).await;
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads + 2,
+        "one reload, for api2"
+    );
     eprintln!(
         "watcher runtime API: put→routed {} ms (one isolated put, through check and write)",
         took.as_millis()

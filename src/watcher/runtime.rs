@@ -463,6 +463,8 @@ pub struct Applied {
     pub added: usize,
     pub removed: usize,
     pub reweighted: usize,
+    /// From the first command sent to the last answer.
+    pub took: Duration,
 }
 
 impl std::fmt::Display for Applied {
@@ -478,6 +480,7 @@ impl std::fmt::Display for Applied {
 /// Sends `ops` to the admin socket in order. Stops at the first refusal: HAProxy then
 /// runs a mix of old and new, which the caller's reload replaces.
 pub async fn apply(sock: &Path, ops: &[Op], timeout: Duration) -> Result<Applied, RuntimeError> {
+    let start = Instant::now();
     let mut done = Applied::default();
     for op in ops {
         match op {
@@ -542,6 +545,7 @@ pub async fn apply(sock: &Path, ops: &[Op], timeout: Duration) -> Result<Applied
             }
         }
     }
+    done.took = start.elapsed();
     Ok(done)
 }
 
