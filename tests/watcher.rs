@@ -726,11 +726,11 @@ async fn haproxy_down_then_up_is_retried_until_reloaded() {
         fd.dest_text().contains("frontend bootstrap"),
         "the file HAProxy would start with is the last good one"
     );
-    assert!(
-        fd.log().contains("retrying the failed apply"),
-        "{}",
-        fd.log()
-    );
+    // Logged at the end of the pass that counted the failure: wait for it.
+    wait_until("the retry is announced", T, || async {
+        fd.log().contains("retrying the failed apply")
+    })
+    .await;
 
     let (cfg, sock, log) = (
         fd.haproxy.cfg.clone(),
