@@ -233,7 +233,10 @@ impl Resource {
                         }
                     },
                     Plan::Reload(why) => {
-                        tracing::debug!(dest = %self.cfg.dest.display(), "reloading: {why}");
+                        tracing::info!(
+                            dest = %self.cfg.dest.display(),
+                            "reloading, the runtime API cannot apply this change: {why}"
+                        );
                     }
                 }
             }

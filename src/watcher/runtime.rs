@@ -101,8 +101,9 @@ const SECTIONS: &[&str] = &[
 ];
 
 /// `add server` keywords of HAProxy 2.6 (management guide) with how many arguments each
-/// takes. `source`/`usesrc` take a variable number and are left out: a line using them
-/// reloads. Anything not listed reloads too.
+/// takes; every one was accepted by `add server` on HAProxy 2.6.12 here. `source`/`usesrc`
+/// take a variable number and are left out: a line using them reloads. Anything not
+/// listed (`cookie`, `resolvers`, `no-check`, `redir`, …: refused by HAProxy) reloads too.
 const ADD_SERVER_KEYWORDS: &[(&str, usize)] = &[
     ("agent-addr", 1),
     ("agent-check", 0),
@@ -202,9 +203,9 @@ impl Section<'_> {
         matches!(self.kind(), "backend" | "listen")
     }
 
-    /// Words after the first line starting with `keyword`.
-    fn directive(&self, keyword: &str) -> Option<Vec<&str>> {
-        self.lines.iter().find_map(|l| {
+    /// Words after `keyword`, for every line starting with it, in file order.
+    fn directives<'s>(&'s self, keyword: &'s str) -> impl Iterator<Item = Vec<&'s str>> + 's {
+        self.lines.iter().filter_map(move |l| {
             let mut w = l.split_whitespace();
             (w.next() == Some(keyword)).then(|| w.collect())
         })
@@ -287,9 +288,11 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
             (Some(_), Some(name), None) => name,
             _ => return Plan::reload(format!("`{}` names no plain backend", n.header)),
         };
+        // The last `balance` wins, the backend's over its defaults section's.
         let balance = n
-            .directive("balance")
-            .or_else(|| n.defaults.and_then(|d| new[d].directive("balance")))
+            .directives("balance")
+            .last()
+            .or_else(|| n.defaults.and_then(|d| new[d].directives("balance").last()))
             .and_then(|w| w.first().copied())
             .unwrap_or("roundrobin");
         if !ORDER_FREE_BALANCE.contains(&balance) {
@@ -297,9 +300,10 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
                 "backend {backend} balances with `{balance}`, which depends on server order"
             ));
         }
+        // `default-server` lines add up, the defaults section's first.
         let mut defaults_args: Vec<&str> = Vec::new();
         for section in n.defaults.map(|d| &new[d]).into_iter().chain([n]) {
-            defaults_args.extend(section.directive("default-server").unwrap_or_default());
+            defaults_args.extend(section.directives("default-server").flatten());
         }
         for name in o.servers.keys() {
             if !n.servers.contains_key(name) {
@@ -364,7 +368,7 @@ fn weight_change<'a>(old: &str, new: &'a str) -> Option<&'a str> {
         if a == b {
             continue;
         }
-        // Index 3 at the earliest: `server <name> <addr> weight <n>`.
+        // The value sits at index 4 at the earliest: `server <name> <addr> weight <n>`.
         if i >= 4 && n[i - 1] == "weight" && o[i - 1] == "weight" && weight.is_none() {
             weight = Some(*b);
         } else {
@@ -783,6 +787,26 @@ backend svc_web
         assert!(reason(plan(&inherited, &add_c(&inherited))).contains("`first`"));
         let leastconn = BASE.replace("balance roundrobin", "balance leastconn");
         assert_eq!(runtime(plan(&leastconn, &add_c(&leastconn))).len(), 1);
+    }
+
+    #[test]
+    fn default_server_lines_add_up() {
+        let two = BASE.replace(
+            "    balance roundrobin\n",
+            "    balance roundrobin\n    default-server rise 5\n    default-server maxconn 9\n",
+        );
+        let new = two.replace(
+            "    server b 10.0.0.2:80 weight 100 check\n",
+            "    server b 10.0.0.2:80 weight 100 check\n    server c 10.0.0.3:80\n",
+        );
+        let ops = runtime(plan(&two, &new));
+        let Op::Add { args, .. } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(
+            args.join(" "),
+            "inter 2s fall 3 observe layer4 rise 5 maxconn 9"
+        );
     }
 
     #[test]
