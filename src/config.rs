@@ -648,6 +648,25 @@ haproxy_master_socket = "/run/haproxy-master.sock"
     }
 
     #[test]
+    fn admin_socket_needs_a_reload_to_fall_back_on() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.tera"), "x").unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n\
+             haproxy_admin_socket = \"admin.sock\"\n",
+        )
+        .unwrap();
+        let f = FileConfig::load(Some(&path)).unwrap();
+        let err = resolve_watcher(&f, &WatcherOverrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("haproxy_admin_socket needs"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn watcher_needs_templates() {
         let err =
             resolve_watcher(&FileConfig::default(), &WatcherOverrides::default()).unwrap_err();
