@@ -540,6 +540,14 @@ pub fn resolve_watcher(
                 "template #{n}: set haproxy_master_socket or reload_cmd, not both"
             ));
         }
+        if t.haproxy_admin_socket.is_some()
+            && t.haproxy_master_socket.is_none()
+            && t.reload_cmd.is_none()
+        {
+            problems.push(format!(
+                "template #{n}: haproxy_admin_socket needs haproxy_master_socket or reload_cmd too: the runtime API only takes membership changes, and falls back to a reload"
+            ));
+        }
         if let Some(m) = &t.mode {
             if u32::from_str_radix(m, 8)
                 .map(|v| v > 0o7777)
@@ -734,6 +742,25 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         let mut mixed = https(Some(ca));
         mixed.etcd.endpoints = Some(vec!["http://127.0.0.1:2379".into()]);
         assert!(resolve_registrar(&f, &mixed).is_err());
+    }
+
+    #[test]
+    fn admin_socket_needs_a_reload_to_fall_back_on() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.tera"), "x").unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n\
+             haproxy_admin_socket = \"admin.sock\"\n",
+        )
+        .unwrap();
+        let f = FileConfig::load(Some(&path)).unwrap();
+        let err = resolve_watcher(&f, &WatcherOverrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("haproxy_admin_socket needs"),
+            "{err}"
+        );
     }
 
     #[test]

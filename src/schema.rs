@@ -362,6 +362,10 @@ pub struct WatcherStatus {
     pub last_reload_at: Option<u64>,
     /// "ok", "rejected", "failed", or None before the first reload.
     pub last_reload_result: Option<String>,
+    /// How the last change reached HAProxy: "runtime" (runtime API, no reload) or
+    /// "reload". Absent in records of older watchers.
+    #[serde(default)]
+    pub last_apply_path: Option<String>,
     pub last_error: Option<String>,
 }
 

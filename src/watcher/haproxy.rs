@@ -77,20 +77,15 @@ pub fn parse_show_proc(answer: &str) -> Option<MasterStatus> {
     })
 }
 
-/// Sends one command to the master CLI and reads the answer until it closes.
-async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, ReloadError> {
-    let unreachable = |e: std::io::Error| ReloadError::Unreachable {
-        path: path.display().to_string(),
-        error: e.to_string(),
-    };
+/// Sends one command to an HAProxy CLI socket (master or admin) and reads the answer
+/// until HAProxy closes the connection.
+pub(super) async fn exchange(path: &Path, cmd: &str, timeout: Duration) -> std::io::Result<String> {
     let fut = async {
-        let mut s = UnixStream::connect(path).await.map_err(unreachable)?;
-        s.write_all(format!("{cmd}\n").as_bytes())
-            .await
-            .map_err(unreachable)?;
-        // Half-close: the master CLI answers and closes once it sees the end of input;
-        // without it the connection stays open waiting for more commands.
-        s.shutdown().await.map_err(unreachable)?;
+        let mut s = UnixStream::connect(path).await?;
+        s.write_all(format!("{cmd}\n").as_bytes()).await?;
+        // Half-close: the CLI answers and closes once it sees the end of input; without
+        // it the connection stays open waiting for more commands.
+        s.shutdown().await?;
         let mut buf = Vec::new();
         // The master may close without answering (`reload` does): not an error.
         let _ = s.read_to_end(&mut buf).await;
@@ -98,11 +93,21 @@ async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, Re
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(ReloadError::Unreachable {
-            path: path.display().to_string(),
-            error: format!("no answer within {timeout:?}"),
-        }),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )),
     }
+}
+
+/// Sends one command to the master CLI.
+async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, ReloadError> {
+    exchange(path, cmd, timeout)
+        .await
+        .map_err(|e| ReloadError::Unreachable {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })
 }
 
 /// `show proc` on the master socket.

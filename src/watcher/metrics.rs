@@ -31,10 +31,13 @@ pub struct Metrics {
     pub renders: Counter,
     /// Template compile or render errors.
     pub template_errors: Counter,
-    /// Apply outcomes by `result` (unchanged, reloaded, written, rejected, failed).
+    /// Apply outcomes by `result` (unchanged, runtime, reloaded, written, rejected, failed).
     pub applies: Family<Labels, Counter>,
     /// Reloads by `result` (ok, failed).
     pub reloads: Family<Labels, Counter>,
+    /// Changes applied through the runtime API by `result`: ok (no reload), fallback
+    /// (refused, reloaded instead).
+    pub runtime_updates: Family<Labels, Counter>,
     /// Rendered files refused by `check_cmd`.
     pub check_failures: Counter,
     /// Wall time of the last pass that changed something: render, check, swap, reload.
@@ -68,6 +71,7 @@ impl Metrics {
             template_errors: Counter::default(),
             applies: Family::default(),
             reloads: Family::default(),
+            runtime_updates: Family::default(),
             check_failures: Counter::default(),
             last_apply_seconds: Gauge::default(),
             etcd_up: Gauge::default(),
@@ -87,6 +91,11 @@ impl Metrics {
         );
         registry.register("applies", "Apply outcomes by result", m.applies.clone());
         registry.register("reloads", "HAProxy reloads by result", m.reloads.clone());
+        registry.register(
+            "runtime_updates",
+            "Changes applied through the runtime API without a reload (ok), or refused and reloaded instead (fallback)",
+            m.runtime_updates.clone(),
+        );
         registry.register(
             "check_failures",
             "Rendered files refused by check_cmd",

@@ -9,7 +9,8 @@
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
 //! `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
-//! (master socket), `template_files` (notify), `status`, `metrics`.
+//! (master socket), `runtime` (admin socket: membership changes without a reload),
+//! `template_files` (notify), `status`, `metrics`.
 //!
 //! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
 //! - a change that finds the watcher idle — no apply running and none finished in the
@@ -27,6 +28,7 @@ pub mod haproxy;
 mod metrics;
 pub mod render;
 pub mod resource;
+mod runtime;
 mod source;
 mod status;
 pub mod store;
@@ -276,6 +278,8 @@ impl Loop<'_> {
         let timeout = self.cfg.command_timeout;
         let mut errors: Vec<String> = Vec::new();
         let mut reload: Option<&'static str> = None;
+        // "runtime" or "reload": how the last change reached HAProxy.
+        let mut path: Option<&'static str> = None;
         let mut retry = false;
         for r in &mut self.resources {
             if let Some(e) = &r.template_error {
@@ -295,7 +299,8 @@ impl Loop<'_> {
             let outcome = r.apply(&rendered, timeout).await;
             let label = match &outcome {
                 Outcome::Unchanged => "unchanged",
-                Outcome::Reloaded => "reloaded",
+                Outcome::Runtime { .. } => "runtime",
+                Outcome::Reloaded { .. } => "reloaded",
                 Outcome::Written => "written",
                 Outcome::Rejected { .. } => "rejected",
                 Outcome::Failed { .. } => "failed",
@@ -309,12 +314,39 @@ impl Loop<'_> {
                 Outcome::Written => {
                     tracing::info!(dest = %r.cfg.dest.display(), revision = published.revision, "written (no reload configured)");
                 }
-                Outcome::Reloaded => {
+                Outcome::Runtime { applied } => {
+                    self.metrics
+                        .runtime_updates
+                        .get_or_create(&metrics::result("ok"))
+                        .inc();
+                    path = path.or(Some("runtime"));
+                    tracing::info!(
+                        dest = %r.cfg.dest.display(),
+                        revision = published.revision,
+                        services = snapshot.services.len(),
+                        instances = snapshot.instance_count(),
+                        "applied through the runtime API, no reload ({applied}) in {} ms, {:.2} ms of it in the runtime API",
+                        started.elapsed().as_millis(),
+                        applied.took.as_secs_f64() * 1000.0
+                    );
+                }
+                Outcome::Reloaded { fallback } => {
                     self.metrics
                         .reloads
                         .get_or_create(&metrics::result("ok"))
                         .inc();
                     reload = reload.or(Some("ok"));
+                    path = Some("reload");
+                    if let Some(why) = fallback {
+                        self.metrics
+                            .runtime_updates
+                            .get_or_create(&metrics::result("fallback"))
+                            .inc();
+                        tracing::warn!(
+                            dest = %r.cfg.dest.display(),
+                            "runtime API failed, reloaded instead: {why}"
+                        );
+                    }
                     tracing::info!(
                         dest = %r.cfg.dest.display(),
                         revision = published.revision,
@@ -347,7 +379,7 @@ impl Loop<'_> {
             }
         }
         let elapsed = started.elapsed();
-        if reload.is_some() {
+        if reload.is_some() || path.is_some() {
             self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
         }
         self.metrics.revision.set(published.revision);
@@ -358,6 +390,9 @@ impl Loop<'_> {
             if let Some(result) = reload {
                 s.last_reload_at = Some(unix_now());
                 s.last_reload_result = Some(result.to_string());
+            }
+            if let Some(p) = path {
+                s.last_apply_path = Some(p.to_string());
             }
             s.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
         });
@@ -473,7 +508,16 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
         match r.apply(&rendered, cfg.command_timeout).await {
             Outcome::Unchanged => println!("{}: unchanged", t.dest.display()),
             Outcome::Written => println!("{}: written", t.dest.display()),
-            Outcome::Reloaded => println!("{}: written and reloaded", t.dest.display()),
+            Outcome::Runtime { applied } => println!(
+                "{}: written and applied through the runtime API ({applied}), no reload",
+                t.dest.display()
+            ),
+            Outcome::Reloaded { fallback } => {
+                if let Some(why) = fallback {
+                    println!("{}: runtime API failed: {why}", t.dest.display());
+                }
+                println!("{}: written and reloaded", t.dest.display())
+            }
             Outcome::Rejected { stderr } => {
                 ok = false;
                 println!(

@@ -1,6 +1,7 @@
 //! One `[[template]]` resource: its compiled template, the bytes live at `dest`, and
 //! the apply pipeline — stage beside `dest`, check, fsync, rename, fsync the folder,
-//! reload — with a typed outcome.
+//! then either the runtime API (membership changes only, see `runtime`) or a reload —
+//! with a typed outcome.
 //!
 //! Invariants:
 //! - `dest` only ever changes by `rename(2)` of a fully written, fsynced, checked file,
@@ -9,6 +10,10 @@
 //!   run are removed by `clean_stale_staging` at start.
 //! - A failed check leaves `dest` byte-identical. A failed reload puts the last good
 //!   bytes back, so the file on disk is always what HAProxy runs (or last accepted).
+//! - The runtime API is only used when HAProxy is known to run `live` (no reload
+//!   pending), and is always followed by nothing or by a reload: once HAProxy
+//!   confirmed every command it runs the new file's servers; on any refusal the new
+//!   file (already in place) is reloaded, so a half-applied change never stays.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 use super::diff;
 use super::haproxy;
 use super::render::{self, Template, TemplateError};
+use super::runtime::{self, Plan};
 use super::store::Snapshot;
 use crate::config::TemplateResource;
 
@@ -32,8 +38,11 @@ const DIFF_LINES_LOGGED: usize = 40;
 pub enum Outcome {
     /// Rendered bytes equal the live file; nothing was touched.
     Unchanged,
+    /// Written, and HAProxy's servers changed through the runtime API, with no reload.
+    Runtime { applied: runtime::Applied },
     /// Written and reloaded (reload confirmed by HAProxy, or `reload_cmd` succeeded).
-    Reloaded,
+    /// `fallback`: the runtime API was tried first and failed this way.
+    Reloaded { fallback: Option<String> },
     /// Written; no reload is configured for this resource.
     Written,
     /// `check_cmd` refused the new file; `dest` is untouched.
@@ -210,10 +219,32 @@ impl Resource {
             self.reload_pending = false;
             return Outcome::Written;
         }
+        let mut fallback = None;
+        if changed && !self.reload_pending {
+            if let (Some(sock), Some(prev)) = (&self.cfg.haproxy_admin_socket, &previous) {
+                match runtime::plan(&String::from_utf8_lossy(prev), rendered) {
+                    Plan::Runtime(ops) => match runtime::apply(sock, &ops, timeout).await {
+                        Ok(applied) => return Outcome::Runtime { applied },
+                        Err(e) => {
+                            // HAProxy may run part of the change: only the reload of
+                            // the new file (in place already) makes it whole again.
+                            self.reload_pending = true;
+                            fallback = Some(e.to_string());
+                        }
+                    },
+                    Plan::Reload(why) => {
+                        tracing::info!(
+                            dest = %self.cfg.dest.display(),
+                            "reloading, the runtime API cannot apply this change: {why}"
+                        );
+                    }
+                }
+            }
+        }
         match self.reload(timeout).await {
             Ok(()) => {
                 self.reload_pending = false;
-                Outcome::Reloaded
+                Outcome::Reloaded { fallback }
             }
             Err((error, transient)) => {
                 // Put the last good file back so the file matches what HAProxy runs.
@@ -228,6 +259,10 @@ impl Resource {
                         }
                     }
                 }
+                let error = match fallback {
+                    Some(f) => format!("{error} (after the runtime API failed: {f})"),
+                    None => error,
+                };
                 Outcome::Failed { error, transient }
             }
         }

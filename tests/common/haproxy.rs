@@ -199,6 +199,12 @@ pub struct Options {
     pub command_timeout_ms: u64,
     /// `reload_cmd` instead of the master socket.
     pub reload_cmd: Option<String>,
+    /// Render `stats socket <dir>/admin.sock level admin` and give the watcher that
+    /// socket (`haproxy_admin_socket`): membership changes go through the runtime API.
+    pub admin_socket: bool,
+    /// `haproxy_admin_socket` given to the watcher instead of the rendered one (to
+    /// inject runtime API failures). Implies the rendered socket as with `admin_socket`.
+    pub watcher_admin_socket: Option<String>,
 }
 
 impl Default for Options {
@@ -212,6 +218,8 @@ impl Default for Options {
             wait_max_ms: 500,
             command_timeout_ms: 10_000,
             reload_cmd: None,
+            admin_socket: false,
+            watcher_admin_socket: None,
         }
     }
 }
@@ -231,6 +239,8 @@ pub struct FrontDoor {
     pub haproxy: Haproxy,
     pub watcher: Option<Proc>,
     pub etcd_endpoint: String,
+    /// HAProxy's admin socket, when the config renders one.
+    pub admin_sock: PathBuf,
 }
 
 impl FrontDoor {
@@ -269,6 +279,20 @@ impl FrontDoor {
             Some(cmd) => format!("reload_cmd = {cmd:?}"),
             None => format!("haproxy_master_socket = {:?}", sock.display().to_string()),
         };
+        let admin_sock = dir.path().join("admin.sock");
+        let mut vars = opts.vars.clone();
+        let mut admin = String::new();
+        if opts.admin_socket || opts.watcher_admin_socket.is_some() {
+            vars.push_str(&format!(
+                "\nadmin_socket = {:?}\n",
+                admin_sock.display().to_string()
+            ));
+            let watcher_sock = opts
+                .watcher_admin_socket
+                .clone()
+                .unwrap_or_else(|| admin_sock.display().to_string());
+            admin = format!("haproxy_admin_socket = {watcher_sock:?}");
+        }
         let config = dir.path().join("portolan.toml");
         let toml = format!(
             r#"[etcd]
@@ -286,6 +310,7 @@ src = "haproxy.cfg.tera"
 dest = "haproxy.cfg"
 check_cmd = {check:?}
 {reload}
+{admin}
 
 [template.vars]
 domain = "{DOMAIN}"
@@ -298,7 +323,6 @@ stats_bind = "127.0.0.1:{stats_port}"
             max = opts.wait_max_ms,
             timeout = opts.command_timeout_ms,
             check = opts.check_cmd,
-            vars = opts.vars,
         );
         std::fs::write(&config, toml).expect("write watcher config");
         FrontDoor {
@@ -315,6 +339,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             haproxy,
             watcher: None,
             etcd_endpoint: etcd.endpoint(),
+            admin_sock,
         }
     }
 
@@ -397,6 +422,21 @@ stats_bind = "127.0.0.1:{stats_port}"
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// One command on HAProxy's admin socket; its answer, trimmed.
+    pub async fn admin(&self, cmd: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(&self.admin_sock)
+            .await
+            .unwrap_or_else(|e| panic!("admin socket {}: {e}", self.admin_sock.display()));
+        s.write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .expect("admin write");
+        s.shutdown().await.expect("admin shutdown");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("admin read");
+        out.trim().to_string()
     }
 
     /// Runs `haproxy -c` on the live file.

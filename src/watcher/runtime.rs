@@ -1,0 +1,836 @@
+//! The fast path: membership changes through HAProxy's runtime API (the admin `stats
+//! socket`), with no reload.
+//!
+//! `plan(live, rendered)` is pure and template-agnostic: it splits both configs into
+//! sections and answers `Runtime(ops)` only when the sole differences are `server`
+//! lines added, removed or changed inside `backend`/`listen` sections present in both,
+//! and every server to add can be created by `add server` exactly as the file would
+//! create it. Anything else is `Reload(reason)`. `apply` sends the ops; any refusal is
+//! an error, and the caller falls back to a reload of the (already written) file, so
+//! correctness never depends on this path.
+//!
+//! HAProxy 2.6 facts this relies on (management guide, tried on this machine):
+//! - `add server` does not apply `default-server` settings, so the `default-server`
+//!   arguments of the governing `defaults` section and of the backend are sent in front
+//!   of the server line's own, the order in which the file parser applies them.
+//! - A dynamic server starts in maintenance with checks off: `enable health` (and
+//!   `enable agent`) then `enable server`.
+//! - `add server` refuses `init-addr` (a dynamic server is always `init-addr none`): it
+//!   is dropped when the address is an IP literal, where it has no effect; a host name
+//!   would never resolve, so it goes through a reload.
+//! - `del server` needs the server in maintenance with no connection left. Sessions are
+//!   not shut down (that fails in-flight requests); `del` is retried while they finish,
+//!   and a server still busy after `DRAIN` falls back to a reload, whose old worker lets
+//!   them finish.
+//! - Dynamic servers get ids after the file's, so a balance algorithm that depends on
+//!   server ids or order (hashing, `first`) would behave differently after the next
+//!   reload: only `roundrobin` and `leastconn` backends take this path.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::haproxy;
+
+/// More server changes than this in one batch go through one reload instead: a reload
+/// is atomic and costs the same however many servers change.
+pub const MAX_SERVER_CHANGES: usize = 100;
+/// How long a removed server may take to finish its requests before a reload is used.
+const DRAIN: Duration = Duration::from_secs(1);
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// One membership change inside an existing backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `add server <backend>/<server> <addr> <args…>`, then enable checks and traffic.
+    Add {
+        backend: String,
+        server: String,
+        addr: String,
+        /// Effective arguments: default-server ones first, `init-addr` dropped.
+        args: Vec<String>,
+        check: bool,
+        agent: bool,
+        /// False when the line says `disabled`: the server stays in maintenance.
+        enable: bool,
+    },
+    /// Maintenance, then `del server` once its requests are done.
+    Remove { backend: String, server: String },
+    /// `set server <backend>/<server> weight <n>`.
+    Weight {
+        backend: String,
+        server: String,
+        weight: String,
+    },
+}
+
+/// What `plan` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Apply these (adds, then weights, then removes) and HAProxy runs `rendered`.
+    Runtime(Vec<Op>),
+    /// Only a reload can make HAProxy run `rendered`; the reason is for the log.
+    Reload(String),
+}
+
+impl Plan {
+    fn reload(reason: impl Into<String>) -> Plan {
+        Plan::Reload(reason.into())
+    }
+}
+
+/// Section keywords of HAProxy 2.6: a line starting with one opens a new section.
+const SECTIONS: &[&str] = &[
+    "global",
+    "defaults",
+    "frontend",
+    "backend",
+    "listen",
+    "userlist",
+    "peers",
+    "resolvers",
+    "mailers",
+    "program",
+    "http-errors",
+    "ring",
+    "cache",
+    "fcgi-app",
+];
+
+/// `add server` keywords of HAProxy 2.6 (management guide) with how many arguments each
+/// takes; every one was accepted by `add server` on HAProxy 2.6.12 here. `source`/`usesrc`
+/// take a variable number and are left out: a line using them reloads. Anything not
+/// listed (`cookie`, `resolvers`, `no-check`, `redir`, …: refused by HAProxy) reloads too.
+const ADD_SERVER_KEYWORDS: &[(&str, usize)] = &[
+    ("agent-addr", 1),
+    ("agent-check", 0),
+    ("agent-inter", 1),
+    ("agent-port", 1),
+    ("agent-send", 1),
+    ("allow-0rtt", 0),
+    ("alpn", 1),
+    ("addr", 1),
+    ("backup", 0),
+    ("ca-file", 1),
+    ("check", 0),
+    ("check-alpn", 1),
+    ("check-proto", 1),
+    ("check-send-proxy", 0),
+    ("check-sni", 1),
+    ("check-ssl", 0),
+    ("check-via-socks4", 0),
+    ("ciphers", 1),
+    ("ciphersuites", 1),
+    ("crl-file", 1),
+    ("crt", 1),
+    ("disabled", 0),
+    ("downinter", 1),
+    ("enabled", 0),
+    ("error-limit", 1),
+    ("fall", 1),
+    ("fastinter", 1),
+    ("force-sslv3", 0),
+    ("force-tlsv10", 0),
+    ("force-tlsv11", 0),
+    ("force-tlsv12", 0),
+    ("force-tlsv13", 0),
+    ("id", 1),
+    ("inter", 1),
+    ("maxconn", 1),
+    ("maxqueue", 1),
+    ("minconn", 1),
+    ("no-ssl-reuse", 0),
+    ("no-sslv3", 0),
+    ("no-tlsv10", 0),
+    ("no-tlsv11", 0),
+    ("no-tlsv12", 0),
+    ("no-tlsv13", 0),
+    ("no-tls-tickets", 0),
+    ("npn", 1),
+    ("observe", 1),
+    ("on-error", 1),
+    ("on-marked-down", 1),
+    ("on-marked-up", 1),
+    ("pool-low-conn", 1),
+    ("pool-max-conn", 1),
+    ("pool-purge-delay", 1),
+    ("port", 1),
+    ("proto", 1),
+    ("proxy-v2-options", 1),
+    ("rise", 1),
+    ("send-proxy", 0),
+    ("send-proxy-v2", 0),
+    ("send-proxy-v2-ssl", 0),
+    ("send-proxy-v2-ssl-cn", 0),
+    ("slowstart", 1),
+    ("sni", 1),
+    ("ssl", 0),
+    ("ssl-max-ver", 1),
+    ("ssl-min-ver", 1),
+    ("tfo", 0),
+    ("tls-tickets", 0),
+    ("track", 1),
+    ("verify", 1),
+    ("verifyhost", 1),
+    ("weight", 1),
+    ("ws", 1),
+];
+
+/// Balance algorithms whose behaviour does not depend on server ids or order.
+const ORDER_FREE_BALANCE: &[&str] = &["roundrobin", "leastconn"];
+
+/// One section: its header, its other lines (trimmed, comments and blank lines left
+/// out: they do not change what HAProxy runs) and, for backends, its servers by name.
+#[derive(Debug)]
+struct Section<'a> {
+    header: &'a str,
+    lines: Vec<&'a str>,
+    /// `server` lines of a `backend`/`listen` section, by name.
+    servers: BTreeMap<&'a str, &'a str>,
+    /// Index of the `defaults` section in force for this one.
+    defaults: Option<usize>,
+}
+
+impl Section<'_> {
+    fn kind(&self) -> &str {
+        self.header.split_whitespace().next().unwrap_or("")
+    }
+
+    fn has_servers(&self) -> bool {
+        matches!(self.kind(), "backend" | "listen")
+    }
+
+    /// Words after `keyword`, for every line starting with it, in file order.
+    fn directives<'s>(&'s self, keyword: &'s str) -> impl Iterator<Item = Vec<&'s str>> + 's {
+        self.lines.iter().filter_map(move |l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(keyword)).then(|| w.collect())
+        })
+    }
+}
+
+fn parse(text: &str) -> Result<Vec<Section<'_>>, String> {
+    let mut sections: Vec<Section> = vec![Section {
+        header: "",
+        lines: Vec::new(),
+        servers: BTreeMap::new(),
+        defaults: None,
+    }];
+    let mut defaults = None;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let first = line.split_whitespace().next().unwrap_or("");
+        if SECTIONS.contains(&first) {
+            if first == "defaults" {
+                defaults = Some(sections.len());
+            }
+            sections.push(Section {
+                header: line,
+                lines: Vec::new(),
+                servers: BTreeMap::new(),
+                defaults,
+            });
+            continue;
+        }
+        let Some(section) = sections.last_mut() else {
+            continue;
+        };
+        if first == "server" && section.has_servers() {
+            let name = line.split_whitespace().nth(1).unwrap_or("");
+            if section.servers.insert(name, line).is_some() {
+                return Err(format!(
+                    "server {name} appears twice in `{}`",
+                    section.header
+                ));
+            }
+        } else {
+            section.lines.push(line);
+        }
+    }
+    Ok(sections)
+}
+
+/// Decides how HAProxy, running `live`, can be made to run `rendered`.
+pub fn plan(live: &str, rendered: &str) -> Plan {
+    let (old, new) = match (parse(live), parse(rendered)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(e), _) | (_, Err(e)) => return Plan::Reload(e),
+    };
+    if old.len() != new.len() {
+        return Plan::reload("sections were added or removed");
+    }
+    let mut adds = Vec::new();
+    let mut weights = Vec::new();
+    let mut replaces = Vec::new();
+    let mut removes = Vec::new();
+    for (o, n) in old.iter().zip(&new) {
+        if o.header != n.header {
+            return Plan::reload(format!("section `{}` became `{}`", o.header, n.header));
+        }
+        if o.lines != n.lines {
+            let kind = if n.header.is_empty() {
+                "the lines before the first section"
+            } else {
+                n.header
+            };
+            return Plan::reload(format!("`{kind}` changed beyond its server lines"));
+        }
+        if o.servers == n.servers {
+            continue;
+        }
+        let mut words = n.header.split_whitespace();
+        let backend = match (words.next(), words.next(), words.next()) {
+            (Some(_), Some(name), None) => name,
+            _ => return Plan::reload(format!("`{}` names no plain backend", n.header)),
+        };
+        // The last `balance` wins, the backend's over its defaults section's.
+        let balance = n
+            .directives("balance")
+            .last()
+            .or_else(|| n.defaults.and_then(|d| new[d].directives("balance").last()))
+            .and_then(|w| w.first().copied())
+            .unwrap_or("roundrobin");
+        if !ORDER_FREE_BALANCE.contains(&balance) {
+            return Plan::reload(format!(
+                "backend {backend} balances with `{balance}`, which depends on server order"
+            ));
+        }
+        // `default-server` lines add up, the defaults section's first.
+        let mut defaults_args: Vec<&str> = Vec::new();
+        for section in n.defaults.map(|d| &new[d]).into_iter().chain([n]) {
+            defaults_args.extend(section.directives("default-server").flatten());
+        }
+        for name in o.servers.keys() {
+            if !n.servers.contains_key(name) {
+                removes.push(Op::Remove {
+                    backend: backend.into(),
+                    server: (*name).into(),
+                });
+            }
+        }
+        for (name, line) in &n.servers {
+            match o.servers.get(name) {
+                Some(old_line) if old_line == line => {}
+                Some(old_line) => match weight_change(old_line, line) {
+                    Some(weight) => weights.push(Op::Weight {
+                        backend: backend.into(),
+                        server: (*name).into(),
+                        weight: weight.into(),
+                    }),
+                    None => match add(backend, line, &defaults_args) {
+                        Ok(op) => {
+                            replaces.push(Op::Remove {
+                                backend: backend.into(),
+                                server: (*name).into(),
+                            });
+                            replaces.push(op);
+                        }
+                        Err(why) => return Plan::Reload(why),
+                    },
+                },
+                None => match add(backend, line, &defaults_args) {
+                    Ok(op) => adds.push(op),
+                    Err(why) => return Plan::Reload(why),
+                },
+            }
+        }
+    }
+    let changes = adds.len() + weights.len() + replaces.len() / 2 + removes.len();
+    if changes > MAX_SERVER_CHANGES {
+        return Plan::reload(format!(
+            "{changes} server changes in one batch (one reload is cheaper beyond {MAX_SERVER_CHANGES})"
+        ));
+    }
+    // New servers first, so a backend whose instance is replaced never runs empty.
+    let mut ops = adds;
+    ops.extend(weights);
+    ops.extend(replaces);
+    ops.extend(removes);
+    Plan::Runtime(ops)
+}
+
+/// The new weight when `old` and `new` differ only in the value after `weight`.
+fn weight_change<'a>(old: &str, new: &'a str) -> Option<&'a str> {
+    let (o, n): (Vec<&str>, Vec<&str>) = (
+        old.split_whitespace().collect(),
+        new.split_whitespace().collect(),
+    );
+    if o.len() != n.len() {
+        return None;
+    }
+    let mut weight = None;
+    for (i, (a, b)) in o.iter().zip(&n).enumerate() {
+        if a == b {
+            continue;
+        }
+        // The value sits at index 4 at the earliest: `server <name> <addr> weight <n>`.
+        if i >= 4 && n[i - 1] == "weight" && o[i - 1] == "weight" && weight.is_none() {
+            weight = Some(*b);
+        } else {
+            return None;
+        }
+    }
+    weight.filter(|w| w.parse::<u32>().is_ok())
+}
+
+/// The `add server` op creating the server of `line` as the file would.
+fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<Op, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (name, addr) = match words.as_slice() {
+        [_, name, addr, ..] => (*name, *addr),
+        _ => return Err(format!("server line `{line}` has no address")),
+    };
+    // The CLI splits on spaces and `;` and knows no quoting the way the file does.
+    let special = |w: &&&str| w.contains(['"', '\'', '\\', '#', ';']);
+    if let Some(w) = words.iter().chain(defaults_args).find(special) {
+        return Err(format!(
+            "`{w}` in the server line of {backend}/{name} needs quoting the CLI does not do"
+        ));
+    }
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let ip_literal = host.parse::<IpAddr>().is_ok();
+    let mut args = Vec::new();
+    let (mut check, mut agent, mut enable) = (false, false, true);
+    let all: Vec<&str> = defaults_args.iter().chain(&words[3..]).copied().collect();
+    let mut i = 0;
+    while i < all.len() {
+        let kw = all[i];
+        if kw == "init-addr" {
+            if !ip_literal {
+                return Err(format!(
+                    "{backend}/{name}: {addr} is not an IP address and a dynamic server never resolves names"
+                ));
+            }
+            i += 2;
+            continue;
+        }
+        let Some((_, arity)) = ADD_SERVER_KEYWORDS.iter().find(|(k, _)| *k == kw) else {
+            return Err(format!(
+                "{backend}/{name}: `{kw}` is not accepted by `add server` in HAProxy 2.6"
+            ));
+        };
+        if i + arity >= all.len() {
+            return Err(format!("{backend}/{name}: `{kw}` lacks its argument"));
+        }
+        match kw {
+            "check" => check = true,
+            "agent-check" => agent = true,
+            "disabled" => enable = false,
+            "enabled" => enable = true,
+            _ => {}
+        }
+        args.extend(all[i..=i + arity].iter().map(|w| w.to_string()));
+        i += 1 + arity;
+    }
+    if !ip_literal {
+        return Err(format!(
+            "{backend}/{name}: {addr} is not an IP address and a dynamic server never resolves names"
+        ));
+    }
+    Ok(Op::Add {
+        backend: backend.into(),
+        server: name.into(),
+        addr: addr.into(),
+        args,
+        check,
+        agent,
+        enable,
+    })
+}
+
+/// Why a runtime apply failed. The caller falls back to a reload in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "HAProxy admin socket {path}: {error} (the global section needs `stats socket {path} level admin`, e.g. the default template's admin_socket variable)"
+    )]
+    Unreachable { path: String, error: String },
+    #[error("HAProxy refused `{command}`: {answer}")]
+    Refused { command: String, answer: String },
+    #[error("{server} still had connections {DRAIN:?} after it was put in maintenance")]
+    Busy { server: String },
+}
+
+/// What `apply` did, for the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub added: usize,
+    pub removed: usize,
+    pub reweighted: usize,
+    /// From the first command sent to the last answer.
+    pub took: Duration,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "+{} -{} ~{} servers",
+            self.added, self.removed, self.reweighted
+        )
+    }
+}
+
+/// Sends `ops` to the admin socket in order. Stops at the first refusal: HAProxy then
+/// runs a mix of old and new, which the caller's reload replaces.
+pub async fn apply(sock: &Path, ops: &[Op], timeout: Duration) -> Result<Applied, RuntimeError> {
+    let start = Instant::now();
+    let mut done = Applied::default();
+    for op in ops {
+        match op {
+            Op::Add {
+                backend,
+                server,
+                addr,
+                args,
+                check,
+                agent,
+                enable,
+            } => {
+                let id = format!("{backend}/{server}");
+                let mut cmd = format!("add server {id} {addr}");
+                for a in args {
+                    cmd.push(' ');
+                    cmd.push_str(a);
+                }
+                expect(sock, &cmd, "New server registered.", timeout).await?;
+                if *check {
+                    expect(sock, &format!("enable health {id}"), "", timeout).await?;
+                }
+                if *agent {
+                    expect(sock, &format!("enable agent {id}"), "", timeout).await?;
+                }
+                if *enable {
+                    expect(sock, &format!("enable server {id}"), "", timeout).await?;
+                }
+                done.added += 1;
+            }
+            Op::Weight {
+                backend,
+                server,
+                weight,
+            } => {
+                let cmd = format!("set server {backend}/{server} weight {weight}");
+                expect(sock, &cmd, "", timeout).await?;
+                done.reweighted += 1;
+            }
+            Op::Remove { backend, server } => {
+                let id = format!("{backend}/{server}");
+                expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
+                let deadline = Instant::now() + DRAIN;
+                let del = format!("del server {id}");
+                loop {
+                    let answer = send(sock, &del, timeout).await?;
+                    if answer == "Server deleted." {
+                        break;
+                    }
+                    if !answer.contains("still has connections") {
+                        return Err(RuntimeError::Refused {
+                            command: del,
+                            answer,
+                        });
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(RuntimeError::Busy { server: id });
+                    }
+                    tokio::time::sleep(DRAIN_POLL).await;
+                }
+                done.removed += 1;
+            }
+        }
+    }
+    done.took = start.elapsed();
+    Ok(done)
+}
+
+/// Sends one command; its trimmed answer must be `want` (most commands answer nothing
+/// on success and a sentence on failure).
+async fn expect(sock: &Path, cmd: &str, want: &str, timeout: Duration) -> Result<(), RuntimeError> {
+    let answer = send(sock, cmd, timeout).await?;
+    if answer == want {
+        Ok(())
+    } else {
+        Err(RuntimeError::Refused {
+            command: cmd.to_string(),
+            answer,
+        })
+    }
+}
+
+async fn send(sock: &Path, cmd: &str, timeout: Duration) -> Result<String, RuntimeError> {
+    match haproxy::exchange(sock, cmd, timeout).await {
+        Ok(answer) => Ok(answer.trim().to_string()),
+        Err(e) => Err(RuntimeError::Unreachable {
+            path: sock.display().to_string(),
+            error: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "\
+# generated
+global
+    log stderr format short local0 notice
+    stats socket /run/admin.sock mode 600 level admin
+
+defaults
+    mode http
+    default-server inter 2s fall 3 observe layer4 init-addr last,libc,none
+
+frontend http-in
+    bind *:80
+    use_backend svc_web if { var(txn.host) -m str web.test }
+
+backend svc_web
+    balance roundrobin
+    server a 10.0.0.1:80 weight 100 check
+    server b 10.0.0.2:80 weight 100 check
+";
+
+    fn with(servers: &str) -> String {
+        BASE.replace(
+            "    server a 10.0.0.1:80 weight 100 check\n    server b 10.0.0.2:80 weight 100 check\n",
+            servers,
+        )
+    }
+
+    fn reason(p: Plan) -> String {
+        match p {
+            Plan::Reload(why) => why,
+            Plan::Runtime(ops) => panic!("expected a reload, got {ops:?}"),
+        }
+    }
+
+    fn runtime(p: Plan) -> Vec<Op> {
+        match p {
+            Plan::Runtime(ops) => ops,
+            Plan::Reload(why) => panic!("expected runtime ops, got a reload: {why}"),
+        }
+    }
+
+    #[test]
+    fn identical_configs_need_nothing() {
+        assert_eq!(plan(BASE, BASE), Plan::Runtime(vec![]));
+        // Comments and blank lines do not change what HAProxy runs.
+        let commented = BASE.replace("# generated", "# generated again\n\n");
+        assert_eq!(plan(BASE, &commented), Plan::Runtime(vec![]));
+    }
+
+    #[test]
+    fn an_added_server_carries_the_default_server_arguments_without_init_addr() {
+        let new = with(
+            "    server a 10.0.0.1:80 weight 100 check\n    server b 10.0.0.2:80 weight 100 check\n    server c 10.0.0.3:80 weight 50 check\n",
+        );
+        let ops = runtime(plan(BASE, &new));
+        assert_eq!(
+            ops,
+            vec![Op::Add {
+                backend: "svc_web".into(),
+                server: "c".into(),
+                addr: "10.0.0.3:80".into(),
+                args: "inter 2s fall 3 observe layer4 weight 50 check"
+                    .split(' ')
+                    .map(String::from)
+                    .collect(),
+                check: true,
+                agent: false,
+                enable: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn removals_weights_and_replacements() {
+        let new = with(
+            "    server a 10.0.0.1:80 weight 7 check\n    server b 10.0.0.9:80 weight 100 check\n",
+        );
+        let ops = runtime(plan(BASE, &new));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(
+            ops[0],
+            Op::Weight {
+                backend: "svc_web".into(),
+                server: "a".into(),
+                weight: "7".into()
+            }
+        );
+        assert!(matches!(&ops[1], Op::Remove { server, .. } if server == "b"));
+        assert!(
+            matches!(&ops[2], Op::Add { server, addr, .. } if server == "b" && addr == "10.0.0.9:80")
+        );
+
+        let ops = runtime(plan(
+            BASE,
+            &with("    server b 10.0.0.2:80 weight 100 check\n"),
+        ));
+        assert_eq!(
+            ops,
+            vec![Op::Remove {
+                backend: "svc_web".into(),
+                server: "a".into()
+            }]
+        );
+        // Emptying a backend keeps the section: still a runtime change.
+        assert_eq!(runtime(plan(BASE, &with(""))).len(), 2);
+    }
+
+    #[test]
+    fn adds_come_before_removes() {
+        let new = with("    server z 10.0.0.26:80 weight 100 check\n");
+        let ops = runtime(plan(BASE, &new));
+        assert!(matches!(ops[0], Op::Add { .. }), "{ops:?}");
+        assert!(matches!(ops[2], Op::Remove { .. }), "{ops:?}");
+    }
+
+    #[test]
+    fn anything_beyond_server_lines_reloads() {
+        let peers = format!("{BASE}\npeers p\n    server x 10.0.0.1:1024\n");
+        let cases = [
+            // A new backend (new service), and the frontend rule that goes with it.
+            (
+                BASE.to_string(),
+                BASE.replace(
+                    "backend svc_web",
+                    "backend svc_api\n    server x 10.0.0.1:1\n\nbackend svc_web",
+                ),
+                "sections were added",
+            ),
+            (
+                BASE.into(),
+                BASE.replace("bind *:80", "bind *:81"),
+                "`frontend http-in` changed",
+            ),
+            (
+                BASE.into(),
+                BASE.replace("mode http", "mode tcp"),
+                "`defaults` changed",
+            ),
+            (
+                BASE.into(),
+                BASE.replace("level admin", "level operator"),
+                "`global` changed",
+            ),
+            // A server line in a section that is not a backend.
+            (
+                peers.clone(),
+                peers.replace("10.0.0.1:1024", "10.0.0.2:1024"),
+                "`peers p` changed",
+            ),
+        ];
+        for (old, new, why) in cases {
+            let got = reason(plan(&old, &new));
+            assert!(got.contains(why), "{got}, expected {why}");
+        }
+    }
+
+    #[test]
+    fn servers_the_cli_cannot_create_reload() {
+        let added = |line: &str| {
+            plan(
+                BASE,
+                &with(&format!(
+                    "    server a 10.0.0.1:80 weight 100 check\n    server b 10.0.0.2:80 weight 100 check\n    {line}\n"
+                )),
+            )
+        };
+        for (line, why) in [
+            ("server c db.internal:80 check", "not an IP address"),
+            ("server c 10.0.0.3:80 cookie c1", "`cookie` is not accepted"),
+            ("server c 10.0.0.3:80 source 10.0.0.100", "`source` is not"),
+            ("server c 10.0.0.3:80 weight", "lacks its argument"),
+            ("server c \"10.0.0.3:80\"", "needs quoting"),
+        ] {
+            let got = reason(added(line));
+            assert!(got.contains(why), "{line}: {got}");
+        }
+        let ops = runtime(added(
+            "server c [fd00::3]:80 disabled agent-check agent-port 9",
+        ));
+        assert!(matches!(
+            &ops[0],
+            Op::Add {
+                check: false,
+                agent: true,
+                enable: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn order_dependent_balance_reloads_and_defaults_balance_counts() {
+        let add_c = |cfg: &str| {
+            cfg.replace(
+                "    server b 10.0.0.2:80 weight 100 check\n",
+                "    server b 10.0.0.2:80 weight 100 check\n    server c 10.0.0.3:80\n",
+            )
+        };
+        let hashed = BASE.replace("balance roundrobin", "balance source");
+        assert!(reason(plan(&hashed, &add_c(&hashed))).contains("`source`"));
+        let inherited = BASE
+            .replace("    balance roundrobin\n", "")
+            .replace("    mode http\n", "    mode http\n    balance first\n");
+        assert!(reason(plan(&inherited, &add_c(&inherited))).contains("`first`"));
+        let leastconn = BASE.replace("balance roundrobin", "balance leastconn");
+        assert_eq!(runtime(plan(&leastconn, &add_c(&leastconn))).len(), 1);
+    }
+
+    #[test]
+    fn default_server_lines_add_up() {
+        let two = BASE.replace(
+            "    balance roundrobin\n",
+            "    balance roundrobin\n    default-server rise 5\n    default-server maxconn 9\n",
+        );
+        let new = two.replace(
+            "    server b 10.0.0.2:80 weight 100 check\n",
+            "    server b 10.0.0.2:80 weight 100 check\n    server c 10.0.0.3:80\n",
+        );
+        let ops = runtime(plan(&two, &new));
+        let Op::Add { args, .. } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(
+            args.join(" "),
+            "inter 2s fall 3 observe layer4 rise 5 maxconn 9"
+        );
+    }
+
+    #[test]
+    fn large_batches_reload() {
+        let many: String = (0..=MAX_SERVER_CHANGES)
+            .map(|i| format!("    server s{i} 10.1.0.{}:{} check\n", i % 250, 1000 + i))
+            .collect();
+        assert!(matches!(plan(BASE, &with(&many)), Plan::Reload(_)));
+    }
+
+    #[test]
+    fn the_shipped_golden_config_is_understood() {
+        let golden = include_str!("../../tests/golden/haproxy.cfg");
+        assert_eq!(plan(golden, golden), Plan::Runtime(vec![]));
+        let fewer = golden.replace(
+            "    server host-b-0123456789ab-8080 10.0.0.6:32769 weight 50 check\n",
+            "",
+        );
+        assert_eq!(runtime(plan(golden, &fewer)).len(), 1);
+        // api's dns-1 is a host name: removing a server is fine, adding one like it is not.
+        let more = golden.replace(
+            "    server manual-1 10.0.0.9:80 weight 100 check\n",
+            "    server manual-1 10.0.0.9:80 weight 100 check\n    server dns-2 api2.internal:8080 weight 100 check\n",
+        );
+        assert!(matches!(plan(golden, &more), Plan::Reload(_)));
+    }
+}
