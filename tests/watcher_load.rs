@@ -115,7 +115,7 @@ async fn fifty_reloads_under_load_fail_no_request() {
     let fd = FrontDoor::start(&etcd, Options::default()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
-    wait_until("web routed", Duration::from_secs(15), || async {
+    wait_until("web routed", Duration::from_secs(30), || async {
         fd.routes_to("web", "a").await || fd.routes_to("web", "b").await
     })
     .await;
