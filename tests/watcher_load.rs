@@ -179,7 +179,7 @@ async fn fifty_runtime_changes_under_load_reload_nothing_and_fail_no_request() {
     .await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
-    wait_until("web routed to a and b", Duration::from_secs(15), || async {
+    wait_until("web routed to a and b", Duration::from_secs(30), || async {
         fd.routes_to("web", "a").await && fd.routes_to("web", "b").await
     })
     .await;
