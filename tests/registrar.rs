@@ -620,3 +620,80 @@ async fn a_lease_lost_in_a_partition_is_granted_again_and_everything_put_back() 
     assert!(kvs.values().all(|kv| kv.lease == new_lease), "{kvs:?}");
     assert!(registrar.running());
 }
+
+/// A probed instance down since before a registrar restart must lose the key the
+/// previous registrar left, even though its new probe never saw it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_failing_from_its_first_try_after_a_restart_drops_the_old_key() {
+    let rig = Rig::new("reg-probe-restart").await;
+    // A TTL longer than the wait below: only the probe can remove the key in time.
+    let opts = Opts {
+        ttl: 30,
+        ..Default::default()
+    };
+    let mut first = rig.spawn(&opts);
+    let c = Container::run(
+        &rig.run,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "--label",
+            "portolan.check.http=/",
+            "--label",
+            "portolan.check.interval=1s",
+            "--label",
+            "portolan.check.timeout=300ms",
+        ],
+        Some(&["sh", "-c", "/bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+
+    first.sigkill();
+    docker(&["exec", &c.id, "killall", "-STOP", "httpd"]);
+    let second = rig.spawn(&opts);
+    second.wait_log("reusing live lease", T).await;
+    let took = rig.wait_gone(&key, T).await;
+    eprintln!("probe failing since the restart: key removed after {took:?}");
+    assert!(
+        second.log().contains("probe has not passed yet"),
+        "{}",
+        second.log()
+    );
+
+    docker(&["exec", &c.id, "killall", "-CONT", "httpd"]);
+    rig.wait_value(&key, T).await;
+}
+
+/// `oom` is reported when any process of the container is OOM-killed; the container
+/// keeps running and must stay registered (without waiting for a resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
+    let rig = Rig::new("reg-oom").await;
+    let _registrar = rig.start(&Opts {
+        resync: 60,
+        ..Default::default()
+    });
+    let c = rig.container(&["-m", "32m"]);
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+
+    let since = unix_now();
+    // `tail` keeps the whole unterminated "line" in memory: the kernel kills it.
+    let _ = try_docker(&["exec", &c.id, "sh", "-c", "head -c 200m /dev/zero | tail"]);
+    wait_until("docker's oom event", T, || async {
+        docker_events(&rig.run, since)
+            .iter()
+            .any(|(id, action, _)| id == &c.id && action == "oom")
+    })
+    .await;
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &c.id]),
+        "true"
+    );
+    // Time for the event to reach the registrar and for any write it causes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rig.value(&key).await.is_some(), "the key is gone");
+    assert_eq!(watch.count(&key, false), 0, "the key was deleted");
+}

@@ -82,10 +82,10 @@ pub fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
     let id = actor.id.clone().filter(|id| !id.is_empty())?;
     let action = ev.action.as_deref()?.trim();
     let what = match action {
-        "start" | "restart" | "unpause" | "health_status: healthy" => Action::Refresh,
-        "die" | "stop" | "oom" | "pause" | "destroy" | "health_status: unhealthy" => {
-            Action::Deregister
-        }
+        // `oom` comes when any process in the container's cgroup is OOM-killed, not only
+        // PID 1: look again (if PID 1 died, `die` follows).
+        "start" | "restart" | "unpause" | "health_status: healthy" | "oom" => Action::Refresh,
+        "die" | "stop" | "pause" | "destroy" | "health_status: unhealthy" => Action::Deregister,
         // `docker kill -s HUP` is a reload, not a death: only stopping signals count.
         "kill" => {
             let signal = actor
@@ -358,13 +358,18 @@ mod tests {
 
     #[test]
     fn classifies_events() {
-        for a in ["start", "restart", "unpause", "health_status: healthy"] {
+        for a in [
+            "start",
+            "restart",
+            "unpause",
+            "health_status: healthy",
+            "oom",
+        ] {
             assert_eq!(action(&event(a, &[])), Some(Action::Refresh), "{a}");
         }
         for a in [
             "die",
             "stop",
-            "oom",
             "pause",
             "destroy",
             "health_status: unhealthy",

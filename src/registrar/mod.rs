@@ -265,9 +265,13 @@ impl Registrar {
             // (`lease_lost` backs off if that keeps happening).
             while self.retry_at.is_none() {
                 let had_lease = self.lease.is_some();
+                // Connect, lease and reconcile can take a while against a struggling
+                // etcd; every call on that path is time-limited, so keep the watchdog
+                // fed meanwhile.
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.sync() => {}
+                    _ = feed_watchdog(&mut watchdog), if watchdog_period.is_some() => {}
                 }
                 if !(had_lease && self.lease.is_none()) {
                     break;
@@ -427,9 +431,18 @@ impl Registrar {
         if slot.generation != r.generation {
             return;
         }
-        slot.up = Some(r.up);
+        let before = slot.up.replace(r.up);
         if r.up {
             tracing::info!(instance = %r.instance, addr = %slot.addr, "probe passes");
+        } else if before.is_none() {
+            // Still starting, or down since before a registrar restart: any key it has
+            // from then goes.
+            tracing::info!(
+                instance = %r.instance,
+                addr = %slot.addr,
+                error = r.error.as_deref().unwrap_or("-"),
+                "probe has not passed yet; not registered"
+            );
         } else {
             tracing::warn!(
                 instance = %r.instance,
@@ -763,6 +776,14 @@ fn log_op(prefix: &str, op: &Op, revision: i64) {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// Pings the systemd watchdog at every tick; never returns.
+async fn feed_watchdog(watchdog: &mut tokio::time::Interval) {
+    loop {
+        watchdog.tick().await;
+        sd::watchdog();
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -8,7 +8,8 @@
 //!
 //! A new instance is registered at its first success (it should take traffic as soon
 //! as it answers); after `fall` failures in a row it is deregistered, and it comes back
-//! after `rise` successes in a row.
+//! after `rise` successes in a row. `fall` failures count even before any success: a
+//! restarted registrar may find a key from before for a service that is now down.
 
 use std::time::Duration;
 
@@ -31,9 +32,13 @@ const TCP_SETTLE: Duration = Duration::from_millis(100);
 pub struct Counter {
     fall: u32,
     rise: u32,
-    up: bool,
+    /// None until the first verdict: failures from the very first try must still be
+    /// reported, or a key left by a previous registrar would outlive a dead service.
+    up: Option<bool>,
     ever_up: bool,
+    /// Consecutive results equal to `streak_ok`.
     streak: u32,
+    streak_ok: bool,
 }
 
 impl Counter {
@@ -41,9 +46,10 @@ impl Counter {
         Counter {
             fall: fall.max(1),
             rise: rise.max(1),
-            up: false,
+            up: None,
             ever_up: false,
             streak: 0,
+            streak_ok: false,
         }
     }
 
@@ -53,9 +59,13 @@ impl Counter {
 
     /// Records one result; returns the new state when it changes.
     pub fn observe(&mut self, ok: bool) -> Option<bool> {
-        if ok == self.up {
+        if self.up == Some(ok) {
             self.streak = 0;
             return None;
+        }
+        if self.streak_ok != ok {
+            self.streak = 0;
+            self.streak_ok = ok;
         }
         self.streak += 1;
         let needed = match (ok, self.ever_up) {
@@ -66,7 +76,7 @@ impl Counter {
         if self.streak < needed {
             return None;
         }
-        self.up = ok;
+        self.up = Some(ok);
         self.ever_up |= ok;
         self.streak = 0;
         Some(ok)
@@ -216,6 +226,25 @@ mod tests {
         );
         assert_eq!(c.observe(true), None);
         assert_eq!(c.observe(true), Some(true));
+    }
+
+    #[test]
+    fn failing_from_the_first_try_is_reported_down() {
+        let mut c = Counter::new(3, 2);
+        assert_eq!(c.observe(false), None);
+        assert_eq!(c.observe(false), None);
+        assert_eq!(c.observe(false), Some(false));
+        assert_eq!(c.observe(false), None);
+        assert_eq!(
+            c.observe(true),
+            Some(true),
+            "never up: the first success registers"
+        );
+        let mut c = Counter::new(2, 2);
+        assert_eq!(c.observe(false), None);
+        assert_eq!(c.observe(true), Some(true));
+        let mut c = Counter::new(1, 1);
+        assert_eq!(c.observe(false), Some(false));
     }
 
     #[test]
