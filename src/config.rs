@@ -330,9 +330,26 @@ fn resolve_etcd(file: &EtcdFile, o: &EtcdOverrides, problems: &mut Vec<String>) 
         prefix,
         username,
         password,
-        dial_timeout: Duration::from_millis(file.dial_timeout_ms.unwrap_or(2000)),
+        dial_timeout: Duration::from_millis(at_least_min_timeout(
+            "etcd.dial_timeout_ms",
+            file.dial_timeout_ms.unwrap_or(2000),
+            problems,
+        )),
         tls,
     }
+}
+
+/// Shortest timeout accepted: below it every check or dial "times out" at once.
+const MIN_TIMEOUT_MS: u64 = 100;
+
+/// `ms`, or a problem naming `key` when it is below [`MIN_TIMEOUT_MS`].
+fn at_least_min_timeout(key: &str, ms: u64, problems: &mut Vec<String>) -> u64 {
+    if ms < MIN_TIMEOUT_MS {
+        problems.push(format!(
+            "{key} = {ms}: must be at least {MIN_TIMEOUT_MS} (milliseconds)"
+        ));
+    }
+    ms
 }
 
 fn resolve_tls(
@@ -582,9 +599,11 @@ pub fn resolve_watcher(
         wait_min: Duration::from_millis(wait_min),
         wait_max: Duration::from_millis(wait_max),
         listen,
-        command_timeout: Duration::from_millis(
+        command_timeout: Duration::from_millis(at_least_min_timeout(
+            "watcher.command_timeout_ms",
             f.command_timeout_ms.unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS),
-        ),
+            &mut problems,
+        )),
         templates: file.template.clone(),
     };
     if problems.is_empty() {
@@ -768,5 +787,35 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         let err =
             resolve_watcher(&FileConfig::default(), &WatcherOverrides::default()).unwrap_err();
         assert!(err.to_string().contains("[[template]]"));
+    }
+
+    #[test]
+    fn timeouts_below_100ms_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.tera"), "x").unwrap();
+        let path = dir.path().join("p.toml");
+        let write = |etcd: &str, watcher: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[etcd]\n{etcd}\n[watcher]\n{watcher}\n\
+                     [[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n"
+                ),
+            )
+            .unwrap();
+            FileConfig::load(Some(&path)).unwrap()
+        };
+        let o = WatcherOverrides::default();
+        let f = write("dial_timeout_ms = 0", "command_timeout_ms = 0");
+        let err = resolve_watcher(&f, &o).unwrap_err().to_string();
+        assert!(err.contains("etcd.dial_timeout_ms = 0"), "{err}");
+        assert!(err.contains("watcher.command_timeout_ms = 0"), "{err}");
+        let f = write("dial_timeout_ms = 99", "");
+        let err = resolve_watcher(&f, &o).unwrap_err().to_string();
+        assert!(err.contains("etcd.dial_timeout_ms = 99"), "{err}");
+        let f = write("dial_timeout_ms = 100", "command_timeout_ms = 100");
+        let c = resolve_watcher(&f, &o).unwrap();
+        assert_eq!(c.command_timeout, Duration::from_millis(100));
+        assert_eq!(c.etcd.dial_timeout, Duration::from_millis(100));
     }
 }

@@ -121,8 +121,13 @@ pub async fn show_proc(path: &Path, timeout: Duration) -> Result<MasterStatus, R
 
 /// Reloads HAProxy and waits (up to `timeout`) until the master confirms it.
 /// Returns the master status after the reload.
+///
+/// `timeout` bounds the whole attempt: each exchange with the master only gets the time
+/// left before the deadline, so a hung socket cannot stretch it (the last poll may end
+/// up to `POLL` late).
 pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
     let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
     // No socket file at all: HAProxy is not running. Fail now rather than at the timeout.
     if tokio::fs::metadata(path).await.is_err() {
         return Err(ReloadError::Unreachable {
@@ -132,20 +137,32 @@ pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, Relo
     }
     // A reload started by someone else may still be running: wait for the CLI.
     let before = loop {
-        match show_proc(path, timeout).await {
+        match show_proc(path, left()).await {
             Ok(s) => break s,
             Err(e) if Instant::now() + POLL >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(POLL).await,
         }
     };
-    command(path, "reload", timeout).await?;
+    match exchange(path, "reload", left()).await {
+        Ok(_) => {}
+        // Sent but not closed in time: the master may be reloading already.
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            return Err(ReloadError::Timeout(timeout))
+        }
+        Err(e) => {
+            return Err(ReloadError::Unreachable {
+                path: path.display().to_string(),
+                error: e.to_string(),
+            })
+        }
+    }
     loop {
         if Instant::now() >= deadline {
             return Err(ReloadError::Timeout(timeout));
         }
         tokio::time::sleep(POLL).await;
         // Refused connections are expected while the master re-executes itself.
-        let Ok(now) = show_proc(path, timeout).await else {
+        let Ok(now) = show_proc(path, left()).await else {
             continue;
         };
         if now.reloads > before.reloads {
@@ -185,5 +202,35 @@ mod tests {
         assert_eq!((s.reloads, s.failed), (7, 0));
         assert_eq!(parse_show_proc("Unknown command.\n"), None);
         assert_eq!(parse_show_proc(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_hung_master_costs_one_timeout_in_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Answers the first `show proc`, then accepts and never answers.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"1 master 3 [failed: 0] 0d00h00m05s 2.6\n")
+                .await
+                .unwrap();
+            drop(s);
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let timeout = Duration::from_millis(500);
+        let start = Instant::now();
+        let err = reload(&path, timeout).await.unwrap_err();
+        assert!(matches!(err, ReloadError::Timeout(_)), "{err}");
+        assert!(
+            start.elapsed() < timeout + POLL * 10,
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -9,21 +9,33 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 type Labels = [(&'static str, &'static str); 1];
+
+/// Connections served at once; one over it is closed at once. Scrapers and probes
+/// need a handful; the cap keeps a flood of clients from using up the fds.
+const MAX_CONNECTIONS: usize = 128;
+/// A client that sends no complete request head within this is disconnected, idle
+/// keep-alive connections included.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (EMFILE…), so it is not retried in a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 pub struct Metrics {
     registry: Registry,
@@ -168,28 +180,54 @@ pub async fn serve(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    serve_limited(listener, metrics, tracker, shutdown, MAX_CONNECTIONS).await
+}
+
+async fn serve_limited(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    max_connections: usize,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("serving /metrics and /healthz on http://{addr}");
     }
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut last_warning: Option<Instant> = None;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!("metrics listener: accept failed: {e}");
-                    continue;
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!("metrics listener: accept failed: {e}");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
                 }
             },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics listener: {max_connections} connections open, closing {peer}");
+            drop(stream);
+            continue;
         };
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
@@ -258,5 +296,83 @@ mod tests {
         assert_eq!(m.health().0, StatusCode::OK);
         m.set_etcd_connected(false);
         assert_eq!(m.health().0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn start(max_connections: usize) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_limited(
+            listener,
+            Arc::new(Metrics::new()),
+            TaskTracker::new(),
+            shutdown.clone(),
+            max_connections,
+        ));
+        (addr, shutdown)
+    }
+
+    async fn get_metrics(addr: std::net::SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out)).await;
+        out
+    }
+
+    /// True when the server closed `c` (EOF or reset) within `within`.
+    async fn closed(c: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, c.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn idle_clients_are_dropped_and_do_not_block_scrapes() {
+        let (addr, shutdown) = start(MAX_CONNECTIONS).await;
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let answer = get_metrics(addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(
+            answer.contains("portolan_watcher_renders_total"),
+            "{answer:?}"
+        );
+        // Nothing sent: the header read timeout (10 s) closes every one of them.
+        assert!(closed(&mut idle[0], Duration::from_secs(15)).await);
+        for c in &mut idle[1..] {
+            assert!(closed(c, Duration::from_secs(2)).await);
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_is_closed_at_once() {
+        let (addr, shutdown) = start(2).await;
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut over, Duration::from_secs(2)).await);
+        drop((_a, _b));
+        // Slots come back once the connections end.
+        let mut answer = String::new();
+        for _ in 0..50 {
+            answer = get_metrics(addr).await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        shutdown.cancel();
     }
 }

@@ -220,7 +220,17 @@ impl Loop<'_> {
                 }
             }
             let started = Instant::now();
-            self.pass().await;
+            // Keep systemd's watchdog fed while a pass runs: a pass may take several
+            // `command_timeout`s (check, runtime API, reload per resource), longer than
+            // `WatchdogSec`. It cannot hang for good, as every step of it is bounded.
+            let pass = self.pass();
+            tokio::pin!(pass);
+            loop {
+                tokio::select! {
+                    () = &mut pass => break,
+                    _ = tick(&mut watchdog) => sd::watchdog(),
+                }
+            }
             last_apply = Some((started, Instant::now()));
         }
     }

@@ -58,6 +58,17 @@ pub struct CommandResult {
     pub status: String,
     /// stdout then stderr, trimmed.
     pub output: String,
+    /// Killed at the timeout: it may have done part of its work.
+    pub timed_out: bool,
+}
+
+/// Why a reload did not go through.
+struct ReloadFailure {
+    error: String,
+    /// Worth retrying with backoff (everything but HAProxy refusing the file).
+    transient: bool,
+    /// No confirmation in time: the reload may still be running or have gone through.
+    timed_out: bool,
 }
 
 pub struct Resource {
@@ -246,7 +257,25 @@ impl Resource {
                 self.reload_pending = false;
                 Outcome::Reloaded { fallback }
             }
-            Err((error, transient)) => {
+            Err(ReloadFailure {
+                error,
+                transient,
+                timed_out: true,
+            }) => {
+                // HAProxy may be merely slow and run the new file already (or soon):
+                // putting the old file back could leave it running a file that is no
+                // longer on disk. Keep the new one; the next pass (a transient failure
+                // schedules one) reloads again until HAProxy confirms it.
+                self.reload_pending = true;
+                let error = match fallback {
+                    Some(f) => format!("{error} (after the runtime API failed: {f})"),
+                    None => error,
+                };
+                Outcome::Failed { error, transient }
+            }
+            Err(ReloadFailure {
+                error, transient, ..
+            }) => {
                 // Put the last good file back so the file matches what HAProxy runs.
                 if changed {
                     if let Some(prev) = previous {
@@ -272,22 +301,26 @@ impl Resource {
         self.cfg.haproxy_master_socket.is_some() || self.cfg.reload_cmd.is_some()
     }
 
-    /// Reload through the master socket, or `reload_cmd`. Error: (message, transient).
-    async fn reload(&self, timeout: Duration) -> Result<(), (String, bool)> {
+    /// Reload through the master socket, or `reload_cmd`.
+    async fn reload(&self, timeout: Duration) -> Result<(), ReloadFailure> {
         if let Some(sock) = &self.cfg.haproxy_master_socket {
-            return match haproxy::reload(sock, timeout).await {
-                Ok(_) => Ok(()),
-                Err(e @ haproxy::ReloadError::LoadFailed { .. }) => Err((e.to_string(), false)),
-                Err(e) => Err((e.to_string(), true)),
-            };
+            return haproxy::reload(sock, timeout)
+                .await
+                .map(|_| ())
+                .map_err(|e| ReloadFailure {
+                    transient: !matches!(e, haproxy::ReloadError::LoadFailed { .. }),
+                    timed_out: matches!(e, haproxy::ReloadError::Timeout(_)),
+                    error: e.to_string(),
+                });
         }
         if let Some(cmd) = &self.cfg.reload_cmd {
             let r = run_shell(cmd, timeout).await;
             if !r.success {
-                return Err((
-                    format!("reload_cmd {cmd:?} failed ({}): {}", r.status, r.output),
-                    true,
-                ));
+                return Err(ReloadFailure {
+                    error: format!("reload_cmd {cmd:?} failed ({}): {}", r.status, r.output),
+                    transient: true,
+                    timed_out: r.timed_out,
+                });
             }
         }
         Ok(())
@@ -352,6 +385,7 @@ impl Resource {
                 success: false,
                 status: "not run".into(),
                 output: format!("cannot write {}: {e}", path.display()),
+                timed_out: false,
             });
         }
         let r = run_check(cmd, &path, timeout).await;
@@ -436,6 +470,7 @@ pub async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
                 success: false,
                 status: "not started".into(),
                 output: format!("cannot run `sh -c {cmd}`: {e}"),
+                timed_out: false,
             }
         }
     };
@@ -448,12 +483,14 @@ pub async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
                 success: out.status.success(),
                 status: out.status.to_string(),
                 output: text.trim().to_string(),
+                timed_out: false,
             }
         }
         Ok(Err(e)) => CommandResult {
             success: false,
             status: "wait failed".into(),
             output: format!("waiting for `{cmd}`: {e}"),
+            timed_out: false,
         },
         Err(_) => {
             if let Some(id) = pgid {
@@ -469,6 +506,7 @@ pub async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
                 output: format!(
                     "`{cmd}` did not finish within {timeout:?} and was killed (raise watcher.command_timeout_ms if it is just slow)"
                 ),
+                timed_out: true,
             }
         }
     }
@@ -543,5 +581,38 @@ mod tests {
             r.apply("x\n", Duration::from_secs(5)).await,
             Outcome::Written
         );
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_times_out_keeps_the_new_file_and_reloads_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut r = resource(dir.path(), None);
+        r.cfg.reload_cmd = Some("true".into());
+        r.read_live().await.unwrap();
+        let t = Duration::from_millis(300);
+        assert_eq!(
+            r.apply("v1\n", t).await,
+            Outcome::Reloaded { fallback: None }
+        );
+        // Slow, not failed: HAProxy may run v2 already, so v2 stays.
+        r.cfg.reload_cmd = Some("sleep 30".into());
+        let out = r.apply("v2\n", t).await;
+        assert!(
+            matches!(out, Outcome::Failed { transient: true, ref error } if error.contains("timed out")),
+            "{out:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+        // The next pass renders the same bytes and still reloads to confirm it.
+        r.cfg.reload_cmd = Some("true".into());
+        assert_eq!(
+            r.apply("v2\n", t).await,
+            Outcome::Reloaded { fallback: None }
+        );
+        assert_eq!(r.apply("v2\n", t).await, Outcome::Unchanged);
+        // A reload that fails outright still puts the last good file back.
+        r.cfg.reload_cmd = Some("false".into());
+        assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
     }
 }
