@@ -12,8 +12,8 @@
 //! - `config`, `cli`: the TOML file, environment and flags, merged and validated.
 //! - `etcd`, `backoff`, `shutdown`, `sd`, `telemetry`: shared edges.
 //! - `registrar`: Docker → etcd (`docker`, `selector`, `lease`, `plan`, `probe`).
-//! - `watcher`: etcd → HAProxy (`source`, `store`, `render`, `resource`, `haproxy`,
-//!   `template_files`, `status`, `metrics`).
+//! - `watcher`: etcd → HAProxy (`source`, `store`, `render`, `resource`, `runtime`,
+//!   `haproxy`, `template_files`, `status`, `metrics`).
 //! - `ls`, `dev`: operator commands.
 
 pub mod backoff;
