@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::cli::DevArgs;
 use crate::config::{self, EtcdConfig, RegistrarConfig, TemplateResource, WatcherConfig};
-use crate::{registrar, watcher};
+use crate::{etcd, registrar, watcher};
 
 /// A binary `portolan dev` needs, and the Debian package that provides it.
 const NEEDS: &[(&str, &str)] = &[("etcd", "etcd-server"), ("haproxy", "haproxy")];
@@ -149,11 +149,8 @@ async fn wait_for_etcd(endpoint: &str, child: &mut Child, timeout: Duration) -> 
         if let Ok(Some(status)) = child.try_wait() {
             bail!("etcd exited at start ({status}); is port {endpoint} already in use? try --etcd-port");
         }
-        if let Ok(mut c) = etcd_client::Client::connect([endpoint], None).await {
-            if matches!(
-                tokio::time::timeout(Duration::from_secs(1), c.status()).await,
-                Ok(Ok(_))
-            ) {
+        if let Ok(mut c) = etcd::connect(&EtcdConfig::local(endpoint, PREFIX)).await {
+            if etcd::call(c.status()).await.is_ok() {
                 return Ok(());
             }
         }

@@ -118,19 +118,20 @@ async fn etcd_connection_and_ls_work_with_client_certificates() {
         ca_file: d.join("ca.pem"),
         client: Some((d.join("client.pem"), d.join("client.key"))),
     });
-    let start = Instant::now();
-    let mut client = loop {
-        if let Ok(mut c) = portolan::etcd::connect(&cfg).await {
-            if c.status().await.is_ok() {
-                break c;
+    wait_until(
+        "the TLS etcd to answer",
+        Duration::from_secs(15),
+        || async {
+            match portolan::etcd::connect(&cfg).await {
+                Ok(mut c) => c.status().await.is_ok(),
+                Err(_) => false,
             }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "TLS etcd never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        },
+    )
+    .await;
+    let mut client = portolan::etcd::connect(&cfg)
+        .await
+        .expect("connect over TLS");
     let key = format!("{prefix}/services/web/manual-1");
     client
         .put(key.as_str(), "127.0.0.1:9000", None)
