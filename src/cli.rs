@@ -299,4 +299,8 @@ pub struct DevArgs {
     /// Keep the temporary folder (etcd data, rendered config) after stopping.
     #[arg(long)]
     pub keep: bool,
+    /// Register only containers carrying this label (KEY or KEY=VALUE), as
+    /// `portolan registrar --only-label`; by default every container with a published port.
+    #[arg(long, value_name = "KEY[=VALUE]")]
+    pub only_label: Option<String>,
 }

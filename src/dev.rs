@@ -13,12 +13,10 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::net::IpAddr;
-
 use tracing::Instrument;
 
 use crate::cli::DevArgs;
-use crate::config::{self, EtcdConfig, RegistrarConfig, TemplateResource, WatcherConfig};
+use crate::config::{self, EtcdConfig, TemplateResource, WatcherConfig};
 use crate::{etcd, registrar, watcher};
 
 /// A binary `portolan dev` needs, and the Debian package that provides it.
@@ -291,19 +289,23 @@ async fn with_haproxy(
             vars,
         }],
     };
-    let registrar_cfg = RegistrarConfig {
-        etcd,
-        node: config::hostname(),
-        advertise_ip: Some(IpAddr::from([127, 0, 0, 1])),
-        ttl: Duration::from_secs(config::DEFAULT_TTL_SECS),
-        state_dir: dir.join("state"),
-        docker_host: None,
-        docker_api_version: None,
-        internal: false,
-        resync: Duration::from_secs(config::DEFAULT_RESYNC_SECS),
-        deregister_on_exit: true,
-        only_label: None,
-    };
+    // Through the same resolution as `portolan registrar`, so dev gets its defaults
+    // and validation (a bad --only-label is refused here, by name).
+    let registrar_cfg = config::resolve_registrar(
+        &config::FileConfig::default(),
+        &config::RegistrarOverrides {
+            etcd: config::EtcdOverrides {
+                endpoints: Some(vec![endpoint.to_string()]),
+                prefix: Some(PREFIX.to_string()),
+                ..Default::default()
+            },
+            advertise_ip: Some("127.0.0.1".into()),
+            state_dir: Some(dir.join("state")),
+            deregister_on_exit: Some(true),
+            only_label: args.only_label.clone(),
+            ..Default::default()
+        },
+    )?;
 
     let components = shutdown.child_token();
     let mut watcher_task = tokio::spawn(

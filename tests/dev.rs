@@ -71,14 +71,18 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         assert!(ok, "building {demo} failed");
     }
 
+    let logs = tempfile::tempdir().expect("tempdir");
+    let log_path = logs.path().join("dev.log");
     let started = Instant::now();
     let mut cmd = owned_command(portolan_bin());
     cmd.args(["dev", "--http-port", &http.to_string()])
         .args(["--stats-port", &stats.to_string()])
         .args(["--etcd-port", &etcd.to_string()])
+        // Other tests run containers on the same engine meanwhile: register only ours.
+        .args(["--only-label", &format!("{TEST_LABEL}={run}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(&log_path).expect("dev log"));
     let mut dev = Proc::spawn("portolan dev", &mut cmd);
     let stdout = dev
         .child
@@ -132,23 +136,30 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
 
     // The printed curl, run by a shell exactly as printed.
     let curl = line("curl -H");
-    let took = wait_until(
-        "the printed curl to reach the container",
-        Duration::from_secs(20),
-        || {
-            let curl = curl.clone();
-            let id = id.clone();
-            async move {
-                let out = tokio::process::Command::new("sh")
-                    .args(["-c", &format!("{curl} --silent --max-time 2")])
-                    .output()
-                    .await
-                    .expect("run curl");
-                String::from_utf8_lossy(&out.stdout).trim() == &id[..12]
-            }
-        },
-    )
+    let reach = Instant::now();
+    let reached = eventually(Duration::from_secs(20), || {
+        let curl = curl.clone();
+        let id = id.clone();
+        async move {
+            let out = tokio::process::Command::new("sh")
+                .args(["-c", &format!("{curl} --silent --max-time 2")])
+                .output()
+                .await
+                .expect("run curl");
+            String::from_utf8_lossy(&out.stdout).trim() == &id[..12]
+        }
+    })
     .await;
+    let took = reach.elapsed();
+    if !reached {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "the printed curl never reached container {id} within 20 s; portolan dev log tail:\n{}",
+            tail.join("\n")
+        );
+    }
     eprintln!("dev: container reachable through the front door {took:?} after docker run ({:?} incl. docker run)", clicked.elapsed());
 
     // `portolan ls` as printed (the binary's own path, as it is not on PATH here) lists it.
