@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Try Portolan on one Debian machine: installs what is missing (etcd, HAProxy, Docker
-# Engine, busybox, protoc), starts dockerd if none answers, builds Portolan and a tiny
+# Engine, busybox, protoc and its include files), starts dockerd if none answers, builds Portolan and a tiny
 # demo image, then runs `portolan dev` (Ctrl-C stops everything it started).
 # Extra arguments go to `portolan dev` (see `portolan dev --help`).
 set -euo pipefail
@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-ensure_packages etcd:etcd-server etcdctl:etcd-client haproxy:haproxy \
-  busybox:busybox-static protoc:protobuf-compiler curl:curl
+ensure_packages "${BUILD_PACKAGES[@]}" etcd:etcd-server etcdctl:etcd-client haproxy:haproxy \
+  busybox:busybox-static
 ensure_docker /var/log/portolan-dockerd.log
 # No registry can be assumed: build the demo image from busybox, like the tests do.
 docker image inspect portolan-demo:latest >/dev/null 2>&1 || bash scripts/build-test-image.sh portolan-demo:latest

@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-ensure_packages etcd:etcd-server etcdctl:etcd-client haproxy:haproxy \
-  busybox:busybox-static protoc:protobuf-compiler wrk:wrk socat:socat \
-  shellcheck:shellcheck vagrant:vagrant curl:curl openssl:openssl \
+ensure_packages "${BUILD_PACKAGES[@]}" etcd:etcd-server etcdctl:etcd-client haproxy:haproxy \
+  busybox:busybox-static wrk:wrk socat:socat \
+  shellcheck:shellcheck vagrant:vagrant openssl:openssl \
   systemd-analyze:systemd dpkg-deb:dpkg dpkg-shlibdeps:dpkg-dev strip:binutils \
   /bin/kill:procps ip:iproute2 iptables:iptables
 ensure_docker /var/log/portolan-test-dockerd.log

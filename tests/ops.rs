@@ -163,8 +163,11 @@ impl SystemdRoot {
     }
 
     fn analyze(&self, args: &[&str]) -> Output {
+        // --man=no: verify would otherwise run `man` for every Documentation= page, and a
+        // fresh machine has no man pages (haproxy.service names haproxy(1)).
         run(Command::new("systemd-analyze")
             .args(args)
+            .arg("--man=no")
             .arg(format!("--root={}", self.path().display())))
     }
 }
