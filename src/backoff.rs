@@ -1,7 +1,27 @@
-//! Exponential backoff with full jitter, reset after a healthy period. Shared by every
-//! reconnect loop (Docker, etcd, watch streams).
+//! Exponential backoff with half jitter, reset after a healthy period. Shared by every
+//! reconnect loop (Docker, etcd, watch streams), with the timer helpers those loops use.
 
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+/// Sleeps for `delay` unless `shutdown` comes first. Returns false when it did: the
+/// caller's loop should end.
+pub async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline: a `select!` arm for an
+/// optional retry time.
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::config::{EtcdConfig, EtcdTls};
 
@@ -76,5 +76,84 @@ where
             std::io::ErrorKind::TimedOut,
             "etcd call timed out",
         ))),
+    }
+}
+
+/// Keys per page of [`list_prefix`]: a page of instance records stays far below gRPC's
+/// 4 MiB message limit (a record is ~150 bytes; 1,000 of them ~250 KiB).
+const LIST_PAGE: i64 = 1000;
+
+/// Everything under a prefix, read at one revision.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The revision every page was read at: watch from `revision + 1` for no gap.
+    pub revision: i64,
+    /// Identifies the cluster: a different id after a reconnect means etcd was replaced.
+    pub cluster_id: u64,
+    pub kvs: Vec<etcd_client::KeyValue>,
+}
+
+/// Lists every key under `prefix` in pages of [`LIST_PAGE`] keys, all at the revision
+/// of the first page, so the listing is one consistent snapshot however large it is
+/// (one unpaged `get --prefix` fails past gRPC's 4 MiB message limit, ~25,000
+/// instances). Each page is one [`call`].
+pub async fn list_prefix(client: &mut Client, prefix: &str) -> Result<Listing, etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut listing = Listing::default();
+    let mut from = prefix.as_bytes().to_vec();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if listing.revision > 0 {
+            opts = opts.with_revision(listing.revision);
+        }
+        let mut resp = call(client.get(from.clone(), Some(opts))).await?;
+        if listing.revision == 0 {
+            if let Some(h) = resp.header() {
+                listing.revision = h.revision();
+                listing.cluster_id = h.cluster_id();
+            }
+        }
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        match kvs.last() {
+            Some(last) if more => {
+                // The next page starts just after the last key of this one.
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => {
+                listing.kvs.extend(kvs);
+                return Ok(listing);
+            }
+        }
+        listing.kvs.extend(kvs);
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (etcd's range end
+/// for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_just_past_the_prefix() {
+        assert_eq!(prefix_end(b"/p/"), b"/p0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }

@@ -1,4 +1,4 @@
-//! The etcd key/value contract, schema v1 (see DESIGN.md).
+//! The etcd key/value contract, schema v1 (README.md, "etcd key schema").
 //!
 //! Everything that reads or writes etcd goes through here, so the rules about names,
 //! values and what may reach a rendered HAProxy file live in one place. Pure: no I/O.
@@ -96,8 +96,20 @@ pub fn config_prefix(prefix: &str) -> String {
 
 /// `<node>-<container id, 12 hex>-<container port>`: stable across registrar restarts.
 pub fn instance_id(node: &str, container_id: &str, port: u16) -> String {
-    let short: String = container_id.chars().take(12).collect();
-    format!("{node}-{short}-{port}")
+    format!("{node}-{}-{port}", short_id(container_id))
+}
+
+/// A container id as Docker prints it and as instance records carry it: 12 hex digits.
+pub fn short_id(container_id: &str) -> &str {
+    container_id.get(..12).unwrap_or(container_id)
+}
+
+/// Seconds since the Unix epoch, as records carry times (`started_at`, reload times).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What a key under the prefix is, by its path.

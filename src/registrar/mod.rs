@@ -256,9 +256,7 @@ impl Registrar {
         let mut resync =
             tokio::time::interval_at(Instant::now() + self.cfg.resync, self.cfg.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let watchdog_period = sd::watchdog_interval();
-        let mut watchdog =
-            tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog = sd::Watchdog::new();
         loop {
             // Open the session (and keep a reused lease alive) before Docker answers.
             // A sync that finds the lease gone goes again at once with a new one
@@ -271,7 +269,7 @@ impl Registrar {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.sync() => {}
-                    _ = feed_watchdog(&mut watchdog), if watchdog_period.is_some() => {}
+                    _ = watchdog.feed() => {}
                 }
                 if !(had_lease && self.lease.is_none()) {
                     break;
@@ -290,8 +288,8 @@ impl Registrar {
                     let _ = resync_tx.try_send(());
                     self.dirty = true;
                 }
-                _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.retry_at = None,
-                _ = watchdog.tick(), if watchdog_period.is_some() => sd::watchdog(),
+                _ = crate::backoff::sleep_until(retry_at), if retry_at.is_some() => self.retry_at = None,
+                _ = watchdog.tick() => {}
             }
             // Fold everything already queued into this batch: one write for a burst.
             while let Ok(r) = keeper_rx.try_recv() {
@@ -337,7 +335,7 @@ impl Registrar {
             }
             DockerReport::Gone { id, action } => {
                 if self.containers.remove(&id).is_some() {
-                    tracing::debug!(container = %short(&id), action = %action, "container going away");
+                    tracing::debug!(container = %schema::short_id(&id), action = %action, "container going away");
                 }
                 self.warned.remove(&id);
             }
@@ -771,25 +769,6 @@ fn log_op(prefix: &str, op: &Op, revision: i64) {
         }
         (_, Some(_)) => tracing::debug!(%key, revision, "node key written"),
         (_, None) => tracing::debug!(%key, revision, "deleted"),
-    }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
-}
-
-/// Pings the systemd watchdog at every tick; never returns.
-async fn feed_watchdog(watchdog: &mut tokio::time::Interval) {
-    loop {
-        watchdog.tick().await;
-        sd::watchdog();
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

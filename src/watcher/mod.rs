@@ -169,7 +169,7 @@ enum Wake {
 
 impl Loop<'_> {
     async fn run(&mut self, shutdown: &CancellationToken) {
-        let mut watchdog = sd::watchdog_interval().map(tokio::time::interval);
+        let mut watchdog = sd::Watchdog::new();
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -187,12 +187,9 @@ impl Loop<'_> {
                     Err(_) => return,
                 },
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
-                _ = sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
+                _ = crate::backoff::sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
-                _ = tick(&mut watchdog) => {
-                    sd::watchdog();
-                    continue;
-                }
+                _ = watchdog.tick() => continue,
             };
             match wake {
                 Wake::Templates => {
@@ -225,11 +222,9 @@ impl Loop<'_> {
             // `WatchdogSec`. It cannot hang for good, as every step of it is bounded.
             let pass = self.pass();
             tokio::pin!(pass);
-            loop {
-                tokio::select! {
-                    () = &mut pass => break,
-                    _ = tick(&mut watchdog) => sd::watchdog(),
-                }
+            tokio::select! {
+                () = &mut pass => {}
+                _ = watchdog.feed() => {}
             }
             last_apply = Some((started, Instant::now()));
         }
@@ -398,7 +393,7 @@ impl Loop<'_> {
         self.status_tx.send_modify(|s| {
             s.revision = published.revision;
             if let Some(result) = reload {
-                s.last_reload_at = Some(unix_now());
+                s.last_reload_at = Some(crate::schema::unix_now());
                 s.last_reload_result = Some(result.to_string());
             }
             if let Some(p) = path {
@@ -421,34 +416,11 @@ impl Loop<'_> {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {
     match sig {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
     }
-}
-
-async fn tick(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// `portolan render --once [--dry-run]`: one list from etcd, the same render and apply
