@@ -8,6 +8,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # google/protobuf/descriptor.proto: protoc alone (protobuf-compiler) is not enough, the
 # well-known types come with libprotobuf-dev. Check for the file, not the command.
 # pkg-config, cc and git: cargo's own needs on a bare machine.
+# shellcheck disable=SC2034  # read by the scripts that source this file
 BUILD_PACKAGES=(
   protoc:protobuf-compiler
   /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev

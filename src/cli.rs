@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{EtcdOverrides, RegistrarOverrides, WatcherOverrides};
+use crate::config::EtcdOptions;
+pub use crate::config::{RegistrarArgs, WatcherArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,138 +132,10 @@ pub enum Command {
     Dev(DevArgs),
 }
 
-#[derive(Debug, Clone, Args, Default)]
-pub struct EtcdArgs {
-    /// etcd endpoints, comma separated.
-    #[arg(
-        long,
-        env = "PORTOLAN_ETCD_ENDPOINTS",
-        value_name = "URL[,URL…]",
-        value_delimiter = ','
-    )]
-    pub etcd_endpoints: Option<Vec<String>>,
-    /// Key prefix shared by registrars and watchers [default: /portolan].
-    #[arg(long, env = "PORTOLAN_PREFIX", value_name = "PREFIX")]
-    pub prefix: Option<String>,
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "PORTOLAN_ETCD_USERNAME", value_name = "USER")]
-    pub etcd_username: Option<String>,
-    /// etcd password; prefer the environment variable over the flag.
-    #[arg(
-        long,
-        env = "PORTOLAN_ETCD_PASSWORD",
-        value_name = "PASSWORD",
-        hide_env_values = true
-    )]
-    pub etcd_password: Option<String>,
-    /// PEM CA bundle for https:// etcd endpoints.
-    #[arg(long, env = "PORTOLAN_ETCD_CA", value_name = "FILE")]
-    pub etcd_ca: Option<PathBuf>,
-    /// PEM client certificate for etcd (with --etcd-key), when etcd requires client certs.
-    #[arg(long, env = "PORTOLAN_ETCD_CERT", value_name = "FILE")]
-    pub etcd_cert: Option<PathBuf>,
-    /// PEM private key of --etcd-cert.
-    #[arg(long, env = "PORTOLAN_ETCD_KEY", value_name = "FILE")]
-    pub etcd_key: Option<PathBuf>,
-}
-
-impl EtcdArgs {
-    pub fn overrides(&self) -> EtcdOverrides {
-        EtcdOverrides {
-            endpoints: self.etcd_endpoints.clone(),
-            prefix: self.prefix.clone(),
-            username: self.etcd_username.clone(),
-            password: self.etcd_password.clone(),
-            ca_file: self.etcd_ca.clone(),
-            cert_file: self.etcd_cert.clone(),
-            key_file: self.etcd_key.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args, Default)]
-pub struct RegistrarArgs {
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
-    /// This host's node name, part of every instance id [default: the host name].
-    #[arg(long, env = "PORTOLAN_NODE", value_name = "NAME")]
-    pub node: Option<String>,
-    /// IP address clients of this host's published ports use [default: the local
-    /// address used to reach etcd].
-    #[arg(long, env = "PORTOLAN_ADVERTISE_IP", value_name = "IP")]
-    pub advertise_ip: Option<String>,
-    /// Lease TTL in seconds: how long a lost host's keys survive it [default: 10].
-    #[arg(long, env = "PORTOLAN_TTL", value_name = "SECS")]
-    pub ttl: Option<u64>,
-    /// Where the lease id is kept across restarts [default: /var/lib/portolan].
-    #[arg(long, env = "PORTOLAN_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Docker daemon address, e.g. unix:///var/run/docker.sock [default: DOCKER_HOST or the local socket].
-    #[arg(long, env = "PORTOLAN_DOCKER_HOST", value_name = "URI")]
-    pub docker_host: Option<String>,
-    /// Docker API version to speak, e.g. 1.41 [default: negotiated with the daemon].
-    #[arg(long, env = "PORTOLAN_DOCKER_API_VERSION", value_name = "VERSION")]
-    pub docker_api_version: Option<String>,
-    /// Register container IP and container port instead of advertise IP and published port.
-    #[arg(long, env = "PORTOLAN_INTERNAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub internal: Option<bool>,
-    /// Full reconcile of Docker against etcd every SECS seconds [default: 60].
-    #[arg(long, env = "PORTOLAN_RESYNC", value_name = "SECS")]
-    pub resync: Option<u64>,
-    /// On a clean stop, revoke the lease so this node's keys vanish at once
-    /// (otherwise they live until the TTL, so a quick restart causes no churn).
-    #[arg(long, env = "PORTOLAN_DEREGISTER_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub deregister_on_exit: Option<bool>,
-    /// Register only containers carrying this label, e.g. portolan.enable=true or team
-    /// (KEY matches any value) [default: every container].
-    #[arg(long, env = "PORTOLAN_ONLY_LABEL", value_name = "KEY[=VALUE]")]
-    pub only_label: Option<String>,
-}
-
-impl RegistrarArgs {
-    pub fn overrides(&self) -> RegistrarOverrides {
-        RegistrarOverrides {
-            etcd: self.etcd.overrides(),
-            node: self.node.clone(),
-            advertise_ip: self.advertise_ip.clone(),
-            ttl: self.ttl,
-            state_dir: self.state_dir.clone(),
-            docker_host: self.docker_host.clone(),
-            docker_api_version: self.docker_api_version.clone(),
-            internal: self.internal,
-            resync: self.resync,
-            deregister_on_exit: self.deregister_on_exit,
-            only_label: self.only_label.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args, Default)]
-pub struct WatcherArgs {
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
-    /// Watcher name, the key of its status under <prefix>/watchers/ [default: the host name].
-    #[arg(long, env = "PORTOLAN_WATCHER_NAME", value_name = "NAME")]
-    pub name: Option<String>,
-    /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9477.
-    #[arg(long, env = "PORTOLAN_LISTEN", value_name = "HOST:PORT")]
-    pub listen: Option<String>,
-}
-
-impl WatcherArgs {
-    pub fn overrides(&self) -> WatcherOverrides {
-        WatcherOverrides {
-            etcd: self.etcd.overrides(),
-            name: self.name.clone(),
-            listen: self.listen.clone(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct RenderArgs {
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdOptions,
     /// Render one time and exit (the only mode; kept for confd users' muscle memory).
     #[arg(long, default_value_t = true)]
     pub once: bool,
@@ -276,7 +149,7 @@ pub struct LsArgs {
     /// Only this service.
     pub service: Option<String>,
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdOptions,
     /// Print JSON instead of a table, for scripts.
     #[arg(long)]
     pub json: bool,

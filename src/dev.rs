@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cli::DevArgs;
-use crate::config::{self, EtcdConfig, TemplateResource, WatcherConfig};
+use crate::config::{self, EtcdConfig, TemplateResource};
 use crate::{etcd, registrar, watcher};
 
 /// A binary `portolan dev` needs, and the Debian package that provides it.
@@ -270,15 +270,27 @@ async fn with_haproxy(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let etcd = EtcdConfig::local(endpoint, PREFIX);
-    let watcher_cfg = WatcherConfig {
-        etcd: etcd.clone(),
-        name: "dev".into(),
-        wait_min: Duration::from_millis(config::DEFAULT_WAIT_MIN_MS),
-        wait_max: Duration::from_millis(config::DEFAULT_WAIT_MAX_MS),
-        listen: None,
-        command_timeout: Duration::from_millis(config::DEFAULT_COMMAND_TIMEOUT_MS),
-        templates: vec![TemplateResource {
+    // The same resolution as `portolan watcher` and `portolan registrar`, from the file
+    // a user would write for this stack: dev gets their defaults and validation (a bad
+    // --only-label is refused here, by name).
+    let file = config::FileConfig {
+        etcd: config::EtcdOptions {
+            endpoints: Some(vec![endpoint.to_string()]),
+            prefix: Some(PREFIX.to_string()),
+            ..Default::default()
+        },
+        registrar: config::RegistrarOptions {
+            advertise_ip: Some("127.0.0.1".into()),
+            state_dir: Some(dir.join("state")),
+            deregister_on_exit: Some(true),
+            only_label: args.only_label.clone(),
+            ..Default::default()
+        },
+        watcher: config::WatcherOptions {
+            name: Some("dev".into()),
+            ..Default::default()
+        },
+        template: vec![TemplateResource {
             src: dir.join("haproxy.cfg.tera"),
             dest: dir.join("haproxy.cfg"),
             check_cmd: Some("haproxy -c -q -f {src}".into()),
@@ -288,24 +300,10 @@ async fn with_haproxy(
             mode: None,
             vars,
         }],
+        ..Default::default()
     };
-    // Through the same resolution as `portolan registrar`, so dev gets its defaults
-    // and validation (a bad --only-label is refused here, by name).
-    let registrar_cfg = config::resolve_registrar(
-        &config::FileConfig::default(),
-        &config::RegistrarOverrides {
-            etcd: config::EtcdOverrides {
-                endpoints: Some(vec![endpoint.to_string()]),
-                prefix: Some(PREFIX.to_string()),
-                ..Default::default()
-            },
-            advertise_ip: Some("127.0.0.1".into()),
-            state_dir: Some(dir.join("state")),
-            deregister_on_exit: Some(true),
-            only_label: args.only_label.clone(),
-            ..Default::default()
-        },
-    )?;
+    let watcher_cfg = config::resolve_watcher(&file, &Default::default())?;
+    let registrar_cfg = config::resolve_registrar(&file, &Default::default())?;
 
     let components = shutdown.child_token();
     let mut watcher_task = tokio::spawn(

@@ -31,55 +31,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = || FileConfig::load(cli.config.as_deref());
     match cli.command {
         Command::Registrar(args) => {
-            let cfg = config::resolve_registrar(&file()?, &args.overrides())?;
+            let cfg = config::resolve_registrar(&file()?, &args)?;
             registrar::run(cfg, shutdown::on_signals()?).await?;
         }
         Command::Watcher(args) => {
-            let cfg = config::resolve_watcher(&file()?, &args.overrides())?;
+            let cfg = config::resolve_watcher(&file()?, &args)?;
             watcher::check_templates(&cfg)?;
             watcher::run(cfg, shutdown::on_signals()?).await?;
         }
         Command::Render(args) => {
-            let overrides = config::WatcherOverrides {
-                etcd: args.etcd.overrides(),
+            let flags = config::WatcherArgs {
+                etcd: args.etcd,
                 ..Default::default()
             };
-            let cfg = config::resolve_watcher(&file()?, &overrides)?;
+            let cfg = config::resolve_watcher(&file()?, &flags)?;
             if !watcher::render_once(&cfg, args.dry_run).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Ls(args) => {
-            let overrides = config::RegistrarOverrides {
-                etcd: args.etcd.overrides(),
-                ..Default::default()
-            };
-            let cfg = config::resolve_registrar(&file()?, &overrides)?;
-            ls::run(&cfg.etcd, args.service.as_deref(), args.json).await?;
+            let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
+            ls::run(&etcd, args.service.as_deref(), args.json).await?;
         }
         Command::Check => {
             let path = cli
                 .config
                 .clone()
                 .unwrap_or_else(|| config::DEFAULT_CONFIG_PATH.into());
-            let f = FileConfig::load(Some(&path))?;
-            let has_registrar = f.registrar.node.is_some()
-                || f.registrar.advertise_ip.is_some()
-                || f.template.is_empty();
-            if has_registrar {
-                config::resolve_registrar(&f, &Default::default())
-                    .with_context(|| format!("{}: [registrar]", path.display()))?;
-            }
-            if !f.template.is_empty() {
-                let cfg = config::resolve_watcher(&f, &Default::default())
-                    .with_context(|| format!("{}: [watcher]", path.display()))?;
-                watcher::check_templates(&cfg)?;
-            }
-            println!("{}: ok", path.display());
+            check(&path)?;
         }
         Command::Dev(args) => {
             dev::run(args, shutdown::on_signals()?).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `portolan check`: validates every section the file has, with the same code the
+/// daemons run, and compiles its templates. Touches nothing.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let f = FileConfig::load(Some(path))?;
+    let at = |section: &str| format!("{}: {section}", path.display());
+    config::resolve_etcd(&f, &Default::default()).with_context(|| at("[etcd]"))?;
+    if f.has("registrar") {
+        config::resolve_registrar(&f, &Default::default()).with_context(|| at("[registrar]"))?;
+    }
+    if f.has("watcher") || f.has("template") {
+        let cfg =
+            config::resolve_watcher(&f, &Default::default()).with_context(|| at("[watcher]"))?;
+        watcher::check_templates(&cfg)?;
+    }
+    println!("{}: ok", path.display());
+    Ok(())
 }

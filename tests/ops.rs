@@ -401,6 +401,43 @@ fn example_registrar_config_passes_portolan_check() {
     assert!(text(&out.stderr).contains("tll"), "{}", text(&out.stderr));
 }
 
+/// `check` validates every section a file has: a bad `[registrar]` value is refused
+/// even when the file also has `[[template]]` resources, and the error names the section.
+#[test]
+fn check_validates_every_section_of_a_combined_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("t.tera"), "global\n").unwrap();
+    let cfg = dir.path().join("both.toml");
+    let write = |ttl: u64| {
+        fs::write(
+            &cfg,
+            format!(
+                "[registrar]\nttl = {ttl}\n\n[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    write(0);
+    let out = run(Command::new(portolan_bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&cfg));
+    assert!(!out.status.success(), "ttl = 0 passed check");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[registrar]") && err.contains("ttl 0"),
+        "{err}"
+    );
+    write(10);
+    let out = must(
+        Command::new(portolan_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&cfg),
+    );
+    assert_eq!(out.trim(), format!("{}: ok", cfg.display()));
+}
+
 /// The drop-in's ExecStart, run for real (paths moved into a temp dir): HAProxy comes
 /// up in master-worker mode with a root-only master socket that takes `reload` and
 /// confirms it in `show proc`, which is what the watcher relies on.

@@ -1,0 +1,185 @@
+//! The `[etcd]` section and its flags: where the cluster is, the key prefix, auth, TLS.
+//! Shared by every command that talks to etcd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{at_least_min_timeout, Problems};
+use crate::schema;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+const DEFAULT_DIAL_TIMEOUT_MS: u64 = 2000;
+
+/// `[etcd]` in the file, `--etcd-*` and `--prefix` on the command line: each option is
+/// declared once, here, for both layers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdOptions {
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long = "etcd-endpoints",
+        env = "PORTOLAN_ETCD_ENDPOINTS",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
+    pub endpoints: Option<Vec<String>>,
+    /// Key prefix shared by registrars and watchers [default: /portolan].
+    #[arg(long, env = "PORTOLAN_PREFIX", value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// etcd user name (with --etcd-password).
+    #[arg(
+        long = "etcd-username",
+        env = "PORTOLAN_ETCD_USERNAME",
+        value_name = "USER"
+    )]
+    pub username: Option<String>,
+    /// etcd password; prefer the environment variable over the flag.
+    #[arg(
+        long = "etcd-password",
+        env = "PORTOLAN_ETCD_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// Time to wait for an etcd endpoint to answer a connect, in milliseconds
+    /// [default: 2000].
+    #[arg(skip)]
+    pub dial_timeout_ms: Option<u64>,
+    /// PEM CA bundle for https:// etcd endpoints.
+    #[arg(long = "etcd-ca", env = "PORTOLAN_ETCD_CA", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), when etcd requires client certs.
+    #[arg(long = "etcd-cert", env = "PORTOLAN_ETCD_CERT", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long = "etcd-key", env = "PORTOLAN_ETCD_KEY", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Normalised: leading slash, no trailing slash.
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub dial_timeout: Duration,
+    /// TLS for https:// endpoints; None = plain http.
+    pub tls: Option<EtcdTls>,
+}
+
+impl EtcdConfig {
+    /// A config for tests and `portolan dev`: one endpoint, given prefix.
+    pub fn local(endpoint: &str, prefix: &str) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec![endpoint.to_string()],
+            prefix: schema::normalize_prefix(prefix).expect("valid prefix"),
+            username: None,
+            password: None,
+            dial_timeout: Duration::from_secs(2),
+            tls: None,
+        }
+    }
+}
+
+/// Files for TLS to etcd. Read at connect time, so renewed certificates are picked up
+/// on the next reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key, both or neither.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdOptions {
+    /// Validates the merged options into an [`EtcdConfig`], adding every problem found.
+    pub(super) fn resolve(&self, problems: &mut Problems) -> EtcdConfig {
+        let endpoints: Vec<String> = self
+            .endpoints
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()])
+            .iter()
+            .flat_map(|e| e.split(','))
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            problems.push("etcd endpoints: none given (--etcd-endpoints http://HOST:2379)".into());
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) && e.contains("://") {
+                problems.push(format!(
+                    "etcd endpoint {e:?}: use http://host:port or https://host:port"
+                ));
+            }
+        }
+        let raw_prefix = self.prefix.as_deref().unwrap_or(schema::DEFAULT_PREFIX);
+        let prefix = schema::normalize_prefix(raw_prefix).unwrap_or_else(|e| {
+            problems.push(format!("etcd prefix: {e}"));
+            schema::DEFAULT_PREFIX.to_string()
+        });
+        if self.username.is_some() != self.password.is_some() {
+            problems.push("etcd auth: username and password go together".into());
+        }
+        let tls = self.resolve_tls(&endpoints, problems);
+        EtcdConfig {
+            endpoints,
+            prefix,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            dial_timeout: Duration::from_millis(at_least_min_timeout(
+                "etcd.dial_timeout_ms",
+                self.dial_timeout_ms.unwrap_or(DEFAULT_DIAL_TIMEOUT_MS),
+                problems,
+            )),
+            tls,
+        }
+    }
+
+    fn resolve_tls(&self, endpoints: &[String], problems: &mut Problems) -> Option<EtcdTls> {
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        for path in [&self.ca_file, &self.cert_file, &self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if !path.is_file() {
+                problems.push(format!("etcd TLS file {} does not exist", path.display()));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(
+                "etcd TLS: cert_file and key_file go together (--etcd-cert, --etcd-key)".into(),
+            );
+        }
+        match &self.ca_file {
+            None if https > 0 => {
+                problems.push(
+                    "etcd endpoints use https:// but no CA is given: set [etcd] ca_file or --etcd-ca"
+                        .into(),
+                );
+                None
+            }
+            None => {
+                if self.cert_file.is_some() {
+                    problems.push("etcd TLS: a client certificate needs ca_file (--etcd-ca) and https:// endpoints".into());
+                }
+                None
+            }
+            Some(ca_file) => {
+                if https != endpoints.len() {
+                    problems.push("etcd TLS: with ca_file every endpoint must be https://".into());
+                }
+                Some(EtcdTls {
+                    ca_file: ca_file.clone(),
+                    client: self.cert_file.clone().zip(self.key_file.clone()),
+                })
+            }
+        }
+    }
+}

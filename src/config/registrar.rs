@@ -1,0 +1,138 @@
+//! The `[registrar]` section and its flags: one Docker host's node name, address, lease
+//! and Docker connection.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{hostname, EtcdConfig, Problems};
+use crate::schema;
+
+pub const DEFAULT_TTL_SECS: u64 = 10;
+pub const DEFAULT_RESYNC_SECS: u64 = 60;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portolan";
+
+/// `[registrar]` in the file and the registrar's flags: each option declared once.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrarOptions {
+    /// This host's node name, part of every instance id [default: the host name].
+    #[arg(long, env = "PORTOLAN_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// IP address clients of this host's published ports use [default: the local
+    /// address used to reach etcd].
+    #[arg(long, env = "PORTOLAN_ADVERTISE_IP", value_name = "IP")]
+    pub advertise_ip: Option<String>,
+    /// Lease TTL in seconds: how long a lost host's keys survive it [default: 10].
+    #[arg(long, env = "PORTOLAN_TTL", value_name = "SECS")]
+    pub ttl: Option<u64>,
+    /// Where the lease id is kept across restarts [default: /var/lib/portolan].
+    #[arg(long, env = "PORTOLAN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Docker daemon address, e.g. unix:///var/run/docker.sock [default: DOCKER_HOST or the local socket].
+    #[arg(long, env = "PORTOLAN_DOCKER_HOST", value_name = "URI")]
+    pub docker_host: Option<String>,
+    /// Docker API version to speak, e.g. 1.41 [default: negotiated with the daemon].
+    #[arg(long, env = "PORTOLAN_DOCKER_API_VERSION", value_name = "VERSION")]
+    pub docker_api_version: Option<String>,
+    /// Register container IP and container port instead of advertise IP and published port.
+    #[arg(long, env = "PORTOLAN_INTERNAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub internal: Option<bool>,
+    /// Full reconcile of Docker against etcd every SECS seconds [default: 60].
+    #[arg(long, env = "PORTOLAN_RESYNC", value_name = "SECS")]
+    pub resync: Option<u64>,
+    /// On a clean stop, revoke the lease so this node's keys vanish at once
+    /// (otherwise they live until the TTL, so a quick restart causes no churn).
+    #[arg(long, env = "PORTOLAN_DEREGISTER_ON_EXIT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub deregister_on_exit: Option<bool>,
+    /// Register only containers carrying this label, e.g. portolan.enable=true or team
+    /// (KEY matches any value) [default: every container].
+    #[arg(long, env = "PORTOLAN_ONLY_LABEL", value_name = "KEY[=VALUE]")]
+    pub only_label: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    pub etcd: EtcdConfig,
+    pub node: String,
+    /// None: detect (the local address used to reach the first etcd endpoint).
+    pub advertise_ip: Option<IpAddr>,
+    pub ttl: Duration,
+    pub state_dir: PathBuf,
+    /// None: the local default (DOCKER_HOST or /var/run/docker.sock).
+    pub docker_host: Option<String>,
+    /// None: negotiate with the daemon.
+    pub docker_api_version: Option<String>,
+    pub internal: bool,
+    pub resync: Duration,
+    pub deregister_on_exit: bool,
+    /// `KEY` or `KEY=VALUE`: only containers carrying this label are registered
+    /// (Docker label filter syntax). None: every container.
+    pub only_label: Option<String>,
+}
+
+impl RegistrarOptions {
+    /// Validates the merged options into a [`RegistrarConfig`], adding every problem found.
+    pub(super) fn resolve(&self, etcd: EtcdConfig, problems: &mut Problems) -> RegistrarConfig {
+        let node = self.node.clone().unwrap_or_else(hostname);
+        if !schema::is_valid_name(&node) {
+            problems.push(format!(
+                "node {node:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (--node NAME)"
+            ));
+        }
+        let advertise_ip = self.advertise_ip.as_deref().and_then(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| {
+                    problems.push(format!(
+                        "advertise ip {s:?} is not an IP address (--advertise-ip 10.0.0.5)"
+                    ))
+                })
+                .ok()
+        });
+        let ttl = self.ttl.unwrap_or(DEFAULT_TTL_SECS);
+        if !(2..=3600).contains(&ttl) {
+            problems.push(format!("ttl {ttl}: must be between 2 and 3600 seconds"));
+        }
+        let resync = self.resync.unwrap_or(DEFAULT_RESYNC_SECS);
+        if resync == 0 {
+            problems.push("resync 0: must be at least 1 second".into());
+        }
+        if let Some(v) = &self.docker_api_version {
+            let ok = v
+                .split_once('.')
+                .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+            if !ok {
+                problems.push(format!(
+                    "docker api version {v:?}: expected MAJOR.MINOR like 1.41 (or leave it unset to negotiate)"
+                ));
+            }
+        }
+        if let Some(l) = &self.only_label {
+            let key = l.split_once('=').map_or(l.as_str(), |(k, _)| k);
+            if key.is_empty() || l.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                problems.push(format!(
+                    "only label {l:?}: expected KEY or KEY=VALUE without spaces (--only-label portolan.enable=true)"
+                ));
+            }
+        }
+        RegistrarConfig {
+            etcd,
+            node,
+            advertise_ip,
+            ttl: Duration::from_secs(ttl),
+            state_dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            docker_host: self.docker_host.clone(),
+            docker_api_version: self.docker_api_version.clone(),
+            internal: self.internal.unwrap_or(false),
+            resync: Duration::from_secs(resync),
+            deregister_on_exit: self.deregister_on_exit.unwrap_or(false),
+            only_label: self.only_label.clone(),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The `[watcher]` section, its flags and the `[[template]]` resources: what a watcher
+//! renders, how it checks the result and how it makes HAProxy load it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{at_least_min_timeout, hostname, EtcdConfig, Problems};
+use crate::schema;
+
+pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
+pub const DEFAULT_WAIT_MAX_MS: u64 = 500;
+pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
+
+/// `[watcher]` in the file and the watcher's flags: each option declared once.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct WatcherOptions {
+    /// Watcher name, the key of its status under <prefix>/watchers/ [default: the host name].
+    #[arg(long, env = "PORTOLAN_WATCHER_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Coalescing of etcd changes (file only).
+    #[arg(skip)]
+    pub wait: Option<WaitOptions>,
+    /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9477.
+    #[arg(long, env = "PORTOLAN_LISTEN", value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Time limit of one check, reload or runtime-API exchange, in milliseconds
+    /// [default: 10000] (file only).
+    #[arg(skip)]
+    pub command_timeout_ms: Option<u64>,
+}
+
+/// Coalescing of etcd changes (group commit, see `watcher` module docs): a change that
+/// finds the watcher idle is applied at once; changes arriving during an apply (or within
+/// `min_ms` after it) are batched until `min_ms` pass without a change, but no longer than
+/// `max_ms` after that apply started.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitOptions {
+    /// Quiet period that closes a batch [default: 20].
+    pub min_ms: Option<u64>,
+    /// Longest a batched change may wait [default: 500].
+    pub max_ms: Option<u64>,
+}
+
+/// One `[[template]]` resource, confd style.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateResource {
+    pub src: PathBuf,
+    pub dest: PathBuf,
+    /// `{src}` is replaced by the staged file's path. Run through `sh -c`.
+    pub check_cmd: Option<String>,
+    /// Preferred reload: HAProxy master CLI socket (`haproxy -W -S <socket>`).
+    pub haproxy_master_socket: Option<PathBuf>,
+    /// Fallback reload for other setups, run through `sh -c`.
+    pub reload_cmd: Option<String>,
+    /// HAProxy admin (stats) socket for runtime-API changes without reload.
+    pub haproxy_admin_socket: Option<PathBuf>,
+    /// File mode of `dest`, octal string like "0644".
+    pub mode: Option<String>,
+    /// Free-form table handed to the template as `vars` (ports, domain, timeouts), so one
+    /// template serves several sites without edits. Empty when unset.
+    #[serde(default)]
+    pub vars: toml::Table,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatcherConfig {
+    pub etcd: EtcdConfig,
+    pub name: String,
+    pub wait_min: Duration,
+    pub wait_max: Duration,
+    pub listen: Option<SocketAddr>,
+    pub command_timeout: Duration,
+    pub templates: Vec<TemplateResource>,
+}
+
+impl WatcherOptions {
+    /// Validates the merged options and templates into a [`WatcherConfig`], adding
+    /// every problem found.
+    pub(super) fn resolve(
+        &self,
+        etcd: EtcdConfig,
+        templates: &[TemplateResource],
+        problems: &mut Problems,
+    ) -> WatcherConfig {
+        let name = self.name.clone().unwrap_or_else(hostname);
+        if !schema::is_valid_name(&name) {
+            problems.push(format!(
+                "watcher name {name:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
+            ));
+        }
+        let wait = self.wait.clone().unwrap_or_default();
+        let wait_min = wait.min_ms.unwrap_or(DEFAULT_WAIT_MIN_MS);
+        let wait_max = wait.max_ms.unwrap_or(DEFAULT_WAIT_MAX_MS.max(wait_min));
+        if wait_max < wait_min {
+            problems.push(format!(
+                "watcher.wait: max_ms {wait_max} is below min_ms {wait_min}"
+            ));
+        }
+        let listen = self.listen.as_deref().and_then(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| {
+                    problems.push(format!(
+                        "watcher.listen {s:?}: expected host:port like 127.0.0.1:9477"
+                    ))
+                })
+                .ok()
+        });
+        check_templates(templates, problems);
+        WatcherConfig {
+            etcd,
+            name,
+            wait_min: Duration::from_millis(wait_min),
+            wait_max: Duration::from_millis(wait_max),
+            listen,
+            command_timeout: Duration::from_millis(at_least_min_timeout(
+                "watcher.command_timeout_ms",
+                self.command_timeout_ms
+                    .unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS),
+                problems,
+            )),
+            templates: templates.to_vec(),
+        }
+    }
+}
+
+fn check_templates(templates: &[TemplateResource], problems: &mut Problems) {
+    if templates.is_empty() {
+        problems.push("no [[template]] resource: add one with src, dest and check_cmd".into());
+    }
+    for (i, t) in templates.iter().enumerate() {
+        let n = i + 1;
+        if !t.src.is_file() {
+            problems.push(format!(
+                "template #{n}: src {} does not exist or is not a file",
+                t.src.display()
+            ));
+        }
+        match t.dest.parent() {
+            Some(d) if d.as_os_str().is_empty() || d.is_dir() => {}
+            _ => problems.push(format!(
+                "template #{n}: the folder of dest {} does not exist",
+                t.dest.display()
+            )),
+        }
+        if t.haproxy_master_socket.is_some() && t.reload_cmd.is_some() {
+            problems.push(format!(
+                "template #{n}: set haproxy_master_socket or reload_cmd, not both"
+            ));
+        }
+        if t.haproxy_admin_socket.is_some()
+            && t.haproxy_master_socket.is_none()
+            && t.reload_cmd.is_none()
+        {
+            problems.push(format!(
+                "template #{n}: haproxy_admin_socket needs haproxy_master_socket or reload_cmd too: the runtime API only takes membership changes, and falls back to a reload"
+            ));
+        }
+        if let Some(m) = &t.mode {
+            if u32::from_str_radix(m, 8)
+                .map(|v| v > 0o7777)
+                .unwrap_or(true)
+            {
+                problems.push(format!(
+                    "template #{n}: mode {m:?} is not an octal mode like \"0644\""
+                ));
+            }
+        }
+        if let Some(c) = &t.check_cmd {
+            if !c.contains("{src}") {
+                problems.push(format!(
+                    "template #{n}: check_cmd {c:?} does not mention {{src}}, so it would not check the new file"
+                ));
+            }
+        }
+    }
+    for (i, a) in templates.iter().enumerate() {
+        for b in &templates[i + 1..] {
+            if a.dest == b.dest {
+                problems.push(format!(
+                    "two templates write the same dest {}",
+                    a.dest.display()
+                ));
+            }
+        }
+    }
+}
