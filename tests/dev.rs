@@ -74,7 +74,7 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
     let logs = tempfile::tempdir().expect("tempdir");
     let log_path = logs.path().join("dev.log");
     let started = Instant::now();
-    let mut cmd = owned_command(portolan_bin());
+    let mut cmd = portolan_cmd();
     cmd.args(["dev", "--http-port", &http.to_string()])
         .args(["--stats-port", &stats.to_string()])
         .args(["--etcd-port", &etcd.to_string()])
@@ -212,7 +212,7 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
 
 #[test]
 fn dev_names_the_package_of_a_missing_tool() {
-    let out = std::process::Command::new(portolan_bin())
+    let out = portolan_cmd()
         .args(["dev", "--etcd-port", &free_port().to_string()])
         .env("PATH", "/nonexistent")
         .output()

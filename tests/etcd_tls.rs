@@ -139,7 +139,7 @@ async fn etcd_connection_and_ls_work_with_client_certificates() {
         .expect("put over TLS");
 
     let ls = |extra: &[&str]| {
-        let mut c = Command::new(portolan_bin());
+        let mut c = portolan_cmd();
         c.args(["ls", "--etcd-endpoints", &endpoint, "--prefix", &prefix]);
         c.args(extra);
         c.output().expect("run portolan ls")
@@ -167,7 +167,7 @@ async fn etcd_connection_and_ls_work_with_client_certificates() {
     );
 
     // The same through the environment, as a systemd unit would pass it.
-    let env = Command::new(portolan_bin())
+    let env = portolan_cmd()
         .args([
             "ls",
             "--json",

@@ -11,12 +11,9 @@ const LEASE_TTL: i64 = 3600;
 /// Runs the built binary with a config file of nothing, so the machine's
 /// /etc/portolan/portolan.toml and PORTOLAN_* variables cannot leak in.
 async fn portolan(args: &[&str]) -> Output {
-    tokio::process::Command::new(portolan_bin())
+    tokio::process::Command::from(common::portolan_cmd())
         .args(["--config", "/dev/null"])
         .args(args)
-        .env_remove("PORTOLAN_ETCD_ENDPOINTS")
-        .env_remove("PORTOLAN_PREFIX")
-        .env_remove("PORTOLAN_CONFIG")
         .kill_on_drop(true)
         .output()
         .await

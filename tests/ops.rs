@@ -378,12 +378,7 @@ fn units_call_the_cli_as_it_parses() {
 #[test]
 fn example_registrar_config_passes_portolan_check() {
     let cfg = repo().join("systemd/etc/portolan/registrar.toml");
-    let out = must(
-        Command::new(portolan_bin())
-            .arg("check")
-            .arg("--config")
-            .arg(&cfg),
-    );
+    let out = must(portolan_cmd().arg("check").arg("--config").arg(&cfg));
     assert_eq!(out.trim(), format!("{}: ok", cfg.display()));
     // And check really checks: an unknown key is refused.
     let dir = tempfile::tempdir().unwrap();
@@ -393,10 +388,7 @@ fn example_registrar_config_passes_portolan_check() {
         read("systemd/etc/portolan/registrar.toml").replace("ttl = 10", "tll = 10"),
     )
     .unwrap();
-    let out = run(Command::new(portolan_bin())
-        .arg("check")
-        .arg("--config")
-        .arg(&bad));
+    let out = run(portolan_cmd().arg("check").arg("--config").arg(&bad));
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("tll"), "{}", text(&out.stderr));
 }
@@ -418,10 +410,7 @@ fn check_validates_every_section_of_a_combined_file() {
         .unwrap()
     };
     write(0);
-    let out = run(Command::new(portolan_bin())
-        .arg("check")
-        .arg("--config")
-        .arg(&cfg));
+    let out = run(portolan_cmd().arg("check").arg("--config").arg(&cfg));
     assert!(!out.status.success(), "ttl = 0 passed check");
     let err = text(&out.stderr);
     assert!(
@@ -429,12 +418,7 @@ fn check_validates_every_section_of_a_combined_file() {
         "{err}"
     );
     write(10);
-    let out = must(
-        Command::new(portolan_bin())
-            .arg("check")
-            .arg("--config")
-            .arg(&cfg),
-    );
+    let out = must(portolan_cmd().arg("check").arg("--config").arg(&cfg));
     assert_eq!(out.trim(), format!("{}: ok", cfg.display()));
 }
 
@@ -821,12 +805,7 @@ fn vagrant_provisioning_writes_valid_configs() {
         )),
     )
     .unwrap();
-    must(
-        Command::new(portolan_bin())
-            .arg("check")
-            .arg("--config")
-            .arg(&reg_path),
-    );
+    must(portolan_cmd().arg("check").arg("--config").arg(&reg_path));
     let reg = portolan::config::resolve_registrar(
         &FileConfig::load(Some(&reg_path)).unwrap(),
         &Default::default(),

@@ -605,11 +605,10 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     let bootstrap = std::fs::read(&fd.dest).expect("dest");
     let portolan = |args: &[&str]| {
-        std::process::Command::new(portolan_bin())
+        portolan_cmd()
             .args(args)
             .arg("--config")
             .arg(&fd.config)
-            .env_remove("PORTOLAN_CONFIG")
             .output()
             .expect("run portolan")
     };

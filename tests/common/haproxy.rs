@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use portolan::watcher::haproxy::{show_proc, MasterStatus};
 use tokio_util::sync::CancellationToken;
 
-use super::{free_port, owned_command, portolan_bin, unique, wait_until, Etcd, Proc};
+use super::{free_port, need, owned_command, portolan_cmd, unique, wait_until, Etcd, Proc};
 
 /// Host-header domain used by every front door test.
 pub const DOMAIN: &str = "test";
@@ -112,6 +112,7 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts HAProxy on an existing config and waits for its master socket.
     pub async fn start(cfg: &Path, sock: &Path, log: &Path) -> Haproxy {
+        need("haproxy", "haproxy");
         let out = std::fs::File::create(log).expect("haproxy log");
         let mut cmd = owned_command("haproxy");
         cmd.arg("-W")
@@ -350,12 +351,11 @@ stats_bind = "127.0.0.1:{stats_port}"
             .append(true)
             .open(&self.watcher_log)
             .expect("watcher log");
-        let mut cmd = owned_command(portolan_bin());
+        let mut cmd = portolan_cmd();
         cmd.arg("watcher")
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
-            .env_remove("PORTOLAN_CONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -48,9 +48,9 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
-/// Polls `cond` every 20 ms until it is true or `timeout` passes. Returns how long it
-/// took; panics with `what` on timeout.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Duration
+/// Polls `cond` every 20 ms until it is true or `timeout` passes: the one waiting loop
+/// of the suite. Ok(how long it took), or Err(timeout).
+async fn poll<F, Fut>(timeout: Duration, mut cond: F) -> Result<Duration, Duration>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -58,31 +58,45 @@ where
     let start = Instant::now();
     loop {
         if cond().await {
-            return start.elapsed();
+            return Ok(start.elapsed());
         }
         if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for: {what}");
+            return Err(timeout);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Like `wait_until`, but returns false instead of panicking on timeout.
-pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+/// Waits until `cond` holds. Returns how long it took; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, cond: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return true;
-        }
-        if start.elapsed() > timeout {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(timeout, cond)
+        .await
+        .unwrap_or_else(|t| panic!("timed out after {t:?} waiting for: {what}"))
+}
+
+/// Like `wait_until`, but returns false instead of panicking on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    poll(timeout, cond).await.is_ok()
+}
+
+/// Fails the test with what to install when `program` is not on PATH: a service-backed
+/// test on an unprepared machine says what it needs instead of a bare "No such file".
+pub fn need(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    assert!(
+        found,
+        "this test needs `{program}` (Debian package {package}): run `bash scripts/test-env.sh`, \
+         which installs and starts everything the tests use"
+    );
 }
 
 /// A `Command` whose child dies with the test process (SIGKILL on parent death).
@@ -175,6 +189,7 @@ impl Etcd {
     }
 
     async fn start_in(dir: tempfile::TempDir) -> Etcd {
+        need("etcd", "etcd-server");
         let data_dir = dir.path().join("data");
         let mut e = Etcd {
             client_port: free_port(),
@@ -323,6 +338,7 @@ impl Drop for Etcd {
 
 /// Runs the docker CLI, returning trimmed stdout; panics with stderr on failure.
 pub fn docker(args: &[&str]) -> String {
+    need("docker", "docker.io");
     let out = Command::new("docker")
         .args(args)
         .output()
@@ -347,6 +363,11 @@ pub fn try_docker(args: &[&str]) -> Option<String> {
 
 /// Builds the busybox test image if it is missing (scripts/test-env.sh normally has).
 pub fn ensure_test_image() {
+    need("docker", "docker.io");
+    assert!(
+        try_docker(&["info", "--format", "{{.ServerVersion}}"]).is_some(),
+        "no Docker Engine answers: run `bash scripts/test-env.sh` (starts dockerd), or set DOCKER_HOST"
+    );
     if try_docker(&["image", "inspect", TEST_IMAGE]).is_some() {
         return;
     }
@@ -448,4 +469,17 @@ pub async fn http_get(addr: &str, host: &str, path: &str) -> Option<(u16, String
 /// Path of the portolan binary built for these tests.
 pub fn portolan_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_portolan"))
+}
+
+/// The built binary, with every `PORTOLAN_*` variable of the test's own environment
+/// removed, so a setting on the machine running the tests cannot leak in. The one way
+/// tests run the binary; callers add `--config` (or `PORTOLAN_CONFIG`) as they need.
+pub fn portolan_cmd() -> Command {
+    let mut cmd = owned_command(portolan_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PORTOLAN_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
 }

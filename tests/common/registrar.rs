@@ -95,7 +95,7 @@ impl Rig {
             .path()
             .join(format!("registrar-{}.log", unique("log")));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = owned_command(portolan_bin());
+        let mut cmd = portolan_cmd();
         cmd.arg("registrar")
             .args(["--etcd-endpoints", &self.etcd.endpoint()])
             .args(["--prefix", &self.prefix])
@@ -108,7 +108,7 @@ impl Rig {
             .args(["--only-label", &self.only_label()])
             .env("RUST_LOG", "info")
             // A config file on this machine must not leak into the test.
-            .env("PORTOLAN_CONFIG", "/dev/null")
+            .args(["--config", "/dev/null"])
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
