@@ -16,7 +16,7 @@
 //!   `haproxy`, `template_files`, `status`, `metrics`).
 //! - `ls`, `dev`: operator commands.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
 pub mod dev;
@@ -24,7 +24,7 @@ pub mod etcd;
 pub mod ls;
 pub mod registrar;
 pub mod schema;
-pub mod sd;
+pub(crate) mod sd;
 pub mod shutdown;
 pub mod telemetry;
 pub mod watcher;

@@ -32,12 +32,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Registrar(args) => {
             let cfg = config::resolve_registrar(&file()?, &args)?;
-            registrar::run(cfg, shutdown::on_signals()?).await?;
+            registrar::run(cfg, stop_on_signals()?).await?;
         }
         Command::Watcher(args) => {
             let cfg = config::resolve_watcher(&file()?, &args)?;
             watcher::check_templates(&cfg)?;
-            watcher::run(cfg, shutdown::on_signals()?).await?;
+            watcher::run(cfg, stop_on_signals()?).await?;
         }
         Command::Render(args) => {
             let flags = config::WatcherArgs {
@@ -61,10 +61,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             check(&path)?;
         }
         Command::Dev(args) => {
-            dev::run(args, shutdown::on_signals()?).await?;
+            dev::run(args, stop_on_signals()?).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The shutdown token of every daemon: the first SIGTERM/SIGINT asks for a clean stop;
+/// a second one exits at once, for a stop that hangs.
+fn stop_on_signals() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    let token = shutdown::on_signals()?;
+    let first = token.clone();
+    tokio::spawn(async move {
+        first.cancelled().await;
+        if shutdown::next_signal().await.is_ok() {
+            tracing::warn!("second signal received, exiting now");
+            std::process::exit(130);
+        }
+    });
+    Ok(token)
 }
 
 /// `portolan check`: validates every section the file has, with the same code the

@@ -81,17 +81,11 @@ pub fn services_prefix(prefix: &str) -> String {
 pub fn service_key(prefix: &str, service: &str, instance: &str) -> String {
     format!("{prefix}/services/{service}/{instance}")
 }
-pub fn nodes_prefix(prefix: &str) -> String {
-    format!("{prefix}/nodes/")
-}
 pub fn node_key(prefix: &str, node: &str) -> String {
     format!("{prefix}/nodes/{node}")
 }
 pub fn watcher_key(prefix: &str, name: &str) -> String {
     format!("{prefix}/watchers/{name}")
-}
-pub fn config_prefix(prefix: &str) -> String {
-    format!("{prefix}/config/")
 }
 
 /// `<node>-<container id, 12 hex>-<container port>`: stable across registrar restarts.

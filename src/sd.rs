@@ -10,10 +10,6 @@ pub fn ready(status: &str) {
     ]);
 }
 
-pub fn status(status: &str) {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
-}
-
 pub fn stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }

@@ -1,15 +1,21 @@
 //! Shutdown is a value: one `CancellationToken`, cancelled by SIGTERM or SIGINT, handed
-//! to every loop. Library code never exits the process.
+//! to every loop. Library code never exits the process: what a second signal does is
+//! the binary's choice (`main.rs` exits at once, for a stop that hangs).
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+fn listen() -> std::io::Result<(Signal, Signal)> {
+    Ok((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ))
+}
+
 /// Returns a token that is cancelled on the first SIGTERM or SIGINT.
-/// A second signal exits at once, for a stop that hangs.
 pub fn on_signals() -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let (mut term, mut int) = listen()?;
     let t = token.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -17,12 +23,16 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = int.recv() => tracing::info!("SIGINT received, stopping"),
         }
         t.cancel();
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        tracing::warn!("second signal received, exiting now");
-        std::process::exit(130);
     });
     Ok(token)
+}
+
+/// Completes at the next SIGTERM or SIGINT from now on.
+pub async fn next_signal() -> std::io::Result<()> {
+    let (mut term, mut int) = listen()?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
 }
