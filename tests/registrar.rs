@@ -111,10 +111,11 @@ async fn event_to_etcd_latency() {
     // A separate process, as in production: nothing in the test can stall it.
     let _registrar = rig.spawn(&Opts::default());
     let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    let stream = DockerEvents::start(&rig.run);
     // Warm up (first inspect, first txn) outside the measurement.
     let warm = rig.container(&[]);
     rig.wait_value(&rig.image_key(&warm), T).await;
-    let since = unix_now() - 0.5;
+    stream.wait_for(&warm.id, "start").await;
     let mut containers = Vec::new();
     for _ in 0..10 {
         let c = rig.container(&[]);
@@ -124,7 +125,9 @@ async fn event_to_etcd_latency() {
         rig.wait_gone(&key, T).await;
         containers.push(c);
     }
-    let events = docker_events(&rig.run, since);
+    let last = containers.last().expect("containers");
+    stream.wait_for(&last.id, "kill").await;
+    let events = stream.events();
     let docker_time = |c: &Container, action: &str| {
         events
             .iter()
@@ -674,20 +677,16 @@ async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
         resync: 60,
         ..Default::default()
     });
+    let stream = DockerEvents::start(&rig.run);
     let c = rig.container(&["-m", "32m"]);
     let key = rig.image_key(&c);
     rig.wait_value(&key, T).await;
+    stream.wait_for(&c.id, "start").await;
     let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
 
-    let since = unix_now();
     // `tail` keeps the whole unterminated "line" in memory: the kernel kills it.
     let _ = try_docker(&["exec", &c.id, "sh", "-c", "head -c 200m /dev/zero | tail"]);
-    wait_until("docker's oom event", T, || async {
-        docker_events(&rig.run, since)
-            .iter()
-            .any(|(id, action, _)| id == &c.id && action == "oom")
-    })
-    .await;
+    stream.wait_for(&c.id, "oom").await;
     assert_eq!(
         docker(&["inspect", "-f", "{{.State.Running}}", &c.id]),
         "true"

@@ -381,34 +381,71 @@ pub fn unix_now() -> f64 {
         .unwrap_or_default()
 }
 
-/// Docker's own event times for a run's containers: (container id, action, time).
-pub fn docker_events(run: &str, since: f64) -> Vec<(String, String, SystemTime)> {
-    let out = docker(&[
-        "events",
-        "--since",
-        &format!("{since:.3}"),
-        "--until",
-        &format!("{:.3}", unix_now()),
-        "--filter",
-        &format!("label={TEST_LABEL}={run}"),
-        "--filter",
-        "type=container",
-        "--format",
-        "{{.TimeNano}} {{.Action}} {{.Actor.ID}}",
-    ]);
-    // Actions may contain spaces ("health_status: healthy"): time first, id last.
-    out.lines()
-        .filter_map(|l| {
-            let (nanos, rest) = l.split_once(' ')?;
-            let (action, id) = rest.rsplit_once(' ')?;
-            let nanos: u64 = nanos.parse().ok()?;
-            Some((
-                id.to_string(),
-                action.to_string(),
-                UNIX_EPOCH + Duration::from_nanos(nanos),
-            ))
+/// A live `docker events` stream of one test's containers, read back with `events()`.
+/// Live, not `docker events --since`: the engine keeps only its last 256 events for
+/// `--since`, and on a machine running the suite in parallel a test's early events
+/// are gone from that ring by the time it asks.
+pub struct DockerEvents {
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl DockerEvents {
+    /// Starts streaming. Events of containers created after the stream attached are
+    /// all seen: wait for one with `wait_for` before relying on that.
+    pub fn start(run: &str) -> DockerEvents {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("events");
+        let out = std::fs::File::create(&log).expect("events file");
+        let mut cmd = owned_command("docker");
+        cmd.args([
+            "events",
+            "--filter",
+            &format!("label={TEST_LABEL}={run}"),
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.TimeNano}} {{.Action}} {{.Actor.ID}}",
+        ])
+        .stdin(Stdio::null())
+        .stdout(out);
+        DockerEvents {
+            log,
+            _dir: dir,
+            _proc: Proc::spawn("docker events", &mut cmd),
+        }
+    }
+
+    /// (container id, action, Docker's own time) of every event so far.
+    pub fn events(&self) -> Vec<(String, String, SystemTime)> {
+        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+        // Actions may contain spaces ("health_status: healthy"): time first, id last.
+        out.lines()
+            .filter_map(|l| {
+                let (nanos, rest) = l.split_once(' ')?;
+                let (action, id) = rest.rsplit_once(' ')?;
+                let nanos: u64 = nanos.parse().ok()?;
+                Some((
+                    id.to_string(),
+                    action.to_string(),
+                    UNIX_EPOCH + Duration::from_nanos(nanos),
+                ))
+            })
+            .collect()
+    }
+
+    pub fn has(&self, id: &str, action: &str) -> bool {
+        self.events().iter().any(|(i, a, _)| i == id && a == action)
+    }
+
+    /// Waits until the stream has shown `action` for container `id`.
+    pub async fn wait_for(&self, id: &str, action: &str) {
+        wait_until(&format!("docker event {action} of {id}"), Duration::from_secs(20), || async {
+            self.has(id, action)
         })
-        .collect()
+        .await;
+    }
 }
 
 /// `median=… max=…` of a list of durations.
