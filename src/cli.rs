@@ -119,7 +119,8 @@ pub enum Command {
     /// lease (written by hand: it stays until deleted), `expired` for a lease that ran out
     /// while reading. A key the watcher would skip is reported on stderr with the rule it
     /// breaks. --json prints a stable document for scripts: {prefix, revision,
-    /// services: {name: [instance…]}, skipped: [{key, reason}]}.
+    /// services: {name: [instance…]}, skipped: [{key, reason}]}. --addrs prints one
+    /// host:port a line and nothing else.
     Ls(LsArgs),
     /// Validate a config file and compile its templates, without touching anything.
     ///
@@ -151,8 +152,12 @@ pub struct LsArgs {
     #[command(flatten)]
     pub etcd: EtcdOptions,
     /// Print JSON instead of a table, for scripts.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "addrs")]
     pub json: bool,
+    /// Print only the instances' host:port, one a line (e.g. to bootstrap a cluster
+    /// from `portolan ls etcd --addrs`).
+    #[arg(long)]
+    pub addrs: bool,
 }
 
 #[derive(Debug, Clone, Args)]

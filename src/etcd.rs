@@ -79,6 +79,17 @@ where
     }
 }
 
+/// True when etcd says the lease does not exist (expired, revoked, or etcd lost its
+/// data). etcd 3.4 answers `LeaseTimeToLive` of such a lease with this error; later
+/// versions with a TTL of -1.
+pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
 /// Keys per page of [`list_prefix`]: a page of instance records stays far below gRPC's
 /// 4 MiB message limit (a record is ~150 bytes; 1,000 of them ~250 KiB).
 const LIST_PAGE: i64 = 1000;

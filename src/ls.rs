@@ -30,7 +30,6 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use etcd_client::GetOptions;
 use serde::Serialize;
 
 use crate::config::EtcdConfig;
@@ -350,13 +349,13 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         .await
         .with_context(|| format!("cannot reach etcd at {endpoints} (--etcd-endpoints URL)"))?;
     let key = read_prefix(&etcd.prefix, service);
-    let resp = etcd::call(client.get(key.as_str(), Some(GetOptions::new().with_prefix())))
+    let listing = etcd::list_prefix(&mut client, &key)
         .await
         .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let kvs: Vec<RawKv> = resp
-        .kvs()
-        .iter()
+    let revision = listing.revision;
+    let kvs: Vec<RawKv> = listing
+        .kvs
+        .into_iter()
         .map(|kv| RawKv {
             key: kv.key().to_vec(),
             value: kv.value().to_vec(),
@@ -365,16 +364,17 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         .collect();
     let mut leases = BTreeMap::new();
     for id in leases_to_look_up(&etcd.prefix, &kvs) {
-        let r = etcd::call(client.lease_time_to_live(id, None))
-            .await
-            .with_context(|| format!("etcd lease timetolive {}", lease_hex(id)))?;
-        // etcd answers a lease that is gone with TTL -1 rather than an error.
-        let state = if r.ttl() < 0 {
-            LeaseState::Expired
-        } else {
-            LeaseState::Live {
+        // A lease that expired since the listing is no error: etcd 3.4 says "lease not
+        // found", later versions answer TTL -1.
+        let state = match etcd::call(client.lease_time_to_live(id, None)).await {
+            Ok(r) if r.ttl() >= 0 => LeaseState::Live {
                 ttl: r.ttl(),
                 granted_ttl: r.granted_ttl(),
+            },
+            Ok(_) => LeaseState::Expired,
+            Err(e) if etcd::is_lease_not_found(&e) => LeaseState::Expired,
+            Err(e) => {
+                return Err(e).with_context(|| format!("etcd lease timetolive {}", lease_hex(id)))
             }
         };
         leases.insert(id, state);
@@ -382,11 +382,31 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
     Ok(snapshot(&etcd.prefix, revision, &kvs, &leases))
 }
 
-pub async fn run(etcd: &EtcdConfig, service: Option<&str>, json: bool) -> anyhow::Result<()> {
+/// How `ls` prints what it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    /// One `host:port` a line, for scripts that bootstrap a cluster from a service.
+    Addrs,
+}
+
+/// One `host:port` a line, services in name order and instances in id order.
+pub fn addrs(snap: &Snapshot) -> String {
+    snap.services
+        .values()
+        .flatten()
+        .map(|e| format!("{}\n", e.instance.addr))
+        .collect()
+}
+
+pub async fn run(etcd: &EtcdConfig, service: Option<&str>, format: Format) -> anyhow::Result<()> {
     let snap = read(etcd, service).await?;
     eprint!("{}", warnings(&snap));
-    if json {
+    if format == Format::Json {
         print!("{}", self::json(&snap));
+    } else if format == Format::Addrs {
+        print!("{}", addrs(&snap));
     } else {
         print!("{}", table(&snap));
         if snap.instance_count() == 0 {

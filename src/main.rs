@@ -51,7 +51,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ls(args) => {
             let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
-            ls::run(&etcd, args.service.as_deref(), args.json).await?;
+            let format = if args.json {
+                ls::Format::Json
+            } else if args.addrs {
+                ls::Format::Addrs
+            } else {
+                ls::Format::Table
+            };
+            ls::run(&etcd, args.service.as_deref(), format).await?;
         }
         Command::Check => {
             let path = cli

@@ -219,3 +219,91 @@ async fn unreachable_etcd_and_bad_names_fail_with_a_message() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn addrs_prints_one_host_port_a_line_for_scripts() {
+    let f = fixture().await;
+    let ep = f.etcd.endpoint();
+    let out = portolan(&[
+        "ls",
+        "web",
+        "--addrs",
+        "--etcd-endpoints",
+        &ep,
+        "--prefix",
+        &f.prefix,
+    ])
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "10.0.0.5:32768\n10.0.0.6:32769\n");
+    let out = portolan(&[
+        "ls",
+        "api",
+        "--addrs",
+        "--etcd-endpoints",
+        &ep,
+        "--prefix",
+        &f.prefix,
+    ])
+    .await;
+    assert_eq!(text(&out.stdout), "10.0.0.9:80\n");
+    let out = portolan(&["ls", "--addrs", "--json", "--etcd-endpoints", &ep]).await;
+    assert!(!out.status.success(), "--addrs with --json must be refused");
+}
+
+/// More keys than one page of the listing (1,000), and more bytes than gRPC's 4 MiB
+/// default message limit: all listed, from one revision.
+#[tokio::test]
+async fn a_listing_larger_than_one_message_is_read_in_pages() {
+    let etcd = Etcd::start().await;
+    let prefix = unique_prefix("ls-big");
+    let mut c = etcd.client().await;
+    // ~2 KiB of tags per record: 2,500 records are ~5 MiB.
+    let tags: Vec<String> = (0..150).map(|i| format!("\"tag-{i:08}\"")).collect();
+    let tags = tags.join(",");
+    let n = 2500;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{prefix}/services/big/i-{i:05}"),
+                    format!(
+                        r#"{{"addr":"10.1.{}.{}:80","tags":[{tags}]}}"#,
+                        i / 250,
+                        i % 250
+                    ),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("txn");
+    }
+    let out = portolan(&[
+        "ls",
+        "big",
+        "--json",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--prefix",
+        &prefix,
+    ])
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(out.stdout.len() > 4 << 20, "{} bytes", out.stdout.len());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["services"]["big"].as_array().map(Vec::len), Some(n));
+    let out = portolan(&[
+        "ls",
+        "big",
+        "--addrs",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--prefix",
+        &prefix,
+    ])
+    .await;
+    assert_eq!(text(&out.stdout).lines().count(), n);
+}

@@ -441,9 +441,11 @@ impl DockerEvents {
 
     /// Waits until the stream has shown `action` for container `id`.
     pub async fn wait_for(&self, id: &str, action: &str) {
-        wait_until(&format!("docker event {action} of {id}"), Duration::from_secs(20), || async {
-            self.has(id, action)
-        })
+        wait_until(
+            &format!("docker event {action} of {id}"),
+            Duration::from_secs(20),
+            || async { self.has(id, action) },
+        )
         .await;
     }
 }
