@@ -43,7 +43,7 @@ pub fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, etcd_client::
         .with_require_leader(true);
     if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
         opts = opts
-            .with_user(user.clone(), password.clone())
+            .with_user(user.clone(), password.expose())
             .with_auto_token_refresh(true);
     }
     if let Some(tls) = &cfg.tls {

@@ -36,13 +36,19 @@ pub struct EtcdOptions {
         value_name = "USER"
     )]
     pub username: Option<String>,
-    /// etcd password; prefer the environment variable over the flag.
+    /// File holding the etcd password of --etcd-username (its first line). There is
+    /// no password flag: a flag shows in `ps`, and a variable reaches every child
+    /// process. Under systemd, a credential named `etcd-password` (`LoadCredential=`)
+    /// is used when this is unset.
     #[arg(
-        long = "etcd-password",
-        env = "PORTOLAN_ETCD_PASSWORD",
-        value_name = "PASSWORD",
-        hide_env_values = true
+        long = "etcd-password-file",
+        env = "PORTOLAN_ETCD_PASSWORD_FILE",
+        value_name = "FILE"
     )]
+    pub password_file: Option<PathBuf>,
+    /// The password itself, in the file only: prefer `password_file`, a file readable by
+    /// the daemon's user alone.
+    #[arg(skip)]
     pub password: Option<String>,
     /// Time to wait for an etcd endpoint to answer a connect, in milliseconds
     /// [default: 2000].
@@ -59,13 +65,38 @@ pub struct EtcdOptions {
     pub key_file: Option<PathBuf>,
 }
 
+/// A password: kept out of `Debug` output and so out of every log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that hands it to etcd.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The systemd credential (`LoadCredential=etcd-password:…`) read when no password
+/// file is given.
+const CREDENTIAL: &str = "etcd-password";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Normalised: leading slash, no trailing slash.
     pub prefix: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub dial_timeout: Duration,
     /// TLS for https:// endpoints; None = plain http.
     pub tls: Option<EtcdTls>,
@@ -121,21 +152,73 @@ impl EtcdOptions {
             problems.push(format!("etcd prefix: {e}"));
             schema::DEFAULT_PREFIX.to_string()
         });
-        if self.username.is_some() != self.password.is_some() {
-            problems.push("etcd auth: username and password go together".into());
+        let password = self.resolve_password(problems);
+        if self.username.is_some() != password.is_some() {
+            problems.push(
+                "etcd auth: a username needs a password and a password a username (--etcd-username with --etcd-password-file)"
+                    .into(),
+            );
+        }
+        if password.is_some() {
+            for e in endpoints.iter().filter(|e| e.starts_with("http://")) {
+                tracing::warn!(
+                    endpoint = %e,
+                    "etcd password sent over plain http:// to {e}: anyone on the path can read it; use https:// with [etcd] ca_file"
+                );
+            }
         }
         let tls = self.resolve_tls(&endpoints, problems);
         EtcdConfig {
             endpoints,
             prefix,
             username: self.username.clone(),
-            password: self.password.clone(),
+            password,
             dial_timeout: Duration::from_millis(at_least_min_timeout(
                 "etcd.dial_timeout_ms",
                 self.dial_timeout_ms.unwrap_or(DEFAULT_DIAL_TIMEOUT_MS),
                 problems,
             )),
             tls,
+        }
+    }
+
+    /// The password from `password_file`, the file's `password`, or the systemd
+    /// credential, in that order.
+    fn resolve_password(&self, problems: &mut Problems) -> Option<Secret> {
+        if std::env::var_os("PORTOLAN_ETCD_PASSWORD").is_some() {
+            problems.push(
+                "PORTOLAN_ETCD_PASSWORD is not read (a variable reaches every child process): put the password in a file readable only by this daemon and pass --etcd-password-file FILE".into(),
+            );
+        }
+        if self.password_file.is_some() && self.password.is_some() {
+            problems.push("etcd: set password_file or password, not both".into());
+        }
+        let file = self.password_file.clone().or_else(|| {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+            let path = PathBuf::from(dir).join(CREDENTIAL);
+            (self.password.is_none() && path.is_file()).then_some(path)
+        });
+        match file {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(text) => match text.lines().next().map(str::trim_end) {
+                    Some(line) if !line.is_empty() => Some(Secret::new(line)),
+                    _ => {
+                        problems.push(format!(
+                            "etcd password file {} is empty: its first line is the password",
+                            path.display()
+                        ));
+                        None
+                    }
+                },
+                Err(e) => {
+                    problems.push(format!(
+                        "cannot read the etcd password file {}: {e}",
+                        path.display()
+                    ));
+                    None
+                }
+            },
+            None => self.password.clone().map(Secret::new),
         }
     }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use self::etcd::{EtcdConfig, EtcdOptions, EtcdTls, DEFAULT_ENDPOINT};
+pub use self::etcd::{EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
 pub use self::registrar::{
     RegistrarConfig, RegistrarOptions, DEFAULT_RESYNC_SECS, DEFAULT_STATE_DIR, DEFAULT_TTL_SECS,
 };
@@ -248,6 +248,40 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         let f = FileConfig::from_str(text, Path::new("x.toml")).unwrap();
         assert_eq!(f.template.len(), 1);
         assert_eq!(f.watcher.wait.unwrap().max_ms, Some(500));
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_and_never_shows_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        let flags = |file: PathBuf| EtcdOptions {
+            username: Some("portolan-node-a".into()),
+            password_file: Some(file),
+            ..Default::default()
+        };
+        let c = resolve_etcd(&FileConfig::default(), &flags(pw.clone())).unwrap();
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cret-pw"));
+        assert!(!format!("{c:?}").contains("s3cret-pw"), "{c:?}");
+
+        let missing = dir.path().join("missing");
+        let err = resolve_etcd(&FileConfig::default(), &flags(missing))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing") && err.contains("password file"),
+            "{err}"
+        );
+        std::fs::write(&pw, "\n").unwrap();
+        let err = resolve_etcd(&FileConfig::default(), &flags(pw))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let no_user = EtcdOptions {
+            password: Some("x".into()),
+            ..Default::default()
+        };
+        assert!(resolve_etcd(&FileConfig::default(), &no_user).is_err());
     }
 
     #[test]
