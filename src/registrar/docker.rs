@@ -43,18 +43,18 @@ const EVENTS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone)]
-pub struct DockerSettings {
+pub(crate) struct DockerSettings {
     /// None: `DOCKER_HOST` or the local socket.
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// None: negotiate (Engine 20.10 speaks 1.41; a newer client version prefix gets
     /// HTTP 400 from it).
-    pub api_version: Option<String>,
+    pub(crate) api_version: Option<String>,
     /// `KEY` or `KEY=VALUE`: only containers with this label are seen at all.
-    pub only_label: Option<String>,
+    pub(crate) only_label: Option<String>,
 }
 
 #[derive(Debug)]
-pub enum DockerReport {
+pub(crate) enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its
     /// view from this and reconciles etcd against it.
     Snapshot(Vec<ContainerInspectResponse>),
@@ -66,7 +66,7 @@ pub enum DockerReport {
 
 /// What an event means for registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Look at the container again (it may have become registrable).
     Refresh,
     /// It is going away or must not take traffic: deregister at once.
@@ -74,7 +74,7 @@ pub enum Action {
 }
 
 /// Classifies a container event. Pure; None for anything that does not matter.
-pub fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
+pub(crate) fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
     if ev.typ != Some(EventMessageTypeEnum::CONTAINER) {
         return None;
     }
@@ -116,7 +116,7 @@ fn is_stopping_signal(signal: Option<&str>) -> bool {
 
 /// Connects and settles the API version. Cheap: nothing is sent before the first call
 /// unless the version is negotiated.
-pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
+pub(crate) async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
     let host = settings
         .host
         .clone()
@@ -163,7 +163,7 @@ fn label_filter(settings: &DockerSettings) -> HashMap<String, Vec<String>> {
 
 /// Running containers, inspected. A container that vanishes between list and inspect
 /// is simply not there.
-pub async fn snapshot(
+pub(crate) async fn snapshot(
     docker: &Docker,
     settings: &DockerSettings,
 ) -> Result<Vec<ContainerInspectResponse>, DockerError> {
@@ -218,7 +218,7 @@ async fn report_for(
 }
 
 /// The Docker task: runs until cancelled. `resync` asks for a fresh snapshot.
-pub async fn run(
+pub(crate) async fn run(
     settings: DockerSettings,
     reports: mpsc::Sender<DockerReport>,
     mut resync: mpsc::Receiver<()>,

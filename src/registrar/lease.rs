@@ -22,7 +22,7 @@ use crate::etcd;
 const STATE_FILE: &str = "registrar.lease";
 
 #[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
+pub(crate) enum LeaseError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("cannot write the lease state file {path}: {source} (is --state-dir writable?)")]
@@ -33,10 +33,10 @@ pub enum LeaseError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub id: i64,
+pub(crate) struct Lease {
+    pub(crate) id: i64,
     /// Picked up from the state file, still alive: etcd may already hold our keys.
-    pub reused: bool,
+    pub(crate) reused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,20 +44,20 @@ struct State {
     lease_id: i64,
 }
 
-pub fn state_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATE_FILE)
 }
 
 /// The lease id in a state file's text; None for anything unreadable (a fresh grant is
 /// the safe answer to a damaged file).
-pub fn parse_state(text: &str) -> Option<i64> {
+pub(crate) fn parse_state(text: &str) -> Option<i64> {
     serde_json::from_str::<State>(text)
         .ok()
         .map(|s| s.lease_id)
         .filter(|id| *id != 0)
 }
 
-pub fn render_state(lease_id: i64) -> String {
+pub(crate) fn render_state(lease_id: i64) -> String {
     serde_json::to_string(&State { lease_id }).unwrap_or_default() + "\n"
 }
 
@@ -75,13 +75,13 @@ fn write_state(path: &Path, lease_id: i64) -> std::io::Result<()> {
 }
 
 /// Removes the state file after a revoke; a missing file is fine.
-pub fn forget(state_dir: &Path) {
+pub(crate) fn forget(state_dir: &Path) {
     let _ = std::fs::remove_file(state_path(state_dir));
 }
 
 /// Reuses the lease named in the state file if it is still alive with the same TTL,
 /// otherwise grants a new one and records it.
-pub async fn acquire(
+pub(crate) async fn acquire(
     client: &mut Client,
     ttl: Duration,
     state_dir: &Path,
@@ -122,7 +122,7 @@ pub async fn acquire(
 
 /// Whether an etcd error says our lease no longer exists (expired or revoked, or the
 /// cluster was replaced by an empty one).
-pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
         etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
@@ -131,7 +131,7 @@ pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeeperEvent {
+pub(crate) enum KeeperEvent {
     /// Keep-alives are failing; the lease may still be alive.
     Trouble(String),
     /// Keep-alives work again after trouble: etcd may have restarted, reconcile.
@@ -141,13 +141,13 @@ pub enum KeeperEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeeperReport {
-    pub lease: i64,
-    pub event: KeeperEvent,
+pub(crate) struct KeeperReport {
+    pub(crate) lease: i64,
+    pub(crate) event: KeeperEvent,
 }
 
 /// Keeps `lease` alive until cancelled or lost. Run it as a tracked task.
-pub async fn keep_alive(
+pub(crate) async fn keep_alive(
     mut client: Client,
     lease: i64,
     ttl: Duration,

@@ -13,11 +13,11 @@
 //! lost lease, failed write, every `--resync`), it reads this node's keys back from
 //! etcd and reconciles against them instead. Nothing is written when nothing changed.
 
-pub mod docker;
-pub mod lease;
-pub mod plan;
-pub mod probe;
-pub mod selector;
+mod docker;
+pub(crate) mod lease;
+mod plan;
+mod probe;
+mod selector;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -35,7 +35,7 @@ use self::docker::{DockerReport, DockerSettings};
 use self::lease::{KeeperEvent, KeeperReport};
 use self::plan::{Actual, Op};
 use self::probe::ProbeReport;
-use self::selector::{Check, Gate, Registration, Settings};
+use self::selector::{Check, Gate, NodeSettings, Registration};
 use crate::backoff::Backoff;
 use crate::config::RegistrarConfig;
 use crate::schema::{self, NodeRecord};
@@ -161,7 +161,7 @@ impl From<etcd_client::Error> for Failure {
 
 struct Registrar {
     cfg: RegistrarConfig,
-    settings: Settings,
+    settings: NodeSettings,
     node_key: String,
     node_want: NodeRecord,
     /// The node record as written (or found) under this lease.
@@ -209,7 +209,7 @@ impl Registrar {
             .map(|d| d.as_secs())
             .unwrap_or_default();
         Registrar {
-            settings: Settings {
+            settings: NodeSettings {
                 node: cfg.node.clone(),
                 advertise_ip,
                 internal: cfg.internal,

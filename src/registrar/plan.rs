@@ -12,18 +12,18 @@ use std::collections::BTreeMap;
 use crate::schema::{self, InstanceRecord, Key, NodeRecord};
 
 /// etcd's default `--max-txn-ops` is 128; stay well under it.
-pub const MAX_TXN_OPS: usize = 64;
+pub(crate) const MAX_TXN_OPS: usize = 64;
 
 /// A key of this node as read from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actual {
-    pub value: String,
+pub(crate) struct Actual {
+    pub(crate) value: String,
     /// 0: no lease.
-    pub lease: i64,
+    pub(crate) lease: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Put { key: String, value: String },
     Delete { key: String },
 }
@@ -31,7 +31,7 @@ pub enum Op {
 /// Puts for what is missing, different or not on `lease`; deletes for what is stale.
 /// Sorted by key within each kind: puts first, so a batch never leaves a service
 /// emptier than it has to be.
-pub fn plan(
+pub(crate) fn plan(
     desired: &BTreeMap<String, String>,
     actual: &BTreeMap<String, Actual>,
     lease: i64,
@@ -57,7 +57,7 @@ pub fn plan(
 /// record naming this node. The exact shape matters: node `web` must not claim
 /// `web-2-3f2a9c1b7d10-80`, and a hand-written `host:port` under a lookalike key
 /// stays the operator's.
-pub fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
+pub(crate) fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
     match schema::parse_key(prefix, key) {
         Ok(Key::Node { name }) => name == node,
         Ok(Key::Service { instance, .. }) => {
@@ -82,7 +82,7 @@ pub fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
 
 /// The node record to write: the one already in etcd when it is on our lease and says
 /// the same (its `started_at` is older, not wrong), so a restart rewrites nothing.
-pub fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> String {
+pub(crate) fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> String {
     if let Some(a) = actual.filter(|a| a.lease == lease) {
         if let Ok(have) = serde_json::from_str::<NodeRecord>(&a.value) {
             if have.name == want.name && have.addr == want.addr && have.version == want.version {

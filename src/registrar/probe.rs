@@ -29,7 +29,7 @@ const TCP_SETTLE: Duration = Duration::from_millis(100);
 
 /// Consecutive-result counting, HAProxy style. Pure.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     fall: u32,
     rise: u32,
     /// None until the first verdict: failures from the very first try must still be
@@ -42,7 +42,7 @@ pub struct Counter {
 }
 
 impl Counter {
-    pub fn new(fall: u32, rise: u32) -> Counter {
+    pub(crate) fn new(fall: u32, rise: u32) -> Counter {
         Counter {
             fall: fall.max(1),
             rise: rise.max(1),
@@ -53,12 +53,12 @@ impl Counter {
         }
     }
 
-    pub fn ever_up(&self) -> bool {
+    pub(crate) fn ever_up(&self) -> bool {
         self.ever_up
     }
 
     /// Records one result; returns the new state when it changes.
-    pub fn observe(&mut self, ok: bool) -> Option<bool> {
+    pub(crate) fn observe(&mut self, ok: bool) -> Option<bool> {
         if self.up == Some(ok) {
             self.streak = 0;
             return None;
@@ -84,17 +84,17 @@ impl Counter {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeReport {
-    pub instance: String,
+pub(crate) struct ProbeReport {
+    pub(crate) instance: String,
     /// Tells a report of a replaced probe from the current one's.
-    pub generation: u64,
-    pub up: bool,
+    pub(crate) generation: u64,
+    pub(crate) up: bool,
     /// The last failure, for the log.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// Probes `addr` until cancelled, reporting each change of state.
-pub async fn run(
+pub(crate) async fn run(
     instance: String,
     generation: u64,
     addr: String,
@@ -132,7 +132,7 @@ pub async fn run(
 }
 
 /// One probe within `timeout`. Err says what failed.
-pub async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Result<(), String> {
     let attempt = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -179,7 +179,7 @@ pub async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Resu
 }
 
 /// `HTTP/1.x 2xx|3xx …` is a success. Pure.
-pub fn http_status_ok(head: &[u8]) -> Result<u16, String> {
+pub(crate) fn http_status_ok(head: &[u8]) -> Result<u16, String> {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
