@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{sleep_or_stop, Backoff};
 use crate::etcd;
 
 const STATE_FILE: &str = "registrar.lease";
@@ -32,8 +32,9 @@ pub(crate) enum LeaseError {
     },
 }
 
+/// A lease this registrar may hang its keys on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Lease {
+pub(crate) struct Granted {
     pub(crate) id: i64,
     /// Picked up from the state file, still alive: etcd may already hold our keys.
     pub(crate) reused: bool,
@@ -44,20 +45,20 @@ struct State {
     lease_id: i64,
 }
 
-pub(crate) fn state_path(state_dir: &Path) -> PathBuf {
+fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATE_FILE)
 }
 
 /// The lease id in a state file's text; None for anything unreadable (a fresh grant is
 /// the safe answer to a damaged file).
-pub(crate) fn parse_state(text: &str) -> Option<i64> {
+fn parse_state(text: &str) -> Option<i64> {
     serde_json::from_str::<State>(text)
         .ok()
         .map(|s| s.lease_id)
         .filter(|id| *id != 0)
 }
 
-pub(crate) fn render_state(lease_id: i64) -> String {
+fn render_state(lease_id: i64) -> String {
     serde_json::to_string(&State { lease_id }).unwrap_or_default() + "\n"
 }
 
@@ -85,7 +86,7 @@ pub(crate) async fn acquire(
     client: &mut Client,
     ttl: Duration,
     state_dir: &Path,
-) -> Result<Lease, LeaseError> {
+) -> Result<Granted, LeaseError> {
     let path = state_path(state_dir);
     let ttl_secs = ttl.as_secs() as i64;
     let previous = std::fs::read_to_string(&path)
@@ -96,7 +97,7 @@ pub(crate) async fn acquire(
         // than TTL -1: both mean grant a new one.
         match etcd::call(client.lease_time_to_live(id, None)).await {
             Ok(r) if r.ttl() > 0 && r.granted_ttl() == ttl_secs => {
-                return Ok(Lease { id, reused: true });
+                return Ok(Granted { id, reused: true });
             }
             Ok(r) if r.ttl() > 0 => {
                 // The TTL changed: a new lease carries it; the old one expires by itself
@@ -114,7 +115,7 @@ pub(crate) async fn acquire(
     }
     let r = etcd::call(client.lease_grant(ttl_secs, None)).await?;
     write_state(&path, r.id()).map_err(|source| LeaseError::State { path, source })?;
-    Ok(Lease {
+    Ok(Granted {
         id: r.id(),
         reused: false,
     })
@@ -146,7 +147,9 @@ pub(crate) struct KeeperReport {
     pub(crate) event: KeeperEvent,
 }
 
-/// Keeps `lease` alive until cancelled or lost. Run it as a tracked task.
+/// Keeps `lease` alive until cancelled or lost, reporting on `reports` (tagged with the
+/// lease id, so a report about a replaced lease can be told apart). Run it as a tracked
+/// task. Knows nothing of what hangs on the lease: any holder of a lease can use it.
 pub(crate) async fn keep_alive(
     mut client: Client,
     lease: i64,
@@ -182,10 +185,10 @@ pub(crate) async fn keep_alive(
                     healthy = false;
                     report(KeeperEvent::Trouble(e.to_string())).await;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+                    return;
                 }
+                continue;
             }
         };
         if !healthy {
@@ -223,9 +226,8 @@ pub(crate) async fn keep_alive(
             healthy = false;
             report(KeeperEvent::Trouble(trouble)).await;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+            return;
         }
     }
 }
