@@ -5,7 +5,8 @@
 //! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
 //! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
 //! stream whenever it dies (an etcd restart kills open streams); it reports, never
-//! decides: the loop re-grants when told the lease is lost.
+//! decides: the session re-grants when told the lease is lost. `keep_alive` knows only
+//! a lease id and a TTL, so any other holder of a lease can run it too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

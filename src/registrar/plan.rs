@@ -129,6 +129,9 @@ pub(crate) fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64)
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::super::selector::{Check, CheckKind};
     use super::*;
 
     const L: i64 = 7;
@@ -166,10 +169,10 @@ mod tests {
                 tags: vec![],
                 weight: schema::DEFAULT_WEIGHT,
             },
-            check: probed.then(|| crate::registrar::selector::Check {
-                kind: crate::registrar::selector::CheckKind::Tcp,
-                interval: std::time::Duration::from_secs(5),
-                timeout: std::time::Duration::from_secs(2),
+            check: probed.then(|| Check {
+                kind: CheckKind::Tcp,
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
                 fall: 3,
                 rise: 2,
             }),
