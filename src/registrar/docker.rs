@@ -18,7 +18,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{sleep_or_stop, Backoff};
 
 /// Per-request time limit for list and inspect (the event stream is not limited).
 const REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -43,18 +43,18 @@ const EVENTS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone)]
-pub struct DockerSettings {
+pub(crate) struct DockerSettings {
     /// None: `DOCKER_HOST` or the local socket.
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// None: negotiate (Engine 20.10 speaks 1.41; a newer client version prefix gets
     /// HTTP 400 from it).
-    pub api_version: Option<String>,
+    pub(crate) api_version: Option<String>,
     /// `KEY` or `KEY=VALUE`: only containers with this label are seen at all.
-    pub only_label: Option<String>,
+    pub(crate) only_label: Option<String>,
 }
 
 #[derive(Debug)]
-pub enum DockerReport {
+pub(crate) enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its
     /// view from this and reconciles etcd against it.
     Snapshot(Vec<ContainerInspectResponse>),
@@ -66,7 +66,7 @@ pub enum DockerReport {
 
 /// What an event means for registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+enum Action {
     /// Look at the container again (it may have become registrable).
     Refresh,
     /// It is going away or must not take traffic: deregister at once.
@@ -74,7 +74,7 @@ pub enum Action {
 }
 
 /// Classifies a container event. Pure; None for anything that does not matter.
-pub fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
+fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
     if ev.typ != Some(EventMessageTypeEnum::CONTAINER) {
         return None;
     }
@@ -116,7 +116,7 @@ fn is_stopping_signal(signal: Option<&str>) -> bool {
 
 /// Connects and settles the API version. Cheap: nothing is sent before the first call
 /// unless the version is negotiated.
-pub async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
+async fn connect(settings: &DockerSettings) -> Result<Docker, DockerError> {
     let host = settings
         .host
         .clone()
@@ -163,7 +163,7 @@ fn label_filter(settings: &DockerSettings) -> HashMap<String, Vec<String>> {
 
 /// Running containers, inspected. A container that vanishes between list and inspect
 /// is simply not there.
-pub async fn snapshot(
+async fn snapshot(
     docker: &Docker,
     settings: &DockerSettings,
 ) -> Result<Vec<ContainerInspectResponse>, DockerError> {
@@ -218,7 +218,7 @@ async fn report_for(
 }
 
 /// The Docker task: runs until cancelled. `resync` asks for a fresh snapshot.
-pub async fn run(
+pub(crate) async fn run(
     settings: DockerSettings,
     reports: mpsc::Sender<DockerReport>,
     mut resync: mpsc::Receiver<()>,
@@ -227,40 +227,58 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut was_down = false;
     loop {
-        let error = tokio::select! {
+        let lost = tokio::select! {
             _ = shutdown.cancelled() => return,
-            e = session(&settings, &reports, &mut resync, &mut backoff, &mut was_down) => e,
+            end = session(&settings, &reports, &mut resync, &mut backoff, &mut was_down) => match end {
+                SessionEnd::LoopGone => return,
+                SessionEnd::Lost(lost) => lost,
+            },
         };
-        let Some(error) = error else { return };
         let delay = backoff.next_delay();
         if !was_down {
-            tracing::warn!(error = %error, "docker: connection lost; reconnecting with backoff");
+            tracing::warn!(error = %lost, "docker: connection lost; reconnecting with backoff");
         } else {
-            tracing::debug!(error = %error, retry_in = ?delay, "docker still unreachable");
+            tracing::debug!(error = %lost, retry_in = ?delay, "docker still unreachable");
         }
         was_down = true;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !sleep_or_stop(delay, &shutdown).await {
+            return;
         }
     }
 }
 
-/// One connection's life. Returns why it ended; None when the loop has gone away.
+/// How one connection's life ended.
+enum SessionEnd {
+    /// The loop has gone away: nothing left to report to, stop for good.
+    LoopGone,
+    /// Transient: reconnect after a backoff.
+    Lost(Lost),
+}
+
+/// Why the connection to Docker was lost.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    #[error("cannot connect: {0} (is dockerd running? is --docker-host right?)")]
+    Connect(#[source] DockerError),
+    #[error("cannot list containers: {0}")]
+    List(#[source] DockerError),
+    #[error("event stream: {0}")]
+    Events(#[source] DockerError),
+    #[error("event stream closed")]
+    EventsClosed,
+}
+
+/// One connection's life, until it ends.
 async fn session(
     settings: &DockerSettings,
     reports: &mpsc::Sender<DockerReport>,
     resync: &mut mpsc::Receiver<()>,
     backoff: &mut Backoff,
     was_down: &mut bool,
-) -> Option<String> {
+) -> SessionEnd {
     let docker = match connect(settings).await {
         Ok(d) => d,
-        Err(e) => {
-            return Some(format!(
-                "cannot connect: {e} (is dockerd running? is --docker-host right?)"
-            ))
-        }
+        Err(e) => return SessionEnd::Lost(Lost::Connect(e)),
     };
     let since = SystemTime::now()
         .checked_sub(SINCE_MARGIN)
@@ -279,7 +297,7 @@ async fn session(
     }));
     let containers = match snapshot(&docker, settings).await {
         Ok(c) => c,
-        Err(e) => return Some(format!("cannot list containers: {e}")),
+        Err(e) => return SessionEnd::Lost(Lost::List(e)),
     };
     let version = docker.client_version();
     if *was_down {
@@ -297,7 +315,7 @@ async fn session(
         .await
         .is_err()
     {
-        return None;
+        return SessionEnd::LoopGone;
     }
     backoff.reset();
     // Ordered, bounded concurrency: inspects overlap, reports keep event order, so a
@@ -309,24 +327,25 @@ async fn session(
     loop {
         tokio::select! {
             asked = resync.recv() => {
-                // The loop has gone away: nothing left to report to.
-                asked?;
+                if asked.is_none() {
+                    return SessionEnd::LoopGone;
+                }
                 match snapshot(&docker, settings).await {
                     Ok(c) => {
                         if reports.send(DockerReport::Snapshot(c)).await.is_err() {
-                            return None;
+                            return SessionEnd::LoopGone;
                         }
                     }
-                    Err(e) => return Some(format!("cannot list containers: {e}")),
+                    Err(e) => return SessionEnd::Lost(Lost::List(e)),
                 }
             }
             item = pipeline.next() => match item {
-                None => return Some("event stream closed".into()),
-                Some(Err(e)) => return Some(format!("event stream: {e}")),
+                None => return SessionEnd::Lost(Lost::EventsClosed),
+                Some(Err(e)) => return SessionEnd::Lost(Lost::Events(e)),
                 Some(Ok(None)) => {}
                 Some(Ok(Some(report))) => {
                     if reports.send(report).await.is_err() {
-                        return None;
+                        return SessionEnd::LoopGone;
                     }
                 }
             },

@@ -5,7 +5,8 @@
 //! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
 //! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
 //! stream whenever it dies (an etcd restart kills open streams); it reports, never
-//! decides: the loop re-grants when told the lease is lost.
+//! decides: the session re-grants when told the lease is lost. `keep_alive` knows only
+//! a lease id and a TTL, so any other holder of a lease can run it too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,13 +17,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{sleep_or_stop, Backoff};
 use crate::etcd;
 
 const STATE_FILE: &str = "registrar.lease";
 
 #[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
+pub(crate) enum LeaseError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("cannot write the lease state file {path}: {source} (is --state-dir writable?)")]
@@ -32,11 +33,12 @@ pub enum LeaseError {
     },
 }
 
+/// A lease this registrar may hang its keys on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub id: i64,
+pub(crate) struct Granted {
+    pub(crate) id: i64,
     /// Picked up from the state file, still alive: etcd may already hold our keys.
-    pub reused: bool,
+    pub(crate) reused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,20 +46,20 @@ struct State {
     lease_id: i64,
 }
 
-pub fn state_path(state_dir: &Path) -> PathBuf {
+fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATE_FILE)
 }
 
 /// The lease id in a state file's text; None for anything unreadable (a fresh grant is
 /// the safe answer to a damaged file).
-pub fn parse_state(text: &str) -> Option<i64> {
+fn parse_state(text: &str) -> Option<i64> {
     serde_json::from_str::<State>(text)
         .ok()
         .map(|s| s.lease_id)
         .filter(|id| *id != 0)
 }
 
-pub fn render_state(lease_id: i64) -> String {
+fn render_state(lease_id: i64) -> String {
     serde_json::to_string(&State { lease_id }).unwrap_or_default() + "\n"
 }
 
@@ -75,17 +77,17 @@ fn write_state(path: &Path, lease_id: i64) -> std::io::Result<()> {
 }
 
 /// Removes the state file after a revoke; a missing file is fine.
-pub fn forget(state_dir: &Path) {
+pub(crate) fn forget(state_dir: &Path) {
     let _ = std::fs::remove_file(state_path(state_dir));
 }
 
 /// Reuses the lease named in the state file if it is still alive with the same TTL,
 /// otherwise grants a new one and records it.
-pub async fn acquire(
+pub(crate) async fn acquire(
     client: &mut Client,
     ttl: Duration,
     state_dir: &Path,
-) -> Result<Lease, LeaseError> {
+) -> Result<Granted, LeaseError> {
     let path = state_path(state_dir);
     let ttl_secs = ttl.as_secs() as i64;
     let previous = std::fs::read_to_string(&path)
@@ -96,7 +98,7 @@ pub async fn acquire(
         // than TTL -1: both mean grant a new one.
         match etcd::call(client.lease_time_to_live(id, None)).await {
             Ok(r) if r.ttl() > 0 && r.granted_ttl() == ttl_secs => {
-                return Ok(Lease { id, reused: true });
+                return Ok(Granted { id, reused: true });
             }
             Ok(r) if r.ttl() > 0 => {
                 // The TTL changed: a new lease carries it; the old one expires by itself
@@ -114,7 +116,7 @@ pub async fn acquire(
     }
     let r = etcd::call(client.lease_grant(ttl_secs, None)).await?;
     write_state(&path, r.id()).map_err(|source| LeaseError::State { path, source })?;
-    Ok(Lease {
+    Ok(Granted {
         id: r.id(),
         reused: false,
     })
@@ -122,7 +124,7 @@ pub async fn acquire(
 
 /// Whether an etcd error says our lease no longer exists (expired or revoked, or the
 /// cluster was replaced by an empty one).
-pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
         etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
@@ -131,7 +133,7 @@ pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeeperEvent {
+pub(crate) enum KeeperEvent {
     /// Keep-alives are failing; the lease may still be alive.
     Trouble(String),
     /// Keep-alives work again after trouble: etcd may have restarted, reconcile.
@@ -141,13 +143,15 @@ pub enum KeeperEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeeperReport {
-    pub lease: i64,
-    pub event: KeeperEvent,
+pub(crate) struct KeeperReport {
+    pub(crate) lease: i64,
+    pub(crate) event: KeeperEvent,
 }
 
-/// Keeps `lease` alive until cancelled or lost. Run it as a tracked task.
-pub async fn keep_alive(
+/// Keeps `lease` alive until cancelled or lost, reporting on `reports` (tagged with the
+/// lease id, so a report about a replaced lease can be told apart). Run it as a tracked
+/// task. Knows nothing of what hangs on the lease: any holder of a lease can use it.
+pub(crate) async fn keep_alive(
     mut client: Client,
     lease: i64,
     ttl: Duration,
@@ -182,10 +186,10 @@ pub async fn keep_alive(
                     healthy = false;
                     report(KeeperEvent::Trouble(e.to_string())).await;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+                    return;
                 }
+                continue;
             }
         };
         if !healthy {
@@ -223,9 +227,8 @@ pub async fn keep_alive(
             healthy = false;
             report(KeeperEvent::Trouble(trouble)).await;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+            return;
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Reconciling this node's keys: `plan(desired, actual)` gives the puts and deletes that
-//! make etcd match Docker. Pure; the loop applies the ops in transactions.
+//! Reconciling this node's keys: `desired(...)` is the key set Docker and the probes ask
+//! for, `plan(desired, actual)` the puts and deletes that make etcd match it. Pure; the
+//! loop applies the ops in transactions.
 //!
 //! Invariants:
 //! - Only this node's keys are ever in `actual` (`is_ours`): other nodes' keys and
@@ -9,38 +10,71 @@
 
 use std::collections::BTreeMap;
 
+use super::probe::Verdict;
+use super::selector::Registration;
 use crate::schema::{self, InstanceRecord, Key, NodeRecord};
 
 /// etcd's default `--max-txn-ops` is 128; stay well under it.
-pub const MAX_TXN_OPS: usize = 64;
+pub(crate) const MAX_TXN_OPS: usize = 64;
 
 /// A key of this node as read from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actual {
-    pub value: String,
+pub(crate) struct Actual {
+    pub(crate) value: String,
     /// 0: no lease.
-    pub lease: i64,
+    pub(crate) lease: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum KeyOp {
     Put { key: String, value: String },
     Delete { key: String },
+}
+
+/// The desired key set: this node's key with `node_value`, and one key per registration
+/// its probe lets through. `verdict` is the probe's state of a probed instance (None: it
+/// has no probe, e.g. not started yet, so no key). A probed instance without a verdict
+/// yet keeps its key only if the key is already on our lease (`present`): a restarted
+/// registrar must not drop healthy instances while its probes warm up, nor register an
+/// instance no probe has seen pass.
+pub(crate) fn desired<'a>(
+    prefix: &str,
+    (node_key, node_value): (&str, &str),
+    registrations: impl IntoIterator<Item = &'a Registration>,
+    verdict: impl Fn(&str) -> Option<Verdict>,
+    present: impl Fn(&str) -> bool,
+) -> BTreeMap<String, String> {
+    let mut d = BTreeMap::new();
+    d.insert(node_key.to_string(), node_value.to_string());
+    for r in registrations {
+        let key = r.key(prefix);
+        let wanted = match (&r.check, verdict(&r.instance)) {
+            (None, _) => true,
+            (Some(_), Some(Verdict::Up)) => true,
+            (Some(_), Some(Verdict::Down)) => false,
+            (Some(_), Some(Verdict::Pending)) => present(&key),
+            (Some(_), None) => false,
+        };
+        if wanted {
+            d.insert(key, r.record.to_json());
+        }
+    }
+    d
 }
 
 /// Puts for what is missing, different or not on `lease`; deletes for what is stale.
 /// Sorted by key within each kind: puts first, so a batch never leaves a service
 /// emptier than it has to be.
-pub fn plan(
+pub(crate) fn plan(
     desired: &BTreeMap<String, String>,
     actual: &BTreeMap<String, Actual>,
     lease: i64,
-) -> Vec<Op> {
+) -> Vec<KeyOp> {
     let puts = desired
         .iter()
         .filter_map(|(key, value)| match actual.get(key) {
             Some(a) if a.value == *value && a.lease == lease => None,
-            _ => Some(Op::Put {
+            _ => Some(KeyOp::Put {
                 key: key.clone(),
                 value: value.clone(),
             }),
@@ -48,7 +82,7 @@ pub fn plan(
     let deletes = actual
         .keys()
         .filter(|key| !desired.contains_key(*key))
-        .map(|key| Op::Delete { key: key.clone() });
+        .map(|key| KeyOp::Delete { key: key.clone() });
     puts.chain(deletes).collect()
 }
 
@@ -57,7 +91,7 @@ pub fn plan(
 /// record naming this node. The exact shape matters: node `web` must not claim
 /// `web-2-3f2a9c1b7d10-80`, and a hand-written `host:port` under a lookalike key
 /// stays the operator's.
-pub fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
+pub(crate) fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
     match schema::parse_key(prefix, key) {
         Ok(Key::Node { name }) => name == node,
         Ok(Key::Service { instance, .. }) => {
@@ -82,7 +116,7 @@ pub fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
 
 /// The node record to write: the one already in etcd when it is on our lease and says
 /// the same (its `started_at` is older, not wrong), so a restart rewrites nothing.
-pub fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> String {
+pub(crate) fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> String {
     if let Some(a) = actual.filter(|a| a.lease == lease) {
         if let Ok(have) = serde_json::from_str::<NodeRecord>(&a.value) {
             if have.name == want.name && have.addr == want.addr && have.version == want.version {
@@ -95,6 +129,9 @@ pub fn node_value(want: &NodeRecord, actual: Option<&Actual>, lease: i64) -> Str
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::super::selector::{Check, CheckKind};
     use super::*;
 
     const L: i64 = 7;
@@ -119,6 +156,73 @@ mod tests {
             .collect()
     }
 
+    /// A registration of instance `name`, probed or not.
+    fn reg(name: &str, probed: bool) -> Registration {
+        Registration {
+            service: "api".into(),
+            instance: name.into(),
+            record: InstanceRecord {
+                addr: "10.0.0.5:1".into(),
+                node: "web".into(),
+                container: "3f2a9c1b7d10".into(),
+                port: Some(80),
+                tags: vec![],
+                weight: schema::DEFAULT_WEIGHT,
+            },
+            check: probed.then(|| Check {
+                kind: CheckKind::Tcp,
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                fall: 3,
+                rise: 2,
+            }),
+        }
+    }
+
+    /// The instance names `desired` keeps for `regs`, the node key aside.
+    fn kept(regs: &[Registration], verdicts: &[(&str, Verdict)], present: &[&str]) -> Vec<String> {
+        let verdicts: BTreeMap<&str, Verdict> = verdicts.iter().copied().collect();
+        let d = desired(
+            "/p",
+            ("/p/nodes/web", "{}"),
+            regs,
+            |i| verdicts.get(i).copied(),
+            |key| present.iter().any(|i| key.ends_with(&format!("/{i}"))),
+        );
+        assert_eq!(d.get("/p/nodes/web").map(String::as_str), Some("{}"));
+        d.keys()
+            .filter_map(|k| k.strip_prefix("/p/services/api/"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn an_unprobed_instance_is_always_wanted() {
+        assert_eq!(kept(&[reg("a", false)], &[], &[]), vec!["a"]);
+    }
+
+    #[test]
+    fn a_probe_verdict_decides() {
+        let regs = [reg("up", true), reg("down", true)];
+        let verdicts = [("up", Verdict::Up), ("down", Verdict::Down)];
+        assert_eq!(kept(&regs, &verdicts, &[]), vec!["up"]);
+        // A key already on our lease goes once the probe says down.
+        assert_eq!(kept(&regs, &verdicts, &["up", "down"]), vec!["up"]);
+    }
+
+    #[test]
+    fn a_warming_up_probe_keeps_only_a_key_already_on_our_lease() {
+        let regs = [reg("had", true), reg("new", true)];
+        let verdicts = [("had", Verdict::Pending), ("new", Verdict::Pending)];
+        assert_eq!(kept(&regs, &verdicts, &["had"]), vec!["had"]);
+        assert!(kept(&regs, &verdicts, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_probed_instance_without_a_probe_gets_no_key() {
+        assert!(kept(&[reg("a", true)], &[], &["a"]).is_empty());
+    }
+
     #[test]
     fn steady_state_is_no_ops() {
         let d = map(&[("a", "1"), ("b", "2")]);
@@ -139,20 +243,20 @@ mod tests {
         assert_eq!(
             plan(&d, &a, L),
             vec![
-                Op::Put {
+                KeyOp::Put {
                     key: "a".into(),
                     value: "1".into()
                 },
-                Op::Put {
+                KeyOp::Put {
                     key: "b".into(),
                     value: "2".into()
                 },
-                Op::Put {
+                KeyOp::Put {
                     key: "c".into(),
                     value: "3".into()
                 },
-                Op::Delete { key: "e".into() },
-                Op::Delete { key: "f".into() },
+                KeyOp::Delete { key: "e".into() },
+                KeyOp::Delete { key: "f".into() },
             ]
         );
     }

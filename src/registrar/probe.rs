@@ -10,15 +10,21 @@
 //! as it answers); after `fall` failures in a row it is deregistered, and it comes back
 //! after `rise` successes in a row. `fall` failures count even before any success: a
 //! restarted registrar may find a key from before for a service that is now down.
+//!
+//! `Probes` is the loop's side: which probe runs for which instance, and the verdict
+//! each has reported last.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::selector::{Check, CheckKind};
+use super::selector::{Check, CheckKind, Registration};
+use crate::backoff::sleep_or_stop;
 
 /// Until an instance first answers, probe this often (capped by its interval), so a
 /// fresh container is registered moments after it starts listening.
@@ -27,9 +33,145 @@ const FIRST_PROBE_PERIOD: Duration = Duration::from_millis(250);
 /// accepts on behalf of a dead backend and closes at once.
 const TCP_SETTLE: Duration = Duration::from_millis(100);
 
+/// A probed instance's state, as the desired key set sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// No verdict yet: the probe is warming up.
+    Pending,
+    Up,
+    Down,
+}
+
+struct Slot {
+    addr: String,
+    check: Check,
+    /// Tells this probe's reports from those of the one it replaced.
+    generation: u64,
+    /// None until the first verdict.
+    up: Option<bool>,
+    stop: CancellationToken,
+}
+
+/// The running probes, one per probed instance, and their verdicts.
+pub(crate) struct Probes {
+    slots: BTreeMap<String, Slot>,
+    generation: u64,
+    tracker: TaskTracker,
+    reports: mpsc::Sender<ProbeReport>,
+    shutdown: CancellationToken,
+}
+
+impl Probes {
+    pub(crate) fn new(
+        tracker: TaskTracker,
+        reports: mpsc::Sender<ProbeReport>,
+        shutdown: CancellationToken,
+    ) -> Probes {
+        Probes {
+            slots: BTreeMap::new(),
+            generation: 0,
+            tracker,
+            reports,
+            shutdown,
+        }
+    }
+
+    /// One probe per instance that asks for one; probes of instances gone or changed stop.
+    pub(crate) fn sync<'a>(&mut self, registrations: impl IntoIterator<Item = &'a Registration>) {
+        let wanted: BTreeMap<&str, (&str, &Check)> = registrations
+            .into_iter()
+            .filter_map(|r| {
+                r.check
+                    .as_ref()
+                    .map(|c| (r.instance.as_str(), (r.record.addr.as_str(), c)))
+            })
+            .collect();
+        self.slots.retain(|instance, slot| {
+            let keep = wanted
+                .get(instance.as_str())
+                .is_some_and(|(addr, check)| slot.addr == *addr && slot.check == **check);
+            if !keep {
+                slot.stop.cancel();
+            }
+            keep
+        });
+        for (instance, (addr, check)) in wanted {
+            if self.slots.contains_key(instance) {
+                continue;
+            }
+            self.generation += 1;
+            let stop = self.shutdown.child_token();
+            self.tracker.spawn(run(
+                instance.to_string(),
+                self.generation,
+                addr.to_string(),
+                check.clone(),
+                self.reports.clone(),
+                stop.clone(),
+            ));
+            self.slots.insert(
+                instance.to_string(),
+                Slot {
+                    addr: addr.to_string(),
+                    check: check.clone(),
+                    generation: self.generation,
+                    up: None,
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// Records a probe's report (one of a replaced probe is ignored) and logs the change.
+    pub(crate) fn apply(&mut self, r: ProbeReport) {
+        let Some(slot) = self.slots.get_mut(&r.instance) else {
+            return;
+        };
+        if slot.generation != r.generation {
+            return;
+        }
+        let before = slot.up.replace(r.up);
+        if r.up {
+            tracing::info!(instance = %r.instance, addr = %slot.addr, "probe passes");
+        } else if before.is_none() {
+            // Still starting, or down since before a registrar restart: any key it has
+            // from then goes.
+            tracing::info!(
+                instance = %r.instance,
+                addr = %slot.addr,
+                error = r.error.as_deref().unwrap_or("-"),
+                "probe has not passed yet; not registered"
+            );
+        } else {
+            tracing::warn!(
+                instance = %r.instance,
+                addr = %slot.addr,
+                error = r.error.as_deref().unwrap_or("-"),
+                "probe fails; deregistering"
+            );
+        }
+    }
+
+    /// The instance's verdict; None when no probe runs for it.
+    pub(crate) fn verdict(&self, instance: &str) -> Option<Verdict> {
+        self.slots.get(instance).map(|slot| match slot.up {
+            None => Verdict::Pending,
+            Some(true) => Verdict::Up,
+            Some(false) => Verdict::Down,
+        })
+    }
+
+    /// Stops every probe (at shutdown).
+    pub(crate) fn stop(&self) {
+        for slot in self.slots.values() {
+            slot.stop.cancel();
+        }
+    }
+}
+
 /// Consecutive-result counting, HAProxy style. Pure.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counter {
+struct Counter {
     fall: u32,
     rise: u32,
     /// None until the first verdict: failures from the very first try must still be
@@ -42,7 +184,7 @@ pub struct Counter {
 }
 
 impl Counter {
-    pub fn new(fall: u32, rise: u32) -> Counter {
+    fn new(fall: u32, rise: u32) -> Counter {
         Counter {
             fall: fall.max(1),
             rise: rise.max(1),
@@ -53,12 +195,12 @@ impl Counter {
         }
     }
 
-    pub fn ever_up(&self) -> bool {
+    fn ever_up(&self) -> bool {
         self.ever_up
     }
 
     /// Records one result; returns the new state when it changes.
-    pub fn observe(&mut self, ok: bool) -> Option<bool> {
+    fn observe(&mut self, ok: bool) -> Option<bool> {
         if self.up == Some(ok) {
             self.streak = 0;
             return None;
@@ -84,17 +226,17 @@ impl Counter {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeReport {
-    pub instance: String,
+pub(crate) struct ProbeReport {
+    instance: String,
     /// Tells a report of a replaced probe from the current one's.
-    pub generation: u64,
-    pub up: bool,
+    generation: u64,
+    up: bool,
     /// The last failure, for the log.
-    pub error: Option<String>,
+    error: Option<String>,
 }
 
 /// Probes `addr` until cancelled, reporting each change of state.
-pub async fn run(
+async fn run(
     instance: String,
     generation: u64,
     addr: String,
@@ -124,15 +266,14 @@ pub async fn run(
         } else {
             check.interval.min(FIRST_PROBE_PERIOD)
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        if !sleep_or_stop(pause, &shutdown).await {
+            return;
         }
     }
 }
 
 /// One probe within `timeout`. Err says what failed.
-pub async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Result<(), String> {
+async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Result<(), String> {
     let attempt = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -179,7 +320,7 @@ pub async fn probe_once(kind: &CheckKind, addr: &str, timeout: Duration) -> Resu
 }
 
 /// `HTTP/1.x 2xx|3xx …` is a success. Pure.
-pub fn http_status_ok(head: &[u8]) -> Result<u16, String> {
+fn http_status_ok(head: &[u8]) -> Result<u16, String> {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
