@@ -104,9 +104,11 @@ pub fn leases_to_look_up(prefix: &str, kvs: &[RawKv]) -> Vec<i64> {
 fn decode(prefix: &str, kv: &RawKv) -> Result<Instance, SchemaError> {
     let key = String::from_utf8_lossy(&kv.key);
     match schema::parse_key(prefix, &key)? {
-        Key::Service { service, instance } => {
-            schema::decode_instance(&key, &service, &instance, &kv.value)
-        }
+        Key::Service {
+            service,
+            instance,
+            node,
+        } => schema::decode_owned(&key, &service, &instance, node.as_deref(), &kv.value),
         _ => Err(SchemaError {
             key: key.to_string(),
             rule: "not a service key".into(),

@@ -1,14 +1,21 @@
-//! The etcd key/value contract, schema v1 (README.md, "etcd key schema").
+//! The etcd key/value contract, schema v2 (README.md, "etcd key schema").
 //!
 //! Everything that reads or writes etcd goes through here, so the rules about names,
 //! values and what may reach a rendered HAProxy file live in one place. Pure: no I/O.
 //!
 //! ```text
-//! <prefix>/services/<service>/<instance>   JSON Instance record, or a bare "host:port"
-//! <prefix>/nodes/<node>                    JSON NodeRecord, on the node's lease
-//! <prefix>/watchers/<name>                 JSON WatcherStatus, on the watcher's lease
-//! <prefix>/config/<path>                   raw values, handed to templates as `kv`
+//! <prefix>/nodes/<node>/node                       JSON NodeRecord, on the node's lease
+//! <prefix>/nodes/<node>/services/<service>/<id>    JSON InstanceRecord, on the node's lease
+//! <prefix>/services/<service>/<instance>           written by hand: JSON or bare "host:port"
+//! <prefix>/watchers/<name>                         JSON WatcherStatus, on the watcher's lease
+//! <prefix>/config/<path>                           raw values, handed to templates as `kv`
 //! ```
+//!
+//! Everything a registrar writes lies under its node's prefix `<prefix>/nodes/<node>/`,
+//! so an etcd role with read-write on that one prefix is all a Docker host needs, and
+//! its reconcile reads only its own keys (v1 registrars wrote instances under
+//! `services/` and the node record at `nodes/<node>`: both are still read). The node
+//! an instance belongs to is the one in its key: a record cannot claim another.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -75,14 +82,25 @@ pub fn normalize_prefix(prefix: &str) -> Result<String, String> {
     Ok(p)
 }
 
+/// Hand-written instances, and v1 registrars' ones.
 pub fn services_prefix(prefix: &str) -> String {
     format!("{prefix}/services/")
 }
+/// A hand-written instance key.
 pub fn service_key(prefix: &str, service: &str, instance: &str) -> String {
     format!("{prefix}/services/{service}/{instance}")
 }
+/// Every key of one node: the one prefix its etcd role may write.
+pub fn node_prefix(prefix: &str, node: &str) -> String {
+    format!("{prefix}/nodes/{node}/")
+}
+/// The node record.
 pub fn node_key(prefix: &str, node: &str) -> String {
-    format!("{prefix}/nodes/{node}")
+    format!("{prefix}/nodes/{node}/node")
+}
+/// One of a node's instances.
+pub fn node_service_key(prefix: &str, node: &str, service: &str, instance: &str) -> String {
+    format!("{prefix}/nodes/{node}/services/{service}/{instance}")
 }
 pub fn watcher_key(prefix: &str, name: &str) -> String {
     format!("{prefix}/watchers/{name}")
@@ -109,10 +127,14 @@ pub fn unix_now() -> u64 {
 /// What a key under the prefix is, by its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
+    /// An instance: `services/<service>/<instance>` (hand-written, or a v1 registrar's),
+    /// or `nodes/<node>/services/<service>/<instance>` (a registrar's), with `node` set.
     Service {
         service: String,
         instance: String,
+        node: Option<String>,
     },
+    /// A node record: `nodes/<node>/node`, or a v1 registrar's `nodes/<node>`.
     Node {
         name: String,
     },
@@ -133,6 +155,16 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
         .ok_or_else(|| SchemaError::new(key, format!("not under prefix {prefix:?}")))?;
     let (kind, tail) = rest.split_once('/').unwrap_or((rest, ""));
     let name_rule = "names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}";
+    let valid = |what: &str, name: &str| {
+        if is_valid_name(name) {
+            Ok(name.to_string())
+        } else {
+            Err(SchemaError::new(
+                key,
+                format!("{what} {name:?}: {name_rule}"),
+            ))
+        }
+    };
     match kind {
         "services" => {
             let mut parts = tail.split('/');
@@ -143,37 +175,35 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
                     "service keys are <prefix>/services/<service>/<instance>",
                 ));
             };
-            if !is_valid_name(service) {
-                return Err(SchemaError::new(
-                    key,
-                    format!("service {service:?}: {name_rule}"),
-                ));
-            }
-            if !is_valid_name(instance) {
-                return Err(SchemaError::new(
-                    key,
-                    format!("instance {instance:?}: {name_rule}"),
-                ));
-            }
             Ok(Key::Service {
-                service: service.to_string(),
-                instance: instance.to_string(),
+                service: valid("service", service)?,
+                instance: valid("instance", instance)?,
+                node: None,
             })
         }
-        "nodes" | "watchers" => {
-            if !is_valid_name(tail) {
-                return Err(SchemaError::new(
+        "nodes" => {
+            let parts: Vec<&str> = tail.split('/').collect();
+            match parts.as_slice() {
+                [name] => Ok(Key::Node {
+                    name: valid("nodes name", name)?,
+                }),
+                [name, "node"] => Ok(Key::Node {
+                    name: valid("nodes name", name)?,
+                }),
+                [name, "services", service, instance] => Ok(Key::Service {
+                    node: Some(valid("nodes name", name)?),
+                    service: valid("service", service)?,
+                    instance: valid("instance", instance)?,
+                }),
+                _ => Err(SchemaError::new(
                     key,
-                    format!("{kind} name {tail:?}: {name_rule}"),
-                ));
+                    "node keys are <prefix>/nodes/<node>/node or <prefix>/nodes/<node>/services/<service>/<instance>",
+                )),
             }
-            let name = tail.to_string();
-            Ok(if kind == "nodes" {
-                Key::Node { name }
-            } else {
-                Key::Watcher { name }
-            })
         }
+        "watchers" => Ok(Key::Watcher {
+            name: valid("watchers name", tail)?,
+        }),
         "config" if !tail.is_empty() => Ok(Key::Config {
             path: tail.to_string(),
         }),
@@ -282,13 +312,26 @@ pub struct Instance {
     pub weight: u32,
 }
 
-/// Decodes the value of `<prefix>/services/<service>/<instance>`: a JSON record or a
-/// hand-written bare `host:port`. Anything that could smuggle text into a config file
-/// (newlines, spaces, odd characters) is rejected with the rule it broke.
+/// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
+/// record or a bare `host:port`. See [`decode_owned`].
 pub fn decode_instance(
     key: &str,
     service: &str,
     instance: &str,
+    value: &[u8],
+) -> Result<Instance, SchemaError> {
+    decode_owned(key, service, instance, None, value)
+}
+
+/// Decodes an instance value. `owner` is the node whose prefix the key lies under (None
+/// for `services/`): the instance belongs to that node whatever its record says, and a
+/// record naming another node is refused. Anything that could smuggle text into a
+/// config file (newlines, spaces, odd characters) is rejected with the rule it broke.
+pub fn decode_owned(
+    key: &str,
+    service: &str,
+    instance: &str,
+    owner: Option<&str>,
     value: &[u8],
 ) -> Result<Instance, SchemaError> {
     let text =
@@ -308,6 +351,19 @@ pub fn decode_instance(
             weight: DEFAULT_WEIGHT,
         }
     };
+    let mut record = record;
+    if let Some(owner) = owner {
+        if !record.node.is_empty() && record.node != owner {
+            return Err(SchemaError::new(
+                key,
+                format!(
+                    "the record names node {:?} but the key lies under node {owner:?}",
+                    record.node
+                ),
+            ));
+        }
+        record.node = owner.to_string();
+    }
     let addr = Addr::parse(&record.addr).map_err(|e| SchemaError::new(key, e))?;
     if !record.node.is_empty() && !is_valid_name(&record.node) {
         return Err(SchemaError::new(
@@ -407,7 +463,8 @@ mod tests {
             parse_key(p, "/portolan/services/web/a-1").unwrap(),
             Key::Service {
                 service: "web".into(),
-                instance: "a-1".into()
+                instance: "a-1".into(),
+                node: None,
             }
         );
         assert_eq!(

@@ -293,10 +293,20 @@ fn log_op(prefix: &str, op: &KeyOp, revision: i64) {
         KeyOp::Delete { key } => (key, None),
     };
     match (schema::parse_key(prefix, key), value) {
-        (Ok(schema::Key::Service { service, instance }), Some(v)) => {
+        (
+            Ok(schema::Key::Service {
+                service, instance, ..
+            }),
+            Some(v),
+        ) => {
             tracing::info!(%service, %instance, %key, revision, value = %v, "registered")
         }
-        (Ok(schema::Key::Service { service, instance }), None) => {
+        (
+            Ok(schema::Key::Service {
+                service, instance, ..
+            }),
+            None,
+        ) => {
             tracing::info!(%service, %instance, %key, revision, "deregistered")
         }
         (_, Some(_)) => tracing::debug!(%key, revision, "node key written"),

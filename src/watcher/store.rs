@@ -101,8 +101,12 @@ impl Store {
 
     fn decode(&mut self, key: &str, value: &[u8]) -> Result<(), Warning> {
         match schema::parse_key(&self.prefix, key)? {
-            Key::Service { service, instance } => {
-                let inst = schema::decode_instance(key, &service, &instance, value)?;
+            Key::Service {
+                service,
+                instance,
+                node,
+            } => {
+                let inst = schema::decode_owned(key, &service, &instance, node.as_deref(), value)?;
                 self.services
                     .entry(service)
                     .or_default()
@@ -132,7 +136,9 @@ impl Store {
         self.invalid.remove(key);
         // A key that does not parse now never parsed: it cannot be in the maps.
         match schema::parse_key(&self.prefix, key) {
-            Ok(Key::Service { service, instance }) => {
+            Ok(Key::Service {
+                service, instance, ..
+            }) => {
                 if let Some(instances) = self.services.get_mut(&service) {
                     instances.remove(&instance);
                     if instances.is_empty() {
