@@ -24,9 +24,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::diff;
-use super::haproxy;
+use super::haproxy::runtime_plan::{self, RuntimePlan};
+use super::haproxy::{master, runtime_api};
 use super::render::{self, Template, TemplateError};
-use super::runtime::{self, Plan};
 use super::store::Snapshot;
 use crate::config::TemplateResource;
 
@@ -39,7 +39,7 @@ pub enum Outcome {
     /// Rendered bytes equal the live file; nothing was touched.
     Unchanged,
     /// Written, and HAProxy's servers changed through the runtime API, with no reload.
-    Runtime { applied: runtime::Applied },
+    Runtime { applied: runtime_api::Applied },
     /// Written and reloaded (reload confirmed by HAProxy, or `reload_cmd` succeeded).
     /// `fallback`: the runtime API was tried first and failed this way.
     Reloaded { fallback: Option<String> },
@@ -108,10 +108,6 @@ impl Resource {
 
     pub fn name(&self) -> String {
         self.cfg.src.display().to_string()
-    }
-
-    pub fn has_template(&self) -> bool {
-        self.template.is_some()
     }
 
     /// Reads and compiles the template file. Returns true when the compiled template
@@ -233,17 +229,19 @@ impl Resource {
         let mut fallback = None;
         if changed && !self.reload_pending {
             if let (Some(sock), Some(prev)) = (&self.cfg.haproxy_admin_socket, &previous) {
-                match runtime::plan(&String::from_utf8_lossy(prev), rendered) {
-                    Plan::Runtime(ops) => match runtime::apply(sock, &ops, timeout).await {
-                        Ok(applied) => return Outcome::Runtime { applied },
-                        Err(e) => {
-                            // HAProxy may run part of the change: only the reload of
-                            // the new file (in place already) makes it whole again.
-                            self.reload_pending = true;
-                            fallback = Some(e.to_string());
+                match runtime_plan::plan(&String::from_utf8_lossy(prev), rendered) {
+                    RuntimePlan::Runtime(ops) => {
+                        match runtime_api::apply(sock, &ops, timeout).await {
+                            Ok(applied) => return Outcome::Runtime { applied },
+                            Err(e) => {
+                                // HAProxy may run part of the change: only the reload of
+                                // the new file (in place already) makes it whole again.
+                                self.reload_pending = true;
+                                fallback = Some(e.to_string());
+                            }
                         }
-                    },
-                    Plan::Reload(why) => {
+                    }
+                    RuntimePlan::Reload(why) => {
                         tracing::info!(
                             dest = %self.cfg.dest.display(),
                             "reloading, the runtime API cannot apply this change: {why}"
@@ -304,12 +302,12 @@ impl Resource {
     /// Reload through the master socket, or `reload_cmd`.
     async fn reload(&self, timeout: Duration) -> Result<(), ReloadFailure> {
         if let Some(sock) = &self.cfg.haproxy_master_socket {
-            return haproxy::reload(sock, timeout)
+            return master::reload(sock, timeout)
                 .await
                 .map(|_| ())
                 .map_err(|e| ReloadFailure {
-                    transient: !matches!(e, haproxy::ReloadError::LoadFailed { .. }),
-                    timed_out: matches!(e, haproxy::ReloadError::Timeout(_)),
+                    transient: !matches!(e, master::ReloadError::LoadFailed { .. }),
+                    timed_out: matches!(e, master::ReloadError::Timeout(_)),
                     error: e.to_string(),
                 });
         }
