@@ -33,42 +33,134 @@ use crate::config::TemplateResource;
 /// Lines of diff logged with a rejected check.
 const DIFF_LINES_LOGGED: usize = 40;
 
-/// What one apply did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+/// What one apply did. Nothing here has been logged yet: the caller reports it once.
+#[derive(Debug)]
+pub(crate) enum Outcome {
     /// Rendered bytes equal the live file; nothing was touched.
     Unchanged,
     /// Written, and HAProxy's servers changed through the runtime API, with no reload.
     Runtime { applied: runtime_api::Applied },
     /// Written and reloaded (reload confirmed by HAProxy, or `reload_cmd` succeeded).
     /// `fallback`: the runtime API was tried first and failed this way.
-    Reloaded { fallback: Option<String> },
+    Reloaded {
+        fallback: Option<runtime_api::RuntimeError>,
+    },
     /// Written; no reload is configured for this resource.
     Written,
-    /// `check_cmd` refused the new file; `dest` is untouched.
-    Rejected { stderr: String },
-    /// Writing or reloading failed; `dest` holds the last good bytes again.
-    Failed { error: String, transient: bool },
+    /// `check_cmd` refused the new file; `dest` is untouched. `diff`: the first lines
+    /// of the diff from the live file.
+    Rejected { check: CommandResult, diff: String },
+    /// Writing or reloading failed; `dest` holds the last good bytes again (except after
+    /// a reload that timed out, see `apply`). `fallback` as in `Reloaded`.
+    Failed {
+        error: ApplyError,
+        fallback: Option<runtime_api::RuntimeError>,
+    },
+}
+
+impl Outcome {
+    /// The `result` label of the `applies` metric.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Outcome::Unchanged => "unchanged",
+            Outcome::Runtime { .. } => "runtime",
+            Outcome::Reloaded { .. } => "reloaded",
+            Outcome::Written => "written",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// The one line reported for a failed apply, with the runtime API's failure when it
+/// was tried first.
+pub(crate) fn failure_report(
+    error: &ApplyError,
+    fallback: Option<&runtime_api::RuntimeError>,
+) -> String {
+    match fallback {
+        Some(f) => format!(
+            "{} (after the runtime API failed: {})",
+            Chain(error),
+            Chain(f)
+        ),
+        None => Chain(error).to_string(),
+    }
+}
+
+/// Why writing or reloading failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error(
+        "cannot write a staging file beside {dest} (check the folder's permissions and free space)"
+    )]
+    Stage {
+        dest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot replace {dest}")]
+    Swap {
+        dest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Master(#[from] master::ReloadError),
+    #[error("reload_cmd {cmd:?} failed ({status}): {output}")]
+    ReloadCmd {
+        cmd: String,
+        status: String,
+        output: String,
+        /// Killed at the timeout: the reload may still have gone through.
+        timed_out: bool,
+    },
+}
+
+impl ApplyError {
+    /// Worth retrying with backoff: everything but HAProxy refusing the file.
+    pub(crate) fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            ApplyError::Master(master::ReloadError::LoadFailed { .. })
+        )
+    }
+
+    /// No confirmation in time: the reload may still be running or have gone through.
+    fn timed_out(&self) -> bool {
+        match self {
+            ApplyError::Master(e) => matches!(e, master::ReloadError::Timeout(_)),
+            ApplyError::ReloadCmd { timed_out, .. } => *timed_out,
+            _ => false,
+        }
+    }
+}
+
+/// Displays an error with its sources, `outer: inner: …`: the one line logged or
+/// recorded for an error where it is handled.
+pub(crate) struct Chain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// Output of a shell command.
 #[derive(Debug)]
-pub struct CommandResult {
+pub(crate) struct CommandResult {
     pub success: bool,
     pub status: String,
     /// stdout then stderr, trimmed.
     pub output: String,
     /// Killed at the timeout: it may have done part of its work.
     pub timed_out: bool,
-}
-
-/// Why a reload did not go through.
-struct ReloadFailure {
-    error: String,
-    /// Worth retrying with backoff (everything but HAProxy refusing the file).
-    transient: bool,
-    /// No confirmation in time: the reload may still be running or have gone through.
-    timed_out: bool,
 }
 
 pub struct Resource {
@@ -185,13 +277,13 @@ impl Resource {
         if changed {
             let staged = match self.stage(rendered.as_bytes()).await {
                 Ok(p) => p,
-                Err(e) => {
+                Err(source) => {
                     return Outcome::Failed {
-                        error: format!(
-                            "cannot write a staging file beside {}: {e} (check the folder's permissions and free space)",
-                            self.cfg.dest.display()
-                        ),
-                        transient: true,
+                        error: ApplyError::Stage {
+                            dest: self.cfg.dest.display().to_string(),
+                            source,
+                        },
+                        fallback: None,
                     }
                 }
             };
@@ -199,25 +291,20 @@ impl Resource {
                 let result = run_check(cmd, &staged, timeout).await;
                 if !result.success {
                     let _ = tokio::fs::remove_file(&staged).await;
-                    tracing::error!(
-                        template = %self.name(),
-                        dest = %self.cfg.dest.display(),
-                        "check_cmd rejected the new file ({}); {} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{}",
-                        result.status,
-                        self.cfg.dest.display(),
-                        result.output,
-                        diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
-                    );
                     return Outcome::Rejected {
-                        stderr: result.output,
+                        check: result,
+                        diff: diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
                     };
                 }
             }
-            if let Err(e) = swap(&staged, &self.cfg.dest).await {
+            if let Err(source) = swap(&staged, &self.cfg.dest).await {
                 let _ = tokio::fs::remove_file(&staged).await;
                 return Outcome::Failed {
-                    error: format!("cannot replace {}: {e}", self.cfg.dest.display()),
-                    transient: true,
+                    error: ApplyError::Swap {
+                        dest: self.cfg.dest.display().to_string(),
+                        source,
+                    },
+                    fallback: None,
                 };
             }
         }
@@ -237,7 +324,7 @@ impl Resource {
                                 // HAProxy may run part of the change: only the reload of
                                 // the new file (in place already) makes it whole again.
                                 self.reload_pending = true;
-                                fallback = Some(e.to_string());
+                                fallback = Some(e);
                             }
                         }
                     }
@@ -255,25 +342,15 @@ impl Resource {
                 self.reload_pending = false;
                 Outcome::Reloaded { fallback }
             }
-            Err(ReloadFailure {
-                error,
-                transient,
-                timed_out: true,
-            }) => {
+            Err(error) if error.timed_out() => {
                 // HAProxy may be merely slow and run the new file already (or soon):
                 // putting the old file back could leave it running a file that is no
                 // longer on disk. Keep the new one; the next pass (a transient failure
                 // schedules one) reloads again until HAProxy confirms it.
                 self.reload_pending = true;
-                let error = match fallback {
-                    Some(f) => format!("{error} (after the runtime API failed: {f})"),
-                    None => error,
-                };
-                Outcome::Failed { error, transient }
+                Outcome::Failed { error, fallback }
             }
-            Err(ReloadFailure {
-                error, transient, ..
-            }) => {
+            Err(error) => {
                 // Put the last good file back so the file matches what HAProxy runs.
                 if changed {
                     if let Some(prev) = previous {
@@ -286,11 +363,7 @@ impl Resource {
                         }
                     }
                 }
-                let error = match fallback {
-                    Some(f) => format!("{error} (after the runtime API failed: {f})"),
-                    None => error,
-                };
-                Outcome::Failed { error, transient }
+                Outcome::Failed { error, fallback }
             }
         }
     }
@@ -300,23 +373,18 @@ impl Resource {
     }
 
     /// Reload through the master socket, or `reload_cmd`.
-    async fn reload(&self, timeout: Duration) -> Result<(), ReloadFailure> {
+    async fn reload(&self, timeout: Duration) -> Result<(), ApplyError> {
         if let Some(sock) = &self.cfg.haproxy_master_socket {
-            return master::reload(sock, timeout)
-                .await
-                .map(|_| ())
-                .map_err(|e| ReloadFailure {
-                    transient: !matches!(e, master::ReloadError::LoadFailed { .. }),
-                    timed_out: matches!(e, master::ReloadError::Timeout(_)),
-                    error: e.to_string(),
-                });
+            master::reload(sock, timeout).await?;
+            return Ok(());
         }
         if let Some(cmd) = &self.cfg.reload_cmd {
             let r = run_shell(cmd, timeout).await;
             if !r.success {
-                return Err(ReloadFailure {
-                    error: format!("reload_cmd {cmd:?} failed ({}): {}", r.status, r.output),
-                    transient: true,
+                return Err(ApplyError::ReloadCmd {
+                    cmd: cmd.clone(),
+                    status: r.status,
+                    output: r.output,
                     timed_out: r.timed_out,
                 });
             }
@@ -533,12 +601,12 @@ mod tests {
         let mut r = resource(dir.path(), Some("grep -q ok {src}"));
         r.read_live().await.unwrap();
         let t = Duration::from_secs(5);
-        assert_eq!(r.apply("ok 1\n", t).await, Outcome::Written);
+        assert!(matches!(r.apply("ok 1\n", t).await, Outcome::Written));
         let dest = dir.path().join("out.cfg");
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "ok 1\n");
         let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
-        assert_eq!(r.apply("ok 1\n", t).await, Outcome::Unchanged);
+        assert!(matches!(r.apply("ok 1\n", t).await, Outcome::Unchanged));
         let Outcome::Rejected { .. } = r.apply("bad\n", t).await else {
             panic!("check must reject")
         };
@@ -554,7 +622,7 @@ mod tests {
         let start = std::time::Instant::now();
         let out = r.apply("x", Duration::from_millis(300)).await;
         assert!(
-            matches!(out, Outcome::Rejected { ref stderr } if stderr.contains("did not finish"))
+            matches!(out, Outcome::Rejected { ref check, .. } if check.output.contains("did not finish"))
         );
         assert!(start.elapsed() < Duration::from_secs(5));
     }
@@ -575,10 +643,10 @@ mod tests {
         let sub = dir.path().join("it's here");
         std::fs::create_dir(&sub).unwrap();
         let mut r = resource(&sub, Some("test -s {src}"));
-        assert_eq!(
+        assert!(matches!(
             r.apply("x\n", Duration::from_secs(5)).await,
             Outcome::Written
-        );
+        ));
     }
 
     #[tokio::test]
@@ -589,25 +657,25 @@ mod tests {
         r.cfg.reload_cmd = Some("true".into());
         r.read_live().await.unwrap();
         let t = Duration::from_millis(300);
-        assert_eq!(
+        assert!(matches!(
             r.apply("v1\n", t).await,
             Outcome::Reloaded { fallback: None }
-        );
+        ));
         // Slow, not failed: HAProxy may run v2 already, so v2 stays.
         r.cfg.reload_cmd = Some("sleep 30".into());
         let out = r.apply("v2\n", t).await;
         assert!(
-            matches!(out, Outcome::Failed { transient: true, ref error } if error.contains("timed out")),
+            matches!(out, Outcome::Failed { ref error, .. } if error.is_transient() && error.to_string().contains("timed out")),
             "{out:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
         // The next pass renders the same bytes and still reloads to confirm it.
         r.cfg.reload_cmd = Some("true".into());
-        assert_eq!(
+        assert!(matches!(
             r.apply("v2\n", t).await,
             Outcome::Reloaded { fallback: None }
-        );
-        assert_eq!(r.apply("v2\n", t).await, Outcome::Unchanged);
+        ));
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Unchanged));
         // A reload that fails outright still puts the last good file back.
         r.cfg.reload_cmd = Some("false".into());
         assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));

@@ -1,9 +1,10 @@
 //! etcd → `Store` → published snapshot.
 //!
-//! One session: connect, `get --prefix` at revision R, `watch --prefix` from R+1 — no gap,
-//! no polling. Anything that ends the watch (etcd restarted: the stream dies; compaction
-//! or cancellation: etcd says so) ends the session, and the next one starts with a full
-//! re-list after a backoff. A re-list *replaces* the store, so an etcd that came back
+//! One session: connect, list the prefix at revision R (`etcd::list_prefix`, paged at
+//! that one revision), `watch --prefix` from R+1 — no gap, no polling. Anything that
+//! ends the watch (etcd restarted: the stream dies; compaction or cancellation: etcd
+//! says so) ends the session, and the next one starts with a full re-list after a
+//! backoff. A re-list *replaces* the store, so an etcd that came back
 //! empty (new cluster id, or a revision lower than the last one seen) is taken as the
 //! new truth, and the change is logged.
 //!
@@ -17,13 +18,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::store::{Change, Snapshot, Store, Warning};
-use crate::backoff::Backoff;
+use crate::backoff::{sleep_or_stop, Backoff};
 use crate::config::EtcdConfig;
 use crate::etcd;
 
@@ -92,9 +93,8 @@ impl Source {
                 "{end}; keeping the last good config live, retrying in {} ms",
                 delay.as_millis()
             );
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            if !sleep_or_stop(delay, &shutdown).await {
+                return;
             }
         }
     }
@@ -106,18 +106,11 @@ impl Source {
             Err(e) => return e.into(),
         };
         let dir = format!("{}/", self.cfg.prefix);
-        let listing = match etcd::call(
-            client.get(dir.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        {
-            Ok(r) => r,
+        let listing = match etcd::list_prefix(&mut client, &dir).await {
+            Ok(l) => l,
             Err(e) => return e.into(),
         };
-        let (cluster, revision) = listing
-            .header()
-            .map(|h| (h.cluster_id(), h.revision()))
-            .unwrap_or((0, 0));
+        let (cluster, revision) = (listing.cluster_id, listing.revision);
         match self.seen {
             Some((c, _)) if c != cluster => tracing::warn!(
                 revision,
@@ -130,7 +123,7 @@ impl Source {
             _ => {}
         }
         let keys: Vec<(String, &[u8])> = listing
-            .kvs()
+            .kvs
             .iter()
             .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
             .collect();
@@ -144,7 +137,7 @@ impl Source {
         self.publish(revision);
         tracing::info!(
             revision,
-            keys = listing.kvs().len(),
+            keys = listing.kvs.len(),
             "listed {dir}; watching from revision {}",
             revision + 1
         );
