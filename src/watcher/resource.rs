@@ -27,7 +27,7 @@ use super::diff;
 use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::haproxy::{master, runtime_api};
 use super::render::{self, Template, TemplateError};
-use super::store::Snapshot;
+use super::store::StoreSnapshot;
 use crate::config::TemplateResource;
 
 /// Lines of diff logged with a rejected check.
@@ -155,22 +155,22 @@ impl std::fmt::Display for Chain<'_> {
 /// Output of a shell command.
 #[derive(Debug)]
 pub(crate) struct CommandResult {
-    pub success: bool,
-    pub status: String,
+    pub(crate) success: bool,
+    pub(crate) status: String,
     /// stdout then stderr, trimmed.
-    pub output: String,
+    pub(crate) output: String,
     /// Killed at the timeout: it may have done part of its work.
-    pub timed_out: bool,
+    pub(crate) timed_out: bool,
 }
 
-pub struct Resource {
-    pub cfg: TemplateResource,
+pub(crate) struct Resource {
+    pub(crate) cfg: TemplateResource,
     /// Last template that compiled. Kept when an edit breaks the file.
     template: Option<Template>,
     /// Text of the template file as last read, to skip recompiling an unchanged file.
     source_text: Option<String>,
     /// Set while the template file on disk does not compile.
-    pub template_error: Option<TemplateError>,
+    pub(crate) template_error: Option<TemplateError>,
     /// What `dest` holds, as far as this process knows (read at start, then written).
     live: Option<Vec<u8>>,
     /// Reload on the next apply even if the bytes are unchanged: a previous run may
@@ -181,7 +181,7 @@ pub struct Resource {
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Resource {
-    pub fn new(cfg: TemplateResource) -> Resource {
+    pub(crate) fn new(cfg: TemplateResource) -> Resource {
         Resource {
             cfg,
             template: None,
@@ -194,18 +194,18 @@ impl Resource {
 
     /// For one-shot renders: HAProxy is taken to run the file on disk, so identical
     /// bytes cause no reload.
-    pub fn assume_running(&mut self) {
+    pub(crate) fn assume_running(&mut self) {
         self.reload_pending = false;
     }
 
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.cfg.src.display().to_string()
     }
 
     /// Reads and compiles the template file. Returns true when the compiled template
     /// changed. On error the last good template stays in use and the error is kept in
     /// `template_error` (and returned).
-    pub async fn load_template(&mut self) -> Result<bool, TemplateError> {
+    pub(crate) async fn load_template(&mut self) -> Result<bool, TemplateError> {
         let name = self.name();
         let text = match tokio::fs::read_to_string(&self.cfg.src).await {
             Ok(t) => t,
@@ -236,7 +236,7 @@ impl Resource {
     }
 
     /// Reads what `dest` holds now (missing file = nothing live).
-    pub async fn read_live(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn read_live(&mut self) -> std::io::Result<()> {
         self.live = match tokio::fs::read(&self.cfg.dest).await {
             Ok(b) => Some(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -245,18 +245,18 @@ impl Resource {
         Ok(())
     }
 
-    pub fn live(&self) -> Option<&[u8]> {
+    pub(crate) fn live(&self) -> Option<&[u8]> {
         self.live.as_deref()
     }
 
     /// Renders with the last good template; None before any template compiled.
-    pub fn render(&self, snapshot: &Snapshot) -> Option<Result<String, TemplateError>> {
+    pub(crate) fn render(&self, snapshot: &StoreSnapshot) -> Option<Result<String, TemplateError>> {
         let t = self.template.as_ref()?;
         Some(t.render(&render::context(snapshot, &self.cfg.vars)))
     }
 
     /// The diff of the live file against `rendered`, for logs and dry runs.
-    pub fn diff(&self, rendered: &str) -> String {
+    pub(crate) fn diff(&self, rendered: &str) -> String {
         let live = self
             .live
             .as_deref()
@@ -267,7 +267,7 @@ impl Resource {
     }
 
     /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
-    pub async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
+    pub(crate) async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
         let changed = self.live.as_deref() != Some(rendered.as_bytes());
         let must_reload = self.reload_pending && self.has_reload();
         if !changed && !must_reload {
@@ -432,7 +432,11 @@ impl Resource {
 
     /// `render --once --dry-run`: the check runs on a file in the system temp folder,
     /// so nothing is written beside `dest`.
-    pub async fn dry_check(&self, rendered: &str, timeout: Duration) -> Option<CommandResult> {
+    pub(crate) async fn dry_check(
+        &self,
+        rendered: &str,
+        timeout: Duration,
+    ) -> Option<CommandResult> {
         let cmd = self.cfg.check_cmd.as_ref()?;
         let dir = std::env::temp_dir();
         let name = self
@@ -479,7 +483,7 @@ fn staging_path(dest: &Path) -> PathBuf {
 }
 
 /// Removes staging files a killed run left beside `dest`. Returns how many.
-pub async fn clean_stale_staging(dest: &Path) -> std::io::Result<usize> {
+pub(crate) async fn clean_stale_staging(dest: &Path) -> std::io::Result<usize> {
     let dir = match dest.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -519,7 +523,7 @@ async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult
 
 /// Runs `sh -c cmd` in its own process group with a timeout; on timeout the whole group
 /// is killed, so a hung check (or anything it started) never wedges the watcher.
-pub async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
+pub(crate) async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
     let mut command = tokio::process::Command::new("sh");
     command
         .arg("-c")

@@ -23,17 +23,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
-use super::store::{Change, Snapshot, Store, Warning};
+use super::store::{Change, Store, StoreSnapshot};
 use crate::backoff::{sleep_or_stop, Backoff};
 use crate::config::EtcdConfig;
 use crate::etcd;
+use crate::schema::SchemaError;
 
 /// What the loop renders from.
 #[derive(Debug, Clone)]
-pub struct Published {
-    pub snapshot: Arc<Snapshot>,
+pub(crate) struct Published {
+    pub(crate) snapshot: Arc<StoreSnapshot>,
     /// etcd revision the snapshot reflects.
-    pub revision: i64,
+    pub(crate) revision: i64,
 }
 
 /// Why a session ended. All of them lead to a re-list.
@@ -53,7 +54,7 @@ enum SessionEnd {
     ClusterChanged,
 }
 
-pub struct Source {
+pub(crate) struct Source {
     cfg: EtcdConfig,
     tx: watch::Sender<Option<Published>>,
     metrics: Arc<Metrics>,
@@ -63,7 +64,7 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn new(
+    pub(crate) fn new(
         cfg: EtcdConfig,
         tx: watch::Sender<Option<Published>>,
         metrics: Arc<Metrics>,
@@ -79,7 +80,7 @@ impl Source {
     }
 
     /// Runs sessions until `shutdown`, with backoff between them.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         // Short cap: the watcher is the thing that should notice a recovered etcd first.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
@@ -216,7 +217,7 @@ impl Source {
     }
 }
 
-fn warn_all(warnings: &[Warning]) {
+fn warn_all(warnings: &[SchemaError]) {
     for w in warnings {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }

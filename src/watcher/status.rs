@@ -17,7 +17,7 @@ use crate::config::EtcdConfig;
 use crate::etcd;
 use crate::schema::{self, WatcherStatus};
 
-pub const STATUS_TTL: Duration = Duration::from_secs(10);
+pub(crate) const STATUS_TTL: Duration = Duration::from_secs(10);
 
 /// `WatcherStatus::last_reload_result`: how the last reload attempt ended. The record
 /// holds the `as_str()` spelling, which readers of the record match on.
@@ -56,7 +56,7 @@ impl ApplyPath {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     cfg: EtcdConfig,
     name: String,
     mut rx: watch::Receiver<WatcherStatus>,

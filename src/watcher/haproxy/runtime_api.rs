@@ -43,11 +43,11 @@ pub(crate) enum RuntimeError {
 /// What `apply` did, for the log.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Applied {
-    pub added: usize,
-    pub removed: usize,
-    pub reweighted: usize,
+    pub(crate) added: usize,
+    pub(crate) removed: usize,
+    pub(crate) reweighted: usize,
     /// From the first command sent to the last answer.
-    pub took: Duration,
+    pub(crate) took: Duration,
 }
 
 impl std::fmt::Display for Applied {
