@@ -205,10 +205,10 @@ async fn serve_limited(
                         tracing::warn!("metrics listener: accept failed: {e}");
                         last_warning = Some(Instant::now());
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    if !crate::backoff::sleep_or_stop(ACCEPT_BACKOFF, &shutdown).await {
+                        return;
                     }
+                    continue;
                 }
             },
         };

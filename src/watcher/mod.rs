@@ -9,8 +9,9 @@
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
 //! `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
-//! (master socket), `runtime` (admin socket: membership changes without a reload),
-//! `template_files` (notify), `status`, `metrics`.
+//! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
+//! membership changes without a reload), `template_files` (notify), `status`,
+//! `metrics`, and `oneshot` (`render --once`, `check`).
 //!
 //! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
 //! - a change that finds the watcher idle — no apply running and none finished in the

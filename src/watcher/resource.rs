@@ -1,7 +1,7 @@
 //! One `[[template]]` resource: its compiled template, the bytes live at `dest`, and
 //! the apply pipeline — stage beside `dest`, check, fsync, rename, fsync the folder,
-//! then either the runtime API (membership changes only, see `runtime`) or a reload —
-//! with a typed outcome.
+//! then either the runtime API (membership changes only, see `haproxy::runtime_plan`)
+//! or a reload — with a typed outcome, which the caller reports.
 //!
 //! Invariants:
 //! - `dest` only ever changes by `rename(2)` of a fully written, fsynced, checked file,
