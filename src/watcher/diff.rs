@@ -17,7 +17,7 @@ enum Op {
 }
 
 /// Unified diff of `old` → `new` with `CONTEXT` lines around each change; empty when equal.
-pub fn unified(old: &str, new: &str, old_name: &str, new_name: &str) -> String {
+pub(crate) fn unified(old: &str, new: &str, old_name: &str, new_name: &str) -> String {
     if old == new {
         return String::new();
     }
@@ -83,7 +83,7 @@ pub fn unified(old: &str, new: &str, old_name: &str, new_name: &str) -> String {
 }
 
 /// The first `n` lines of the diff, with a note of how many were left out.
-pub fn head(diff: &str, n: usize) -> String {
+pub(crate) fn head(diff: &str, n: usize) -> String {
     let total = diff.lines().count();
     let mut out: String = diff.lines().take(n).map(|l| format!("{l}\n")).collect();
     if total > n {

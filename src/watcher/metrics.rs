@@ -37,33 +37,33 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE…), so it is not retried in a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Template renders (one per resource per pass).
-    pub renders: Counter,
+    pub(crate) renders: Counter,
     /// Template compile or render errors.
-    pub template_errors: Counter,
+    pub(crate) template_errors: Counter,
     /// Apply outcomes by `result` (unchanged, runtime, reloaded, written, rejected, failed).
-    pub applies: Family<Labels, Counter>,
+    pub(crate) applies: Family<Labels, Counter>,
     /// Reloads by `result` (ok, failed).
-    pub reloads: Family<Labels, Counter>,
+    pub(crate) reloads: Family<Labels, Counter>,
     /// Changes applied through the runtime API by `result`: ok (no reload), fallback
     /// (refused, reloaded instead).
-    pub runtime_updates: Family<Labels, Counter>,
+    pub(crate) runtime_updates: Family<Labels, Counter>,
     /// Rendered files refused by `check_cmd`.
-    pub check_failures: Counter,
+    pub(crate) check_failures: Counter,
     /// Wall time of the last pass that changed something: render, check, swap, reload.
-    pub last_apply_seconds: Gauge<f64, AtomicU64>,
+    pub(crate) last_apply_seconds: Gauge<f64, AtomicU64>,
     /// 1 while the etcd list/watch session is up.
-    pub etcd_up: Gauge,
+    pub(crate) etcd_up: Gauge,
     /// etcd revision of the snapshot last rendered.
-    pub revision: Gauge,
+    pub(crate) revision: Gauge,
     /// Full re-lists of the prefix (start, reconnect, compaction, cluster replaced).
-    pub resyncs: Counter,
+    pub(crate) resyncs: Counter,
     /// Keys under the prefix left out because they break the schema.
-    pub invalid_keys: Gauge,
-    pub services: Gauge,
-    pub instances: Gauge,
+    pub(crate) invalid_keys: Gauge,
+    pub(crate) services: Gauge,
+    pub(crate) instances: Gauge,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -75,7 +75,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("portolan_watcher");
         let m = Metrics {
             registry: Registry::default(),
@@ -135,16 +135,16 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn set_ready(&self) {
+    pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    pub fn set_etcd_connected(&self, up: bool) {
+    pub(crate) fn set_etcd_connected(&self, up: bool) {
         self.etcd_connected.store(up, Ordering::Relaxed);
         self.etcd_up.set(i64::from(up));
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -169,12 +169,12 @@ impl Metrics {
     }
 }
 
-pub fn result(r: &'static str) -> Labels {
+pub(crate) fn result(r: &'static str) -> Labels {
     [("result", r)]
 }
 
 /// Serves `listener` until `shutdown`. Connections are tracked by `tracker`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
@@ -205,10 +205,10 @@ async fn serve_limited(
                         tracing::warn!("metrics listener: accept failed: {e}");
                         last_warning = Some(Instant::now());
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    if !crate::backoff::sleep_or_stop(ACCEPT_BACKOFF, &shutdown).await {
+                        return;
                     }
+                    continue;
                 }
             },
         };

@@ -9,8 +9,9 @@
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
 //! `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
-//! (master socket), `runtime` (admin socket: membership changes without a reload),
-//! `template_files` (notify), `status`, `metrics`.
+//! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
+//! membership changes without a reload), `template_files` (notify), `status`,
+//! `metrics`, and `oneshot` (`render --once`, `check`).
 //!
 //! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
 //! - a change that finds the watcher idle — no apply running and none finished in the
@@ -26,9 +27,9 @@
 mod diff;
 pub mod haproxy;
 mod metrics;
+mod oneshot;
 pub mod render;
-pub mod resource;
-mod runtime;
+mod resource;
 mod source;
 mod status;
 pub mod store;
@@ -38,7 +39,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use etcd_client::GetOptions;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -48,10 +48,13 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
 use crate::schema::WatcherStatus;
-use crate::{etcd, sd};
+use crate::sd;
 use metrics::Metrics;
-use resource::{Outcome, Resource};
+// `main` calls these by their old paths.
+pub use oneshot::{check_templates, render_once};
+use resource::{Chain, Outcome, Resource};
 use source::{Published, Source};
+use status::{ApplyPath, ReloadResult};
 
 /// How long a template edit may take to settle (editors write, then rename).
 const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
@@ -282,9 +285,8 @@ impl Loop<'_> {
         let started = Instant::now();
         let timeout = self.cfg.command_timeout;
         let mut errors: Vec<String> = Vec::new();
-        let mut reload: Option<&'static str> = None;
-        // "runtime" or "reload": how the last change reached HAProxy.
-        let mut path: Option<&'static str> = None;
+        let mut reload: Option<ReloadResult> = None;
+        let mut path: Option<ApplyPath> = None;
         let mut retry = false;
         for r in &mut self.resources {
             if let Some(e) = &r.template_error {
@@ -302,17 +304,9 @@ impl Loop<'_> {
             };
             self.metrics.renders.inc();
             let outcome = r.apply(&rendered, timeout).await;
-            let label = match &outcome {
-                Outcome::Unchanged => "unchanged",
-                Outcome::Runtime { .. } => "runtime",
-                Outcome::Reloaded { .. } => "reloaded",
-                Outcome::Written => "written",
-                Outcome::Rejected { .. } => "rejected",
-                Outcome::Failed { .. } => "failed",
-            };
             self.metrics
                 .applies
-                .get_or_create(&metrics::result(label))
+                .get_or_create(&metrics::result(outcome.label()))
                 .inc();
             match outcome {
                 Outcome::Unchanged => {}
@@ -324,7 +318,7 @@ impl Loop<'_> {
                         .runtime_updates
                         .get_or_create(&metrics::result("ok"))
                         .inc();
-                    path = path.or(Some("runtime"));
+                    path = path.or(Some(ApplyPath::Runtime));
                     tracing::info!(
                         dest = %r.cfg.dest.display(),
                         revision = published.revision,
@@ -340,8 +334,8 @@ impl Loop<'_> {
                         .reloads
                         .get_or_create(&metrics::result("ok"))
                         .inc();
-                    reload = reload.or(Some("ok"));
-                    path = Some("reload");
+                    reload = reload.or(Some(ReloadResult::Ok));
+                    path = Some(ApplyPath::Reload);
                     if let Some(why) = fallback {
                         self.metrics
                             .runtime_updates
@@ -349,7 +343,8 @@ impl Loop<'_> {
                             .inc();
                         tracing::warn!(
                             dest = %r.cfg.dest.display(),
-                            "runtime API failed, reloaded instead: {why}"
+                            "runtime API failed, reloaded instead: {}",
+                            Chain(&why)
                         );
                     }
                     tracing::info!(
@@ -361,23 +356,32 @@ impl Loop<'_> {
                         started.elapsed().as_millis()
                     );
                 }
-                Outcome::Rejected { stderr } => {
-                    // resource.apply logged the check output and the diff.
+                Outcome::Rejected { check, diff } => {
                     self.metrics.check_failures.inc();
-                    reload = Some("rejected");
+                    tracing::error!(
+                        template = %r.name(),
+                        dest = %r.cfg.dest.display(),
+                        "check_cmd rejected the new file ({}); {} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{}",
+                        check.status,
+                        r.cfg.dest.display(),
+                        check.output,
+                        diff,
+                    );
+                    reload = Some(ReloadResult::Rejected);
                     errors.push(format!(
                         "check_cmd rejected the new {}: {}",
                         r.cfg.dest.display(),
-                        stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
+                        check.output.lines().take(5).collect::<Vec<_>>().join(" | ")
                     ));
                 }
-                Outcome::Failed { error, transient } => {
+                Outcome::Failed { error, fallback } => {
                     self.metrics
                         .reloads
                         .get_or_create(&metrics::result("failed"))
                         .inc();
-                    reload = Some("failed");
-                    retry |= transient;
+                    reload = Some(ReloadResult::Failed);
+                    retry |= error.is_transient();
+                    let error = resource::failure_report(&error, fallback.as_ref());
                     tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
                     errors.push(error);
                 }
@@ -394,10 +398,10 @@ impl Loop<'_> {
             s.revision = published.revision;
             if let Some(result) = reload {
                 s.last_reload_at = Some(crate::schema::unix_now());
-                s.last_reload_result = Some(result.to_string());
+                s.last_reload_result = Some(result.as_str().to_string());
             }
             if let Some(p) = path {
-                s.last_apply_path = Some(p.to_string());
+                s.last_apply_path = Some(p.as_str().to_string());
             }
             s.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
         });
@@ -420,117 +424,5 @@ async fn recv(sig: &mut Option<Signal>) -> Option<()> {
     match sig {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// `portolan render --once [--dry-run]`: one list from etcd, the same render and apply
-/// path as the watcher. A dry run writes and reloads nothing: it prints the diff to the
-/// live file (or the whole file when none exists) and the check's verdict. Returns false
-/// when a check failed.
-pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
-    let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
-        format!(
-            "cannot reach etcd at {} (--etcd-endpoints)",
-            cfg.etcd.endpoints.join(",")
-        )
-    })?;
-    let dir = format!("{}/", cfg.etcd.prefix);
-    let listing = etcd::call(client.get(dir.clone(), Some(GetOptions::new().with_prefix())))
-        .await
-        .with_context(|| format!("cannot list {dir} in etcd"))?;
-    let mut store = store::Store::new(&cfg.etcd.prefix);
-    let keys: Vec<(String, &[u8])> = listing
-        .kvs()
-        .iter()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
-        .collect();
-    for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
-        tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
-    }
-    let snapshot = store.snapshot();
-    let mut ok = true;
-    for t in &cfg.templates {
-        let mut r = Resource::new(t.clone());
-        r.assume_running();
-        r.load_template().await?;
-        r.read_live()
-            .await
-            .with_context(|| format!("cannot read {}", t.dest.display()))?;
-        let rendered = match r.render(&snapshot) {
-            Some(result) => result?,
-            None => continue,
-        };
-        if dry_run {
-            match r.live() {
-                Some(live) if live == rendered.as_bytes() => {
-                    println!("# {}: unchanged", t.dest.display());
-                }
-                Some(_) => print!("{}", r.diff(&rendered)),
-                None => {
-                    println!("# {} (does not exist yet):", t.dest.display());
-                    print!("{rendered}");
-                }
-            }
-            if let Some(check) = r.dry_check(&rendered, cfg.command_timeout).await {
-                if check.success {
-                    println!("# check passed: {}", t.dest.display());
-                } else {
-                    ok = false;
-                    println!(
-                        "# check FAILED ({}) for {}:\n{}",
-                        check.status,
-                        t.dest.display(),
-                        check.output
-                    );
-                }
-            }
-            continue;
-        }
-        resource::clean_stale_staging(&t.dest).await.ok();
-        match r.apply(&rendered, cfg.command_timeout).await {
-            Outcome::Unchanged => println!("{}: unchanged", t.dest.display()),
-            Outcome::Written => println!("{}: written", t.dest.display()),
-            Outcome::Runtime { applied } => println!(
-                "{}: written and applied through the runtime API ({applied}), no reload",
-                t.dest.display()
-            ),
-            Outcome::Reloaded { fallback } => {
-                if let Some(why) = fallback {
-                    println!("{}: runtime API failed: {why}", t.dest.display());
-                }
-                println!("{}: written and reloaded", t.dest.display())
-            }
-            Outcome::Rejected { stderr } => {
-                ok = false;
-                println!(
-                    "{}: check failed, file left as it was:\n{stderr}",
-                    t.dest.display()
-                );
-            }
-            Outcome::Failed { error, .. } => anyhow::bail!("{}: {error}", t.dest.display()),
-        }
-    }
-    Ok(ok)
-}
-
-/// `portolan check` (and the watcher's start): compiles every template, reporting all
-/// broken ones with file:line:col.
-pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
-    let mut problems = Vec::new();
-    for t in &cfg.templates {
-        let name = t.src.display().to_string();
-        match std::fs::read_to_string(&t.src) {
-            Ok(text) => {
-                if let Err(e) = render::Template::compile(&name, &text) {
-                    problems.push(e.to_string());
-                }
-            }
-            Err(e) => problems.push(format!("template {name}: cannot read: {e}")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!("{}", problems.join("\n"))
     }
 }

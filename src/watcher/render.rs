@@ -1,22 +1,22 @@
 //! Templates: compile (tera 2) and render from a snapshot. Pure apart from nothing: the
 //! caller reads the template file and hands over its text.
 //!
-//! The context is `services`, `nodes`, `kv` (see `store::Snapshot`) and `vars` (the
+//! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`) and `vars` (the
 //! resource's `vars` table from the config file). Tera is built with `preserve_order`,
 //! so maps iterate in the sorted order the snapshot's `BTreeMap`s give them: equal
 //! state renders byte-identical output.
 
 use tera::{Context, Tera};
 
-use super::store::Snapshot;
+use super::store::StoreSnapshot;
 
 /// A template that failed to compile or render. The message is tera's report, which
 /// names the file, line and column and underlines the spot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("template {name}: {message}")]
 pub struct TemplateError {
-    pub name: String,
-    pub message: String,
+    pub(crate) name: String,
+    pub(crate) message: String,
 }
 
 /// One compiled template, named by its file path so errors point at the file.
@@ -51,10 +51,6 @@ impl Template {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Renders against a context built by `context()`.
     pub fn render(&self, ctx: &Context) -> Result<String, TemplateError> {
         self.tera
@@ -67,7 +63,7 @@ impl Template {
 }
 
 /// The tera context for one resource.
-pub fn context(snapshot: &Snapshot, vars: &toml::Table) -> Context {
+pub fn context(snapshot: &StoreSnapshot, vars: &toml::Table) -> Context {
     let mut ctx = Context::new();
     ctx.insert("services", &snapshot.services);
     ctx.insert("nodes", &snapshot.nodes);
@@ -81,8 +77,8 @@ mod tests {
     use super::*;
     use crate::schema::decode_instance;
 
-    fn snap(instances: &[(&str, &str, &str)]) -> Snapshot {
-        let mut s = Snapshot::default();
+    fn snap(instances: &[(&str, &str, &str)]) -> StoreSnapshot {
+        let mut s = StoreSnapshot::default();
         for (svc, id, addr) in instances {
             let i = decode_instance("k", svc, id, addr.as_bytes()).unwrap();
             s.services.entry(svc.to_string()).or_default().push(i);
@@ -130,7 +126,9 @@ mod tests {
         let t = Template::compile("t.tera", "{{ vars.domain }} {{ vars.s }}").unwrap();
         let vars: toml::Table =
             toml::from_str("domain = \"example.org\"\ns = \"a<b & 'c'\"").unwrap();
-        let out = t.render(&context(&Snapshot::default(), &vars)).unwrap();
+        let out = t
+            .render(&context(&StoreSnapshot::default(), &vars))
+            .unwrap();
         assert_eq!(out, "example.org a<b & 'c'");
     }
 
@@ -149,7 +147,7 @@ mod tests {
     fn render_error_names_file_and_line() {
         let t = Template::compile("t.tera", "ok\n{{ nope.field }}\n").unwrap();
         let err = t
-            .render(&context(&Snapshot::default(), &toml::Table::new()))
+            .render(&context(&StoreSnapshot::default(), &toml::Table::new()))
             .unwrap_err();
         assert!(err.message.contains("t.tera:2:"), "{}", err.message);
     }

@@ -1,9 +1,10 @@
 //! etcd → `Store` → published snapshot.
 //!
-//! One session: connect, `get --prefix` at revision R, `watch --prefix` from R+1 — no gap,
-//! no polling. Anything that ends the watch (etcd restarted: the stream dies; compaction
-//! or cancellation: etcd says so) ends the session, and the next one starts with a full
-//! re-list after a backoff. A re-list *replaces* the store, so an etcd that came back
+//! One session: connect, list the prefix at revision R (`etcd::list_prefix`, paged at
+//! that one revision), `watch --prefix` from R+1 — no gap, no polling. Anything that
+//! ends the watch (etcd restarted: the stream dies; compaction or cancellation: etcd
+//! says so) ends the session, and the next one starts with a full re-list after a
+//! backoff. A re-list *replaces* the store, so an etcd that came back
 //! empty (new cluster id, or a revision lower than the last one seen) is taken as the
 //! new truth, and the change is logged.
 //!
@@ -17,22 +18,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
-use super::store::{Change, Snapshot, Store, Warning};
-use crate::backoff::Backoff;
+use super::store::{Change, Store, StoreSnapshot};
+use crate::backoff::{sleep_or_stop, Backoff};
 use crate::config::EtcdConfig;
 use crate::etcd;
+use crate::schema::SchemaError;
 
 /// What the loop renders from.
 #[derive(Debug, Clone)]
-pub struct Published {
-    pub snapshot: Arc<Snapshot>,
+pub(crate) struct Published {
+    pub(crate) snapshot: Arc<StoreSnapshot>,
     /// etcd revision the snapshot reflects.
-    pub revision: i64,
+    pub(crate) revision: i64,
 }
 
 /// Why a session ended. All of them lead to a re-list.
@@ -52,7 +54,7 @@ enum SessionEnd {
     ClusterChanged,
 }
 
-pub struct Source {
+pub(crate) struct Source {
     cfg: EtcdConfig,
     tx: watch::Sender<Option<Published>>,
     metrics: Arc<Metrics>,
@@ -62,7 +64,7 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn new(
+    pub(crate) fn new(
         cfg: EtcdConfig,
         tx: watch::Sender<Option<Published>>,
         metrics: Arc<Metrics>,
@@ -78,7 +80,7 @@ impl Source {
     }
 
     /// Runs sessions until `shutdown`, with backoff between them.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         // Short cap: the watcher is the thing that should notice a recovered etcd first.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
@@ -92,9 +94,8 @@ impl Source {
                 "{end}; keeping the last good config live, retrying in {} ms",
                 delay.as_millis()
             );
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            if !sleep_or_stop(delay, &shutdown).await {
+                return;
             }
         }
     }
@@ -106,18 +107,11 @@ impl Source {
             Err(e) => return e.into(),
         };
         let dir = format!("{}/", self.cfg.prefix);
-        let listing = match etcd::call(
-            client.get(dir.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        {
-            Ok(r) => r,
+        let listing = match etcd::list_prefix(&mut client, &dir).await {
+            Ok(l) => l,
             Err(e) => return e.into(),
         };
-        let (cluster, revision) = listing
-            .header()
-            .map(|h| (h.cluster_id(), h.revision()))
-            .unwrap_or((0, 0));
+        let (cluster, revision) = (listing.cluster_id, listing.revision);
         match self.seen {
             Some((c, _)) if c != cluster => tracing::warn!(
                 revision,
@@ -130,7 +124,7 @@ impl Source {
             _ => {}
         }
         let keys: Vec<(String, &[u8])> = listing
-            .kvs()
+            .kvs
             .iter()
             .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
             .collect();
@@ -144,7 +138,7 @@ impl Source {
         self.publish(revision);
         tracing::info!(
             revision,
-            keys = listing.kvs().len(),
+            keys = listing.kvs.len(),
             "listed {dir}; watching from revision {}",
             revision + 1
         );
@@ -223,7 +217,7 @@ impl Source {
     }
 }
 
-fn warn_all(warnings: &[Warning]) {
+fn warn_all(warnings: &[SchemaError]) {
     for w in warnings {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }

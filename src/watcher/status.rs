@@ -12,14 +12,51 @@ use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{sleep_or_stop, Backoff};
 use crate::config::EtcdConfig;
 use crate::etcd;
 use crate::schema::{self, WatcherStatus};
 
-pub const STATUS_TTL: Duration = Duration::from_secs(10);
+pub(crate) const STATUS_TTL: Duration = Duration::from_secs(10);
 
-pub async fn run(
+/// `WatcherStatus::last_reload_result`: how the last reload attempt ended. The record
+/// holds the `as_str()` spelling, which readers of the record match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReloadResult {
+    Ok,
+    /// `check_cmd` refused the new file: no reload was attempted.
+    Rejected,
+    Failed,
+}
+
+impl ReloadResult {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Rejected => "rejected",
+            ReloadResult::Failed => "failed",
+        }
+    }
+}
+
+/// `WatcherStatus::last_apply_path`: how the last change reached HAProxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApplyPath {
+    /// Through the runtime API, with no reload.
+    Runtime,
+    Reload,
+}
+
+impl ApplyPath {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ApplyPath::Runtime => "runtime",
+            ApplyPath::Reload => "reload",
+        }
+    }
+}
+
+pub(crate) async fn run(
     cfg: EtcdConfig,
     name: String,
     mut rx: watch::Receiver<WatcherStatus>,
@@ -41,9 +78,8 @@ pub async fn run(
         };
         let delay = backoff.next_delay();
         tracing::debug!(key = %key, "status record: {err}; retrying in {delay:?}");
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !sleep_or_stop(delay, &shutdown).await {
+            return;
         }
     }
 }

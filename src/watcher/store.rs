@@ -2,7 +2,7 @@
 //!
 //! Pure: no I/O, no clock. The source feeds it a full listing (`Store::reset`) or
 //! watch events (`Store::apply`); every key is decoded with the rules of `schema`, and a
-//! key that breaks them is left out and reported as a `Warning` naming the key and the
+//! key that breaks them is left out and reported as a `SchemaError` naming the key and the
 //! rule. Nothing that failed validation can reach a rendered file.
 //!
 //! Invariant: `snapshot()` depends only on the set of valid keys and their values, in
@@ -16,27 +16,27 @@ use crate::schema::{self, Instance, Key, NodeRecord, SchemaError};
 
 /// One change seen on the watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     Put { key: String, value: Vec<u8> },
     Delete { key: String },
 }
 
-/// A key left out of the snapshot, and why.
-pub type Warning = SchemaError;
-
 /// What templates see: `services`, `nodes`, `kv`. Serialised into the tera context.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Snapshot {
+pub struct StoreSnapshot {
     /// Service name → instances sorted by id. A service with no valid instance is absent.
-    pub services: BTreeMap<String, Vec<Instance>>,
-    pub nodes: BTreeMap<String, NodeRecord>,
+    pub(crate) services: BTreeMap<String, Vec<Instance>>,
+    pub(crate) nodes: BTreeMap<String, NodeRecord>,
     /// Raw values under `<prefix>/config/`, by path below it. Not validated: a template
     /// that pastes a `kv` value into a config line owns that decision.
-    pub kv: BTreeMap<String, String>,
+    pub(crate) kv: BTreeMap<String, String>,
 }
 
-impl Snapshot {
-    pub fn instance_count(&self) -> usize {
+/// The old name of `StoreSnapshot`, still used by `dev.rs`; remove once it is updated.
+pub type Snapshot = StoreSnapshot;
+
+impl StoreSnapshot {
+    pub(crate) fn instance_count(&self) -> usize {
         self.services.values().map(Vec::len).sum()
     }
 }
@@ -65,7 +65,7 @@ impl Store {
     pub fn reset<'a>(
         &mut self,
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Vec<Warning> {
+    ) -> Vec<SchemaError> {
         *self = Store::new(&self.prefix);
         kvs.into_iter()
             .filter_map(|(k, v)| {
@@ -80,7 +80,7 @@ impl Store {
     /// Applies one watch event. Returns a warning when a put carried an invalid key or value;
     /// the key is then left out (and an earlier valid value for it is dropped, since etcd no
     /// longer holds it).
-    pub fn apply(&mut self, change: Change) -> Option<Warning> {
+    pub(crate) fn apply(&mut self, change: Change) -> Option<SchemaError> {
         match change {
             Change::Delete { key } => {
                 self.remove(&key);
@@ -99,7 +99,7 @@ impl Store {
         }
     }
 
-    fn decode(&mut self, key: &str, value: &[u8]) -> Result<(), Warning> {
+    fn decode(&mut self, key: &str, value: &[u8]) -> Result<(), SchemaError> {
         match schema::parse_key(&self.prefix, key)? {
             Key::Service {
                 service,
@@ -157,12 +157,12 @@ impl Store {
     }
 
     /// Number of keys in etcd that are currently left out.
-    pub fn invalid_count(&self) -> usize {
+    pub(crate) fn invalid_count(&self) -> usize {
         self.invalid.len()
     }
 
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
+    pub fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot {
             services: self
                 .services
                 .iter()
@@ -218,7 +218,7 @@ mod tests {
         s.apply(Change::Delete {
             key: "/portolan/services/we b/a".into(),
         });
-        assert_eq!(s.snapshot(), Snapshot::default());
+        assert_eq!(s.snapshot(), StoreSnapshot::default());
     }
 
     #[test]

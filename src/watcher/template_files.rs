@@ -12,13 +12,13 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 /// Keeps the OS watch alive; dropping it stops the events.
-pub struct TemplateFiles {
+pub(crate) struct TemplateFiles {
     _watcher: RecommendedWatcher,
 }
 
 /// Watches the folders of `templates` and sends `()` on `tx` after a relevant change.
 /// The channel should have capacity 1: a pending signal already means "re-read".
-pub fn watch(templates: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<TemplateFiles> {
+pub(crate) fn watch(templates: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<TemplateFiles> {
     let mut files = BTreeSet::new();
     let mut dirs = BTreeSet::new();
     for t in templates {

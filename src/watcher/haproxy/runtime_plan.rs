@@ -1,50 +1,34 @@
-//! The fast path: membership changes through HAProxy's runtime API (the admin `stats
-//! socket`), with no reload.
+//! Pure planning for the runtime fast path: given the file HAProxy runs (`live`) and the
+//! freshly rendered one, either the runtime-API ops that make HAProxy run the new file
+//! with no reload, or "reload, because …". No I/O: `runtime_api` sends the ops.
 //!
-//! `plan(live, rendered)` is pure and template-agnostic: it splits both configs into
-//! sections and answers `Runtime(ops)` only when the sole differences are `server`
-//! lines added, removed or changed inside `backend`/`listen` sections present in both,
-//! and every server to add can be created by `add server` exactly as the file would
-//! create it. Anything else is `Reload(reason)`. `apply` sends the ops; any refusal is
-//! an error, and the caller falls back to a reload of the (already written) file, so
-//! correctness never depends on this path.
+//! `plan(live, rendered)` is template-agnostic: it splits both configs into sections and
+//! answers `RuntimePlan::Runtime(ops)` only when the sole differences are `server` lines
+//! added, removed or changed inside `backend`/`listen` sections present in both, and
+//! every server to add can be created by `add server` exactly as the file would create
+//! it. Anything else is `RuntimePlan::Reload(reason)`.
 //!
 //! HAProxy 2.6 facts this relies on (management guide, tried on this machine):
 //! - `add server` does not apply `default-server` settings, so the `default-server`
 //!   arguments of the governing `defaults` section and of the backend are sent in front
 //!   of the server line's own, the order in which the file parser applies them.
-//! - A dynamic server starts in maintenance with checks off: `enable health` (and
-//!   `enable agent`) then `enable server`.
 //! - `add server` refuses `init-addr` (a dynamic server is always `init-addr none`): it
 //!   is dropped when the address is an IP literal, where it has no effect; a host name
 //!   would never resolve, so it goes through a reload.
-//! - `del server` needs the server in maintenance with no connection left. Sessions are
-//!   not shut down (that fails in-flight requests); `del` is retried while they finish,
-//!   and a server still busy after `DRAIN` falls back to a reload, whose old worker lets
-//!   them finish.
 //! - Dynamic servers get ids after the file's, so a balance algorithm that depends on
 //!   server ids or order (hashing, `first`) would behave differently after the next
 //!   reload: only `roundrobin` and `leastconn` backends take this path.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
-use std::time::Duration;
-
-use tokio::time::Instant;
-
-use super::haproxy;
 
 /// More server changes than this in one batch go through one reload instead: a reload
 /// is atomic and costs the same however many servers change.
-pub const MAX_SERVER_CHANGES: usize = 100;
-/// How long a removed server may take to finish its requests before a reload is used.
-const DRAIN: Duration = Duration::from_secs(1);
-const DRAIN_POLL: Duration = Duration::from_millis(5);
+const MAX_SERVER_CHANGES: usize = 100;
 
 /// One membership change inside an existing backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum RuntimeOp {
     /// `add server <backend>/<server> <addr> <args…>`, then enable checks and traffic.
     Add {
         backend: String,
@@ -69,16 +53,16 @@ pub enum Op {
 
 /// What `plan` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
+pub(crate) enum RuntimePlan {
     /// Apply these (adds, then weights, then removes) and HAProxy runs `rendered`.
-    Runtime(Vec<Op>),
+    Runtime(Vec<RuntimeOp>),
     /// Only a reload can make HAProxy run `rendered`; the reason is for the log.
     Reload(String),
 }
 
-impl Plan {
-    fn reload(reason: impl Into<String>) -> Plan {
-        Plan::Reload(reason.into())
+impl RuntimePlan {
+    fn reload(reason: impl Into<String>) -> RuntimePlan {
+        RuntimePlan::Reload(reason.into())
     }
 }
 
@@ -256,13 +240,13 @@ fn parse(text: &str) -> Result<Vec<Section<'_>>, String> {
 }
 
 /// Decides how HAProxy, running `live`, can be made to run `rendered`.
-pub fn plan(live: &str, rendered: &str) -> Plan {
+pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     let (old, new) = match (parse(live), parse(rendered)) {
         (Ok(o), Ok(n)) => (o, n),
-        (Err(e), _) | (_, Err(e)) => return Plan::Reload(e),
+        (Err(e), _) | (_, Err(e)) => return RuntimePlan::Reload(e),
     };
     if old.len() != new.len() {
-        return Plan::reload("sections were added or removed");
+        return RuntimePlan::reload("sections were added or removed");
     }
     let mut adds = Vec::new();
     let mut weights = Vec::new();
@@ -270,7 +254,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
     let mut removes = Vec::new();
     for (o, n) in old.iter().zip(&new) {
         if o.header != n.header {
-            return Plan::reload(format!("section `{}` became `{}`", o.header, n.header));
+            return RuntimePlan::reload(format!("section `{}` became `{}`", o.header, n.header));
         }
         if o.lines != n.lines {
             let kind = if n.header.is_empty() {
@@ -278,7 +262,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
             } else {
                 n.header
             };
-            return Plan::reload(format!("`{kind}` changed beyond its server lines"));
+            return RuntimePlan::reload(format!("`{kind}` changed beyond its server lines"));
         }
         if o.servers == n.servers {
             continue;
@@ -286,7 +270,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
         let mut words = n.header.split_whitespace();
         let backend = match (words.next(), words.next(), words.next()) {
             (Some(_), Some(name), None) => name,
-            _ => return Plan::reload(format!("`{}` names no plain backend", n.header)),
+            _ => return RuntimePlan::reload(format!("`{}` names no plain backend", n.header)),
         };
         // The last `balance` wins, the backend's over its defaults section's.
         let balance = n
@@ -296,7 +280,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
             .and_then(|w| w.first().copied())
             .unwrap_or("roundrobin");
         if !ORDER_FREE_BALANCE.contains(&balance) {
-            return Plan::reload(format!(
+            return RuntimePlan::reload(format!(
                 "backend {backend} balances with `{balance}`, which depends on server order"
             ));
         }
@@ -307,7 +291,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
         }
         for name in o.servers.keys() {
             if !n.servers.contains_key(name) {
-                removes.push(Op::Remove {
+                removes.push(RuntimeOp::Remove {
                     backend: backend.into(),
                     server: (*name).into(),
                 });
@@ -317,32 +301,32 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
             match o.servers.get(name) {
                 Some(old_line) if old_line == line => {}
                 Some(old_line) => match weight_change(old_line, line) {
-                    Some(weight) => weights.push(Op::Weight {
+                    Some(weight) => weights.push(RuntimeOp::Weight {
                         backend: backend.into(),
                         server: (*name).into(),
                         weight: weight.into(),
                     }),
                     None => match add(backend, line, &defaults_args) {
                         Ok(op) => {
-                            replaces.push(Op::Remove {
+                            replaces.push(RuntimeOp::Remove {
                                 backend: backend.into(),
                                 server: (*name).into(),
                             });
                             replaces.push(op);
                         }
-                        Err(why) => return Plan::Reload(why),
+                        Err(why) => return RuntimePlan::Reload(why),
                     },
                 },
                 None => match add(backend, line, &defaults_args) {
                     Ok(op) => adds.push(op),
-                    Err(why) => return Plan::Reload(why),
+                    Err(why) => return RuntimePlan::Reload(why),
                 },
             }
         }
     }
     let changes = adds.len() + weights.len() + replaces.len() / 2 + removes.len();
     if changes > MAX_SERVER_CHANGES {
-        return Plan::reload(format!(
+        return RuntimePlan::reload(format!(
             "{changes} server changes in one batch (one reload is cheaper beyond {MAX_SERVER_CHANGES})"
         ));
     }
@@ -351,7 +335,7 @@ pub fn plan(live: &str, rendered: &str) -> Plan {
     ops.extend(weights);
     ops.extend(replaces);
     ops.extend(removes);
-    Plan::Runtime(ops)
+    RuntimePlan::Runtime(ops)
 }
 
 /// The new weight when `old` and `new` differ only in the value after `weight`.
@@ -379,7 +363,7 @@ fn weight_change<'a>(old: &str, new: &'a str) -> Option<&'a str> {
 }
 
 /// The `add server` op creating the server of `line` as the file would.
-fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<Op, String> {
+fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<RuntimeOp, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let (name, addr) = match words.as_slice() {
         [_, name, addr, ..] => (*name, *addr),
@@ -437,7 +421,7 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<Op, String> 
             "{backend}/{name}: {addr} is not an IP address and a dynamic server never resolves names"
         ));
     }
-    Ok(Op::Add {
+    Ok(RuntimeOp::Add {
         backend: backend.into(),
         server: name.into(),
         addr: addr.into(),
@@ -446,135 +430,6 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<Op, String> 
         agent,
         enable,
     })
-}
-
-/// Why a runtime apply failed. The caller falls back to a reload in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error(
-        "HAProxy admin socket {path}: {error} (the global section needs `stats socket {path} level admin`, e.g. the default template's admin_socket variable)"
-    )]
-    Unreachable { path: String, error: String },
-    #[error("HAProxy refused `{command}`: {answer}")]
-    Refused { command: String, answer: String },
-    #[error("{server} still had connections {DRAIN:?} after it was put in maintenance")]
-    Busy { server: String },
-}
-
-/// What `apply` did, for the log.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    pub added: usize,
-    pub removed: usize,
-    pub reweighted: usize,
-    /// From the first command sent to the last answer.
-    pub took: Duration,
-}
-
-impl std::fmt::Display for Applied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "+{} -{} ~{} servers",
-            self.added, self.removed, self.reweighted
-        )
-    }
-}
-
-/// Sends `ops` to the admin socket in order. Stops at the first refusal: HAProxy then
-/// runs a mix of old and new, which the caller's reload replaces.
-pub async fn apply(sock: &Path, ops: &[Op], timeout: Duration) -> Result<Applied, RuntimeError> {
-    let start = Instant::now();
-    let mut done = Applied::default();
-    for op in ops {
-        match op {
-            Op::Add {
-                backend,
-                server,
-                addr,
-                args,
-                check,
-                agent,
-                enable,
-            } => {
-                let id = format!("{backend}/{server}");
-                let mut cmd = format!("add server {id} {addr}");
-                for a in args {
-                    cmd.push(' ');
-                    cmd.push_str(a);
-                }
-                expect(sock, &cmd, "New server registered.", timeout).await?;
-                if *check {
-                    expect(sock, &format!("enable health {id}"), "", timeout).await?;
-                }
-                if *agent {
-                    expect(sock, &format!("enable agent {id}"), "", timeout).await?;
-                }
-                if *enable {
-                    expect(sock, &format!("enable server {id}"), "", timeout).await?;
-                }
-                done.added += 1;
-            }
-            Op::Weight {
-                backend,
-                server,
-                weight,
-            } => {
-                let cmd = format!("set server {backend}/{server} weight {weight}");
-                expect(sock, &cmd, "", timeout).await?;
-                done.reweighted += 1;
-            }
-            Op::Remove { backend, server } => {
-                let id = format!("{backend}/{server}");
-                expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
-                let deadline = Instant::now() + DRAIN;
-                let del = format!("del server {id}");
-                loop {
-                    let answer = send(sock, &del, timeout).await?;
-                    if answer == "Server deleted." {
-                        break;
-                    }
-                    if !answer.contains("still has connections") {
-                        return Err(RuntimeError::Refused {
-                            command: del,
-                            answer,
-                        });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(RuntimeError::Busy { server: id });
-                    }
-                    tokio::time::sleep(DRAIN_POLL).await;
-                }
-                done.removed += 1;
-            }
-        }
-    }
-    done.took = start.elapsed();
-    Ok(done)
-}
-
-/// Sends one command; its trimmed answer must be `want` (most commands answer nothing
-/// on success and a sentence on failure).
-async fn expect(sock: &Path, cmd: &str, want: &str, timeout: Duration) -> Result<(), RuntimeError> {
-    let answer = send(sock, cmd, timeout).await?;
-    if answer == want {
-        Ok(())
-    } else {
-        Err(RuntimeError::Refused {
-            command: cmd.to_string(),
-            answer,
-        })
-    }
-}
-
-async fn send(sock: &Path, cmd: &str, timeout: Duration) -> Result<String, RuntimeError> {
-    match haproxy::exchange(sock, cmd, timeout).await {
-        Ok(answer) => Ok(answer.trim().to_string()),
-        Err(e) => Err(RuntimeError::Unreachable {
-            path: sock.display().to_string(),
-            error: e.to_string(),
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -608,26 +463,26 @@ backend svc_web
         )
     }
 
-    fn reason(p: Plan) -> String {
+    fn reason(p: RuntimePlan) -> String {
         match p {
-            Plan::Reload(why) => why,
-            Plan::Runtime(ops) => panic!("expected a reload, got {ops:?}"),
+            RuntimePlan::Reload(why) => why,
+            RuntimePlan::Runtime(ops) => panic!("expected a reload, got {ops:?}"),
         }
     }
 
-    fn runtime(p: Plan) -> Vec<Op> {
+    fn runtime(p: RuntimePlan) -> Vec<RuntimeOp> {
         match p {
-            Plan::Runtime(ops) => ops,
-            Plan::Reload(why) => panic!("expected runtime ops, got a reload: {why}"),
+            RuntimePlan::Runtime(ops) => ops,
+            RuntimePlan::Reload(why) => panic!("expected runtime ops, got a reload: {why}"),
         }
     }
 
     #[test]
     fn identical_configs_need_nothing() {
-        assert_eq!(plan(BASE, BASE), Plan::Runtime(vec![]));
+        assert_eq!(plan(BASE, BASE), RuntimePlan::Runtime(vec![]));
         // Comments and blank lines do not change what HAProxy runs.
         let commented = BASE.replace("# generated", "# generated again\n\n");
-        assert_eq!(plan(BASE, &commented), Plan::Runtime(vec![]));
+        assert_eq!(plan(BASE, &commented), RuntimePlan::Runtime(vec![]));
     }
 
     #[test]
@@ -638,7 +493,7 @@ backend svc_web
         let ops = runtime(plan(BASE, &new));
         assert_eq!(
             ops,
-            vec![Op::Add {
+            vec![RuntimeOp::Add {
                 backend: "svc_web".into(),
                 server: "c".into(),
                 addr: "10.0.0.3:80".into(),
@@ -662,15 +517,15 @@ backend svc_web
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert_eq!(
             ops[0],
-            Op::Weight {
+            RuntimeOp::Weight {
                 backend: "svc_web".into(),
                 server: "a".into(),
                 weight: "7".into()
             }
         );
-        assert!(matches!(&ops[1], Op::Remove { server, .. } if server == "b"));
+        assert!(matches!(&ops[1], RuntimeOp::Remove { server, .. } if server == "b"));
         assert!(
-            matches!(&ops[2], Op::Add { server, addr, .. } if server == "b" && addr == "10.0.0.9:80")
+            matches!(&ops[2], RuntimeOp::Add { server, addr, .. } if server == "b" && addr == "10.0.0.9:80")
         );
 
         let ops = runtime(plan(
@@ -679,7 +534,7 @@ backend svc_web
         ));
         assert_eq!(
             ops,
-            vec![Op::Remove {
+            vec![RuntimeOp::Remove {
                 backend: "svc_web".into(),
                 server: "a".into()
             }]
@@ -692,8 +547,8 @@ backend svc_web
     fn adds_come_before_removes() {
         let new = with("    server z 10.0.0.26:80 weight 100 check\n");
         let ops = runtime(plan(BASE, &new));
-        assert!(matches!(ops[0], Op::Add { .. }), "{ops:?}");
-        assert!(matches!(ops[2], Op::Remove { .. }), "{ops:?}");
+        assert!(matches!(ops[0], RuntimeOp::Add { .. }), "{ops:?}");
+        assert!(matches!(ops[2], RuntimeOp::Remove { .. }), "{ops:?}");
     }
 
     #[test]
@@ -762,7 +617,7 @@ backend svc_web
         ));
         assert!(matches!(
             &ops[0],
-            Op::Add {
+            RuntimeOp::Add {
                 check: false,
                 agent: true,
                 enable: false,
@@ -800,7 +655,7 @@ backend svc_web
             "    server b 10.0.0.2:80 weight 100 check\n    server c 10.0.0.3:80\n",
         );
         let ops = runtime(plan(&two, &new));
-        let Op::Add { args, .. } = &ops[0] else {
+        let RuntimeOp::Add { args, .. } = &ops[0] else {
             panic!("{ops:?}")
         };
         assert_eq!(
@@ -814,13 +669,13 @@ backend svc_web
         let many: String = (0..=MAX_SERVER_CHANGES)
             .map(|i| format!("    server s{i} 10.1.0.{}:{} check\n", i % 250, 1000 + i))
             .collect();
-        assert!(matches!(plan(BASE, &with(&many)), Plan::Reload(_)));
+        assert!(matches!(plan(BASE, &with(&many)), RuntimePlan::Reload(_)));
     }
 
     #[test]
     fn the_shipped_golden_config_is_understood() {
-        let golden = include_str!("../../tests/golden/haproxy.cfg");
-        assert_eq!(plan(golden, golden), Plan::Runtime(vec![]));
+        let golden = include_str!("../../../tests/golden/haproxy.cfg");
+        assert_eq!(plan(golden, golden), RuntimePlan::Runtime(vec![]));
         let fewer = golden.replace(
             "    server host-b-0123456789ab-8080 10.0.0.6:32769 weight 50 check\n",
             "",
@@ -831,6 +686,6 @@ backend svc_web
             "    server manual-1 10.0.0.9:80 weight 100 check\n",
             "    server manual-1 10.0.0.9:80 weight 100 check\n    server dns-2 api2.internal:8080 weight 100 check\n",
         );
-        assert!(matches!(plan(golden, &more), Plan::Reload(_)));
+        assert!(matches!(plan(golden, &more), RuntimePlan::Reload(_)));
     }
 }

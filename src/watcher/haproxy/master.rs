@@ -14,9 +14,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::time::Instant;
+
+use super::socket::exchange;
 
 /// How often the master is polled while a reload runs. A reload of a small config
 /// takes tens of milliseconds; polling faster only adds refused connections.
@@ -37,9 +37,13 @@ pub enum ReloadError {
     /// The master socket did not answer: HAProxy is not running, or not in master-worker
     /// mode with `-S` pointing here. Transient: retried with backoff.
     #[error(
-        "HAProxy master socket {path}: {error} (is HAProxy running as `haproxy -W -S {path} -f …`?)"
+        "HAProxy master socket {path} did not answer (is HAProxy running as `haproxy -W -S {path} -f …`?)"
     )]
-    Unreachable { path: String, error: String },
+    Unreachable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// HAProxy tried the new file and refused it; the old workers keep serving.
     #[error("HAProxy refused the new configuration on reload (its log says why; failed loads: {failed})")]
     LoadFailed { failed: u64 },
@@ -57,7 +61,7 @@ pub enum ReloadError {
 /// # workers
 /// 15562           worker          0               0d00h00m01s     2.6.12
 /// ```
-pub fn parse_show_proc(answer: &str) -> Option<MasterStatus> {
+fn parse_show_proc(answer: &str) -> Option<MasterStatus> {
     let line = answer
         .lines()
         .find(|l| l.split_whitespace().nth(1) == Some("master"))?;
@@ -77,36 +81,13 @@ pub fn parse_show_proc(answer: &str) -> Option<MasterStatus> {
     })
 }
 
-/// Sends one command to an HAProxy CLI socket (master or admin) and reads the answer
-/// until HAProxy closes the connection.
-pub(super) async fn exchange(path: &Path, cmd: &str, timeout: Duration) -> std::io::Result<String> {
-    let fut = async {
-        let mut s = UnixStream::connect(path).await?;
-        s.write_all(format!("{cmd}\n").as_bytes()).await?;
-        // Half-close: the CLI answers and closes once it sees the end of input; without
-        // it the connection stays open waiting for more commands.
-        s.shutdown().await?;
-        let mut buf = Vec::new();
-        // The master may close without answering (`reload` does): not an error.
-        let _ = s.read_to_end(&mut buf).await;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {timeout:?}"),
-        )),
-    }
-}
-
 /// Sends one command to the master CLI.
 async fn command(path: &Path, cmd: &str, timeout: Duration) -> Result<String, ReloadError> {
     exchange(path, cmd, timeout)
         .await
-        .map_err(|e| ReloadError::Unreachable {
+        .map_err(|source| ReloadError::Unreachable {
             path: path.display().to_string(),
-            error: e.to_string(),
+            source,
         })
 }
 
@@ -125,14 +106,14 @@ pub async fn show_proc(path: &Path, timeout: Duration) -> Result<MasterStatus, R
 /// `timeout` bounds the whole attempt: each exchange with the master only gets the time
 /// left before the deadline, so a hung socket cannot stretch it (the last poll may end
 /// up to `POLL` late).
-pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
+pub(crate) async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     // No socket file at all: HAProxy is not running. Fail now rather than at the timeout.
-    if tokio::fs::metadata(path).await.is_err() {
+    if let Err(source) = tokio::fs::metadata(path).await {
         return Err(ReloadError::Unreachable {
             path: path.display().to_string(),
-            error: "no such socket".into(),
+            source,
         });
     }
     // A reload started by someone else may still be running: wait for the CLI.
@@ -149,10 +130,10 @@ pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, Relo
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             return Err(ReloadError::Timeout(timeout))
         }
-        Err(e) => {
+        Err(source) => {
             return Err(ReloadError::Unreachable {
                 path: path.display().to_string(),
-                error: e.to_string(),
+                source,
             })
         }
     }
@@ -177,6 +158,7 @@ pub async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, Relo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_haproxy_2_6_show_proc() {

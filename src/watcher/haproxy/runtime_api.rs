@@ -1,0 +1,161 @@
+//! The admin-socket client of the runtime fast path: sends the ops `runtime_plan`
+//! decided to HAProxy's runtime API (the `stats socket … level admin`). Any refusal is
+//! an error, and the caller falls back to a reload of the (already written) file, so
+//! correctness never depends on this path.
+//!
+//! HAProxy 2.6 facts this relies on (management guide, tried on this machine):
+//! - A dynamic server starts in maintenance with checks off: `enable health` (and
+//!   `enable agent`) then `enable server`.
+//! - `del server` needs the server in maintenance with no connection left. Sessions are
+//!   not shut down (that fails in-flight requests); `del` is retried while they finish,
+//!   and a server still busy after `DRAIN` falls back to a reload, whose old worker lets
+//!   them finish.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::runtime_plan::RuntimeOp;
+use super::socket;
+
+/// How long a removed server may take to finish its requests before a reload is used.
+const DRAIN: Duration = Duration::from_secs(1);
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// Why a runtime apply failed. The caller falls back to a reload in every case.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RuntimeError {
+    #[error(
+        "HAProxy admin socket {path} did not answer (the global section needs `stats socket {path} level admin`, e.g. the default template's admin_socket variable)"
+    )]
+    Unreachable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HAProxy refused `{command}`: {answer}")]
+    Refused { command: String, answer: String },
+    #[error("{server} still had connections {DRAIN:?} after it was put in maintenance")]
+    Busy { server: String },
+}
+
+/// What `apply` did, for the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Applied {
+    pub(crate) added: usize,
+    pub(crate) removed: usize,
+    pub(crate) reweighted: usize,
+    /// From the first command sent to the last answer.
+    pub(crate) took: Duration,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "+{} -{} ~{} servers",
+            self.added, self.removed, self.reweighted
+        )
+    }
+}
+
+/// Sends `ops` to the admin socket in order. Stops at the first refusal: HAProxy then
+/// runs a mix of old and new, which the caller's reload replaces.
+pub(crate) async fn apply(
+    sock: &Path,
+    ops: &[RuntimeOp],
+    timeout: Duration,
+) -> Result<Applied, RuntimeError> {
+    let start = Instant::now();
+    let mut done = Applied::default();
+    for op in ops {
+        match op {
+            RuntimeOp::Add {
+                backend,
+                server,
+                addr,
+                args,
+                check,
+                agent,
+                enable,
+            } => {
+                let id = format!("{backend}/{server}");
+                let mut cmd = format!("add server {id} {addr}");
+                for a in args {
+                    cmd.push(' ');
+                    cmd.push_str(a);
+                }
+                expect(sock, &cmd, "New server registered.", timeout).await?;
+                if *check {
+                    expect(sock, &format!("enable health {id}"), "", timeout).await?;
+                }
+                if *agent {
+                    expect(sock, &format!("enable agent {id}"), "", timeout).await?;
+                }
+                if *enable {
+                    expect(sock, &format!("enable server {id}"), "", timeout).await?;
+                }
+                done.added += 1;
+            }
+            RuntimeOp::Weight {
+                backend,
+                server,
+                weight,
+            } => {
+                let cmd = format!("set server {backend}/{server} weight {weight}");
+                expect(sock, &cmd, "", timeout).await?;
+                done.reweighted += 1;
+            }
+            RuntimeOp::Remove { backend, server } => {
+                let id = format!("{backend}/{server}");
+                expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
+                let deadline = Instant::now() + DRAIN;
+                let del = format!("del server {id}");
+                loop {
+                    let answer = send(sock, &del, timeout).await?;
+                    if answer == "Server deleted." {
+                        break;
+                    }
+                    if !answer.contains("still has connections") {
+                        return Err(RuntimeError::Refused {
+                            command: del,
+                            answer,
+                        });
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(RuntimeError::Busy { server: id });
+                    }
+                    tokio::time::sleep(DRAIN_POLL).await;
+                }
+                done.removed += 1;
+            }
+        }
+    }
+    done.took = start.elapsed();
+    Ok(done)
+}
+
+/// Sends one command; its trimmed answer must be `want` (most commands answer nothing
+/// on success and a sentence on failure).
+async fn expect(sock: &Path, cmd: &str, want: &str, timeout: Duration) -> Result<(), RuntimeError> {
+    let answer = send(sock, cmd, timeout).await?;
+    if answer == want {
+        Ok(())
+    } else {
+        Err(RuntimeError::Refused {
+            command: cmd.to_string(),
+            answer,
+        })
+    }
+}
+
+async fn send(sock: &Path, cmd: &str, timeout: Duration) -> Result<String, RuntimeError> {
+    match socket::exchange(sock, cmd, timeout).await {
+        Ok(answer) => Ok(answer.trim().to_string()),
+        Err(source) => Err(RuntimeError::Unreachable {
+            path: sock.display().to_string(),
+            source,
+        }),
+    }
+}
