@@ -342,8 +342,8 @@ pub fn warnings(snap: &Snapshot) -> String {
 pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Snapshot> {
     if let Some(s) = service {
         anyhow::ensure!(
-            schema::is_valid_name(s),
-            "service {s:?}: names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
+            schema::is_valid_service_name(s),
+            "service {s:?}: service names match [a-z0-9][a-z0-9_.-]{{0,127}}"
         );
     }
     let endpoints = etcd.endpoints.join(",");
@@ -525,7 +525,7 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
             },
             "skipped": [
                 {"key": "/portolan/services/bad name/x",
-                 "reason": "service \"bad name\": names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}"},
+                 "reason": "service \"bad name\": names must match [a-z0-9][a-z0-9_.-]{0,127}: service names are lower case, as host names ignore case (Web would capture web's traffic)"},
                 {"key": "/portolan/services/web/broken",
                  "reason": "address \"10.0.0.9:80 backup\": port \"80 backup\" is not a number in 1..65535"}
             ]

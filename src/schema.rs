@@ -55,6 +55,13 @@ pub fn is_valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
+/// A service name: a valid name in lower case. Services are routed by host name, and
+/// host names are case-insensitive: were `Web` allowed beside `web`, whichever sorts
+/// first would capture the other's traffic.
+pub fn is_valid_service_name(s: &str) -> bool {
+    is_valid_name(s) && !s.bytes().any(|c| c.is_ascii_uppercase())
+}
+
 /// Tags end up in templates; keep them to characters that cannot break a config line.
 pub fn is_valid_tag(s: &str) -> bool {
     !s.is_empty()
@@ -155,6 +162,17 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
         .ok_or_else(|| SchemaError::new(key, format!("not under prefix {prefix:?}")))?;
     let (kind, tail) = rest.split_once('/').unwrap_or((rest, ""));
     let name_rule = "names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}";
+    let service_rule = "names must match [a-z0-9][a-z0-9_.-]{0,127}: service names are lower case, as host names ignore case (Web would capture web's traffic)";
+    let valid_service = |service: &str| {
+        if is_valid_service_name(service) {
+            Ok(service.to_string())
+        } else {
+            Err(SchemaError::new(
+                key,
+                format!("service {service:?}: {service_rule}"),
+            ))
+        }
+    };
     let valid = |what: &str, name: &str| {
         if is_valid_name(name) {
             Ok(name.to_string())
@@ -176,7 +194,7 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
                 ));
             };
             Ok(Key::Service {
-                service: valid("service", service)?,
+                service: valid_service(service)?,
                 instance: valid("instance", instance)?,
                 node: None,
             })
@@ -192,7 +210,7 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
                 }),
                 [name, "services", service, instance] => Ok(Key::Service {
                     node: Some(valid("nodes name", name)?),
-                    service: valid("service", service)?,
+                    service: valid_service(service)?,
                     instance: valid("instance", instance)?,
                 }),
                 _ => Err(SchemaError::new(
