@@ -7,13 +7,25 @@
 //!                          haproxy -c ◀── render (tera) ◀── snapshot
 //! ```
 //!
-//! Map of the crate:
-//! - `schema`: the etcd key/value contract (pure).
-//! - `config`, `cli`: the TOML file, environment and flags, merged and validated.
-//! - `etcd`, `backoff`, `shutdown`, `sd`, `telemetry`: shared edges.
-//! - `registrar`: Docker → etcd (`docker`, `selector`, `lease`, `plan`, `probe`).
-//! - `watcher`: etcd → HAProxy (`source`, `store`, `render`, `resource`, `runtime`,
-//!   `haproxy`, `template_files`, `status`, `metrics`).
+//! Map of the crate, one role a module:
+//! - `schema`: the etcd key/value contract, v2 node-scoped keys beside v1 (pure).
+//! - `config`: the TOML file, environment and flags, one home per section
+//!   (`config/{etcd,registrar,watcher}.rs`), merged and validated.
+//! - `cli`: the command line's shape; every section's options come from `config`.
+//! - `etcd`: connecting (keep-alive, TLS, auth), bounded calls, paged prefix listings.
+//! - `backoff`: retry delays and the timer helpers reconnect loops share.
+//! - `shutdown`: the cancellation token signals cancel; `sd`: systemd notify and watchdog.
+//! - `telemetry`: logging setup with fixed field names.
+//! - `registrar`: Docker → etcd. `docker` (events, inspect), `containers` (what each
+//!   registers), `selector/{labels,ports}` (labels → registrations, ports → addresses;
+//!   pure), `probe` (HTTP/TCP probes), `plan` (desired vs actual → key ops; pure),
+//!   `session` (the etcd session: lease, read-back, transactions), `lease` (grant, reuse,
+//!   keep-alive), `advertise` (detecting the advertise IP); `mod.rs` is the loop.
+//! - `watcher`: etcd → HAProxy. `source` (list + watch), `store` (snapshot; pure),
+//!   `render` (tera; pure), `resource` (stage, check, swap, reload), `haproxy/{master
+//!   (master socket), runtime_plan (config diff → runtime ops; pure), runtime_api (admin
+//!   socket), socket}`, `template_files` (notify), `status` (own etcd key), `metrics`,
+//!   `oneshot` (`render --once`, template checks); `mod.rs` is the loop.
 //! - `ls`, `dev`: operator commands.
 
 pub(crate) mod backoff;
