@@ -126,6 +126,21 @@ pub enum Command {
     ///
     /// The systemd units run this in ExecStartPre so a broken config never starts a daemon.
     Check,
+    /// Set up least-privilege etcd users, once, with etcd's root user.
+    ///
+    /// Every key a registrar writes lies under <prefix>/nodes/<node>/, so each Docker host
+    /// gets a user that may write exactly that prefix, and each watcher one that reads the
+    /// tree and writes only its status key. Operators keep writing hand-written instances
+    /// (<prefix>/services/…) and <prefix>/config/ as root or a user of their own; write
+    /// access to config/ is control over the load balancer.
+    ///
+    ///   portolan auth add-node web1 --password-file /etc/portolan/web1.pw \
+    ///       --etcd-username root --etcd-password-file /root/etcd-root.pw
+    ///
+    /// A password file that does not exist is generated (mode 0600). Each command prints
+    /// what it did as etcdctl lines.
+    #[command(verbatim_doc_comment, subcommand)]
+    Auth(AuthCommand),
     /// Start a one-machine stack to try Portolan: etcd, HAProxy, a registrar and a watcher.
     ///
     /// Needs etcd, haproxy and a running Docker Engine on this machine. Everything it
@@ -181,4 +196,36 @@ pub struct DevArgs {
     /// `portolan registrar --only-label`; by default every container with a published port.
     #[arg(long, value_name = "KEY[=VALUE]")]
     pub only_label: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuthCommand {
+    /// User and role portolan-node-NODE: read-write on <prefix>/nodes/NODE/ only.
+    AddNode(AuthArgs),
+    /// User and role portolan-watcher-NAME: read on <prefix>/, read-write on
+    /// <prefix>/watchers/NAME.
+    AddWatcher(AuthArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// The node or watcher name, as given to the daemon (--node, --name).
+    pub name: String,
+    /// The new user's password: read from FILE, or generated into it (mode 0600) when
+    /// FILE does not exist. Give the daemon the same file (--etcd-password-file).
+    #[arg(long = "password-file", id = "user_password_file", value_name = "FILE")]
+    pub password_file: PathBuf,
+    /// How to reach etcd as its root user (--etcd-username root --etcd-password-file …).
+    #[command(flatten)]
+    pub etcd: EtcdOptions,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

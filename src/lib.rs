@@ -26,8 +26,9 @@
 //!   (master socket), runtime_plan (config diff → runtime ops; pure), runtime_api (admin
 //!   socket), socket}`, `template_files` (notify), `status` (own etcd key), `metrics`,
 //!   `oneshot` (`render --once`, template checks); `mod.rs` is the loop.
-//! - `ls`, `dev`: operator commands.
+//! - `ls`, `dev`, `auth`: operator commands (`auth`: least-privilege etcd users).
 
+pub mod auth;
 pub(crate) mod backoff;
 pub mod cli;
 pub mod config;

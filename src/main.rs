@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use portolan::cli::{Cli, Command};
+use portolan::cli::{AuthCommand, Cli, Command};
 use portolan::config::{self, FileConfig};
-use portolan::{dev, ls, registrar, shutdown, telemetry, watcher};
+use portolan::{auth, dev, ls, registrar, shutdown, telemetry, watcher};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,6 +66,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| config::DEFAULT_CONFIG_PATH.into());
             check(&path)?;
+        }
+        Command::Auth(cmd) => {
+            let (args, principal): (_, fn(&str, &str) -> auth::Principal) = match cmd {
+                AuthCommand::AddNode(a) => (a, auth::node_principal),
+                AuthCommand::AddWatcher(a) => (a, auth::watcher_principal),
+            };
+            anyhow::ensure!(
+                portolan::schema::is_valid_name(&args.name),
+                "name {:?}: names match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}",
+                args.name
+            );
+            let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
+            let p = principal(&etcd.prefix, &args.name);
+            auth::run(&etcd, &p, &args.password_file).await?;
         }
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;

@@ -179,14 +179,27 @@ fn at_least_min_timeout(key: &str, ms: u64, problems: &mut Problems) -> u64 {
     ms
 }
 
-/// This machine's host name, as a valid node/watcher name.
-pub fn hostname() -> String {
+/// This machine's full host name (`web1.dc1`, not `web1`: the first label alone
+/// collides across sites), the default node and watcher name. None when the host name
+/// is not a valid name.
+pub fn hostname() -> Option<String> {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .map(|h| h.split('.').next().unwrap_or("").to_string())
-        .filter(|h| schema::is_valid_name(h))
-        .unwrap_or_else(|| "localhost".to_string())
+        .filter(|h| schema::is_valid_name(h) && h != "localhost")
+}
+
+/// The name given, or the host name; a problem saying how to name it when neither works.
+fn name_or_hostname(given: Option<&str>, flag: &str, problems: &mut Problems) -> String {
+    match given.map(str::to_string).or_else(hostname) {
+        Some(n) => n,
+        None => {
+            problems.push(format!(
+                "this machine's host name is not usable as a name (empty, \"localhost\" or odd characters): set {flag} NAME"
+            ));
+            "unnamed".into()
+        }
+    }
 }
 
 /// The `[etcd]` section alone (`ls`, `render`'s connection): nothing else is read.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{hostname, EtcdConfig, Problems};
+use super::{name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
 
 pub const DEFAULT_TTL_SECS: u64 = 10;
@@ -19,7 +19,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/portolan";
 #[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrarOptions {
-    /// This host's node name, part of every instance id [default: the host name].
+    /// This host's node name, unique in the cluster: its keys live under
+    /// <prefix>/nodes/<NAME>/ [default: the full host name].
     #[arg(long, env = "PORTOLAN_NODE", value_name = "NAME")]
     pub node: Option<String>,
     /// IP address clients of this host's published ports use [default: the local
@@ -77,7 +78,7 @@ pub struct RegistrarConfig {
 impl RegistrarOptions {
     /// Validates the merged options into a [`RegistrarConfig`], adding every problem found.
     pub(super) fn resolve(&self, etcd: EtcdConfig, problems: &mut Problems) -> RegistrarConfig {
-        let node = self.node.clone().unwrap_or_else(hostname);
+        let node = name_or_hostname(self.node.as_deref(), "--node", problems);
         if !schema::is_valid_name(&node) {
             problems.push(format!(
                 "node {node:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (--node NAME)"

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_min_timeout, hostname, EtcdConfig, Problems};
+use super::{at_least_min_timeout, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
 
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
@@ -89,7 +89,7 @@ impl WatcherOptions {
         templates: &[TemplateResource],
         problems: &mut Problems,
     ) -> WatcherConfig {
-        let name = self.name.clone().unwrap_or_else(hostname);
+        let name = name_or_hostname(self.name.as_deref(), "--name", problems);
         if !schema::is_valid_name(&name) {
             problems.push(format!(
                 "watcher name {name:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
