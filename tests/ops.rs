@@ -353,6 +353,13 @@ fn units_call_the_cli_as_it_parses() {
     );
 
     let watcher = parse_unit(&read("systemd/portolan-watcher.service"));
+    // Least privilege: the watcher is not root, and its user is the group HAProxy's
+    // master socket is given to.
+    assert_eq!(one(&watcher, "Service", "User"), "portolan-watcher");
+    assert!(read(DROP_IN).contains(",group,portolan-watcher"));
+    assert!(read("packaging/postinst").contains(
+        "adduser --system --group --quiet --home /nonexistent --no-create-home portolan-watcher"
+    ));
     assert!(words(&watcher, "Unit", "After").contains(&"haproxy.service".into()));
     assert!(words(&watcher, "Unit", "Wants").contains(&"haproxy.service".into()));
     // Every dest folder of the example config is writable under ProtectSystem=strict.
@@ -422,6 +429,15 @@ fn check_validates_every_section_of_a_combined_file() {
     assert_eq!(out.trim(), format!("{}: ok", cfg.display()));
 }
 
+/// The name of this process's group.
+fn own_group() -> String {
+    nix::unistd::Group::from_gid(nix::unistd::getegid())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .expect("the test's group has a name")
+}
+
 /// The drop-in's ExecStart, run for real (paths moved into a temp dir): HAProxy comes
 /// up in master-worker mode with a root-only master socket that takes `reload` and
 /// confirms it in `show proc`, which is what the watcher relies on.
@@ -471,7 +487,13 @@ async fn haproxy_drop_in_gives_the_watcher_its_master_socket() {
     let line = exec
         .replace("$CONFIG", cfg.to_str().unwrap())
         .replace("$PIDFILE", dir.path().join("haproxy.pid").to_str().unwrap())
-        .replace(socket.to_str().unwrap(), sock.to_str().unwrap());
+        .replace(socket.to_str().unwrap(), sock.to_str().unwrap())
+        // The package creates portolan-watcher; this machine may not have it. The
+        // test's own group stands in, and the socket must end up in it.
+        .replace(
+            ",group,portolan-watcher",
+            &format!(",group,{}", own_group()),
+        );
     let argv: Vec<&str> = line.split_whitespace().collect();
     let mut cmd = owned_command(argv[0]);
     cmd.args(&argv[1..])
@@ -512,8 +534,14 @@ async fn haproxy_drop_in_gives_the_watcher_its_master_socket() {
     )
     .await;
     assert!(haproxy.alive());
-    let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "master socket mode {mode:o}");
+    let meta = fs::metadata(&sock).unwrap();
+    let mode = meta.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "master socket mode {mode:o}");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        nix::unistd::getegid().as_raw(),
+        "the master socket belongs to the watcher's group"
+    );
     let before = reloads(&master(&sock, "show proc").await.unwrap()).expect("reload count");
     let addr = format!("127.0.0.1:{port}");
     assert_eq!(
