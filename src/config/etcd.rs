@@ -49,7 +49,7 @@ pub struct EtcdOptions {
     /// The password itself, in the file only: prefer `password_file`, a file readable by
     /// the daemon's user alone.
     #[arg(skip)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Time to wait for an etcd endpoint to answer a connect, in milliseconds
     /// [default: 2000].
     #[arg(skip)]
@@ -66,7 +66,8 @@ pub struct EtcdOptions {
 }
 
 /// A password: kept out of `Debug` output and so out of every log line.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -218,7 +219,7 @@ impl EtcdOptions {
                     None
                 }
             },
-            None => self.password.clone().map(Secret::new),
+            None => self.password.clone(),
         }
     }
 

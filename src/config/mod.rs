@@ -276,6 +276,14 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         let c = resolve_etcd(&FileConfig::default(), &flags(pw.clone())).unwrap();
         assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cret-pw"));
         assert!(!format!("{c:?}").contains("s3cret-pw"), "{c:?}");
+        let file = FileConfig::from_str(
+            "[etcd]\nusername = \"u\"\npassword = \"in-the-file\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(!format!("{file:?}").contains("in-the-file"));
+        let c = resolve_etcd(&file, &EtcdOptions::default()).unwrap();
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("in-the-file"));
 
         let missing = dir.path().join("missing");
         let err = resolve_etcd(&FileConfig::default(), &flags(missing))
@@ -291,7 +299,7 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             .to_string();
         assert!(err.contains("is empty"), "{err}");
         let no_user = EtcdOptions {
-            password: Some("x".into()),
+            password: Some(Secret::new("x")),
             ..Default::default()
         };
         assert!(resolve_etcd(&FileConfig::default(), &no_user).is_err());
