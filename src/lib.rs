@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod etcd;
+pub mod hook;
 pub mod ls;
 pub mod registrar;
 pub mod schema;

@@ -11,6 +11,7 @@
 //! problem before failing, so one run of `portolan check` reports them all.
 
 mod etcd;
+mod hook;
 mod registrar;
 mod watcher;
 
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use self::etcd::{EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
+pub use self::hook::{redact_url, HookConfig, HookFormat, HookOptions, HookTarget};
 pub use self::registrar::{
     RegistrarConfig, RegistrarOptions, DEFAULT_RESYNC_SECS, DEFAULT_STATE_DIR, DEFAULT_TTL_SECS,
 };
@@ -68,6 +70,9 @@ pub struct FileConfig {
     pub watcher: WatcherOptions,
     #[serde(default)]
     pub template: Vec<TemplateResource>,
+    /// `[[hook]]` sections: each daemon takes those for the events it emits.
+    #[serde(default)]
+    pub hook: Vec<HookOptions>,
     /// The top-level sections the file has (`etcd`, `registrar`, `watcher`,
     /// `template`): `portolan check` validates each one that is there.
     #[serde(skip)]
@@ -202,6 +207,13 @@ fn name_or_hostname(given: Option<&str>, flag: &str, problems: &mut Problems) ->
     }
 }
 
+/// Events a registrar's `[[hook]]` may name.
+pub const REGISTRAR_EVENTS: &[&str] = &["register", "deregister", "drain"];
+/// Events a watcher's `[[hook]]` may name: a reload, a change applied through the
+/// runtime API, a render refused by its check, a failed reload or write, a mass removal
+/// held back.
+pub const WATCHER_EVENTS: &[&str] = &["reload", "runtime", "reject", "fail", "hold"];
+
 /// The `[etcd]` section alone (`ls`, `render`'s connection): nothing else is read.
 pub fn resolve_etcd(file: &FileConfig, flags: &EtcdOptions) -> Result<EtcdConfig, ConfigError> {
     let mut problems = Problems::new();
@@ -215,7 +227,8 @@ pub fn resolve_registrar(
 ) -> Result<RegistrarConfig, ConfigError> {
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
-    let cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
+    let mut cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
+    cfg.hooks = hook::resolve_hooks(&file.hook, REGISTRAR_EVENTS, "registrar", &mut problems);
     finish(cfg, problems)
 }
 

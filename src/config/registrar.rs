@@ -73,6 +73,8 @@ pub struct RegistrarConfig {
     /// `KEY` or `KEY=VALUE`: only containers carrying this label are registered
     /// (Docker label filter syntax). None: every container.
     pub only_label: Option<String>,
+    /// `[[hook]]`s for register, deregister and drain events.
+    pub hooks: Vec<super::HookConfig>,
 }
 
 impl RegistrarOptions {
@@ -134,6 +136,7 @@ impl RegistrarOptions {
             resync: Duration::from_secs(resync),
             deregister_on_exit: self.deregister_on_exit.unwrap_or(false),
             only_label: self.only_label.clone(),
+            hooks: Vec::new(),
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct WatcherConfig {
     pub listen: Option<SocketAddr>,
     pub command_timeout: Duration,
     pub templates: Vec<TemplateResource>,
+    /// `[[hook]]`s for reload, runtime, reject, fail and hold events.
+    pub hooks: Vec<super::HookConfig>,
 }
 
 impl WatcherOptions {
@@ -126,6 +128,7 @@ impl WatcherOptions {
                 problems,
             )),
             templates: templates.to_vec(),
+            hooks: Vec::new(),
         }
     }
 }

@@ -80,6 +80,7 @@ impl Rig {
             resync: Duration::from_secs(opts.resync),
             deregister_on_exit: opts.deregister_on_exit,
             only_label: Some(self.only_label()),
+            hooks: Vec::new(),
         }
     }
 
