@@ -111,6 +111,18 @@ pub enum Command {
     /// Like `confd -onetime`. With --dry-run nothing is written or reloaded: the output
     /// is printed with the check result, and the exit code is non-zero when the check fails.
     Render(RenderArgs),
+    /// Is HAProxy running what etcd says? Compares etcd, the file on disk and HAProxy.
+    ///
+    /// For each backend of each [[template]] of --config: what etcd says (the template
+    /// rendered from etcd now), what the file on disk says, and what HAProxy runs
+    /// (`show servers state` on the template's haproxy_admin_socket), with the watcher's
+    /// last apply from its status key. Exit 0 when all three agree, 1 when they do not,
+    /// with one "difference:" line naming each server that differs (a manual
+    /// `set server … state maint`, a server added by hand, a file behind etcd, …).
+    /// A server HAProxy's health checks mark down is shown, not counted as a difference.
+    /// --json prints {in_sync, etcd_revision, watcher, templates: [{dest, backends}],
+    /// differences}.
+    Status(StatusArgs),
     /// List services and their instances from etcd.
     ///
     /// One row per instance: SERVICE INSTANCE ADDR NODE CONTAINER LEASE WEIGHT TAGS.
@@ -228,4 +240,13 @@ mod tests {
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub watcher: WatcherArgs,
+    /// Print JSON instead of a table, for scripts and monitoring.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -49,6 +49,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Status(args) => {
+            let cfg = config::resolve_watcher(&file()?, &args.watcher)?;
+            // 0 in sync, 1 out of sync, 2 when it cannot tell (etcd or HAProxy unreachable).
+            match watcher::status(&cfg, args.json).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(ExitCode::from(1)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
         Command::Ls(args) => {
             let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
             let format = if args.json {

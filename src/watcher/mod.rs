@@ -26,6 +26,7 @@
 
 mod diff;
 pub mod haproxy;
+mod inspect;
 mod metrics;
 mod oneshot;
 pub mod render;
@@ -51,6 +52,7 @@ use crate::schema::WatcherStatus;
 use crate::sd;
 use metrics::Metrics;
 // `main` calls these by their old paths.
+pub use inspect::run as status;
 pub use oneshot::{check_templates, render_once};
 use resource::{Chain, Outcome, Resource};
 use source::{Published, Source};

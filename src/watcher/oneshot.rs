@@ -5,7 +5,7 @@ use anyhow::Context as _;
 
 use super::render;
 use super::resource::{self, Chain, Outcome, Resource};
-use super::store::Store;
+use super::store::{Store, StoreSnapshot};
 use crate::config::WatcherConfig;
 use crate::etcd;
 
@@ -14,26 +14,7 @@ use crate::etcd;
 /// live file (or the whole file when none exists) and the check's verdict. Returns false
 /// when a check failed.
 pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
-    let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
-        format!(
-            "cannot reach etcd at {} (--etcd-endpoints)",
-            cfg.etcd.endpoints.join(",")
-        )
-    })?;
-    let dir = format!("{}/", cfg.etcd.prefix);
-    let listing = etcd::list_prefix(&mut client, &dir)
-        .await
-        .with_context(|| format!("cannot list {dir} in etcd"))?;
-    let mut store = Store::new(&cfg.etcd.prefix);
-    let keys: Vec<(String, &[u8])> = listing
-        .kvs
-        .iter()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
-        .collect();
-    for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
-        tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
-    }
-    let snapshot = store.snapshot();
+    let (_, snapshot) = snapshot_from_etcd(cfg).await?;
     let mut ok = true;
     for t in &cfg.templates {
         let mut r = Resource::new(t.clone());
@@ -103,6 +84,33 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
         }
     }
     Ok(ok)
+}
+
+/// One listing of the prefix, decoded as the watcher decodes it: (revision, snapshot).
+/// Keys left out are logged, naming each.
+pub(crate) async fn snapshot_from_etcd(
+    cfg: &WatcherConfig,
+) -> anyhow::Result<(i64, StoreSnapshot)> {
+    let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
+        format!(
+            "cannot reach etcd at {} (--etcd-endpoints)",
+            cfg.etcd.endpoints.join(",")
+        )
+    })?;
+    let dir = format!("{}/", cfg.etcd.prefix);
+    let listing = etcd::list_prefix(&mut client, &dir)
+        .await
+        .with_context(|| format!("cannot list {dir} in etcd"))?;
+    let mut store = Store::new(&cfg.etcd.prefix);
+    let keys: Vec<(String, &[u8])> = listing
+        .kvs
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
+        .collect();
+    for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
+        tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
+    }
+    Ok((listing.revision, store.snapshot()))
 }
 
 /// `portolan check` (and the watcher's start): compiles every template, reporting all

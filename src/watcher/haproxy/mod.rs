@@ -7,7 +7,7 @@
 pub(crate) mod master;
 pub(crate) mod runtime_api;
 pub(crate) mod runtime_plan;
-mod socket;
+pub(crate) mod socket;
 
 // Integration tests read the master's reload counter.
 pub use master::{show_proc, MasterStatus, ReloadError};

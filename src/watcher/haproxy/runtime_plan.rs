@@ -239,6 +239,26 @@ fn parse(text: &str) -> Result<Vec<Section<'_>>, String> {
     Ok(sections)
 }
 
+/// The `server` lines of every backend (and listen) section of a config, by backend
+/// and server name: what a file says HAProxy should run.
+pub(crate) fn servers_by_backend(
+    text: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
+    Ok(parse(text)?
+        .iter()
+        .filter(|s| s.has_servers())
+        .filter_map(|s| {
+            let name = s.header.split_whitespace().nth(1)?;
+            let servers = s
+                .servers
+                .iter()
+                .map(|(n, l)| (n.to_string(), l.to_string()))
+                .collect();
+            Some((name.to_string(), servers))
+        })
+        .collect())
+}
+
 /// Decides how HAProxy, running `live`, can be made to run `rendered`.
 pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     let (old, new) = match (parse(live), parse(rendered)) {

@@ -9,7 +9,7 @@ use tokio::net::UnixStream;
 
 /// Sends `cmd` and reads the answer until HAProxy closes the connection. A connection
 /// that gives no answer within `timeout` is an error of kind `TimedOut`.
-pub(super) async fn exchange(path: &Path, cmd: &str, timeout: Duration) -> std::io::Result<String> {
+pub(crate) async fn exchange(path: &Path, cmd: &str, timeout: Duration) -> std::io::Result<String> {
     let fut = async {
         let mut s = UnixStream::connect(path).await?;
         s.write_all(format!("{cmd}\n").as_bytes()).await?;

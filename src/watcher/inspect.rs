@@ -1,0 +1,503 @@
+//! `portolan status`: is HAProxy running what etcd says?
+//!
+//! Three views of every backend's servers, compared by backend and server name:
+//! - etcd: the template rendered from etcd now, exactly as the watcher would render it;
+//! - the file: `dest` on disk, what the next reload or restart will load;
+//! - HAProxy: `show servers state` on the admin socket, what it runs at this moment
+//!   (runtime-API changes, a hand-made `set server … state maint`, a server added by
+//!   hand all show here and nowhere else).
+//!
+//! Every difference is one line naming the server. A server that HAProxy's own health
+//! checks mark down is not a difference: that is HAProxy doing its job. `compare` is
+//! pure; `run` does the reading.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::haproxy::runtime_plan::servers_by_backend;
+use super::haproxy::socket::exchange;
+use super::oneshot::snapshot_from_etcd;
+use super::resource::Resource;
+use crate::config::WatcherConfig;
+use crate::etcd;
+use crate::schema::{self, WatcherStatus};
+
+/// Whether a server takes traffic, as far as configuration goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    Ready,
+    Maint,
+    Drain,
+}
+
+/// One server in one view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct View {
+    pub addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    pub admin: Admin,
+    /// HAProxy's own view (health checks): only in the HAProxy view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub up: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub etcd: Option<View>,
+    pub file: Option<View>,
+    /// None: not running in HAProxy (or no admin socket to ask).
+    pub haproxy: Option<View>,
+}
+
+/// backend → server → its three views.
+pub type Backends = BTreeMap<String, BTreeMap<String, Row>>;
+
+/// The views of a `server NAME ADDR [weight N] [disabled] …` line.
+fn view_of_line(line: &str) -> Option<View> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = words.get(2)?.to_string();
+    let weight = words
+        .iter()
+        .position(|w| *w == "weight")
+        .and_then(|i| words.get(i + 1))
+        .and_then(|w| w.parse().ok());
+    let admin = if words.contains(&"disabled") {
+        Admin::Maint
+    } else {
+        Admin::Ready
+    };
+    Some(View {
+        addr,
+        weight,
+        admin,
+        up: None,
+    })
+}
+
+fn views_of_config(text: &str) -> Result<BTreeMap<String, BTreeMap<String, View>>, String> {
+    Ok(servers_by_backend(text)?
+        .into_iter()
+        .map(|(b, servers)| {
+            let views = servers
+                .into_iter()
+                .filter_map(|(n, l)| Some((n, view_of_line(&l)?)))
+                .collect();
+            (b, views)
+        })
+        .collect())
+}
+
+/// Parses `show servers state` (format version 1). Columns, from HAProxy's manual:
+/// be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
+/// srv_iweight … srv_port (19th).
+pub fn parse_servers_state(
+    answer: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, View>>, String> {
+    let mut lines = answer.lines();
+    match lines.next().map(str::trim) {
+        Some("1") => {}
+        other => {
+            return Err(format!(
+                "show servers state: expected format version 1, got {other:?}"
+            ))
+        }
+    }
+    let mut out: BTreeMap<String, BTreeMap<String, View>> = BTreeMap::new();
+    for line in lines {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 19 {
+            return Err(format!("show servers state: short line {line:?}"));
+        }
+        let num = |i: usize| {
+            f[i].parse::<u32>()
+                .map_err(|_| format!("show servers state: field {i} of {line:?} is not a number"))
+        };
+        let (op, admin_bits, weight, port) = (num(5)?, num(6)?, num(7)?, num(18)?);
+        // SRV_ADMF_*: FMAINT 0x01, IMAINT 0x02, CMAINT 0x04, RMAINT 0x20, HMAINT 0x40;
+        // FDRAIN 0x08, IDRAIN 0x10.
+        let admin = if admin_bits & 0x67 != 0 {
+            Admin::Maint
+        } else if admin_bits & 0x18 != 0 {
+            Admin::Drain
+        } else {
+            Admin::Ready
+        };
+        let host = f[4];
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        out.entry(f[1].to_string()).or_default().insert(
+            f[3].to_string(),
+            View {
+                addr,
+                weight: Some(weight),
+                admin,
+                // SRV_ST_RUNNING 2, SRV_ST_STOPPING 3 still count as up.
+                up: Some(op >= 2),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Lines the config's `addr` and HAProxy's agree on: a name the file gives is resolved
+/// by HAProxy, so only compare literal addresses.
+fn same_addr(file: &str, running: &str) -> bool {
+    file == running
+        || file
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_err())
+}
+
+/// Puts the views side by side and names every difference.
+pub fn compare(
+    etcd: &str,
+    file: &str,
+    haproxy: Option<&str>,
+) -> Result<(Backends, Vec<String>), String> {
+    let etcd = views_of_config(etcd).map_err(|e| format!("the render from etcd: {e}"))?;
+    let file = views_of_config(file).map_err(|e| format!("the file: {e}"))?;
+    let running = haproxy.map(parse_servers_state).transpose()?;
+    let mut names: BTreeSet<(String, String)> = BTreeSet::new();
+    for views in [Some(&etcd), Some(&file), running.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        for (b, servers) in views {
+            for s in servers.keys() {
+                names.insert((b.clone(), s.clone()));
+            }
+        }
+    }
+    let get = |v: &BTreeMap<String, BTreeMap<String, View>>, b: &str, s: &str| {
+        v.get(b).and_then(|m| m.get(s)).cloned()
+    };
+    let mut backends = Backends::new();
+    let mut diffs = Vec::new();
+    for (b, s) in names {
+        let row = Row {
+            etcd: get(&etcd, &b, &s),
+            file: get(&file, &b, &s),
+            haproxy: running.as_ref().and_then(|r| get(r, &b, &s)),
+        };
+        let id = format!("{b}/{s}");
+        match (&row.etcd, &row.file) {
+            (Some(_), None) => diffs.push(format!("{id}: in etcd, not in the file (the watcher has not written it yet, or its last apply failed)")),
+            (None, Some(_)) => diffs.push(format!("{id}: in the file, no longer in etcd")),
+            (Some(e), Some(f)) if e != f => diffs.push(format!(
+                "{id}: etcd says {}, the file {}",
+                describe(e),
+                describe(f)
+            )),
+            _ => {}
+        }
+        if running.is_some() {
+            match (&row.file, &row.haproxy) {
+                (Some(_), None) => diffs.push(format!("{id}: in the file, but HAProxy does not run it")),
+                (None, Some(_)) => diffs.push(format!(
+                    "{id}: HAProxy runs it, but the file does not have it (added by hand on the admin socket?)"
+                )),
+                (Some(f), Some(h)) => {
+                    if !same_addr(&f.addr, &h.addr) {
+                        diffs.push(format!("{id}: the file says {}, HAProxy runs {}", f.addr, h.addr));
+                    }
+                    if f.weight.is_some() && f.weight != h.weight {
+                        diffs.push(format!(
+                            "{id}: the file says weight {}, HAProxy runs weight {}",
+                            f.weight.unwrap_or_default(),
+                            h.weight.unwrap_or_default()
+                        ));
+                    }
+                    if f.admin != h.admin {
+                        diffs.push(format!(
+                            "{id}: HAProxy has it in {}, the file says {} (`set server {id} state ready` on the admin socket undoes a manual change)",
+                            admin_word(h.admin),
+                            admin_word(f.admin)
+                        ));
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        backends.entry(b).or_default().insert(s, row);
+    }
+    Ok((backends, diffs))
+}
+
+fn admin_word(a: Admin) -> &'static str {
+    match a {
+        Admin::Ready => "ready",
+        Admin::Maint => "maintenance",
+        Admin::Drain => "drain",
+    }
+}
+
+fn describe(v: &View) -> String {
+    let mut s = v.addr.clone();
+    if let Some(w) = v.weight {
+        s += &format!(" weight {w}");
+    }
+    if v.admin != Admin::Ready {
+        s += &format!(" {}", admin_word(v.admin));
+    }
+    s
+}
+
+#[derive(Debug, Serialize)]
+struct TemplateReport {
+    dest: String,
+    admin_socket: Option<String>,
+    backends: Backends,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    in_sync: bool,
+    etcd_revision: i64,
+    watcher: Option<WatcherStatus>,
+    templates: Vec<TemplateReport>,
+    differences: Vec<String>,
+}
+
+fn cell(v: &Option<View>, with_health: bool) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) => {
+            let mut s = describe(v);
+            if with_health && v.up == Some(false) {
+                s += " (down: health check)";
+            }
+            s
+        }
+    }
+}
+
+fn table(report: &Report) -> String {
+    let mut rows = vec![[
+        "BACKEND".to_string(),
+        "SERVER".into(),
+        "ETCD".into(),
+        "FILE".into(),
+        "HAPROXY".into(),
+    ]];
+    for t in &report.templates {
+        for (b, servers) in &t.backends {
+            for (s, r) in servers {
+                rows.push([
+                    b.clone(),
+                    s.clone(),
+                    cell(&r.etcd, false),
+                    cell(&r.file, false),
+                    if t.admin_socket.is_some() {
+                        cell(&r.haproxy, true)
+                    } else {
+                        "?".into()
+                    },
+                ]);
+            }
+        }
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+fn last_apply(w: &Option<WatcherStatus>, name: &str) -> String {
+    match w {
+        None => {
+            format!("watcher {name}: no status key (not running, or under another name: --name)")
+        }
+        Some(w) => format!(
+            "watcher {}: last apply at etcd revision {} via {}, {}{}{}",
+            w.name,
+            w.revision,
+            w.last_apply_path.as_deref().unwrap_or("-"),
+            w.last_reload_result.as_deref().unwrap_or("no reload yet"),
+            w.last_reload_at
+                .map(|t| format!(", {}s ago", schema::unix_now().saturating_sub(t)))
+                .unwrap_or_default(),
+            w.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+/// `portolan status`: prints the comparison; true when etcd, the files and HAProxy agree.
+pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
+    let (revision, snapshot) = snapshot_from_etcd(cfg).await?;
+    let mut client = etcd::connect(&cfg.etcd).await?;
+    let key = schema::watcher_key(&cfg.etcd.prefix, &cfg.name);
+    let watcher = etcd::call(client.get(key.as_str(), None))
+        .await
+        .with_context(|| format!("cannot read {key}"))?
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<WatcherStatus>(kv.value()).ok());
+    let timeout = cfg.command_timeout.min(Duration::from_secs(5));
+    let mut templates = Vec::new();
+    let mut differences = Vec::new();
+    for t in &cfg.templates {
+        let mut r = Resource::new(t.clone());
+        r.load_template().await?;
+        let rendered = match r.render(&snapshot) {
+            Some(result) => result?,
+            None => continue,
+        };
+        let file = std::fs::read_to_string(&t.dest)
+            .with_context(|| format!("cannot read {}", t.dest.display()))?;
+        let running = match &t.haproxy_admin_socket {
+            Some(sock) => Some(
+                exchange(sock, "show servers state", timeout)
+                    .await
+                    .with_context(|| format!("HAProxy's admin socket {} did not answer (is HAProxy running with it?)", sock.display()))?,
+            ),
+            None => None,
+        };
+        let (backends, diffs) = compare(&rendered, &file, running.as_deref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", t.dest.display()))?;
+        differences.extend(diffs.into_iter().map(|d| {
+            if cfg.templates.len() > 1 {
+                format!("{}: {d}", t.dest.display())
+            } else {
+                d
+            }
+        }));
+        templates.push(TemplateReport {
+            dest: t.dest.display().to_string(),
+            admin_socket: t
+                .haproxy_admin_socket
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            backends,
+        });
+    }
+    let report = Report {
+        in_sync: differences.is_empty(),
+        etcd_revision: revision,
+        watcher,
+        templates,
+        differences,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+        println!(
+            "etcd revision {}; {}",
+            report.etcd_revision,
+            last_apply(&report.watcher, &cfg.name)
+        );
+        for t in report.templates.iter().filter(|t| t.admin_socket.is_none()) {
+            println!(
+                "{}: no haproxy_admin_socket, so HAProxy's own view is not shown",
+                t.dest
+            );
+        }
+        if report.in_sync {
+            println!("in sync: etcd, the file and HAProxy agree");
+        }
+        for d in &report.differences {
+            println!("difference: {d}");
+        }
+    }
+    Ok(report.in_sync)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = "global\n  daemon\nbackend web\n  balance roundrobin\n  server a 10.0.0.1:80 weight 100\n  server b 10.0.0.2:80 weight 100\n";
+
+    fn state(rows: &[(&str, &str, &str, u32, u32, u32)]) -> String {
+        let mut s = String::from("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n");
+        for (i, (b, n, ip, op, admin, w)) in rows.iter().enumerate() {
+            s += &format!(
+                "3 {b} {i} {n} {ip} {op} {admin} {w} {w} 10 6 3 4 6 0 0 0 - 80 - 0 0 - - 0\n"
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn three_views_that_agree_have_no_difference() {
+        let s = state(&[
+            ("web", "a", "10.0.0.1", 2, 0, 100),
+            ("web", "b", "10.0.0.2", 0, 0, 100),
+        ]);
+        let (backends, diffs) = compare(CFG, CFG, Some(&s)).unwrap();
+        assert_eq!(diffs, Vec::<String>::new());
+        // A server down by health check is HAProxy working, not drift.
+        assert_eq!(
+            backends["web"]["b"].haproxy.as_ref().unwrap().up,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn a_manual_maintenance_and_a_hand_added_server_are_named() {
+        let s = state(&[
+            ("web", "a", "10.0.0.1", 2, 0x01, 100),
+            ("web", "b", "10.0.0.2", 2, 0, 100),
+            ("web", "x", "10.0.0.9", 2, 0, 1),
+        ]);
+        let (_, diffs) = compare(CFG, CFG, Some(&s)).unwrap();
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
+        assert!(
+            diffs[0].starts_with("web/a: HAProxy has it in maintenance"),
+            "{diffs:?}"
+        );
+        assert!(
+            diffs[1].starts_with("web/x: HAProxy runs it, but the file does not have it"),
+            "{diffs:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_behind_etcd_is_named() {
+        let etcd =
+            CFG.replace("10.0.0.2:80", "10.0.0.3:80") + "  server c 10.0.0.4:80 weight 100\n";
+        let (_, diffs) = compare(&etcd, CFG, None).unwrap();
+        assert_eq!(
+            diffs,
+            vec![
+                "web/b: etcd says 10.0.0.3:80 weight 100, the file 10.0.0.2:80 weight 100".to_string(),
+                "web/c: in etcd, not in the file (the watcher has not written it yet, or its last apply failed)".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_drained_server_and_ipv6_addresses_parse() {
+        let s = state(&[("web", "a", "fd00::1", 2, 0x08, 50)]);
+        let v = &parse_servers_state(&s).unwrap()["web"]["a"];
+        assert_eq!(v.admin, Admin::Drain);
+        assert_eq!(v.addr, "[fd00::1]:80");
+        assert_eq!(v.weight, Some(50));
+        assert!(parse_servers_state("2\n").is_err());
+    }
+}
