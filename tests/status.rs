@@ -98,3 +98,49 @@ async fn status_is_zero_in_sync_and_names_every_drifted_server() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("admin socket"), "{out}");
 }
+
+/// `render --dry-run` says how the watcher would apply the change: which runtime
+/// commands, or why it takes a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_says_runtime_or_reload_and_why() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let mut fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    fd.kill_watcher();
+    let dry_run = || {
+        let out = portolan_cmd()
+            .args(["render", "--once", "--dry-run", "--config"])
+            .arg(&fd.config)
+            .output()
+            .expect("run portolan render");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    let out = dry_run();
+    assert!(
+        out.contains("# through the runtime API, no reload (1 change(s)):"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("#   add server svc_web/b {}", b.addr_string())),
+        "{out}"
+    );
+    etcd.put(&fd.service_key("api", "a"), &a.record()).await;
+    let out = dry_run();
+    assert!(out.contains("# needs a reload: "), "{out}");
+}

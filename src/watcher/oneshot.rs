@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 
+use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::render;
 use super::resource::{self, Chain, Outcome, Resource};
 use super::store::{Store, StoreSnapshot};
@@ -32,7 +33,12 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
                 Some(live) if live == rendered.as_bytes() => {
                     println!("# {}: unchanged", t.dest.display());
                 }
-                Some(_) => print!("{}", r.diff(&rendered)),
+                Some(live) => {
+                    print!("{}", r.diff(&rendered));
+                    if t.haproxy_admin_socket.is_some() {
+                        print!("{}", runtime_verdict(live, &rendered));
+                    }
+                }
                 None => {
                     println!("# {} (does not exist yet):", t.dest.display());
                     print!("{rendered}");
@@ -84,6 +90,27 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
         }
     }
     Ok(ok)
+}
+
+/// What the watcher would do with this change: the runtime commands, or why it takes a
+/// reload. Comment lines, for `render --dry-run`.
+fn runtime_verdict(live: &[u8], rendered: &str) -> String {
+    match runtime_plan::plan(&String::from_utf8_lossy(live), rendered) {
+        RuntimePlan::Runtime(ops) if ops.is_empty() => {
+            "# no server changes: a reload would change nothing HAProxy runs\n".into()
+        }
+        RuntimePlan::Runtime(ops) => {
+            let mut out = format!(
+                "# through the runtime API, no reload ({} change(s)):\n",
+                ops.len()
+            );
+            for op in &ops {
+                out += &format!("#   {}\n", op.describe());
+            }
+            out
+        }
+        RuntimePlan::Reload(why) => format!("# needs a reload: {why}\n"),
+    }
 }
 
 /// One listing of the prefix, decoded as the watcher decodes it: (revision, snapshot).

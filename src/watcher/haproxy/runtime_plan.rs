@@ -51,6 +51,38 @@ pub(crate) enum RuntimeOp {
     },
 }
 
+impl RuntimeOp {
+    /// The command(s) it stands for, as an operator would type them on the admin socket.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            RuntimeOp::Add {
+                backend,
+                server,
+                addr,
+                args,
+                enable,
+                ..
+            } => format!(
+                "add server {backend}/{server} {addr} {}{}",
+                args.join(" "),
+                if *enable {
+                    "; enable server"
+                } else {
+                    " (stays in maintenance)"
+                }
+            ),
+            RuntimeOp::Remove { backend, server } => {
+                format!("set server {backend}/{server} state maint; del server {backend}/{server}")
+            }
+            RuntimeOp::Weight {
+                backend,
+                server,
+                weight,
+            } => format!("set server {backend}/{server} weight {weight}"),
+        }
+    }
+}
+
 /// What `plan` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RuntimePlan {
