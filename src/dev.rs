@@ -222,7 +222,7 @@ async fn with_etcd(
     vars.insert("admin_socket".into(), admin.display().to_string().into());
     let template =
         watcher::render::Template::compile(&template_path.display().to_string(), DEFAULT_TEMPLATE)?;
-    let empty = watcher::store::Snapshot::default();
+    let empty = watcher::store::StoreSnapshot::default();
     std::fs::write(
         &cfg_path,
         template.render(&watcher::render::context(&empty, &vars))?,
