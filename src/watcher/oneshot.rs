@@ -3,9 +3,14 @@
 
 use anyhow::Context as _;
 
+use std::collections::BTreeMap;
+
+use super::policy::Resolution;
 use super::render;
 use super::resource::{self, Chain, Outcome, Resource};
 use super::store::Store;
+use super::store::StoreSnapshot;
+use super::{resolve, source};
 use crate::config::WatcherConfig;
 use crate::etcd;
 
@@ -33,7 +38,7 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
     for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
-    let snapshot = store.snapshot();
+    let snapshot = admitted_once(&store, cfg).await;
     let mut ok = true;
     for t in &cfg.templates {
         let mut r = Resource::new(t.clone());
@@ -125,4 +130,25 @@ pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{}", problems.join("\n"))
     }
+}
+
+/// The snapshot the watcher would render: the routing policy applied, every host name
+/// looked up first (there is no background to wait for here).
+async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
+    let (_, left) = source::admitted(store, &cfg.policy, |_| Resolution::Pending);
+    let mut answers = BTreeMap::new();
+    for name in left.names {
+        let answer = match resolve::resolve(&name, resolve::LOOKUP_TIMEOUT).await {
+            Ok(ips) => Resolution::Resolved(ips),
+            Err(why) => Resolution::Failed(why),
+        };
+        answers.insert(name, answer);
+    }
+    let (snapshot, left) = source::admitted(store, &cfg.policy, |name| {
+        answers.get(name).cloned().unwrap_or(Resolution::Pending)
+    });
+    for (key, rule) in left.keys {
+        tracing::warn!(key = %key, "left out of the rendered config: {rule}");
+    }
+    snapshot
 }
