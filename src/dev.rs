@@ -220,6 +220,8 @@ async fn with_etcd(
         format!("127.0.0.1:{}", args.stats_port).into(),
     );
     vars.insert("admin_socket".into(), admin.display().to_string().into());
+    // HAProxy runs as the developer on temp paths: no user switch, no chroot.
+    vars.insert("drop_privileges".into(), false.into());
     let template =
         watcher::render::Template::compile(&template_path.display().to_string(), DEFAULT_TEMPLATE)?;
     let empty = watcher::store::StoreSnapshot::default();

@@ -1164,3 +1164,47 @@ async fn an_upper_case_service_never_captures_the_lower_case_one() {
     );
     assert!(!fd.dest_text().contains("svc_Web"));
 }
+
+/// A `kv` value that tries to add a `bind` line is refused by `haproxy_arg`: the line
+/// renders without it, HAProxy never listens there, and the warning names the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_kv_value_adds_no_line_and_is_named() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let trap = free_port();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: "\nbackend kv_example\n\
+{%- set d = kv.description | default(value=\"\") | haproxy_arg %}{% if d %}\n    description {{ d }}{% endif %}\n"
+                .into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let key = format!("{}/config/description", fd.prefix);
+    etcd.put(&key, &format!("x\n    bind 127.0.0.1:{trap}"))
+        .await;
+    etcd.put(&fd.service_key("web", "a"), &a.addr_string())
+        .await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let cfg = fd.dest_text();
+    assert!(
+        !cfg.contains(&trap.to_string()) && !cfg.contains("description"),
+        "{cfg}"
+    );
+    assert!(fd.dest_is_valid());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", trap)).is_err());
+    let log = fd.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("config/description")
+            && l.contains("haproxy_arg refused")),
+        "{log}"
+    );
+    etcd.put(&key, "edge lb").await;
+    wait_until("the safe value rendered, quoted", T, || async {
+        fd.dest_text().contains("    description \"edge lb\"\n")
+    })
+    .await;
+}

@@ -323,6 +323,8 @@ check_cmd = {check:?}
 {admin}
 
 [template.vars]
+# HAProxy runs as the test's user on temp paths: no user switch, no chroot.
+drop_privileges = false
 domain = "{DOMAIN}"
 http_bind = "127.0.0.1:{http_port}"
 stats_bind = "127.0.0.1:{stats_port}"
