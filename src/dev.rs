@@ -220,9 +220,11 @@ async fn with_etcd(
         format!("127.0.0.1:{}", args.stats_port).into(),
     );
     vars.insert("admin_socket".into(), admin.display().to_string().into());
+    // HAProxy runs as the developer on temp paths: no user switch, no chroot.
+    vars.insert("drop_privileges".into(), false.into());
     let template =
         watcher::render::Template::compile(&template_path.display().to_string(), DEFAULT_TEMPLATE)?;
-    let empty = watcher::store::Snapshot::default();
+    let empty = watcher::store::StoreSnapshot::default();
     std::fs::write(
         &cfg_path,
         template.render(&watcher::render::context(&empty, &vars))?,
@@ -288,6 +290,9 @@ async fn with_haproxy(
         },
         watcher: config::WatcherOptions {
             name: Some("dev".into()),
+            // The registrar advertises 127.0.0.1 here, which the default routing
+            // policy refuses (loopback is the load balancer itself).
+            allowed_networks: Some(vec!["127.0.0.0/8".into()]),
             ..Default::default()
         },
         template: vec![TemplateResource {

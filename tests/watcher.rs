@@ -1035,3 +1035,176 @@ async fn runtime_api_failure_falls_back_to_a_reload() {
     }
     assert!(fd.haproxy.reloads().await >= reloads + 2);
 }
+
+/// The default routing policy (no `allowed_networks`): nothing written to etcd can aim
+/// the front door at the load balancer itself or at the cloud metadata service, however
+/// the address is spelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_policy_routes_nothing_to_loopback_or_link_local() {
+    let etcd = Etcd::start().await;
+    let lb = Backend::start("the-lb-itself").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            allowed_networks: None,
+            ..Default::default()
+        },
+    )
+    .await;
+    let port = lb.addr.port();
+    let denied = [
+        ("loop", format!("127.0.0.1:{port}")),
+        ("meta", "169.254.169.254:80".to_string()),
+        ("short", format!("127.1:{port}")),
+        ("hex", format!("0x7f000001:{port}")),
+        ("named", format!("localhost:{port}")),
+    ];
+    for (svc, addr) in &denied {
+        etcd.put(&fd.service_key(svc, "x"), addr).await;
+    }
+    wait_until("a warning naming every denied key", T, || async {
+        let log = fd.log();
+        denied.iter().all(|(svc, _)| {
+            let key = fd.service_key(svc, "x");
+            log.lines().any(|l| l.contains("WARN") && l.contains(&key))
+        })
+    })
+    .await;
+    let log = fd.log();
+    let line = |svc: &str| {
+        let key = fd.service_key(svc, "x");
+        log.lines()
+            .find(|l| l.contains("WARN") && l.contains(&key))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("loop").contains("loopback"), "{}", line("loop"));
+    assert!(line("meta").contains("link-local"), "{}", line("meta"));
+    assert!(
+        line("short").contains("127.1") && line("short").contains("127.0.0.1"),
+        "{}",
+        line("short")
+    );
+    assert!(line("named").contains("localhost"), "{}", line("named"));
+    wait_until("every denied key counted as left out", T, || async {
+        fd.metric("portolan_watcher_invalid_keys").await == Some(denied.len() as f64)
+    })
+    .await;
+    for (svc, _) in &denied {
+        let (status, body) = fd.get(svc).await.expect("front door answers");
+        assert_eq!(status, 503, "{svc}: {body}");
+        assert!(body.contains("no service is registered"), "{svc}: {body}");
+    }
+    let cfg = fd.dest_text();
+    assert!(!cfg.contains("\n    server "), "{cfg}");
+    assert_eq!(
+        lb.hits.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no request reached the load balancer's own port"
+    );
+}
+
+/// `allowed_networks = ["127.0.0.0/8"]` (as the harness and `portolan dev` set it):
+/// loopback instances are routed, in any spelling HAProxy reads as loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_networks_routes_a_loopback_instance() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("alpha").await;
+    let b = Backend::start("bravo").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            allowed_networks: Some(vec!["127.0.0.0/8".into()]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(std::fs::read_to_string(&fd.config)
+        .unwrap()
+        .contains(r#"allowed_networks = ["127.0.0.0/8"]"#));
+    etcd.put(&fd.service_key("web", "a"), &a.addr_string())
+        .await;
+    etcd.put(
+        &fd.service_key("short", "b"),
+        &format!("127.1:{}", b.addr.port()),
+    )
+    .await;
+    wait_until("web routed to alpha", T, || fd.routes_to("web", "alpha")).await;
+    wait_until("127.1 routed to bravo", T, || {
+        fd.routes_to("short", "bravo")
+    })
+    .await;
+    assert!(!fd.log().contains("left out"), "{}", fd.log());
+}
+
+/// Host names ignore case: a `Web` service must never capture `web`'s traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upper_case_service_never_captures_the_lower_case_one() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let thief = Backend::start("thief").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    let upper = fd.service_key("Web", "x");
+    etcd.put(&upper, &thief.addr_string()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.addr_string())
+        .await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    for host in ["web", "Web", "WEB"] {
+        for _ in 0..10 {
+            let (status, body) = fd.get(host).await.expect("answer");
+            assert_eq!((status, body.as_str()), (200, "a"), "Host {host}.test");
+        }
+    }
+    assert_eq!(thief.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let log = fd.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains(&upper) && l.contains("lower case")),
+        "no warning naming {upper:?}:\n{log}"
+    );
+    assert!(!fd.dest_text().contains("svc_Web"));
+}
+
+/// A `kv` value that tries to add a `bind` line is refused by `haproxy_arg`: the line
+/// renders without it, HAProxy never listens there, and the warning names the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_kv_value_adds_no_line_and_is_named() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let trap = free_port();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: "\nbackend kv_example\n\
+{%- set d = kv.description | default(value=\"\") | haproxy_arg %}{% if d %}\n    description {{ d }}{% endif %}\n"
+                .into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let key = format!("{}/config/description", fd.prefix);
+    etcd.put(&key, &format!("x\n    bind 127.0.0.1:{trap}"))
+        .await;
+    etcd.put(&fd.service_key("web", "a"), &a.addr_string())
+        .await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let cfg = fd.dest_text();
+    assert!(
+        !cfg.contains(&trap.to_string()) && !cfg.contains("description"),
+        "{cfg}"
+    );
+    assert!(fd.dest_is_valid());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", trap)).is_err());
+    let log = fd.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("config/description")
+            && l.contains("haproxy_arg refused")),
+        "{log}"
+    );
+    etcd.put(&key, "edge lb").await;
+    wait_until("the safe value rendered, quoted", T, || async {
+        fd.dest_text().contains("    description \"edge lb\"\n")
+    })
+    .await;
+}

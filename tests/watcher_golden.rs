@@ -13,8 +13,13 @@ fn root() -> PathBuf {
 /// A snapshot with two services, a hand-written bare address, a DNS name, an IPv6
 /// address, a weight, and keys that must be left out.
 fn store() -> Store {
+    store_plus(&[])
+}
+
+/// `store()` with more keys.
+fn store_plus(more: &[(&'static str, &'static [u8])]) -> Store {
     let mut s = Store::new("/portolan");
-    let warnings = s.reset([
+    let mut keys: Vec<(&str, &[u8])> = vec![
         (
             "/portolan/services/web/host-a-3f2a9c1b7d10-8080",
             &br#"{"addr":"10.0.0.5:32768","node":"host-a","container":"3f2a9c1b7d10","port":8080,"tags":["v2"],"weight":100}"#[..],
@@ -29,14 +34,21 @@ fn store() -> Store {
         ("/portolan/services/web/evil", b"10.0.0.7:80\n    bind :9999"),
         ("/portolan/services/bad name/x", b"10.0.0.8:80"),
         ("/portolan/config/ignored", b"raw"),
-    ]);
+    ];
+    keys.extend_from_slice(more);
+    let warnings = s.reset(keys);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     s
 }
 
 fn check_golden(template: &str, vars: &str, golden: &str) {
+    check_golden_with(template, "", store, vars, golden);
+}
+
+/// `template` (with `extra` appended) rendered from `store()`, against `golden`.
+fn check_golden_with(template: &str, extra: &str, store: fn() -> Store, vars: &str, golden: &str) {
     let src = root().join("templates").join(template);
-    let text = std::fs::read_to_string(&src).expect("template");
+    let text = std::fs::read_to_string(&src).expect("template") + extra;
     let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
     let vars: toml::Table = toml::from_str(vars).expect("vars");
     let out = t
@@ -105,4 +117,90 @@ tcp_ports = { db = 15432, api = 18080, none = 18081 }
 "#,
         "haproxy-tcp.cfg",
     );
+}
+
+/// A `kv` value carrying a newline and a `bind` line, beside harmless ones.
+fn store_with_kv() -> Store {
+    store_plus(&[
+        ("/portolan/config/description", b"x\n    bind :9999"),
+        ("/portolan/config/comment", b"ok # bind :9999"),
+        ("/portolan/config/timeout", b"45s"),
+        ("/portolan/config/motto", b"edge lb"),
+    ])
+}
+
+/// A template that uses `kv` the documented way: through `haproxy_arg`, and only when
+/// it let the value through. The injected value adds no line, and the file still
+/// passes `haproxy -c`.
+#[test]
+fn injected_kv_values_add_no_line_golden() {
+    let extra = r#"
+backend kv_example
+{%- set description = kv.description | haproxy_arg %}
+{%- if description %}
+    description {{ description }}
+{%- endif %}
+{%- set comment = kv.comment | haproxy_arg %}
+{%- if comment %}
+    description {{ comment }}
+{%- endif %}
+{%- set motto = kv.motto | haproxy_arg %}
+{%- if motto %}
+    description {{ motto }}
+{%- endif %}
+    timeout server {{ kv.timeout | haproxy_arg }}
+"#;
+    check_golden_with(
+        "haproxy.cfg.tera",
+        extra,
+        store_with_kv,
+        "",
+        "haproxy-kv.cfg",
+    );
+    let golden = std::fs::read_to_string(root().join("tests/golden/haproxy-kv.cfg")).unwrap();
+    let section = &golden[golden.find("backend kv_example").unwrap()..];
+    assert_eq!(
+        section,
+        "backend kv_example\n    description \"edge lb\"\n    timeout server 45s\n"
+    );
+    assert_eq!(
+        golden.matches("bind ").count(),
+        2,
+        "front door and stats only"
+    );
+}
+
+/// Workers drop root by default (golden files above); `drop_privileges = false`, as the
+/// tests and `portolan dev` set it, keeps them root on temp paths.
+#[test]
+fn privileges_are_dropped_unless_drop_privileges_is_false() {
+    for template in ["haproxy.cfg.tera", "haproxy-tcp.cfg.tera"] {
+        let src = root().join("templates").join(template);
+        let text = std::fs::read_to_string(&src).expect("template");
+        let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
+        let render = |vars: &str| {
+            t.render(&context(
+                &store().snapshot(),
+                &toml::from_str(vars).unwrap(),
+            ))
+            .unwrap()
+        };
+        let dropped = render("");
+        for line in [
+            "\n    user haproxy\n",
+            "\n    group haproxy\n",
+            "\n    chroot /var/lib/haproxy\n",
+        ] {
+            assert!(dropped.contains(line), "{template}: {line:?} missing");
+        }
+        let root_kept = render("drop_privileges = false");
+        assert!(
+            !root_kept.contains("user haproxy") && !root_kept.contains("chroot"),
+            "{template}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.cfg");
+        std::fs::write(&path, root_kept).unwrap();
+        haproxy_check(&path);
+    }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_min_timeout, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
+use crate::watcher::policy::{Cidr, Policy};
 
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
 pub const DEFAULT_WAIT_MAX_MS: u64 = 500;
@@ -32,6 +33,17 @@ pub struct WatcherOptions {
     /// [default: 10000] (file only).
     #[arg(skip)]
     pub command_timeout_ms: Option<u64>,
+    /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
+    /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
+    /// [default: everything but loopback, link-local (cloud metadata), unspecified,
+    /// multicast and broadcast addresses]
+    #[arg(
+        long = "allowed-networks",
+        env = "PORTOLAN_ALLOWED_NETWORKS",
+        value_name = "CIDR[,CIDR…]",
+        value_delimiter = ','
+    )]
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 /// Coalescing of etcd changes (group commit, see `watcher` module docs): a change that
@@ -77,6 +89,8 @@ pub struct WatcherConfig {
     pub wait_max: Duration,
     pub listen: Option<SocketAddr>,
     pub command_timeout: Duration,
+    /// Where instances may point (`allowed_networks`).
+    pub policy: Policy,
     pub templates: Vec<TemplateResource>,
     /// `[[hook]]`s for reload, runtime, reject, fail and hold events.
     pub hooks: Vec<super::HookConfig>,
@@ -114,6 +128,7 @@ impl WatcherOptions {
                 })
                 .ok()
         });
+        let policy = self.policy(problems);
         check_templates(templates, problems);
         WatcherConfig {
             etcd,
@@ -127,9 +142,29 @@ impl WatcherOptions {
                     .unwrap_or(DEFAULT_COMMAND_TIMEOUT_MS),
                 problems,
             )),
+            policy,
             templates: templates.to_vec(),
             hooks: Vec::new(),
         }
+    }
+
+    fn policy(&self, problems: &mut Problems) -> Policy {
+        let Some(list) = &self.allowed_networks else {
+            return Policy::default();
+        };
+        if list.is_empty() {
+            problems.push(
+                "watcher.allowed_networks is empty, so nothing could be routed: list networks, or remove it for the default policy".into(),
+            );
+        }
+        let mut nets = Vec::new();
+        for s in list {
+            match s.parse::<Cidr>() {
+                Ok(c) => nets.push(c),
+                Err(e) => problems.push(format!("watcher.allowed_networks: {e}")),
+            }
+        }
+        Policy::new(Some(nets))
     }
 }
 
@@ -192,5 +227,71 @@ fn check_templates(templates: &[TemplateResource], problems: &mut Problems) {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::config::{resolve_watcher, FileConfig, WatcherArgs};
+    use crate::watcher::policy::Policy;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WatcherArgs,
+    }
+
+    fn file(dir: &std::path::Path, watcher: &str) -> FileConfig {
+        std::fs::write(dir.join("t.tera"), "x").unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            format!("[watcher]\n{watcher}\n[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\n"),
+        )
+        .unwrap();
+        FileConfig::load(Some(&path)).unwrap()
+    }
+
+    #[test]
+    fn allowed_networks_from_the_file_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.policy, Policy::default());
+        let f = file(
+            dir.path(),
+            r#"allowed_networks = ["127.0.0.0/8", "fd00::/8"]"#,
+        );
+        let c = resolve_watcher(&f, &none).unwrap();
+        assert!(c.policy.check_ip("127.0.0.1".parse().unwrap()).is_ok());
+        assert!(c.policy.check_ip("10.0.0.1".parse().unwrap()).is_err());
+        // The flag, comma separated, wins over the file.
+        let flags = Cli::parse_from(["x", "--allowed-networks", "10.0.0.0/8,192.168.0.0/16"]).args;
+        let c = resolve_watcher(&f, &flags).unwrap();
+        assert!(c.policy.check_ip("192.168.1.1".parse().unwrap()).is_ok());
+        assert!(c.policy.check_ip("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_bad_network_is_a_problem_naming_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file(
+            dir.path(),
+            r#"allowed_networks = ["10.0.0.0/8", "10.0.0.1/33", "lan"]"#,
+        );
+        let err = resolve_watcher(&f, &WatcherArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"10.0.0.1/33\"") && err.contains("\"lan\""),
+            "{err}"
+        );
+        let f = file(dir.path(), "allowed_networks = []");
+        let err = resolve_watcher(&f, &WatcherArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allowed_networks is empty"), "{err}");
     }
 }

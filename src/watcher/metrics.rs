@@ -60,7 +60,8 @@ pub(crate) struct Metrics {
     pub(crate) revision: Gauge,
     /// Full re-lists of the prefix (start, reconnect, compaction, cluster replaced).
     pub(crate) resyncs: Counter,
-    /// Keys under the prefix left out because they break the schema.
+    /// Keys under the prefix left out: they break the schema, or the routing policy
+    /// refuses (or cannot yet resolve) their address.
     pub(crate) invalid_keys: Gauge,
     pub(crate) services: Gauge,
     pub(crate) instances: Gauge,
@@ -127,7 +128,7 @@ impl Metrics {
         registry.register("resyncs", "Full re-lists of the prefix", m.resyncs.clone());
         registry.register(
             "invalid_keys",
-            "Keys left out because they break the schema",
+            "Keys left out because they break the schema or the routing policy",
             m.invalid_keys.clone(),
         );
         registry.register("services", "Services with an instance", m.services.clone());

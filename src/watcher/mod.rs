@@ -8,7 +8,8 @@
 //! ```
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
-//! `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
+//! `policy` (pure: which addresses may be routed) and `resolve` (host names, in the
+//! background), `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
 //! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
 //! membership changes without a reload), `template_files` (notify), `status`,
 //! `metrics`, and `oneshot` (`render --once`, `check`).
@@ -29,7 +30,9 @@ pub mod haproxy;
 mod inspect;
 mod metrics;
 mod oneshot;
+pub mod policy;
 pub mod render;
+mod resolve;
 mod resource;
 mod source;
 mod status;
@@ -108,7 +111,18 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     }
 
     let (snap_tx, snap_rx) = watch::channel(None);
-    tracker.spawn(Source::new(cfg.etcd.clone(), snap_tx, metrics.clone()).run(tasks.clone()));
+    let (resolver, resolved) = resolve::Resolver::new();
+    tracker.spawn(resolver.clone().run(tasks.clone()));
+    tracker.spawn(
+        Source::new(
+            cfg.etcd.clone(),
+            cfg.policy.clone(),
+            (resolver, resolved),
+            snap_tx,
+            metrics.clone(),
+        )
+        .run(tasks.clone()),
+    );
 
     let (status_tx, status_rx) = watch::channel(WatcherStatus {
         name: cfg.name.clone(),

@@ -3,10 +3,14 @@
 
 use anyhow::Context as _;
 
+use std::collections::BTreeMap;
+
 use super::haproxy::runtime_plan::{self, RuntimePlan};
+use super::policy::Resolution;
 use super::render;
 use super::resource::{self, Chain, Outcome, Resource};
 use super::store::{Store, StoreSnapshot};
+use super::{resolve, source};
 use crate::config::WatcherConfig;
 use crate::etcd;
 
@@ -137,7 +141,7 @@ pub(crate) async fn snapshot_from_etcd(
     for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
-    Ok((listing.revision, store.snapshot()))
+    Ok((listing.revision, admitted_once(&store, cfg).await))
 }
 
 /// `portolan check` (and the watcher's start): compiles every template, reporting all
@@ -160,4 +164,25 @@ pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{}", problems.join("\n"))
     }
+}
+
+/// The snapshot the watcher would render: the routing policy applied, every host name
+/// looked up first (there is no background to wait for here).
+async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
+    let (_, left) = source::admitted(store, &cfg.policy, |_| Resolution::Pending);
+    let mut answers = BTreeMap::new();
+    for name in left.names {
+        let answer = match resolve::resolve(&name, resolve::LOOKUP_TIMEOUT).await {
+            Ok(ips) => Resolution::Resolved(ips),
+            Err(why) => Resolution::Failed(why),
+        };
+        answers.insert(name, answer);
+    }
+    let (snapshot, left) = source::admitted(store, &cfg.policy, |name| {
+        answers.get(name).cloned().unwrap_or(Resolution::Pending)
+    });
+    for (key, rule) in left.keys {
+        tracing::warn!(key = %key, "left out of the rendered config: {rule}");
+    }
+    snapshot
 }

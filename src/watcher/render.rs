@@ -5,8 +5,15 @@
 //! resource's `vars` table from the config file). Tera is built with `preserve_order`,
 //! so maps iterate in the sorted order the snapshot's `BTreeMap`s give them: equal
 //! state renders byte-identical output.
+//!
+//! `services` and `nodes` were validated by the store; `kv` values were not (anyone
+//! with write access to `<prefix>/config/` chooses them), so templates paste one into a
+//! config line only through the `haproxy_arg` filter, which refuses anything that could
+//! end the line or start a comment.
 
-use tera::{Context, Tera};
+use std::borrow::Cow;
+
+use tera::{Context, Kwargs, State, Tera, Value};
 
 use super::store::StoreSnapshot;
 
@@ -40,6 +47,7 @@ impl Template {
         let mut tera = Tera::default();
         // Config files are not HTML: never escape `<`, `&` or quotes.
         tera.autoescape_on(Vec::<&str>::new());
+        tera.register_filter("haproxy_arg", haproxy_arg_filter);
         tera.add_raw_template(name, source)
             .map_err(|e| TemplateError {
                 name: name.to_string(),
@@ -70,6 +78,88 @@ pub fn context(snapshot: &StoreSnapshot, vars: &toml::Table) -> Context {
     ctx.insert("kv", &snapshot.kv);
     ctx.insert("vars", vars);
     ctx
+}
+
+/// Longest value `haproxy_arg` passes: a config argument, not a document.
+const MAX_ARG: usize = 256;
+
+/// `value` made safe as one argument of one HAProxy config line: only
+/// `[A-Za-z0-9_.:/@%+=,*~\[\]-]` and spaces pass, and a value with spaces is
+/// double-quoted (none of the characters HAProxy treats specially inside quotes —
+/// `\`, `$`, `"`, `'` — can occur). Empty stays empty (there is nothing to paste, and
+/// templates test for it). Err: the rule broken.
+pub fn haproxy_arg(value: &str) -> Result<Cow<'_, str>, String> {
+    if value.len() > MAX_ARG {
+        return Err(format!("the value is longer than {MAX_ARG} bytes"));
+    }
+    let ok = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '_' | '.'
+                    | ':'
+                    | '/'
+                    | '@'
+                    | '%'
+                    | '+'
+                    | '='
+                    | ','
+                    | '*'
+                    | '~'
+                    | '['
+                    | ']'
+                    | '-'
+                    | ' '
+            )
+    };
+    if let Some(bad) = value.chars().find(|c| !ok(*c)) {
+        return Err(format!(
+            "{bad:?} is not allowed: values must match [A-Za-z0-9_.:/@%+=,*~[] -]"
+        ));
+    }
+    if value.contains(' ') {
+        Ok(Cow::Owned(format!("\"{value}\"")))
+    } else {
+        Ok(Cow::Borrowed(value))
+    }
+}
+
+/// The `haproxy_arg` filter: `{{ kv.maxconn | haproxy_arg }}`. A refused value renders
+/// as nothing, with a warning naming the `kv` path(s) holding it.
+fn haproxy_arg_filter(value: Value, _: Kwargs, state: &State) -> Value {
+    let text = match value.as_str() {
+        Some(s) => s.to_string(),
+        None if value.is_number() || value.as_bool().is_some() => value.to_string(),
+        None => String::new(),
+    };
+    match haproxy_arg(&text) {
+        Ok(arg) => Value::from(arg.into_owned()),
+        Err(rule) => {
+            let paths: Vec<String> = state
+                .get::<Value>("kv")
+                .ok()
+                .flatten()
+                .and_then(|kv| {
+                    kv.as_map().map(|m| {
+                        m.iter()
+                            .filter(|(_, v)| v.as_str() == Some(text.as_str()))
+                            .map(|(k, _)| format!("config/{k}"))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
+            let key = if paths.is_empty() {
+                "(not a kv value)".to_string()
+            } else {
+                paths.join(", ")
+            };
+            tracing::warn!(
+                key = %key,
+                "haproxy_arg refused {text:?}, rendered as nothing: {rule}"
+            );
+            Value::from("")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +220,56 @@ mod tests {
             .render(&context(&StoreSnapshot::default(), &vars))
             .unwrap();
         assert_eq!(out, "example.org a<b & 'c'");
+    }
+
+    #[test]
+    fn haproxy_arg_passes_plain_values_quotes_spaces_and_refuses_the_rest() {
+        assert_eq!(haproxy_arg("4096").unwrap(), "4096");
+        assert_eq!(haproxy_arg("*:80").unwrap(), "*:80");
+        assert_eq!(haproxy_arg("[::]:443").unwrap(), "[::]:443");
+        assert_eq!(haproxy_arg("/healthz").unwrap(), "/healthz");
+        assert_eq!(haproxy_arg("front door").unwrap(), "\"front door\"");
+        for bad in [
+            "x\n    bind :9999",
+            "x\r",
+            "a#b",
+            "a\tb",
+            "\"q\"",
+            "'q'",
+            "${HOME}",
+            "a\\b",
+            "é",
+            "\u{7}",
+        ] {
+            assert!(haproxy_arg(bad).is_err(), "{bad:?}");
+        }
+        assert!(haproxy_arg(&"a".repeat(MAX_ARG + 1)).is_err());
+        assert_eq!(haproxy_arg("").unwrap(), "", "nothing to paste, no warning");
+    }
+
+    #[test]
+    fn the_filter_renders_a_refused_kv_value_as_nothing() {
+        let t = Template::compile(
+            "t.tera",
+            "global\n    maxconn {{ kv.maxconn | haproxy_arg }}\n    description {{ kv.d | haproxy_arg }}\n    n {{ vars.n | haproxy_arg }}\n",
+        )
+        .unwrap();
+        let mut s = StoreSnapshot::default();
+        s.kv.insert("maxconn".into(), "x\n    bind :9999".into());
+        s.kv.insert("d".into(), "edge lb".into());
+        let vars: toml::Table = toml::from_str("n = 3").unwrap();
+        let out = t.render(&context(&s, &vars)).unwrap();
+        assert_eq!(
+            out,
+            "global\n    maxconn \n    description \"edge lb\"\n    n 3\n"
+        );
+        // The pattern the shipped templates document, on a key that is not there.
+        let t = Template::compile(
+            "t.tera",
+            "{%- set m = kv.nope | haproxy_arg %}{% if m %}maxconn {{ m }}{% endif %}.",
+        )
+        .unwrap();
+        assert_eq!(t.render(&context(&s, &vars)).unwrap(), ".");
     }
 
     #[test]

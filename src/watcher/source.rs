@@ -11,6 +11,11 @@
 //! While etcd is unreachable nothing is published: the last snapshot stays, so the live
 //! config is never rendered from a store that merely could not be read.
 //!
+//! Every snapshot passes the routing policy first (`policy`): an instance whose address
+//! it refuses is left out, with a warning naming the key the first time (and whenever
+//! the reason changes). Host names are judged by what `resolve` last found for them; a
+//! new answer re-publishes.
+//!
 //! The snapshot travels on a `tokio::sync::watch` channel: it holds the latest value and
 //! a "changed" flag, which is exactly the state the loop's group commit needs — however
 //! many batches arrive during an apply, the next apply sees one change, the latest.
@@ -22,7 +27,11 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::metrics::Metrics;
+use super::policy::{self, Policy, Resolution, Verdict};
+use super::resolve::Resolver;
 use super::store::{Change, Store, StoreSnapshot};
 use crate::backoff::{sleep_or_stop, Backoff};
 use crate::config::EtcdConfig;
@@ -59,6 +68,12 @@ pub(crate) struct Source {
     tx: watch::Sender<Option<Published>>,
     metrics: Arc<Metrics>,
     store: Store,
+    policy: Policy,
+    resolver: Resolver,
+    /// Bumped by the resolver when an answer changed.
+    resolved: watch::Receiver<u64>,
+    /// Instance keys the policy leaves out, with the reason: warned once each.
+    denied: BTreeMap<String, String>,
     /// (cluster id, revision) of the last listing or event, to notice a replaced etcd.
     seen: Option<(u64, i64)>,
 }
@@ -66,6 +81,8 @@ pub(crate) struct Source {
 impl Source {
     pub(crate) fn new(
         cfg: EtcdConfig,
+        policy: Policy,
+        (resolver, resolved): (Resolver, watch::Receiver<u64>),
         tx: watch::Sender<Option<Published>>,
         metrics: Arc<Metrics>,
     ) -> Source {
@@ -75,6 +92,10 @@ impl Source {
             tx,
             metrics,
             store,
+            policy,
+            resolver,
+            resolved,
+            denied: BTreeMap::new(),
             seen: None,
         }
     }
@@ -132,9 +153,6 @@ impl Source {
         self.seen = Some((cluster, revision));
         self.metrics.resyncs.inc();
         self.metrics.set_etcd_connected(true);
-        self.metrics
-            .invalid_keys
-            .set(self.store.invalid_count() as i64);
         self.publish(revision);
         tracing::info!(
             revision,
@@ -151,7 +169,17 @@ impl Source {
             Err(e) => return e.into(),
         };
         loop {
-            let resp = match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                r = self.resolved.changed() => {
+                    if r.is_ok() {
+                        let rev = self.seen.map(|s| s.1).unwrap_or(revision);
+                        self.publish(rev);
+                    }
+                    continue;
+                }
+            };
+            let resp = match message {
                 Ok(Some(r)) => r,
                 Ok(None) => return SessionEnd::StreamClosed,
                 Err(e) => return e.into(),
@@ -188,19 +216,28 @@ impl Source {
                 }
             }
             self.seen = Some((cluster, header.revision()));
-            self.metrics
-                .invalid_keys
-                .set(self.store.invalid_count() as i64);
             self.publish(header.revision());
             // A watch that delivers is a healthy connection.
             backoff.reset();
         }
     }
 
-    /// Publishes the store if its snapshot changed; otherwise only records the revision,
-    /// without waking the loop.
-    fn publish(&self, revision: i64) {
-        let snapshot = self.store.snapshot();
+    /// Publishes the store, less what the policy refuses, if that snapshot changed;
+    /// otherwise only records the revision, without waking the loop.
+    fn publish(&mut self, revision: i64) {
+        let (snapshot, denied) =
+            admitted(&self.store, &self.policy, |name| self.resolver.lookup(name));
+        let names = denied.names;
+        self.resolver.retain(&names);
+        for (key, rule) in &denied.keys {
+            if self.denied.get(key) != Some(rule) && !rule.is_empty() {
+                tracing::warn!(key = %key, "left out of the rendered config: {rule}");
+            }
+        }
+        self.denied = denied.keys;
+        self.metrics
+            .invalid_keys
+            .set((self.store.invalid_count() + self.denied.len()) as i64);
         self.tx.send_if_modified(|cur| match cur {
             Some(p) if *p.snapshot == snapshot => {
                 p.revision = revision;
@@ -215,6 +252,41 @@ impl Source {
             }
         });
     }
+}
+
+/// What `admitted` left out: key → rule (empty while a name's first lookup runs), and
+/// every host name the store's instances use.
+pub(crate) struct LeftOut {
+    pub(crate) keys: BTreeMap<String, String>,
+    pub(crate) names: BTreeSet<String>,
+}
+
+/// The snapshot of the instances `policy` admits, host names judged by `lookup`.
+pub(crate) fn admitted(
+    store: &Store,
+    policy: &Policy,
+    lookup: impl Fn(&str) -> Resolution,
+) -> (StoreSnapshot, LeftOut) {
+    let mut out = LeftOut {
+        keys: BTreeMap::new(),
+        names: BTreeSet::new(),
+    };
+    let snapshot = store.snapshot_where(|key, inst| {
+        let resolution = if policy::literal(&inst.host).is_some() {
+            Resolution::Pending
+        } else {
+            out.names.insert(inst.host.clone());
+            lookup(&inst.host)
+        };
+        let rule = match policy::check(&inst.host, &resolution, policy) {
+            Verdict::Allowed => return true,
+            Verdict::Denied(rule) | Verdict::Unresolved(rule) => rule,
+            Verdict::Pending => String::new(),
+        };
+        out.keys.insert(key.to_string(), rule);
+        false
+    });
+    (snapshot, out)
 }
 
 fn warn_all(warnings: &[SchemaError]) {

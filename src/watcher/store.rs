@@ -1,14 +1,23 @@
 //! The in-memory mirror of `<prefix>/…` in etcd, and the snapshot templates render from.
 //!
 //! Pure: no I/O, no clock. The source feeds it a full listing (`Store::reset`) or
-//! watch events (`Store::apply`); every key is decoded with the rules of `schema`, and a
-//! key that breaks them is left out and reported as a `SchemaError` naming the key and the
-//! rule. Nothing that failed validation can reach a rendered file.
+//! watch events (`Store::apply`); every key is decoded with the rules of `schema` (node
+//! records with the stricter rules of `check_node` too), and a key that breaks them is
+//! left out and reported as a `SchemaError` naming the key and the rule. Nothing that
+//! failed validation can reach a rendered file.
+//!
+//! Everything is indexed by etcd key, because one (service, instance id) can live under
+//! two keys at once — a hand-written `services/web/x` beside a node's
+//! `nodes/n/services/web/x`, or the v1 and v2 keys of one container while its registrar
+//! is upgraded — and deleting one key must never remove the other's instance. The
+//! snapshot renders each (service, id) once: a node-scoped key wins over `services/`,
+//! then the lowest key. Node records likewise: `nodes/<n>/node` wins over v1 `nodes/<n>`.
 //!
 //! Invariant: `snapshot()` depends only on the set of valid keys and their values, in
 //! sorted order, so equal etcd contents give equal snapshots and byte-identical renders.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -27,13 +36,10 @@ pub struct StoreSnapshot {
     /// Service name → instances sorted by id. A service with no valid instance is absent.
     pub(crate) services: BTreeMap<String, Vec<Instance>>,
     pub(crate) nodes: BTreeMap<String, NodeRecord>,
-    /// Raw values under `<prefix>/config/`, by path below it. Not validated: a template
-    /// that pastes a `kv` value into a config line owns that decision.
+    /// Raw values under `<prefix>/config/`, by path below it. Not validated here: a
+    /// template pastes one into a config line only through the `haproxy_arg` filter.
     pub(crate) kv: BTreeMap<String, String>,
 }
-
-/// The old name of `StoreSnapshot`, still used by `dev.rs`; remove once it is updated.
-pub type Snapshot = StoreSnapshot;
 
 impl StoreSnapshot {
     pub(crate) fn instance_count(&self) -> usize {
@@ -41,13 +47,21 @@ impl StoreSnapshot {
     }
 }
 
-/// Decoded state, indexed by etcd key so deletes are cheap.
+/// An instance and whether its key lies under a node's prefix (`nodes/<n>/services/…`).
+#[derive(Debug, Clone)]
+struct Stored {
+    node_scoped: bool,
+    instance: Instance,
+}
+
+/// Decoded state, indexed by etcd key (see the module docs for why).
 #[derive(Debug, Clone, Default)]
 pub struct Store {
     prefix: String,
-    /// service → instance id → instance.
-    services: BTreeMap<String, BTreeMap<String, Instance>>,
-    nodes: BTreeMap<String, NodeRecord>,
+    /// etcd key → instance.
+    instances: BTreeMap<String, Stored>,
+    /// etcd key → (v2 key, node name, record).
+    nodes: BTreeMap<String, (bool, String, NodeRecord)>,
     kv: BTreeMap<String, String>,
     /// Keys currently in etcd that were left out, with the rule they broke.
     invalid: BTreeMap<String, String>,
@@ -107,17 +121,25 @@ impl Store {
                 node,
             } => {
                 let inst = schema::decode_owned(key, &service, &instance, node.as_deref(), value)?;
-                self.services
-                    .entry(service)
-                    .or_default()
-                    .insert(instance, inst);
+                self.instances.insert(
+                    key.to_string(),
+                    Stored {
+                        node_scoped: node.is_some(),
+                        instance: inst,
+                    },
+                );
             }
             Key::Node { name } => {
                 let rec: NodeRecord = serde_json::from_slice(value).map_err(|e| SchemaError {
                     key: key.to_string(),
                     rule: format!("value is not a node record: {e}"),
                 })?;
-                self.nodes.insert(name, rec);
+                check_node(&name, &rec).map_err(|rule| SchemaError {
+                    key: key.to_string(),
+                    rule,
+                })?;
+                let v2 = key == schema::node_key(&self.prefix, &name);
+                self.nodes.insert(key.to_string(), (v2, name, rec));
             }
             // Watchers' own status records are not inputs to rendering.
             Key::Watcher { .. } => {}
@@ -134,25 +156,10 @@ impl Store {
 
     fn remove(&mut self, key: &str) {
         self.invalid.remove(key);
-        // A key that does not parse now never parsed: it cannot be in the maps.
-        match schema::parse_key(&self.prefix, key) {
-            Ok(Key::Service {
-                service, instance, ..
-            }) => {
-                if let Some(instances) = self.services.get_mut(&service) {
-                    instances.remove(&instance);
-                    if instances.is_empty() {
-                        self.services.remove(&service);
-                    }
-                }
-            }
-            Ok(Key::Node { name }) => {
-                self.nodes.remove(&name);
-            }
-            Ok(Key::Config { path }) => {
-                self.kv.remove(&path);
-            }
-            Ok(Key::Watcher { .. }) | Err(_) => {}
+        self.instances.remove(key);
+        self.nodes.remove(key);
+        if let Ok(Key::Config { path }) = schema::parse_key(&self.prefix, key) {
+            self.kv.remove(&path);
         }
     }
 
@@ -162,16 +169,92 @@ impl Store {
     }
 
     pub fn snapshot(&self) -> StoreSnapshot {
+        self.snapshot_where(|_, _| true)
+    }
+
+    /// The snapshot of the instances `keep(key, instance)` admits (the routing policy),
+    /// asked once for every instance key, shadowed or not.
+    pub(crate) fn snapshot_where(
+        &self,
+        mut keep: impl FnMut(&str, &Instance) -> bool,
+    ) -> StoreSnapshot {
+        // (service, id) → the winning key's instance; node-scoped first, then key order.
+        let mut chosen: BTreeMap<(&str, &str), &Stored> = BTreeMap::new();
+        for (key, stored) in &self.instances {
+            if !keep(key, &stored.instance) {
+                continue;
+            }
+            let i = &stored.instance;
+            chosen
+                .entry((i.service.as_str(), i.id.as_str()))
+                .and_modify(|cur| {
+                    if stored.node_scoped && !cur.node_scoped {
+                        *cur = stored;
+                    }
+                })
+                .or_insert(stored);
+        }
+        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        // BTreeMap order: by service, then id, so each Vec is sorted by id.
+        for ((service, _), stored) in chosen {
+            services
+                .entry(service.to_string())
+                .or_default()
+                .push(stored.instance.clone());
+        }
+        let mut nodes: BTreeMap<String, (bool, NodeRecord)> = BTreeMap::new();
+        for (v2, name, rec) in self.nodes.values() {
+            nodes
+                .entry(name.clone())
+                .and_modify(|cur| {
+                    if *v2 && !cur.0 {
+                        *cur = (*v2, rec.clone());
+                    }
+                })
+                .or_insert((*v2, rec.clone()));
+        }
         StoreSnapshot {
-            services: self
-                .services
-                .iter()
-                .map(|(s, m)| (s.clone(), m.values().cloned().collect()))
-                .collect(),
-            nodes: self.nodes.clone(),
+            services,
+            nodes: nodes.into_iter().map(|(n, (_, r))| (n, r)).collect(),
             kv: self.kv.clone(),
         }
     }
+}
+
+/// A node record reaches templates, so its fields must be safe inside a config line:
+/// `name` is the key's node (a record cannot speak for another node), `addr` an IP
+/// address or DNS name, `version` a short token. Returns the rule broken.
+fn check_node(key_node: &str, rec: &NodeRecord) -> Result<(), String> {
+    if rec.name != key_node {
+        return Err(format!(
+            "the record names node {:?} but the key is node {key_node:?}",
+            rec.name
+        ));
+    }
+    if !is_host(&rec.addr) {
+        return Err(format!(
+            "addr {:?} is not an IP address or DNS name",
+            rec.addr
+        ));
+    }
+    let token = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b'+' | b'~');
+    if rec.version.len() > 64 || !rec.version.bytes().all(token) {
+        return Err(format!(
+            "version {:?} must match [A-Za-z0-9._+~-]{{0,64}}",
+            rec.version
+        ));
+    }
+    Ok(())
+}
+
+/// An IP address, or a DNS name as `schema::Addr` accepts one as a host.
+fn is_host(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok()
+        || (!s.is_empty()
+            && s.len() <= 253
+            && !s.starts_with(['-', '.'])
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.')))
 }
 
 #[cfg(test)]
@@ -277,5 +360,144 @@ mod tests {
         let rec = r#"{"name":"h1","addr":"10.0.0.1","version":"0.1.0","started_at":1}"#;
         assert!(s.apply(put("/portolan/nodes/h1", rec)).is_none());
         assert_eq!(s.snapshot().nodes["h1"].addr, "10.0.0.1");
+    }
+
+    fn node(name: &str, addr: &str) -> String {
+        format!(r#"{{"name":"{name}","addr":"{addr}","version":"0.2.0","started_at":1}}"#)
+    }
+
+    #[test]
+    fn deleting_the_v1_key_keeps_the_v2_instance() {
+        let mut s = Store::new(P);
+        s.apply(put("/portolan/services/web/h1-abc-80", "10.0.0.1:80"));
+        s.apply(put(
+            "/portolan/nodes/h1/services/web/h1-abc-80",
+            r#"{"addr":"10.0.0.2:80"}"#,
+        ));
+        s.apply(Change::Delete {
+            key: "/portolan/services/web/h1-abc-80".into(),
+        });
+        let snap = s.snapshot();
+        assert_eq!(snap.services["web"].len(), 1);
+        assert_eq!(snap.services["web"][0].addr, "10.0.0.2:80");
+        assert_eq!(snap.services["web"][0].node, "h1");
+    }
+
+    #[test]
+    fn deleting_the_v2_key_keeps_the_v1_instance() {
+        let mut s = Store::new(P);
+        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
+        s.apply(put(
+            "/portolan/nodes/h1/services/web/x",
+            r#"{"addr":"10.0.0.2:80"}"#,
+        ));
+        s.apply(Change::Delete {
+            key: "/portolan/nodes/h1/services/web/x".into(),
+        });
+        assert_eq!(s.snapshot().services["web"][0].addr, "10.0.0.1:80");
+    }
+
+    #[test]
+    fn an_instance_id_under_two_keys_renders_once_and_the_node_scoped_key_wins() {
+        let mut s = Store::new(P);
+        // The node-scoped key wins whatever order the keys arrive or sort in.
+        s.apply(put(
+            "/portolan/nodes/h1/services/web/x",
+            r#"{"addr":"10.0.0.2:80"}"#,
+        ));
+        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
+        s.apply(put("/portolan/services/web/y", "10.0.0.3:80"));
+        let snap = s.snapshot();
+        let web: Vec<_> = snap.services["web"]
+            .iter()
+            .map(|i| (i.id.as_str(), i.addr.as_str()))
+            .collect();
+        assert_eq!(web, [("x", "10.0.0.2:80"), ("y", "10.0.0.3:80")]);
+        assert_eq!(snap.instance_count(), 2);
+        // Two nodes claiming one id: one of them, always the same (the lowest key).
+        s.apply(put(
+            "/portolan/nodes/h0/services/web/x",
+            r#"{"addr":"10.0.0.9:80"}"#,
+        ));
+        assert_eq!(s.snapshot().services["web"][0].addr, "10.0.0.9:80");
+        assert_eq!(s.snapshot().instance_count(), 2);
+    }
+
+    #[test]
+    fn a_denied_key_lets_the_other_key_of_the_same_id_through() {
+        let mut s = Store::new(P);
+        s.apply(put(
+            "/portolan/nodes/h1/services/web/x",
+            r#"{"addr":"127.0.0.1:80"}"#,
+        ));
+        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
+        let mut asked = Vec::new();
+        let snap = s.snapshot_where(|k, i| {
+            asked.push(k.to_string());
+            i.host != "127.0.0.1"
+        });
+        assert_eq!(asked.len(), 2, "every key is asked");
+        assert_eq!(snap.services["web"][0].addr, "10.0.0.1:80");
+    }
+
+    #[test]
+    fn the_v2_node_record_wins_and_deleting_the_v1_one_keeps_it() {
+        let mut s = Store::new(P);
+        assert!(s
+            .apply(put("/portolan/nodes/h1/node", &node("h1", "10.0.0.2")))
+            .is_none());
+        assert!(s
+            .apply(put("/portolan/nodes/h1", &node("h1", "10.0.0.1")))
+            .is_none());
+        assert_eq!(s.snapshot().nodes["h1"].addr, "10.0.0.2");
+        s.apply(Change::Delete {
+            key: "/portolan/nodes/h1".into(),
+        });
+        assert_eq!(s.snapshot().nodes["h1"].addr, "10.0.0.2");
+        // A node named "node" in v1 (`nodes/node`) is not mistaken for a v2 key.
+        assert!(s
+            .apply(put("/portolan/nodes/node", &node("node", "10.0.0.3")))
+            .is_none());
+        assert!(s
+            .apply(put("/portolan/nodes/node/node", &node("node", "10.0.0.4")))
+            .is_none());
+        assert_eq!(s.snapshot().nodes["node"].addr, "10.0.0.4");
+    }
+
+    #[test]
+    fn node_records_that_could_break_a_config_line_are_left_out() {
+        let mut s = Store::new(P);
+        for (key, value) in [
+            ("/portolan/nodes/h1/node", node("h2", "10.0.0.1")),
+            (
+                "/portolan/nodes/h1/node",
+                node("h1", "10.0.0.1\n    bind :9999"),
+            ),
+            ("/portolan/nodes/h1/node", node("h1", "10.0.0.1 backup")),
+            ("/portolan/nodes/h1/node", node("h1", "")),
+            (
+                "/portolan/nodes/h1/node",
+                r#"{"name":"h1","addr":"10.0.0.1","version":"1 #x","started_at":1}"#.into(),
+            ),
+            (
+                "/portolan/nodes/h1",
+                r#"{"name":"h1","addr":"10.0.0.1","version":"1\u0007","started_at":1}"#.into(),
+            ),
+        ] {
+            let w = s.apply(put(key, &value)).expect("a warning");
+            assert_eq!(w.key, key);
+            assert!(!w.rule.is_empty());
+        }
+        assert!(s.snapshot().nodes.is_empty());
+        assert!(s
+            .apply(put(
+                "/portolan/nodes/h1/node",
+                &node("h1", "lb.example.org")
+            ))
+            .is_none());
+        assert!(s
+            .apply(put("/portolan/nodes/h2/node", &node("h2", "fd00::1")))
+            .is_none());
+        assert_eq!(s.snapshot().nodes.len(), 2);
     }
 }

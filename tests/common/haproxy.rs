@@ -206,6 +206,9 @@ pub struct Options {
     /// `haproxy_admin_socket` given to the watcher instead of the rendered one (to
     /// inject runtime API failures). Implies the rendered socket as with `admin_socket`.
     pub watcher_admin_socket: Option<String>,
+    /// `[watcher] allowed_networks`; None = the default routing policy. The default
+    /// here is 127.0.0.0/8, as every backend of these tests listens on 127.0.0.1.
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 impl Default for Options {
@@ -221,6 +224,7 @@ impl Default for Options {
             reload_cmd: None,
             admin_socket: false,
             watcher_admin_socket: None,
+            allowed_networks: Some(vec!["127.0.0.0/8".into()]),
         }
     }
 }
@@ -294,6 +298,10 @@ impl FrontDoor {
                 .unwrap_or_else(|| admin_sock.display().to_string());
             admin = format!("haproxy_admin_socket = {watcher_sock:?}");
         }
+        let allowed = match &opts.allowed_networks {
+            Some(nets) => format!("allowed_networks = {nets:?}"),
+            None => String::new(),
+        };
         let config = dir.path().join("portolan.toml");
         let toml = format!(
             r#"[etcd]
@@ -305,6 +313,7 @@ name = "{name}"
 listen = "127.0.0.1:{metrics_port}"
 wait = {{ min_ms = {min}, max_ms = {max} }}
 command_timeout_ms = {timeout}
+{allowed}
 
 [[template]]
 src = "haproxy.cfg.tera"
@@ -314,6 +323,8 @@ check_cmd = {check:?}
 {admin}
 
 [template.vars]
+# HAProxy runs as the test's user on temp paths: no user switch, no chroot.
+drop_privileges = false
 domain = "{DOMAIN}"
 http_bind = "127.0.0.1:{http_port}"
 stats_bind = "127.0.0.1:{stats_port}"
