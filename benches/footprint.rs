@@ -61,7 +61,7 @@ async fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "[etcd]\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\n[watcher]\nname = \"bench\"\n\
+            "[etcd]\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\n[watcher]\nname = \"bench\"\nallowed_networks = [\"127.0.0.0/8\"]\n\
              [[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\nreload_cmd = \"true\"\n",
             etcd.endpoint()
         ),
