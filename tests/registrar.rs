@@ -468,29 +468,36 @@ async fn reconciles_what_changed_while_it_was_down() {
     rig.wait_value(&key_kept, T).await;
     rig.wait_value(&key_removed, T).await;
 
-    // Keys that are not this registrar's to touch, and one stale key that is.
-    let svc = |rest: &str| format!("{}web/{rest}", rig.services_prefix());
-    let other_node = svc("othernode-0123456789ab-80");
+    // Keys that are not this registrar's to touch, and stale keys that are: one in
+    // this node's prefix, and what a v1 registrar of this node would have left.
+    let svc = |rest: &str| format!("{}web/{rest}", rig.hand_written_prefix());
+    let other_record =
+        r#"{"addr":"10.0.0.7:80","node":"othernode","container":"0123456789ab","port":80}"#;
+    let other_node = format!(
+        "{}/nodes/othernode/services/web/othernode-0123456789ab-80",
+        rig.prefix
+    );
+    let other_node_v1 = svc("othernode-0123456789ab-80");
     let hand_written = svc("manual-1");
     let lookalike = svc(&format!("{}-0123456789ab-80", rig.node));
-    let stale = svc(&format!("{}-deadbeef0000-8080", rig.node));
-    rig.etcd
-        .put(
-            &other_node,
-            r#"{"addr":"10.0.0.7:80","node":"othernode","container":"0123456789ab","port":80}"#,
-        )
-        .await;
+    let stale_record = format!(
+        r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
+        rig.node
+    );
+    let stale = format!(
+        "{}web/{}-deadbeef0000-8080",
+        rig.services_prefix(),
+        rig.node
+    );
+    let stale_v1 = svc(&format!("{}-deadbeef0000-8080", rig.node));
+    let node_v1 = format!("{}/nodes/{}", rig.prefix, rig.node);
+    rig.etcd.put(&other_node, other_record).await;
+    rig.etcd.put(&other_node_v1, other_record).await;
     rig.etcd.put(&hand_written, "10.0.0.9:80").await;
     rig.etcd.put(&lookalike, "10.0.0.9:80").await;
-    rig.etcd
-        .put(
-            &stale,
-            &format!(
-                r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
-                rig.node
-            ),
-        )
-        .await;
+    rig.etcd.put(&stale, &stale_record).await;
+    rig.etcd.put(&stale_v1, &stale_record).await;
+    rig.etcd.put(&node_v1, "{}").await;
 
     // SIGTERM: a clean, quick stop that leaves the keys to the TTL.
     first.proc.signal(nix::sys::signal::Signal::SIGTERM);
@@ -510,10 +517,14 @@ async fn reconciles_what_changed_while_it_was_down() {
     rig.wait_value(&key_added, T).await;
     rig.wait_gone(&key_removed, T).await;
     rig.wait_gone(&stale, T).await;
+    // The v1 keys go once, at the first reconcile after the start.
+    rig.wait_gone(&stale_v1, T).await;
+    rig.wait_gone(&node_v1, T).await;
     let after = rig.kvs().await;
     for key in [
         &key_kept,
         &other_node,
+        &other_node_v1,
         &hand_written,
         &lookalike,
         &rig.node_key(),

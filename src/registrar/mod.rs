@@ -54,7 +54,7 @@ use self::lease::{KeeperEvent, KeeperReport};
 use self::plan::Actual;
 use self::probe::{ProbeReport, Probes};
 use self::selector::NodeSettings;
-use self::session::{Session, SessionError};
+use self::session::{Session, SessionError, V1Cleanup};
 use crate::config::RegistrarConfig;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
@@ -120,6 +120,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         docker_synced: false,
         session: Session::new(&cfg, tracker.clone(), keeper_tx, shutdown.clone()),
         ready: false,
+        v1_cleaned: false,
         tracker,
         cfg,
     };
@@ -172,6 +173,8 @@ struct Registrar {
     session: Session,
     /// READY=1 has been sent (after the first reconcile).
     ready: bool,
+    /// This node's v1 keys are gone, or etcd will not let us look (`remove_v1_keys`).
+    v1_cleaned: bool,
     tracker: TaskTracker,
 }
 
@@ -329,7 +332,7 @@ impl Registrar {
 
     /// Reads this node's keys back and makes them match.
     async fn reconcile(&mut self, lease: i64) -> Result<(), SessionError> {
-        let read = self.session.read_back(&self.node_key).await?;
+        let read = self.session.read_back().await?;
         let actual = read.keys;
         self.node_value = Some(plan::node_value(
             &self.node_want,
@@ -342,6 +345,9 @@ impl Registrar {
         self.session.write(&ops, lease).await?;
         self.believed = desired;
         self.dirty = false;
+        if !self.v1_cleaned {
+            self.remove_v1_keys().await;
+        }
         let revision = read.revision;
         if wrote {
             tracing::info!(
@@ -364,6 +370,30 @@ impl Registrar {
             sd::ready(&status);
         }
         Ok(())
+    }
+
+    /// Once after start, once this node's v2 keys are written (so no service goes
+    /// empty in between): deletes what a v1 registrar of this node left. Best effort;
+    /// a transient failure tries again at the next reconcile.
+    async fn remove_v1_keys(&mut self) {
+        match self.session.remove_v1_keys().await {
+            Ok(V1Cleanup::Done(0)) => self.v1_cleaned = true,
+            Ok(V1Cleanup::Done(n)) => {
+                tracing::info!(node = %self.cfg.node, keys = n, "removed this node's keys of the v1 layout");
+                self.v1_cleaned = true;
+            }
+            Ok(V1Cleanup::Refused) => {
+                tracing::info!(
+                    node = %self.cfg.node,
+                    "etcd refuses access outside this node's prefix (a least-privilege role): not looking for keys of the v1 layout; an operator removes any that a v1 registrar left"
+                );
+                self.v1_cleaned = true;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot remove this node's keys of the v1 layout; trying again at the next reconcile"
+            ),
+        }
     }
 
     /// Applies the difference between the desired set and what etcd is known to hold.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,20 @@ impl From<etcd_client::Error> for SessionError {
             SessionError::Etcd(e)
         }
     }
+}
+
+/// How the removal of this node's v1 keys went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum V1Cleanup {
+    /// This many keys were deleted (often none).
+    Done(usize),
+    /// etcd refused to let us read or delete outside our node prefix: under a
+    /// least-privilege role the v1 keys are the operator's to remove.
+    Refused,
+}
+
+fn is_permission_denied(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("permission denied"))
 }
 
 /// This node's keys as read back from etcd, at one revision.
@@ -153,40 +167,86 @@ impl Session {
         Ok(l.id)
     }
 
-    /// This node's keys (`plan::is_ours`) under the prefix, and its node key, at one
-    /// revision.
-    pub(crate) async fn read_back(&mut self, node_key: &str) -> Result<ReadBack, SessionError> {
+    /// Every key under this node's prefix (`plan::is_ours`), at one revision. Reads
+    /// nothing else: read-write on that prefix is all the registrar's etcd role needs.
+    pub(crate) async fn read_back(&mut self) -> Result<ReadBack, SessionError> {
         let prefix = self.etcd.prefix.clone();
         let node = self.node.clone();
         let client = self.client().await?;
-        let read = Txn::new().and_then(vec![
-            TxnOp::get(
-                schema::services_prefix(&prefix),
-                Some(GetOptions::new().with_prefix()),
-            ),
-            TxnOp::get(node_key, None),
-        ]);
-        let resp = etcd::call(client.txn(read)).await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let listing = etcd::list_prefix(client, &schema::node_prefix(&prefix, &node)).await?;
         let mut keys = BTreeMap::new();
-        for op in resp.op_responses() {
-            let TxnOpResponse::Get(get) = op else {
-                continue;
-            };
-            for kv in get.kvs() {
-                let Ok(key) = kv.key_str() else { continue };
-                if plan::is_ours(&prefix, &node, key, kv.value()) {
-                    keys.insert(
-                        key.to_string(),
-                        Actual {
-                            value: String::from_utf8_lossy(kv.value()).into_owned(),
-                            lease: kv.lease(),
-                        },
-                    );
-                }
+        for kv in &listing.kvs {
+            let Ok(key) = kv.key_str() else { continue };
+            if plan::is_ours(&prefix, &node, key) {
+                keys.insert(
+                    key.to_string(),
+                    Actual {
+                        value: String::from_utf8_lossy(kv.value()).into_owned(),
+                        lease: kv.lease(),
+                    },
+                );
             }
         }
-        Ok(ReadBack { revision, keys })
+        Ok(ReadBack {
+            revision: listing.revision,
+            keys,
+        })
+    }
+
+    /// Deletes what a v1 registrar of this node left behind: its instances under
+    /// `services/` (`plan::is_ours_v1`) and its node record at `nodes/<node>`. On a
+    /// reused lease they would otherwise live as long as this registrar does. Needs
+    /// read access to all of `services/`, which a least-privilege role refuses
+    /// (`V1Cleanup::Refused`).
+    pub(crate) async fn remove_v1_keys(&mut self) -> Result<V1Cleanup, SessionError> {
+        let prefix = self.etcd.prefix.clone();
+        let node = self.node.clone();
+        // v1's node record: the v2 node prefix without its slash.
+        let v1_node_key = format!("{prefix}/nodes/{node}");
+        let client = self.client().await?;
+        let found = async {
+            let listing = etcd::list_prefix(client, &schema::services_prefix(&prefix)).await?;
+            let node_kv = etcd::call(client.get(v1_node_key.as_str(), None)).await?;
+            Ok::<_, etcd_client::Error>((listing, node_kv))
+        }
+        .await;
+        let (listing, node_kv) = match found {
+            Ok(f) => f,
+            Err(e) if is_permission_denied(&e) => return Ok(V1Cleanup::Refused),
+            Err(e) => return Err(e.into()),
+        };
+        let mut stale: Vec<KeyOp> = listing
+            .kvs
+            .iter()
+            .filter_map(|kv| kv.key_str().ok().map(|k| (k, kv.value())))
+            .filter(|(key, value)| plan::is_ours_v1(&prefix, &node, key, value))
+            .map(|(key, _)| KeyOp::Delete {
+                key: key.to_string(),
+            })
+            .collect();
+        if !node_kv.kvs().is_empty() {
+            stale.push(KeyOp::Delete { key: v1_node_key });
+        }
+        for chunk in stale.chunks(plan::MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .filter_map(|op| match op {
+                    KeyOp::Delete { key } => Some(TxnOp::delete(key.as_str(), None)),
+                    KeyOp::Put { .. } => None,
+                })
+                .collect();
+            match etcd::call(client.txn(Txn::new().and_then(ops))).await {
+                Ok(resp) => {
+                    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                    for op in chunk {
+                        log_op(&prefix, op, revision);
+                    }
+                }
+                Err(e) if is_permission_denied(&e) => return Ok(V1Cleanup::Refused),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(V1Cleanup::Done(stale.len()))
     }
 
     /// Writes `ops` in transactions of at most `MAX_TXN_OPS`, puts on `lease`. On

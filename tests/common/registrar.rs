@@ -134,7 +134,13 @@ impl Rig {
         Container::run(&self.run, &args, None)
     }
 
+    /// Where this rig's node registers its instances.
     pub fn services_prefix(&self) -> String {
+        format!("{}services/", schema::node_prefix(&self.prefix, &self.node))
+    }
+
+    /// Where hand-written instances live, and v1 registrars wrote theirs.
+    pub fn hand_written_prefix(&self) -> String {
         schema::services_prefix(&self.prefix)
     }
 
@@ -143,8 +149,9 @@ impl Rig {
     }
 
     pub fn key(&self, service: &str, c: &Container, port: u16) -> String {
-        schema::service_key(
+        schema::node_service_key(
             &self.prefix,
+            &self.node,
             service,
             &schema::instance_id(&self.node, &c.id, port),
         )
@@ -181,7 +188,7 @@ impl Rig {
             .collect()
     }
 
-    /// Service keys only, key → value.
+    /// This node's instance keys only, key → value.
     pub async fn services(&self) -> BTreeMap<String, String> {
         self.etcd
             .get_prefix(&self.services_prefix())

@@ -49,7 +49,8 @@ pub(crate) struct NodeSettings {
     pub(crate) internal: bool,
 }
 
-/// One key this node wants in etcd: `<prefix>/services/<service>/<instance>`.
+/// One key this node wants in etcd:
+/// `<prefix>/nodes/<node>/services/<service>/<instance>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Registration {
     pub(crate) service: String,
@@ -61,7 +62,7 @@ pub(crate) struct Registration {
 
 impl Registration {
     pub(crate) fn key(&self, prefix: &str) -> String {
-        schema::service_key(prefix, &self.service, &self.instance)
+        schema::node_service_key(prefix, &self.record.node, &self.service, &self.instance)
     }
 }
 
@@ -310,7 +311,7 @@ mod tests {
         assert_eq!(r[0].check, None);
         assert_eq!(
             r[0].key("/portolan"),
-            "/portolan/services/shop-web/host-a-3f2a9c1b7d10-8080"
+            "/portolan/nodes/host-a/services/shop-web/host-a-3f2a9c1b7d10-8080"
         );
     }
 
