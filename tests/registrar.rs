@@ -707,3 +707,165 @@ async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
     assert!(rig.value(&key).await.is_some(), "the key is gone");
     assert_eq!(watch.count(&key, false), 0, "the key was deleted");
 }
+
+/// Two hosts given one node name: the second refuses to start, says what to do, and
+/// leaves etcd exactly as it found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_registrar_with_the_same_node_name_refuses_to_start() {
+    let rig = Rig::new("reg-unique").await;
+    let first = rig.start(&Opts::default());
+    let c = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&c), T).await;
+    let before = rig.kvs().await;
+    let lease = before[&rig.node_key()].lease;
+
+    // Another host: its own state dir (so its own lease) and address, the same name.
+    let other = tempfile::tempdir().expect("state dir");
+    let start = Instant::now();
+    let mut second = rig.spawn(&Opts {
+        state_dir: Some(other.path().join("state")),
+        advertise_ip: Some("127.0.0.2".into()),
+        ..Default::default()
+    });
+    let status = second
+        .proc
+        .wait_exit(T)
+        .expect("the second registrar exits");
+    let took = start.elapsed();
+    let log = second.log();
+    assert!(!status.success(), "{status:?}\n{log}");
+    for needle in [
+        format!("node name {:?} is held by another registrar", rig.node),
+        format!("lease {lease:x}, advertise 127.0.0.1, started "),
+        "give this host a unique --node".to_string(),
+    ] {
+        assert!(log.contains(&needle), "no {needle:?} in:\n{log}");
+    }
+    eprintln!(
+        "same node name: the second registrar exited after {took:?}: {}",
+        log.lines().last().unwrap_or("")
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Not a key written, rewritten or deleted; the lease it took is revoked.
+    assert_eq!(rig.kvs().await, before);
+    assert!(!other.path().join("state").join("registrar.lease").exists());
+    assert!(first.running());
+}
+
+/// A registrar whose name is taken while it runs (another registrar's record on
+/// another live lease) stops with an error instead of fighting over the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_at_runtime_stops_the_registrar_with_an_error() {
+    let rig = Rig::new("reg-taken").await;
+    let registrar = rig.start(&Opts::default());
+    let a = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&a), T).await;
+
+    let mut etcd = rig.etcd.client().await;
+    let theirs = etcd.lease_grant(60, None).await.expect("lease").id();
+    let record = serde_json::to_string(&NodeRecord {
+        name: rig.node.clone(),
+        addr: "192.0.2.99".into(),
+        version: "0.0.0".into(),
+        started_at: 1,
+    })
+    .expect("json");
+    etcd.put(
+        rig.node_key(),
+        record.as_str(),
+        Some(etcd_client::PutOptions::new().with_lease(theirs)),
+    )
+    .await
+    .expect("put");
+    // Something for the registrar to write.
+    let _b = rig.container(&[]);
+
+    let err = registrar.exited(T).await.expect_err("the registrar fails");
+    let text = err.to_string();
+    assert!(
+        text.contains("is held by another registrar") && text.contains("192.0.2.99"),
+        "{text}"
+    );
+    // Their record stands; ours went with our revoked lease.
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs.len(), 1, "{kvs:?}");
+    assert_eq!(kvs[&rig.node_key()].value, record);
+    assert_eq!(kvs[&rig.node_key()].lease, theirs);
+}
+
+/// Read-write on its own node prefix is all a registrar needs: it registers, and its
+/// one look outside (for keys of the v1 layout) is refused and said once, at info.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_limited_to_the_node_prefix_is_enough() {
+    let rig = Rig::new("reg-rbac").await;
+    let node_prefix = portolan::schema::node_prefix(&rig.prefix, &rig.node);
+    let v1 = format!(
+        "{}web/{}-deadbeef0000-8080",
+        rig.hand_written_prefix(),
+        rig.node
+    );
+    let mut c = rig.etcd.client().await;
+    c.put(
+        v1.as_str(),
+        format!(
+            r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
+            rig.node
+        ),
+        None,
+    )
+    .await
+    .expect("put");
+    c.user_add("root", "root-pw", None).await.expect("user");
+    c.user_grant_role("root", "root").await.expect("grant");
+    c.role_add("registrar").await.expect("role");
+    c.role_grant_permission(
+        "registrar",
+        etcd_client::Permission::read_write(node_prefix.as_str()).with_prefix(),
+    )
+    .await
+    .expect("permission");
+    c.user_add("registrar", "registrar-pw", None)
+        .await
+        .expect("user");
+    c.user_grant_role("registrar", "registrar")
+        .await
+        .expect("grant");
+    c.auth_enable().await.expect("auth enable");
+    let password_file = rig.state.path().join("etcd-password");
+    std::fs::write(&password_file, "registrar-pw\n").expect("password file");
+
+    let mut registrar = rig.spawn(&Opts {
+        etcd_auth: Some(("registrar".into(), password_file)),
+        ..Default::default()
+    });
+    let a = rig.container(&[]);
+    let mut root = etcd_client::Client::connect(
+        [rig.etcd.endpoint()],
+        Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
+    )
+    .await
+    .expect("root client");
+    let exists = |key: String| {
+        let mut root = root.clone();
+        async move {
+            let r = root.get(key, None).await.expect("get");
+            !r.kvs().is_empty()
+        }
+    };
+    wait_until("the instance key", T, || exists(rig.image_key(&a))).await;
+    assert!(exists(rig.node_key()).await);
+    registrar
+        .wait_log("etcd refuses access outside this node's prefix", T)
+        .await;
+    let log = registrar.log();
+    assert_eq!(log.matches("refuses access outside").count(), 1, "{log}");
+    // The one warning expected: the test etcd speaks plain http.
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && !l.contains("plain http://"))
+        .collect();
+    assert!(warnings.is_empty(), "{log}");
+    // Not its to delete under such a role.
+    assert!(root.get(v1.as_str(), None).await.expect("get").count() == 1);
+    assert!(registrar.proc.alive());
+}

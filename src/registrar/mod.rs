@@ -29,6 +29,12 @@
 //! the keeper's "alive again" after trouble, and any failed sync. A lost lease (seen by
 //! a write or by the keeper) goes back to no session and re-grants at once, unless
 //! leases keep vanishing within a TTL: then it is retrying like any failure.
+//!
+//! A node name belongs to one registrar at a time: every write is a transaction that
+//! compares this node's record (on our lease, or absent, or left by a registrar that
+//! is gone). When the record is on another registrar's live lease, at start or at any
+//! later write, the loop ends and `run` fails saying so, with our own lease revoked:
+//! two hosts given one name stop instead of taking turns deleting each other's keys.
 
 mod advertise;
 mod containers;
@@ -121,6 +127,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         session: Session::new(&cfg, tracker.clone(), keeper_tx, shutdown.clone()),
         ready: false,
         v1_cleaned: false,
+        taken: None,
         tracker,
         cfg,
     };
@@ -132,7 +139,11 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     };
     registrar.run_loop(inbox, &shutdown).await;
     registrar.stop().await;
-    Ok(())
+    match registrar.taken {
+        // main reports it: the one place this error is handled.
+        Some(holder) => Err(anyhow::anyhow!(holder)),
+        None => Ok(()),
+    }
 }
 
 /// The reports the loop reads, and the way to ask Docker for a fresh snapshot.
@@ -175,6 +186,8 @@ struct Registrar {
     ready: bool,
     /// This node's v1 keys are gone, or etcd will not let us look (`remove_v1_keys`).
     v1_cleaned: bool,
+    /// Another registrar holds this node's name: the loop ends, `run` fails.
+    taken: Option<session::Holder>,
     tracker: TaskTracker,
 }
 
@@ -229,7 +242,7 @@ impl Registrar {
 
     /// Syncs unless a retry is pending. A sync that finds the lease gone goes again at
     /// once with a new one (`Session::lease_lost` backs off if that keeps happening).
-    /// False on shutdown.
+    /// False on shutdown, and when another registrar holds this node's name.
     async fn sync_if_due(
         &mut self,
         watchdog: &mut sd::Watchdog,
@@ -244,6 +257,9 @@ impl Registrar {
                 _ = shutdown.cancelled() => return false,
                 _ = self.sync() => {}
                 _ = watchdog.feed() => {}
+            }
+            if self.taken.is_some() {
+                return false;
             }
             if !(had_lease && self.session.lease().is_none()) {
                 break;
@@ -288,6 +304,7 @@ impl Registrar {
         match self.try_sync().await {
             Ok(()) => self.session.succeeded(),
             Err(SessionError::LeaseLost) => self.lease_lost(),
+            Err(SessionError::NodeTaken(holder)) => self.taken = Some(holder),
             Err(e) => {
                 self.dirty = true;
                 self.session.failed(&e);
@@ -332,7 +349,7 @@ impl Registrar {
 
     /// Reads this node's keys back and makes them match.
     async fn reconcile(&mut self, lease: i64) -> Result<(), SessionError> {
-        let read = self.session.read_back().await?;
+        let read = self.session.read_back(lease).await?;
         let actual = read.keys;
         self.node_value = Some(plan::node_value(
             &self.node_want,
@@ -424,7 +441,11 @@ impl Registrar {
     async fn stop(&mut self) {
         sd::stopping();
         self.probes.stop();
-        self.session.close(self.cfg.deregister_on_exit).await;
+        if self.taken.is_some() {
+            self.session.abandon().await;
+        } else {
+            self.session.close(self.cfg.deregister_on_exit).await;
+        }
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait())
             .await

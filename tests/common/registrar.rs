@@ -28,6 +28,13 @@ pub struct Opts {
     pub internal: bool,
     pub deregister_on_exit: bool,
     pub docker_host: Option<String>,
+    /// `--advertise-ip`; 127.0.0.1 when None.
+    pub advertise_ip: Option<String>,
+    /// A state dir of its own (another host, as far as the lease goes); the rig's when
+    /// None.
+    pub state_dir: Option<PathBuf>,
+    /// `--etcd-username` and `--etcd-password-file` (subprocesses only).
+    pub etcd_auth: Option<(String, PathBuf)>,
 }
 
 impl Default for Opts {
@@ -38,7 +45,16 @@ impl Default for Opts {
             internal: false,
             deregister_on_exit: false,
             docker_host: None,
+            advertise_ip: None,
+            state_dir: None,
+            etcd_auth: None,
         }
+    }
+}
+
+impl Opts {
+    fn advertise_ip(&self) -> &str {
+        self.advertise_ip.as_deref().unwrap_or("127.0.0.1")
     }
 }
 
@@ -71,9 +87,9 @@ impl Rig {
         RegistrarConfig {
             etcd: self.etcd.config(&self.prefix),
             node: self.node.clone(),
-            advertise_ip: Some("127.0.0.1".parse().expect("ip")),
+            advertise_ip: Some(opts.advertise_ip().parse().expect("ip")),
             ttl: Duration::from_secs(opts.ttl),
-            state_dir: self.state.path().join("state"),
+            state_dir: self.state_dir(opts),
             docker_host: opts.docker_host.clone(),
             docker_api_version: None,
             internal: opts.internal,
@@ -81,6 +97,12 @@ impl Rig {
             deregister_on_exit: opts.deregister_on_exit,
             only_label: Some(self.only_label()),
         }
+    }
+
+    fn state_dir(&self, opts: &Opts) -> PathBuf {
+        opts.state_dir
+            .clone()
+            .unwrap_or_else(|| self.state.path().join("state"))
     }
 
     /// A registrar running in this test's runtime.
@@ -100,11 +122,11 @@ impl Rig {
             .args(["--etcd-endpoints", &self.etcd.endpoint()])
             .args(["--prefix", &self.prefix])
             .args(["--node", &self.node])
-            .args(["--advertise-ip", "127.0.0.1"])
+            .args(["--advertise-ip", opts.advertise_ip()])
             .args(["--ttl", &opts.ttl.to_string()])
             .args(["--resync", &opts.resync.to_string()])
             .arg("--state-dir")
-            .arg(self.state.path().join("state"))
+            .arg(self.state_dir(opts))
             .args(["--only-label", &self.only_label()])
             .env("RUST_LOG", "info")
             // A config file on this machine must not leak into the test.
@@ -120,6 +142,11 @@ impl Rig {
         }
         if let Some(h) = &opts.docker_host {
             cmd.args(["--docker-host", h]);
+        }
+        if let Some((user, password_file)) = &opts.etcd_auth {
+            cmd.args(["--etcd-username", user])
+                .arg("--etcd-password-file")
+                .arg(password_file);
         }
         Subprocess {
             proc: Proc::spawn("portolan registrar", &mut cmd),
@@ -265,6 +292,15 @@ impl InProcess {
     /// True while `run` has not returned.
     pub fn running(&self) -> bool {
         self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Waits for `run` to return by itself.
+    pub async fn exited(mut self, timeout: Duration) -> anyhow::Result<()> {
+        let h = self.handle.take().expect("running");
+        tokio::time::timeout(timeout, h)
+            .await
+            .unwrap_or_else(|_| panic!("the registrar did not exit within {timeout:?}"))
+            .expect("registrar task")
     }
 
     /// Cancels and waits; returns how long the stop took.
