@@ -869,3 +869,41 @@ async fn a_role_limited_to_the_node_prefix_is_enough() {
     assert!(root.get(v1.as_str(), None).await.expect("get").count() == 1);
     assert!(registrar.proc.alive());
 }
+
+/// A host that advertises a routable address never registers a port published on
+/// loopback: the load balancer would be sent to its own 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_port_is_not_registered_when_the_host_advertises_a_routable_address() {
+    let rig = Rig::new("reg-loopback").await;
+    // TEST-NET-1: nothing is ever sent there (no probes); the test only reads etcd.
+    let registrar = rig.spawn(&Opts {
+        advertise_ip: Some("192.0.2.10".into()),
+        ..Default::default()
+    });
+    let local = rig.container(&[]);
+    let everywhere = Container::run(&rig.run, &["-p", "8080"], None);
+    let rec = record(&rig.wait_value(&rig.image_key(&everywhere), T).await);
+    assert_eq!(
+        rec.addr,
+        format!("192.0.2.10:{}", everywhere.host_port(8080))
+    );
+    registrar
+        .wait_log(&format!("{} ({})", local.name, local.short_id()), T)
+        .await;
+    let log = registrar.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&local.name))
+        .unwrap_or_else(|| panic!("no warning naming {}:\n{log}", local.name));
+    assert!(
+        line.contains("port 8080/tcp")
+            && line.contains(&format!(
+                "published only on loopback (127.0.0.1:{})",
+                local.host_port(8080)
+            )),
+        "{line}"
+    );
+    // Events are handled in order: `local` started first and has been decided.
+    assert_eq!(rig.value(&rig.image_key(&local)).await, None);
+    assert_eq!(rig.services().await.len(), 1, "{:?}", rig.services().await);
+}

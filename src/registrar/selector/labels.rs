@@ -89,11 +89,7 @@ const PORT_SETTINGS: &[&str] = &[
     "check.rise",
 ];
 
-pub(super) fn check_port_labels(
-    meta: &Meta,
-    ports: &BTreeMap<u16, Option<String>>,
-    w: &mut Warnings,
-) {
+pub(super) fn check_port_labels<T>(meta: &Meta, ports: &BTreeMap<u16, T>, w: &mut Warnings) {
     let mut keys: Vec<&String> = meta
         .labels
         .keys()

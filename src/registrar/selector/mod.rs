@@ -31,7 +31,7 @@ use self::labels::{
     check, check_container_labels, check_port_labels, image_base_name, parse_ignore, parse_tags,
     Meta, Warnings,
 };
-use self::ports::ports;
+use self::ports::{ports, Published};
 use crate::schema::{self, InstanceRecord, DEFAULT_WEIGHT, MAX_WEIGHT};
 
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -106,6 +106,14 @@ impl fmt::Display for LabelWarning {
     }
 }
 
+/// What a container registers, and the published ports it leaves out (each with why).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Selected {
+    pub(crate) registrations: Vec<Registration>,
+    /// Ports skipped on purpose (bound to loopback only): the rest still registers.
+    pub(crate) skipped: Vec<LabelWarning>,
+}
+
 /// Whether a container may be registered at all, from its Docker state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Gate {
@@ -154,7 +162,7 @@ pub(crate) fn display_name(c: &ContainerInspectResponse) -> String {
 pub(crate) fn registrations(
     c: &ContainerInspectResponse,
     settings: &NodeSettings,
-) -> Result<Vec<Registration>, Vec<LabelWarning>> {
+) -> Result<Selected, Vec<LabelWarning>> {
     let mut w = Warnings {
         container: display_name(c),
         list: Vec::new(),
@@ -193,13 +201,36 @@ pub(crate) fn registrations(
         .and_then(image_base_name);
     let several = ports.len() > 1;
     let mut out = Vec::new();
-    for (&port, addr) in &ports {
-        let Some(addr) = addr else {
-            w.push(
-                &format!("port {port}/tcp"),
-                "published without a usable host port or container IP",
-            );
-            continue;
+    let mut skipped = Warnings {
+        container: w.container.clone(),
+        list: Vec::new(),
+    };
+    for (&port, published) in &ports {
+        let addr = match published {
+            Published::At(addr) => addr,
+            Published::LoopbackOnly(binding) => {
+                let ignored = meta
+                    .lookup(Some(port), "ignore")
+                    .is_some_and(|(src, v)| parse_ignore(&src, v) == Ok(true));
+                if ignored {
+                    continue;
+                }
+                skipped.push(
+                    &format!("port {port}/tcp"),
+                    &format!(
+                        "published only on loopback ({binding}), which other hosts cannot reach while this host advertises {}: publish it on all interfaces or on an address of this host, or set portolan.port.{port}.ignore=true",
+                        settings.advertise_ip
+                    ),
+                );
+                continue;
+            }
+            Published::Unusable => {
+                w.push(
+                    &format!("port {port}/tcp"),
+                    "published without a usable host port or container IP",
+                );
+                continue;
+            }
         };
         if let Some((src, v)) = meta.lookup(Some(port), "ignore") {
             match parse_ignore(&src, v) {
@@ -279,7 +310,10 @@ pub(crate) fn registrations(
         });
     }
     if w.list.is_empty() {
-        Ok(out)
+        Ok(Selected {
+            registrations: out,
+            skipped: skipped.list,
+        })
     } else {
         Err(w.list)
     }
@@ -354,7 +388,7 @@ mod tests {
                 .unwrap();
         assert_eq!(gate(&c), Gate::Up);
         // No published port: nothing to register, nothing to complain about.
-        assert_eq!(registrations(&c, &settings()), Ok(vec![]));
+        assert_eq!(registrations(&c, &settings()), Ok(Selected::default()));
         let c: ContainerInspectResponse = serde_json::from_value(serde_json::json!({
             "Id": ID, "Config": {"Image": "x"},
             "NetworkSettings": {"Ports": {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": ""}], "bad": null}}
