@@ -5,7 +5,8 @@
 //! Lookup order for a setting `<x>` of container port `<p>`, most specific first:
 //! `portolan.port.<p>.<x>` label, `SERVICE_<p>_<X>` env, `portolan.<x>` label,
 //! `SERVICE_<X>` env (the env fallback exists for `service`, `ignore` and `tags` only,
-//! as in registrator).
+//! as in registrator). A service name set nowhere is Compose's
+//! (`com.docker.compose.service`), else the image's base name; any name is lower-cased.
 //!
 //! Any bad input makes the whole container a list of `LabelWarning`s, each naming the
 //! container and the label: registering half of a misconfigured container would be a
@@ -196,6 +197,9 @@ pub(crate) fn registrations(
     check_container_labels(&meta, &mut w);
 
     let base_name = meta.lookup(None, "service");
+    // Compose names each container after its service: a better default than the
+    // image, which several services often share.
+    let compose_name = meta.get_label("com.docker.compose.service");
     let image_name = config
         .and_then(|c| c.image.as_deref())
         .and_then(image_base_name);
@@ -244,10 +248,14 @@ pub(crate) fn registrations(
         }
         let service = match meta.lookup_port_only(port, "service") {
             Some((src, name)) => Some((src, name.to_string())),
-            None => match (&base_name, &image_name) {
-                (Some((src, name)), _) => Some((src.clone(), suffixed(name, port, several))),
-                (None, Some(name)) => Some(("image".to_string(), suffixed(name, port, several))),
-                (None, None) => None,
+            None => match (&base_name, &compose_name, &image_name) {
+                (Some((src, name)), _, _) | (None, Some((src, name)), _) => {
+                    Some((src.clone(), suffixed(name, port, several)))
+                }
+                (None, None, Some(name)) => {
+                    Some(("image".to_string(), suffixed(name, port, several)))
+                }
+                (None, None, None) => None,
             },
         };
         let Some((service_src, service)) = service else {
@@ -257,10 +265,14 @@ pub(crate) fn registrations(
             );
             continue;
         };
-        if !schema::is_valid_name(&service) {
+        // Service names are lower case (host names ignore case): `MyApp` is `myapp`.
+        let service = service.to_ascii_lowercase();
+        if !schema::is_valid_service_name(&service) {
             w.push(
                 &service_src,
-                &format!("service name {service:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"),
+                &format!(
+                    "service name {service:?} must match [a-z0-9][a-z0-9_.-]{{0,127}} (upper case is lowered)"
+                ),
             );
             continue;
         }
