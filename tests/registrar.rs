@@ -907,3 +907,50 @@ async fn a_loopback_port_is_not_registered_when_the_host_advertises_a_routable_a
     assert_eq!(rig.value(&rig.image_key(&local)).await, None);
     assert_eq!(rig.services().await.len(), 1, "{:?}", rig.services().await);
 }
+
+/// A key of this node deleted or overwritten behind its back is written again within
+/// moments, long before the next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_or_overwritten_behind_its_back_is_repaired_within_seconds() {
+    let rig = Rig::new("reg-repair").await;
+    let registrar = rig.start(&Opts {
+        resync: 60,
+        ..Default::default()
+    });
+    let c = rig.container(&[]);
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+    let want = rig.kvs().await;
+    let restored = |k: &str| {
+        let k = k.to_string();
+        let want = want[&k].clone();
+        let rig = &rig;
+        move || {
+            let k = k.clone();
+            let want = want.clone();
+            async move {
+                rig.kvs()
+                    .await
+                    .get(&k)
+                    .is_some_and(|kv| kv.value == want.value && kv.lease == want.lease)
+            }
+        }
+    };
+    let mut took = Vec::new();
+    for k in [&key, &rig.node_key()] {
+        rig.etcd.delete(k).await;
+        took.push(wait_until(&format!("{k} back"), Duration::from_secs(2), restored(k)).await);
+    }
+    // Overwritten by hand, with no lease: put back as it was, on the lease.
+    rig.etcd.put(&key, "10.0.0.9:80").await;
+    took.push(
+        wait_until(
+            "the overwritten key back",
+            Duration::from_secs(2),
+            restored(&key),
+        )
+        .await,
+    );
+    eprintln!("repair with --resync 60: {}", summary(took));
+    assert!(registrar.running());
+}

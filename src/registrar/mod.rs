@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  docker task ── Snapshot | Changed | Gone ──┐
-//!  probe tasks ── ProbeReport ────────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
-//!  keeper task ── KeeperReport ───────────────┘      (every key on this node's one lease)
+//!  probe tasks ── ProbeReport ────────────────┤
+//!  keeper task ── KeeperReport ───────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
+//!  watch task  ── WatchReport ────────────────┘      (every key on this node's one lease)
 //! ```
 //!
 //! The loop owns all state; the tasks only report. It is level-triggered: after each
@@ -26,7 +27,9 @@
 //! | retrying | no sync until the backoff timer fires (or the keeper says etcd answers again) | the state it failed in, dirty |
 //!
 //! Dirty comes from a Docker snapshot (start, reconnect, `--resync`), the resync timer,
-//! the keeper's "alive again" after trouble, and any failed sync. A lost lease (seen by
+//! the keeper's "alive again" after trouble, any failed sync, and the watch on this
+//! node's prefix (started after a read-back, from its revision + 1): a key of ours
+//! deleted or overwritten behind our back, or the end of that watch. A lost lease (seen by
 //! a write or by the keeper) goes back to no session and re-grants at once, unless
 //! leases keep vanishing within a TTL: then it is retrying like any failure.
 //!
@@ -44,6 +47,7 @@ mod plan;
 mod probe;
 mod selector;
 mod session;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -61,6 +65,7 @@ use self::plan::Actual;
 use self::probe::{ProbeReport, Probes};
 use self::selector::NodeSettings;
 use self::session::{Session, SessionError, V1Cleanup};
+use self::watch::{WatchEvent, WatchReport};
 use crate::config::RegistrarConfig;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
@@ -85,6 +90,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
     let (keeper_tx, keeper_rx) = mpsc::channel(16);
+    let (watch_tx, watch_rx) = mpsc::channel(64);
     let docker_settings = DockerSettings {
         host: cfg.docker_host.clone(),
         api_version: cfg.docker_api_version.clone(),
@@ -128,6 +134,10 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         ready: false,
         v1_cleaned: false,
         taken: None,
+        watch_tx,
+        watch: None,
+        watches: 0,
+        shutdown: shutdown.clone(),
         tracker,
         cfg,
     };
@@ -135,6 +145,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         docker: docker_rx,
         probes: probe_rx,
         keeper: keeper_rx,
+        watch: watch_rx,
         resync: resync_tx,
     };
     registrar.run_loop(inbox, &shutdown).await;
@@ -151,6 +162,7 @@ struct Inbox {
     docker: mpsc::Receiver<DockerReport>,
     probes: mpsc::Receiver<ProbeReport>,
     keeper: mpsc::Receiver<KeeperReport>,
+    watch: mpsc::Receiver<WatchReport>,
     resync: mpsc::Sender<()>,
 }
 
@@ -159,6 +171,8 @@ enum Wake {
     Keeper(KeeperReport),
     Docker(DockerReport),
     Probe(ProbeReport),
+    /// A change under this node's prefix, or the end of that watch.
+    Watch(WatchReport),
     /// `--resync`: a fresh Docker list and a fresh read of etcd heal a missed event and
     /// keys changed behind our back.
     Resync,
@@ -188,6 +202,12 @@ struct Registrar {
     v1_cleaned: bool,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
+    watch_tx: mpsc::Sender<WatchReport>,
+    /// The running watch on this node's prefix: its number, and how to stop it.
+    watch: Option<(u64, CancellationToken)>,
+    /// Watches started so far: numbers them.
+    watches: u64,
+    shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -209,6 +229,7 @@ impl Registrar {
                 Some(r) = inbox.keeper.recv() => Wake::Keeper(r),
                 Some(r) = inbox.docker.recv() => Wake::Docker(r),
                 Some(r) = inbox.probes.recv() => Wake::Probe(r),
+                Some(r) = inbox.watch.recv() => Wake::Watch(r),
                 _ = resync.tick() => Wake::Resync,
                 _ = crate::backoff::sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
                 // Nothing changed: the sync would have nothing to do.
@@ -218,6 +239,7 @@ impl Registrar {
                 Wake::Keeper(r) => self.on_keeper(r),
                 Wake::Docker(r) => self.on_docker(r),
                 Wake::Probe(r) => self.probes.apply(r),
+                Wake::Watch(r) => self.on_watch(r),
                 Wake::Resync => {
                     let _ = inbox.resync.try_send(());
                     self.dirty = true;
@@ -233,6 +255,9 @@ impl Registrar {
             }
             while let Ok(r) = inbox.probes.try_recv() {
                 self.probes.apply(r);
+            }
+            while let Ok(r) = inbox.watch.try_recv() {
+                self.on_watch(r);
             }
             if !self.sync_if_due(&mut watchdog, shutdown).await {
                 return;
@@ -290,6 +315,55 @@ impl Registrar {
                 self.session.retry_now();
             }
             KeeperEvent::Lost => self.lease_lost(),
+        }
+    }
+
+    fn on_watch(&mut self, r: WatchReport) {
+        if self.watch.as_ref().map(|(n, _)| *n) != Some(r.watch) {
+            return;
+        }
+        match r.event {
+            WatchEvent::Changed(changes) => {
+                if self.dirty {
+                    return;
+                }
+                if let Some(key) = watch::tampered(&changes, &self.believed, self.session.lease()) {
+                    tracing::info!(%key, "a key of this node changed behind the registrar's back; writing it again");
+                    self.dirty = true;
+                }
+            }
+            WatchEvent::Ended(why) => {
+                tracing::debug!(reason = %why, "watch on this node's keys ended; reading them back");
+                self.stop_watch();
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Watches this node's prefix from `revision` unless a watch runs already (it has
+    /// seen everything since an earlier read-back).
+    async fn start_watch(&mut self, revision: i64) -> Result<(), SessionError> {
+        if self.watch.is_some() {
+            return Ok(());
+        }
+        let client = self.session.watch_client().await?;
+        self.watches += 1;
+        let stop = self.shutdown.child_token();
+        self.tracker.spawn(watch::run(
+            client,
+            schema::node_prefix(&self.cfg.etcd.prefix, &self.cfg.node),
+            revision,
+            self.watches,
+            self.watch_tx.clone(),
+            stop.clone(),
+        ));
+        self.watch = Some((self.watches, stop));
+        Ok(())
+    }
+
+    fn stop_watch(&mut self) {
+        if let Some((_, stop)) = self.watch.take() {
+            stop.cancel();
         }
     }
 
@@ -366,6 +440,7 @@ impl Registrar {
             self.remove_v1_keys().await;
         }
         let revision = read.revision;
+        self.start_watch(revision + 1).await?;
         if wrote {
             tracing::info!(
                 revision,
@@ -441,6 +516,7 @@ impl Registrar {
     async fn stop(&mut self) {
         sd::stopping();
         self.probes.stop();
+        self.stop_watch();
         if self.taken.is_some() {
             self.session.abandon().await;
         } else {

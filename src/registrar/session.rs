@@ -210,6 +210,11 @@ impl Session {
         Ok(self.client.insert(client))
     }
 
+    /// A client for a watch: the session's own connection.
+    pub(crate) async fn watch_client(&mut self) -> Result<Client, SessionError> {
+        Ok(self.client().await?.clone())
+    }
+
     /// Takes a lease, the one in the state file if it is alive, else a new one, and
     /// starts its keeper. Returns the lease id.
     pub(crate) async fn open(&mut self) -> Result<i64, SessionError> {
