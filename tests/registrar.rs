@@ -468,29 +468,36 @@ async fn reconciles_what_changed_while_it_was_down() {
     rig.wait_value(&key_kept, T).await;
     rig.wait_value(&key_removed, T).await;
 
-    // Keys that are not this registrar's to touch, and one stale key that is.
-    let svc = |rest: &str| format!("{}web/{rest}", rig.services_prefix());
-    let other_node = svc("othernode-0123456789ab-80");
+    // Keys that are not this registrar's to touch, and stale keys that are: one in
+    // this node's prefix, and what a v1 registrar of this node would have left.
+    let svc = |rest: &str| format!("{}web/{rest}", rig.hand_written_prefix());
+    let other_record =
+        r#"{"addr":"10.0.0.7:80","node":"othernode","container":"0123456789ab","port":80}"#;
+    let other_node = format!(
+        "{}/nodes/othernode/services/web/othernode-0123456789ab-80",
+        rig.prefix
+    );
+    let other_node_v1 = svc("othernode-0123456789ab-80");
     let hand_written = svc("manual-1");
     let lookalike = svc(&format!("{}-0123456789ab-80", rig.node));
-    let stale = svc(&format!("{}-deadbeef0000-8080", rig.node));
-    rig.etcd
-        .put(
-            &other_node,
-            r#"{"addr":"10.0.0.7:80","node":"othernode","container":"0123456789ab","port":80}"#,
-        )
-        .await;
+    let stale_record = format!(
+        r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
+        rig.node
+    );
+    let stale = format!(
+        "{}web/{}-deadbeef0000-8080",
+        rig.services_prefix(),
+        rig.node
+    );
+    let stale_v1 = svc(&format!("{}-deadbeef0000-8080", rig.node));
+    let node_v1 = format!("{}/nodes/{}", rig.prefix, rig.node);
+    rig.etcd.put(&other_node, other_record).await;
+    rig.etcd.put(&other_node_v1, other_record).await;
     rig.etcd.put(&hand_written, "10.0.0.9:80").await;
     rig.etcd.put(&lookalike, "10.0.0.9:80").await;
-    rig.etcd
-        .put(
-            &stale,
-            &format!(
-                r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
-                rig.node
-            ),
-        )
-        .await;
+    rig.etcd.put(&stale, &stale_record).await;
+    rig.etcd.put(&stale_v1, &stale_record).await;
+    rig.etcd.put(&node_v1, "{}").await;
 
     // SIGTERM: a clean, quick stop that leaves the keys to the TTL.
     first.proc.signal(nix::sys::signal::Signal::SIGTERM);
@@ -510,10 +517,14 @@ async fn reconciles_what_changed_while_it_was_down() {
     rig.wait_value(&key_added, T).await;
     rig.wait_gone(&key_removed, T).await;
     rig.wait_gone(&stale, T).await;
+    // The v1 keys go once, at the first reconcile after the start.
+    rig.wait_gone(&stale_v1, T).await;
+    rig.wait_gone(&node_v1, T).await;
     let after = rig.kvs().await;
     for key in [
         &key_kept,
         &other_node,
+        &other_node_v1,
         &hand_written,
         &lookalike,
         &rig.node_key(),
@@ -695,4 +706,251 @@ async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(rig.value(&key).await.is_some(), "the key is gone");
     assert_eq!(watch.count(&key, false), 0, "the key was deleted");
+}
+
+/// Two hosts given one node name: the second refuses to start, says what to do, and
+/// leaves etcd exactly as it found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_registrar_with_the_same_node_name_refuses_to_start() {
+    let rig = Rig::new("reg-unique").await;
+    let first = rig.start(&Opts::default());
+    let c = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&c), T).await;
+    let before = rig.kvs().await;
+    let lease = before[&rig.node_key()].lease;
+
+    // Another host: its own state dir (so its own lease) and address, the same name.
+    let other = tempfile::tempdir().expect("state dir");
+    let start = Instant::now();
+    let mut second = rig.spawn(&Opts {
+        state_dir: Some(other.path().join("state")),
+        advertise_ip: Some("127.0.0.2".into()),
+        ..Default::default()
+    });
+    let status = second
+        .proc
+        .wait_exit(T)
+        .expect("the second registrar exits");
+    let took = start.elapsed();
+    let log = second.log();
+    assert!(!status.success(), "{status:?}\n{log}");
+    for needle in [
+        format!("node name {:?} is held by another registrar", rig.node),
+        format!("lease {lease:x}, advertise 127.0.0.1, started "),
+        "give this host a unique --node".to_string(),
+    ] {
+        assert!(log.contains(&needle), "no {needle:?} in:\n{log}");
+    }
+    eprintln!(
+        "same node name: the second registrar exited after {took:?}: {}",
+        log.lines().last().unwrap_or("")
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Not a key written, rewritten or deleted; the lease it took is revoked.
+    assert_eq!(rig.kvs().await, before);
+    assert!(!other.path().join("state").join("registrar.lease").exists());
+    assert!(first.running());
+}
+
+/// A registrar whose name is taken while it runs (another registrar's record on
+/// another live lease) stops with an error instead of fighting over the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_at_runtime_stops_the_registrar_with_an_error() {
+    let rig = Rig::new("reg-taken").await;
+    let registrar = rig.start(&Opts::default());
+    let a = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&a), T).await;
+
+    let mut etcd = rig.etcd.client().await;
+    let theirs = etcd.lease_grant(60, None).await.expect("lease").id();
+    let record = serde_json::to_string(&NodeRecord {
+        name: rig.node.clone(),
+        addr: "192.0.2.99".into(),
+        version: "0.0.0".into(),
+        started_at: 1,
+    })
+    .expect("json");
+    etcd.put(
+        rig.node_key(),
+        record.as_str(),
+        Some(etcd_client::PutOptions::new().with_lease(theirs)),
+    )
+    .await
+    .expect("put");
+    // Something for the registrar to write.
+    let _b = rig.container(&[]);
+
+    let err = registrar.exited(T).await.expect_err("the registrar fails");
+    let text = err.to_string();
+    assert!(
+        text.contains("is held by another registrar") && text.contains("192.0.2.99"),
+        "{text}"
+    );
+    // Their record stands; ours went with our revoked lease.
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs.len(), 1, "{kvs:?}");
+    assert_eq!(kvs[&rig.node_key()].value, record);
+    assert_eq!(kvs[&rig.node_key()].lease, theirs);
+}
+
+/// Read-write on its own node prefix is all a registrar needs: it registers, and its
+/// one look outside (for keys of the v1 layout) is refused and said once, at info.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_limited_to_the_node_prefix_is_enough() {
+    let rig = Rig::new("reg-rbac").await;
+    let node_prefix = portolan::schema::node_prefix(&rig.prefix, &rig.node);
+    let v1 = format!(
+        "{}web/{}-deadbeef0000-8080",
+        rig.hand_written_prefix(),
+        rig.node
+    );
+    let mut c = rig.etcd.client().await;
+    c.put(
+        v1.as_str(),
+        format!(
+            r#"{{"addr":"127.0.0.1:1","node":"{}","container":"deadbeef0000","port":8080}}"#,
+            rig.node
+        ),
+        None,
+    )
+    .await
+    .expect("put");
+    c.user_add("root", "root-pw", None).await.expect("user");
+    c.user_grant_role("root", "root").await.expect("grant");
+    c.role_add("registrar").await.expect("role");
+    c.role_grant_permission(
+        "registrar",
+        etcd_client::Permission::read_write(node_prefix.as_str()).with_prefix(),
+    )
+    .await
+    .expect("permission");
+    c.user_add("registrar", "registrar-pw", None)
+        .await
+        .expect("user");
+    c.user_grant_role("registrar", "registrar")
+        .await
+        .expect("grant");
+    c.auth_enable().await.expect("auth enable");
+    let password_file = rig.state.path().join("etcd-password");
+    std::fs::write(&password_file, "registrar-pw\n").expect("password file");
+
+    let mut registrar = rig.spawn(&Opts {
+        etcd_auth: Some(("registrar".into(), password_file)),
+        ..Default::default()
+    });
+    let a = rig.container(&[]);
+    let mut root = etcd_client::Client::connect(
+        [rig.etcd.endpoint()],
+        Some(etcd_client::ConnectOptions::new().with_user("root", "root-pw")),
+    )
+    .await
+    .expect("root client");
+    let exists = |key: String| {
+        let mut root = root.clone();
+        async move {
+            let r = root.get(key, None).await.expect("get");
+            !r.kvs().is_empty()
+        }
+    };
+    wait_until("the instance key", T, || exists(rig.image_key(&a))).await;
+    assert!(exists(rig.node_key()).await);
+    registrar
+        .wait_log("etcd refuses access outside this node's prefix", T)
+        .await;
+    let log = registrar.log();
+    assert_eq!(log.matches("refuses access outside").count(), 1, "{log}");
+    // The one warning expected: the test etcd speaks plain http.
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && !l.contains("plain http://"))
+        .collect();
+    assert!(warnings.is_empty(), "{log}");
+    // Not its to delete under such a role.
+    assert!(root.get(v1.as_str(), None).await.expect("get").count() == 1);
+    assert!(registrar.proc.alive());
+}
+
+/// A host that advertises a routable address never registers a port published on
+/// loopback: the load balancer would be sent to its own 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_port_is_not_registered_when_the_host_advertises_a_routable_address() {
+    let rig = Rig::new("reg-loopback").await;
+    // TEST-NET-1: nothing is ever sent there (no probes); the test only reads etcd.
+    let registrar = rig.spawn(&Opts {
+        advertise_ip: Some("192.0.2.10".into()),
+        ..Default::default()
+    });
+    let local = rig.container(&[]);
+    let everywhere = Container::run(&rig.run, &["-p", "8080"], None);
+    let rec = record(&rig.wait_value(&rig.image_key(&everywhere), T).await);
+    assert_eq!(
+        rec.addr,
+        format!("192.0.2.10:{}", everywhere.host_port(8080))
+    );
+    registrar
+        .wait_log(&format!("{} ({})", local.name, local.short_id()), T)
+        .await;
+    let log = registrar.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&local.name))
+        .unwrap_or_else(|| panic!("no warning naming {}:\n{log}", local.name));
+    assert!(
+        line.contains("port 8080/tcp")
+            && line.contains(&format!(
+                "published only on loopback (127.0.0.1:{})",
+                local.host_port(8080)
+            )),
+        "{line}"
+    );
+    // Events are handled in order: `local` started first and has been decided.
+    assert_eq!(rig.value(&rig.image_key(&local)).await, None);
+    assert_eq!(rig.services().await.len(), 1, "{:?}", rig.services().await);
+}
+
+/// A key of this node deleted or overwritten behind its back is written again within
+/// moments, long before the next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_or_overwritten_behind_its_back_is_repaired_within_seconds() {
+    let rig = Rig::new("reg-repair").await;
+    let registrar = rig.start(&Opts {
+        resync: 60,
+        ..Default::default()
+    });
+    let c = rig.container(&[]);
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+    let want = rig.kvs().await;
+    let restored = |k: &str| {
+        let k = k.to_string();
+        let want = want[&k].clone();
+        let rig = &rig;
+        move || {
+            let k = k.clone();
+            let want = want.clone();
+            async move {
+                rig.kvs()
+                    .await
+                    .get(&k)
+                    .is_some_and(|kv| kv.value == want.value && kv.lease == want.lease)
+            }
+        }
+    };
+    let mut took = Vec::new();
+    for k in [&key, &rig.node_key()] {
+        rig.etcd.delete(k).await;
+        took.push(wait_until(&format!("{k} back"), Duration::from_secs(2), restored(k)).await);
+    }
+    // Overwritten by hand, with no lease: put back as it was, on the lease.
+    rig.etcd.put(&key, "10.0.0.9:80").await;
+    took.push(
+        wait_until(
+            "the overwritten key back",
+            Duration::from_secs(2),
+            restored(&key),
+        )
+        .await,
+    );
+    eprintln!("repair with --resync 60: {}", summary(took));
+    assert!(registrar.running());
 }

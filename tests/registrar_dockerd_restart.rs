@@ -194,8 +194,9 @@ async fn dockerd_restart_reconnects_and_reconciles() {
     let survivor = run(&daemon, "always", port_a);
     let goner = run(&daemon, "no", port_b);
     let key = |id: &str| {
-        schema::service_key(
+        schema::node_service_key(
             &rig.prefix,
+            &rig.node,
             "portolan-test-busybox",
             &schema::instance_id(&rig.node, id, 8080),
         )
@@ -213,8 +214,9 @@ async fn dockerd_restart_reconnects_and_reconciles() {
     // with a restart policy. Meanwhile a stale key of this node appears in etcd that
     // only a reconcile (not an event) can remove.
     tokio::task::block_in_place(|| daemon.stop());
-    let ghost = schema::service_key(
+    let ghost = schema::node_service_key(
         &rig.prefix,
+        &rig.node,
         "ghost",
         &format!("{}-0123456789ab-8080", rig.node),
     );

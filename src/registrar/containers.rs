@@ -1,7 +1,7 @@
 //! This node's registrable containers, as Docker last reported them: container id →
 //! the registrations it asks for. A container that is not running, not healthy or
-//! misconfigured has no entry; its configuration warnings are logged once per change,
-//! so a resync does not repeat them.
+//! misconfigured has no entry; its configuration warnings (and the ports it publishes
+//! but cannot register) are logged once per change, so a resync does not repeat them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,13 +80,26 @@ impl Containers {
             return None;
         }
         match selector::registrations(c, &self.settings) {
-            Ok(regs) => {
-                self.warned.remove(&id);
-                Some((id, regs))
+            Ok(selected) => {
+                if selected.skipped.is_empty() {
+                    self.warned.remove(&id);
+                } else {
+                    let text = text_of(&selected.skipped);
+                    if self.warned.get(&id) != Some(&text) {
+                        for w in &selected.skipped {
+                            tracing::warn!(
+                                container = %w.container,
+                                port = %w.label,
+                                "{w}; this port is not registered"
+                            );
+                        }
+                        self.warned.insert(id.clone(), text);
+                    }
+                }
+                Some((id, selected.registrations))
             }
             Err(warnings) => {
-                let text: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
-                let text = text.join("; ");
+                let text = text_of(&warnings);
                 if self.warned.get(&id) != Some(&text) {
                     for w in &warnings {
                         tracing::warn!(
@@ -101,4 +114,9 @@ impl Containers {
             }
         }
     }
+}
+
+fn text_of(warnings: &[selector::LabelWarning]) -> String {
+    let text: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    text.join("; ")
 }

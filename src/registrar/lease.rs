@@ -39,6 +39,9 @@ pub(crate) struct Granted {
     pub(crate) id: i64,
     /// Picked up from the state file, still alive: etcd may already hold our keys.
     pub(crate) reused: bool,
+    /// The state file's lease, alive but replaced because its TTL differs from
+    /// `--ttl`: keys on it are still ours, and move to the new lease.
+    pub(crate) replaced: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,12 +96,17 @@ pub(crate) async fn acquire(
     let previous = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| parse_state(&t));
+    let mut replaced = None;
     if let Some(id) = previous {
         // etcd 3.4 answers a TimeToLive of a dead lease with "lease not found" rather
         // than TTL -1: both mean grant a new one.
         match etcd::call(client.lease_time_to_live(id, None)).await {
             Ok(r) if r.ttl() > 0 && r.granted_ttl() == ttl_secs => {
-                return Ok(Granted { id, reused: true });
+                return Ok(Granted {
+                    id,
+                    reused: true,
+                    replaced: None,
+                });
             }
             Ok(r) if r.ttl() > 0 => {
                 // The TTL changed: a new lease carries it; the old one expires by itself
@@ -108,6 +116,7 @@ pub(crate) async fn acquire(
                     granted_ttl = r.granted_ttl(),
                     "lease TTL differs from --ttl; granting a new lease"
                 );
+                replaced = Some(id);
             }
             Ok(_) => {}
             Err(e) if is_lease_not_found(&e) => {}
@@ -119,6 +128,7 @@ pub(crate) async fn acquire(
     Ok(Granted {
         id: r.id(),
         reused: false,
+        replaced,
     })
 }
 

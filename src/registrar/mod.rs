@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  docker task ── Snapshot | Changed | Gone ──┐
-//!  probe tasks ── ProbeReport ────────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
-//!  keeper task ── KeeperReport ───────────────┘      (every key on this node's one lease)
+//!  probe tasks ── ProbeReport ────────────────┤
+//!  keeper task ── KeeperReport ───────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
+//!  watch task  ── WatchReport ────────────────┘      (every key on this node's one lease)
 //! ```
 //!
 //! The loop owns all state; the tasks only report. It is level-triggered: after each
@@ -26,9 +27,17 @@
 //! | retrying | no sync until the backoff timer fires (or the keeper says etcd answers again) | the state it failed in, dirty |
 //!
 //! Dirty comes from a Docker snapshot (start, reconnect, `--resync`), the resync timer,
-//! the keeper's "alive again" after trouble, and any failed sync. A lost lease (seen by
+//! the keeper's "alive again" after trouble, any failed sync, and the watch on this
+//! node's prefix (started after a read-back, from its revision + 1): a key of ours
+//! deleted or overwritten behind our back, or the end of that watch. A lost lease (seen by
 //! a write or by the keeper) goes back to no session and re-grants at once, unless
 //! leases keep vanishing within a TTL: then it is retrying like any failure.
+//!
+//! A node name belongs to one registrar at a time: every write is a transaction that
+//! compares this node's record (on our lease, or absent, or left by a registrar that
+//! is gone). When the record is on another registrar's live lease, at start or at any
+//! later write, the loop ends and `run` fails saying so, with our own lease revoked:
+//! two hosts given one name stop instead of taking turns deleting each other's keys.
 
 mod advertise;
 mod containers;
@@ -38,6 +47,7 @@ mod plan;
 mod probe;
 mod selector;
 mod session;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -54,7 +64,8 @@ use self::lease::{KeeperEvent, KeeperReport};
 use self::plan::Actual;
 use self::probe::{ProbeReport, Probes};
 use self::selector::NodeSettings;
-use self::session::{Session, SessionError};
+use self::session::{Session, SessionError, V1Cleanup};
+use self::watch::{WatchEvent, WatchReport};
 use crate::config::RegistrarConfig;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
@@ -79,6 +90,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
     let (keeper_tx, keeper_rx) = mpsc::channel(16);
+    let (watch_tx, watch_rx) = mpsc::channel(64);
     let docker_settings = DockerSettings {
         host: cfg.docker_host.clone(),
         api_version: cfg.docker_api_version.clone(),
@@ -120,6 +132,12 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         docker_synced: false,
         session: Session::new(&cfg, tracker.clone(), keeper_tx, shutdown.clone()),
         ready: false,
+        v1_cleaned: false,
+        taken: None,
+        watch_tx,
+        watch: None,
+        watches: 0,
+        shutdown: shutdown.clone(),
         tracker,
         cfg,
     };
@@ -127,11 +145,16 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         docker: docker_rx,
         probes: probe_rx,
         keeper: keeper_rx,
+        watch: watch_rx,
         resync: resync_tx,
     };
     registrar.run_loop(inbox, &shutdown).await;
     registrar.stop().await;
-    Ok(())
+    match registrar.taken {
+        // main reports it: the one place this error is handled.
+        Some(holder) => Err(anyhow::anyhow!(holder)),
+        None => Ok(()),
+    }
 }
 
 /// The reports the loop reads, and the way to ask Docker for a fresh snapshot.
@@ -139,6 +162,7 @@ struct Inbox {
     docker: mpsc::Receiver<DockerReport>,
     probes: mpsc::Receiver<ProbeReport>,
     keeper: mpsc::Receiver<KeeperReport>,
+    watch: mpsc::Receiver<WatchReport>,
     resync: mpsc::Sender<()>,
 }
 
@@ -147,6 +171,8 @@ enum Wake {
     Keeper(KeeperReport),
     Docker(DockerReport),
     Probe(ProbeReport),
+    /// A change under this node's prefix, or the end of that watch.
+    Watch(WatchReport),
     /// `--resync`: a fresh Docker list and a fresh read of etcd heal a missed event and
     /// keys changed behind our back.
     Resync,
@@ -172,6 +198,16 @@ struct Registrar {
     session: Session,
     /// READY=1 has been sent (after the first reconcile).
     ready: bool,
+    /// This node's v1 keys are gone, or etcd will not let us look (`remove_v1_keys`).
+    v1_cleaned: bool,
+    /// Another registrar holds this node's name: the loop ends, `run` fails.
+    taken: Option<session::Holder>,
+    watch_tx: mpsc::Sender<WatchReport>,
+    /// The running watch on this node's prefix: its number, and how to stop it.
+    watch: Option<(u64, CancellationToken)>,
+    /// Watches started so far: numbers them.
+    watches: u64,
+    shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -193,6 +229,7 @@ impl Registrar {
                 Some(r) = inbox.keeper.recv() => Wake::Keeper(r),
                 Some(r) = inbox.docker.recv() => Wake::Docker(r),
                 Some(r) = inbox.probes.recv() => Wake::Probe(r),
+                Some(r) = inbox.watch.recv() => Wake::Watch(r),
                 _ = resync.tick() => Wake::Resync,
                 _ = crate::backoff::sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
                 // Nothing changed: the sync would have nothing to do.
@@ -202,6 +239,7 @@ impl Registrar {
                 Wake::Keeper(r) => self.on_keeper(r),
                 Wake::Docker(r) => self.on_docker(r),
                 Wake::Probe(r) => self.probes.apply(r),
+                Wake::Watch(r) => self.on_watch(r),
                 Wake::Resync => {
                     let _ = inbox.resync.try_send(());
                     self.dirty = true;
@@ -218,6 +256,9 @@ impl Registrar {
             while let Ok(r) = inbox.probes.try_recv() {
                 self.probes.apply(r);
             }
+            while let Ok(r) = inbox.watch.try_recv() {
+                self.on_watch(r);
+            }
             if !self.sync_if_due(&mut watchdog, shutdown).await {
                 return;
             }
@@ -226,7 +267,7 @@ impl Registrar {
 
     /// Syncs unless a retry is pending. A sync that finds the lease gone goes again at
     /// once with a new one (`Session::lease_lost` backs off if that keeps happening).
-    /// False on shutdown.
+    /// False on shutdown, and when another registrar holds this node's name.
     async fn sync_if_due(
         &mut self,
         watchdog: &mut sd::Watchdog,
@@ -241,6 +282,9 @@ impl Registrar {
                 _ = shutdown.cancelled() => return false,
                 _ = self.sync() => {}
                 _ = watchdog.feed() => {}
+            }
+            if self.taken.is_some() {
+                return false;
             }
             if !(had_lease && self.session.lease().is_none()) {
                 break;
@@ -274,6 +318,55 @@ impl Registrar {
         }
     }
 
+    fn on_watch(&mut self, r: WatchReport) {
+        if self.watch.as_ref().map(|(n, _)| *n) != Some(r.watch) {
+            return;
+        }
+        match r.event {
+            WatchEvent::Changed(changes) => {
+                if self.dirty {
+                    return;
+                }
+                if let Some(key) = watch::tampered(&changes, &self.believed, self.session.lease()) {
+                    tracing::info!(%key, "a key of this node changed behind the registrar's back; writing it again");
+                    self.dirty = true;
+                }
+            }
+            WatchEvent::Ended(why) => {
+                tracing::debug!(reason = %why, "watch on this node's keys ended; reading them back");
+                self.stop_watch();
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Watches this node's prefix from `revision` unless a watch runs already (it has
+    /// seen everything since an earlier read-back).
+    async fn start_watch(&mut self, revision: i64) -> Result<(), SessionError> {
+        if self.watch.is_some() {
+            return Ok(());
+        }
+        let client = self.session.watch_client().await?;
+        self.watches += 1;
+        let stop = self.shutdown.child_token();
+        self.tracker.spawn(watch::run(
+            client,
+            schema::node_prefix(&self.cfg.etcd.prefix, &self.cfg.node),
+            revision,
+            self.watches,
+            self.watch_tx.clone(),
+            stop.clone(),
+        ));
+        self.watch = Some((self.watches, stop));
+        Ok(())
+    }
+
+    fn stop_watch(&mut self) {
+        if let Some((_, stop)) = self.watch.take() {
+            stop.cancel();
+        }
+    }
+
     fn lease_lost(&mut self) {
         self.session.lease_lost();
         self.node_value = None;
@@ -285,6 +378,7 @@ impl Registrar {
         match self.try_sync().await {
             Ok(()) => self.session.succeeded(),
             Err(SessionError::LeaseLost) => self.lease_lost(),
+            Err(SessionError::NodeTaken(holder)) => self.taken = Some(holder),
             Err(e) => {
                 self.dirty = true;
                 self.session.failed(&e);
@@ -329,7 +423,7 @@ impl Registrar {
 
     /// Reads this node's keys back and makes them match.
     async fn reconcile(&mut self, lease: i64) -> Result<(), SessionError> {
-        let read = self.session.read_back(&self.node_key).await?;
+        let read = self.session.read_back(lease).await?;
         let actual = read.keys;
         self.node_value = Some(plan::node_value(
             &self.node_want,
@@ -342,7 +436,11 @@ impl Registrar {
         self.session.write(&ops, lease).await?;
         self.believed = desired;
         self.dirty = false;
+        if !self.v1_cleaned {
+            self.remove_v1_keys().await;
+        }
         let revision = read.revision;
+        self.start_watch(revision + 1).await?;
         if wrote {
             tracing::info!(
                 revision,
@@ -364,6 +462,30 @@ impl Registrar {
             sd::ready(&status);
         }
         Ok(())
+    }
+
+    /// Once after start, once this node's v2 keys are written (so no service goes
+    /// empty in between): deletes what a v1 registrar of this node left. Best effort;
+    /// a transient failure tries again at the next reconcile.
+    async fn remove_v1_keys(&mut self) {
+        match self.session.remove_v1_keys().await {
+            Ok(V1Cleanup::Done(0)) => self.v1_cleaned = true,
+            Ok(V1Cleanup::Done(n)) => {
+                tracing::info!(node = %self.cfg.node, keys = n, "removed this node's keys of the v1 layout");
+                self.v1_cleaned = true;
+            }
+            Ok(V1Cleanup::Refused) => {
+                tracing::info!(
+                    node = %self.cfg.node,
+                    "etcd refuses access outside this node's prefix (a least-privilege role): not looking for keys of the v1 layout; an operator removes any that a v1 registrar left"
+                );
+                self.v1_cleaned = true;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot remove this node's keys of the v1 layout; trying again at the next reconcile"
+            ),
+        }
     }
 
     /// Applies the difference between the desired set and what etcd is known to hold.
@@ -394,7 +516,12 @@ impl Registrar {
     async fn stop(&mut self) {
         sd::stopping();
         self.probes.stop();
-        self.session.close(self.cfg.deregister_on_exit).await;
+        self.stop_watch();
+        if self.taken.is_some() {
+            self.session.abandon().await;
+        } else {
+            self.session.close(self.cfg.deregister_on_exit).await;
+        }
         self.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait())
             .await

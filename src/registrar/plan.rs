@@ -3,8 +3,9 @@
 //! loop applies the ops in transactions.
 //!
 //! Invariants:
-//! - Only this node's keys are ever in `actual` (`is_ours`): other nodes' keys and
-//!   hand-written keys are never touched.
+//! - Only keys under this node's prefix are ever in `actual` (`is_ours`): other nodes'
+//!   keys and hand-written keys are never touched (the one-time removal of this node's
+//!   v1 keys, `is_ours_v1`, is just as narrow).
 //! - A key whose value is already right and whose lease is ours is left alone, so a
 //!   steady state or a registrar restart writes nothing.
 
@@ -86,32 +87,41 @@ pub(crate) fn plan(
     puts.chain(deletes).collect()
 }
 
-/// Whether a key read from etcd belongs to this node: the node key, or a service key
-/// whose instance is exactly `<node>-<12 hex>-<port>` and whose value is an instance
-/// record naming this node. The exact shape matters: node `web` must not claim
-/// `web-2-3f2a9c1b7d10-80`, and a hand-written `host:port` under a lookalike key
-/// stays the operator's.
-pub(crate) fn is_ours(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
-    match schema::parse_key(prefix, key) {
-        Ok(Key::Node { name }) => name == node,
-        Ok(Key::Service { instance, .. }) => {
-            let Some(rest) = instance
-                .strip_prefix(node)
-                .and_then(|r| r.strip_prefix('-'))
-            else {
-                return false;
-            };
-            let Some((id, port)) = rest.split_once('-') else {
-                return false;
-            };
-            let shape_ok = id.len() == 12
-                && id.bytes().all(|b| b.is_ascii_hexdigit())
-                && port.parse::<u16>().is_ok_and(|p| p != 0);
-            shape_ok
-                && serde_json::from_slice::<InstanceRecord>(value).is_ok_and(|r| r.node == node)
-        }
-        _ => false,
-    }
+/// Whether a key read from etcd is this node's: everything under its node prefix is.
+/// That prefix is all an etcd role needs to grant a Docker host, and nothing else
+/// writes there. The trailing slash of the prefix matters: node `web` must not claim
+/// `nodes/web-2/`.
+pub(crate) fn is_ours(prefix: &str, node: &str, key: &str) -> bool {
+    key.starts_with(&schema::node_prefix(prefix, node))
+}
+
+/// Whether a key under `services/` was written by a v1 registrar of this node: an
+/// instance exactly `<node>-<12 hex>-<port>` whose value is an instance record naming
+/// this node. The exact shape matters: node `web` must not claim
+/// `web-2-3f2a9c1b7d10-80`, and a hand-written `host:port` under a lookalike key stays
+/// the operator's.
+pub(crate) fn is_ours_v1(prefix: &str, node: &str, key: &str, value: &[u8]) -> bool {
+    let Ok(Key::Service {
+        instance,
+        node: None,
+        ..
+    }) = schema::parse_key(prefix, key)
+    else {
+        return false;
+    };
+    let Some(rest) = instance
+        .strip_prefix(node)
+        .and_then(|r| r.strip_prefix('-'))
+    else {
+        return false;
+    };
+    let Some((id, port)) = rest.split_once('-') else {
+        return false;
+    };
+    let shape_ok = id.len() == 12
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    shape_ok && serde_json::from_slice::<InstanceRecord>(value).is_ok_and(|r| r.node == node)
 }
 
 /// The node record to write: the one already in etcd when it is on our lease and says
@@ -184,14 +194,14 @@ mod tests {
         let verdicts: BTreeMap<&str, Verdict> = verdicts.iter().copied().collect();
         let d = desired(
             "/p",
-            ("/p/nodes/web", "{}"),
+            ("/p/nodes/web/node", "{}"),
             regs,
             |i| verdicts.get(i).copied(),
             |key| present.iter().any(|i| key.ends_with(&format!("/{i}"))),
         );
-        assert_eq!(d.get("/p/nodes/web").map(String::as_str), Some("{}"));
+        assert_eq!(d.get("/p/nodes/web/node").map(String::as_str), Some("{}"));
         d.keys()
-            .filter_map(|k| k.strip_prefix("/p/services/api/"))
+            .filter_map(|k| k.strip_prefix("/p/nodes/web/services/api/"))
             .map(str::to_string)
             .collect()
     }
@@ -269,7 +279,32 @@ mod tests {
     }
 
     #[test]
-    fn ownership() {
+    fn everything_under_our_node_prefix_is_ours_and_nothing_else() {
+        let p = "/portolan";
+        for key in [
+            "/portolan/nodes/web/node",
+            "/portolan/nodes/web/services/api/web-3f2a9c1b7d10-80",
+            "/portolan/nodes/web/services/api/anything",
+            "/portolan/nodes/web/leftover",
+        ] {
+            assert!(is_ours(p, "web", key), "{key}");
+        }
+        for key in [
+            // Another node, even one whose name extends ours.
+            "/portolan/nodes/web-2/node",
+            "/portolan/nodes/web-2/services/api/web-3f2a9c1b7d10-80",
+            // v1's node record is not under the prefix: only the migration deletes it.
+            "/portolan/nodes/web",
+            "/portolan/services/api/web-3f2a9c1b7d10-80",
+            "/portolan/watchers/web",
+            "/other/nodes/web/node",
+        ] {
+            assert!(!is_ours(p, "web", key), "{key}");
+        }
+    }
+
+    #[test]
+    fn v1_ownership() {
         let p = "/portolan";
         let rec = |node: &str| {
             format!(
@@ -277,59 +312,47 @@ mod tests {
             )
         };
         let ours = rec("web");
-        assert!(is_ours(
+        assert!(is_ours_v1(
             p,
             "web",
             "/portolan/services/api/web-3f2a9c1b7d10-80",
             ours.as_bytes()
         ));
-        assert!(is_ours(p, "web", "/portolan/nodes/web", b"{}"));
         // Another node, even one whose name extends ours.
-        assert!(!is_ours(p, "web", "/portolan/nodes/web-2", b"{}"));
-        assert!(!is_ours(
+        assert!(!is_ours_v1(
             p,
             "web",
             "/portolan/services/api/web-2-3f2a9c1b7d10-80",
             rec("web-2").as_bytes()
         ));
-        assert!(!is_ours(
+        assert!(!is_ours_v1(
             p,
             "web",
             "/portolan/services/api/web-3f2a9c1b7d10-80",
             rec("other").as_bytes()
         ));
         // Hand-written values and lookalike keys.
-        assert!(!is_ours(
-            p,
-            "web",
-            "/portolan/services/api/web-3f2a9c1b7d10-80",
-            b"10.0.0.9:80"
-        ));
-        assert!(!is_ours(
-            p,
-            "web",
-            "/portolan/services/api/web-manual-1",
-            ours.as_bytes()
-        ));
-        assert!(!is_ours(
-            p,
-            "web",
-            "/portolan/services/api/web-3f2a9c1b7d1x-80",
-            ours.as_bytes()
-        ));
-        assert!(!is_ours(
-            p,
-            "web",
-            "/portolan/services/api/web-3f2a9c1b7d10-0",
-            ours.as_bytes()
-        ));
-        assert!(!is_ours(p, "web", "/portolan/watchers/web", b"{}"));
-        assert!(!is_ours(
-            p,
-            "web",
-            "/other/services/api/web-3f2a9c1b7d10-80",
-            ours.as_bytes()
-        ));
+        for (key, value) in [
+            (
+                "/portolan/services/api/web-3f2a9c1b7d10-80",
+                &b"10.0.0.9:80"[..],
+            ),
+            ("/portolan/services/api/web-manual-1", ours.as_bytes()),
+            (
+                "/portolan/services/api/web-3f2a9c1b7d1x-80",
+                ours.as_bytes(),
+            ),
+            ("/portolan/services/api/web-3f2a9c1b7d10-0", ours.as_bytes()),
+            ("/other/services/api/web-3f2a9c1b7d10-80", ours.as_bytes()),
+            // v2 keys are not the migration's business.
+            (
+                "/portolan/nodes/web/services/api/web-3f2a9c1b7d10-80",
+                ours.as_bytes(),
+            ),
+            ("/portolan/nodes/web", b"{}"),
+        ] {
+            assert!(!is_ours_v1(p, "web", key, value), "{key}");
+        }
     }
 
     #[test]

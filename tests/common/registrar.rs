@@ -28,6 +28,13 @@ pub struct Opts {
     pub internal: bool,
     pub deregister_on_exit: bool,
     pub docker_host: Option<String>,
+    /// `--advertise-ip`; 127.0.0.1 when None.
+    pub advertise_ip: Option<String>,
+    /// A state dir of its own (another host, as far as the lease goes); the rig's when
+    /// None.
+    pub state_dir: Option<PathBuf>,
+    /// `--etcd-username` and `--etcd-password-file` (subprocesses only).
+    pub etcd_auth: Option<(String, PathBuf)>,
 }
 
 impl Default for Opts {
@@ -38,7 +45,16 @@ impl Default for Opts {
             internal: false,
             deregister_on_exit: false,
             docker_host: None,
+            advertise_ip: None,
+            state_dir: None,
+            etcd_auth: None,
         }
+    }
+}
+
+impl Opts {
+    fn advertise_ip(&self) -> &str {
+        self.advertise_ip.as_deref().unwrap_or("127.0.0.1")
     }
 }
 
@@ -71,9 +87,9 @@ impl Rig {
         RegistrarConfig {
             etcd: self.etcd.config(&self.prefix),
             node: self.node.clone(),
-            advertise_ip: Some("127.0.0.1".parse().expect("ip")),
+            advertise_ip: Some(opts.advertise_ip().parse().expect("ip")),
             ttl: Duration::from_secs(opts.ttl),
-            state_dir: self.state.path().join("state"),
+            state_dir: self.state_dir(opts),
             docker_host: opts.docker_host.clone(),
             docker_api_version: None,
             internal: opts.internal,
@@ -82,6 +98,12 @@ impl Rig {
             only_label: Some(self.only_label()),
             hooks: Vec::new(),
         }
+    }
+
+    fn state_dir(&self, opts: &Opts) -> PathBuf {
+        opts.state_dir
+            .clone()
+            .unwrap_or_else(|| self.state.path().join("state"))
     }
 
     /// A registrar running in this test's runtime.
@@ -101,11 +123,11 @@ impl Rig {
             .args(["--etcd-endpoints", &self.etcd.endpoint()])
             .args(["--prefix", &self.prefix])
             .args(["--node", &self.node])
-            .args(["--advertise-ip", "127.0.0.1"])
+            .args(["--advertise-ip", opts.advertise_ip()])
             .args(["--ttl", &opts.ttl.to_string()])
             .args(["--resync", &opts.resync.to_string()])
             .arg("--state-dir")
-            .arg(self.state.path().join("state"))
+            .arg(self.state_dir(opts))
             .args(["--only-label", &self.only_label()])
             .env("RUST_LOG", "info")
             // A config file on this machine must not leak into the test.
@@ -122,6 +144,11 @@ impl Rig {
         if let Some(h) = &opts.docker_host {
             cmd.args(["--docker-host", h]);
         }
+        if let Some((user, password_file)) = &opts.etcd_auth {
+            cmd.args(["--etcd-username", user])
+                .arg("--etcd-password-file")
+                .arg(password_file);
+        }
         Subprocess {
             proc: Proc::spawn("portolan registrar", &mut cmd),
             log,
@@ -135,7 +162,13 @@ impl Rig {
         Container::run(&self.run, &args, None)
     }
 
+    /// Where this rig's node registers its instances.
     pub fn services_prefix(&self) -> String {
+        format!("{}services/", schema::node_prefix(&self.prefix, &self.node))
+    }
+
+    /// Where hand-written instances live, and v1 registrars wrote theirs.
+    pub fn hand_written_prefix(&self) -> String {
         schema::services_prefix(&self.prefix)
     }
 
@@ -144,8 +177,9 @@ impl Rig {
     }
 
     pub fn key(&self, service: &str, c: &Container, port: u16) -> String {
-        schema::service_key(
+        schema::node_service_key(
             &self.prefix,
+            &self.node,
             service,
             &schema::instance_id(&self.node, &c.id, port),
         )
@@ -182,7 +216,7 @@ impl Rig {
             .collect()
     }
 
-    /// Service keys only, key → value.
+    /// This node's instance keys only, key → value.
     pub async fn services(&self) -> BTreeMap<String, String> {
         self.etcd
             .get_prefix(&self.services_prefix())
@@ -259,6 +293,15 @@ impl InProcess {
     /// True while `run` has not returned.
     pub fn running(&self) -> bool {
         self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Waits for `run` to return by itself.
+    pub async fn exited(mut self, timeout: Duration) -> anyhow::Result<()> {
+        let h = self.handle.take().expect("running");
+        tokio::time::timeout(timeout, h)
+            .await
+            .unwrap_or_else(|_| panic!("the registrar did not exit within {timeout:?}"))
+            .expect("registrar task")
     }
 
     /// Cancels and waits; returns how long the stop took.

@@ -48,7 +48,9 @@ pub(super) fn one_port() -> serde_json::Value {
 }
 
 pub(super) fn regs(c: &ContainerInspectResponse) -> Vec<Registration> {
-    registrations(c, &settings()).unwrap_or_else(|w| panic!("warnings: {w:?}"))
+    let s = registrations(c, &settings()).unwrap_or_else(|w| panic!("warnings: {w:?}"));
+    assert!(s.skipped.is_empty(), "skipped: {:?}", s.skipped);
+    s.registrations
 }
 
 pub(super) fn warnings(c: &ContainerInspectResponse) -> Vec<LabelWarning> {

@@ -89,11 +89,7 @@ const PORT_SETTINGS: &[&str] = &[
     "check.rise",
 ];
 
-pub(super) fn check_port_labels(
-    meta: &Meta,
-    ports: &BTreeMap<u16, Option<String>>,
-    w: &mut Warnings,
-) {
+pub(super) fn check_port_labels<T>(meta: &Meta, ports: &BTreeMap<u16, T>, w: &mut Warnings) {
     let mut keys: Vec<&String> = meta
         .labels
         .keys()
@@ -362,6 +358,60 @@ mod tests {
             one_port(),
         );
         assert_eq!(regs(&c)[0].service, "perport");
+    }
+
+    #[test]
+    fn service_names_are_lower_cased_wherever_they_come_from() {
+        let mut c = inspect(&[], &[], one_port());
+        c.config.as_mut().unwrap().image = Some("registry:5000/team/MyApp:1.2".into());
+        assert_eq!(regs(&c)[0].service, "myapp");
+        for (labels, env, want) in [
+            (&[("portolan.service", "Shop")][..], &[][..], "shop"),
+            (&[], &["SERVICE_NAME=Legacy"], "legacy"),
+            (&[("portolan.port.8080.service", "ADMIN")], &[], "admin"),
+            (&[("com.docker.compose.service", "Api")], &[], "api"),
+        ] {
+            assert_eq!(regs(&inspect(labels, env, one_port()))[0].service, want);
+        }
+        // Still invalid once lowered: a warning naming the label, as before.
+        let w = warnings(&inspect(
+            &[("portolan.service", "Bad Name")],
+            &[],
+            one_port(),
+        ));
+        assert!(w[0].label.contains("portolan.service"), "{w:?}");
+        assert!(w[0].message.contains("\"bad name\""), "{w:?}");
+    }
+
+    #[test]
+    fn compose_service_is_the_default_name_before_the_image() {
+        let compose = ("com.docker.compose.service", "api");
+        assert_eq!(
+            regs(&inspect(&[compose], &[], one_port()))[0].service,
+            "api"
+        );
+        // Set by hand, the name wins over Compose's.
+        assert_eq!(
+            regs(&inspect(
+                &[compose, ("portolan.service", "shop")],
+                &[],
+                one_port()
+            ))[0]
+                .service,
+            "shop"
+        );
+        assert_eq!(
+            regs(&inspect(&[compose], &["SERVICE_NAME=legacy"], one_port()))[0].service,
+            "legacy"
+        );
+        // Several ports get suffixes like any container-wide name.
+        let ports = serde_json::json!({
+            "8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "1"}],
+            "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "2"}],
+        });
+        let r = regs(&inspect(&[compose], &[], ports));
+        let names: Vec<&str> = r.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(names, vec!["api-8080", "api-9090"]);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Lookup order for a setting `<x>` of container port `<p>`, most specific first:
 //! `portolan.port.<p>.<x>` label, `SERVICE_<p>_<X>` env, `portolan.<x>` label,
 //! `SERVICE_<X>` env (the env fallback exists for `service`, `ignore` and `tags` only,
-//! as in registrator).
+//! as in registrator). A service name set nowhere is Compose's
+//! (`com.docker.compose.service`), else the image's base name; any name is lower-cased.
 //!
 //! Any bad input makes the whole container a list of `LabelWarning`s, each naming the
 //! container and the label: registering half of a misconfigured container would be a
@@ -31,7 +32,7 @@ use self::labels::{
     check, check_container_labels, check_port_labels, image_base_name, parse_ignore, parse_tags,
     Meta, Warnings,
 };
-use self::ports::ports;
+use self::ports::{ports, Published};
 use crate::schema::{self, InstanceRecord, DEFAULT_WEIGHT, MAX_WEIGHT};
 
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,7 +50,8 @@ pub(crate) struct NodeSettings {
     pub(crate) internal: bool,
 }
 
-/// One key this node wants in etcd: `<prefix>/services/<service>/<instance>`.
+/// One key this node wants in etcd:
+/// `<prefix>/nodes/<node>/services/<service>/<instance>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Registration {
     pub(crate) service: String,
@@ -61,7 +63,7 @@ pub(crate) struct Registration {
 
 impl Registration {
     pub(crate) fn key(&self, prefix: &str) -> String {
-        schema::service_key(prefix, &self.service, &self.instance)
+        schema::node_service_key(prefix, &self.record.node, &self.service, &self.instance)
     }
 }
 
@@ -103,6 +105,14 @@ impl fmt::Display for LabelWarning {
             self.container, self.label, self.message
         )
     }
+}
+
+/// What a container registers, and the published ports it leaves out (each with why).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Selected {
+    pub(crate) registrations: Vec<Registration>,
+    /// Ports skipped on purpose (bound to loopback only): the rest still registers.
+    pub(crate) skipped: Vec<LabelWarning>,
 }
 
 /// Whether a container may be registered at all, from its Docker state.
@@ -153,7 +163,7 @@ pub(crate) fn display_name(c: &ContainerInspectResponse) -> String {
 pub(crate) fn registrations(
     c: &ContainerInspectResponse,
     settings: &NodeSettings,
-) -> Result<Vec<Registration>, Vec<LabelWarning>> {
+) -> Result<Selected, Vec<LabelWarning>> {
     let mut w = Warnings {
         container: display_name(c),
         list: Vec::new(),
@@ -187,18 +197,44 @@ pub(crate) fn registrations(
     check_container_labels(&meta, &mut w);
 
     let base_name = meta.lookup(None, "service");
+    // Compose names each container after its service: a better default than the
+    // image, which several services often share.
+    let compose_name = meta.get_label("com.docker.compose.service");
     let image_name = config
         .and_then(|c| c.image.as_deref())
         .and_then(image_base_name);
     let several = ports.len() > 1;
     let mut out = Vec::new();
-    for (&port, addr) in &ports {
-        let Some(addr) = addr else {
-            w.push(
-                &format!("port {port}/tcp"),
-                "published without a usable host port or container IP",
-            );
-            continue;
+    let mut skipped = Warnings {
+        container: w.container.clone(),
+        list: Vec::new(),
+    };
+    for (&port, published) in &ports {
+        let addr = match published {
+            Published::At(addr) => addr,
+            Published::LoopbackOnly(binding) => {
+                let ignored = meta
+                    .lookup(Some(port), "ignore")
+                    .is_some_and(|(src, v)| parse_ignore(&src, v) == Ok(true));
+                if ignored {
+                    continue;
+                }
+                skipped.push(
+                    &format!("port {port}/tcp"),
+                    &format!(
+                        "published only on loopback ({binding}), which other hosts cannot reach while this host advertises {}: publish it on all interfaces or on an address of this host, or set portolan.port.{port}.ignore=true",
+                        settings.advertise_ip
+                    ),
+                );
+                continue;
+            }
+            Published::Unusable => {
+                w.push(
+                    &format!("port {port}/tcp"),
+                    "published without a usable host port or container IP",
+                );
+                continue;
+            }
         };
         if let Some((src, v)) = meta.lookup(Some(port), "ignore") {
             match parse_ignore(&src, v) {
@@ -212,10 +248,14 @@ pub(crate) fn registrations(
         }
         let service = match meta.lookup_port_only(port, "service") {
             Some((src, name)) => Some((src, name.to_string())),
-            None => match (&base_name, &image_name) {
-                (Some((src, name)), _) => Some((src.clone(), suffixed(name, port, several))),
-                (None, Some(name)) => Some(("image".to_string(), suffixed(name, port, several))),
-                (None, None) => None,
+            None => match (&base_name, &compose_name, &image_name) {
+                (Some((src, name)), _, _) | (None, Some((src, name)), _) => {
+                    Some((src.clone(), suffixed(name, port, several)))
+                }
+                (None, None, Some(name)) => {
+                    Some(("image".to_string(), suffixed(name, port, several)))
+                }
+                (None, None, None) => None,
             },
         };
         let Some((service_src, service)) = service else {
@@ -225,10 +265,14 @@ pub(crate) fn registrations(
             );
             continue;
         };
-        if !schema::is_valid_name(&service) {
+        // Service names are lower case (host names ignore case): `MyApp` is `myapp`.
+        let service = service.to_ascii_lowercase();
+        if !schema::is_valid_service_name(&service) {
             w.push(
                 &service_src,
-                &format!("service name {service:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"),
+                &format!(
+                    "service name {service:?} must match [a-z0-9][a-z0-9_.-]{{0,127}} (upper case is lowered)"
+                ),
             );
             continue;
         }
@@ -278,7 +322,10 @@ pub(crate) fn registrations(
         });
     }
     if w.list.is_empty() {
-        Ok(out)
+        Ok(Selected {
+            registrations: out,
+            skipped: skipped.list,
+        })
     } else {
         Err(w.list)
     }
@@ -310,7 +357,7 @@ mod tests {
         assert_eq!(r[0].check, None);
         assert_eq!(
             r[0].key("/portolan"),
-            "/portolan/services/shop-web/host-a-3f2a9c1b7d10-8080"
+            "/portolan/nodes/host-a/services/shop-web/host-a-3f2a9c1b7d10-8080"
         );
     }
 
@@ -353,7 +400,7 @@ mod tests {
                 .unwrap();
         assert_eq!(gate(&c), Gate::Up);
         // No published port: nothing to register, nothing to complain about.
-        assert_eq!(registrations(&c, &settings()), Ok(vec![]));
+        assert_eq!(registrations(&c, &settings()), Ok(Selected::default()));
         let c: ContainerInspectResponse = serde_json::from_value(serde_json::json!({
             "Id": ID, "Config": {"Image": "x"},
             "NetworkSettings": {"Ports": {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": ""}], "bad": null}}

@@ -10,11 +10,30 @@ use bollard::models::{ContainerInspectResponse, PortBinding};
 use super::NodeSettings;
 use crate::schema;
 
+/// What a published container port comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Published {
+    /// Register this address.
+    At(String),
+    /// Bound only to a loopback host IP (`-p 127.0.0.1:8404:80`, this binding) while
+    /// this host advertises an address other hosts reach: registered, it would send
+    /// the load balancer to its own loopback, so it is skipped.
+    LoopbackOnly(String),
+    /// No usable host port or container IP.
+    Unusable,
+}
+
+impl Published {
+    fn from_addr(addr: Option<String>) -> Published {
+        addr.map_or(Published::Unusable, Published::At)
+    }
+}
+
 /// HAProxy balances TCP and HTTP.
 pub(super) fn ports(
     c: &ContainerInspectResponse,
     settings: &NodeSettings,
-) -> BTreeMap<u16, Option<String>> {
+) -> BTreeMap<u16, Published> {
     let mut out = BTreeMap::new();
     let host_mode = c
         .host_config
@@ -33,7 +52,7 @@ pub(super) fn ports(
     if host_mode {
         // The container shares the host's network: its ports are the host's ports.
         for p in exposed {
-            out.insert(p, Some(addr(settings.advertise_ip, p)));
+            out.insert(p, Published::At(addr(settings.advertise_ip, p)));
         }
         return out;
     }
@@ -44,7 +63,7 @@ pub(super) fn ports(
             .flat_map(|m| m.keys())
             .filter_map(|p| tcp_port(p));
         for p in exposed.iter().copied().chain(mapped) {
-            out.insert(p, ip.map(|ip| addr(ip, p)));
+            out.insert(p, Published::from_addr(ip.map(|ip| addr(ip, p))));
         }
         return out;
     }
@@ -72,10 +91,13 @@ fn addr(ip: IpAddr, port: u16) -> String {
 }
 
 /// A binding on every interface (0.0.0.0 or ::) is reached at the advertise IP; a
-/// binding on one host IP (127.0.0.1, 10.0.0.5) only at that IP. Wildcard bindings win,
-/// IPv4 first, so the choice is stable whatever order Docker lists them in.
-fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Option<String> {
-    let mut candidates: Vec<(u8, String, u16)> = bindings
+/// binding on one host IP (10.0.0.5) only at that IP. Wildcard bindings win, IPv4
+/// first, so the choice is stable whatever order Docker lists them in. A loopback host
+/// IP counts only when the advertise IP is loopback too (a one-host setup): otherwise
+/// the load balancer would be sent to its own 127.0.0.1.
+fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Published {
+    let mut loopback = None;
+    let mut candidates: Vec<(u8, IpAddr, u16)> = bindings
         .iter()
         .filter_map(|b| {
             let port = b
@@ -85,16 +107,25 @@ fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Option<String>
                 .filter(|p| *p != 0)?;
             let host_ip = b.host_ip.as_deref().unwrap_or("");
             Some(match host_ip {
-                "" | "0.0.0.0" => (0, advertise.to_string(), port),
-                "::" => (1, advertise.to_string(), port),
-                ip => (2, ip.parse::<IpAddr>().ok()?.to_string(), port),
+                "" | "0.0.0.0" => (0, advertise, port),
+                "::" => (1, advertise, port),
+                ip => {
+                    let ip = ip.parse::<IpAddr>().ok()?.to_canonical();
+                    if ip.is_loopback() && !advertise.to_canonical().is_loopback() {
+                        loopback.get_or_insert_with(|| addr(ip, port));
+                        return None;
+                    }
+                    (2, ip, port)
+                }
             })
         })
         .collect();
     candidates.sort();
-    let (_, ip, port) = candidates.into_iter().next()?;
-    let ip: IpAddr = ip.parse().ok()?;
-    Some(addr(ip, port))
+    match (candidates.into_iter().next(), loopback) {
+        (Some((_, ip, port)), _) => Published::At(addr(ip, port)),
+        (None, Some(binding)) => Published::LoopbackOnly(binding),
+        (None, None) => Published::Unusable,
+    }
 }
 
 /// The container's IP on the network it was started with, else on the first network
@@ -127,28 +158,82 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::*;
 
+    fn advertising(ip: &str) -> NodeSettings {
+        NodeSettings {
+            advertise_ip: ip.parse().unwrap(),
+            ..settings()
+        }
+    }
+
     #[test]
-    fn host_ip_bindings_register_that_ip() {
-        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "40001"}]});
+    fn a_binding_on_one_host_ip_registers_that_ip() {
+        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "10.0.0.7", "HostPort": "40001"}]});
         assert_eq!(
             regs(&inspect(&[], &[], ports))[0].record.addr,
-            "127.0.0.1:40001"
+            "10.0.0.7:40001"
         );
         // Wildcards win over a specific IP, v4 over v6, whatever the order.
         let ports = serde_json::json!({"8080/tcp": [
             {"HostIp": "::", "HostPort": "40003"},
-            {"HostIp": "127.0.0.1", "HostPort": "40001"},
+            {"HostIp": "10.0.0.7", "HostPort": "40001"},
             {"HostIp": "0.0.0.0", "HostPort": "40002"},
         ]});
         assert_eq!(
             regs(&inspect(&[], &[], ports))[0].record.addr,
             "10.0.0.5:40002"
         );
-        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "::1", "HostPort": "40001"}]});
+        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "fd00::7", "HostPort": "40001"}]});
         assert_eq!(
             regs(&inspect(&[], &[], ports))[0].record.addr,
-            "[::1]:40001"
+            "[fd00::7]:40001"
         );
+    }
+
+    #[test]
+    fn a_loopback_binding_is_skipped_with_a_warning_unless_we_advertise_loopback() {
+        for (host_ip, binding) in [
+            ("127.0.0.1", "127.0.0.1:8404"),
+            ("127.0.0.2", "127.0.0.2:8404"),
+            ("::1", "[::1]:8404"),
+            ("::ffff:127.0.0.1", "127.0.0.1:8404"),
+        ] {
+            let ports = serde_json::json!({
+                "80/tcp": [{"HostIp": host_ip, "HostPort": "8404"}],
+                "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40002"}],
+            });
+            let c = inspect(&[], &[], ports);
+            let s = registrations(&c, &settings()).expect("no label warnings");
+            // The other port still registers.
+            let addrs: Vec<&str> = s
+                .registrations
+                .iter()
+                .map(|r| r.record.addr.as_str())
+                .collect();
+            assert_eq!(addrs, vec!["10.0.0.5:40002"], "{host_ip}");
+            assert_eq!(s.skipped.len(), 1, "{host_ip}");
+            let text = s.skipped[0].to_string();
+            assert!(text.contains("web-1 (3f2a9c1b7d10)"), "{text}");
+            assert!(text.contains("port 80/tcp"), "{text}");
+            assert!(text.contains(binding), "{text}");
+            // A one-host setup advertising loopback registers it as before.
+            for advertise in ["127.0.0.1", "::1"] {
+                let s = registrations(&c, &advertising(advertise)).unwrap();
+                assert!(s.skipped.is_empty(), "{host_ip} {advertise}");
+                assert!(
+                    s.registrations.iter().any(|r| r.record.addr == binding),
+                    "{host_ip} {advertise}: {:?}",
+                    s.registrations
+                );
+            }
+        }
+        // A routable binding beside a loopback one is the one registered, silently.
+        let ports = serde_json::json!({"8080/tcp": [
+            {"HostIp": "127.0.0.1", "HostPort": "40001"},
+            {"HostIp": "10.0.0.7", "HostPort": "40002"},
+        ]});
+        let s = registrations(&inspect(&[], &[], ports), &settings()).unwrap();
+        assert_eq!(s.registrations[0].record.addr, "10.0.0.7:40002");
+        assert!(s.skipped.is_empty());
     }
 
     #[test]
@@ -167,7 +252,8 @@ mod tests {
             &inspect(&[], &[], serde_json::json!({"8080/tcp": null})),
             &s,
         )
-        .unwrap();
+        .unwrap()
+        .registrations;
         assert_eq!(r[0].record.addr, "172.17.0.3:8080");
         assert_eq!(r[0].record.port, Some(8080));
     }
