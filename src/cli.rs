@@ -16,7 +16,7 @@ pub use crate::config::{RegistrarArgs, WatcherArgs};
     long_about = concat!(
         "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n",
         "  registrar  runs on every Docker host and writes each running container's\n",
-        "             host:port into etcd under <prefix>/services/<service>/<instance>,\n",
+        "             host:port into etcd under <prefix>/nodes/<node>/services/…,\n",
         "             on a lease, so a dead host disappears by itself.\n",
         "  watcher    runs beside HAProxy, watches that prefix, renders templates,\n",
         "             validates the result with `haproxy -c`, swaps it in atomically and\n",
@@ -54,17 +54,22 @@ pub enum Command {
     /// Watch the local Docker daemon and keep this node's containers registered in etcd.
     ///
     /// Each published port of a running container becomes
-    /// <prefix>/services/<service>/<node>-<container id>-<port> with a JSON record
+    /// <prefix>/nodes/<node>/services/<service>/<node>-<container id>-<port> with a JSON record
     /// {"addr":"<advertise-ip>:<host port>",...}, attached to this registrar's lease.
     /// A port published on one host IP (-p 10.0.0.5::80) is registered with that IP.
+    /// One published only on loopback (-p 127.0.0.1::80) is skipped with a warning unless
+    /// --advertise-ip is loopback too. Every key lies under <prefix>/nodes/<node>/, so
+    /// the node's etcd user needs no other access (see `portolan auth`); a second
+    /// registrar with a node name already held by a live one refuses to start.
     /// Containers are removed the moment they die, stop, are killed, paused or turn
     /// unhealthy; a lost host is removed by lease expiry after --ttl seconds.
     ///
     /// Container labels (registrator's environment variables in brackets work as fallback):
     ///
-    ///   portolan.service=NAME          service name [SERVICE_NAME]; default: the image's
-    ///                                  base name; "-<port>" is appended when the container
-    ///                                  publishes several ports
+    ///   portolan.service=NAME          service name [SERVICE_NAME]; default: the Compose
+    ///                                  service (com.docker.compose.service), else the
+    ///                                  image's base name; lower-cased; "-<port>" is
+    ///                                  appended when the container publishes several ports
     ///   portolan.port.<p>.service=NAME name for container port <p> [SERVICE_<p>_NAME]
     ///   portolan.ignore=true           do not register [SERVICE_IGNORE]
     ///   portolan.tags=a,b              tags [SERVICE_TAGS]

@@ -81,11 +81,12 @@ impl Snapshot {
     }
 }
 
-/// The etcd key prefix read for `service` (all services when None).
+/// Where `ls` looks for instances, for messages: hand-written ones under `services/`,
+/// registrars' under `nodes/<node>/services/`.
 pub fn read_prefix(prefix: &str, service: Option<&str>) -> String {
     match service {
-        Some(s) => format!("{}{s}/", schema::services_prefix(prefix)),
-        None => schema::services_prefix(prefix),
+        Some(s) => format!("{prefix}/{{services,nodes/*/services}}/{s}/"),
+        None => format!("{prefix}/{{services,nodes/*/services}}/"),
     }
 }
 
@@ -93,7 +94,7 @@ pub fn read_prefix(prefix: &str, service: Option<&str>) -> String {
 pub fn leases_to_look_up(prefix: &str, kvs: &[RawKv]) -> Vec<i64> {
     let mut ids: Vec<i64> = kvs
         .iter()
-        .filter(|kv| kv.lease != 0 && decode(prefix, kv).is_ok())
+        .filter(|kv| kv.lease != 0 && matches!(decode(prefix, kv), Some(Ok(_))))
         .map(|kv| kv.lease)
         .collect();
     ids.sort_unstable();
@@ -101,19 +102,50 @@ pub fn leases_to_look_up(prefix: &str, kvs: &[RawKv]) -> Vec<i64> {
     ids
 }
 
-fn decode(prefix: &str, kv: &RawKv) -> Result<Instance, SchemaError> {
+/// An instance key decoded, an instance key that breaks the schema, or None for every
+/// other key (node records, watchers' status, config).
+fn decode(prefix: &str, kv: &RawKv) -> Option<Result<Instance, SchemaError>> {
     let key = String::from_utf8_lossy(&kv.key);
-    match schema::parse_key(prefix, &key)? {
-        Key::Service {
+    match schema::parse_key(prefix, &key) {
+        Ok(Key::Service {
             service,
             instance,
             node,
-        } => schema::decode_owned(&key, &service, &instance, node.as_deref(), &kv.value),
-        _ => Err(SchemaError {
-            key: key.to_string(),
-            rule: "not a service key".into(),
-        }),
+        }) => Some(schema::decode_owned(
+            &key,
+            &service,
+            &instance,
+            node.as_deref(),
+            &kv.value,
+        )),
+        Ok(_) => None,
+        // A broken key is worth a warning where instances live.
+        Err(e) => is_instance_path(prefix, &key).then_some(Err(e)),
     }
+}
+
+fn is_instance_path(prefix: &str, key: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    rest.starts_with("/services/")
+        || (rest.starts_with("/nodes/")
+            && rest
+                .splitn(4, '/')
+                .nth(3)
+                .is_some_and(|r| r.starts_with("services/")))
+}
+
+/// Keeps the keys of `service` only: its instances, and broken keys on its paths.
+pub fn only_service(prefix: &str, service: &str, kvs: Vec<RawKv>) -> Vec<RawKv> {
+    let path = format!("/services/{service}/");
+    kvs.into_iter()
+        .filter(|kv| match decode(prefix, kv) {
+            Some(Ok(i)) => i.service == service,
+            Some(Err(_)) => String::from_utf8_lossy(&kv.key).contains(&path),
+            None => false,
+        })
+        .collect()
 }
 
 /// Builds the snapshot from what etcd returned. Pure.
@@ -125,9 +157,20 @@ pub fn snapshot(
 ) -> Snapshot {
     let mut services: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut skipped = Vec::new();
-    for kv in kvs {
+    // One row per (service, id), as rendered: a registrar's key under nodes/ wins over
+    // a hand-written (or v1) one of the same id.
+    let mut seen: BTreeMap<(String, String), bool> = BTreeMap::new();
+    let node_scoped = |kv: &RawKv| kv.key.starts_with(format!("{prefix}/nodes/").as_bytes());
+    let mut ordered: Vec<&RawKv> = kvs.iter().collect();
+    ordered.sort_by_key(|kv| (!node_scoped(kv), kv.key.clone()));
+    for kv in ordered {
         match decode(prefix, kv) {
-            Ok(instance) => {
+            None => {}
+            Some(Ok(instance)) => {
+                let id = (instance.service.clone(), instance.id.clone());
+                if seen.insert(id, true).is_some() {
+                    continue;
+                }
                 let lease = match (kv.lease, leases.get(&kv.lease)) {
                     (0, _) => Lease::None,
                     (id, Some(LeaseState::Live { ttl, granted_ttl })) => Lease::Live {
@@ -142,7 +185,7 @@ pub fn snapshot(
                     .or_default()
                     .push(Entry { instance, lease });
             }
-            Err(e) => skipped.push(e),
+            Some(Err(e)) => skipped.push(e),
         }
     }
     for entries in services.values_mut() {
@@ -350,12 +393,12 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
     let mut client = etcd::connect(etcd)
         .await
         .with_context(|| format!("cannot reach etcd at {endpoints} (--etcd-endpoints URL)"))?;
-    let key = read_prefix(&etcd.prefix, service);
+    let key = format!("{}/", etcd.prefix);
     let listing = etcd::list_prefix(&mut client, &key)
         .await
         .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
     let revision = listing.revision;
-    let kvs: Vec<RawKv> = listing
+    let mut kvs: Vec<RawKv> = listing
         .kvs
         .into_iter()
         .map(|kv| RawKv {
@@ -364,6 +407,9 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
             lease: kv.lease(),
         })
         .collect();
+    if let Some(s) = service {
+        kvs = only_service(&etcd.prefix, s, kvs);
+    }
     let mut leases = BTreeMap::new();
     for id in leases_to_look_up(&etcd.prefix, &kvs) {
         // A lease that expired since the listing is no error: etcd 3.4 says "lease not
@@ -550,9 +596,45 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
     }
 
     #[test]
-    fn filtered_prefix_ends_with_a_slash() {
-        // "web/" so that `ls web` does not also list "web2".
-        assert_eq!(read_prefix(P, Some("web")), "/portolan/services/web/");
-        assert_eq!(read_prefix(P, None), "/portolan/services/");
+    fn one_service_means_its_keys_on_both_paths_and_no_lookalike() {
+        let kvs = vec![
+            kv("/portolan/services/web/manual", "10.0.0.9:80", 0),
+            kv("/portolan/services/web2/manual", "10.0.0.9:80", 0),
+            kv(
+                "/portolan/nodes/a/services/web/a-1",
+                r#"{"addr":"10.0.0.5:80"}"#,
+                7,
+            ),
+            kv("/portolan/nodes/a/services/web/broken", "x", 7),
+            kv("/portolan/nodes/a/node", "{}", 7),
+        ];
+        let keys: Vec<String> = only_service(P, "web", kvs)
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "/portolan/services/web/manual",
+                "/portolan/nodes/a/services/web/a-1",
+                "/portolan/nodes/a/services/web/broken"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_registrars_key_wins_over_a_hand_written_one_of_the_same_id() {
+        let kvs = vec![
+            kv("/portolan/services/web/a-1", "10.0.0.9:80", 0),
+            kv(
+                "/portolan/nodes/a/services/web/a-1",
+                r#"{"addr":"10.0.0.5:80"}"#,
+                0,
+            ),
+        ];
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new());
+        assert_eq!(snap.instance_count(), 1);
+        assert_eq!(snap.services["web"][0].instance.addr, "10.0.0.5:80");
+        assert_eq!(snap.services["web"][0].instance.node, "a");
     }
 }

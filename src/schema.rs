@@ -304,10 +304,34 @@ pub struct InstanceRecord {
     pub tags: Vec<String>,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Going away: its container got its stop signal. Watchers take it out of rotation
+    /// (in-flight requests finish) until the registrar deletes the key on exit, or
+    /// clears this if the container does not exit after all. Written only when true,
+    /// so records of older registrars and hand-written ones read as not draining.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub draining: bool,
 }
 
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Default for InstanceRecord {
+    fn default() -> Self {
+        InstanceRecord {
+            addr: String::new(),
+            node: String::new(),
+            container: String::new(),
+            port: None,
+            tags: Vec::new(),
+            weight: DEFAULT_WEIGHT,
+            draining: false,
+        }
+    }
 }
 
 impl InstanceRecord {
@@ -328,6 +352,8 @@ pub struct Instance {
     pub container: String,
     pub tags: Vec<String>,
     pub weight: u32,
+    /// Out of rotation for new requests; see [`InstanceRecord::draining`].
+    pub draining: bool,
 }
 
 /// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
@@ -367,6 +393,7 @@ pub fn decode_owned(
             port: None,
             tags: Vec::new(),
             weight: DEFAULT_WEIGHT,
+            draining: false,
         }
     };
     let mut record = record;
@@ -419,6 +446,7 @@ pub fn decode_owned(
         container: record.container,
         tags: record.tags,
         weight: record.weight,
+        draining: record.draining,
     })
 }
 
@@ -568,6 +596,7 @@ mod tests {
             port: Some(80),
             tags: vec![],
             weight: 100,
+            draining: false,
         };
         let json = r.to_json();
         assert!(!json.contains('\n'));

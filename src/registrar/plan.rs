@@ -178,6 +178,7 @@ mod tests {
                 port: Some(80),
                 tags: vec![],
                 weight: schema::DEFAULT_WEIGHT,
+                draining: false,
             },
             check: probed.then(|| Check {
                 kind: CheckKind::Tcp,

@@ -316,6 +316,7 @@ pub(crate) fn registrations(
                 port: Some(port),
                 tags,
                 weight,
+                draining: false,
             },
             instance,
             check,
