@@ -137,7 +137,9 @@ pub enum Command {
     /// while reading. A key the watcher would skip is reported on stderr with the rule it
     /// breaks. --json prints a stable document for scripts: {prefix, revision,
     /// services: {name: [instance…]}, skipped: [{key, reason}]}. --addrs prints one
-    /// host:port a line and nothing else.
+    /// host:port a line and nothing else. While an instance drains (its container got
+    /// its stop signal) the table has a last column STATE (up/draining) and the JSON
+    /// instance "draining": true.
     Ls(LsArgs),
     /// Validate a config file and compile its templates, without touching anything.
     ///

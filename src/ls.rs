@@ -237,12 +237,22 @@ const HEADER: [&str; 8] = [
 
 /// The human table: one line per instance, columns padded, no trailing spaces. Pure.
 pub fn table(snap: &Snapshot) -> String {
-    let mut rows: Vec<[String; 8]> = vec![HEADER.map(String::from)];
+    // A STATE column only while something drains: the usual table stays as it was.
+    let draining = snap
+        .services
+        .values()
+        .flatten()
+        .any(|e| e.instance.draining);
+    let mut header: Vec<String> = HEADER.map(String::from).to_vec();
+    if draining {
+        header.push("STATE".into());
+    }
+    let mut rows: Vec<Vec<String>> = vec![header];
     for (service, entries) in &snap.services {
         for e in entries {
             let i = &e.instance;
             let container: String = i.container.chars().take(12).collect();
-            rows.push([
+            let mut row = vec![
                 service.clone(),
                 i.id.clone(),
                 i.addr.clone(),
@@ -251,10 +261,14 @@ pub fn table(snap: &Snapshot) -> String {
                 lease_cell(&e.lease),
                 i.weight.to_string(),
                 or_dash(&i.tags.join(",")).to_string(),
-            ]);
+            ];
+            if draining {
+                row.push(if i.draining { "draining" } else { "up" }.into());
+            }
+            rows.push(row);
         }
     }
-    let mut widths = [0usize; 8];
+    let mut widths = vec![0usize; rows[0].len()];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -263,7 +277,7 @@ pub fn table(snap: &Snapshot) -> String {
     let mut out = String::new();
     for row in &rows {
         let mut line = String::new();
-        for (n, (cell, w)) in row.iter().zip(widths).enumerate() {
+        for (n, (cell, w)) in row.iter().zip(&widths).enumerate() {
             if n > 0 {
                 line.push_str("  ");
             }
@@ -295,6 +309,9 @@ struct JsonInstance<'a> {
     tags: &'a [String],
     weight: u32,
     lease: Option<JsonLease>,
+    /// Present (true) only while the instance drains: older documents stay as they were.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    draining: bool,
 }
 
 #[derive(Serialize)]
@@ -336,6 +353,7 @@ pub fn json(snap: &Snapshot) -> String {
                             container: non_empty(&i.container),
                             tags: &i.tags,
                             weight: i.weight,
+                            draining: i.draining,
                             lease: match e.lease {
                                 Lease::None => None,
                                 Lease::Live {
@@ -516,6 +534,32 @@ web      host-a-3f2a9c1b7d10-8080  10.0.0.5:32768  host-a  3f2a9c1b7d10  7s/10s 
 web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired  50      v2,canary
 ";
         assert_eq!(table(&fixture()), expected);
+    }
+
+    #[test]
+    fn a_draining_instance_adds_a_state_column() {
+        let kvs = vec![
+            kv(
+                "/portolan/nodes/a/services/web/a-1",
+                r#"{"addr":"10.0.0.5:80","draining":true}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/a/services/web/a-2",
+                r#"{"addr":"10.0.0.6:80"}"#,
+                0,
+            ),
+        ];
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new());
+        let t = table(&snap);
+        assert!(t.lines().next().unwrap().ends_with("TAGS  STATE"), "{t}");
+        assert!(
+            t.contains("draining") && t.lines().nth(2).unwrap().ends_with("up"),
+            "{t}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();
+        assert_eq!(doc["services"]["web"][0]["draining"], true);
+        assert!(doc["services"]["web"][1].get("draining").is_none());
     }
 
     #[test]
