@@ -1,0 +1,279 @@
+//! Least privilege end to end: an etcd with TLS and auth on, users made by `portolan
+//! auth`, and a registrar and a watcher that do their whole job with exactly those
+//! users. Their passwords appear in no command line, environment or log.
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::pki::make_pki;
+use common::*;
+use portolan::config::{EtcdTls, Secret};
+
+const T: Duration = Duration::from_secs(20);
+
+struct SecureEtcd {
+    endpoint: String,
+    _proc: Proc,
+}
+
+/// An etcd serving https with `server.pem`, with a root user and auth enabled.
+async fn secure_etcd(dir: &Path, root_pw: &str) -> SecureEtcd {
+    need("etcd", "etcd-server");
+    let (client_port, peer_port) = (free_port(), free_port());
+    let endpoint = format!("https://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = owned_command("etcd");
+    cmd.current_dir(dir)
+        .args(["--name", "sec", "--data-dir", "data"])
+        .args([
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("sec={peer}")])
+        .args(["--cert-file", "server.pem", "--key-file", "server.key"])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = Proc::spawn("etcd", &mut cmd);
+    let mut cfg = EtcdConfig::local(&endpoint, "/x");
+    cfg.tls = Some(EtcdTls {
+        ca_file: dir.join("ca.pem"),
+        client: None,
+    });
+    wait_until("the TLS etcd to answer", T, || async {
+        match portolan::etcd::connect(&cfg).await {
+            Ok(mut c) => c.status().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let mut c = portolan::etcd::connect(&cfg).await.expect("connect");
+    c.user_add("root", root_pw, None)
+        .await
+        .expect("user add root");
+    c.user_grant_role("root", "root").await.expect("grant root");
+    c.auth_enable().await.expect("auth enable");
+    SecureEtcd {
+        endpoint,
+        _proc: proc,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Everything a process exposes to other local users: its command line and environment.
+fn exposed(pid: i32) -> String {
+    let read = |f: &str| {
+        std::fs::read(format!("/proc/{pid}/{f}"))
+            .map(|b| text(&b).replace('\0', " "))
+            .unwrap_or_default()
+    };
+    format!("{} {}", read("cmdline"), read("environ"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrar_and_a_watcher_work_with_only_the_users_portolan_auth_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d);
+    let root_pw = "root-pw-least-privilege";
+    let etcd = secure_etcd(d, root_pw).await;
+    let ep = etcd.endpoint.clone();
+    let prefix = unique_prefix("lp");
+    let ca = d.join("ca.pem");
+    std::fs::write(d.join("root.pw"), root_pw).unwrap();
+    let tls_args = |cmd: &mut std::process::Command| {
+        cmd.args(["--etcd-endpoints", &ep, "--prefix", &prefix])
+            .arg("--etcd-ca")
+            .arg(&ca);
+    };
+    for (what, name, file) in [("add-node", "n1", "n1.pw"), ("add-watcher", "lb", "lb.pw")] {
+        let mut cmd = portolan_cmd();
+        cmd.args([
+            "--config",
+            "/dev/null",
+            "auth",
+            what,
+            name,
+            "--password-file",
+        ])
+        .arg(d.join(file))
+        .args(["--etcd-username", "root", "--etcd-password-file"])
+        .arg(d.join("root.pw"));
+        tls_args(&mut cmd);
+        let out = cmd.output().expect("run portolan auth");
+        assert!(out.status.success(), "auth {what}: {}", text(&out.stderr));
+    }
+    let node_secret = std::fs::read_to_string(d.join("n1.pw"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let lb_secret = std::fs::read_to_string(d.join("lb.pw"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // The registrar, as user portolan-node-n1.
+    let run = unique("lp-run");
+    let reg_log = d.join("registrar.log");
+    let mut cmd = portolan_cmd();
+    cmd.args(["--config", "/dev/null", "registrar", "--node", "n1"])
+        .args(["--advertise-ip", "127.0.0.1", "--ttl", "5"])
+        .args(["--only-label", &format!("{TEST_LABEL}={run}")])
+        .args([
+            "--etcd-username",
+            "portolan-node-n1",
+            "--etcd-password-file",
+        ])
+        .arg(d.join("n1.pw"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&reg_log).unwrap())
+        .stderr(std::fs::File::create(d.join("registrar.err")).unwrap());
+    tls_args(&mut cmd);
+    let registrar = Proc::spawn("registrar", &mut cmd);
+
+    // The watcher, as user portolan-watcher-lb: a small template, no HAProxy needed to
+    // show what it reads and writes.
+    std::fs::write(
+        d.join("t.tera"),
+        "{% for name, list in services %}backend {{ name }}\n{% for i in list %}  server {{ i.id }} {{ i.addr }}\n{% endfor %}{% endfor %}",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("watcher.toml"),
+        format!(
+            "[etcd]\nendpoints = [\"{ep}\"]\nprefix = \"{prefix}\"\nca_file = \"{}\"\n\
+             username = \"portolan-watcher-lb\"\npassword_file = \"{}\"\n\
+             [watcher]\nname = \"lb\"\nallowed_networks = [\"127.0.0.0/8\"]\n\
+             [[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\nreload_cmd = \"env > {}\"\n",
+            ca.display(),
+            d.join("lb.pw").display(),
+            d.join("child.env").display()
+        ),
+    )
+    .unwrap();
+    let w_log = d.join("watcher.log");
+    let mut cmd = portolan_cmd();
+    cmd.arg("--config")
+        .arg(d.join("watcher.toml"))
+        .arg("watcher")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&w_log).unwrap())
+        .stderr(std::fs::File::create(d.join("watcher.err")).unwrap());
+    let watcher = Proc::spawn("watcher", &mut cmd);
+
+    let c = Container::run(
+        &run,
+        &["-p", "127.0.0.1::8080", "-l", "portolan.service=web"],
+        None,
+    );
+    let addr = format!("127.0.0.1:{}", c.host_port(8080));
+    let out = d.join("out.cfg");
+    let logs = || {
+        format!(
+            "registrar:\n{}{}\nwatcher:\n{}{}",
+            std::fs::read_to_string(&reg_log).unwrap_or_default(),
+            std::fs::read_to_string(d.join("registrar.err")).unwrap_or_default(),
+            std::fs::read_to_string(&w_log).unwrap_or_default(),
+            std::fs::read_to_string(d.join("watcher.err")).unwrap_or_default()
+        )
+    };
+    let routed = eventually(T, || async {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.contains(&addr))
+    })
+    .await;
+    assert!(
+        routed,
+        "the container never reached the rendered file\n{}",
+        logs()
+    );
+
+    // What each wrote, read back as root: the registrar under its node prefix, the
+    // watcher its status key.
+    let mut root_cfg = EtcdConfig::local(&ep, &prefix);
+    root_cfg.tls = Some(EtcdTls {
+        ca_file: ca.clone(),
+        client: None,
+    });
+    root_cfg.username = Some("root".into());
+    root_cfg.password = Some(Secret::new(root_pw));
+    let mut root = portolan::etcd::connect(&root_cfg).await.expect("root");
+    let keys: Vec<String> = root
+        .get(
+            format!("{prefix}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| text(kv.key()))
+        .collect();
+    let node_key = format!("{prefix}/nodes/n1/node");
+    assert!(keys.contains(&node_key), "{keys:?}");
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&format!("{prefix}/nodes/n1/services/web/n1-"))),
+        "{keys:?}"
+    );
+    let status = eventually(T, || async {
+        let mut root = portolan::etcd::connect(&root_cfg).await.expect("root");
+        root.get(format!("{prefix}/watchers/lb"), None)
+            .await
+            .is_ok_and(|r| !r.kvs().is_empty())
+    })
+    .await;
+    assert!(status, "the watcher never wrote its status key\n{}", logs());
+    // Nothing outside its prefix was written by anyone but root, and no warning says a
+    // write was refused.
+    for k in &keys {
+        assert!(
+            k.starts_with(&format!("{prefix}/nodes/n1/")) || k == &format!("{prefix}/watchers/lb"),
+            "unexpected key {k}"
+        );
+    }
+    let all = logs();
+    assert!(
+        !all.contains("permission denied") || all.contains("refuses access"),
+        "{all}"
+    );
+
+    // The secrets: in no command line, environment, log, or check/reload child.
+    for (who, pid) in [("registrar", registrar.pid()), ("watcher", watcher.pid())] {
+        let e = exposed(pid);
+        assert!(
+            !e.contains(&node_secret) && !e.contains(&lb_secret),
+            "{who} exposes a password"
+        );
+    }
+    assert!(
+        !all.contains(&node_secret) && !all.contains(&lb_secret),
+        "a password in a log"
+    );
+    let child_env = std::fs::read_to_string(d.join("child.env")).unwrap_or_default();
+    assert!(!child_env.is_empty(), "the reload command never ran");
+    assert!(
+        !child_env.contains(&lb_secret),
+        "the reload child inherits the password"
+    );
+}
