@@ -8,6 +8,8 @@ endpoints=$2
 . /portolan/vagrant/provision/lib.sh
 
 apt_install haproxy etcd-client curl
+# The package's postinst gives the watcher's group /etc/haproxy, which exists only now.
+sh /portolan/packaging/postinst configure
 # The drop-in was installed before HAProxy started, but a re-provision must apply it too.
 systemctl daemon-reload
 systemctl restart haproxy
