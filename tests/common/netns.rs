@@ -17,8 +17,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use super::owned_command;
 
@@ -65,7 +65,11 @@ fn list() -> Vec<String> {
 
 /// The pid in `pt-<pid>-…`, if the name follows the scheme.
 fn owner_pid(name: &str) -> Option<i32> {
-    name.strip_prefix(NAME_PREFIX)?.split('-').next()?.parse().ok()
+    name.strip_prefix(NAME_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Deletes the namespaces (and the processes inside them) that an earlier test process
@@ -78,7 +82,9 @@ pub fn remove_leftovers() {
         };
         let alive = Path::new(&format!("/proc/{pid}")).exists();
         if !alive {
-            eprintln!("removing leftover network namespace {name} (its test process {pid} is gone)");
+            eprintln!(
+                "removing leftover network namespace {name} (its test process {pid} is gone)"
+            );
             delete(&name);
         }
     }
@@ -92,7 +98,10 @@ fn delete(name: &str) {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default();
-        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids: Vec<i32> = pids
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         if pids.is_empty() {
             break;
         }
@@ -118,7 +127,10 @@ pub struct Netns {
 impl Netns {
     /// `ip netns add <name>` with its loopback up.
     pub fn add(name: &str) -> Netns {
-        assert!(name.starts_with(NAME_PREFIX), "netns {name} breaks the naming scheme");
+        assert!(
+            name.starts_with(NAME_PREFIX),
+            "netns {name} breaks the naming scheme"
+        );
         ip(&["netns", "add", name]);
         let ns = Netns {
             name: name.to_string(),
