@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod netns;
 pub mod pki;
 pub mod registrar;
 
