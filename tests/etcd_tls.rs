@@ -2,10 +2,9 @@
 //! registrar, the watcher and `ls`) talks to a real etcd that demands certificates.
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::pki::make_pki;
+use common::pki::{make_pki, tls_etcd};
 use common::*;
 use portolan::config::EtcdTls;
 
@@ -14,31 +13,7 @@ async fn etcd_connection_and_ls_work_with_client_certificates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     make_pki(d);
-    let (client_port, peer_port) = (free_port(), free_port());
-    let endpoint = format!("https://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let mut cmd = owned_command("etcd");
-    cmd.current_dir(d)
-        .args(["--name", "tls", "--data-dir", "data"])
-        .args([
-            "--listen-client-urls",
-            &endpoint,
-            "--advertise-client-urls",
-            &endpoint,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &format!("tls={peer}")])
-        .args(["--cert-file", "server.pem", "--key-file", "server.key"])
-        .args(["--trusted-ca-file", "ca.pem", "--client-cert-auth"])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _etcd = Proc::spawn("etcd", &mut cmd);
+    let (endpoint, _etcd) = tls_etcd(d, true);
 
     let prefix = unique_prefix("tls");
     let mut cfg = EtcdConfig::local(&endpoint, &prefix);

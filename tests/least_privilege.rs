@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::pki::make_pki;
+use common::pki::{make_pki, tls_etcd};
 use common::*;
 use portolan::config::{EtcdTls, Secret};
 
@@ -21,30 +21,7 @@ struct SecureEtcd {
 /// An etcd serving https with `server.pem`, with a root user and auth enabled.
 async fn secure_etcd(dir: &Path, root_pw: &str) -> SecureEtcd {
     need("etcd", "etcd-server");
-    let (client_port, peer_port) = (free_port(), free_port());
-    let endpoint = format!("https://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let mut cmd = owned_command("etcd");
-    cmd.current_dir(dir)
-        .args(["--name", "sec", "--data-dir", "data"])
-        .args([
-            "--listen-client-urls",
-            &endpoint,
-            "--advertise-client-urls",
-            &endpoint,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &format!("sec={peer}")])
-        .args(["--cert-file", "server.pem", "--key-file", "server.key"])
-        .args(["--logger", "zap", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let proc = Proc::spawn("etcd", &mut cmd);
+    let (endpoint, proc) = tls_etcd(dir, false);
     let mut cfg = EtcdConfig::local(&endpoint, "/x");
     cfg.tls = Some(EtcdTls {
         ca_file: dir.join("ca.pem"),

@@ -2,7 +2,43 @@
 //! certificate, made with the openssl command.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use super::{free_port, owned_command, Proc};
+
+/// An etcd serving https on 127.0.0.1 with `dir`'s `server.pem` (from [`make_pki`]);
+/// with `client_certs`, it also demands client certificates signed by `ca.pem`.
+/// Returns its endpoint and the process (killed on drop). Not waited for: the caller
+/// waits with the client config it will use.
+pub fn tls_etcd(dir: &Path, client_certs: bool) -> (String, Proc) {
+    let (client_port, peer_port) = (free_port(), free_port());
+    let endpoint = format!("https://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = owned_command("etcd");
+    cmd.current_dir(dir)
+        .args(["--name", "tls", "--data-dir", "data"])
+        .args([
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("tls={peer}")])
+        .args(["--cert-file", "server.pem", "--key-file", "server.key"])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if client_certs {
+        cmd.args(["--trusted-ca-file", "ca.pem", "--client-cert-auth"]);
+    }
+    (endpoint, Proc::spawn("etcd", &mut cmd))
+}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
