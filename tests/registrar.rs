@@ -149,11 +149,14 @@ async fn event_to_etcd_latency() {
             del.duration_since(docker_time(c, "kill"))
                 .unwrap_or_default(),
         );
-        assert_eq!(
-            watch.count(&key, true),
-            1,
-            "{key} was written more than once"
-        );
+        // A kill is a stop (it drains for the moment until `die`); otherwise the key is
+        // written once.
+        let plain_puts = watch
+            .puts(&key)
+            .iter()
+            .filter(|(_, v)| !record(v).draining)
+            .count();
+        assert_eq!(plain_puts, 1, "{key} was registered more than once");
     }
     eprintln!(
         "registrar latency: register {} deregister {} (n={})",
@@ -169,6 +172,147 @@ async fn event_to_etcd_latency() {
         deregister.iter().all(|d| *d < Duration::from_secs(1)),
         "{deregister:?}"
     );
+}
+
+/// A container that keeps serving for 3 s after SIGTERM, as an app finishing its
+/// in-flight requests does.
+const GRACEFUL: &[&str] = &["sh", "-c", "trap 'sleep 3; exit 0' TERM; /bin/serve & wait"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_stop_drains_until_the_container_exits() {
+    let rig = Rig::new("reg-drain").await;
+    let _registrar = rig.spawn(&Opts::default());
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    let stream = DockerEvents::start(&rig.run);
+    let warm = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&warm), T).await;
+    stream.wait_for(&warm.id, "start").await;
+
+    let mut to_drain = Vec::new();
+    let mut drained_for = Vec::new();
+    for round in 0..3 {
+        let c = Container::run(&rig.run, &["-p", "127.0.0.1::8080"], Some(GRACEFUL));
+        let key = rig.image_key(&c);
+        let registered = record(&rig.wait_value(&key, T).await);
+        assert!(!registered.draining);
+        if round == 0 {
+            // SIGHUP is the app's business: the record is not touched.
+            let before = rig.kvs().await[&key].mod_revision;
+            docker(&["kill", "-s", "HUP", &c.id]);
+            stream.wait_for(&c.id, "kill").await;
+            let marker = rig.container(&[]);
+            rig.wait_value(&rig.image_key(&marker), T).await;
+            assert_eq!(
+                rig.kvs().await[&key].mod_revision,
+                before,
+                "HUP rewrote the record"
+            );
+        }
+        let id = c.id.clone();
+        let stop = std::thread::spawn(move || docker(&["stop", &id]));
+        wait_until("the record to say draining", T, || async {
+            rig.value(&key).await.is_some_and(|v| record(&v).draining)
+        })
+        .await;
+        let draining = record(&rig.value(&key).await.unwrap_or_default());
+        assert_eq!(
+            schema_record_without_drain(draining.clone()),
+            registered,
+            "draining changes nothing but the flag"
+        );
+        // The container still serves while it drains.
+        assert!(
+            serves_page(&draining.addr, &c).await,
+            "a draining container stopped serving"
+        );
+        rig.wait_gone(&key, T).await;
+        stop.join().expect("docker stop");
+        assert!(stream.has(&c.id, "die"));
+        to_drain.push((c, key));
+    }
+    let mut latency = Vec::new();
+    for (c, key) in &to_drain {
+        // The kill after the HUP is the stop's.
+        let kill = stream
+            .events()
+            .into_iter()
+            .filter(|(i, a, _)| i == &c.id && a == "kill")
+            .map(|(_, _, t)| t)
+            .last()
+            .expect("kill event");
+        let die = stream.time_of(&c.id, "die").expect("die event");
+        let drained = watch
+            .puts(key)
+            .into_iter()
+            .find(|(_, v)| record(v).draining)
+            .map(|(t, _)| t)
+            .expect("a draining put");
+        let deleted = watch.last(key, false).expect("a delete");
+        latency.push(drained.duration_since(kill).unwrap_or_default());
+        drained_for.push(deleted.duration_since(drained).unwrap_or_default());
+        assert!(
+            deleted >= die,
+            "deleted before the container exited: {deleted:?} < {die:?}"
+        );
+    }
+    eprintln!(
+        "drain: kill event -> draining in etcd {} ; draining -> deleted {} (n={})",
+        summary(latency.clone()),
+        summary(drained_for.clone()),
+        latency.len()
+    );
+    assert!(
+        latency.iter().all(|d| *d < Duration::from_secs(1)),
+        "{latency:?}"
+    );
+    assert!(
+        drained_for.iter().all(|d| *d > Duration::from_millis(2500)),
+        "the drain did not last while the app finished: {drained_for:?}"
+    );
+}
+
+fn schema_record_without_drain(
+    mut r: portolan::schema::InstanceRecord,
+) -> portolan::schema::InstanceRecord {
+    r.draining = false;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_signal_without_an_exit_is_given_back_after_the_stop_timeout() {
+    let rig = Rig::new("reg-giveback").await;
+    let _registrar = rig.start(&Opts::default());
+    // Ignores SIGTERM: `docker kill -s TERM` stops nothing.
+    let c = Container::run(
+        &rig.run,
+        &["-p", "127.0.0.1::8080", "--stop-timeout", "2"],
+        Some(&["sh", "-c", "trap '' TERM; /bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    let registered = record(&rig.wait_value(&key, T).await);
+    docker(&["kill", "-s", "TERM", &c.id]);
+    let started = Instant::now();
+    wait_until("the record to say draining", T, || async {
+        rig.value(&key).await.is_some_and(|v| record(&v).draining)
+    })
+    .await;
+    wait_until("the record to be given back", T, || async {
+        rig.value(&key).await.is_some_and(|v| !record(&v).draining)
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("given back {took:?} after SIGTERM (stop timeout 2 s + 2 s margin)");
+    assert!(
+        took >= Duration::from_millis(3500) && took < Duration::from_secs(8),
+        "given back after {took:?}"
+    );
+    assert_eq!(
+        record(&rig.value(&key).await.unwrap_or_default()),
+        registered
+    );
+    assert!(serves_page(&registered.addr, &c).await);
+    docker(&["kill", &c.id]);
+    rig.wait_gone(&key, T).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,15 @@
 //!  probe tasks ── ProbeReport ────────────────┤
 //!  keeper task ── KeeperReport ───────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
 //!  watch task  ── WatchReport ────────────────┘      (every key on this node's one lease)
+//!                                                    └──▶ hooks (one event per instance
+//!                                                         written; queued, never awaited)
 //! ```
+//!
+//! A container that gets its stop signal is draining (`drain`, `containers`): its
+//! instances stay, marked `draining`, until its `die` deletes them or, if it does not
+//! exit within its stop timeout, the loop wakes (`Wake::GiveBack`) and puts them back
+//! unmarked. Draining is desired state like any other, so a resync keeps it, and a
+//! registrar restarted mid-drain finds it in etcd and keeps it.
 //!
 //! The loop owns all state; the tasks only report. It is level-triggered: after each
 //! batch of reports it recomputes the whole desired key set and applies the difference
@@ -42,6 +50,8 @@
 mod advertise;
 mod containers;
 mod docker;
+mod drain;
+mod events;
 pub(crate) mod lease;
 mod plan;
 mod probe;
@@ -49,7 +59,7 @@ mod selector;
 mod session;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -61,12 +71,13 @@ use tokio_util::task::TaskTracker;
 use self::containers::Containers;
 use self::docker::{DockerReport, DockerSettings};
 use self::lease::{KeeperEvent, KeeperReport};
-use self::plan::Actual;
+use self::plan::{Actual, KeyOp};
 use self::probe::{ProbeReport, Probes};
 use self::selector::NodeSettings;
 use self::session::{Session, SessionError, V1Cleanup};
 use self::watch::{WatchEvent, WatchReport};
 use crate::config::RegistrarConfig;
+use crate::hook::Hooks;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
 
@@ -86,6 +97,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         None => advertise::detect(&cfg.etcd.endpoints).await?,
     };
     let tracker = TaskTracker::new();
+    let hooks = Hooks::start(&cfg.hooks, &tracker, &shutdown);
     let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
@@ -133,6 +145,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         session: Session::new(&cfg, tracker.clone(), keeper_tx, shutdown.clone()),
         ready: false,
         v1_cleaned: false,
+        hooks,
         taken: None,
         watch_tx,
         watch: None,
@@ -178,6 +191,8 @@ enum Wake {
     Resync,
     /// The backoff after a failed sync is over.
     Retry,
+    /// A draining container's stop timeout (and margin) is over and it still runs.
+    GiveBack,
 }
 
 struct Registrar {
@@ -200,6 +215,8 @@ struct Registrar {
     ready: bool,
     /// This node's v1 keys are gone, or etcd will not let us look (`remove_v1_keys`).
     v1_cleaned: bool,
+    /// Hears of every instance written (`events`); never waits.
+    hooks: Hooks,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
     watch_tx: mpsc::Sender<WatchReport>,
@@ -223,6 +240,7 @@ impl Registrar {
         }
         loop {
             let retry_at = self.session.retry_at();
+            let give_back_at = self.containers.next_give_back();
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -232,6 +250,7 @@ impl Registrar {
                 Some(r) = inbox.watch.recv() => Wake::Watch(r),
                 _ = resync.tick() => Wake::Resync,
                 _ = crate::backoff::sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
+                _ = crate::backoff::sleep_until(give_back_at), if give_back_at.is_some() => Wake::GiveBack,
                 // Nothing changed: the sync would have nothing to do.
                 _ = watchdog.tick() => continue,
             };
@@ -245,6 +264,9 @@ impl Registrar {
                     self.dirty = true;
                 }
                 Wake::Retry => self.session.retry_now(),
+                Wake::GiveBack => {
+                    self.containers.give_back(Instant::now());
+                }
             }
             // Fold everything already queued into this batch: one write for a burst.
             while let Ok(r) = inbox.keeper.try_recv() {
@@ -294,7 +316,7 @@ impl Registrar {
     }
 
     fn on_docker(&mut self, report: DockerReport) {
-        if self.containers.apply(report) {
+        if self.containers.apply(report, Instant::now()) {
             self.docker_synced = true;
             self.dirty = true;
         }
@@ -425,6 +447,16 @@ impl Registrar {
     async fn reconcile(&mut self, lease: i64) -> Result<(), SessionError> {
         let read = self.session.read_back(lease).await?;
         let actual = read.keys;
+        if !self.ready {
+            // A registrar restarted in the middle of a drain keeps it going.
+            let draining: BTreeSet<String> = actual
+                .iter()
+                .filter(|(_, a)| a.value.contains(r#""draining":true"#))
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.containers
+                .adopt_drains(&self.cfg.etcd.prefix, &draining, Instant::now());
+        }
         self.node_value = Some(plan::node_value(
             &self.node_want,
             actual.get(&self.node_key),
@@ -433,7 +465,8 @@ impl Registrar {
         let desired = self.desired(|key| actual.get(key).is_some_and(|a| a.lease == lease));
         let ops = plan::plan(&desired, &actual, lease);
         let wrote = !ops.is_empty();
-        self.session.write(&ops, lease).await?;
+        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        self.session.write(&ops, lease, announce).await?;
         self.believed = desired;
         self.dirty = false;
         if !self.v1_cleaned {
@@ -508,7 +541,8 @@ impl Registrar {
         if ops.is_empty() {
             return Ok(());
         }
-        self.session.write(&ops, lease).await?;
+        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        self.session.write(&ops, lease, announce).await?;
         self.believed = desired;
         Ok(())
     }
@@ -528,6 +562,25 @@ impl Registrar {
             .is_err()
         {
             tracing::warn!("some registrar tasks did not stop within {DRAIN_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Emits the hook event (`events::event`) of each op written; `before` is what etcd
+/// held before the write.
+fn announcer<'a>(
+    hooks: &'a Hooks,
+    prefix: &'a str,
+    node: &'a str,
+    before: &'a BTreeMap<String, Actual>,
+) -> impl FnMut(&KeyOp) + 'a {
+    move |op| {
+        let key = match op {
+            KeyOp::Put { key, .. } | KeyOp::Delete { key } => key,
+        };
+        let was = before.get(key).map(|a| a.value.as_str());
+        if let Some(e) = events::event(prefix, node, op, was) {
+            hooks.emit(e);
         }
     }
 }

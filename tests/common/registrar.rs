@@ -359,6 +359,8 @@ pub struct KeyWatch {
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
     pub key: String,
+    /// Empty for a delete.
+    pub value: String,
     pub put: bool,
     pub at: SystemTime,
 }
@@ -381,6 +383,7 @@ impl KeyWatch {
                     if let Some(kv) = ev.kv() {
                         sink.push(WatchEvent {
                             key: kv.key_str().unwrap_or("").to_string(),
+                            value: kv.value_str().unwrap_or("").to_string(),
                             put: ev.event_type() == etcd_client::EventType::Put,
                             at,
                         });
@@ -400,6 +403,17 @@ impl KeyWatch {
             .rev()
             .find(|e| e.key == key && e.put == put)
             .map(|e| e.at)
+    }
+
+    /// Every put of `key` so far: when, and the value.
+    pub fn puts(&self, key: &str) -> Vec<(SystemTime, String)> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.key == key && e.put)
+            .map(|e| (e.at, e.value.clone()))
+            .collect()
     }
 
     pub fn count(&self, key: &str, put: bool) -> usize {
@@ -481,6 +495,14 @@ impl DockerEvents {
 
     pub fn has(&self, id: &str, action: &str) -> bool {
         self.events().iter().any(|(i, a, _)| i == id && a == action)
+    }
+
+    /// When Docker says container `id` had event `action` (the first such).
+    pub fn time_of(&self, id: &str, action: &str) -> Option<SystemTime> {
+        self.events()
+            .into_iter()
+            .find(|(i, a, _)| i == id && a == action)
+            .map(|(_, _, t)| t)
     }
 
     /// Waits until the stream has shown `action` for container `id`.

@@ -19,7 +19,7 @@ mod labels;
 mod ports;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::collections::HashMap;
 use std::fmt;
