@@ -1098,3 +1098,161 @@ async fn a_key_deleted_or_overwritten_behind_its_back_is_repaired_within_seconds
     eprintln!("repair with --resync 60: {}", summary(took));
     assert!(registrar.running());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_hear_register_drain_and_deregister() {
+    let rig = Rig::new("reg-hooks").await;
+    let json = Receiver::start().await;
+    let slack = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let toml = format!(
+        r#"
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "{json}"
+
+[[hook]]
+events = ["register"]
+url = "{slack}"
+format = "slack"
+
+[[hook]]
+events = ["register", "deregister"]
+command = ["sh", "-c", "cat >> {file}; echo >> {file}"]
+"#,
+        json = json.url(),
+        slack = slack.url(),
+        file = file.display()
+    );
+    // Resyncs every second: a reconcile that writes nothing must say nothing.
+    let _registrar = rig.start(&Opts {
+        toml: Some(toml),
+        resync: 1,
+        ..Default::default()
+    });
+    let c = Container::run(&rig.run, &["-p", "127.0.0.1::8080"], Some(GRACEFUL));
+    let key = rig.image_key(&c);
+    let rec = record(&rig.wait_value(&key, T).await);
+    docker(&["stop", &c.id]);
+    rig.wait_gone(&key, T).await;
+    wait_until("three events at the JSON receiver", T, || async {
+        json.events().len() >= 3
+    })
+    .await;
+    let events = json.events();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["register", "drain", "deregister"], "{events:#?}");
+    let instance = portolan::schema::instance_id(&rig.node, &c.id, 8080);
+    for e in &events {
+        assert_eq!(e["service"], "portolan-test-busybox", "{e}");
+        assert_eq!(e["instance"], instance.as_str(), "{e}");
+        assert_eq!(e["node"], rig.node.as_str(), "{e}");
+        assert_eq!(e["addr"], rec.addr.as_str(), "{e}");
+        assert_eq!(e["container"], c.short_id().as_str(), "{e}");
+        let summary = e["summary"].as_str().unwrap_or_default();
+        assert!(
+            summary.contains(&instance) && !summary.contains('\n'),
+            "{e}"
+        );
+    }
+
+    wait_until("the Slack receiver's event", T, || async {
+        !slack.events().is_empty()
+    })
+    .await;
+    let s = &slack.events()[0];
+    let text = s["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with("[register] ") && text.contains(&instance),
+        "{s}"
+    );
+    assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
+
+    let lines = || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .collect::<Vec<_>>()
+    };
+    wait_until("two events on the command's stdin", T, || async {
+        lines().len() >= 2
+    })
+    .await;
+    let got: Vec<String> = lines()
+        .iter()
+        .map(|e| format!("{} {}", e["event"], e["instance"]))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            format!("\"register\" \"{instance}\""),
+            format!("\"deregister\" \"{instance}\"")
+        ]
+    );
+    assert_eq!(json.events().len(), 3, "a no-op resync emitted an event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_or_refusing_hook_delays_nothing() {
+    let rig = Rig::new("reg-hook-delay").await;
+    let hanging = Receiver::hanging().await;
+    let closed = free_port();
+    let toml = format!(
+        r#"
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "{}"
+
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "http://127.0.0.1:{closed}/hook"
+"#,
+        hanging.url()
+    );
+    let with_hooks = Opts {
+        toml: Some(toml),
+        ..Default::default()
+    };
+    assert_eq!(rig.config(&with_hooks).hooks.len(), 2);
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    let stream = DockerEvents::start(&rig.run);
+    let mut figures = Vec::new();
+    for opts in [Opts::default(), with_hooks] {
+        let registrar = rig.start(&opts);
+        let warm = rig.container(&[]);
+        rig.wait_value(&rig.image_key(&warm), T).await;
+        stream.wait_for(&warm.id, "start").await;
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let c = rig.container(&[]);
+            let key = rig.image_key(&c);
+            rig.wait_value(&key, T).await;
+            stream.wait_for(&c.id, "start").await;
+            docker(&["kill", &c.id]);
+            rig.wait_gone(&key, T).await;
+            stream.wait_for(&c.id, "die").await;
+            let start = stream.time_of(&c.id, "start").expect("start");
+            let kill = stream.time_of(&c.id, "kill").expect("kill");
+            let put = watch.puts(&key).first().map(|(t, _)| *t).expect("put");
+            let del = watch.last(&key, false).expect("delete");
+            took.push(put.duration_since(start).unwrap_or_default());
+            took.push(del.duration_since(kill).unwrap_or_default());
+        }
+        registrar.stop().await;
+        figures.push(took);
+    }
+    eprintln!(
+        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={})",
+        summary(figures[0].clone()),
+        summary(figures[1].clone()),
+        figures[1].len()
+    );
+    assert!(
+        figures[1].iter().all(|d| *d < Duration::from_secs(1)),
+        "{:?}",
+        figures[1]
+    );
+}
