@@ -236,9 +236,9 @@ async fn docker_stop_drains_until_the_container_exits() {
         let kill = stream
             .events()
             .into_iter()
-            .filter(|(i, a, _)| i == &c.id && a == "kill")
+            .rev()
+            .find(|(i, a, _)| i == &c.id && a == "kill")
             .map(|(_, _, t)| t)
-            .last()
             .expect("kill event");
         let die = stream.time_of(&c.id, "die").expect("die event");
         let drained = watch
