@@ -1256,3 +1256,82 @@ url = "http://127.0.0.1:{closed}/hook"
         figures[1]
     );
 }
+
+/// A TCP listener on 127.0.0.1 that accepts and holds every connection until aborted.
+async fn listen(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_service_is_registered_while_its_probe_passes_and_goes_with_the_lease() {
+    let rig = Rig::new("reg-svc").await;
+    let (port, open) = listen(0).await;
+    let toml = format!(
+        r#"
+[[registrar.service]]
+name = "db"
+port = {port}
+addr = "127.0.0.1"
+tags = ["primary"]
+check_tcp = true
+check_interval = "200ms"
+check_fall = 1
+check_rise = 1
+
+[[registrar.service]]
+name = "cache"
+port = 6379
+"#
+    );
+    let mut registrar = rig.spawn(&Opts {
+        toml: Some(toml),
+        ..Default::default()
+    });
+    let key = |name: &str, port: u16| {
+        portolan::schema::node_service_key(
+            &rig.prefix,
+            &rig.node,
+            name,
+            &format!("{}-svc-{name}-{port}", rig.node),
+        )
+    };
+    let (db, cache) = (key("db", port), key("cache", 6379));
+    let rec = record(&rig.wait_value(&db, T).await);
+    assert_eq!(rec.addr, format!("127.0.0.1:{port}"));
+    assert_eq!(rec.node, rig.node);
+    assert_eq!((rec.container.as_str(), rec.port), ("", None));
+    assert_eq!(rec.tags, ["primary"]);
+    // No probe: registered for as long as the registrar runs, at the advertise IP.
+    assert_eq!(
+        record(&rig.wait_value(&cache, T).await).addr,
+        "127.0.0.1:6379"
+    );
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs[&db].lease, kvs[&rig.node_key()].lease);
+
+    open.abort();
+    let took = rig.wait_gone(&db, T).await;
+    eprintln!("host service: deregistered {took:?} after its listener closed");
+    assert!(rig.value(&cache).await.is_some());
+    let (_, _reopened) = listen(port).await;
+    rig.wait_value(&db, T).await;
+
+    registrar.sigkill();
+    let took = rig.wait_gone(&db, T).await;
+    eprintln!("host service: gone {took:?} after the registrar was SIGKILLed (ttl 3 s)");
+    assert_eq!(rig.value(&cache).await, None);
+    assert!(
+        took > Duration::from_secs(1),
+        "gone before the lease ran out: {took:?}"
+    );
+}

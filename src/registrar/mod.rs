@@ -15,6 +15,10 @@
 //! unmarked. Draining is desired state like any other, so a resync keeps it, and a
 //! registrar restarted mid-drain finds it in etcd and keeps it.
 //!
+//! `[[registrar.service]]`s (services of this host that are not containers) are part of
+//! the desired set like containers' registrations, probed the same way, on the same
+//! lease: they are gone when the registrar's lease is.
+//!
 //! The loop owns all state; the tasks only report. It is level-triggered: after each
 //! batch of reports it recomputes the whole desired key set and applies the difference
 //! to what it knows etcd holds (one transaction per batch, so a burst of events costs
@@ -81,6 +85,26 @@ use crate::hook::Hooks;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
 
+/// What is wrong with a `[[registrar.service]]` on node `node` (none: it registers),
+/// given its settings in label form (`ServiceOptions::labels`). The config's
+/// validation, so `portolan check` refuses what the registrar could not register.
+pub(crate) fn service_problems(
+    labels: &std::collections::HashMap<String, String>,
+    port: u16,
+    addr: Option<&str>,
+    node: &str,
+) -> Vec<String> {
+    let settings = NodeSettings {
+        node: node.to_string(),
+        // Only the registration's address depends on it, never its validity.
+        advertise_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        internal: false,
+    };
+    selector::service(labels, port, addr, &settings)
+        .err()
+        .unwrap_or_default()
+}
+
 /// How long a clean stop may wait for tasks to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,6 +151,18 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         advertise_ip,
         internal: cfg.internal,
     };
+    let services: Vec<selector::Registration> = cfg
+        .services
+        .iter()
+        .filter_map(|s| {
+            selector::service(&s.labels(), s.port, s.addr.as_deref(), &settings)
+                .map_err(|problems| {
+                    // Validated with the config: only a programming error gets here.
+                    tracing::warn!(service = %s.name, "[[registrar.service]] not registered: {}", problems.join("; "))
+                })
+                .ok()
+        })
+        .collect();
     let node_want = NodeRecord {
         name: cfg.node.clone(),
         addr: advertise_ip.to_string(),
@@ -139,6 +175,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         node_value: None,
         containers: Containers::new(settings),
         probes: Probes::new(tracker.clone(), probe_tx, shutdown.clone()),
+        services,
         believed: BTreeMap::new(),
         dirty: true,
         docker_synced: false,
@@ -203,6 +240,8 @@ struct Registrar {
     node_value: Option<String>,
     containers: Containers,
     probes: Probes,
+    /// `[[registrar.service]]`s: registered like containers, for as long as we run.
+    services: Vec<selector::Registration>,
     /// What etcd holds for this node under our lease, as far as we know. Trusted only
     /// while `dirty` is false.
     believed: BTreeMap<String, String>,
@@ -234,6 +273,8 @@ impl Registrar {
             tokio::time::interval_at(Instant::now() + self.cfg.resync, self.cfg.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog = sd::Watchdog::new();
+        // The services' probes warm up while Docker answers.
+        self.probes.sync(&self.services);
         // Open the session (and keep a reused lease alive) before Docker answers.
         if !self.sync_if_due(&mut watchdog, shutdown).await {
             return;
@@ -320,7 +361,8 @@ impl Registrar {
             self.docker_synced = true;
             self.dirty = true;
         }
-        self.probes.sync(self.containers.registrations());
+        self.probes
+            .sync(self.containers.registrations().chain(&self.services));
     }
 
     fn on_keeper(&mut self, r: KeeperReport) {
@@ -437,7 +479,7 @@ impl Registrar {
         plan::desired(
             &self.cfg.etcd.prefix,
             (&self.node_key, &node_value),
-            self.containers.registrations(),
+            self.containers.registrations().chain(&self.services),
             |instance| self.probes.verdict(instance),
             present,
         )

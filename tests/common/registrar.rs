@@ -118,7 +118,8 @@ impl Rig {
             resync: Duration::from_secs(opts.resync),
             deregister_on_exit: opts.deregister_on_exit,
             only_label: Some(self.only_label()),
-            hooks: file.map(|f| f.hooks).unwrap_or_default(),
+            hooks: file.as_ref().map(|f| f.hooks.clone()).unwrap_or_default(),
+            services: file.map(|f| f.services).unwrap_or_default(),
         }
     }
 
