@@ -149,11 +149,14 @@ async fn event_to_etcd_latency() {
             del.duration_since(docker_time(c, "kill"))
                 .unwrap_or_default(),
         );
-        assert_eq!(
-            watch.count(&key, true),
-            1,
-            "{key} was written more than once"
-        );
+        // A kill is a stop (it drains for the moment until `die`); otherwise the key is
+        // written once.
+        let plain_puts = watch
+            .puts(&key)
+            .iter()
+            .filter(|(_, v)| !record(v).draining)
+            .count();
+        assert_eq!(plain_puts, 1, "{key} was registered more than once");
     }
     eprintln!(
         "registrar latency: register {} deregister {} (n={})",
@@ -169,6 +172,147 @@ async fn event_to_etcd_latency() {
         deregister.iter().all(|d| *d < Duration::from_secs(1)),
         "{deregister:?}"
     );
+}
+
+/// A container that keeps serving for 3 s after SIGTERM, as an app finishing its
+/// in-flight requests does.
+const GRACEFUL: &[&str] = &["sh", "-c", "trap 'sleep 3; exit 0' TERM; /bin/serve & wait"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_stop_drains_until_the_container_exits() {
+    let rig = Rig::new("reg-drain").await;
+    let _registrar = rig.spawn(&Opts::default());
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    let stream = DockerEvents::start(&rig.run);
+    let warm = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&warm), T).await;
+    stream.wait_for(&warm.id, "start").await;
+
+    let mut to_drain = Vec::new();
+    let mut drained_for = Vec::new();
+    for round in 0..3 {
+        let c = Container::run(&rig.run, &["-p", "127.0.0.1::8080"], Some(GRACEFUL));
+        let key = rig.image_key(&c);
+        let registered = record(&rig.wait_value(&key, T).await);
+        assert!(!registered.draining);
+        if round == 0 {
+            // SIGHUP is the app's business: the record is not touched.
+            let before = rig.kvs().await[&key].mod_revision;
+            docker(&["kill", "-s", "HUP", &c.id]);
+            stream.wait_for(&c.id, "kill").await;
+            let marker = rig.container(&[]);
+            rig.wait_value(&rig.image_key(&marker), T).await;
+            assert_eq!(
+                rig.kvs().await[&key].mod_revision,
+                before,
+                "HUP rewrote the record"
+            );
+        }
+        let id = c.id.clone();
+        let stop = std::thread::spawn(move || docker(&["stop", &id]));
+        wait_until("the record to say draining", T, || async {
+            rig.value(&key).await.is_some_and(|v| record(&v).draining)
+        })
+        .await;
+        let draining = record(&rig.value(&key).await.unwrap_or_default());
+        assert_eq!(
+            schema_record_without_drain(draining.clone()),
+            registered,
+            "draining changes nothing but the flag"
+        );
+        // The container still serves while it drains.
+        assert!(
+            serves_page(&draining.addr, &c).await,
+            "a draining container stopped serving"
+        );
+        rig.wait_gone(&key, T).await;
+        stop.join().expect("docker stop");
+        assert!(stream.has(&c.id, "die"));
+        to_drain.push((c, key));
+    }
+    let mut latency = Vec::new();
+    for (c, key) in &to_drain {
+        // The kill after the HUP is the stop's.
+        let kill = stream
+            .events()
+            .into_iter()
+            .rev()
+            .find(|(i, a, _)| i == &c.id && a == "kill")
+            .map(|(_, _, t)| t)
+            .expect("kill event");
+        let die = stream.time_of(&c.id, "die").expect("die event");
+        let drained = watch
+            .puts(key)
+            .into_iter()
+            .find(|(_, v)| record(v).draining)
+            .map(|(t, _)| t)
+            .expect("a draining put");
+        let deleted = watch.last(key, false).expect("a delete");
+        latency.push(drained.duration_since(kill).unwrap_or_default());
+        drained_for.push(deleted.duration_since(drained).unwrap_or_default());
+        assert!(
+            deleted >= die,
+            "deleted before the container exited: {deleted:?} < {die:?}"
+        );
+    }
+    eprintln!(
+        "drain: kill event -> draining in etcd {} ; draining -> deleted {} (n={})",
+        summary(latency.clone()),
+        summary(drained_for.clone()),
+        latency.len()
+    );
+    assert!(
+        latency.iter().all(|d| *d < Duration::from_secs(1)),
+        "{latency:?}"
+    );
+    assert!(
+        drained_for.iter().all(|d| *d > Duration::from_millis(2500)),
+        "the drain did not last while the app finished: {drained_for:?}"
+    );
+}
+
+fn schema_record_without_drain(
+    mut r: portolan::schema::InstanceRecord,
+) -> portolan::schema::InstanceRecord {
+    r.draining = false;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_signal_without_an_exit_is_given_back_after_the_stop_timeout() {
+    let rig = Rig::new("reg-giveback").await;
+    let _registrar = rig.start(&Opts::default());
+    // Ignores SIGTERM: `docker kill -s TERM` stops nothing.
+    let c = Container::run(
+        &rig.run,
+        &["-p", "127.0.0.1::8080", "--stop-timeout", "2"],
+        Some(&["sh", "-c", "trap '' TERM; /bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    let registered = record(&rig.wait_value(&key, T).await);
+    docker(&["kill", "-s", "TERM", &c.id]);
+    let started = Instant::now();
+    wait_until("the record to say draining", T, || async {
+        rig.value(&key).await.is_some_and(|v| record(&v).draining)
+    })
+    .await;
+    wait_until("the record to be given back", T, || async {
+        rig.value(&key).await.is_some_and(|v| !record(&v).draining)
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("given back {took:?} after SIGTERM (stop timeout 2 s + 2 s margin)");
+    assert!(
+        took >= Duration::from_millis(3500) && took < Duration::from_secs(8),
+        "given back after {took:?}"
+    );
+    assert_eq!(
+        record(&rig.value(&key).await.unwrap_or_default()),
+        registered
+    );
+    assert!(serves_page(&registered.addr, &c).await);
+    docker(&["kill", &c.id]);
+    rig.wait_gone(&key, T).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -953,4 +1097,241 @@ async fn a_key_deleted_or_overwritten_behind_its_back_is_repaired_within_seconds
     );
     eprintln!("repair with --resync 60: {}", summary(took));
     assert!(registrar.running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_hear_register_drain_and_deregister() {
+    let rig = Rig::new("reg-hooks").await;
+    let json = Receiver::start().await;
+    let slack = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let toml = format!(
+        r#"
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "{json}"
+
+[[hook]]
+events = ["register"]
+url = "{slack}"
+format = "slack"
+
+[[hook]]
+events = ["register", "deregister"]
+command = ["sh", "-c", "cat >> {file}; echo >> {file}"]
+"#,
+        json = json.url(),
+        slack = slack.url(),
+        file = file.display()
+    );
+    // Resyncs every second: a reconcile that writes nothing must say nothing.
+    let _registrar = rig.start(&Opts {
+        toml: Some(toml),
+        resync: 1,
+        ..Default::default()
+    });
+    let c = Container::run(&rig.run, &["-p", "127.0.0.1::8080"], Some(GRACEFUL));
+    let key = rig.image_key(&c);
+    let rec = record(&rig.wait_value(&key, T).await);
+    docker(&["stop", &c.id]);
+    rig.wait_gone(&key, T).await;
+    wait_until("three events at the JSON receiver", T, || async {
+        json.events().len() >= 3
+    })
+    .await;
+    let events = json.events();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["register", "drain", "deregister"], "{events:#?}");
+    let instance = portolan::schema::instance_id(&rig.node, &c.id, 8080);
+    for e in &events {
+        assert_eq!(e["service"], "portolan-test-busybox", "{e}");
+        assert_eq!(e["instance"], instance.as_str(), "{e}");
+        assert_eq!(e["node"], rig.node.as_str(), "{e}");
+        assert_eq!(e["addr"], rec.addr.as_str(), "{e}");
+        assert_eq!(e["container"], c.short_id().as_str(), "{e}");
+        let summary = e["summary"].as_str().unwrap_or_default();
+        assert!(
+            summary.contains(&instance) && !summary.contains('\n'),
+            "{e}"
+        );
+    }
+
+    wait_until("the Slack receiver's event", T, || async {
+        !slack.events().is_empty()
+    })
+    .await;
+    let s = &slack.events()[0];
+    let text = s["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with("[register] ") && text.contains(&instance),
+        "{s}"
+    );
+    assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
+
+    let lines = || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .collect::<Vec<_>>()
+    };
+    wait_until("two events on the command's stdin", T, || async {
+        lines().len() >= 2
+    })
+    .await;
+    let got: Vec<String> = lines()
+        .iter()
+        .map(|e| format!("{} {}", e["event"], e["instance"]))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            format!("\"register\" \"{instance}\""),
+            format!("\"deregister\" \"{instance}\"")
+        ]
+    );
+    assert_eq!(json.events().len(), 3, "a no-op resync emitted an event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_or_refusing_hook_delays_nothing() {
+    let rig = Rig::new("reg-hook-delay").await;
+    let hanging = Receiver::hanging().await;
+    let closed = free_port();
+    let toml = format!(
+        r#"
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "{}"
+
+[[hook]]
+events = ["register", "deregister", "drain"]
+url = "http://127.0.0.1:{closed}/hook"
+"#,
+        hanging.url()
+    );
+    let with_hooks = Opts {
+        toml: Some(toml),
+        ..Default::default()
+    };
+    assert_eq!(rig.config(&with_hooks).hooks.len(), 2);
+    let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
+    let stream = DockerEvents::start(&rig.run);
+    let mut figures = Vec::new();
+    for opts in [Opts::default(), with_hooks] {
+        let registrar = rig.start(&opts);
+        let warm = rig.container(&[]);
+        rig.wait_value(&rig.image_key(&warm), T).await;
+        stream.wait_for(&warm.id, "start").await;
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let c = rig.container(&[]);
+            let key = rig.image_key(&c);
+            rig.wait_value(&key, T).await;
+            stream.wait_for(&c.id, "start").await;
+            docker(&["kill", &c.id]);
+            rig.wait_gone(&key, T).await;
+            stream.wait_for(&c.id, "die").await;
+            let start = stream.time_of(&c.id, "start").expect("start");
+            let kill = stream.time_of(&c.id, "kill").expect("kill");
+            let put = watch.puts(&key).first().map(|(t, _)| *t).expect("put");
+            let del = watch.last(&key, false).expect("delete");
+            took.push(put.duration_since(start).unwrap_or_default());
+            took.push(del.duration_since(kill).unwrap_or_default());
+        }
+        registrar.stop().await;
+        figures.push(took);
+    }
+    eprintln!(
+        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={})",
+        summary(figures[0].clone()),
+        summary(figures[1].clone()),
+        figures[1].len()
+    );
+    assert!(
+        figures[1].iter().all(|d| *d < Duration::from_secs(1)),
+        "{:?}",
+        figures[1]
+    );
+}
+
+/// A TCP listener on 127.0.0.1 that accepts and holds every connection until aborted.
+async fn listen(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_service_is_registered_while_its_probe_passes_and_goes_with_the_lease() {
+    let rig = Rig::new("reg-svc").await;
+    let (port, open) = listen(0).await;
+    let toml = format!(
+        r#"
+[[registrar.service]]
+name = "db"
+port = {port}
+addr = "127.0.0.1"
+tags = ["primary"]
+check_tcp = true
+check_interval = "200ms"
+check_fall = 1
+check_rise = 1
+
+[[registrar.service]]
+name = "cache"
+port = 6379
+"#
+    );
+    let mut registrar = rig.spawn(&Opts {
+        toml: Some(toml),
+        ..Default::default()
+    });
+    let key = |name: &str, port: u16| {
+        portolan::schema::node_service_key(
+            &rig.prefix,
+            &rig.node,
+            name,
+            &format!("{}-svc-{name}-{port}", rig.node),
+        )
+    };
+    let (db, cache) = (key("db", port), key("cache", 6379));
+    let rec = record(&rig.wait_value(&db, T).await);
+    assert_eq!(rec.addr, format!("127.0.0.1:{port}"));
+    assert_eq!(rec.node, rig.node);
+    assert_eq!((rec.container.as_str(), rec.port), ("", None));
+    assert_eq!(rec.tags, ["primary"]);
+    // No probe: registered for as long as the registrar runs, at the advertise IP.
+    assert_eq!(
+        record(&rig.wait_value(&cache, T).await).addr,
+        "127.0.0.1:6379"
+    );
+    let kvs = rig.kvs().await;
+    assert_eq!(kvs[&db].lease, kvs[&rig.node_key()].lease);
+
+    open.abort();
+    let took = rig.wait_gone(&db, T).await;
+    eprintln!("host service: deregistered {took:?} after its listener closed");
+    assert!(rig.value(&cache).await.is_some());
+    let (_, _reopened) = listen(port).await;
+    rig.wait_value(&db, T).await;
+
+    registrar.sigkill();
+    let took = rig.wait_gone(&db, T).await;
+    eprintln!("host service: gone {took:?} after the registrar was SIGKILLed (ttl 3 s)");
+    assert_eq!(rig.value(&cache).await, None);
+    assert!(
+        took > Duration::from_secs(1),
+        "gone before the lease ran out: {took:?}"
+    );
 }

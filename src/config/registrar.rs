@@ -1,6 +1,15 @@
 //! The `[registrar]` section and its flags: one Docker host's node name, address, lease
-//! and Docker connection.
+//! and Docker connection; and its `[[registrar.service]]` array (file only): services
+//! of this host that are not containers.
+//!
+//! ```toml
+//! [[registrar.service]]
+//! name = "db"
+//! port = 5432
+//! check_tcp = true
+//! ```
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +62,76 @@ pub struct RegistrarOptions {
     /// (KEY matches any value) [default: every container].
     #[arg(long, env = "PORTOLAN_ONLY_LABEL", value_name = "KEY[=VALUE]")]
     pub only_label: Option<String>,
+    /// `[[registrar.service]]`: services of this host that are not containers. File
+    /// only; None (not an empty list) when absent, so the flag layer never hides the
+    /// file's.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Vec<ServiceOptions>>,
+}
+
+/// One `[[registrar.service]]`: a service of this host that is not a container (a
+/// database or cache member), registered under this node on its lease, so it joins and
+/// leaves with the host. Its settings mean what the container labels of the same name
+/// mean (`portolan.tags`, `portolan.check.http`, …) and are read by the same code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceOptions {
+    /// Service name, lower case.
+    pub name: String,
+    pub port: u16,
+    /// Host to register (an IP address or DNS name) [default: the advertise IP].
+    pub addr: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// 0..=256 [default: 100].
+    pub weight: Option<u32>,
+    /// Probe: `GET` this path; 2xx or 3xx passes.
+    pub check_http: Option<String>,
+    /// Probe: a TCP connect that stays open.
+    pub check_tcp: Option<bool>,
+    /// `500ms`, `5s`, `1m` [default: 5s].
+    pub check_interval: Option<String>,
+    /// [default: 2s].
+    pub check_timeout: Option<String>,
+    /// Failures in a row that deregister [default: 3].
+    pub check_fall: Option<u32>,
+    /// Successes in a row that register again [default: 2].
+    pub check_rise: Option<u32>,
+}
+
+impl ServiceOptions {
+    /// The settings as the labels a container would carry for them: the registrar
+    /// reads both with one parser.
+    pub fn labels(&self) -> HashMap<String, String> {
+        let mut labels = HashMap::new();
+        labels.insert("portolan.service".to_string(), self.name.clone());
+        let optional = [
+            (
+                "portolan.tags",
+                (!self.tags.is_empty()).then(|| self.tags.join(",")),
+            ),
+            ("portolan.weight", self.weight.map(|n| n.to_string())),
+            ("portolan.check.http", self.check_http.clone()),
+            ("portolan.check.tcp", self.check_tcp.map(|b| b.to_string())),
+            ("portolan.check.interval", self.check_interval.clone()),
+            ("portolan.check.timeout", self.check_timeout.clone()),
+            (
+                "portolan.check.fall",
+                self.check_fall.map(|n| n.to_string()),
+            ),
+            (
+                "portolan.check.rise",
+                self.check_rise.map(|n| n.to_string()),
+            ),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                labels.insert(k.to_string(), v);
+            }
+        }
+        labels
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +154,8 @@ pub struct RegistrarConfig {
     pub only_label: Option<String>,
     /// `[[hook]]`s for register, deregister and drain events.
     pub hooks: Vec<super::HookConfig>,
+    /// `[[registrar.service]]`s, validated: each one registers.
+    pub services: Vec<ServiceOptions>,
 }
 
 impl RegistrarOptions {
@@ -121,6 +202,28 @@ impl RegistrarOptions {
                 ));
             }
         }
+        let services = self.service.clone().unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in services.iter().enumerate() {
+            let n = i + 1;
+            for p in
+                crate::registrar::service_problems(&s.labels(), s.port, s.addr.as_deref(), &node)
+            {
+                problems.push(format!("[[registrar.service]] #{n} ({:?}): {p}", s.name));
+            }
+            if s.tags.iter().any(|t| t.contains(',')) {
+                problems.push(format!(
+                    "[[registrar.service]] #{n} ({:?}): tags: one tag per string, without commas",
+                    s.name
+                ));
+            }
+            if !seen.insert((s.name.clone(), s.port)) {
+                problems.push(format!(
+                    "[[registrar.service]] #{n} ({:?}): port {} is listed twice for this service",
+                    s.name, s.port
+                ));
+            }
+        }
         RegistrarConfig {
             etcd,
             node,
@@ -137,6 +240,99 @@ impl RegistrarOptions {
             deregister_on_exit: self.deregister_on_exit.unwrap_or(false),
             only_label: self.only_label.clone(),
             hooks: Vec::new(),
+            services,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{resolve_registrar, ConfigError, FileConfig, RegistrarArgs};
+    use super::*;
+
+    fn resolve(text: &str) -> Result<RegistrarConfig, ConfigError> {
+        let file = FileConfig::from_str(text, Path::new("t.toml")).unwrap();
+        let flags = RegistrarArgs {
+            registrar: RegistrarOptions {
+                node: Some("host-a".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        resolve_registrar(&file, &flags)
+    }
+
+    #[test]
+    fn services_from_the_file_survive_the_flag_layer() {
+        let c = resolve(
+            r#"
+[[registrar.service]]
+name = "db"
+port = 5432
+tags = ["primary"]
+check_tcp = true
+check_interval = "1s"
+
+[[registrar.service]]
+name = "cache"
+port = 6379
+addr = "10.0.0.7"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].name, "db");
+        assert_eq!(c.services[0].check_tcp, Some(true));
+        assert_eq!(c.services[1].addr.as_deref(), Some("10.0.0.7"));
+        let labels = c.services[0].labels();
+        assert_eq!(labels["portolan.check.interval"], "1s");
+        assert_eq!(labels["portolan.tags"], "primary");
+        assert!(resolve("").unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn every_problem_of_a_service_is_named() {
+        let ConfigError::Invalid(p) = resolve(
+            r#"
+[[registrar.service]]
+name = "Db"
+port = 0
+check_http = "health"
+
+[[registrar.service]]
+name = "db"
+port = 5432
+tags = ["a,b"]
+check_fall = 0
+check_tcp = true
+
+[[registrar.service]]
+name = "db"
+port = 5432
+"#,
+        )
+        .unwrap_err() else {
+            panic!()
+        };
+        let all = p.join("\n");
+        for needle in [
+            "#1 (\"Db\"): name \"Db\"",
+            "#1 (\"Db\"): port = 0",
+            "#1 (\"Db\"): check_http = \"health\"",
+            "#2 (\"db\"): tags: one tag per string",
+            "#2 (\"db\"): check_fall = \"0\"",
+            "#3 (\"db\"): port 5432 is listed twice",
+        ] {
+            assert!(all.contains(needle), "{needle}: {all}");
+        }
+        assert!(matches!(
+            FileConfig::from_str(
+                "[[registrar.service]]\nname = \"db\"\nport = 1\nextra = 1\n",
+                Path::new("t")
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -62,6 +62,9 @@ pub(crate) enum DockerReport {
     Changed(Box<ContainerInspectResponse>),
     /// Deregister this container now, without asking Docker anything.
     Gone { id: String, action: String },
+    /// The container got a signal (`signal`: Docker's attribute, a number): its stop
+    /// signal starts a drain (`drain::StopPolicy`), any other changes nothing.
+    Killed { id: String, signal: Option<String> },
 }
 
 /// What an event means for registration.
@@ -71,6 +74,8 @@ enum Action {
     Refresh,
     /// It is going away or must not take traffic: deregister at once.
     Deregister,
+    /// A signal: the loop, which knows the container's stop signal, decides.
+    Killed(Option<String>),
 }
 
 /// Classifies a container event. Pure; None for anything that does not matter.
@@ -86,32 +91,18 @@ fn classify(ev: &EventMessage) -> Option<(String, Action, String)> {
         // PID 1: look again (if PID 1 died, `die` follows).
         "start" | "restart" | "unpause" | "health_status: healthy" | "oom" => Action::Refresh,
         "die" | "stop" | "pause" | "destroy" | "health_status: unhealthy" => Action::Deregister,
-        // `docker kill -s HUP` is a reload, not a death: only stopping signals count.
-        "kill" => {
-            let signal = actor
+        // `docker stop` is a `kill` with the stop signal now and a `die` up to the stop
+        // timeout later; `docker kill -s HUP` is a reload, not a death.
+        "kill" => Action::Killed(
+            actor
                 .attributes
                 .as_ref()
                 .and_then(|a| a.get("signal"))
-                .map(String::as_str);
-            if is_stopping_signal(signal) {
-                Action::Deregister
-            } else {
-                return None;
-            }
-        }
+                .cloned(),
+        ),
         _ => return None,
     };
     Some((id, what, action.to_string()))
-}
-
-fn is_stopping_signal(signal: Option<&str>) -> bool {
-    let Some(s) = signal else { return true };
-    let s = s.trim().to_ascii_uppercase();
-    let s = s.strip_prefix("SIG").unwrap_or(&s);
-    matches!(
-        s,
-        "" | "9" | "15" | "2" | "3" | "KILL" | "TERM" | "INT" | "QUIT"
-    )
 }
 
 /// Connects and settles the API version. Cheap: nothing is sent before the first call
@@ -207,6 +198,7 @@ async fn report_for(
     };
     Ok(Some(match action {
         Action::Deregister => DockerReport::Gone { id, action: name },
+        Action::Killed(signal) => DockerReport::Killed { id, signal },
         Action::Refresh => match inspect(&docker, id.clone()).await? {
             Some(c) => DockerReport::Changed(Box::new(c)),
             None => DockerReport::Gone {
@@ -410,18 +402,15 @@ mod tests {
     }
 
     #[test]
-    fn only_stopping_signals_deregister() {
-        for s in ["15", "9", "SIGTERM", "KILL", "sigint", "3"] {
+    fn a_kill_carries_its_signal_to_the_loop() {
+        for s in ["15", "9", "1", "SIGQUIT"] {
             assert_eq!(
                 action(&event("kill", &[("signal", s)])),
-                Some(Action::Deregister),
+                Some(Action::Killed(Some(s.to_string()))),
                 "{s}"
             );
         }
-        assert_eq!(action(&event("kill", &[])), Some(Action::Deregister));
-        for s in ["1", "SIGHUP", "USR1", "10"] {
-            assert_eq!(action(&event("kill", &[("signal", s)])), None, "{s}");
-        }
+        assert_eq!(action(&event("kill", &[])), Some(Action::Killed(None)));
     }
 
     #[test]

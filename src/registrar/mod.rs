@@ -5,7 +5,19 @@
 //!  probe tasks ── ProbeReport ────────────────┤
 //!  keeper task ── KeeperReport ───────────────┼──▶ loop ── plan(desired, actual) ──▶ etcd txns
 //!  watch task  ── WatchReport ────────────────┘      (every key on this node's one lease)
+//!                                                    └──▶ hooks (one event per instance
+//!                                                         written; queued, never awaited)
 //! ```
+//!
+//! A container that gets its stop signal is draining (`drain`, `containers`): its
+//! instances stay, marked `draining`, until its `die` deletes them or, if it does not
+//! exit within its stop timeout, the loop wakes (`Wake::GiveBack`) and puts them back
+//! unmarked. Draining is desired state like any other, so a resync keeps it, and a
+//! registrar restarted mid-drain finds it in etcd and keeps it.
+//!
+//! `[[registrar.service]]`s (services of this host that are not containers) are part of
+//! the desired set like containers' registrations, probed the same way, on the same
+//! lease: they are gone when the registrar's lease is.
 //!
 //! The loop owns all state; the tasks only report. It is level-triggered: after each
 //! batch of reports it recomputes the whole desired key set and applies the difference
@@ -42,6 +54,8 @@
 mod advertise;
 mod containers;
 mod docker;
+mod drain;
+mod events;
 pub(crate) mod lease;
 mod plan;
 mod probe;
@@ -49,7 +63,7 @@ mod selector;
 mod session;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -61,14 +75,35 @@ use tokio_util::task::TaskTracker;
 use self::containers::Containers;
 use self::docker::{DockerReport, DockerSettings};
 use self::lease::{KeeperEvent, KeeperReport};
-use self::plan::Actual;
+use self::plan::{Actual, KeyOp};
 use self::probe::{ProbeReport, Probes};
 use self::selector::NodeSettings;
 use self::session::{Session, SessionError, V1Cleanup};
 use self::watch::{WatchEvent, WatchReport};
 use crate::config::RegistrarConfig;
+use crate::hook::Hooks;
 use crate::schema::{self, NodeRecord};
 use crate::sd;
+
+/// What is wrong with a `[[registrar.service]]` on node `node` (none: it registers),
+/// given its settings in label form (`ServiceOptions::labels`). The config's
+/// validation, so `portolan check` refuses what the registrar could not register.
+pub(crate) fn service_problems(
+    labels: &std::collections::HashMap<String, String>,
+    port: u16,
+    addr: Option<&str>,
+    node: &str,
+) -> Vec<String> {
+    let settings = NodeSettings {
+        node: node.to_string(),
+        // Only the registration's address depends on it, never its validity.
+        advertise_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        internal: false,
+    };
+    selector::service(labels, port, addr, &settings)
+        .err()
+        .unwrap_or_default()
+}
 
 /// How long a clean stop may wait for tasks to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,6 +121,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         None => advertise::detect(&cfg.etcd.endpoints).await?,
     };
     let tracker = TaskTracker::new();
+    let hooks = Hooks::start(&cfg.hooks, &tracker, &shutdown);
     let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
@@ -115,6 +151,18 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         advertise_ip,
         internal: cfg.internal,
     };
+    let services: Vec<selector::Registration> = cfg
+        .services
+        .iter()
+        .filter_map(|s| {
+            selector::service(&s.labels(), s.port, s.addr.as_deref(), &settings)
+                .map_err(|problems| {
+                    // Validated with the config: only a programming error gets here.
+                    tracing::warn!(service = %s.name, "[[registrar.service]] not registered: {}", problems.join("; "))
+                })
+                .ok()
+        })
+        .collect();
     let node_want = NodeRecord {
         name: cfg.node.clone(),
         addr: advertise_ip.to_string(),
@@ -127,12 +175,14 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         node_value: None,
         containers: Containers::new(settings),
         probes: Probes::new(tracker.clone(), probe_tx, shutdown.clone()),
+        services,
         believed: BTreeMap::new(),
         dirty: true,
         docker_synced: false,
         session: Session::new(&cfg, tracker.clone(), keeper_tx, shutdown.clone()),
         ready: false,
         v1_cleaned: false,
+        hooks,
         taken: None,
         watch_tx,
         watch: None,
@@ -178,6 +228,8 @@ enum Wake {
     Resync,
     /// The backoff after a failed sync is over.
     Retry,
+    /// A draining container's stop timeout (and margin) is over and it still runs.
+    GiveBack,
 }
 
 struct Registrar {
@@ -188,6 +240,8 @@ struct Registrar {
     node_value: Option<String>,
     containers: Containers,
     probes: Probes,
+    /// `[[registrar.service]]`s: registered like containers, for as long as we run.
+    services: Vec<selector::Registration>,
     /// What etcd holds for this node under our lease, as far as we know. Trusted only
     /// while `dirty` is false.
     believed: BTreeMap<String, String>,
@@ -200,6 +254,8 @@ struct Registrar {
     ready: bool,
     /// This node's v1 keys are gone, or etcd will not let us look (`remove_v1_keys`).
     v1_cleaned: bool,
+    /// Hears of every instance written (`events`); never waits.
+    hooks: Hooks,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
     watch_tx: mpsc::Sender<WatchReport>,
@@ -217,12 +273,15 @@ impl Registrar {
             tokio::time::interval_at(Instant::now() + self.cfg.resync, self.cfg.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog = sd::Watchdog::new();
+        // The services' probes warm up while Docker answers.
+        self.probes.sync(&self.services);
         // Open the session (and keep a reused lease alive) before Docker answers.
         if !self.sync_if_due(&mut watchdog, shutdown).await {
             return;
         }
         loop {
             let retry_at = self.session.retry_at();
+            let give_back_at = self.containers.next_give_back();
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -232,6 +291,7 @@ impl Registrar {
                 Some(r) = inbox.watch.recv() => Wake::Watch(r),
                 _ = resync.tick() => Wake::Resync,
                 _ = crate::backoff::sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
+                _ = crate::backoff::sleep_until(give_back_at), if give_back_at.is_some() => Wake::GiveBack,
                 // Nothing changed: the sync would have nothing to do.
                 _ = watchdog.tick() => continue,
             };
@@ -245,6 +305,9 @@ impl Registrar {
                     self.dirty = true;
                 }
                 Wake::Retry => self.session.retry_now(),
+                Wake::GiveBack => {
+                    self.containers.give_back(Instant::now());
+                }
             }
             // Fold everything already queued into this batch: one write for a burst.
             while let Ok(r) = inbox.keeper.try_recv() {
@@ -294,11 +357,12 @@ impl Registrar {
     }
 
     fn on_docker(&mut self, report: DockerReport) {
-        if self.containers.apply(report) {
+        if self.containers.apply(report, Instant::now()) {
             self.docker_synced = true;
             self.dirty = true;
         }
-        self.probes.sync(self.containers.registrations());
+        self.probes
+            .sync(self.containers.registrations().chain(&self.services));
     }
 
     fn on_keeper(&mut self, r: KeeperReport) {
@@ -415,7 +479,7 @@ impl Registrar {
         plan::desired(
             &self.cfg.etcd.prefix,
             (&self.node_key, &node_value),
-            self.containers.registrations(),
+            self.containers.registrations().chain(&self.services),
             |instance| self.probes.verdict(instance),
             present,
         )
@@ -425,6 +489,16 @@ impl Registrar {
     async fn reconcile(&mut self, lease: i64) -> Result<(), SessionError> {
         let read = self.session.read_back(lease).await?;
         let actual = read.keys;
+        if !self.ready {
+            // A registrar restarted in the middle of a drain keeps it going.
+            let draining: BTreeSet<String> = actual
+                .iter()
+                .filter(|(_, a)| a.value.contains(r#""draining":true"#))
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.containers
+                .adopt_drains(&self.cfg.etcd.prefix, &draining, Instant::now());
+        }
         self.node_value = Some(plan::node_value(
             &self.node_want,
             actual.get(&self.node_key),
@@ -433,7 +507,8 @@ impl Registrar {
         let desired = self.desired(|key| actual.get(key).is_some_and(|a| a.lease == lease));
         let ops = plan::plan(&desired, &actual, lease);
         let wrote = !ops.is_empty();
-        self.session.write(&ops, lease).await?;
+        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        self.session.write(&ops, lease, announce).await?;
         self.believed = desired;
         self.dirty = false;
         if !self.v1_cleaned {
@@ -508,7 +583,8 @@ impl Registrar {
         if ops.is_empty() {
             return Ok(());
         }
-        self.session.write(&ops, lease).await?;
+        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        self.session.write(&ops, lease, announce).await?;
         self.believed = desired;
         Ok(())
     }
@@ -528,6 +604,25 @@ impl Registrar {
             .is_err()
         {
             tracing::warn!("some registrar tasks did not stop within {DRAIN_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Emits the hook event (`events::event`) of each op written; `before` is what etcd
+/// held before the write.
+fn announcer<'a>(
+    hooks: &'a Hooks,
+    prefix: &'a str,
+    node: &'a str,
+    before: &'a BTreeMap<String, Actual>,
+) -> impl FnMut(&KeyOp) + 'a {
+    move |op| {
+        let key = match op {
+            KeyOp::Put { key, .. } | KeyOp::Delete { key } => key,
+        };
+        let was = before.get(key).map(|a| a.value.as_str());
+        if let Some(e) = events::event(prefix, node, op, was) {
+            hooks.emit(e);
         }
     }
 }

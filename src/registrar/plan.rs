@@ -235,6 +235,24 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_instance_keeps_its_key_with_the_flag_and_is_put_once() {
+        let mut r = reg("a", false);
+        r.record.draining = true;
+        let d = desired("/p", ("/p/nodes/web/node", "{}"), [&r], |_| None, |_| false);
+        let key = "/p/nodes/web/services/api/a";
+        assert!(d[key].contains(r#""draining":true"#), "{}", d[key]);
+        let before = actual(&[(key, &reg("a", false).record.to_json(), L)]);
+        let ops = plan(&d, &before, L);
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, KeyOp::Put { key: k, .. } if k == key)),
+            "{ops:?}"
+        );
+        let after = actual(&[("/p/nodes/web/node", "{}", L), (key, &d[key], L)]);
+        assert!(plan(&d, &after, L).is_empty(), "a resync rewrites nothing");
+    }
+
+    #[test]
     fn steady_state_is_no_ops() {
         let d = map(&[("a", "1"), ("b", "2")]);
         assert!(plan(&d, &actual(&[("a", "1", L), ("b", "2", L)]), L).is_empty());

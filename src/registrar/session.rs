@@ -380,10 +380,15 @@ impl Session {
     }
 
     /// Writes `ops` in transactions of at most `MAX_TXN_OPS`, puts on `lease`, each
-    /// transaction guarded by the node record's claim (`Claim`). On failure the
-    /// caller must distrust what it believes etcd holds: a later read-back finds out
-    /// what actually happened.
-    pub(crate) async fn write(&mut self, ops: &[KeyOp], lease: i64) -> Result<(), SessionError> {
+    /// transaction guarded by the node record's claim (`Claim`); `written` hears of
+    /// each op once its transaction went through. On failure the caller must distrust
+    /// what it believes etcd holds: a later read-back finds out what actually happened.
+    pub(crate) async fn write(
+        &mut self,
+        ops: &[KeyOp],
+        lease: i64,
+        mut written: impl FnMut(&KeyOp),
+    ) -> Result<(), SessionError> {
         let prefix = self.etcd.prefix.clone();
         let node_key = self.node_key.clone();
         let node = self.node.clone();
@@ -433,6 +438,7 @@ impl Session {
                     self.claim = Claim::Held;
                 }
                 log_op(&prefix, op, revision);
+                written(op);
             }
         }
         Ok(())
@@ -543,7 +549,11 @@ fn log_op(prefix: &str, op: &KeyOp, revision: i64) {
             }),
             Some(v),
         ) => {
-            tracing::info!(%service, %instance, %key, revision, value = %v, "registered")
+            if v.contains(r#""draining":true"#) {
+                tracing::info!(%service, %instance, %key, revision, value = %v, "draining")
+            } else {
+                tracing::info!(%service, %instance, %key, revision, value = %v, "registered")
+            }
         }
         (
             Ok(schema::Key::Service {

@@ -10,7 +10,7 @@
 //! restart.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,6 +35,9 @@ pub struct Opts {
     pub state_dir: Option<PathBuf>,
     /// `--etcd-username` and `--etcd-password-file` (subprocesses only).
     pub etcd_auth: Option<(String, PathBuf)>,
+    /// A config file's text (`[[hook]]`, `[[registrar.service]]`): resolved by
+    /// `resolve_registrar` in process, passed as `--config` to a subprocess.
+    pub toml: Option<String>,
 }
 
 impl Default for Opts {
@@ -48,6 +51,7 @@ impl Default for Opts {
             advertise_ip: None,
             state_dir: None,
             etcd_auth: None,
+            toml: None,
         }
     }
 }
@@ -84,6 +88,24 @@ impl Rig {
     }
 
     pub fn config(&self, opts: &Opts) -> RegistrarConfig {
+        let file = match &opts.toml {
+            Some(text) => {
+                let file = portolan::config::FileConfig::from_str(text, Path::new("test.toml"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let flags = portolan::config::RegistrarArgs {
+                    registrar: portolan::config::RegistrarOptions {
+                        node: Some(self.node.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                Some(
+                    portolan::config::resolve_registrar(&file, &flags)
+                        .unwrap_or_else(|e| panic!("{e}")),
+                )
+            }
+            None => None,
+        };
         RegistrarConfig {
             etcd: self.etcd.config(&self.prefix),
             node: self.node.clone(),
@@ -96,7 +118,8 @@ impl Rig {
             resync: Duration::from_secs(opts.resync),
             deregister_on_exit: opts.deregister_on_exit,
             only_label: Some(self.only_label()),
-            hooks: Vec::new(),
+            hooks: file.as_ref().map(|f| f.hooks.clone()).unwrap_or_default(),
+            services: file.map(|f| f.services).unwrap_or_default(),
         }
     }
 
@@ -131,7 +154,15 @@ impl Rig {
             .args(["--only-label", &self.only_label()])
             .env("RUST_LOG", "info")
             // A config file on this machine must not leak into the test.
-            .args(["--config", "/dev/null"])
+            .arg("--config")
+            .arg(match &opts.toml {
+                Some(text) => {
+                    let path = self.state.path().join(format!("{}.toml", unique("config")));
+                    std::fs::write(&path, text).expect("config file");
+                    path
+                }
+                None => PathBuf::from("/dev/null"),
+            })
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
@@ -359,6 +390,8 @@ pub struct KeyWatch {
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
     pub key: String,
+    /// Empty for a delete.
+    pub value: String,
     pub put: bool,
     pub at: SystemTime,
 }
@@ -381,6 +414,7 @@ impl KeyWatch {
                     if let Some(kv) = ev.kv() {
                         sink.push(WatchEvent {
                             key: kv.key_str().unwrap_or("").to_string(),
+                            value: kv.value_str().unwrap_or("").to_string(),
                             put: ev.event_type() == etcd_client::EventType::Put,
                             at,
                         });
@@ -400,6 +434,17 @@ impl KeyWatch {
             .rev()
             .find(|e| e.key == key && e.put == put)
             .map(|e| e.at)
+    }
+
+    /// Every put of `key` so far: when, and the value.
+    pub fn puts(&self, key: &str) -> Vec<(SystemTime, String)> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.key == key && e.put)
+            .map(|e| (e.at, e.value.clone()))
+            .collect()
     }
 
     pub fn count(&self, key: &str, put: bool) -> usize {
@@ -481,6 +526,14 @@ impl DockerEvents {
 
     pub fn has(&self, id: &str, action: &str) -> bool {
         self.events().iter().any(|(i, a, _)| i == id && a == action)
+    }
+
+    /// When Docker says container `id` had event `action` (the first such).
+    pub fn time_of(&self, id: &str, action: &str) -> Option<SystemTime> {
+        self.events()
+            .into_iter()
+            .find(|(i, a, _)| i == id && a == action)
+            .map(|(_, _, t)| t)
     }
 
     /// Waits until the stream has shown `action` for container `id`.
@@ -567,5 +620,94 @@ impl Drop for Partition {
     fn drop(&mut self) {
         self.accept.abort();
         self.cut();
+    }
+}
+
+/// An HTTP server on 127.0.0.1 answering 200 to every request and keeping the bodies:
+/// a webhook receiver. Stops on drop.
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    bodies: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = bodies.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let sink = sink.clone();
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                sink.lock()
+                                    .expect("lock")
+                                    .push(String::from_utf8_lossy(&body).into_owned());
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(hyper::body::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, bodies, task }
+    }
+
+    /// Accepts connections and never answers: a hook target that hangs.
+    pub async fn hanging() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        Receiver {
+            addr,
+            bodies: Arc::default(),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Every body received so far, parsed as JSON.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap_or_else(|e| panic!("not JSON: {b:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -4,9 +4,9 @@ use bollard::models::ContainerInspectResponse;
 
 use super::{registrations, LabelWarning, NodeSettings, Registration};
 
-pub(super) const ID: &str = "3f2a9c1b7d10aaaabbbbccccddddeeeeffff00001111222233334444555566667777";
+pub(crate) const ID: &str = "3f2a9c1b7d10aaaabbbbccccddddeeeeffff00001111222233334444555566667777";
 
-pub(super) fn settings() -> NodeSettings {
+pub(crate) fn settings() -> NodeSettings {
     NodeSettings {
         node: "host-a".into(),
         advertise_ip: "10.0.0.5".parse().unwrap(),
@@ -15,7 +15,7 @@ pub(super) fn settings() -> NodeSettings {
 }
 
 /// A `docker inspect` document as Engine 20.10 returns it (trimmed).
-pub(super) fn inspect(
+pub(crate) fn inspect(
     labels: &[(&str, &str)],
     env: &[&str],
     ports: serde_json::Value,
@@ -43,16 +43,16 @@ pub(super) fn inspect(
     .unwrap()
 }
 
-pub(super) fn one_port() -> serde_json::Value {
+pub(crate) fn one_port() -> serde_json::Value {
     serde_json::json!({"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"}]})
 }
 
-pub(super) fn regs(c: &ContainerInspectResponse) -> Vec<Registration> {
+pub(crate) fn regs(c: &ContainerInspectResponse) -> Vec<Registration> {
     let s = registrations(c, &settings()).unwrap_or_else(|w| panic!("warnings: {w:?}"));
     assert!(s.skipped.is_empty(), "skipped: {:?}", s.skipped);
     s.registrations
 }
 
-pub(super) fn warnings(c: &ContainerInspectResponse) -> Vec<LabelWarning> {
+pub(crate) fn warnings(c: &ContainerInspectResponse) -> Vec<LabelWarning> {
     registrations(c, &settings()).expect_err("expected warnings")
 }

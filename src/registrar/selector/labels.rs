@@ -29,6 +29,9 @@ pub(super) struct Meta<'a> {
     pub(super) labels: &'a HashMap<String, String>,
     /// Only `SERVICE_*` variables.
     pub(super) env: BTreeMap<&'a str, &'a str>,
+    /// The labels are a config file's `[[registrar.service]]` settings in label form
+    /// (`check_http` as `portolan.check.http`): messages name them as the file does.
+    pub(super) from_file: bool,
 }
 
 impl Meta<'_> {
@@ -39,9 +42,21 @@ impl Meta<'_> {
     }
 
     pub(super) fn get_label(&self, key: &str) -> Option<(String, &str)> {
-        self.labels
-            .get(key)
-            .map(|v| (format!("label {key}={v:?}"), v.as_str()))
+        self.labels.get(key).map(|v| {
+            let source = if self.from_file {
+                let setting = match key {
+                    "portolan.service" => "name".to_string(),
+                    _ => key
+                        .strip_prefix("portolan.")
+                        .unwrap_or(key)
+                        .replace('.', "_"),
+                };
+                format!("{setting} = {v:?}")
+            } else {
+                format!("label {key}={v:?}")
+            };
+            (source, v.as_str())
+        })
     }
 
     fn get_env(&self, key: &str) -> Option<(String, &str)> {

@@ -17,9 +17,10 @@
 
 mod labels;
 mod ports;
+mod service;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +34,7 @@ use self::labels::{
     Meta, Warnings,
 };
 use self::ports::{ports, Published};
+pub(crate) use self::service::service;
 use crate::schema::{self, InstanceRecord, DEFAULT_WEIGHT, MAX_WEIGHT};
 
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -190,6 +192,7 @@ pub(crate) fn registrations(
                     .collect()
             })
             .unwrap_or_default(),
+        from_file: false,
     };
 
     let ports = ports(c, settings);
