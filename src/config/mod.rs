@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use self::etcd::{EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
 pub use self::hook::{redact_url, HookConfig, HookFormat, HookOptions, HookTarget};
 pub use self::registrar::{
-    RegistrarConfig, RegistrarOptions, DEFAULT_RESYNC_SECS, DEFAULT_STATE_DIR, DEFAULT_TTL_SECS,
+    RegistrarConfig, RegistrarOptions, ServiceOptions, DEFAULT_RESYNC_SECS, DEFAULT_STATE_DIR,
+    DEFAULT_TTL_SECS,
 };
 pub use self::watcher::{
     TemplateResource, WaitOptions, WatcherConfig, WatcherOptions, DEFAULT_COMMAND_TIMEOUT_MS,
