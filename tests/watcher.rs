@@ -1208,3 +1208,128 @@ async fn an_injected_kv_value_adds_no_line_and_is_named() {
     })
     .await;
 }
+
+/// A draining instance (its container got its stop signal) leaves rotation through the
+/// runtime API within milliseconds of the etcd put, with no reload; the file says
+/// `disabled` so a later reload keeps it out; clearing the flag routes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_gets_no_new_request_within_milliseconds_and_no_reload() {
+    use std::sync::{Arc, Mutex};
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    wait_until("web routed to b", T, || fd.routes_to("web", "b")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    // Steady traffic: every answer with the time its request was sent.
+    let answers: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (answers, stop, addr) = (answers.clone(), stop.clone(), fd.http_addr());
+        clients.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = Instant::now();
+                if let Some((200, body)) = http_get(&addr, "web.test", "/").await {
+                    answers.lock().unwrap().push((sent, body));
+                }
+            }
+        }));
+    }
+
+    let mut lags = Vec::new();
+    for round in 0..10 {
+        answers.lock().unwrap().clear();
+        let put = Instant::now();
+        etcd.put(&fd.service_key("web", "b"), &b.draining_record())
+            .await;
+        wait_until("b in maintenance", T, || async {
+            fd.admin_state("svc_web", "b")
+                .await
+                .is_some_and(|s| s & 1 == 1)
+        })
+        .await;
+        // The file follows (checked after HAProxy was told): a later reload keeps b out.
+        let line = format!("server b {} weight 100 check disabled", b.addr);
+        wait_until("the file says b is disabled", T, || async {
+            fd.dest_text().contains(&line)
+        })
+        .await;
+        // Keep the traffic going a while: nothing may reach b any more.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let seen = answers.lock().unwrap().clone();
+        let last_b = seen
+            .iter()
+            .filter(|(_, body)| body == "b")
+            .map(|(sent, _)| sent.saturating_duration_since(put))
+            .max()
+            .unwrap_or_default();
+        let after_put = seen.iter().filter(|(sent, _)| *sent > put).count();
+        assert!(
+            after_put > 20,
+            "round {round}: traffic kept flowing ({after_put})"
+        );
+        assert!(
+            seen.iter()
+                .filter(|(sent, _)| *sent > put)
+                .any(|(_, body)| body == "a"),
+            "round {round}: a kept serving"
+        );
+        lags.push(last_b);
+
+        let cleared = Instant::now();
+        etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+        wait_until("b ready again", T, || async {
+            fd.admin_state("svc_web", "b").await == Some(0)
+        })
+        .await;
+        wait_until("b routed again", T, || async {
+            answers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(sent, body)| *sent > cleared && body == "b")
+        })
+        .await;
+        wait_until("the file has b back", T, || async {
+            !fd.dest_text().contains("disabled")
+        })
+        .await;
+        // An isolated change, as a container stop is: a change within wait.min_ms of
+        // the last apply is batched (group commit) and would measure that instead.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    stop.cancel();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload for draining"
+    );
+    lags.sort();
+    let (median, max) = (lags[lags.len() / 2], lags[lags.len() - 1]);
+    eprintln!(
+        "drain: put → last request sent to the draining instance: median {:.1} ms, max {:.1} ms over {} rounds",
+        median.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0,
+        lags.len()
+    );
+    assert!(
+        max < Duration::from_millis(100),
+        "a draining instance got new requests {max:?} after the put"
+    );
+    assert!(fd.log().contains("1 out of rotation"), "{}", fd.log());
+}

@@ -345,7 +345,7 @@ impl Loop<'_> {
                         applied.took.as_secs_f64() * 1000.0
                     );
                 }
-                Outcome::Reloaded { fallback } => {
+                Outcome::Reloaded { fallback, took: _ } => {
                     self.metrics
                         .reloads
                         .get_or_create(&metrics::result("ok"))

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::diff;
-use super::haproxy::runtime_plan::{self, RuntimePlan};
+use super::haproxy::runtime_plan::{self, RuntimeOp, RuntimePlan};
 use super::haproxy::{master, runtime_api};
 use super::render::{self, Template, TemplateError};
 use super::store::StoreSnapshot;
@@ -44,6 +44,8 @@ pub(crate) enum Outcome {
     /// `fallback`: the runtime API was tried first and failed this way.
     Reloaded {
         fallback: Option<runtime_api::RuntimeError>,
+        /// How long the reload took to be confirmed.
+        took: Duration,
     },
     /// Written; no reload is configured for this resource.
     Written,
@@ -274,23 +276,52 @@ impl Resource {
             self.reload_pending = false;
             return Outcome::Unchanged;
         }
+        // How HAProxy, running the live file, can be made to run this one.
+        let plan = match (&self.cfg.haproxy_admin_socket, &self.live) {
+            (Some(_), Some(live)) if changed && !self.reload_pending && self.has_reload() => {
+                Some(runtime_plan::plan(&String::from_utf8_lossy(live), rendered))
+            }
+            _ => None,
+        };
+        let mut fallback = None;
+        // Servers only going in or out of rotation (draining) are told to HAProxy first,
+        // and the file follows: the check takes tens of milliseconds, and a drain must
+        // beat the container's exit. Taking a server out cannot make a config invalid;
+        // should the check refuse the file anyway, the states are put back.
+        let mut early = None;
+        if let (Some(RuntimePlan::Runtime(ops)), Some(sock)) =
+            (&plan, &self.cfg.haproxy_admin_socket)
+        {
+            if !ops.is_empty() && ops.iter().all(|o| matches!(o, RuntimeOp::State { .. })) {
+                match runtime_api::apply(sock, ops, timeout).await {
+                    Ok(applied) => early = Some(applied),
+                    Err(e) => {
+                        // Part of it may run: only a reload makes HAProxy whole again.
+                        self.reload_pending = true;
+                        fallback = Some(e);
+                    }
+                }
+            }
+        }
         if changed {
             let staged = match self.stage(rendered.as_bytes()).await {
                 Ok(p) => p,
                 Err(source) => {
+                    self.undo_early(early, rendered, timeout).await;
                     return Outcome::Failed {
                         error: ApplyError::Stage {
                             dest: self.cfg.dest.display().to_string(),
                             source,
                         },
-                        fallback: None,
-                    }
+                        fallback,
+                    };
                 }
             };
             if let Some(cmd) = &self.cfg.check_cmd {
                 let result = run_check(cmd, &staged, timeout).await;
                 if !result.success {
                     let _ = tokio::fs::remove_file(&staged).await;
+                    self.undo_early(early, rendered, timeout).await;
                     return Outcome::Rejected {
                         check: result,
                         diff: diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
@@ -299,12 +330,13 @@ impl Resource {
             }
             if let Err(source) = swap(&staged, &self.cfg.dest).await {
                 let _ = tokio::fs::remove_file(&staged).await;
+                self.undo_early(early, rendered, timeout).await;
                 return Outcome::Failed {
                     error: ApplyError::Swap {
                         dest: self.cfg.dest.display().to_string(),
                         source,
                     },
-                    fallback: None,
+                    fallback,
                 };
             }
         }
@@ -313,34 +345,39 @@ impl Resource {
             self.reload_pending = false;
             return Outcome::Written;
         }
-        let mut fallback = None;
-        if changed && !self.reload_pending {
-            if let (Some(sock), Some(prev)) = (&self.cfg.haproxy_admin_socket, &previous) {
-                match runtime_plan::plan(&String::from_utf8_lossy(prev), rendered) {
-                    RuntimePlan::Runtime(ops) => {
-                        match runtime_api::apply(sock, &ops, timeout).await {
-                            Ok(applied) => return Outcome::Runtime { applied },
-                            Err(e) => {
-                                // HAProxy may run part of the change: only the reload of
-                                // the new file (in place already) makes it whole again.
-                                self.reload_pending = true;
-                                fallback = Some(e);
-                            }
+        if let Some(applied) = early {
+            return Outcome::Runtime { applied };
+        }
+        if fallback.is_none() {
+            match (plan, &self.cfg.haproxy_admin_socket) {
+                (Some(RuntimePlan::Runtime(ops)), Some(sock)) => {
+                    match runtime_api::apply(sock, &ops, timeout).await {
+                        Ok(applied) => return Outcome::Runtime { applied },
+                        Err(e) => {
+                            // HAProxy may run part of the change: only the reload of
+                            // the new file (in place already) makes it whole again.
+                            self.reload_pending = true;
+                            fallback = Some(e);
                         }
                     }
-                    RuntimePlan::Reload(why) => {
-                        tracing::info!(
-                            dest = %self.cfg.dest.display(),
-                            "reloading, the runtime API cannot apply this change: {why}"
-                        );
-                    }
                 }
+                (Some(RuntimePlan::Reload(why)), _) => {
+                    tracing::info!(
+                        dest = %self.cfg.dest.display(),
+                        "reloading, the runtime API cannot apply this change: {why}"
+                    );
+                }
+                _ => {}
             }
         }
+        let reload_started = std::time::Instant::now();
         match self.reload(timeout).await {
             Ok(()) => {
                 self.reload_pending = false;
-                Outcome::Reloaded { fallback }
+                Outcome::Reloaded {
+                    fallback,
+                    took: reload_started.elapsed(),
+                }
             }
             Err(error) if error.timed_out() => {
                 // HAProxy may be merely slow and run the new file already (or soon):
@@ -365,6 +402,28 @@ impl Resource {
                 }
                 Outcome::Failed { error, fallback }
             }
+        }
+    }
+
+    /// Puts back the server states applied ahead of a file that then did not make it
+    /// to `dest`, so HAProxy runs the live file again; a reload of it if that fails.
+    async fn undo_early(
+        &mut self,
+        early: Option<runtime_api::Applied>,
+        rendered: &str,
+        timeout: Duration,
+    ) {
+        let (Some(_), Some(sock), Some(live)) = (early, &self.cfg.haproxy_admin_socket, &self.live)
+        else {
+            return;
+        };
+        let back = runtime_plan::plan(rendered, &String::from_utf8_lossy(live));
+        let undone = match back {
+            RuntimePlan::Runtime(ops) => runtime_api::apply(sock, &ops, timeout).await.is_ok(),
+            RuntimePlan::Reload(_) => false,
+        };
+        if !undone {
+            self.reload_pending = true;
         }
     }
 
@@ -663,7 +722,7 @@ mod tests {
         let t = Duration::from_millis(300);
         assert!(matches!(
             r.apply("v1\n", t).await,
-            Outcome::Reloaded { fallback: None }
+            Outcome::Reloaded { fallback: None, .. }
         ));
         // Slow, not failed: HAProxy may run v2 already, so v2 stays.
         r.cfg.reload_cmd = Some("sleep 30".into());
@@ -677,7 +736,7 @@ mod tests {
         r.cfg.reload_cmd = Some("true".into());
         assert!(matches!(
             r.apply("v2\n", t).await,
-            Outcome::Reloaded { fallback: None }
+            Outcome::Reloaded { fallback: None, .. }
         ));
         assert!(matches!(r.apply("v2\n", t).await, Outcome::Unchanged));
         // A reload that fails outright still puts the last good file back.

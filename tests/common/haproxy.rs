@@ -91,6 +91,11 @@ impl Backend {
             self.addr
         )
     }
+
+    /// The record the registrar writes on the container's stop signal.
+    pub fn draining_record(&self) -> String {
+        self.record().replace('}', r#","draining":true}"#)
+    }
 }
 
 impl Drop for Backend {
@@ -448,6 +453,18 @@ stats_bind = "127.0.0.1:{stats_port}"
         let mut out = String::new();
         s.read_to_string(&mut out).await.expect("admin read");
         out.trim().to_string()
+    }
+
+    /// `srv_admin_state` of `backend/server` in `show servers state` (0 = ready; bit 1
+    /// forced maintenance, 4 maintenance from the file's `disabled`, 8 forced drain).
+    pub async fn admin_state(&self, backend: &str, server: &str) -> Option<u32> {
+        let state = self.admin(&format!("show servers state {backend}")).await;
+        state.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 6 && f[1] == backend && f[3] == server)
+                .then(|| f[6].parse().ok())
+                .flatten()
+        })
     }
 
     /// Runs `haproxy -c` on the live file.
