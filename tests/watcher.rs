@@ -1332,4 +1332,140 @@ async fn a_draining_instance_gets_no_new_request_within_milliseconds_and_no_relo
         "a draining instance got new requests {max:?} after the put"
     );
     assert!(fd.log().contains("1 out of rotation"), "{}", fd.log());
+
+    // The numbers that answer "how fast, how, and is it caught up".
+    let dynamic = fd
+        .metric(r#"portolan_watcher_updates_total{status="dynamic"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(dynamic >= 20.0, "20 runtime changes counted: {dynamic}");
+    let full = fd
+        .metric(r#"portolan_watcher_updates_total{status="full"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(full >= 2.0, "first render and the new backend: {full}");
+    assert!(
+        fd.metric("portolan_watcher_reload_duration_seconds_count")
+            .await
+            >= Some(2.0)
+    );
+    let live_count = fd
+        .metric("portolan_watcher_event_to_live_seconds_count")
+        .await
+        .unwrap_or(0.0);
+    let live_sum = fd
+        .metric("portolan_watcher_event_to_live_seconds_sum")
+        .await
+        .unwrap_or(0.0);
+    assert!(live_count >= 20.0, "event → live observed: {live_count}");
+    let revision = fd.metric("portolan_watcher_revision").await;
+    assert!(revision > Some(0.0));
+    assert_eq!(
+        fd.metric("portolan_watcher_applied_revision").await,
+        revision,
+        "caught up"
+    );
+    let text = fd.metrics().await;
+    let buckets: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("portolan_watcher_event_to_live_seconds_bucket"))
+        .map(|l| l.trim_start_matches("portolan_watcher_event_to_live_seconds_bucket"))
+        .collect();
+    eprintln!(
+        "event → live: {live_count} samples, mean {:.1} ms; cumulative buckets {}",
+        live_sum / live_count * 1000.0,
+        buckets.join(" ")
+    );
+}
+
+/// `[[hook]]`s hear about reloads, runtime changes and refused renders, with the
+/// watcher's name, the revision, the file and a summary; `/metrics` counts deliveries.
+/// The watcher runs in this process (`watcher::run`, as `main` calls it) with hooks
+/// pointed at a receiver here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_hear_reloads_runtime_changes_and_rejects() {
+    use common::haproxy::HookReceiver;
+    use portolan::config::{HookConfig, HookFormat, HookTarget};
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let receiver = HookReceiver::start().await;
+    let fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            admin_socket: true,
+            // Not quiet: HAProxy's alerts are what a reject event sums up.
+            check_cmd: "haproxy -c -f {src}".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let file = portolan::config::FileConfig::load(Some(&fd.config)).expect("config");
+    let mut cfg = portolan::config::resolve_watcher(&file, &Default::default()).expect("valid");
+    cfg.hooks = vec![HookConfig {
+        events: ["reload", "runtime", "reject", "fail", "hold"]
+            .map(String::from)
+            .to_vec(),
+        target: HookTarget::Url(receiver.url.clone()),
+        format: HookFormat::Json,
+        timeout: Duration::from_secs(2),
+    }];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(portolan::watcher::run(cfg, stop.clone()));
+    fd.wait_for_first_reload().await;
+
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("a runtime event", T, || async {
+        !receiver.events("runtime").is_empty()
+    })
+    .await;
+    let runtime = &receiver.events("runtime")[0];
+    assert_eq!(runtime["summary"], "+1 -0 ~0 servers", "{runtime}");
+    assert_eq!(runtime["watcher"], fd.name.as_str(), "{runtime}");
+    assert_eq!(runtime["dest"], fd.dest.display().to_string(), "{runtime}");
+    assert!(runtime["revision"].as_i64() > Some(0), "{runtime}");
+    let reloads = receiver.events("reload");
+    assert!(
+        reloads.len() >= 2,
+        "first render and the new backend: {reloads:?}"
+    );
+    let last = reloads.last().unwrap();
+    assert!(
+        last["summary"].as_str().unwrap().starts_with("reloaded "),
+        "{last}"
+    );
+    assert!(last["revision"].as_i64() < runtime["revision"].as_i64());
+    assert_eq!(last["watcher"], fd.name.as_str());
+    assert!(last["at"].is_string());
+
+    // A template whose output HAProxy refuses.
+    let text = std::fs::read_to_string(&fd.template).unwrap();
+    fd.save_template(&text.replace("    balance roundrobin", "    balance no-such-algorithm"));
+    wait_until("a reject event", T, || async {
+        !receiver.events("reject").is_empty()
+    })
+    .await;
+    let reject = &receiver.events("reject")[0];
+    let summary = reject["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("[ALERT]") && summary.contains("balance only supports"),
+        "HAProxy's first alert: {reject}"
+    );
+    assert!(!summary.contains('\n'));
+    assert_eq!(reject["dest"], fd.dest.display().to_string());
+    wait_until("deliveries counted", T, || async {
+        fd.metric(r#"portolan_watcher_hook_events_total{result="delivered"}"#)
+            .await
+            >= Some(4.0)
+    })
+    .await;
+    assert_eq!(
+        fd.metric(r#"portolan_watcher_hook_events_total{result="dropped"}"#)
+            .await,
+        Some(0.0)
+    );
+    stop.cancel();
+    watcher.await.unwrap().expect("clean stop");
 }

@@ -51,6 +51,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
+use crate::hook::{Event, Hooks};
 use crate::schema::WatcherStatus;
 use crate::sd;
 use metrics::Metrics;
@@ -71,6 +72,8 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let metrics = Arc::new(Metrics::new());
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
+    let hooks = Hooks::start(&cfg.hooks, &tracker, &tasks);
+    metrics.export_hooks(hooks.stats.clone());
 
     let mut resources = Vec::new();
     for t in &cfg.templates {
@@ -148,7 +151,9 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tpl_rx,
         status_tx,
         metrics,
+        hooks,
         ready: false,
+        pending_since: None,
         retry_at: None,
         retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
     };
@@ -171,7 +176,11 @@ struct Loop<'a> {
     tpl_rx: mpsc::Receiver<()>,
     status_tx: watch::Sender<WatcherStatus>,
     metrics: Arc<Metrics>,
+    hooks: Hooks,
     ready: bool,
+    /// Arrival of the oldest etcd change HAProxy does not run yet (as far as the loop
+    /// saw it: changes that replace each other during one pass count from the last).
+    pending_since: Option<std::time::Instant>,
     /// When to try again after a transient failure (unreachable master socket, I/O).
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
@@ -202,7 +211,7 @@ impl Loop<'_> {
                 biased;
                 _ = shutdown.cancelled() => return,
                 r = self.snap_rx.changed() => match r {
-                    Ok(()) => Wake::Store,
+                    Ok(()) => { self.note_change(); Wake::Store }
                     Err(_) => return,
                 },
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
@@ -256,13 +265,23 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return false,
-                r = self.snap_rx.changed() => if r.is_err() { return false },
+                r = self.snap_rx.changed() => {
+                    if r.is_err() { return false }
+                    self.note_change();
+                }
                 Some(()) = self.tpl_rx.recv() => { self.reload_templates().await; }
                 _ = tokio::time::sleep_until(quiet_until) => return true,
             }
             if Instant::now() >= deadline {
                 return true;
             }
+        }
+    }
+
+    /// Remembers when the change now in the channel arrived, if it is the oldest pending.
+    fn note_change(&mut self) {
+        if let Some(p) = self.snap_rx.borrow().as_ref() {
+            self.pending_since = Some(self.pending_since.map_or(p.received, |s| s.min(p.received)));
         }
     }
 
@@ -298,9 +317,18 @@ impl Loop<'_> {
             return;
         };
         let snapshot = &published.snapshot;
+        let revision = published.revision;
+        self.pending_since = Some(
+            self.pending_since
+                .map_or(published.received, |s| s.min(published.received)),
+        );
         let started = Instant::now();
         let timeout = self.cfg.command_timeout;
         let mut errors: Vec<String> = Vec::new();
+        // Every resource runs what this snapshot says (or had nothing to change).
+        let mut all_live = true;
+        // When the last resource began to run it.
+        let mut live_at: Option<std::time::Instant> = None;
         let mut reload: Option<ReloadResult> = None;
         let mut path: Option<ApplyPath> = None;
         let mut retry = false;
@@ -309,12 +337,16 @@ impl Loop<'_> {
                 errors.push(e.to_string());
             }
             let rendered = match r.render(snapshot) {
-                None => continue,
+                None => {
+                    all_live = false;
+                    continue;
+                }
                 Some(Ok(text)) => text,
                 Some(Err(e)) => {
                     self.metrics.template_errors.inc();
                     tracing::error!("{e}\n{} keeps its last good content", r.cfg.dest.display());
                     errors.push(e.to_string());
+                    all_live = false;
                     continue;
                 }
             };
@@ -324,6 +356,34 @@ impl Loop<'_> {
                 .applies
                 .get_or_create(&metrics::result(outcome.label()))
                 .inc();
+            let dest = r.cfg.dest.clone();
+            let label = match &outcome {
+                Outcome::Unchanged => Some("noop"),
+                Outcome::Runtime { applied } => {
+                    let at = applied.done_at.unwrap_or_else(std::time::Instant::now);
+                    live_at = live_at.max(Some(at));
+                    Some("dynamic")
+                }
+                Outcome::Reloaded { took, .. } => {
+                    self.metrics.reload_duration.observe(took.as_secs_f64());
+                    live_at = Some(std::time::Instant::now());
+                    Some("full")
+                }
+                Outcome::Written => {
+                    live_at = Some(std::time::Instant::now());
+                    Some("full")
+                }
+                Outcome::Rejected { .. } | Outcome::Failed { .. } => {
+                    all_live = false;
+                    None
+                }
+            };
+            if let Some(l) = label {
+                self.metrics
+                    .updates
+                    .get_or_create(&metrics::status(l))
+                    .inc();
+            }
             match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Written => {
@@ -343,6 +403,14 @@ impl Loop<'_> {
                         "applied through the runtime API, no reload ({applied}) in {} ms, {:.2} ms of it in the runtime API",
                         started.elapsed().as_millis(),
                         applied.took.as_secs_f64() * 1000.0
+                    );
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "runtime",
+                        applied.to_string(),
+                        &dest,
+                        revision,
                     );
                 }
                 Outcome::Reloaded { fallback, took: _ } => {
@@ -371,6 +439,20 @@ impl Loop<'_> {
                         "reloaded in {} ms",
                         started.elapsed().as_millis()
                     );
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "reload",
+                        format!(
+                            "reloaded {} in {} ms ({} services, {} instances)",
+                            dest.display(),
+                            started.elapsed().as_millis(),
+                            snapshot.services.len(),
+                            snapshot.instance_count()
+                        ),
+                        &dest,
+                        revision,
+                    );
                 }
                 Outcome::Rejected { check, diff } => {
                     self.metrics.check_failures.inc();
@@ -384,6 +466,19 @@ impl Loop<'_> {
                         diff,
                     );
                     reload = Some(ReloadResult::Rejected);
+                    let first = first_error_line(&check.output).to_string();
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "reject",
+                        if first.is_empty() {
+                            format!("check_cmd rejected the new file ({})", check.status)
+                        } else {
+                            first
+                        },
+                        &dest,
+                        revision,
+                    );
                     errors.push(format!(
                         "check_cmd rejected the new {}: {}",
                         r.cfg.dest.display(),
@@ -399,6 +494,14 @@ impl Loop<'_> {
                     retry |= error.is_transient();
                     let error = resource::failure_report(&error, fallback.as_ref());
                     tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "fail",
+                        error.clone(),
+                        &dest,
+                        revision,
+                    );
                     errors.push(error);
                 }
             }
@@ -408,6 +511,14 @@ impl Loop<'_> {
             self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
         }
         self.metrics.revision.set(published.revision);
+        if all_live {
+            self.metrics.applied_revision.set(published.revision);
+            if let (Some(since), Some(at)) = (self.pending_since.take(), live_at) {
+                self.metrics
+                    .event_to_live
+                    .observe(at.saturating_duration_since(since).as_secs_f64());
+            }
+        }
         self.metrics.services.set(snapshot.services.len() as i64);
         self.metrics.instances.set(snapshot.instance_count() as i64);
         self.status_tx.send_modify(|s| {
@@ -436,9 +547,52 @@ impl Loop<'_> {
     }
 }
 
+/// The line of a check's output that says what is wrong: HAProxy prints notices
+/// (its version, its path) before its first `[ALERT]`.
+fn first_error_line(output: &str) -> &str {
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.clone().next().unwrap_or("");
+    lines
+        .find(|l| l.contains("[ALERT]") || l.to_ascii_lowercase().contains("error"))
+        .unwrap_or(first)
+}
+
+/// One hook event with the fields every watcher event carries.
+fn emit(
+    hooks: &Hooks,
+    watcher: &str,
+    name: &'static str,
+    summary: String,
+    dest: &std::path::Path,
+    revision: i64,
+) {
+    hooks.emit(
+        Event::new(name, summary)
+            .with("watcher", watcher)
+            .with("revision", revision)
+            .with("dest", dest.display().to_string()),
+    );
+}
+
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {
     match sig {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reject_is_summed_up_by_the_first_alert() {
+        let out = "[NOTICE]   (1) : haproxy version is 2.6.12\n[NOTICE]   (1) : path to executable is /usr/sbin/haproxy\n[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'\n[ALERT]    (1) : config : Fatal errors found in configuration.";
+        assert_eq!(
+            first_error_line(out),
+            "[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'"
+        );
+        assert_eq!(first_error_line("\nmissing ok\n"), "missing ok");
+        assert_eq!(first_error_line(""), "");
     }
 }

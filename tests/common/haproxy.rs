@@ -104,6 +104,80 @@ impl Drop for Backend {
     }
 }
 
+// ---------- hook receiver ----------
+
+/// An HTTP server on 127.0.0.1 that answers 200 to every POST and keeps the bodies
+/// (parsed as JSON), as a webhook receiver would. Stops on drop.
+pub struct HookReceiver {
+    pub url: String,
+    pub bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    stop: CancellationToken,
+}
+
+impl HookReceiver {
+    pub async fn start() -> HookReceiver {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind hook receiver");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let (b, s) = (bodies.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok((st, _)) => st, Err(_) => continue },
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let b = b.clone();
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    b.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    Bytes::new(),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HookReceiver { url, bodies, stop }
+    }
+
+    /// The events received so far named `event`.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["event"] == event)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for HookReceiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 // ---------- HAProxy ----------
 
 /// `haproxy -W -S <sock> -f <cfg>`: master-worker mode, master CLI on a unix socket.

@@ -51,6 +51,8 @@ pub(crate) struct Applied {
     pub(crate) restored: usize,
     /// From the first command sent to the last answer.
     pub(crate) took: Duration,
+    /// When the last answer came: HAProxy runs the change from then on.
+    pub(crate) done_at: Option<std::time::Instant>,
 }
 
 impl std::fmt::Display for Applied {
@@ -155,6 +157,7 @@ pub(crate) async fn apply(
         }
     }
     done.took = start.elapsed();
+    done.done_at = Some(std::time::Instant::now());
     Ok(done)
 }
 
