@@ -1469,3 +1469,77 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
     stop.cancel();
     watcher.await.unwrap().expect("clean stop");
 }
+
+/// `etcdctl del --prefix <prefix>/services` of 10 instances: the mass-removal guard
+/// keeps them routed for its hold (2 s here), says so loudly, then removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_removal_is_held_then_applied() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            watcher_extra: "mass_removal = { share = 0.5, min = 5, hold_s = 2 }".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    for i in 0..10 {
+        let backend = if i % 2 == 0 { &a } else { &b };
+        etcd.put(&fd.service_key("web", &format!("i{i}")), &backend.record())
+            .await;
+    }
+    wait_until("10 instances rendered", T, || async {
+        fd.dest_text().matches("    server i").count() == 10
+    })
+    .await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+
+    let mut client = etcd.client().await;
+    let deleted = Instant::now();
+    client
+        .delete(
+            format!("{}/services/", fd.prefix),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("del --prefix");
+    wait_until("the hold is logged", T, || async {
+        fd.log()
+            .contains("holding back the removal of 10 of 10 live instances (100%")
+    })
+    .await;
+    assert!(fd.metric("portolan_watcher_removals_held").await == Some(10.0));
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("the status says so", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| v.contains("held by the mass-removal guard"))
+    })
+    .await;
+    // Still routed during the hold.
+    while deleted.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            matches!(fd.get("web").await, Some((200, _))),
+            "still routed {:?} after the delete",
+            deleted.elapsed()
+        );
+        assert_eq!(fd.dest_text().matches("    server i").count(), 10);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until("removed after the hold", T, || async {
+        matches!(fd.get("web").await, Some((503, _)))
+    })
+    .await;
+    let took = deleted.elapsed();
+    assert!(took >= Duration::from_secs(2), "held {took:?}");
+    assert_eq!(fd.dest_text().matches("    server i").count(), 0);
+    assert_eq!(fd.metric("portolan_watcher_removals_held").await, Some(0.0));
+    assert!(fd
+        .log()
+        .contains("the hold of 10 removed instance(s) is over"));
+    eprintln!("mass removal held for {took:?} (hold_s = 2)");
+}

@@ -26,6 +26,7 @@
 //! on — there is never more than one HAProxy reload in flight.
 
 mod diff;
+mod guard;
 pub mod haproxy;
 mod inspect;
 mod metrics;
@@ -152,6 +153,12 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         status_tx,
         metrics,
         hooks,
+        guard: guard::Guard::new(
+            cfg.mass_removal.share,
+            cfg.mass_removal.min,
+            cfg.mass_removal.hold,
+        ),
+        rendered: None,
         ready: false,
         pending_since: None,
         retry_at: None,
@@ -177,6 +184,10 @@ struct Loop<'a> {
     status_tx: watch::Sender<WatcherStatus>,
     metrics: Arc<Metrics>,
     hooks: Hooks,
+    guard: guard::Guard,
+    /// The snapshot the last pass rendered (held removals included): what the guard
+    /// judges the next batch against.
+    rendered: Option<Arc<store::StoreSnapshot>>,
     ready: bool,
     /// Arrival of the oldest etcd change HAProxy does not run yet (as far as the loop
     /// saw it: changes that replace each other during one pass count from the last).
@@ -193,6 +204,10 @@ enum Wake {
     /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
     /// changed — e.g. to retry a check that failed for a reason outside the file.
     Hangup,
+    /// A held mass removal is due.
+    HoldOver,
+    /// SIGUSR1: the operator confirms a held mass removal.
+    Confirm,
 }
 
 impl Loop<'_> {
@@ -202,6 +217,15 @@ impl Loop<'_> {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!("cannot listen for SIGHUP ({e}); reload by editing a template");
+                None
+            }
+        };
+        let mut confirm = match signal(SignalKind::user_defined1()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot listen for SIGUSR1 ({e}); held removals wait out their hold"
+                );
                 None
             }
         };
@@ -217,6 +241,8 @@ impl Loop<'_> {
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
                 _ = crate::backoff::sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
+                _ = crate::backoff::sleep_until(self.guard.deadline().map(Instant::from_std)), if self.guard.deadline().is_some() => Wake::HoldOver,
+                Some(()) = recv(&mut confirm) => Wake::Confirm,
                 _ = watchdog.tick() => continue,
             };
             match wake {
@@ -229,6 +255,16 @@ impl Loop<'_> {
                 Wake::Hangup => {
                     tracing::info!("SIGHUP: re-reading templates and rendering");
                     self.reload_templates().await;
+                }
+                Wake::HoldOver => {
+                    tracing::warn!(
+                        "the hold of {} removed instance(s) is over: removing them now",
+                        self.guard.held()
+                    );
+                }
+                Wake::Confirm => {
+                    let n = self.guard.release();
+                    tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
                 }
                 Wake::Store => {}
             }
@@ -316,8 +352,38 @@ impl Loop<'_> {
         let Some(published) = self.snap_rx.borrow_and_update().clone() else {
             return;
         };
-        let snapshot = &published.snapshot;
+        let (effective, held) = self.guard.filter(
+            self.rendered.as_deref(),
+            &published.snapshot,
+            std::time::Instant::now(),
+        );
+        let snapshot = &*self.rendered.insert(Arc::new(effective)).clone();
         let revision = published.revision;
+        self.metrics.removals_held.set(self.guard.held() as i64);
+        if let Some(h) = &held {
+            let secs = h
+                .until
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs();
+            let summary = format!(
+                "holding back the removal of {} of {} live instances ({:.0}%, more than the {:.0}% mass_removal share): they stay in the config for {secs} s — HAProxy's health checks keep dead ones out of rotation — then go; send SIGUSR1 to the watcher to remove them now",
+                h.count,
+                h.live,
+                h.percent(),
+                self.cfg.mass_removal.share * 100.0
+            );
+            tracing::warn!(revision, "{summary}");
+            for r in &self.resources {
+                emit(
+                    &self.hooks,
+                    &self.cfg.name,
+                    "hold",
+                    summary.clone(),
+                    &r.cfg.dest,
+                    revision,
+                );
+            }
+        }
         self.pending_since = Some(
             self.pending_since
                 .map_or(published.received, |s| s.min(published.received)),
@@ -325,6 +391,12 @@ impl Loop<'_> {
         let started = Instant::now();
         let timeout = self.cfg.command_timeout;
         let mut errors: Vec<String> = Vec::new();
+        if self.guard.held() > 0 {
+            errors.push(format!(
+                "{} removed instance(s) held by the mass-removal guard; SIGUSR1 removes them now",
+                self.guard.held()
+            ));
+        }
         // Every resource runs what this snapshot says (or had nothing to change).
         let mut all_live = true;
         // When the last resource began to run it.

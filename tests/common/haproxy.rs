@@ -288,6 +288,8 @@ pub struct Options {
     /// `[watcher] allowed_networks`; None = the default routing policy. The default
     /// here is 127.0.0.0/8, as every backend of these tests listens on 127.0.0.1.
     pub allowed_networks: Option<Vec<String>>,
+    /// Extra `key = value` lines for `[watcher]`.
+    pub watcher_extra: String,
 }
 
 impl Default for Options {
@@ -304,6 +306,7 @@ impl Default for Options {
             admin_socket: false,
             watcher_admin_socket: None,
             allowed_networks: Some(vec!["127.0.0.0/8".into()]),
+            watcher_extra: String::new(),
         }
     }
 }
@@ -393,6 +396,7 @@ listen = "127.0.0.1:{metrics_port}"
 wait = {{ min_ms = {min}, max_ms = {max} }}
 command_timeout_ms = {timeout}
 {allowed}
+{watcher_extra}
 
 [[template]]
 src = "haproxy.cfg.tera"
@@ -414,6 +418,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             max = opts.wait_max_ms,
             timeout = opts.command_timeout_ms,
             check = opts.check_cmd,
+            watcher_extra = opts.watcher_extra,
         );
         std::fs::write(&config, toml).expect("write watcher config");
         FrontDoor {
