@@ -1543,3 +1543,41 @@ async fn a_mass_removal_is_held_then_applied() {
         .contains("the hold of 10 removed instance(s) is over"));
     eprintln!("mass removal held for {took:?} (hold_s = 2)");
 }
+
+/// A check refused for a reason outside the file is tried again on the backoff timer,
+/// with no further change in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_check_is_retried_on_a_timer() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let flags = tempfile::tempdir().unwrap();
+    let flag = flags.path().join("certificate-present");
+    std::fs::write(&flag, "").unwrap();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            check_cmd: format!("test -e '{}' && haproxy -c -q -f {{src}}", flag.display()),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    // What the check needs goes missing; the next change is refused.
+    std::fs::remove_file(&flag).unwrap();
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("the check refused it", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
+    })
+    .await;
+    assert!(!fd.dest_text().contains("server b "));
+    // It comes back: applied on the timer, nothing else changed.
+    std::fs::write(&flag, "").unwrap();
+    wait_until("b routed after a retry", T, || fd.routes_to("web", "b")).await;
+    assert!(
+        fd.log().contains("retrying the failed apply in"),
+        "{}",
+        fd.log()
+    );
+}

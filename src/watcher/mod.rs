@@ -117,7 +117,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let (snap_tx, snap_rx) = watch::channel(None);
     let (resolver, resolved) = resolve::Resolver::new();
     tracker.spawn(resolver.clone().run(tasks.clone()));
-    tracker.spawn(
+    let source = tracker.spawn(
         Source::new(
             cfg.etcd.clone(),
             cfg.policy.clone(),
@@ -165,12 +165,35 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
     };
     lp.run(&shutdown).await;
+    // The loop returns before shutdown only when the etcd source is gone (it ends on
+    // shutdown alone, so it panicked): without it nothing would ever change again.
+    let source_end = if shutdown.is_cancelled() {
+        None
+    } else {
+        Some(match source.await {
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("panicked: {msg}")
+            }
+            _ => "stopped".to_string(),
+        })
+    };
 
     sd::stopping();
     tasks.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within {DRAIN:?}");
+    }
+    if let Some(why) = source_end {
+        anyhow::bail!(
+            "the etcd source task {why}; exiting non-zero so the service manager (Restart=on-failure) starts a fresh watcher"
+        );
     }
     tracing::info!("watcher stopped");
     Ok(())
@@ -538,6 +561,9 @@ impl Loop<'_> {
                         diff,
                     );
                     reload = Some(ReloadResult::Rejected);
+                    // The check may fail for a reason outside the file (a missing
+                    // certificate, a port in use): checked again on the backoff timer.
+                    retry = true;
                     let first = first_error_line(&check.output).to_string();
                     emit(
                         &self.hooks,
@@ -563,7 +589,9 @@ impl Loop<'_> {
                         .get_or_create(&metrics::result("failed"))
                         .inc();
                     reload = Some(ReloadResult::Failed);
-                    retry |= error.is_transient();
+                    // Transient or not, try again on the backoff timer: HAProxy may
+                    // take the file once whatever it lacked (a port, a certificate) is there.
+                    retry = true;
                     let error = resource::failure_report(&error, fallback.as_ref());
                     tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
                     emit(
@@ -609,6 +637,7 @@ impl Loop<'_> {
             tracing::info!("retrying the failed apply in {} ms", delay.as_millis());
             Some(Instant::now() + delay)
         } else {
+            self.retry_backoff.reset();
             None
         };
         if !self.ready {

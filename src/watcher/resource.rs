@@ -8,8 +8,10 @@
 //!   so a crash at any point leaves either the old or the new file, never a partial one.
 //!   Staged files are named `.<dest name>.portolan.<pid>.<n>.tmp`; leftovers of a killed
 //!   run are removed by `clean_stale_staging` at start.
-//! - A failed check leaves `dest` byte-identical. A failed reload puts the last good
-//!   bytes back, so the file on disk is always what HAProxy runs (or last accepted).
+//! - A failed check leaves `dest` byte-identical. A refused reload puts the last good
+//!   bytes back — the file HAProxy last confirmed (`confirmed`), not merely the one
+//!   before, which may be a file whose reload timed out — so the file on disk is
+//!   always what HAProxy runs (or last accepted).
 //! - The runtime API is only used when HAProxy is known to run `live` (no reload
 //!   pending), and is always followed by nothing or by a reload: once HAProxy
 //!   confirmed every command it runs the new file's servers; on any refusal the new
@@ -120,14 +122,6 @@ pub(crate) enum ApplyError {
 }
 
 impl ApplyError {
-    /// Worth retrying with backoff: everything but HAProxy refusing the file.
-    pub(crate) fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            ApplyError::Master(master::ReloadError::LoadFailed { .. })
-        )
-    }
-
     /// No confirmation in time: the reload may still be running or have gone through.
     fn timed_out(&self) -> bool {
         match self {
@@ -175,6 +169,10 @@ pub(crate) struct Resource {
     pub(crate) template_error: Option<TemplateError>,
     /// What `dest` holds, as far as this process knows (read at start, then written).
     live: Option<Vec<u8>>,
+    /// The last good file: what HAProxy last confirmed running (reload confirmed, or
+    /// every runtime command answered). None until the first confirmation. A refused
+    /// reload puts this back, even when `live` is a file whose reload timed out.
+    confirmed: Option<Vec<u8>>,
     /// Reload on the next apply even if the bytes are unchanged: a previous run may
     /// have died between rename and reload, so HAProxy could be running an older file.
     reload_pending: bool,
@@ -190,6 +188,7 @@ impl Resource {
             source_text: None,
             template_error: None,
             live: None,
+            confirmed: None,
             reload_pending: true,
         }
     }
@@ -198,6 +197,7 @@ impl Resource {
     /// bytes cause no reload.
     pub(crate) fn assume_running(&mut self) {
         self.reload_pending = false;
+        self.confirmed = self.live.clone();
     }
 
     pub(crate) fn name(&self) -> String {
@@ -270,6 +270,17 @@ impl Resource {
 
     /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
     pub(crate) async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
+        let outcome = self.apply_inner(rendered, timeout).await;
+        if matches!(
+            outcome,
+            Outcome::Runtime { .. } | Outcome::Reloaded { .. } | Outcome::Written
+        ) {
+            self.confirmed = Some(rendered.as_bytes().to_vec());
+        }
+        outcome
+    }
+
+    async fn apply_inner(&mut self, rendered: &str, timeout: Duration) -> Outcome {
         let changed = self.live.as_deref() != Some(rendered.as_bytes());
         let must_reload = self.reload_pending && self.has_reload();
         if !changed && !must_reload {
@@ -388,16 +399,17 @@ impl Resource {
                 Outcome::Failed { error, fallback }
             }
             Err(error) => {
-                // Put the last good file back so the file matches what HAProxy runs.
-                if changed {
-                    if let Some(prev) = previous {
-                        match self.restore(&prev).await {
-                            Ok(()) => self.live = Some(prev),
-                            Err(e) => tracing::error!(
-                                dest = %self.cfg.dest.display(),
-                                "cannot restore the last good file after a failed reload: {e}"
-                            ),
-                        }
+                // Put the last good file back so the file matches what HAProxy runs:
+                // the one it last confirmed, which is not `previous` when that was a
+                // file whose reload timed out and was never confirmed.
+                let good = self.confirmed.clone().or(previous);
+                if let Some(good) = good.filter(|g| self.live.as_ref() != Some(g)) {
+                    match self.restore(&good).await {
+                        Ok(()) => self.live = Some(good),
+                        Err(e) => tracing::error!(
+                            dest = %self.cfg.dest.display(),
+                            "cannot restore the last good file after a failed reload: {e}"
+                        ),
                     }
                 }
                 Outcome::Failed { error, fallback }
@@ -728,7 +740,7 @@ mod tests {
         r.cfg.reload_cmd = Some("sleep 30".into());
         let out = r.apply("v2\n", t).await;
         assert!(
-            matches!(out, Outcome::Failed { ref error, .. } if error.is_transient() && error.to_string().contains("timed out")),
+            matches!(out, Outcome::Failed { ref error, .. } if error.timed_out() && error.to_string().contains("timed out")),
             "{out:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
@@ -743,5 +755,33 @@ mod tests {
         r.cfg.reload_cmd = Some("false".into());
         assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_reload_of_a_file_whose_reload_timed_out_restores_the_confirmed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut r = resource(dir.path(), None);
+        r.cfg.reload_cmd = Some("true".into());
+        r.read_live().await.unwrap();
+        let t = Duration::from_millis(300);
+        assert!(matches!(r.apply("v1\n", t).await, Outcome::Reloaded { .. }));
+        // v2's reload times out: v2 stays at dest, unconfirmed.
+        r.cfg.reload_cmd = Some("sleep 30".into());
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+        // Its next reload is refused: v1, the last file HAProxy confirmed, comes back,
+        // whether the pass renders v2 again or something newer.
+        r.cfg.reload_cmd = Some("false".into());
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v1\n");
+        assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v1\n");
+        // Once HAProxy takes it, v3 is the new last good file.
+        r.cfg.reload_cmd = Some("true".into());
+        assert!(matches!(r.apply("v3\n", t).await, Outcome::Reloaded { .. }));
+        r.cfg.reload_cmd = Some("false".into());
+        assert!(matches!(r.apply("v4\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v3\n");
     }
 }
