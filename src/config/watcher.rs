@@ -15,6 +15,7 @@ use crate::watcher::policy::{Cidr, Policy};
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
 pub const DEFAULT_WAIT_MAX_MS: u64 = 500;
 pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MIN_RELOAD_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_MASS_REMOVAL_SHARE: f64 = 0.5;
 pub const DEFAULT_MASS_REMOVAL_MIN: usize = 5;
 pub const DEFAULT_MASS_REMOVAL_HOLD_S: u64 = 60;
@@ -36,6 +37,10 @@ pub struct WatcherOptions {
     /// [default: 10000] (file only).
     #[arg(skip)]
     pub command_timeout_ms: Option<u64>,
+    /// Least time between two HAProxy reloads, in milliseconds [default: 100] (file
+    /// only). Runtime-API changes are not bound by it.
+    #[arg(skip)]
+    pub min_reload_interval_ms: Option<u64>,
     /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
     /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
     /// [default: everything but loopback, link-local (cloud metadata), unspecified,
@@ -142,6 +147,8 @@ pub struct WatcherConfig {
     /// `[[hook]]`s for reload, runtime, reject, fail and hold events.
     pub hooks: Vec<super::HookConfig>,
     pub mass_removal: MassRemoval,
+    /// Least time between two reloads of one resource.
+    pub min_reload_interval: Duration,
 }
 
 impl WatcherOptions {
@@ -194,6 +201,10 @@ impl WatcherOptions {
             templates: templates.to_vec(),
             hooks: Vec::new(),
             mass_removal: self.mass_removal(problems),
+            min_reload_interval: Duration::from_millis(
+                self.min_reload_interval_ms
+                    .unwrap_or(DEFAULT_MIN_RELOAD_INTERVAL_MS),
+            ),
         }
     }
 

@@ -79,6 +79,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let mut resources = Vec::new();
     for t in &cfg.templates {
         let mut r = Resource::new(t.clone());
+        r.min_reload_interval = cfg.min_reload_interval;
         match resource::clean_stale_staging(&t.dest).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(

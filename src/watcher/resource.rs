@@ -23,6 +23,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::io::AsyncWriteExt;
 
 use super::diff;
@@ -109,6 +110,10 @@ pub(crate) enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} stayed locked for {waited:?}: another apply (a `portolan render --once`?) holds it"
+    )]
+    Locked { path: String, waited: Duration },
     #[error(transparent)]
     Master(#[from] master::ReloadError),
     #[error("reload_cmd {cmd:?} failed ({status}): {output}")]
@@ -176,6 +181,10 @@ pub(crate) struct Resource {
     /// Reload on the next apply even if the bytes are unchanged: a previous run may
     /// have died between rename and reload, so HAProxy could be running an older file.
     reload_pending: bool,
+    /// Reloads start at least this long after the previous one (`min_reload_interval_ms`):
+    /// a flapping input costs bounded reloads, and old workers pile up no faster.
+    pub(crate) min_reload_interval: Duration,
+    last_reload: Option<tokio::time::Instant>,
 }
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -190,6 +199,8 @@ impl Resource {
             live: None,
             confirmed: None,
             reload_pending: true,
+            min_reload_interval: Duration::ZERO,
+            last_reload: None,
         }
     }
 
@@ -269,7 +280,25 @@ impl Resource {
     }
 
     /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
+    ///
+    /// Holds the lock beside `dest` throughout, so a `render --once` and the running
+    /// watcher never interleave; a `dest` replaced by the other while unlocked is taken
+    /// as the live file.
     pub(crate) async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
+        let _lock = match lock(&self.cfg.dest, timeout).await {
+            Ok(l) => l,
+            Err(error) => {
+                return Outcome::Failed {
+                    error,
+                    fallback: None,
+                }
+            }
+        };
+        if let Ok(disk) = tokio::fs::read(&self.cfg.dest).await {
+            if self.live.as_ref() != Some(&disk) {
+                self.live = Some(disk);
+            }
+        }
         let outcome = self.apply_inner(rendered, timeout).await;
         if matches!(
             outcome,
@@ -443,8 +472,18 @@ impl Resource {
         self.cfg.haproxy_master_socket.is_some() || self.cfg.reload_cmd.is_some()
     }
 
-    /// Reload through the master socket, or `reload_cmd`.
-    async fn reload(&self, timeout: Duration) -> Result<(), ApplyError> {
+    /// Reload through the master socket, or `reload_cmd`, no sooner than
+    /// `min_reload_interval` after the previous one.
+    async fn reload(&mut self, timeout: Duration) -> Result<(), ApplyError> {
+        if let Some(last) = self.last_reload {
+            tokio::time::sleep_until(last + self.min_reload_interval).await;
+        }
+        let result = self.reload_now(timeout).await;
+        self.last_reload = Some(tokio::time::Instant::now());
+        result
+    }
+
+    async fn reload_now(&self, timeout: Duration) -> Result<(), ApplyError> {
         if let Some(sock) = &self.cfg.haproxy_master_socket {
             master::reload(sock, timeout).await?;
             return Ok(());
@@ -532,6 +571,49 @@ impl Resource {
         let r = run_check(cmd, &path, timeout).await;
         let _ = tokio::fs::remove_file(&path).await;
         Some(r)
+    }
+}
+
+/// `.<dest name>.portolan.lock` beside `dest`.
+pub(crate) fn lock_path(dest: &Path) -> PathBuf {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    dir.join(format!("{}lock", staging_prefix(dest)))
+}
+
+const LOCK_POLL: Duration = Duration::from_millis(10);
+
+/// Takes the exclusive flock(2) beside `dest`, waiting up to `timeout`. Released on drop.
+async fn lock(dest: &Path, timeout: Duration) -> Result<Flock<std::fs::File>, ApplyError> {
+    let path = lock_path(dest);
+    let started = tokio::time::Instant::now();
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ApplyError::Stage {
+                dest: dest.display().to_string(),
+                source,
+            })?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < timeout => {
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(ApplyError::Locked {
+                    path: path.display().to_string(),
+                    waited: started.elapsed(),
+                })
+            }
+            Err((_, e)) => {
+                return Err(ApplyError::Stage {
+                    dest: dest.display().to_string(),
+                    source: e.into(),
+                })
+            }
+        }
     }
 }
 
@@ -686,8 +768,16 @@ mod tests {
             panic!("check must reject")
         };
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "ok 1\n");
-        // Nothing staged is left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Nothing staged is left behind (the lock file stays, empty).
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.contains(&".out.cfg.portolan.lock".to_string()),
+            "{left:?}"
+        );
     }
 
     #[tokio::test]
@@ -755,6 +845,56 @@ mod tests {
         r.cfg.reload_cmd = Some("false".into());
         assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+    }
+
+    #[tokio::test]
+    async fn reloads_keep_the_minimum_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = resource(dir.path(), None);
+        r.cfg.reload_cmd = Some("true".into());
+        r.min_reload_interval = Duration::from_millis(300);
+        let t = Duration::from_secs(5);
+        assert!(matches!(r.apply("v1\n", t).await, Outcome::Reloaded { .. }));
+        let start = std::time::Instant::now();
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Reloaded { .. }));
+        assert!(
+            start.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_apply_waits_for_the_lock_another_apply_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut r = resource(dir.path(), None);
+        let held = lock(&dest, Duration::from_secs(1)).await.unwrap();
+        let out = r.apply("v1\n", Duration::from_millis(200)).await;
+        assert!(
+            matches!(
+                out,
+                Outcome::Failed {
+                    error: ApplyError::Locked { .. },
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert!(!dest.exists());
+        drop(held);
+        assert!(matches!(
+            r.apply("v1\n", Duration::from_millis(200)).await,
+            Outcome::Written
+        ));
+        // The lock file is not a staging leftover.
+        assert_eq!(clean_stale_staging(&dest).await.unwrap(), 0);
+        // A dest replaced by another apply while unlocked is what is live.
+        std::fs::write(&dest, "other\n").unwrap();
+        assert!(matches!(
+            r.apply("other\n", Duration::from_millis(200)).await,
+            Outcome::Unchanged
+        ));
     }
 
     #[tokio::test]
