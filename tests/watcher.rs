@@ -1378,7 +1378,8 @@ async fn a_draining_instance_gets_no_new_request_within_milliseconds_and_no_relo
     );
 }
 
-/// `[[hook]]`s hear about reloads, runtime changes and refused renders, with the
+/// `[[hook]]`s hear about reloads, runtime changes, refused renders and held mass
+/// removals, with the
 /// watcher's name, the revision, the file and a summary; `/metrics` counts deliveries.
 /// The watcher runs in this process (`watcher::run`, as `main` calls it) with hooks
 /// pointed at a receiver here.
@@ -1455,10 +1456,46 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
     );
     assert!(!summary.contains('\n'));
     assert_eq!(reject["dest"], fd.dest.display().to_string());
+    // A mass removal (6 of 8 instances, default guard: more than half, at least 5).
+    fd.save_template(&text);
+    for i in 0..6 {
+        etcd.put(&fd.service_key("web", &format!("c{i}")), &a.record())
+            .await;
+    }
+    wait_until("8 instances rendered", T, || async {
+        fd.dest_text().matches("    server ").count() == 8
+    })
+    .await;
+    let mut client = etcd.client().await;
+    client
+        .delete(
+            format!("{}/services/web/c", fd.prefix),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("del --prefix");
+    wait_until("a hold event", T, || async {
+        !receiver.events("hold").is_empty()
+    })
+    .await;
+    let hold = &receiver.events("hold")[0];
+    assert!(
+        hold["summary"]
+            .as_str()
+            .unwrap()
+            .contains("holding back the removal of 6 of 8 live instances"),
+        "{hold}"
+    );
+    assert_eq!(hold["watcher"], fd.name.as_str());
+    assert_eq!(
+        fd.dest_text().matches("    server ").count(),
+        8,
+        "still rendered"
+    );
     wait_until("deliveries counted", T, || async {
         fd.metric(r#"portolan_watcher_hook_events_total{result="delivered"}"#)
             .await
-            >= Some(4.0)
+            >= Some(5.0)
     })
     .await;
     assert_eq!(

@@ -8,6 +8,7 @@
 //! ```
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
+//! `guard` (pure: holds back a mass removal for `mass_removal.hold_s`, or until SIGUSR1),
 //! `policy` (pure: which addresses may be routed) and `resolve` (host names, in the
 //! background), `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
 //! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
@@ -23,7 +24,13 @@
 //!
 //! A burst therefore costs one apply for its first change and one for the rest, and
 //! since applies run one after the other — each reload confirmed before the loop moves
-//! on — there is never more than one HAProxy reload in flight.
+//! on — there is never more than one HAProxy reload in flight, and reloads start at
+//! least `min_reload_interval_ms` apart.
+//!
+//! Signals: SIGHUP re-reads templates and renders; SIGUSR1 confirms a held mass
+//! removal. `[[hook]]`s hear `reload`, `runtime`, `reject`, `fail` and `hold`. The
+//! loop ends early only when the etcd source is gone, and `run` then fails, so the
+//! service manager restarts the watcher.
 
 mod diff;
 mod guard;
