@@ -1208,3 +1208,413 @@ async fn an_injected_kv_value_adds_no_line_and_is_named() {
     })
     .await;
 }
+
+/// A draining instance (its container got its stop signal) leaves rotation through the
+/// runtime API within milliseconds of the etcd put, with no reload; the file says
+/// `disabled` so a later reload keeps it out; clearing the flag routes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_gets_no_new_request_within_milliseconds_and_no_reload() {
+    use std::sync::{Arc, Mutex};
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    wait_until("web routed to b", T, || fd.routes_to("web", "b")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    // Steady traffic: every answer with the time its request was sent.
+    let answers: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (answers, stop, addr) = (answers.clone(), stop.clone(), fd.http_addr());
+        clients.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = Instant::now();
+                if let Some((200, body)) = http_get(&addr, "web.test", "/").await {
+                    answers.lock().unwrap().push((sent, body));
+                }
+            }
+        }));
+    }
+
+    let mut lags = Vec::new();
+    for round in 0..10 {
+        answers.lock().unwrap().clear();
+        let put = Instant::now();
+        etcd.put(&fd.service_key("web", "b"), &b.draining_record())
+            .await;
+        wait_until("b in maintenance", T, || async {
+            fd.admin_state("svc_web", "b")
+                .await
+                .is_some_and(|s| s & 1 == 1)
+        })
+        .await;
+        // The file follows (checked after HAProxy was told): a later reload keeps b out.
+        let line = format!("server b {} weight 100 check disabled", b.addr);
+        wait_until("the file says b is disabled", T, || async {
+            fd.dest_text().contains(&line)
+        })
+        .await;
+        // Keep the traffic going a while: nothing may reach b any more.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let seen = answers.lock().unwrap().clone();
+        let last_b = seen
+            .iter()
+            .filter(|(_, body)| body == "b")
+            .map(|(sent, _)| sent.saturating_duration_since(put))
+            .max()
+            .unwrap_or_default();
+        let after_put = seen.iter().filter(|(sent, _)| *sent > put).count();
+        assert!(
+            after_put > 20,
+            "round {round}: traffic kept flowing ({after_put})"
+        );
+        assert!(
+            seen.iter()
+                .filter(|(sent, _)| *sent > put)
+                .any(|(_, body)| body == "a"),
+            "round {round}: a kept serving"
+        );
+        lags.push(last_b);
+
+        let cleared = Instant::now();
+        etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+        wait_until("b ready again", T, || async {
+            fd.admin_state("svc_web", "b").await == Some(0)
+        })
+        .await;
+        wait_until("b routed again", T, || async {
+            answers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(sent, body)| *sent > cleared && body == "b")
+        })
+        .await;
+        wait_until("the file has b back", T, || async {
+            !fd.dest_text().contains("disabled")
+        })
+        .await;
+        // An isolated change, as a container stop is: a change within wait.min_ms of
+        // the last apply is batched (group commit) and would measure that instead.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    stop.cancel();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "no reload for draining"
+    );
+    lags.sort();
+    let (median, max) = (lags[lags.len() / 2], lags[lags.len() - 1]);
+    eprintln!(
+        "drain: put → last request sent to the draining instance: median {:.1} ms, max {:.1} ms over {} rounds",
+        median.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0,
+        lags.len()
+    );
+    assert!(
+        max < Duration::from_millis(100),
+        "a draining instance got new requests {max:?} after the put"
+    );
+    assert!(fd.log().contains("1 out of rotation"), "{}", fd.log());
+
+    // The numbers that answer "how fast, how, and is it caught up".
+    let dynamic = fd
+        .metric(r#"portolan_watcher_updates_total{status="dynamic"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(dynamic >= 20.0, "20 runtime changes counted: {dynamic}");
+    let full = fd
+        .metric(r#"portolan_watcher_updates_total{status="full"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(full >= 2.0, "first render and the new backend: {full}");
+    assert!(
+        fd.metric("portolan_watcher_reload_duration_seconds_count")
+            .await
+            >= Some(2.0)
+    );
+    let live_count = fd
+        .metric("portolan_watcher_event_to_live_seconds_count")
+        .await
+        .unwrap_or(0.0);
+    let live_sum = fd
+        .metric("portolan_watcher_event_to_live_seconds_sum")
+        .await
+        .unwrap_or(0.0);
+    assert!(live_count >= 20.0, "event → live observed: {live_count}");
+    let revision = fd.metric("portolan_watcher_revision").await;
+    assert!(revision > Some(0.0));
+    assert_eq!(
+        fd.metric("portolan_watcher_applied_revision").await,
+        revision,
+        "caught up"
+    );
+    let text = fd.metrics().await;
+    let buckets: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("portolan_watcher_event_to_live_seconds_bucket"))
+        .map(|l| l.trim_start_matches("portolan_watcher_event_to_live_seconds_bucket"))
+        .collect();
+    eprintln!(
+        "event → live: {live_count} samples, mean {:.1} ms; cumulative buckets {}",
+        live_sum / live_count * 1000.0,
+        buckets.join(" ")
+    );
+}
+
+/// `[[hook]]`s hear about reloads, runtime changes, refused renders and held mass
+/// removals, with the
+/// watcher's name, the revision, the file and a summary; `/metrics` counts deliveries.
+/// The watcher runs in this process (`watcher::run`, as `main` calls it) with hooks
+/// pointed at a receiver here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_hear_reloads_runtime_changes_and_rejects() {
+    use common::haproxy::HookReceiver;
+    use portolan::config::{HookConfig, HookFormat, HookTarget};
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let receiver = HookReceiver::start().await;
+    let fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            admin_socket: true,
+            // Not quiet: HAProxy's alerts are what a reject event sums up.
+            check_cmd: "haproxy -c -f {src}".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let file = portolan::config::FileConfig::load(Some(&fd.config)).expect("config");
+    let mut cfg = portolan::config::resolve_watcher(&file, &Default::default()).expect("valid");
+    cfg.hooks = vec![HookConfig {
+        events: ["reload", "runtime", "reject", "fail", "hold"]
+            .map(String::from)
+            .to_vec(),
+        target: HookTarget::Url(receiver.url.clone()),
+        format: HookFormat::Json,
+        timeout: Duration::from_secs(2),
+    }];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(portolan::watcher::run(cfg, stop.clone()));
+    fd.wait_for_first_reload().await;
+
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("a runtime event", T, || async {
+        !receiver.events("runtime").is_empty()
+    })
+    .await;
+    let runtime = &receiver.events("runtime")[0];
+    assert_eq!(runtime["summary"], "+1 -0 ~0 servers", "{runtime}");
+    assert_eq!(runtime["watcher"], fd.name.as_str(), "{runtime}");
+    assert_eq!(runtime["dest"], fd.dest.display().to_string(), "{runtime}");
+    assert!(runtime["revision"].as_i64() > Some(0), "{runtime}");
+    let reloads = receiver.events("reload");
+    assert!(
+        reloads.len() >= 2,
+        "first render and the new backend: {reloads:?}"
+    );
+    let last = reloads.last().unwrap();
+    assert!(
+        last["summary"].as_str().unwrap().starts_with("reloaded "),
+        "{last}"
+    );
+    assert!(last["revision"].as_i64() < runtime["revision"].as_i64());
+    assert_eq!(last["watcher"], fd.name.as_str());
+    assert!(last["at"].is_string());
+
+    // A template whose output HAProxy refuses.
+    let text = std::fs::read_to_string(&fd.template).unwrap();
+    fd.save_template(&text.replace("    balance roundrobin", "    balance no-such-algorithm"));
+    wait_until("a reject event", T, || async {
+        !receiver.events("reject").is_empty()
+    })
+    .await;
+    let reject = &receiver.events("reject")[0];
+    let summary = reject["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("[ALERT]") && summary.contains("balance only supports"),
+        "HAProxy's first alert: {reject}"
+    );
+    assert!(!summary.contains('\n'));
+    assert_eq!(reject["dest"], fd.dest.display().to_string());
+    // A mass removal (6 of 8 instances, default guard: more than half, at least 5).
+    fd.save_template(&text);
+    for i in 0..6 {
+        etcd.put(&fd.service_key("web", &format!("c{i}")), &a.record())
+            .await;
+    }
+    wait_until("8 instances rendered", T, || async {
+        fd.dest_text().matches("    server ").count() == 8
+    })
+    .await;
+    let mut client = etcd.client().await;
+    client
+        .delete(
+            format!("{}/services/web/c", fd.prefix),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("del --prefix");
+    wait_until("a hold event", T, || async {
+        !receiver.events("hold").is_empty()
+    })
+    .await;
+    let hold = &receiver.events("hold")[0];
+    assert!(
+        hold["summary"]
+            .as_str()
+            .unwrap()
+            .contains("holding back the removal of 6 of 8 live instances"),
+        "{hold}"
+    );
+    assert_eq!(hold["watcher"], fd.name.as_str());
+    assert_eq!(
+        fd.dest_text().matches("    server ").count(),
+        8,
+        "still rendered"
+    );
+    wait_until("deliveries counted", T, || async {
+        fd.metric(r#"portolan_watcher_hook_events_total{result="delivered"}"#)
+            .await
+            >= Some(5.0)
+    })
+    .await;
+    assert_eq!(
+        fd.metric(r#"portolan_watcher_hook_events_total{result="dropped"}"#)
+            .await,
+        Some(0.0)
+    );
+    stop.cancel();
+    watcher.await.unwrap().expect("clean stop");
+}
+
+/// `etcdctl del --prefix <prefix>/services` of 10 instances: the mass-removal guard
+/// keeps them routed for its hold (2 s here), says so loudly, then removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_removal_is_held_then_applied() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            watcher_extra: "mass_removal = { share = 0.5, min = 5, hold_s = 2 }".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    for i in 0..10 {
+        let backend = if i % 2 == 0 { &a } else { &b };
+        etcd.put(&fd.service_key("web", &format!("i{i}")), &backend.record())
+            .await;
+    }
+    wait_until("10 instances rendered", T, || async {
+        fd.dest_text().matches("    server i").count() == 10
+    })
+    .await;
+    wait_until("web routed", T, || fd.routes_to("web", "a")).await;
+
+    let mut client = etcd.client().await;
+    let deleted = Instant::now();
+    client
+        .delete(
+            format!("{}/services/", fd.prefix),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("del --prefix");
+    wait_until("the hold is logged", T, || async {
+        fd.log()
+            .contains("holding back the removal of 10 of 10 live instances (100%")
+    })
+    .await;
+    assert!(fd.metric("portolan_watcher_removals_held").await == Some(10.0));
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("the status says so", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| v.contains("held by the mass-removal guard"))
+    })
+    .await;
+    // Still routed during the hold.
+    while deleted.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            matches!(fd.get("web").await, Some((200, _))),
+            "still routed {:?} after the delete",
+            deleted.elapsed()
+        );
+        assert_eq!(fd.dest_text().matches("    server i").count(), 10);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until("removed after the hold", T, || async {
+        matches!(fd.get("web").await, Some((503, _)))
+    })
+    .await;
+    let took = deleted.elapsed();
+    assert!(took >= Duration::from_secs(2), "held {took:?}");
+    assert_eq!(fd.dest_text().matches("    server i").count(), 0);
+    assert_eq!(fd.metric("portolan_watcher_removals_held").await, Some(0.0));
+    assert!(fd
+        .log()
+        .contains("the hold of 10 removed instance(s) is over"));
+    eprintln!("mass removal held for {took:?} (hold_s = 2)");
+}
+
+/// A check refused for a reason outside the file is tried again on the backoff timer,
+/// with no further change in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_check_is_retried_on_a_timer() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let flags = tempfile::tempdir().unwrap();
+    let flag = flags.path().join("certificate-present");
+    std::fs::write(&flag, "").unwrap();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            check_cmd: format!("test -e '{}' && haproxy -c -q -f {{src}}", flag.display()),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    // What the check needs goes missing; the next change is refused.
+    std::fs::remove_file(&flag).unwrap();
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("the check refused it", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
+    })
+    .await;
+    assert!(!fd.dest_text().contains("server b "));
+    // It comes back: applied on the timer, nothing else changed.
+    std::fs::write(&flag, "").unwrap();
+    wait_until("b routed after a retry", T, || fd.routes_to("web", "b")).await;
+    assert!(
+        fd.log().contains("retrying the failed apply in"),
+        "{}",
+        fd.log()
+    );
+}

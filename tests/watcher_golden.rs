@@ -29,6 +29,11 @@ fn store_plus(more: &[(&'static str, &'static [u8])]) -> Store {
             br#"{"addr":"10.0.0.6:32769","node":"host-b","weight":50}"#,
         ),
         ("/portolan/services/api/manual-1", b"10.0.0.9:80"),
+        // Its container got its stop signal: out of rotation, in-flight requests finish.
+        (
+            "/portolan/services/api/manual-2",
+            br#"{"addr":"10.0.0.10:80","draining":true}"#,
+        ),
         ("/portolan/services/api/dns-1", b"api.internal:8080"),
         ("/portolan/services/db/v6", b"[fd00::5]:5432"),
         ("/portolan/services/web/evil", b"10.0.0.7:80\n    bind :9999"),
@@ -57,6 +62,17 @@ fn check_golden_with(template: &str, extra: &str, store: fn() -> Store, vars: &s
     // Equal state renders byte-identical output.
     assert_eq!(out, t.render(&context(&store().snapshot(), &vars)).unwrap());
     assert!(!out.contains("9999") && !out.contains("bad name"), "{out}");
+    // Only the draining instance is out of rotation.
+    for line in out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("server "))
+    {
+        assert_eq!(
+            line.ends_with(" disabled"),
+            line.contains("manual-2"),
+            "{line}"
+        );
+    }
 
     let path = root().join("tests/golden").join(golden);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {

@@ -15,6 +15,10 @@ use crate::watcher::policy::{Cidr, Policy};
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
 pub const DEFAULT_WAIT_MAX_MS: u64 = 500;
 pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MIN_RELOAD_INTERVAL_MS: u64 = 100;
+pub const DEFAULT_MASS_REMOVAL_SHARE: f64 = 0.5;
+pub const DEFAULT_MASS_REMOVAL_MIN: usize = 5;
+pub const DEFAULT_MASS_REMOVAL_HOLD_S: u64 = 60;
 
 /// `[watcher]` in the file and the watcher's flags: each option declared once.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
@@ -33,6 +37,10 @@ pub struct WatcherOptions {
     /// [default: 10000] (file only).
     #[arg(skip)]
     pub command_timeout_ms: Option<u64>,
+    /// Least time between two HAProxy reloads, in milliseconds [default: 100] (file
+    /// only). Runtime-API changes are not bound by it.
+    #[arg(skip)]
+    pub min_reload_interval_ms: Option<u64>,
     /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
     /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
     /// [default: everything but loopback, link-local (cloud metadata), unspecified,
@@ -44,6 +52,50 @@ pub struct WatcherOptions {
         value_delimiter = ','
     )]
     pub allowed_networks: Option<Vec<String>>,
+    /// The mass-removal guard (file only): `mass_removal = { share = 0.5, min = 5,
+    /// hold_s = 60 }`, or the flat keys below.
+    #[arg(skip)]
+    pub mass_removal: Option<MassRemovalOptions>,
+    #[arg(skip)]
+    pub mass_removal_share: Option<f64>,
+    #[arg(skip)]
+    pub mass_removal_min: Option<usize>,
+    #[arg(skip)]
+    pub mass_removal_hold_s: Option<u64>,
+}
+
+/// A batch of changes removing more than `share` of the live instances, and at least
+/// `min` of them, is held: the removed servers stay in the config for `hold_s` seconds
+/// (or until SIGUSR1), so an emptied etcd or a broken registrar does not empty the
+/// load balancer at once.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MassRemovalOptions {
+    /// Share of the live instances, 0 < share <= 1 [default: 0.5].
+    pub share: Option<f64>,
+    /// Fewer removals than this are never held [default: 5].
+    pub min: Option<usize>,
+    /// Seconds a removal is held; 0 turns the guard off [default: 60].
+    pub hold_s: Option<u64>,
+}
+
+/// The validated mass-removal guard settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MassRemoval {
+    pub share: f64,
+    pub min: usize,
+    /// Zero: the guard is off.
+    pub hold: Duration,
+}
+
+impl Default for MassRemoval {
+    fn default() -> Self {
+        MassRemoval {
+            share: DEFAULT_MASS_REMOVAL_SHARE,
+            min: DEFAULT_MASS_REMOVAL_MIN,
+            hold: Duration::from_secs(DEFAULT_MASS_REMOVAL_HOLD_S),
+        }
+    }
 }
 
 /// Coalescing of etcd changes (group commit, see `watcher` module docs): a change that
@@ -94,6 +146,9 @@ pub struct WatcherConfig {
     pub templates: Vec<TemplateResource>,
     /// `[[hook]]`s for reload, runtime, reject, fail and hold events.
     pub hooks: Vec<super::HookConfig>,
+    pub mass_removal: MassRemoval,
+    /// Least time between two reloads of one resource.
+    pub min_reload_interval: Duration,
 }
 
 impl WatcherOptions {
@@ -145,6 +200,55 @@ impl WatcherOptions {
             policy,
             templates: templates.to_vec(),
             hooks: Vec::new(),
+            mass_removal: self.mass_removal(problems),
+            min_reload_interval: Duration::from_millis(
+                self.min_reload_interval_ms
+                    .unwrap_or(DEFAULT_MIN_RELOAD_INTERVAL_MS),
+            ),
+        }
+    }
+
+    fn mass_removal(&self, problems: &mut Problems) -> MassRemoval {
+        let table = self.mass_removal.clone().unwrap_or_default();
+        let mut pick = |key: &str, nested: bool, flat: bool| {
+            if nested && flat {
+                problems.push(format!(
+                    "watcher: set mass_removal.{key} or mass_removal_{key}, not both"
+                ));
+            }
+        };
+        pick(
+            "share",
+            table.share.is_some(),
+            self.mass_removal_share.is_some(),
+        );
+        pick("min", table.min.is_some(), self.mass_removal_min.is_some());
+        pick(
+            "hold_s",
+            table.hold_s.is_some(),
+            self.mass_removal_hold_s.is_some(),
+        );
+        let share = table
+            .share
+            .or(self.mass_removal_share)
+            .unwrap_or(DEFAULT_MASS_REMOVAL_SHARE);
+        if !(share > 0.0 && share <= 1.0) {
+            problems.push(format!(
+                "watcher.mass_removal share = {share}: must be above 0 and at most 1 (0.5 = half the live instances)"
+            ));
+        }
+        MassRemoval {
+            share,
+            min: table
+                .min
+                .or(self.mass_removal_min)
+                .unwrap_or(DEFAULT_MASS_REMOVAL_MIN),
+            hold: Duration::from_secs(
+                table
+                    .hold_s
+                    .or(self.mass_removal_hold_s)
+                    .unwrap_or(DEFAULT_MASS_REMOVAL_HOLD_S),
+            ),
         }
     }
 
@@ -272,6 +376,32 @@ mod tests {
         let c = resolve_watcher(&f, &flags).unwrap();
         assert!(c.policy.check_ip("192.168.1.1".parse().unwrap()).is_ok());
         assert!(c.policy.check_ip("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn mass_removal_from_a_table_or_flat_keys() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.mass_removal, super::MassRemoval::default());
+        assert!(c.mass_removal.hold >= Duration::from_secs(30));
+        let f = file(
+            dir.path(),
+            "mass_removal = { share = 0.25, min = 3, hold_s = 2 }",
+        );
+        let m = resolve_watcher(&f, &none).unwrap().mass_removal;
+        assert_eq!((m.share, m.min, m.hold), (0.25, 3, Duration::from_secs(2)));
+        let f = file(dir.path(), "mass_removal_min = 10\nmass_removal_hold_s = 0");
+        let m = resolve_watcher(&f, &none).unwrap().mass_removal;
+        assert_eq!((m.share, m.min, m.hold), (0.5, 10, Duration::ZERO));
+        for bad in [
+            "mass_removal = { share = 1.5 }",
+            "mass_removal = { min = 3 }\nmass_removal_min = 4",
+        ] {
+            let err = resolve_watcher(&file(dir.path(), bad), &none).unwrap_err();
+            assert!(err.to_string().contains("mass_removal"), "{bad}: {err}");
+        }
     }
 
     #[test]

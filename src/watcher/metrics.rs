@@ -19,12 +19,15 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::hook::HookStats;
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -65,6 +68,21 @@ pub(crate) struct Metrics {
     pub(crate) invalid_keys: Gauge,
     pub(crate) services: Gauge,
     pub(crate) instances: Gauge,
+    /// etcd revision HAProxy runs: advanced only by a pass in which every resource
+    /// went live (or had nothing to do). A lagging watcher shows here.
+    pub(crate) applied_revision: Gauge,
+    /// Per resource and pass, by `status`: noop (bytes unchanged), dynamic (runtime
+    /// API, no reload), full (file replaced and reloaded).
+    pub(crate) updates: Family<Labels, Counter>,
+    /// etcd event arrival → HAProxy running it (runtime API answered or reload confirmed).
+    pub(crate) event_to_live: Histogram,
+    /// Reloads, from the request to HAProxy's confirmation.
+    pub(crate) reload_duration: Histogram,
+    /// Instances kept in the config by the mass-removal guard.
+    pub(crate) removals_held: Gauge,
+    /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
+    hook_events: Family<Labels, Counter>,
+    hooks: std::sync::OnceLock<Arc<HookStats>>,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -93,6 +111,13 @@ impl Metrics {
             invalid_keys: Gauge::default(),
             services: Gauge::default(),
             instances: Gauge::default(),
+            applied_revision: Gauge::default(),
+            updates: Family::default(),
+            event_to_live: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            reload_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            removals_held: Gauge::default(),
+            hook_events: Family::default(),
+            hooks: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
         };
@@ -133,6 +158,36 @@ impl Metrics {
         );
         registry.register("services", "Services with an instance", m.services.clone());
         registry.register("instances", "Valid instances", m.instances.clone());
+        registry.register(
+            "applied_revision",
+            "etcd revision HAProxy runs (every resource live or unchanged); alert when it lags etcd",
+            m.applied_revision.clone(),
+        );
+        registry.register(
+            "updates",
+            "Applies by status: noop (unchanged), dynamic (runtime API), full (reload)",
+            m.updates.clone(),
+        );
+        registry.register(
+            "event_to_live_seconds",
+            "From an etcd event's arrival to HAProxy running it",
+            m.event_to_live.clone(),
+        );
+        registry.register(
+            "reload_duration_seconds",
+            "HAProxy reloads, from the request to the confirmation",
+            m.reload_duration.clone(),
+        );
+        registry.register(
+            "removals_held",
+            "Instances kept in the config by the mass-removal guard",
+            m.removals_held.clone(),
+        );
+        registry.register(
+            "hook_events",
+            "Hook events delivered, or dropped (queue full or every attempt failed)",
+            m.hook_events.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -145,7 +200,20 @@ impl Metrics {
         self.etcd_up.set(i64::from(up));
     }
 
+    /// The hooks whose counters `/metrics` exports.
+    pub(crate) fn export_hooks(&self, stats: Arc<HookStats>) {
+        let _ = self.hooks.set(stats);
+    }
+
     pub(crate) fn encode(&self) -> String {
+        if let Some(h) = self.hooks.get() {
+            for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
+                self.hook_events
+                    .get_or_create(&result(label))
+                    .inner()
+                    .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -172,6 +240,10 @@ impl Metrics {
 
 pub(crate) fn result(r: &'static str) -> Labels {
     [("result", r)]
+}
+
+pub(crate) fn status(s: &'static str) -> Labels {
+    [("status", s)]
 }
 
 /// Serves `listener` until `shutdown`. Connections are tracked by `tracker`.
@@ -286,6 +358,34 @@ mod tests {
             text.contains("portolan_watcher_last_apply_duration_seconds 0.25"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn exports_updates_histograms_and_hook_counters() {
+        let m = Metrics::new();
+        m.updates.get_or_create(&status("dynamic")).inc();
+        m.event_to_live.observe(0.003);
+        m.applied_revision.set(42);
+        let stats = Arc::new(HookStats::default());
+        stats.delivered.store(3, Ordering::Relaxed);
+        m.export_hooks(stats.clone());
+        let text = m.encode();
+        for want in [
+            "portolan_watcher_updates_total{status=\"dynamic\"} 1",
+            "portolan_watcher_event_to_live_seconds_count 1",
+            "portolan_watcher_event_to_live_seconds_bucket{le=\"0.004\"} 1",
+            "portolan_watcher_reload_duration_seconds_count 0",
+            "portolan_watcher_applied_revision 42",
+            "portolan_watcher_hook_events_total{result=\"delivered\"} 3",
+            "portolan_watcher_hook_events_total{result=\"dropped\"} 0",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        // Counters follow the hooks at every scrape.
+        stats.dropped.store(2, Ordering::Relaxed);
+        assert!(m
+            .encode()
+            .contains("portolan_watcher_hook_events_total{result=\"dropped\"} 2"));
     }
 
     #[test]

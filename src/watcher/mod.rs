@@ -8,6 +8,7 @@
 //! ```
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
+//! `guard` (pure: holds back a mass removal for `mass_removal.hold_s`, or until SIGUSR1),
 //! `policy` (pure: which addresses may be routed) and `resolve` (host names, in the
 //! background), `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
 //! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
@@ -23,9 +24,16 @@
 //!
 //! A burst therefore costs one apply for its first change and one for the rest, and
 //! since applies run one after the other — each reload confirmed before the loop moves
-//! on — there is never more than one HAProxy reload in flight.
+//! on — there is never more than one HAProxy reload in flight, and reloads start at
+//! least `min_reload_interval_ms` apart.
+//!
+//! Signals: SIGHUP re-reads templates and renders; SIGUSR1 confirms a held mass
+//! removal. `[[hook]]`s hear `reload`, `runtime`, `reject`, `fail` and `hold`. The
+//! loop ends early only when the etcd source is gone, and `run` then fails, so the
+//! service manager restarts the watcher.
 
 mod diff;
+mod guard;
 pub mod haproxy;
 mod inspect;
 mod metrics;
@@ -51,6 +59,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
+use crate::hook::{Event, Hooks};
 use crate::schema::WatcherStatus;
 use crate::sd;
 use metrics::Metrics;
@@ -71,10 +80,13 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let metrics = Arc::new(Metrics::new());
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
+    let hooks = Hooks::start(&cfg.hooks, &tracker, &tasks);
+    metrics.export_hooks(hooks.stats.clone());
 
     let mut resources = Vec::new();
     for t in &cfg.templates {
         let mut r = Resource::new(t.clone());
+        r.min_reload_interval = cfg.min_reload_interval;
         match resource::clean_stale_staging(&t.dest).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -113,7 +125,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let (snap_tx, snap_rx) = watch::channel(None);
     let (resolver, resolved) = resolve::Resolver::new();
     tracker.spawn(resolver.clone().run(tasks.clone()));
-    tracker.spawn(
+    let source = tracker.spawn(
         Source::new(
             cfg.etcd.clone(),
             cfg.policy.clone(),
@@ -148,17 +160,48 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tpl_rx,
         status_tx,
         metrics,
+        hooks,
+        guard: guard::Guard::new(
+            cfg.mass_removal.share,
+            cfg.mass_removal.min,
+            cfg.mass_removal.hold,
+        ),
+        rendered: None,
         ready: false,
+        pending_since: None,
         retry_at: None,
         retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
     };
     lp.run(&shutdown).await;
+    // The loop returns before shutdown only when the etcd source is gone (it ends on
+    // shutdown alone, so it panicked): without it nothing would ever change again.
+    let source_end = if shutdown.is_cancelled() {
+        None
+    } else {
+        Some(match source.await {
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("panicked: {msg}")
+            }
+            _ => "stopped".to_string(),
+        })
+    };
 
     sd::stopping();
     tasks.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within {DRAIN:?}");
+    }
+    if let Some(why) = source_end {
+        anyhow::bail!(
+            "the etcd source task {why}; exiting non-zero so the service manager (Restart=on-failure) starts a fresh watcher"
+        );
     }
     tracing::info!("watcher stopped");
     Ok(())
@@ -171,7 +214,15 @@ struct Loop<'a> {
     tpl_rx: mpsc::Receiver<()>,
     status_tx: watch::Sender<WatcherStatus>,
     metrics: Arc<Metrics>,
+    hooks: Hooks,
+    guard: guard::Guard,
+    /// The snapshot the last pass rendered (held removals included): what the guard
+    /// judges the next batch against.
+    rendered: Option<Arc<store::StoreSnapshot>>,
     ready: bool,
+    /// Arrival of the oldest etcd change HAProxy does not run yet (as far as the loop
+    /// saw it: changes that replace each other during one pass count from the last).
+    pending_since: Option<std::time::Instant>,
     /// When to try again after a transient failure (unreachable master socket, I/O).
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
@@ -184,6 +235,10 @@ enum Wake {
     /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
     /// changed — e.g. to retry a check that failed for a reason outside the file.
     Hangup,
+    /// A held mass removal is due.
+    HoldOver,
+    /// SIGUSR1: the operator confirms a held mass removal.
+    Confirm,
 }
 
 impl Loop<'_> {
@@ -196,18 +251,29 @@ impl Loop<'_> {
                 None
             }
         };
+        let mut confirm = match signal(SignalKind::user_defined1()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot listen for SIGUSR1 ({e}); held removals wait out their hold"
+                );
+                None
+            }
+        };
         let mut last_apply: Option<(Instant, Instant)> = None; // (started, ended)
         loop {
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 r = self.snap_rx.changed() => match r {
-                    Ok(()) => Wake::Store,
+                    Ok(()) => { self.note_change(); Wake::Store }
                     Err(_) => return,
                 },
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
                 _ = crate::backoff::sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
+                _ = crate::backoff::sleep_until(self.guard.deadline().map(Instant::from_std)), if self.guard.deadline().is_some() => Wake::HoldOver,
+                Some(()) = recv(&mut confirm) => Wake::Confirm,
                 _ = watchdog.tick() => continue,
             };
             match wake {
@@ -220,6 +286,16 @@ impl Loop<'_> {
                 Wake::Hangup => {
                     tracing::info!("SIGHUP: re-reading templates and rendering");
                     self.reload_templates().await;
+                }
+                Wake::HoldOver => {
+                    tracing::warn!(
+                        "the hold of {} removed instance(s) is over: removing them now",
+                        self.guard.held()
+                    );
+                }
+                Wake::Confirm => {
+                    let n = self.guard.release();
+                    tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
                 }
                 Wake::Store => {}
             }
@@ -256,13 +332,23 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return false,
-                r = self.snap_rx.changed() => if r.is_err() { return false },
+                r = self.snap_rx.changed() => {
+                    if r.is_err() { return false }
+                    self.note_change();
+                }
                 Some(()) = self.tpl_rx.recv() => { self.reload_templates().await; }
                 _ = tokio::time::sleep_until(quiet_until) => return true,
             }
             if Instant::now() >= deadline {
                 return true;
             }
+        }
+    }
+
+    /// Remembers when the change now in the channel arrived, if it is the oldest pending.
+    fn note_change(&mut self) {
+        if let Some(p) = self.snap_rx.borrow().as_ref() {
+            self.pending_since = Some(self.pending_since.map_or(p.received, |s| s.min(p.received)));
         }
     }
 
@@ -297,10 +383,55 @@ impl Loop<'_> {
         let Some(published) = self.snap_rx.borrow_and_update().clone() else {
             return;
         };
-        let snapshot = &published.snapshot;
+        let (effective, held) = self.guard.filter(
+            self.rendered.as_deref(),
+            &published.snapshot,
+            std::time::Instant::now(),
+        );
+        let snapshot = &*self.rendered.insert(Arc::new(effective)).clone();
+        let revision = published.revision;
+        self.metrics.removals_held.set(self.guard.held() as i64);
+        if let Some(h) = &held {
+            let secs = h
+                .until
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs();
+            let summary = format!(
+                "holding back the removal of {} of {} live instances ({:.0}%, more than the {:.0}% mass_removal share): they stay in the config for {secs} s — HAProxy's health checks keep dead ones out of rotation — then go; send SIGUSR1 to the watcher to remove them now",
+                h.count,
+                h.live,
+                h.percent(),
+                self.cfg.mass_removal.share * 100.0
+            );
+            tracing::warn!(revision, "{summary}");
+            for r in &self.resources {
+                emit(
+                    &self.hooks,
+                    &self.cfg.name,
+                    "hold",
+                    summary.clone(),
+                    &r.cfg.dest,
+                    revision,
+                );
+            }
+        }
+        self.pending_since = Some(
+            self.pending_since
+                .map_or(published.received, |s| s.min(published.received)),
+        );
         let started = Instant::now();
         let timeout = self.cfg.command_timeout;
         let mut errors: Vec<String> = Vec::new();
+        if self.guard.held() > 0 {
+            errors.push(format!(
+                "{} removed instance(s) held by the mass-removal guard; SIGUSR1 removes them now",
+                self.guard.held()
+            ));
+        }
+        // Every resource runs what this snapshot says (or had nothing to change).
+        let mut all_live = true;
+        // When the last resource began to run it.
+        let mut live_at: Option<std::time::Instant> = None;
         let mut reload: Option<ReloadResult> = None;
         let mut path: Option<ApplyPath> = None;
         let mut retry = false;
@@ -309,12 +440,16 @@ impl Loop<'_> {
                 errors.push(e.to_string());
             }
             let rendered = match r.render(snapshot) {
-                None => continue,
+                None => {
+                    all_live = false;
+                    continue;
+                }
                 Some(Ok(text)) => text,
                 Some(Err(e)) => {
                     self.metrics.template_errors.inc();
                     tracing::error!("{e}\n{} keeps its last good content", r.cfg.dest.display());
                     errors.push(e.to_string());
+                    all_live = false;
                     continue;
                 }
             };
@@ -324,6 +459,34 @@ impl Loop<'_> {
                 .applies
                 .get_or_create(&metrics::result(outcome.label()))
                 .inc();
+            let dest = r.cfg.dest.clone();
+            let label = match &outcome {
+                Outcome::Unchanged => Some("noop"),
+                Outcome::Runtime { applied } => {
+                    let at = applied.done_at.unwrap_or_else(std::time::Instant::now);
+                    live_at = live_at.max(Some(at));
+                    Some("dynamic")
+                }
+                Outcome::Reloaded { took, .. } => {
+                    self.metrics.reload_duration.observe(took.as_secs_f64());
+                    live_at = Some(std::time::Instant::now());
+                    Some("full")
+                }
+                Outcome::Written => {
+                    live_at = Some(std::time::Instant::now());
+                    Some("full")
+                }
+                Outcome::Rejected { .. } | Outcome::Failed { .. } => {
+                    all_live = false;
+                    None
+                }
+            };
+            if let Some(l) = label {
+                self.metrics
+                    .updates
+                    .get_or_create(&metrics::status(l))
+                    .inc();
+            }
             match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Written => {
@@ -344,8 +507,16 @@ impl Loop<'_> {
                         started.elapsed().as_millis(),
                         applied.took.as_secs_f64() * 1000.0
                     );
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "runtime",
+                        applied.to_string(),
+                        &dest,
+                        revision,
+                    );
                 }
-                Outcome::Reloaded { fallback } => {
+                Outcome::Reloaded { fallback, took: _ } => {
                     self.metrics
                         .reloads
                         .get_or_create(&metrics::result("ok"))
@@ -371,6 +542,20 @@ impl Loop<'_> {
                         "reloaded in {} ms",
                         started.elapsed().as_millis()
                     );
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "reload",
+                        format!(
+                            "reloaded {} in {} ms ({} services, {} instances)",
+                            dest.display(),
+                            started.elapsed().as_millis(),
+                            snapshot.services.len(),
+                            snapshot.instance_count()
+                        ),
+                        &dest,
+                        revision,
+                    );
                 }
                 Outcome::Rejected { check, diff } => {
                     self.metrics.check_failures.inc();
@@ -384,6 +569,22 @@ impl Loop<'_> {
                         diff,
                     );
                     reload = Some(ReloadResult::Rejected);
+                    // The check may fail for a reason outside the file (a missing
+                    // certificate, a port in use): checked again on the backoff timer.
+                    retry = true;
+                    let first = first_error_line(&check.output).to_string();
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "reject",
+                        if first.is_empty() {
+                            format!("check_cmd rejected the new file ({})", check.status)
+                        } else {
+                            first
+                        },
+                        &dest,
+                        revision,
+                    );
                     errors.push(format!(
                         "check_cmd rejected the new {}: {}",
                         r.cfg.dest.display(),
@@ -396,9 +597,19 @@ impl Loop<'_> {
                         .get_or_create(&metrics::result("failed"))
                         .inc();
                     reload = Some(ReloadResult::Failed);
-                    retry |= error.is_transient();
+                    // Transient or not, try again on the backoff timer: HAProxy may
+                    // take the file once whatever it lacked (a port, a certificate) is there.
+                    retry = true;
                     let error = resource::failure_report(&error, fallback.as_ref());
                     tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
+                    emit(
+                        &self.hooks,
+                        &self.cfg.name,
+                        "fail",
+                        error.clone(),
+                        &dest,
+                        revision,
+                    );
                     errors.push(error);
                 }
             }
@@ -408,6 +619,14 @@ impl Loop<'_> {
             self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
         }
         self.metrics.revision.set(published.revision);
+        if all_live {
+            self.metrics.applied_revision.set(published.revision);
+            if let (Some(since), Some(at)) = (self.pending_since.take(), live_at) {
+                self.metrics
+                    .event_to_live
+                    .observe(at.saturating_duration_since(since).as_secs_f64());
+            }
+        }
         self.metrics.services.set(snapshot.services.len() as i64);
         self.metrics.instances.set(snapshot.instance_count() as i64);
         self.status_tx.send_modify(|s| {
@@ -426,6 +645,7 @@ impl Loop<'_> {
             tracing::info!("retrying the failed apply in {} ms", delay.as_millis());
             Some(Instant::now() + delay)
         } else {
+            self.retry_backoff.reset();
             None
         };
         if !self.ready {
@@ -436,9 +656,52 @@ impl Loop<'_> {
     }
 }
 
+/// The line of a check's output that says what is wrong: HAProxy prints notices
+/// (its version, its path) before its first `[ALERT]`.
+fn first_error_line(output: &str) -> &str {
+    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.clone().next().unwrap_or("");
+    lines
+        .find(|l| l.contains("[ALERT]") || l.to_ascii_lowercase().contains("error"))
+        .unwrap_or(first)
+}
+
+/// One hook event with the fields every watcher event carries.
+fn emit(
+    hooks: &Hooks,
+    watcher: &str,
+    name: &'static str,
+    summary: String,
+    dest: &std::path::Path,
+    revision: i64,
+) {
+    hooks.emit(
+        Event::new(name, summary)
+            .with("watcher", watcher)
+            .with("revision", revision)
+            .with("dest", dest.display().to_string()),
+    );
+}
+
 async fn recv(sig: &mut Option<Signal>) -> Option<()> {
     match sig {
         Some(s) => s.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reject_is_summed_up_by_the_first_alert() {
+        let out = "[NOTICE]   (1) : haproxy version is 2.6.12\n[NOTICE]   (1) : path to executable is /usr/sbin/haproxy\n[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'\n[ALERT]    (1) : config : Fatal errors found in configuration.";
+        assert_eq!(
+            first_error_line(out),
+            "[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'"
+        );
+        assert_eq!(first_error_line("\nmissing ok\n"), "missing ok");
+        assert_eq!(first_error_line(""), "");
     }
 }

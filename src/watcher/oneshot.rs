@@ -71,7 +71,7 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
                 "{}: written and applied through the runtime API ({applied}), no reload",
                 t.dest.display()
             ),
-            Outcome::Reloaded { fallback } => {
+            Outcome::Reloaded { fallback, .. } => {
                 if let Some(why) = fallback {
                     println!("{}: runtime API failed: {}", t.dest.display(), Chain(&why));
                 }

@@ -8,8 +8,10 @@
 //!   so a crash at any point leaves either the old or the new file, never a partial one.
 //!   Staged files are named `.<dest name>.portolan.<pid>.<n>.tmp`; leftovers of a killed
 //!   run are removed by `clean_stale_staging` at start.
-//! - A failed check leaves `dest` byte-identical. A failed reload puts the last good
-//!   bytes back, so the file on disk is always what HAProxy runs (or last accepted).
+//! - A failed check leaves `dest` byte-identical. A refused reload puts the last good
+//!   bytes back — the file HAProxy last confirmed (`confirmed`), not merely the one
+//!   before, which may be a file whose reload timed out — so the file on disk is
+//!   always what HAProxy runs (or last accepted).
 //! - The runtime API is only used when HAProxy is known to run `live` (no reload
 //!   pending), and is always followed by nothing or by a reload: once HAProxy
 //!   confirmed every command it runs the new file's servers; on any refusal the new
@@ -21,10 +23,11 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::io::AsyncWriteExt;
 
 use super::diff;
-use super::haproxy::runtime_plan::{self, RuntimePlan};
+use super::haproxy::runtime_plan::{self, RuntimeOp, RuntimePlan};
 use super::haproxy::{master, runtime_api};
 use super::render::{self, Template, TemplateError};
 use super::store::StoreSnapshot;
@@ -44,6 +47,8 @@ pub(crate) enum Outcome {
     /// `fallback`: the runtime API was tried first and failed this way.
     Reloaded {
         fallback: Option<runtime_api::RuntimeError>,
+        /// How long the reload took to be confirmed.
+        took: Duration,
     },
     /// Written; no reload is configured for this resource.
     Written,
@@ -105,6 +110,10 @@ pub(crate) enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} stayed locked for {waited:?}: another apply (a `portolan render --once`?) holds it"
+    )]
+    Locked { path: String, waited: Duration },
     #[error(transparent)]
     Master(#[from] master::ReloadError),
     #[error("reload_cmd {cmd:?} failed ({status}): {output}")]
@@ -118,14 +127,6 @@ pub(crate) enum ApplyError {
 }
 
 impl ApplyError {
-    /// Worth retrying with backoff: everything but HAProxy refusing the file.
-    pub(crate) fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            ApplyError::Master(master::ReloadError::LoadFailed { .. })
-        )
-    }
-
     /// No confirmation in time: the reload may still be running or have gone through.
     fn timed_out(&self) -> bool {
         match self {
@@ -173,9 +174,17 @@ pub(crate) struct Resource {
     pub(crate) template_error: Option<TemplateError>,
     /// What `dest` holds, as far as this process knows (read at start, then written).
     live: Option<Vec<u8>>,
+    /// The last good file: what HAProxy last confirmed running (reload confirmed, or
+    /// every runtime command answered). None until the first confirmation. A refused
+    /// reload puts this back, even when `live` is a file whose reload timed out.
+    confirmed: Option<Vec<u8>>,
     /// Reload on the next apply even if the bytes are unchanged: a previous run may
     /// have died between rename and reload, so HAProxy could be running an older file.
     reload_pending: bool,
+    /// Reloads start at least this long after the previous one (`min_reload_interval_ms`):
+    /// a flapping input costs bounded reloads, and old workers pile up no faster.
+    pub(crate) min_reload_interval: Duration,
+    last_reload: Option<tokio::time::Instant>,
 }
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -188,7 +197,10 @@ impl Resource {
             source_text: None,
             template_error: None,
             live: None,
+            confirmed: None,
             reload_pending: true,
+            min_reload_interval: Duration::ZERO,
+            last_reload: None,
         }
     }
 
@@ -196,6 +208,7 @@ impl Resource {
     /// bytes cause no reload.
     pub(crate) fn assume_running(&mut self) {
         self.reload_pending = false;
+        self.confirmed = self.live.clone();
     }
 
     pub(crate) fn name(&self) -> String {
@@ -267,30 +280,88 @@ impl Resource {
     }
 
     /// Makes `dest` hold `rendered` and HAProxy run it, or says why not.
+    ///
+    /// Holds the lock beside `dest` throughout, so a `render --once` and the running
+    /// watcher never interleave; a `dest` replaced by the other while unlocked is taken
+    /// as the live file.
     pub(crate) async fn apply(&mut self, rendered: &str, timeout: Duration) -> Outcome {
+        let _lock = match lock(&self.cfg.dest, timeout).await {
+            Ok(l) => l,
+            Err(error) => {
+                return Outcome::Failed {
+                    error,
+                    fallback: None,
+                }
+            }
+        };
+        if let Ok(disk) = tokio::fs::read(&self.cfg.dest).await {
+            if self.live.as_ref() != Some(&disk) {
+                self.live = Some(disk);
+            }
+        }
+        let outcome = self.apply_inner(rendered, timeout).await;
+        if matches!(
+            outcome,
+            Outcome::Runtime { .. } | Outcome::Reloaded { .. } | Outcome::Written
+        ) {
+            self.confirmed = Some(rendered.as_bytes().to_vec());
+        }
+        outcome
+    }
+
+    async fn apply_inner(&mut self, rendered: &str, timeout: Duration) -> Outcome {
         let changed = self.live.as_deref() != Some(rendered.as_bytes());
         let must_reload = self.reload_pending && self.has_reload();
         if !changed && !must_reload {
             self.reload_pending = false;
             return Outcome::Unchanged;
         }
+        // How HAProxy, running the live file, can be made to run this one.
+        let plan = match (&self.cfg.haproxy_admin_socket, &self.live) {
+            (Some(_), Some(live)) if changed && !self.reload_pending && self.has_reload() => {
+                Some(runtime_plan::plan(&String::from_utf8_lossy(live), rendered))
+            }
+            _ => None,
+        };
+        let mut fallback = None;
+        // Servers only going in or out of rotation (draining) are told to HAProxy first,
+        // and the file follows: the check takes tens of milliseconds, and a drain must
+        // beat the container's exit. Taking a server out cannot make a config invalid;
+        // should the check refuse the file anyway, the states are put back.
+        let mut early = None;
+        if let (Some(RuntimePlan::Runtime(ops)), Some(sock)) =
+            (&plan, &self.cfg.haproxy_admin_socket)
+        {
+            if !ops.is_empty() && ops.iter().all(|o| matches!(o, RuntimeOp::State { .. })) {
+                match runtime_api::apply(sock, ops, timeout).await {
+                    Ok(applied) => early = Some(applied),
+                    Err(e) => {
+                        // Part of it may run: only a reload makes HAProxy whole again.
+                        self.reload_pending = true;
+                        fallback = Some(e);
+                    }
+                }
+            }
+        }
         if changed {
             let staged = match self.stage(rendered.as_bytes()).await {
                 Ok(p) => p,
                 Err(source) => {
+                    self.undo_early(early, rendered, timeout).await;
                     return Outcome::Failed {
                         error: ApplyError::Stage {
                             dest: self.cfg.dest.display().to_string(),
                             source,
                         },
-                        fallback: None,
-                    }
+                        fallback,
+                    };
                 }
             };
             if let Some(cmd) = &self.cfg.check_cmd {
                 let result = run_check(cmd, &staged, timeout).await;
                 if !result.success {
                     let _ = tokio::fs::remove_file(&staged).await;
+                    self.undo_early(early, rendered, timeout).await;
                     return Outcome::Rejected {
                         check: result,
                         diff: diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
@@ -299,12 +370,13 @@ impl Resource {
             }
             if let Err(source) = swap(&staged, &self.cfg.dest).await {
                 let _ = tokio::fs::remove_file(&staged).await;
+                self.undo_early(early, rendered, timeout).await;
                 return Outcome::Failed {
                     error: ApplyError::Swap {
                         dest: self.cfg.dest.display().to_string(),
                         source,
                     },
-                    fallback: None,
+                    fallback,
                 };
             }
         }
@@ -313,34 +385,39 @@ impl Resource {
             self.reload_pending = false;
             return Outcome::Written;
         }
-        let mut fallback = None;
-        if changed && !self.reload_pending {
-            if let (Some(sock), Some(prev)) = (&self.cfg.haproxy_admin_socket, &previous) {
-                match runtime_plan::plan(&String::from_utf8_lossy(prev), rendered) {
-                    RuntimePlan::Runtime(ops) => {
-                        match runtime_api::apply(sock, &ops, timeout).await {
-                            Ok(applied) => return Outcome::Runtime { applied },
-                            Err(e) => {
-                                // HAProxy may run part of the change: only the reload of
-                                // the new file (in place already) makes it whole again.
-                                self.reload_pending = true;
-                                fallback = Some(e);
-                            }
+        if let Some(applied) = early {
+            return Outcome::Runtime { applied };
+        }
+        if fallback.is_none() {
+            match (plan, &self.cfg.haproxy_admin_socket) {
+                (Some(RuntimePlan::Runtime(ops)), Some(sock)) => {
+                    match runtime_api::apply(sock, &ops, timeout).await {
+                        Ok(applied) => return Outcome::Runtime { applied },
+                        Err(e) => {
+                            // HAProxy may run part of the change: only the reload of
+                            // the new file (in place already) makes it whole again.
+                            self.reload_pending = true;
+                            fallback = Some(e);
                         }
                     }
-                    RuntimePlan::Reload(why) => {
-                        tracing::info!(
-                            dest = %self.cfg.dest.display(),
-                            "reloading, the runtime API cannot apply this change: {why}"
-                        );
-                    }
                 }
+                (Some(RuntimePlan::Reload(why)), _) => {
+                    tracing::info!(
+                        dest = %self.cfg.dest.display(),
+                        "reloading, the runtime API cannot apply this change: {why}"
+                    );
+                }
+                _ => {}
             }
         }
+        let reload_started = std::time::Instant::now();
         match self.reload(timeout).await {
             Ok(()) => {
                 self.reload_pending = false;
-                Outcome::Reloaded { fallback }
+                Outcome::Reloaded {
+                    fallback,
+                    took: reload_started.elapsed(),
+                }
             }
             Err(error) if error.timed_out() => {
                 // HAProxy may be merely slow and run the new file already (or soon):
@@ -351,16 +428,17 @@ impl Resource {
                 Outcome::Failed { error, fallback }
             }
             Err(error) => {
-                // Put the last good file back so the file matches what HAProxy runs.
-                if changed {
-                    if let Some(prev) = previous {
-                        match self.restore(&prev).await {
-                            Ok(()) => self.live = Some(prev),
-                            Err(e) => tracing::error!(
-                                dest = %self.cfg.dest.display(),
-                                "cannot restore the last good file after a failed reload: {e}"
-                            ),
-                        }
+                // Put the last good file back so the file matches what HAProxy runs:
+                // the one it last confirmed, which is not `previous` when that was a
+                // file whose reload timed out and was never confirmed.
+                let good = self.confirmed.clone().or(previous);
+                if let Some(good) = good.filter(|g| self.live.as_ref() != Some(g)) {
+                    match self.restore(&good).await {
+                        Ok(()) => self.live = Some(good),
+                        Err(e) => tracing::error!(
+                            dest = %self.cfg.dest.display(),
+                            "cannot restore the last good file after a failed reload: {e}"
+                        ),
                     }
                 }
                 Outcome::Failed { error, fallback }
@@ -368,12 +446,44 @@ impl Resource {
         }
     }
 
+    /// Puts back the server states applied ahead of a file that then did not make it
+    /// to `dest`, so HAProxy runs the live file again; a reload of it if that fails.
+    async fn undo_early(
+        &mut self,
+        early: Option<runtime_api::Applied>,
+        rendered: &str,
+        timeout: Duration,
+    ) {
+        let (Some(_), Some(sock), Some(live)) = (early, &self.cfg.haproxy_admin_socket, &self.live)
+        else {
+            return;
+        };
+        let back = runtime_plan::plan(rendered, &String::from_utf8_lossy(live));
+        let undone = match back {
+            RuntimePlan::Runtime(ops) => runtime_api::apply(sock, &ops, timeout).await.is_ok(),
+            RuntimePlan::Reload(_) => false,
+        };
+        if !undone {
+            self.reload_pending = true;
+        }
+    }
+
     fn has_reload(&self) -> bool {
         self.cfg.haproxy_master_socket.is_some() || self.cfg.reload_cmd.is_some()
     }
 
-    /// Reload through the master socket, or `reload_cmd`.
-    async fn reload(&self, timeout: Duration) -> Result<(), ApplyError> {
+    /// Reload through the master socket, or `reload_cmd`, no sooner than
+    /// `min_reload_interval` after the previous one.
+    async fn reload(&mut self, timeout: Duration) -> Result<(), ApplyError> {
+        if let Some(last) = self.last_reload {
+            tokio::time::sleep_until(last + self.min_reload_interval).await;
+        }
+        let result = self.reload_now(timeout).await;
+        self.last_reload = Some(tokio::time::Instant::now());
+        result
+    }
+
+    async fn reload_now(&self, timeout: Duration) -> Result<(), ApplyError> {
         if let Some(sock) = &self.cfg.haproxy_master_socket {
             master::reload(sock, timeout).await?;
             return Ok(());
@@ -461,6 +571,49 @@ impl Resource {
         let r = run_check(cmd, &path, timeout).await;
         let _ = tokio::fs::remove_file(&path).await;
         Some(r)
+    }
+}
+
+/// `.<dest name>.portolan.lock` beside `dest`.
+pub(crate) fn lock_path(dest: &Path) -> PathBuf {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    dir.join(format!("{}lock", staging_prefix(dest)))
+}
+
+const LOCK_POLL: Duration = Duration::from_millis(10);
+
+/// Takes the exclusive flock(2) beside `dest`, waiting up to `timeout`. Released on drop.
+async fn lock(dest: &Path, timeout: Duration) -> Result<Flock<std::fs::File>, ApplyError> {
+    let path = lock_path(dest);
+    let started = tokio::time::Instant::now();
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ApplyError::Stage {
+                dest: dest.display().to_string(),
+                source,
+            })?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < timeout => {
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(ApplyError::Locked {
+                    path: path.display().to_string(),
+                    waited: started.elapsed(),
+                })
+            }
+            Err((_, e)) => {
+                return Err(ApplyError::Stage {
+                    dest: dest.display().to_string(),
+                    source: e.into(),
+                })
+            }
+        }
     }
 }
 
@@ -615,8 +768,16 @@ mod tests {
             panic!("check must reject")
         };
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "ok 1\n");
-        // Nothing staged is left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Nothing staged is left behind (the lock file stays, empty).
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.contains(&".out.cfg.portolan.lock".to_string()),
+            "{left:?}"
+        );
     }
 
     #[tokio::test]
@@ -663,13 +824,13 @@ mod tests {
         let t = Duration::from_millis(300);
         assert!(matches!(
             r.apply("v1\n", t).await,
-            Outcome::Reloaded { fallback: None }
+            Outcome::Reloaded { fallback: None, .. }
         ));
         // Slow, not failed: HAProxy may run v2 already, so v2 stays.
         r.cfg.reload_cmd = Some("sleep 30".into());
         let out = r.apply("v2\n", t).await;
         assert!(
-            matches!(out, Outcome::Failed { ref error, .. } if error.is_transient() && error.to_string().contains("timed out")),
+            matches!(out, Outcome::Failed { ref error, .. } if error.timed_out() && error.to_string().contains("timed out")),
             "{out:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
@@ -677,12 +838,90 @@ mod tests {
         r.cfg.reload_cmd = Some("true".into());
         assert!(matches!(
             r.apply("v2\n", t).await,
-            Outcome::Reloaded { fallback: None }
+            Outcome::Reloaded { fallback: None, .. }
         ));
         assert!(matches!(r.apply("v2\n", t).await, Outcome::Unchanged));
         // A reload that fails outright still puts the last good file back.
         r.cfg.reload_cmd = Some("false".into());
         assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+    }
+
+    #[tokio::test]
+    async fn reloads_keep_the_minimum_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = resource(dir.path(), None);
+        r.cfg.reload_cmd = Some("true".into());
+        r.min_reload_interval = Duration::from_millis(300);
+        let t = Duration::from_secs(5);
+        assert!(matches!(r.apply("v1\n", t).await, Outcome::Reloaded { .. }));
+        let start = std::time::Instant::now();
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Reloaded { .. }));
+        assert!(
+            start.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_apply_waits_for_the_lock_another_apply_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut r = resource(dir.path(), None);
+        let held = lock(&dest, Duration::from_secs(1)).await.unwrap();
+        let out = r.apply("v1\n", Duration::from_millis(200)).await;
+        assert!(
+            matches!(
+                out,
+                Outcome::Failed {
+                    error: ApplyError::Locked { .. },
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert!(!dest.exists());
+        drop(held);
+        assert!(matches!(
+            r.apply("v1\n", Duration::from_millis(200)).await,
+            Outcome::Written
+        ));
+        // The lock file is not a staging leftover.
+        assert_eq!(clean_stale_staging(&dest).await.unwrap(), 0);
+        // A dest replaced by another apply while unlocked is what is live.
+        std::fs::write(&dest, "other\n").unwrap();
+        assert!(matches!(
+            r.apply("other\n", Duration::from_millis(200)).await,
+            Outcome::Unchanged
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_reload_of_a_file_whose_reload_timed_out_restores_the_confirmed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        let mut r = resource(dir.path(), None);
+        r.cfg.reload_cmd = Some("true".into());
+        r.read_live().await.unwrap();
+        let t = Duration::from_millis(300);
+        assert!(matches!(r.apply("v1\n", t).await, Outcome::Reloaded { .. }));
+        // v2's reload times out: v2 stays at dest, unconfirmed.
+        r.cfg.reload_cmd = Some("sleep 30".into());
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
+        // Its next reload is refused: v1, the last file HAProxy confirmed, comes back,
+        // whether the pass renders v2 again or something newer.
+        r.cfg.reload_cmd = Some("false".into());
+        assert!(matches!(r.apply("v2\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v1\n");
+        assert!(matches!(r.apply("v3\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v1\n");
+        // Once HAProxy takes it, v3 is the new last good file.
+        r.cfg.reload_cmd = Some("true".into());
+        assert!(matches!(r.apply("v3\n", t).await, Outcome::Reloaded { .. }));
+        r.cfg.reload_cmd = Some("false".into());
+        assert!(matches!(r.apply("v4\n", t).await, Outcome::Failed { .. }));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v3\n");
     }
 }

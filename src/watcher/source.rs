@@ -44,6 +44,8 @@ pub(crate) struct Published {
     pub(crate) snapshot: Arc<StoreSnapshot>,
     /// etcd revision the snapshot reflects.
     pub(crate) revision: i64,
+    /// When the change that made this snapshot arrived (`event_to_live_seconds`).
+    pub(crate) received: std::time::Instant,
 }
 
 /// Why a session ended. All of them lead to a re-list.
@@ -247,6 +249,7 @@ impl Source {
                 *cur = Some(Published {
                     snapshot: Arc::new(snapshot),
                     revision,
+                    received: std::time::Instant::now(),
                 });
                 true
             }

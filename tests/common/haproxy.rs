@@ -91,9 +91,88 @@ impl Backend {
             self.addr
         )
     }
+
+    /// The record the registrar writes on the container's stop signal.
+    pub fn draining_record(&self) -> String {
+        self.record().replace('}', r#","draining":true}"#)
+    }
 }
 
 impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+// ---------- hook receiver ----------
+
+/// An HTTP server on 127.0.0.1 that answers 200 to every POST and keeps the bodies
+/// (parsed as JSON), as a webhook receiver would. Stops on drop.
+pub struct HookReceiver {
+    pub url: String,
+    pub bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    stop: CancellationToken,
+}
+
+impl HookReceiver {
+    pub async fn start() -> HookReceiver {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind hook receiver");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let (b, s) = (bodies.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok((st, _)) => st, Err(_) => continue },
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let b = b.clone();
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    b.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    Bytes::new(),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HookReceiver { url, bodies, stop }
+    }
+
+    /// The events received so far named `event`.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["event"] == event)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for HookReceiver {
     fn drop(&mut self) {
         self.stop.cancel();
     }
@@ -209,6 +288,8 @@ pub struct Options {
     /// `[watcher] allowed_networks`; None = the default routing policy. The default
     /// here is 127.0.0.0/8, as every backend of these tests listens on 127.0.0.1.
     pub allowed_networks: Option<Vec<String>>,
+    /// Extra `key = value` lines for `[watcher]`.
+    pub watcher_extra: String,
 }
 
 impl Default for Options {
@@ -225,6 +306,7 @@ impl Default for Options {
             admin_socket: false,
             watcher_admin_socket: None,
             allowed_networks: Some(vec!["127.0.0.0/8".into()]),
+            watcher_extra: String::new(),
         }
     }
 }
@@ -314,6 +396,7 @@ listen = "127.0.0.1:{metrics_port}"
 wait = {{ min_ms = {min}, max_ms = {max} }}
 command_timeout_ms = {timeout}
 {allowed}
+{watcher_extra}
 
 [[template]]
 src = "haproxy.cfg.tera"
@@ -335,6 +418,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             max = opts.wait_max_ms,
             timeout = opts.command_timeout_ms,
             check = opts.check_cmd,
+            watcher_extra = opts.watcher_extra,
         );
         std::fs::write(&config, toml).expect("write watcher config");
         FrontDoor {
@@ -448,6 +532,18 @@ stats_bind = "127.0.0.1:{stats_port}"
         let mut out = String::new();
         s.read_to_string(&mut out).await.expect("admin read");
         out.trim().to_string()
+    }
+
+    /// `srv_admin_state` of `backend/server` in `show servers state` (0 = ready; bit 1
+    /// forced maintenance, 4 maintenance from the file's `disabled`, 8 forced drain).
+    pub async fn admin_state(&self, backend: &str, server: &str) -> Option<u32> {
+        let state = self.admin(&format!("show servers state {backend}")).await;
+        state.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 6 && f[1] == backend && f[3] == server)
+                .then(|| f[6].parse().ok())
+                .flatten()
+        })
     }
 
     /// Runs `haproxy -c` on the live file.

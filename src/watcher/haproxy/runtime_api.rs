@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::runtime_plan::RuntimeOp;
+use super::runtime_plan::{AdminState, RuntimeOp};
 use super::socket;
 
 /// How long a removed server may take to finish its requests before a reload is used.
@@ -46,8 +46,13 @@ pub(crate) struct Applied {
     pub(crate) added: usize,
     pub(crate) removed: usize,
     pub(crate) reweighted: usize,
+    /// Taken out of rotation (draining) / put back.
+    pub(crate) drained: usize,
+    pub(crate) restored: usize,
     /// From the first command sent to the last answer.
     pub(crate) took: Duration,
+    /// When the last answer came: HAProxy runs the change from then on.
+    pub(crate) done_at: Option<std::time::Instant>,
 }
 
 impl std::fmt::Display for Applied {
@@ -56,7 +61,14 @@ impl std::fmt::Display for Applied {
             f,
             "+{} -{} ~{} servers",
             self.added, self.removed, self.reweighted
-        )
+        )?;
+        if self.drained > 0 {
+            write!(f, ", {} out of rotation", self.drained)?;
+        }
+        if self.restored > 0 {
+            write!(f, ", {} back in rotation", self.restored)?;
+        }
+        Ok(())
     }
 }
 
@@ -107,6 +119,18 @@ pub(crate) async fn apply(
                 expect(sock, &cmd, "", timeout).await?;
                 done.reweighted += 1;
             }
+            RuntimeOp::State {
+                backend,
+                server,
+                state,
+            } => {
+                let cmd = format!("set server {backend}/{server} state {}", state.as_str());
+                expect(sock, &cmd, "", timeout).await?;
+                match state {
+                    AdminState::Ready => done.restored += 1,
+                    AdminState::Maint | AdminState::Drain => done.drained += 1,
+                }
+            }
             RuntimeOp::Remove { backend, server } => {
                 let id = format!("{backend}/{server}");
                 expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
@@ -133,6 +157,7 @@ pub(crate) async fn apply(
         }
     }
     done.took = start.elapsed();
+    done.done_at = Some(std::time::Instant::now());
     Ok(done)
 }
 

@@ -18,6 +18,11 @@
 //! - Dynamic servers get ids after the file's, so a balance algorithm that depends on
 //!   server ids or order (hashing, `first`) would behave differently after the next
 //!   reload: only `roundrobin` and `leastconn` backends take this path.
+//! - A server line that gains `disabled` (a draining instance) is `set server … state
+//!   maint`: no new request reaches it, the ones in flight finish (maintenance shuts no
+//!   session down). In a backend with persistence (`cookie`, `stick …`) it is `state
+//!   drain` instead, so clients stuck to it finish their sessions there. Losing
+//!   `disabled` is `state ready`. After a reload the file's `disabled` keeps it out.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -49,6 +54,33 @@ pub(crate) enum RuntimeOp {
         server: String,
         weight: String,
     },
+    /// `set server <backend>/<server> state <state>`: in or out of rotation.
+    State {
+        backend: String,
+        server: String,
+        state: AdminState,
+    },
+}
+
+/// The admin states a server line's `disabled` maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AdminState {
+    /// Back in rotation.
+    Ready,
+    /// No new connection, persistent ones included.
+    Maint,
+    /// No new connection but for clients that persist on it.
+    Drain,
+}
+
+impl AdminState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Maint => "maint",
+            AdminState::Drain => "drain",
+        }
+    }
 }
 
 impl RuntimeOp {
@@ -79,6 +111,11 @@ impl RuntimeOp {
                 server,
                 weight,
             } => format!("set server {backend}/{server} weight {weight}"),
+            RuntimeOp::State {
+                backend,
+                server,
+                state,
+            } => format!("set server {backend}/{server} state {}", state.as_str()),
         }
     }
 }
@@ -195,6 +232,16 @@ const ADD_SERVER_KEYWORDS: &[(&str, usize)] = &[
     ("ws", 1),
 ];
 
+/// Backend directives that make clients persist on a server: draining one of its
+/// servers must let them finish there (`state drain`), not cut them off (`maint`).
+const PERSISTENCE: &[&str] = &[
+    "cookie",
+    "stick",
+    "stick-table",
+    "stick-store-request",
+    "stick-store-response",
+];
+
 /// Balance algorithms whose behaviour does not depend on server ids or order.
 const ORDER_FREE_BALANCE: &[&str] = &["roundrobin", "leastconn"];
 
@@ -302,6 +349,7 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     }
     let mut adds = Vec::new();
     let mut weights = Vec::new();
+    let mut states = Vec::new();
     let mut replaces = Vec::new();
     let mut removes = Vec::new();
     for (o, n) in old.iter().zip(&new) {
@@ -349,34 +397,63 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
                 });
             }
         }
+        let persistent = n
+            .defaults
+            .map(|d| &new[d])
+            .into_iter()
+            .chain([n])
+            .any(|s| PERSISTENCE.iter().any(|k| s.directives(k).next().is_some()));
         for (name, line) in &n.servers {
-            match o.servers.get(name) {
-                Some(old_line) if old_line == line => {}
-                Some(old_line) => match weight_change(old_line, line) {
-                    Some(weight) => weights.push(RuntimeOp::Weight {
+            let Some(old_line) = o.servers.get(name) else {
+                match add(backend, line, &defaults_args) {
+                    Ok(op) => adds.push(op),
+                    Err(why) => return RuntimePlan::Reload(why),
+                }
+                continue;
+            };
+            if old_line == line {
+                continue;
+            }
+            // In or out of rotation, and whatever else changed with it.
+            let (was_disabled, old_rest) = without_disabled(old_line);
+            let (disabled, rest) = without_disabled(line);
+            let state_op = (was_disabled != disabled).then(|| RuntimeOp::State {
+                backend: backend.into(),
+                server: (*name).into(),
+                state: match (disabled, persistent) {
+                    (false, _) => AdminState::Ready,
+                    (true, false) => AdminState::Maint,
+                    (true, true) => AdminState::Drain,
+                },
+            });
+            if state_op.is_some() && old_rest == rest {
+                states.extend(state_op);
+                continue;
+            }
+            match weight_change(&old_rest, &rest) {
+                Some(weight) => {
+                    weights.push(RuntimeOp::Weight {
                         backend: backend.into(),
                         server: (*name).into(),
                         weight: weight.into(),
-                    }),
-                    None => match add(backend, line, &defaults_args) {
-                        Ok(op) => {
-                            replaces.push(RuntimeOp::Remove {
-                                backend: backend.into(),
-                                server: (*name).into(),
-                            });
-                            replaces.push(op);
-                        }
-                        Err(why) => return RuntimePlan::Reload(why),
-                    },
-                },
+                    });
+                    states.extend(state_op);
+                }
+                // A replacement is created as the new line says, `disabled` included.
                 None => match add(backend, line, &defaults_args) {
-                    Ok(op) => adds.push(op),
+                    Ok(op) => {
+                        replaces.push(RuntimeOp::Remove {
+                            backend: backend.into(),
+                            server: (*name).into(),
+                        });
+                        replaces.push(op);
+                    }
                     Err(why) => return RuntimePlan::Reload(why),
                 },
             }
         }
     }
-    let changes = adds.len() + weights.len() + replaces.len() / 2 + removes.len();
+    let changes = adds.len() + weights.len() + states.len() + replaces.len() / 2 + removes.len();
     if changes > MAX_SERVER_CHANGES {
         return RuntimePlan::reload(format!(
             "{changes} server changes in one batch (one reload is cheaper beyond {MAX_SERVER_CHANGES})"
@@ -385,9 +462,24 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     // New servers first, so a backend whose instance is replaced never runs empty.
     let mut ops = adds;
     ops.extend(weights);
+    ops.extend(states);
     ops.extend(replaces);
     ops.extend(removes);
     RuntimePlan::Runtime(ops)
+}
+
+/// Whether a server line says `disabled` (after its name and address), and the line
+/// without it.
+fn without_disabled(line: &str) -> (bool, String) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let head = words.len().min(3);
+    let disabled = words[head..].contains(&"disabled");
+    let kept: Vec<&str> = words[..head]
+        .iter()
+        .chain(words[head..].iter().filter(|w| **w != "disabled"))
+        .copied()
+        .collect();
+    (disabled, kept.join(" "))
 }
 
 /// The new weight when `old` and `new` differ only in the value after `weight`.
@@ -593,6 +685,75 @@ backend svc_web
         );
         // Emptying a backend keeps the section: still a runtime change.
         assert_eq!(runtime(plan(BASE, &with(""))).len(), 2);
+    }
+
+    fn state(server: &str, state: AdminState) -> RuntimeOp {
+        RuntimeOp::State {
+            backend: "svc_web".into(),
+            server: server.into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn a_draining_server_leaves_rotation_through_the_runtime_api_and_comes_back() {
+        let drained = with(
+            "    server a 10.0.0.1:80 weight 100 check\n    server b 10.0.0.2:80 weight 100 check disabled\n",
+        );
+        assert_eq!(
+            runtime(plan(BASE, &drained)),
+            vec![state("b", AdminState::Maint)]
+        );
+        assert_eq!(
+            runtime(plan(&drained, BASE)),
+            vec![state("b", AdminState::Ready)]
+        );
+        // Draining and reweighted in one batch: both, no replacement.
+        let both = drained.replace("b 10.0.0.2:80 weight 100", "b 10.0.0.2:80 weight 5");
+        let ops = runtime(plan(BASE, &both));
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(&ops[0], RuntimeOp::Weight { weight, .. } if weight == "5"));
+        assert_eq!(ops[1], state("b", AdminState::Maint));
+        // A new address while draining is a replacement, created disabled.
+        let moved = drained.replace("10.0.0.2:80", "10.0.0.9:80");
+        let ops = runtime(plan(BASE, &moved));
+        assert!(
+            matches!(&ops[1], RuntimeOp::Add { enable: false, .. }),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_with_persistence_drains_instead_of_maintenance() {
+        for directive in [
+            "cookie SRV insert indirect nocache",
+            "stick on src",
+            "stick-table type ip size 1k",
+        ] {
+            let sticky = BASE.replace(
+                "    balance roundrobin\n",
+                &format!("    balance roundrobin\n    {directive}\n"),
+            );
+            let drained = sticky.replace(
+                "b 10.0.0.2:80 weight 100 check",
+                "b 10.0.0.2:80 weight 100 check disabled",
+            );
+            assert_eq!(
+                runtime(plan(&sticky, &drained)),
+                vec![state("b", AdminState::Drain)],
+                "{directive}"
+            );
+        }
+        // Persistence set in the defaults section counts too.
+        let sticky = BASE.replace("    mode http\n", "    mode http\n    cookie SRV insert\n");
+        let drained = sticky.replace(
+            "b 10.0.0.2:80 weight 100 check",
+            "b 10.0.0.2:80 weight 100 check disabled",
+        );
+        assert_eq!(
+            runtime(plan(&sticky, &drained)),
+            vec![state("b", AdminState::Drain)]
+        );
     }
 
     #[test]
