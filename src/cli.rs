@@ -97,6 +97,9 @@ pub enum Command {
     /// spell is applied at once; changes that arrive while an apply is in flight are
     /// batched into the next one. A config that fails its check never goes live.
     /// Template edits are picked up at once; SIGHUP re-reads templates and renders again.
+    /// A batch that would remove more than [watcher] mass_removal.share of the live
+    /// instances (etcd emptied, a wrong prefix, fleet-wide lease loss) is held for
+    /// mass_removal.hold_s (default 60 s), loudly; SIGUSR1 confirms it at once.
     ///
     /// A minimal config file (all keys: README, "Watcher configuration"):
     ///

@@ -20,12 +20,18 @@
 //!   registers), `selector/{labels,ports}` (labels → registrations, ports → addresses;
 //!   pure), `probe` (HTTP/TCP probes), `plan` (desired vs actual → key ops; pure),
 //!   `session` (the etcd session: lease, read-back, transactions), `lease` (grant, reuse,
-//!   keep-alive), `advertise` (detecting the advertise IP); `mod.rs` is the loop.
+//!   keep-alive), `advertise` (detecting the advertise IP), `drain` (stop signals
+//!   and give-back deadlines), `events` (hook events from key ops), `watch` (our own
+//!   keys, repaired when touched); `mod.rs` is the loop.
 //! - `watcher`: etcd → HAProxy. `source` (list + watch), `store` (snapshot; pure),
-//!   `render` (tera; pure), `resource` (stage, check, swap, reload), `haproxy/{master
+//!   `render` (tera; pure), `guard` (the mass-removal hold; pure), `policy` and
+//!   `resolve` (where instances may point; names resolved off the render path),
+//!   `resource` (stage, check, swap, reload, the last good file, the lock), `haproxy/{master
 //!   (master socket), runtime_plan (config diff → runtime ops; pure), runtime_api (admin
 //!   socket), socket}`, `template_files` (notify), `status` (own etcd key), `metrics`,
-//!   `oneshot` (`render --once`, template checks); `mod.rs` is the loop.
+//!   `oneshot` (`render --once`, template checks), `inspect` (`portolan status`);
+//!   `mod.rs` is the loop.
+//! - `hook`: event hooks (webhooks, commands), delivered off the daemons' loops.
 //! - `ls`, `dev`, `auth`: operator commands (`auth`: least-privilege etcd users).
 
 pub mod auth;

@@ -73,13 +73,20 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{host}/…")
 }
 
-/// Validates the `[[hook]]` sections for a daemon that emits `known` events.
+/// Validates the `[[hook]]` sections and keeps, for a daemon that emits `known`
+/// events, the hooks that hear any of them (restricted to those). One file can serve a
+/// host running both daemons: a hook of the other daemon's events is not an error, an
+/// event that neither emits is.
 pub(super) fn resolve_hooks(
     hooks: &[HookOptions],
     known: &[&str],
-    role: &str,
     problems: &mut Problems,
 ) -> Vec<HookConfig> {
+    let every: Vec<&str> = super::REGISTRAR_EVENTS
+        .iter()
+        .chain(super::WATCHER_EVENTS)
+        .copied()
+        .collect();
     let mut out = Vec::new();
     for (i, h) in hooks.iter().enumerate() {
         let n = i + 1;
@@ -91,13 +98,20 @@ pub(super) fn resolve_hooks(
             ));
         }
         for e in &h.events {
-            if !known.contains(&e.as_str()) {
+            if !every.contains(&e.as_str()) {
                 problems.push(format!(
-                    "hook #{n}: event {e:?} is not one the {role} emits ({})",
-                    known.join(", ")
+                    "hook #{n}: event {e:?} is not one Portolan emits (the registrar: {}; the watcher: {})",
+                    super::REGISTRAR_EVENTS.join(", "),
+                    super::WATCHER_EVENTS.join(", ")
                 ));
             }
         }
+        let events: Vec<String> = h
+            .events
+            .iter()
+            .filter(|e| known.contains(&e.as_str()))
+            .cloned()
+            .collect();
         let target = match (&h.url, &h.command) {
             (Some(u), None) => {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
@@ -138,9 +152,9 @@ pub(super) fn resolve_hooks(
                 "hook #{n}: timeout_ms = {timeout_ms}: must be between 100 and 60000"
             ));
         }
-        if let (Some(target), true) = (target, problems.len() == before) {
+        if let (Some(target), true, false) = (target, problems.len() == before, events.is_empty()) {
             out.push(HookConfig {
-                events: h.events.clone(),
+                events,
                 target,
                 format,
                 timeout: Duration::from_millis(timeout_ms),
@@ -179,7 +193,7 @@ mod tests {
                 ..Default::default()
             },
             HookOptions {
-                events: vec!["reload".into()],
+                events: vec!["relaod".into()],
                 url: Some("ftp://x".into()),
                 command: None,
                 format: Some("xml".into()),
@@ -190,17 +204,12 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let ok = resolve_hooks(
-            &hooks,
-            &["register", "deregister", "drain"],
-            "registrar",
-            &mut p,
-        );
+        let ok = resolve_hooks(&hooks, &["register", "deregister", "drain"], &mut p);
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].format, HookFormat::Slack);
         let all = p.join("\n");
         for needle in [
-            "\"reload\" is not one the registrar emits",
+            "\"relaod\" is not one Portolan emits",
             "ftp",
             "\"xml\"",
             "timeout_ms = 0",

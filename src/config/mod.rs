@@ -229,7 +229,7 @@ pub fn resolve_registrar(
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
     let mut cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
-    cfg.hooks = hook::resolve_hooks(&file.hook, REGISTRAR_EVENTS, "registrar", &mut problems);
+    cfg.hooks = hook::resolve_hooks(&file.hook, REGISTRAR_EVENTS, &mut problems);
     finish(cfg, problems)
 }
 
@@ -239,7 +239,9 @@ pub fn resolve_watcher(
 ) -> Result<WatcherConfig, ConfigError> {
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
-    let cfg = layered(&file.watcher, &flags.watcher).resolve(etcd, &file.template, &mut problems);
+    let mut cfg =
+        layered(&file.watcher, &flags.watcher).resolve(etcd, &file.template, &mut problems);
+    cfg.hooks = hook::resolve_hooks(&file.hook, WATCHER_EVENTS, &mut problems);
     finish(cfg, problems)
 }
 
@@ -317,6 +319,42 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             ..Default::default()
         };
         assert!(resolve_etcd(&FileConfig::default(), &no_user).is_err());
+    }
+
+    #[test]
+    fn hooks_reach_the_daemon_that_emits_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.tera"), "x").unwrap();
+        let path = dir.path().join("p.toml");
+        let write = |events: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[[template]]\nsrc = \"t.tera\"\ndest = \"out.cfg\"\nreload_cmd = \"true\"\n\
+                     [[hook]]\nevents = [{events}]\nurl = \"https://hooks.example/secret\"\nformat = \"slack\"\n"
+                ),
+            )
+            .unwrap();
+            FileConfig::load(Some(&path)).unwrap()
+        };
+        let w = resolve_watcher(&write("\"reload\", \"reject\""), &WatcherArgs::default()).unwrap();
+        assert_eq!(w.hooks.len(), 1);
+        assert_eq!(w.hooks[0].format, HookFormat::Slack);
+        // A hook of the other daemon's events is the other daemon's: not an error.
+        let w = resolve_watcher(&write("\"register\""), &WatcherArgs::default()).unwrap();
+        assert!(w.hooks.is_empty());
+        let r = resolve_registrar(
+            &write("\"register\", \"reload\""),
+            &RegistrarArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(r.hooks[0].events, ["register"]);
+        let err = resolve_watcher(&write("\"relaod\""), &WatcherArgs::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"relaod\" is not one Portolan emits"),
+            "{err}"
+        );
     }
 
     #[test]
