@@ -1489,8 +1489,10 @@ struct Outage {
 }
 
 /// A container of `host` stopped, killed or paused between `from` and `to`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Death {
+    /// e.g. "Kill 4af5e008db4a on h1", for the report.
+    what: String,
     host: usize,
     from: Duration,
     to: Duration,
@@ -1599,16 +1601,18 @@ impl Churn {
             _ => unreachable!("{act:?} takes no container out"),
         };
         self.pool[i].life = life;
+        let what = format!(
+            "{act:?} {} on {}",
+            self.pool[i].container.short_id(),
+            HOSTS[host]
+        );
+        self.log(&what);
         self.deaths.push(Death {
+            what,
             host,
             from,
             to: self.now(),
         });
-        self.log(&format!(
-            "{act:?} {} on {}",
-            self.pool[i].container.short_id(),
-            HOSTS[host]
-        ));
     }
 
     fn bring_back(&mut self, bed: &Bed, act: Act) {
@@ -1754,11 +1758,11 @@ impl Churn {
         base.chain(pool).collect()
     }
 
-    /// True when a request sent at `sent` and answered (or given up) at `done` may have
-    /// hit a container as it died: it overlaps a death, stretched while its host's
-    /// registrar or the watcher was down (nobody could tell HAProxy yet), plus `APPLY`.
-    fn explains(&self, sent: Duration, done: Duration) -> bool {
-        self.deaths.iter().any(|d| {
+    /// The death a request sent at `sent` and answered (or given up) at `done` may have
+    /// hit: one it overlaps, stretched while its host's registrar or the watcher was down
+    /// (nobody could tell HAProxy yet), plus `APPLY`.
+    fn explains(&self, sent: Duration, done: Duration) -> Option<&Death> {
+        self.deaths.iter().find(|d| {
             let mut until = d.to;
             loop {
                 let stretched = self
@@ -2015,12 +2019,15 @@ async fn sixty_seconds_of_random_churn_end_with_etcd_equal_to_the_containers_and
     let mut actions = 0;
     let mut last_action = Duration::ZERO;
     while churn.now() < CHURN_FOR && actions < MAX_ACTIONS {
+        // Actions start on a schedule the seed draws, however long Docker takes on a
+        // busy machine: the same seed gives about the same number of actions.
+        let started = churn.now();
         churn.restart_due(&mut bed, false);
         churn.step(&mut bed).await;
         actions += 1;
         last_action = churn.now();
-        let pause = Duration::from_millis(churn.rng.u64(500..=1_500));
-        tokio::time::sleep(pause).await;
+        let next = started + Duration::from_millis(churn.rng.u64(500..=1_500));
+        tokio::time::sleep(next.saturating_sub(churn.now())).await;
     }
     churn.restart_due(&mut bed, true);
     let churned = churn.now();
@@ -2052,9 +2059,16 @@ async fn sixty_seconds_of_random_churn_end_with_etcd_equal_to_the_containers_and
         .filter(|((_, r), _)| r.is_none())
         .map(|((done, _), sent)| (*sent, *done))
         .collect();
+    for (sent, done) in &failed {
+        let death = churn.explains(*sent, *done);
+        eprintln!(
+            "failed request sent at {sent:?}, given up at {done:?}: {}",
+            death.map_or("outside any death window", |d| &d.what)
+        );
+    }
     let unexplained: Vec<&(Duration, Duration)> = failed
         .iter()
-        .filter(|(sent, done)| !churn.explains(*sent, *done))
+        .filter(|(sent, done)| churn.explains(*sent, *done).is_none())
         .collect();
     let total = log.results.len();
     let running = churn
