@@ -1759,10 +1759,10 @@ impl Churn {
     }
 
     /// The death a request sent at `sent` and answered (or given up) at `done` may have
-    /// hit: one it overlaps, stretched while its host's registrar or the watcher was down
-    /// (nobody could tell HAProxy yet), plus `APPLY`.
+    /// hit (the latest, if several): one it overlaps, stretched while its host's registrar
+    /// or the watcher was down (nobody could tell HAProxy yet), plus `APPLY`.
     fn explains(&self, sent: Duration, done: Duration) -> Option<&Death> {
-        self.deaths.iter().find(|d| {
+        self.deaths.iter().rev().find(|d| {
             let mut until = d.to;
             loop {
                 let stretched = self
