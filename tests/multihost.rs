@@ -26,6 +26,10 @@
 //! then "left rotation" can only be the control plane's doing, and a request that
 //! fails is a real failure, not a dead backend.
 //!
+//! The churn scenario adds containers of its own and starts them again, and Docker gives a
+//! container a new address on each start, one another host's container may have had:
+//! its /32, forwarder and lb route then move to the new host (`Routes`).
+//!
 //! Faults: a switch port down (the cable pulled), iptables `statistic` drops in a host
 //! namespace (tc netem is not installed), SIGSTOP/SIGKILL by PID. Nothing is sent to
 //! an address outside the bed; the machine's own namespace gets no interface or route.
@@ -66,9 +70,14 @@ fn data_ip(last: u8) -> String {
 
 // ---------- processes in namespaces ----------
 
-/// `ip netns exec <ns> <program> <args>` logging to `log`, killed by PID on drop.
+/// `ip netns exec <ns> <program> <args>` logging to `log`, killed by PID on drop. The
+/// log is appended to, so a process started again keeps its predecessor's lines.
 fn spawn_in(ns: &Netns, what: &str, program: &Path, args: &[String], log: &Path) -> Proc {
-    let file = std::fs::File::create(log).expect("log file");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     let mut cmd = ns.command(program);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PORTOLAN_") {
@@ -151,11 +160,25 @@ struct Host {
     /// The container's address (on Docker's bridge, relayed from this host's namespace).
     backend: SocketAddrV4,
     registrar: Option<Proc>,
+    /// What it was started with, to start it again on the same node and state dir.
+    registrar_args: Vec<String>,
     registrar_log: PathBuf,
     /// Held for its drop: the relay stops with the host.
     _forwarder: Forwarder,
     container: Container,
     ns: Netns,
+}
+
+impl Host {
+    fn start_registrar(&mut self) {
+        self.registrar = Some(spawn_in(
+            &self.ns,
+            &format!("registrar {}", self.name),
+            &portolan_bin(),
+            &self.registrar_args,
+            &self.registrar_log,
+        ));
+    }
 }
 
 /// A TCP relay listening inside a host namespace and connecting out in the machine's
@@ -264,8 +287,10 @@ fn servers_state(sock: &Path) -> Option<Vec<ServerState>> {
 
 #[derive(Debug, Default)]
 struct TrafficLog {
-    /// (time since start, body of a 200 answer, or None for a failure)
+    /// (time since start at the answer, body of a 200 answer, or None for a failure)
     results: Vec<(Duration, Option<String>)>,
+    /// When each request of `results` was sent.
+    sent: Vec<Duration>,
 }
 
 /// Sequential GETs for `web.test` through the front door, from a thread in the probe
@@ -303,8 +328,12 @@ impl Traffic {
                 if st.load(Ordering::Relaxed) {
                     break;
                 }
+                let sent = start.elapsed();
                 let r = get_once(addr);
-                lg.lock().unwrap().results.push((start.elapsed(), r));
+                let mut lg = lg.lock().unwrap();
+                lg.results.push((start.elapsed(), r));
+                lg.sent.push(sent);
+                drop(lg);
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
@@ -371,8 +400,11 @@ impl TrafficLog {
 /// namespaces they run in, the switch last.
 struct Bed {
     prefix: String,
+    /// The run id: a host's registrar takes the containers labelled `<run>-<host>`.
+    run: String,
     hosts: Vec<Host>,
     watcher: Option<Proc>,
+    watcher_args: Vec<String>,
     haproxy: Option<Proc>,
     haproxy_args: Vec<String>,
     members: Vec<Member>,
@@ -534,6 +566,7 @@ impl Bed {
                 name: name.to_string(),
                 backend,
                 registrar: None,
+                registrar_args: Vec::new(),
                 registrar_log: dir.path().join(format!("registrar-{name}.log")),
                 _forwarder: forwarder,
                 container,
@@ -565,13 +598,8 @@ impl Bed {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            host.registrar = Some(spawn_in(
-                &host.ns,
-                &format!("registrar {name}"),
-                &portolan_bin(),
-                &args,
-                &host.registrar_log,
-            ));
+            host.registrar_args = args;
+            host.start_registrar();
             hosts.push(host);
         }
 
@@ -631,10 +659,17 @@ admin_socket = "{admin}"
             "-f".into(),
             cfg.display().to_string(),
         ];
+        let watcher_args: Vec<String> = vec![
+            "watcher".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
         let mut bed = Bed {
             prefix,
+            run,
             hosts,
             watcher: None,
+            watcher_args,
             haproxy: None,
             haproxy_args,
             members,
@@ -644,18 +679,7 @@ admin_socket = "{admin}"
             dir,
         };
         bed.start_haproxy().await;
-        let watcher_args: Vec<String> = vec![
-            "watcher".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        bed.watcher = Some(spawn_in(
-            &bed.lb,
-            "watcher",
-            &portolan_bin(),
-            &watcher_args,
-            &bed.dir.path().join("watcher.log"),
-        ));
+        bed.start_watcher();
         let all: Vec<&str> = HOSTS.to_vec();
         bed.wait_rotation(
             "every host in rotation after start",
@@ -665,6 +689,16 @@ admin_socket = "{admin}"
         .await;
         eprintln!("bed up in {:?}", t0.elapsed());
         bed
+    }
+
+    fn start_watcher(&mut self) {
+        self.watcher = Some(spawn_in(
+            &self.lb,
+            "watcher",
+            &portolan_bin(),
+            &self.watcher_args,
+            &self.dir.path().join("watcher.log"),
+        ));
     }
 
     fn admin_sock(&self) -> PathBuf {
@@ -1338,4 +1372,740 @@ async fn a_registrar_stopped_longer_than_its_ttl_loses_its_keys_and_gets_them_ba
         .hosts_between(back_at + Duration::from_millis(200), Duration::MAX)
         .contains_key("h1"));
     bed.assert_no_restart(&before);
+}
+
+// ---------- churn ----------
+
+/// How long the churn lasts, and its rate: one action every 0.5-1.5 s, at most
+/// `MAX_ACTIONS` in all.
+const CHURN_FOR: Duration = Duration::from_secs(60);
+const MAX_ACTIONS: usize = 80;
+/// Containers the churn may create across the three hosts. The bed's own three are never
+/// touched: the front door always has a live backend, so a request that fails can only
+/// be one that hit a container as it died.
+const MAX_POOL: usize = 12;
+/// Replay another sequence with `PORTOLAN_TEST_CHURN_SEED=<n>`.
+const CHURN_SEED: u64 = 0x0011_0006;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Act {
+    Run,
+    Start,
+    Stop,
+    Kill,
+    Pause,
+    Unpause,
+    RegistrarTerm,
+    RegistrarKill,
+    WatcherTerm,
+    WatcherKill,
+}
+
+impl Act {
+    /// Every action with its weight; `Churn::eligible` drops those with nothing to act on.
+    const WEIGHTS: [(Act, u32); 10] = [
+        (Act::Run, 1),
+        (Act::Start, 3),
+        (Act::Stop, 2),
+        (Act::Kill, 2),
+        (Act::Pause, 2),
+        (Act::Unpause, 2),
+        (Act::RegistrarTerm, 1),
+        (Act::RegistrarKill, 1),
+        (Act::WatcherTerm, 1),
+        (Act::WatcherKill, 1),
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Running,
+    Paused,
+    Stopped,
+}
+
+struct PoolContainer {
+    host: usize,
+    container: Container,
+    /// Its address since it last started (Docker hands out a new one on each start).
+    ip: Ipv4Addr,
+    life: Life,
+}
+
+fn container_ip(id: &str) -> Ipv4Addr {
+    docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ])
+    .parse()
+    .unwrap_or_else(|e| panic!("container {id} has no IPv4 address: {e}"))
+}
+
+/// The routed container network of the churn's containers (see the module doc). A
+/// container started again, or a new one, may get an address a container of another host
+/// had: its /32, forwarder and lb route then move to the new host. Routes of stopped
+/// containers stay: nothing may send traffic there, and the next owner of the address
+/// takes them over.
+#[derive(Default)]
+struct Routes {
+    by_ip: BTreeMap<Ipv4Addr, (usize, Forwarder)>,
+}
+
+impl Routes {
+    fn route(&mut self, bed: &Bed, host: usize, ip: Ipv4Addr) {
+        match self.by_ip.get(&ip) {
+            Some((h, _)) if *h == host => return,
+            Some(_) => {
+                let (old, forwarder) = self.by_ip.remove(&ip).expect("route");
+                drop(forwarder);
+                bed.hosts[old]
+                    .ns
+                    .ip(&["addr", "del", &format!("{ip}/32"), "dev", "data"]);
+            }
+            None => {}
+        }
+        let ns = &bed.hosts[host].ns;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "data"]);
+        bed.lb.ip(&[
+            "route",
+            "replace",
+            &format!("{ip}/32"),
+            "via",
+            &data_ip(21 + host as u8),
+        ]);
+        let forwarder = Forwarder::start(ns, SocketAddrV4::new(ip, 8080));
+        self.by_ip.insert(ip, (host, forwarder));
+    }
+}
+
+/// Something down for a while: a host's registrar (`Some(host)`) or the watcher (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    who: Option<usize>,
+    from: Duration,
+    to: Duration,
+}
+
+/// A container of `host` stopped, killed or paused between `from` and `to`.
+#[derive(Debug, Clone)]
+struct Death {
+    /// e.g. "Kill 4af5e008db4a on h1", for the report.
+    what: String,
+    host: usize,
+    from: Duration,
+    to: Duration,
+}
+
+/// The churn's state: what the test did, so the end state can be predicted exactly.
+struct Churn {
+    rng: fastrand::Rng,
+    /// The clock of the traffic, so deaths and requests compare.
+    t0: Instant,
+    pool: Vec<PoolContainer>,
+    routes: Routes,
+    /// Down now, with when to start again: registrars by host, and the watcher.
+    registrar_down: BTreeMap<usize, (Duration, Duration)>,
+    watcher_down: Option<(Duration, Duration)>,
+    outages: Vec<Outage>,
+    deaths: Vec<Death>,
+    done: BTreeMap<Act, usize>,
+}
+
+impl Churn {
+    fn now(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    fn log(&self, what: &str) {
+        eprintln!("[{:>6.2} s] {what}", self.now().as_secs_f64());
+    }
+
+    fn with_life(&self, life: Life) -> Vec<usize> {
+        (0..self.pool.len())
+            .filter(|i| self.pool[*i].life == life)
+            .collect()
+    }
+
+    fn eligible(&self, act: Act) -> bool {
+        match act {
+            Act::Run => self.pool.len() < MAX_POOL,
+            Act::Start => !self.with_life(Life::Stopped).is_empty(),
+            Act::Stop | Act::Kill | Act::Pause => !self.with_life(Life::Running).is_empty(),
+            Act::Unpause => !self.with_life(Life::Paused).is_empty(),
+            Act::RegistrarTerm | Act::RegistrarKill => self.registrar_down.len() < HOSTS.len(),
+            Act::WatcherTerm | Act::WatcherKill => self.watcher_down.is_none(),
+        }
+    }
+
+    fn pick_act(&mut self) -> Act {
+        let choices: Vec<(Act, u32)> = Act::WEIGHTS
+            .iter()
+            .copied()
+            .filter(|(a, _)| self.eligible(*a))
+            .collect();
+        let total: u32 = choices.iter().map(|(_, w)| w).sum();
+        let mut n = self.rng.u32(0..total);
+        for (a, w) in choices {
+            if n < w {
+                return a;
+            }
+            n -= w;
+        }
+        unreachable!("a weight covers every draw")
+    }
+
+    fn pick(&mut self, life: Life) -> usize {
+        let all = self.with_life(life);
+        all[self.rng.usize(0..all.len())]
+    }
+
+    fn run_container(&mut self, bed: &Bed, host: usize) {
+        let name = HOSTS[host];
+        let page = format!("PAGE={name}-c{}", self.pool.len());
+        let container = Container::run(
+            &format!("{}-{name}", bed.run),
+            &["--label", "portolan.service=web", "-e", &page],
+            None,
+        );
+        let ip = container_ip(&container.id);
+        self.routes.route(bed, host, ip);
+        self.log(&format!("run {} on {name} at {ip}", container.short_id()));
+        self.pool.push(PoolContainer {
+            host,
+            container,
+            ip,
+            life: Life::Running,
+        });
+    }
+
+    /// A container action that takes it out: stop, kill or pause.
+    fn take_out(&mut self, act: Act) {
+        let i = self.pick(Life::Running);
+        let (id, host) = (self.pool[i].container.id.clone(), self.pool[i].host);
+        let from = self.now();
+        let life = match act {
+            Act::Stop => {
+                docker(&["stop", "-t", "1", &id]);
+                Life::Stopped
+            }
+            Act::Kill => {
+                docker(&["kill", &id]);
+                Life::Stopped
+            }
+            Act::Pause => {
+                docker(&["pause", &id]);
+                Life::Paused
+            }
+            _ => unreachable!("{act:?} takes no container out"),
+        };
+        self.pool[i].life = life;
+        let what = format!(
+            "{act:?} {} on {}",
+            self.pool[i].container.short_id(),
+            HOSTS[host]
+        );
+        self.log(&what);
+        self.deaths.push(Death {
+            what,
+            host,
+            from,
+            to: self.now(),
+        });
+    }
+
+    fn bring_back(&mut self, bed: &Bed, act: Act) {
+        let (life, verb) = match act {
+            Act::Start => (Life::Stopped, "start"),
+            Act::Unpause => (Life::Paused, "unpause"),
+            _ => unreachable!("{act:?} brings no container back"),
+        };
+        let i = self.pick(life);
+        let (id, host) = (self.pool[i].container.id.clone(), self.pool[i].host);
+        docker(&[verb, &id]);
+        if act == Act::Start {
+            let ip = container_ip(&id);
+            self.routes.route(bed, host, ip);
+            self.pool[i].ip = ip;
+        }
+        self.pool[i].life = Life::Running;
+        self.log(&format!(
+            "{act:?} {} on {} at {}",
+            self.pool[i].container.short_id(),
+            HOSTS[host],
+            self.pool[i].ip
+        ));
+    }
+
+    /// Signals a daemon and waits for it to exit; a SIGTERM must stop it within 10 s.
+    fn stop_proc(proc: &mut Proc, sig: Signal) {
+        let start = Instant::now();
+        proc.signal(sig);
+        let status = proc.wait_exit(Duration::from_secs(10));
+        assert!(
+            status.is_some(),
+            "{} did not exit within 10 s of {sig}",
+            proc.name
+        );
+        if sig == Signal::SIGTERM {
+            eprintln!(
+                "  {} exited {:?} after {:?}",
+                proc.name,
+                status.expect("status"),
+                start.elapsed()
+            );
+        }
+        proc.kill();
+    }
+
+    fn stop_registrar(&mut self, bed: &mut Bed, sig: Signal) {
+        let up: Vec<usize> = (0..HOSTS.len())
+            .filter(|h| !self.registrar_down.contains_key(h))
+            .collect();
+        let host = up[self.rng.usize(0..up.len())];
+        // Sometimes longer than the TTL: the lease expires and the restarted registrar
+        // finds the one in its state file gone.
+        let down = Duration::from_millis(self.rng.u64(0..=4_000));
+        let mut proc = bed.hosts[host].registrar.take().expect("registrar up");
+        Self::stop_proc(&mut proc, sig);
+        let now = self.now();
+        self.registrar_down.insert(host, (now, now + down));
+        self.log(&format!(
+            "{sig} registrar {}, down for {down:?}",
+            HOSTS[host]
+        ));
+    }
+
+    fn stop_watcher(&mut self, bed: &mut Bed, sig: Signal) {
+        let down = Duration::from_millis(self.rng.u64(0..=2_000));
+        let mut proc = bed.watcher.take().expect("watcher up");
+        Self::stop_proc(&mut proc, sig);
+        let now = self.now();
+        self.watcher_down = Some((now, now + down));
+        self.log(&format!("{sig} watcher, down for {down:?}"));
+    }
+
+    /// Starts again what is down and due (everything when `all`).
+    fn restart_due(&mut self, bed: &mut Bed, all: bool) {
+        let now = self.now();
+        let due: Vec<usize> = self
+            .registrar_down
+            .iter()
+            .filter(|(_, (_, at))| all || *at <= now)
+            .map(|(h, _)| *h)
+            .collect();
+        for host in due {
+            let (from, _) = self.registrar_down.remove(&host).expect("down");
+            bed.hosts[host].start_registrar();
+            self.outages.push(Outage {
+                who: Some(host),
+                from,
+                to: self.now(),
+            });
+            self.log(&format!("registrar {} started again", HOSTS[host]));
+        }
+        if let Some((from, at)) = self.watcher_down {
+            if all || at <= now {
+                bed.start_watcher();
+                self.watcher_down = None;
+                self.outages.push(Outage {
+                    who: None,
+                    from,
+                    to: self.now(),
+                });
+                self.log("watcher started again");
+            }
+        }
+    }
+
+    async fn step(&mut self, bed: &mut Bed) -> Act {
+        let act = self.pick_act();
+        match act {
+            Act::Run => {
+                let host = self.rng.usize(0..HOSTS.len());
+                self.run_container(bed, host);
+            }
+            Act::Stop | Act::Kill | Act::Pause => self.take_out(act),
+            Act::Start | Act::Unpause => self.bring_back(bed, act),
+            Act::RegistrarTerm => self.stop_registrar(bed, Signal::SIGTERM),
+            Act::RegistrarKill => self.stop_registrar(bed, Signal::SIGKILL),
+            Act::WatcherTerm => self.stop_watcher(bed, Signal::SIGTERM),
+            Act::WatcherKill => self.stop_watcher(bed, Signal::SIGKILL),
+        }
+        *self.done.entry(act).or_insert(0) += 1;
+        act
+    }
+
+    /// Instance id → address of every running, unpaused container of the test.
+    fn expected(&self, bed: &Bed) -> BTreeMap<String, String> {
+        let base = bed.hosts.iter().map(|h| {
+            (
+                portolan::schema::instance_id(&h.name, &h.container.id, 8080),
+                h.backend.to_string(),
+            )
+        });
+        let pool = self
+            .pool
+            .iter()
+            .filter(|c| c.life == Life::Running)
+            .map(|c| {
+                (
+                    portolan::schema::instance_id(HOSTS[c.host], &c.container.id, 8080),
+                    format!("{}:8080", c.ip),
+                )
+            });
+        base.chain(pool).collect()
+    }
+
+    /// The death a request sent at `sent` and answered (or given up) at `done` may have
+    /// hit (the latest, if several): one it overlaps, stretched while its host's registrar
+    /// or the watcher was down (nobody could tell HAProxy yet), plus `APPLY`.
+    fn explains(&self, sent: Duration, done: Duration) -> Option<&Death> {
+        self.deaths.iter().rev().find(|d| {
+            let mut until = d.to;
+            loop {
+                let stretched = self
+                    .outages
+                    .iter()
+                    .filter(|o| o.who.is_none() || o.who == Some(d.host))
+                    .filter(|o| o.from <= until && o.to >= d.from)
+                    .map(|o| o.to)
+                    .fold(until, Duration::max);
+                if stretched == until {
+                    break;
+                }
+                until = stretched;
+            }
+            sent <= until + APPLY && done >= d.from
+        })
+    }
+}
+
+/// One instance key under `<prefix>/nodes/`.
+#[derive(Debug, Clone)]
+struct EtcdInstance {
+    key: String,
+    service: String,
+    id: String,
+    addr: String,
+    container: String,
+    draining: bool,
+}
+
+/// One server of `show servers state` (every backend).
+#[derive(Debug, Clone)]
+struct Server {
+    backend: String,
+    name: String,
+    addr: String,
+    op: u32,
+    admin: u32,
+}
+
+impl Bed {
+    /// Every instance key the registrars wrote; None when etcd does not answer.
+    async fn etcd_records(&self) -> Option<Vec<EtcdInstance>> {
+        let mut c = etcd_client(&self.endpoints()).await?;
+        let nodes = format!("{}/nodes/", self.prefix);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.get(
+                nodes.clone(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = kv.key_str().unwrap_or("").to_string();
+            let parts: Vec<&str> = key.strip_prefix(&nodes).unwrap_or("").split('/').collect();
+            let [_node, "services", service, id] = parts[..] else {
+                continue;
+            };
+            let record: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+            out.push(EtcdInstance {
+                service: service.to_string(),
+                id: id.to_string(),
+                addr: record["addr"].as_str().unwrap_or("?").to_string(),
+                container: record["container"].as_str().unwrap_or("?").to_string(),
+                draining: record["draining"].as_bool().unwrap_or(false),
+                key,
+            });
+        }
+        Some(out)
+    }
+
+    /// `show servers state` for every backend, columns found by the header's names.
+    fn all_servers(&self) -> Option<Vec<Server>> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.admin_sock()).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"show servers state\n").ok()?;
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let header: Vec<&str> = out
+            .lines()
+            .find_map(|l| l.strip_prefix("# "))?
+            .split_whitespace()
+            .collect();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let (be, name, addr, port, op, admin) = (
+            col("be_name")?,
+            col("srv_name")?,
+            col("srv_addr")?,
+            col("srv_port")?,
+            col("srv_op_state")?,
+            col("srv_admin_state")?,
+        );
+        let mut servers = Vec::new();
+        for line in out.lines().skip(1).filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < header.len() {
+                continue;
+            }
+            servers.push(Server {
+                backend: f[be].to_string(),
+                name: f[name].to_string(),
+                addr: format!("{}:{}", f[addr], f[port]),
+                op: f[op].parse().ok()?,
+                admin: f[admin].parse().ok()?,
+            });
+        }
+        Some(servers)
+    }
+}
+
+/// What keeps the end state from being exact: etcd against the running containers
+/// (`want`: instance id → address), then HAProxy against etcd. Empty when all agree.
+fn churn_problems(
+    want: &BTreeMap<String, String>,
+    etcd: &[EtcdInstance],
+    servers: &[Server],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut per_container: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for i in etcd {
+        per_container.entry(&i.container).or_default().push(&i.key);
+        match want.get(&i.id) {
+            _ if i.service != SERVICE => {
+                problems.push(format!("etcd: unexpected service key {}", i.key))
+            }
+            None => problems.push(format!(
+                "etcd: {} ({}) names no running container",
+                i.key, i.addr
+            )),
+            Some(addr) if *addr != i.addr => problems.push(format!(
+                "etcd: {} has address {}, its container {addr}",
+                i.key, i.addr
+            )),
+            Some(_) if i.draining => {
+                problems.push(format!("etcd: {} is draining, its container runs", i.key))
+            }
+            Some(_) => {}
+        }
+    }
+    for (container, keys) in &per_container {
+        if keys.len() > 1 {
+            problems.push(format!(
+                "etcd: container {container} has {} keys: {keys:?}",
+                keys.len()
+            ));
+        }
+    }
+    for id in want.keys() {
+        if !etcd.iter().any(|i| i.id == *id) {
+            problems.push(format!("etcd: running container {id} has no key"));
+        }
+    }
+    let backend = |service: &str| format!("svc_{service}");
+    for s in servers {
+        match etcd
+            .iter()
+            .find(|i| backend(&i.service) == s.backend && i.id == s.name)
+        {
+            None => problems.push(format!(
+                "HAProxy: {}/{} ({}) is not in etcd",
+                s.backend, s.name, s.addr
+            )),
+            Some(i) if i.addr != s.addr => problems.push(format!(
+                "HAProxy: {}/{} has address {}, etcd {}",
+                s.backend, s.name, s.addr, i.addr
+            )),
+            Some(_) => {}
+        }
+        if s.admin != 0 {
+            problems.push(format!(
+                "HAProxy: {}/{} is not enabled (admin state {}, op state {})",
+                s.backend, s.name, s.admin, s.op
+            ));
+        }
+    }
+    for i in etcd {
+        if !servers
+            .iter()
+            .any(|s| s.backend == backend(&i.service) && s.name == i.id)
+        {
+            problems.push(format!("HAProxy: no server for {} ({})", i.key, i.addr));
+        }
+    }
+    problems
+}
+
+impl Churn {
+    /// Waits until etcd equals the running containers and HAProxy equals etcd; returns
+    /// how long it took.
+    async fn wait_exact(&self, bed: &Bed, what: &str, timeout: Duration) -> Duration {
+        let want = self.expected(bed);
+        let start = Instant::now();
+        loop {
+            let etcd = bed.etcd_records().await;
+            let servers = bed.all_servers();
+            let problems = match (&etcd, &servers) {
+                (Some(e), Some(s)) => churn_problems(&want, e, s),
+                _ => vec![format!(
+                    "no answer: etcd {}, HAProxy {}",
+                    etcd.is_some(),
+                    servers.is_some()
+                )],
+            };
+            if problems.is_empty() {
+                return start.elapsed();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{what}: not exact after {timeout:?}:\n  {}\nwant {want:#?}\netcd {etcd:#?}\n\
+                     HAProxy {servers:#?}\nwatcher log tail:\n{}",
+                    problems.join("\n  "),
+                    bed.log_tail("watcher.log", 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sixty_seconds_of_random_churn_end_with_etcd_equal_to_the_containers_and_haproxy_to_etcd() {
+    let seed = std::env::var("PORTOLAN_TEST_CHURN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CHURN_SEED);
+    eprintln!("churn seed {seed} (replay with PORTOLAN_TEST_CHURN_SEED={seed})");
+    let wall = Instant::now();
+    let mut bed = Bed::start().await;
+    let mut churn = Churn {
+        rng: fastrand::Rng::with_seed(seed),
+        t0: Instant::now(),
+        pool: Vec::new(),
+        routes: Routes::default(),
+        registrar_down: BTreeMap::new(),
+        watcher_down: None,
+        outages: Vec::new(),
+        deaths: Vec::new(),
+        done: BTreeMap::new(),
+    };
+    for host in 0..HOSTS.len() {
+        churn.run_container(&bed, host);
+    }
+    churn
+        .wait_exact(&bed, "before the churn", Duration::from_secs(15))
+        .await;
+
+    let traffic = Traffic::start(&bed.probe, 4_000);
+    churn.t0 = traffic.start;
+    let mut actions = 0;
+    let mut last_action = Duration::ZERO;
+    while churn.now() < CHURN_FOR && actions < MAX_ACTIONS {
+        // Actions start on a schedule the seed draws, however long Docker takes on a
+        // busy machine: the same seed gives about the same number of actions.
+        let started = churn.now();
+        churn.restart_due(&mut bed, false);
+        churn.step(&mut bed).await;
+        actions += 1;
+        last_action = churn.now();
+        let next = started + Duration::from_millis(churn.rng.u64(500..=1_500));
+        tokio::time::sleep(next.saturating_sub(churn.now())).await;
+    }
+    churn.restart_due(&mut bed, true);
+    let churned = churn.now();
+    churn.log("churn over, everything started again");
+
+    let converged = churn
+        .wait_exact(
+            &bed,
+            "after the churn",
+            Duration::from_secs(TTL) + APPLY * 3,
+        )
+        .await;
+    let since_last_action = churned + converged - last_action;
+    // Exact, and still so once every lease the churn may have orphaned has expired.
+    let settle = Duration::from_secs(TTL + 2);
+    tokio::time::sleep(settle.saturating_sub(churn.now() - churned)).await;
+    churn
+        .wait_exact(&bed, "TTL + 2 s after the churn", Duration::ZERO)
+        .await;
+    let serving = bed
+        .all_servers()
+        .map(|s| s.iter().filter(|s| s.op == 2).count());
+    let log = traffic.finish();
+
+    let failed: Vec<(Duration, Duration)> = log
+        .results
+        .iter()
+        .zip(&log.sent)
+        .filter(|((_, r), _)| r.is_none())
+        .map(|((done, _), sent)| (*sent, *done))
+        .collect();
+    for (sent, done) in &failed {
+        let death = churn.explains(*sent, *done);
+        eprintln!(
+            "failed request sent at {sent:?}, given up at {done:?}: {}",
+            death.map_or("outside any death window", |d| &d.what)
+        );
+    }
+    let unexplained: Vec<&(Duration, Duration)> = failed
+        .iter()
+        .filter(|(sent, done)| churn.explains(*sent, *done).is_none())
+        .collect();
+    let total = log.results.len();
+    let running = churn
+        .pool
+        .iter()
+        .filter(|c| c.life == Life::Running)
+        .count();
+    eprintln!(
+        "churn seed {seed}: {actions} actions in {churned:?}: {:?}",
+        churn.done
+    );
+    eprintln!(
+        "requests {total}, failed {} ({:.2} %), of which {} outside any death window {unexplained:?}",
+        failed.len(),
+        100.0 * failed.len() as f64 / total.max(1) as f64,
+        unexplained.len()
+    );
+    eprintln!(
+        "end: {} containers running ({running} of the churn's {}); etcd and HAProxy exact \
+         {converged:?} after the churn ended, {since_last_action:?} after its last action, \
+         still exact {settle:?} after it ({serving:?} servers up); wall time {:?}",
+        HOSTS.len() + running,
+        churn.pool.len(),
+        wall.elapsed()
+    );
+    log.report("churn");
+    assert!(
+        total > 1_000,
+        "only {total} requests went through the front door"
+    );
+    assert!(
+        failed.len() * 50 < total,
+        "{} of {total} requests failed (2 % allowed)",
+        failed.len()
+    );
+    assert!(
+        unexplained.is_empty(),
+        "requests failed outside any container death (sent, given up): {unexplained:?}"
+    );
 }
