@@ -15,7 +15,8 @@
 //! - `etcd`: connecting (keep-alive, TLS, auth), bounded calls, paged prefix listings.
 //! - `backoff`: retry delays and the timer helpers reconnect loops share.
 //! - `shutdown`: the cancellation token signals cancel; `sd`: systemd notify and watchdog.
-//! - `telemetry`: logging setup with fixed field names.
+//! - `telemetry`: logging setup with fixed field names; `endpoint`: the `/metrics` and
+//!   `/healthz` HTTP endpoint both daemons serve.
 //! - `registrar`: Docker → etcd. `docker` (events, inspect), `containers` (what each
 //!   registers), `selector/{labels,ports}` (labels → registrations, ports → addresses;
 //!   pure), `probe` (HTTP/TCP probes), `plan` (desired vs actual → key ops; pure),
@@ -39,6 +40,7 @@ pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub(crate) mod endpoint;
 pub mod etcd;
 pub mod hook;
 pub mod ls;

@@ -62,6 +62,10 @@ pub struct RegistrarOptions {
     /// (KEY matches any value) [default: every container].
     #[arg(long, env = "PORTOLAN_ONLY_LABEL", value_name = "KEY[=VALUE]")]
     pub only_label: Option<String>,
+    /// Serve /metrics (Docker event → etcd latency, writes) and /healthz on this
+    /// address, e.g. 127.0.0.1:9478 [default: off].
+    #[arg(long, env = "PORTOLAN_LISTEN", value_name = "HOST:PORT")]
+    pub listen: Option<String>,
     /// `[[registrar.service]]`: services of this host that are not containers. File
     /// only; None (not an empty list) when absent, so the flag layer never hides the
     /// file's.
@@ -156,12 +160,23 @@ pub struct RegistrarConfig {
     pub hooks: Vec<super::HookConfig>,
     /// `[[registrar.service]]`s, validated: each one registers.
     pub services: Vec<ServiceOptions>,
+    /// `/metrics` and `/healthz`; None: no HTTP listener.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl RegistrarOptions {
     /// Validates the merged options into a [`RegistrarConfig`], adding every problem found.
     pub(super) fn resolve(&self, etcd: EtcdConfig, problems: &mut Problems) -> RegistrarConfig {
         let node = name_or_hostname(self.node.as_deref(), "--node", problems);
+        let listen = self.listen.as_deref().and_then(|l| {
+            l.parse::<std::net::SocketAddr>()
+                .map_err(|_| {
+                    problems.push(format!(
+                        "registrar listen {l:?}: expected host:port like 127.0.0.1:9478 (--listen)"
+                    ))
+                })
+                .ok()
+        });
         if !schema::is_valid_name(&node) {
             problems.push(format!(
                 "node {node:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}} (--node NAME)"
@@ -241,6 +256,7 @@ impl RegistrarOptions {
             only_label: self.only_label.clone(),
             hooks: Vec::new(),
             services,
+            listen,
         }
     }
 }

@@ -53,6 +53,7 @@ impl Containers {
     /// Folds in one report at `now`. True for a snapshot: the whole view was rebuilt.
     pub(crate) fn apply(&mut self, report: DockerReport, now: Instant) -> bool {
         match report {
+            DockerReport::Event { report, .. } => return self.apply(*report, now),
             DockerReport::Snapshot(list) => {
                 let mut next = BTreeMap::new();
                 for c in &list {

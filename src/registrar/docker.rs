@@ -65,6 +65,12 @@ pub(crate) enum DockerReport {
     /// The container got a signal (`signal`: Docker's attribute, a number): its stop
     /// signal starts a drain (`drain::StopPolicy`), any other changes nothing.
     Killed { id: String, signal: Option<String> },
+    /// One of the above, caused by a Docker event at `at` (Docker's own clock): the
+    /// loop measures event → etcd from it.
+    Event {
+        at: std::time::SystemTime,
+        report: Box<DockerReport>,
+    },
 }
 
 /// What an event means for registration.
@@ -193,10 +199,15 @@ async fn report_for(
     docker: Docker,
     ev: Result<EventMessage, DockerError>,
 ) -> Result<Option<DockerReport>, DockerError> {
-    let Some((id, action, name)) = classify(&ev?) else {
+    let ev = ev?;
+    let Some((id, action, name)) = classify(&ev) else {
         return Ok(None);
     };
-    Ok(Some(match action {
+    let at = ev
+        .time_nano
+        .and_then(|n| u64::try_from(n).ok())
+        .map(|n| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(n));
+    let report = match action {
         Action::Deregister => DockerReport::Gone { id, action: name },
         Action::Killed(signal) => DockerReport::Killed { id, signal },
         Action::Refresh => match inspect(&docker, id.clone()).await? {
@@ -206,6 +217,13 @@ async fn report_for(
                 action: "vanished".into(),
             },
         },
+    };
+    Ok(Some(match at {
+        Some(at) => DockerReport::Event {
+            at,
+            report: Box::new(report),
+        },
+        None => report,
     }))
 }
 

@@ -57,6 +57,7 @@ mod docker;
 mod drain;
 mod events;
 pub(crate) mod lease;
+mod metrics;
 mod plan;
 mod probe;
 mod selector;
@@ -64,6 +65,7 @@ mod session;
 mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -122,6 +124,19 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     };
     let tracker = TaskTracker::new();
     let hooks = Hooks::start(&cfg.hooks, &tracker, &shutdown);
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.export_hooks(hooks.stats.clone());
+    if let Some(addr) = cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics (--listen)"))?;
+        tracker.spawn(crate::endpoint::serve(
+            listener,
+            metrics.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
     let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
@@ -183,6 +198,8 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         ready: false,
         v1_cleaned: false,
         hooks,
+        metrics,
+        pending_event: None,
         taken: None,
         watch_tx,
         watch: None,
@@ -256,6 +273,10 @@ struct Registrar {
     v1_cleaned: bool,
     /// Hears of every instance written (`events`); never waits.
     hooks: Hooks,
+    metrics: Arc<metrics::Metrics>,
+    /// The earliest Docker event (Docker's clock) not yet followed by an etcd write:
+    /// the next write measures event → etcd from it.
+    pending_event: Option<std::time::SystemTime>,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
     watch_tx: mpsc::Sender<WatchReport>,
@@ -357,6 +378,9 @@ impl Registrar {
     }
 
     fn on_docker(&mut self, report: DockerReport) {
+        if let DockerReport::Event { at, .. } = &report {
+            self.pending_event.get_or_insert(*at);
+        }
         if self.containers.apply(report, Instant::now()) {
             self.docker_synced = true;
             self.dirty = true;
@@ -439,8 +463,15 @@ impl Registrar {
 
     /// Brings etcd in line, or schedules a retry.
     async fn sync(&mut self) {
-        match self.try_sync().await {
-            Ok(()) => self.session.succeeded(),
+        let result = self.try_sync().await;
+        self.metrics.set_etcd_ok(result.is_ok());
+        match result {
+            Ok(()) => {
+                // An event that led to no write (a HUP, a container we skip) measures
+                // nothing.
+                self.pending_event = None;
+                self.session.succeeded()
+            }
             Err(SessionError::LeaseLost) => self.lease_lost(),
             Err(SessionError::NodeTaken(holder)) => self.taken = Some(holder),
             Err(e) => {
@@ -509,6 +540,7 @@ impl Registrar {
         let wrote = !ops.is_empty();
         let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
         self.session.write(&ops, lease, announce).await?;
+        self.wrote(&ops);
         self.believed = desired;
         self.dirty = false;
         if !self.v1_cleaned {
@@ -532,6 +564,7 @@ impl Registrar {
         }
         if !self.ready {
             self.ready = true;
+            self.metrics.set_ready();
             let status = format!("{} instances registered", self.believed.len() - 1);
             tracing::info!(node = %self.cfg.node, "registrar ready: {status}");
             sd::ready(&status);
@@ -585,8 +618,31 @@ impl Registrar {
         }
         let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
         self.session.write(&ops, lease, announce).await?;
+        self.wrote(&ops);
         self.believed = desired;
         Ok(())
+    }
+
+    /// Counts what a write did, and measures Docker event → etcd when an event caused it.
+    fn wrote(&mut self, ops: &[KeyOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        for op in ops {
+            let label = match op {
+                KeyOp::Put { .. } => "put",
+                KeyOp::Delete { .. } => "delete",
+            };
+            self.metrics.writes.get_or_create(&[("op", label)]).inc();
+        }
+        if let Some(at) = self.pending_event.take() {
+            if let Ok(took) = std::time::SystemTime::now().duration_since(at) {
+                self.metrics.event_to_etcd.observe(took.as_secs_f64());
+            }
+        }
+        self.metrics
+            .instances
+            .set(self.believed.len().saturating_sub(1) as i64);
     }
 
     async fn stop(&mut self) {

@@ -1,44 +1,26 @@
 //! The watcher's numbers (`/metrics`, Prometheus text via prometheus-client) and its
-//! health (`/healthz`), served with hyper on `watcher.listen`.
+//! health (`/healthz`), served by `endpoint` on `watcher.listen`.
 //!
 //! `/healthz` answers 200 once the first render from etcd went through (the moment
 //! systemd is told READY=1) and while the etcd session is up; 503 with the reason
 //! otherwise. A watcher that cannot reach etcd still serves the last good config, so
 //! probes should alert on it, not restart it.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::StatusCode;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::endpoint::Endpoint;
 use crate::hook::HookStats;
 
 type Labels = [(&'static str, &'static str); 1];
-
-/// Connections served at once; one over it is closed at once. Scrapers and probes
-/// need a handful; the cap keeps a flood of clients from using up the fds.
-const MAX_CONNECTIONS: usize = 128;
-/// A client that sends no complete request head within this is disconnected, idle
-/// keep-alive connections included.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (EMFILE…), so it is not retried in a busy loop.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 pub(crate) struct Metrics {
     registry: Registry,
@@ -246,98 +228,23 @@ pub(crate) fn status(s: &'static str) -> Labels {
     [("status", s)]
 }
 
-/// Serves `listener` until `shutdown`. Connections are tracked by `tracker`.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    serve_limited(listener, metrics, tracker, shutdown, MAX_CONNECTIONS).await
-}
+impl Endpoint for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
 
-async fn serve_limited(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    max_connections: usize,
-) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("serving /metrics and /healthz on http://{addr}");
+    fn health(&self) -> (StatusCode, &'static str) {
+        Metrics::health(self)
     }
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        tracing::warn!("metrics listener: accept failed: {e}");
-                        last_warning = Some(Instant::now());
-                    }
-                    if !crate::backoff::sleep_or_stop(ACCEPT_BACKOFF, &shutdown).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics listener: {max_connections} connections open, closing {peer}");
-            drop(stream);
-            continue;
-        };
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
-}
-
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        "/healthz" => {
-            let (s, b) = metrics.health();
-            (s, "text/plain", b.to_string())
-        }
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics or /healthz\n".to_string(),
-        ),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
-        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    resp
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
 
     #[test]
     fn encodes_counters_with_results() {
@@ -406,7 +313,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve_limited(
+        tokio::spawn(crate::endpoint::serve_limited(
             listener,
             Arc::new(Metrics::new()),
             TaskTracker::new(),
@@ -437,7 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_clients_are_dropped_and_do_not_block_scrapes() {
-        let (addr, shutdown) = start(MAX_CONNECTIONS).await;
+        let (addr, shutdown) = start(crate::endpoint::MAX_CONNECTIONS).await;
         let mut idle = Vec::new();
         for _ in 0..100 {
             idle.push(TcpStream::connect(addr).await.unwrap());

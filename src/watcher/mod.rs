@@ -114,7 +114,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for /metrics (watcher.listen)"))?;
-        tracker.spawn(metrics::serve(
+        tracker.spawn(crate::endpoint::serve(
             listener,
             metrics.clone(),
             tracker.clone(),

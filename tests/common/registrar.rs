@@ -119,6 +119,7 @@ impl Rig {
             deregister_on_exit: opts.deregister_on_exit,
             only_label: Some(self.only_label()),
             hooks: file.as_ref().map(|f| f.hooks.clone()).unwrap_or_default(),
+            listen: file.as_ref().and_then(|f| f.listen),
             services: file.map(|f| f.services).unwrap_or_default(),
         }
     }

@@ -1,0 +1,137 @@
+//! The registrar's numbers (`/metrics`) and health (`/healthz`), served by `endpoint`
+//! on `registrar.listen` when it is set.
+//!
+//! `/healthz` answers 200 once the first reconcile went through and while etcd takes
+//! writes; 503 with the reason otherwise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use hyper::StatusCode;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::endpoint::Endpoint;
+use crate::hook::HookStats;
+
+type Labels = [(&'static str, &'static str); 1];
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// From a Docker event (Docker's own timestamp) to the etcd write it caused.
+    pub(crate) event_to_etcd: Histogram,
+    /// Keys written, by `op` (put, delete).
+    pub(crate) writes: Family<Labels, Counter>,
+    /// Instances registered now.
+    pub(crate) instances: Gauge,
+    hook_events: Family<Labels, Counter>,
+    hooks: OnceLock<Arc<HookStats>>,
+    ready: AtomicBool,
+    etcd_ok: AtomicBool,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("portolan_registrar");
+        let m = Metrics {
+            registry: Registry::default(),
+            // 1 ms .. ~16 s.
+            event_to_etcd: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            writes: Family::default(),
+            instances: Gauge::default(),
+            hook_events: Family::default(),
+            hooks: OnceLock::new(),
+            ready: AtomicBool::new(false),
+            etcd_ok: AtomicBool::new(false),
+        };
+        registry.register(
+            "event_to_etcd_seconds",
+            "From a Docker event (Docker's timestamp) to the etcd write it caused",
+            m.event_to_etcd.clone(),
+        );
+        registry.register("writes", "Keys written to etcd, by op", m.writes.clone());
+        registry.register("instances", "Instances registered", m.instances.clone());
+        registry.register(
+            "hook_events",
+            "Hook events delivered, or dropped (queue full or every attempt failed)",
+            m.hook_events.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_etcd_ok(&self, ok: bool) {
+        self.etcd_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// The hooks whose counters `/metrics` exports.
+    pub(crate) fn export_hooks(&self, stats: Arc<HookStats>) {
+        let _ = self.hooks.set(stats);
+    }
+}
+
+impl Endpoint for Metrics {
+    fn encode(&self) -> String {
+        if let Some(h) = self.hooks.get() {
+            for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
+                self.hook_events
+                    .get_or_create(&[("result", label)])
+                    .inner()
+                    .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    fn health(&self) -> (StatusCode, &'static str) {
+        match (
+            self.ready.load(Ordering::Relaxed),
+            self.etcd_ok.load(Ordering::Relaxed),
+        ) {
+            (true, true) => (StatusCode::OK, "ok\n"),
+            (false, _) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: no reconcile with etcd yet\n",
+            ),
+            (true, false) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "etcd refuses writes: registrations may be stale\n",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_the_event_to_etcd_histogram_and_health() {
+        let m = Metrics::new();
+        m.event_to_etcd.observe(0.004);
+        m.writes.get_or_create(&[("op", "put")]).inc();
+        let text = m.encode();
+        assert!(
+            text.contains("portolan_registrar_event_to_etcd_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"portolan_registrar_writes_total{op="put"} 1"#),
+            "{text}"
+        );
+        assert_eq!(m.health().0, StatusCode::SERVICE_UNAVAILABLE);
+        m.set_ready();
+        m.set_etcd_ok(true);
+        assert_eq!(m.health(), (StatusCode::OK, "ok\n"));
+    }
+}
