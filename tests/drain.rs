@@ -101,7 +101,7 @@ async fn docker_stop_drains_at_once_and_a_rolling_deploy_fails_no_request() {
     // Stop → no new request: the last request the stopped container answered, after
     // the stop was issued, while it still serves for 3 s.
     let mut drain_times = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..20 {
         let fresh = w.web();
         w.routed(&fresh).await;
         let old = live.remove(0);
