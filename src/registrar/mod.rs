@@ -200,6 +200,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         hooks,
         metrics,
         pending_event: None,
+        docker_gone: false,
         taken: None,
         watch_tx,
         watch: None,
@@ -220,6 +221,9 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     match registrar.taken {
         // main reports it: the one place this error is handled.
         Some(holder) => Err(anyhow::anyhow!(holder)),
+        None if registrar.docker_gone => Err(anyhow::anyhow!(
+            "the Docker task ended: stopped so that this node's keys expire with the lease instead of going stale (systemd's Restart=on-failure starts a fresh registrar)"
+        )),
         None => Ok(()),
     }
 }
@@ -247,6 +251,9 @@ enum Wake {
     Retry,
     /// A draining container's stop timeout (and margin) is over and it still runs.
     GiveBack,
+    /// The Docker task ended (it only does on shutdown, or by a bug): without it our
+    /// lease would keep stale keys alive for ever, so the registrar stops and fails.
+    DockerGone,
 }
 
 struct Registrar {
@@ -277,6 +284,8 @@ struct Registrar {
     /// The earliest Docker event (Docker's clock) not yet followed by an etcd write:
     /// the next write measures event → etcd from it.
     pending_event: Option<std::time::SystemTime>,
+    /// The Docker task is gone: `run` fails, so systemd restarts the registrar.
+    docker_gone: bool,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
     watch_tx: mpsc::Sender<WatchReport>,
@@ -307,7 +316,10 @@ impl Registrar {
                 biased;
                 _ = shutdown.cancelled() => return,
                 Some(r) = inbox.keeper.recv() => Wake::Keeper(r),
-                Some(r) = inbox.docker.recv() => Wake::Docker(r),
+                r = inbox.docker.recv() => match r {
+                    Some(r) => Wake::Docker(r),
+                    None => Wake::DockerGone,
+                },
                 Some(r) = inbox.probes.recv() => Wake::Probe(r),
                 Some(r) = inbox.watch.recv() => Wake::Watch(r),
                 _ = resync.tick() => Wake::Resync,
@@ -328,6 +340,12 @@ impl Registrar {
                 Wake::Retry => self.session.retry_now(),
                 Wake::GiveBack => {
                     self.containers.give_back(Instant::now());
+                }
+                Wake::DockerGone => {
+                    if !shutdown.is_cancelled() {
+                        self.docker_gone = true;
+                    }
+                    return;
                 }
             }
             // Fold everything already queued into this batch: one write for a burst.

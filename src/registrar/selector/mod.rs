@@ -21,6 +21,8 @@ mod service;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+#[cfg(test)]
+mod fuzz;
 
 use std::collections::HashMap;
 use std::fmt;
