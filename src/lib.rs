@@ -21,7 +21,8 @@
 //!   registers), `selector/{labels,ports}` (labels → registrations, ports → addresses;
 //!   pure), `probe` (HTTP/TCP probes), `plan` (desired vs actual → key ops; pure),
 //!   `session` (the etcd session: lease, read-back, transactions), `lease` (grant, reuse,
-//!   keep-alive), `advertise` (detecting the advertise IP), `drain` (stop signals
+//!   keep-alive), `pass` (one sync: reconcile or apply the difference), `advertise`
+//!   (detecting the advertise IP), `drain` (stop signals
 //!   and give-back deadlines), `events` (hook events from key ops), `watch` (our own
 //!   keys, repaired when touched); `mod.rs` is the loop.
 //! - `watcher`: etcd → HAProxy. `source` (list + watch), `store` (snapshot; pure),
