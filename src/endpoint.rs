@@ -22,6 +22,14 @@ pub(crate) trait Endpoint: Send + Sync + 'static {
     fn health(&self) -> (StatusCode, &'static str);
 }
 
+/// Prometheus text of `registry`.
+pub(crate) fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
 /// Connections served at once; one over it is closed at once. Scrapers and probes
 /// need a handful; the cap keeps a flood of clients from using up the fds.
 pub(crate) const MAX_CONNECTIONS: usize = 128;

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -77,6 +80,41 @@ impl Event {
 pub struct HookStats {
     pub delivered: AtomicU64,
     pub dropped: AtomicU64,
+}
+
+/// The hooks' counters as a metric family, for a daemon's `/metrics`:
+/// `hook_events_total{result="delivered|dropped"}`.
+#[derive(Default)]
+pub(crate) struct HookMetrics {
+    stats: std::sync::OnceLock<Arc<HookStats>>,
+    events: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl HookMetrics {
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "hook_events",
+            "Hook events delivered, or dropped (queue full or every attempt failed)",
+            self.events.clone(),
+        );
+    }
+
+    /// The hooks whose counters are exported.
+    pub(crate) fn export(&self, stats: Arc<HookStats>) {
+        let _ = self.stats.set(stats);
+    }
+
+    /// Copies the delivery counters into the family: call before encoding.
+    pub(crate) fn refresh(&self) {
+        if let Some(h) = self.stats.get() {
+            for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
+                self.events
+                    .get_or_create(&[("result", label)])
+                    .inner()
+                    .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 struct Queue {

@@ -5,10 +5,9 @@
 //! writes; 503 with the reason otherwise.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use hyper::StatusCode;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,7 +15,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::endpoint::Endpoint;
-use crate::hook::HookStats;
+use crate::hook::{HookMetrics, HookStats};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -28,8 +27,7 @@ pub(crate) struct Metrics {
     pub(crate) writes: Family<Labels, Counter>,
     /// Instances registered now.
     pub(crate) instances: Gauge,
-    hook_events: Family<Labels, Counter>,
-    hooks: OnceLock<Arc<HookStats>>,
+    hooks: HookMetrics,
     ready: AtomicBool,
     etcd_ok: AtomicBool,
 }
@@ -43,8 +41,7 @@ impl Metrics {
             event_to_etcd: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             writes: Family::default(),
             instances: Gauge::default(),
-            hook_events: Family::default(),
-            hooks: OnceLock::new(),
+            hooks: HookMetrics::default(),
             ready: AtomicBool::new(false),
             etcd_ok: AtomicBool::new(false),
         };
@@ -55,11 +52,7 @@ impl Metrics {
         );
         registry.register("writes", "Keys written to etcd, by op", m.writes.clone());
         registry.register("instances", "Instances registered", m.instances.clone());
-        registry.register(
-            "hook_events",
-            "Hook events delivered, or dropped (queue full or every attempt failed)",
-            m.hook_events.clone(),
-        );
+        m.hooks.register(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -73,24 +66,14 @@ impl Metrics {
 
     /// The hooks whose counters `/metrics` exports.
     pub(crate) fn export_hooks(&self, stats: Arc<HookStats>) {
-        let _ = self.hooks.set(stats);
+        self.hooks.export(stats);
     }
 }
 
 impl Endpoint for Metrics {
     fn encode(&self) -> String {
-        if let Some(h) = self.hooks.get() {
-            for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
-                self.hook_events
-                    .get_or_create(&[("result", label)])
-                    .inner()
-                    .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        self.hooks.refresh();
+        crate::endpoint::encode(&self.registry)
     }
 
     fn health(&self) -> (StatusCode, &'static str) {

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hyper::StatusCode;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::endpoint::Endpoint;
-use crate::hook::HookStats;
+use crate::hook::{HookMetrics, HookStats};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -63,8 +62,7 @@ pub(crate) struct Metrics {
     /// Instances kept in the config by the mass-removal guard.
     pub(crate) removals_held: Gauge,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
-    hook_events: Family<Labels, Counter>,
-    hooks: std::sync::OnceLock<Arc<HookStats>>,
+    hooks: HookMetrics,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -98,8 +96,7 @@ impl Metrics {
             event_to_live: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             reload_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             removals_held: Gauge::default(),
-            hook_events: Family::default(),
-            hooks: std::sync::OnceLock::new(),
+            hooks: HookMetrics::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
         };
@@ -165,11 +162,7 @@ impl Metrics {
             "Instances kept in the config by the mass-removal guard",
             m.removals_held.clone(),
         );
-        registry.register(
-            "hook_events",
-            "Hook events delivered, or dropped (queue full or every attempt failed)",
-            m.hook_events.clone(),
-        );
+        m.hooks.register(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -184,22 +177,12 @@ impl Metrics {
 
     /// The hooks whose counters `/metrics` exports.
     pub(crate) fn export_hooks(&self, stats: Arc<HookStats>) {
-        let _ = self.hooks.set(stats);
+        self.hooks.export(stats);
     }
 
     pub(crate) fn encode(&self) -> String {
-        if let Some(h) = self.hooks.get() {
-            for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
-                self.hook_events
-                    .get_or_create(&result(label))
-                    .inner()
-                    .store(n.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        self.hooks.refresh();
+        crate::endpoint::encode(&self.registry)
     }
 
     fn health(&self) -> (StatusCode, &'static str) {
