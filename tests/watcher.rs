@@ -981,6 +981,143 @@ async fn runtime_api_changes_membership_without_reloading() {
     );
 }
 
+/// Runtime first: a membership change reaches HAProxy before `check_cmd` has even
+/// looked at the new file, and the file is checked afterwards, off the latency path.
+/// The check sleeps 2 s before it records that it saw the new server, so a server
+/// routed while no record exists was routed before its check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_changes_go_live_before_their_file_is_checked() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let marks = tempfile::tempdir().expect("tempdir");
+    let seen_b = marks.path().join("check-saw-b");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            check_cmd: format!(
+                "sleep 2; if grep -q 'server b ' {{src}}; then touch {}; fi; haproxy -c -q -f {{src}}",
+                seen_b.display()
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("b serves web", T, || fd.routes_to("web", "b")).await;
+    assert!(
+        !seen_b.exists(),
+        "b was routed only after a check had looked at a file with b"
+    );
+    assert!(
+        fd.dest_text().contains("server b "),
+        "the file follows at once"
+    );
+    wait_until("the deferred check of the file with b", T, || async {
+        seen_b.exists()
+            && fd
+                .metric(r#"portolan_watcher_deferred_checks_total{result="ok"}"#)
+                .await
+                >= Some(1.0)
+    })
+    .await;
+    assert_eq!(fd.haproxy.reloads().await, reloads, "no reload");
+    assert!(fd.dest_is_valid());
+}
+
+/// Should the deferred check refuse a file HAProxy already runs (here: a check that
+/// refuses any server named `evil`, which `add server` accepts), the disagreement is
+/// loud — log, metric, status key, hook — and repaired: the last checked file is put
+/// back and HAProxy reloaded onto it; later changes are checked before they are applied
+/// until a file passes, and then runtime first resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_change_whose_file_fails_its_check_is_undone_loudly() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let evil = Backend::start("evil").await;
+    let c = Backend::start("c").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            check_cmd: "haproxy -c -q -f {src} && ! grep -q 'server evil' {src}".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    etcd.put(&fd.service_key("web", "evil"), &evil.record())
+        .await;
+    wait_until("the failed deferred check counted", T, || async {
+        fd.metric(r#"portolan_watcher_deferred_checks_total{result="failed"}"#)
+            .await
+            >= Some(1.0)
+    })
+    .await;
+    wait_until("HAProxy back on the checked file", T, || async {
+        !fd.admin("show servers state svc_web")
+            .await
+            .contains(" evil ")
+            && !fd.dest_text().contains("server evil")
+    })
+    .await;
+    wait_until("the repair's reload confirmed", T, || async {
+        fd.log().contains("reloaded onto the last checked file")
+    })
+    .await;
+    assert!(fd.haproxy.reloads().await > reloads, "reloaded onto it");
+    assert!(fd.routes_to("web", "a").await);
+    let log = fd.log();
+    assert!(
+        log.contains("HAProxy ran a file that check_cmd rejects")
+            && log.contains("reloaded onto the last checked file"),
+        "{log}"
+    );
+    let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
+    wait_until("status names the disagreement", T, || async {
+        etcd.get_prefix(&status_key)
+            .await
+            .first()
+            .is_some_and(|(_, v)| {
+                v.contains("check_cmd rejects") || v.contains("check_cmd rejected")
+            })
+    })
+    .await;
+    // From now on the check comes first: the evil file is refused, never applied.
+    wait_until("the evil render refused up front", T, || async {
+        fd.metric("portolan_watcher_check_failures_total").await >= Some(2.0)
+    })
+    .await;
+    for _ in 0..10 {
+        assert!(fd.routes_to("web", "a").await, "only a serves web");
+        assert!(!fd
+            .admin("show servers state svc_web")
+            .await
+            .contains(" evil "));
+    }
+    assert_eq!(evil.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // Fixed data: a file passes, and membership changes take the runtime path again.
+    etcd.delete(&fd.service_key("web", "evil")).await;
+    etcd.put(&fd.service_key("web", "c"), &c.record()).await;
+    wait_until("c serves web", T, || fd.routes_to("web", "c")).await;
+    let after = fd.haproxy.reloads().await;
+    etcd.delete(&fd.service_key("web", "c")).await;
+    wait_until("c gone from HAProxy", T, || async {
+        !fd.admin("show servers state svc_web").await.contains(" c ")
+    })
+    .await;
+    assert_eq!(fd.haproxy.reloads().await, after, "runtime path again");
+}
+
 /// Any runtime API failure falls back to the reload of the new file and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_api_failure_falls_back_to_a_reload() {

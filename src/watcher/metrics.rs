@@ -36,6 +36,9 @@ pub(crate) struct Metrics {
     pub(crate) runtime_updates: Family<Labels, Counter>,
     /// Rendered files refused by `check_cmd`.
     pub(crate) check_failures: Counter,
+    /// Checks of files applied through the runtime API first, by `result` (ok,
+    /// failed: HAProxy and a checked file disagreed, and the watcher repaired it).
+    pub(crate) deferred_checks: Family<Labels, Counter>,
     /// Wall time of the last pass that changed something: render, check, swap, reload.
     pub(crate) last_apply_seconds: Gauge<f64, AtomicU64>,
     /// 1 while the etcd list/watch session is up.
@@ -84,6 +87,7 @@ impl Metrics {
             reloads: Family::default(),
             runtime_updates: Family::default(),
             check_failures: Counter::default(),
+            deferred_checks: Family::default(),
             last_apply_seconds: Gauge::default(),
             etcd_up: Gauge::default(),
             revision: Gauge::default(),
@@ -117,6 +121,11 @@ impl Metrics {
             "check_failures",
             "Rendered files refused by check_cmd",
             m.check_failures.clone(),
+        );
+        registry.register(
+            "deferred_checks",
+            "Checks of files applied through the runtime API before their check, by result (failed: HAProxy was put back onto the last checked file)",
+            m.deferred_checks.clone(),
         );
         registry.register(
             "last_apply_duration_seconds",

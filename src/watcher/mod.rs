@@ -153,8 +153,12 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         templates = resources.len(),
         "watcher started"
     );
+    let (checks_tx, checks_rx) = mpsc::channel(resources.len().max(1));
     let mut lp = Loop {
         cfg: &cfg,
+        checking: vec![false; resources.len()],
+        checks_tx,
+        checks_rx,
         resources,
         snap_rx,
         tpl_rx,
@@ -210,6 +214,11 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
     resources: Vec<Resource>,
+    /// Deferred checks (see `resource`): one in flight per resource at most, results
+    /// back by index.
+    checking: Vec<bool>,
+    checks_tx: mpsc::Sender<CheckDone>,
+    checks_rx: mpsc::Receiver<CheckDone>,
     snap_rx: watch::Receiver<Option<Published>>,
     tpl_rx: mpsc::Receiver<()>,
     status_tx: watch::Sender<WatcherStatus>,
@@ -228,8 +237,13 @@ struct Loop<'a> {
     retry_backoff: Backoff,
 }
 
+/// A deferred check's verdict: resource index, the bytes checked, the result.
+type CheckDone = (usize, Arc<[u8]>, resource::CommandResult);
+
 enum Wake {
     Store,
+    /// A deferred check of a file applied runtime first finished.
+    Checked(CheckDone),
     Templates,
     Retry,
     /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
@@ -274,6 +288,7 @@ impl Loop<'_> {
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
                 _ = crate::backoff::sleep_until(self.guard.deadline().map(Instant::from_std)), if self.guard.deadline().is_some() => Wake::HoldOver,
                 Some(()) = recv(&mut confirm) => Wake::Confirm,
+                Some(done) = self.checks_rx.recv() => Wake::Checked(done),
                 _ = watchdog.tick() => continue,
             };
             match wake {
@@ -297,6 +312,11 @@ impl Loop<'_> {
                     let n = self.guard.release();
                     tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
                 }
+                Wake::Checked(done) => {
+                    if !self.deferred_checked(done).await {
+                        continue;
+                    }
+                }
                 Wake::Store => {}
             }
             if self.snap_rx.borrow().is_none() {
@@ -315,14 +335,97 @@ impl Loop<'_> {
             // Keep systemd's watchdog fed while a pass runs: a pass may take several
             // `command_timeout`s (check, runtime API, reload per resource), longer than
             // `WatchdogSec`. It cannot hang for good, as every step of it is bounded.
-            let pass = self.pass();
-            tokio::pin!(pass);
-            tokio::select! {
-                () = &mut pass => {}
-                _ = watchdog.feed() => {}
+            {
+                let pass = self.pass();
+                tokio::pin!(pass);
+                tokio::select! {
+                    () = &mut pass => {}
+                    _ = watchdog.feed() => {}
+                }
             }
             last_apply = Some((started, Instant::now()));
+            self.start_checks();
         }
+    }
+
+    /// Starts the deferred check of every resource whose `dest` holds bytes applied
+    /// runtime first and not checked yet (none already running for it).
+    fn start_checks(&mut self) {
+        for (i, r) in self.resources.iter().enumerate() {
+            if self.checking[i] {
+                continue;
+            }
+            let Some(check) = r.pending_check(self.cfg.command_timeout) else {
+                continue;
+            };
+            self.checking[i] = true;
+            let tx = self.checks_tx.clone();
+            tokio::spawn(async move {
+                let result = check.run().await;
+                let _ = tx.send((i, check.bytes, result)).await;
+            });
+        }
+    }
+
+    /// Takes a deferred check's verdict. True when HAProxy had to be put back onto the
+    /// last checked file: the loop then renders again, which checks first from now on.
+    async fn deferred_checked(&mut self, (i, bytes, result): CheckDone) -> bool {
+        self.checking[i] = false;
+        self.metrics
+            .deferred_checks
+            .get_or_create(&metrics::result(if result.success {
+                "ok"
+            } else {
+                "failed"
+            }))
+            .inc();
+        let timeout = self.cfg.command_timeout;
+        let r = &mut self.resources[i];
+        let dest = r.cfg.dest.clone();
+        let Some(repair) = r.deferred_checked(bytes, &result, timeout).await else {
+            if !result.success {
+                tracing::warn!(dest = %dest.display(), "check_cmd rejected a file applied through the runtime API and replaced since ({}); the newer file is checked next", result.status);
+            }
+            self.start_checks();
+            return false;
+        };
+        self.metrics.check_failures.inc();
+        let what = match &repair {
+            Outcome::Reloaded { .. } => {
+                "HAProxy was reloaded onto the last checked file".to_string()
+            }
+            Outcome::Failed { error, .. } => format!(
+                "putting the last checked file back failed too: {}",
+                Chain(error)
+            ),
+            _ => "no checked file to go back to".to_string(),
+        };
+        let summary = format!(
+            "HAProxy ran a file that check_cmd rejects ({}): it was applied through the runtime API, checked afterwards, and the file and HAProxy disagreed; {what}, and every change is checked before it is applied until a file passes",
+            result.status
+        );
+        tracing::error!(dest = %dest.display(), "{summary}. Check output:\n{}", result.output);
+        emit(
+            &self.hooks,
+            &self.cfg.name,
+            "reject",
+            summary.clone(),
+            &dest,
+            self.metrics.revision.get(),
+        );
+        self.status_tx.send_modify(|s| {
+            s.last_error = Some(summary);
+            s.last_reload_at = Some(crate::schema::unix_now());
+            s.last_reload_result = Some(
+                match repair {
+                    Outcome::Reloaded { .. } => ReloadResult::Ok,
+                    _ => ReloadResult::Failed,
+                }
+                .as_str()
+                .to_string(),
+            );
+        });
+        true
     }
 
     /// Waits for `wait_min` of quiet, or until `deadline`. False on shutdown.

@@ -4,30 +4,46 @@
 //! or a reload — with a typed outcome, which the caller reports.
 //!
 //! Invariants:
-//! - `dest` only ever changes by `rename(2)` of a fully written, fsynced, checked file,
-//!   so a crash at any point leaves either the old or the new file, never a partial one.
+//! - `dest` only ever changes by `rename(2)` of a fully written, fsynced file, so a
+//!   crash at any point leaves either the old or the new file, never a partial one.
 //!   Staged files are named `.<dest name>.portolan.<pid>.<n>.tmp`; leftovers of a killed
 //!   run are removed by `clean_stale_staging` at start.
-//! - A failed check leaves `dest` byte-identical. A refused reload puts the last good
-//!   bytes back — the file HAProxy last confirmed (`confirmed`), not merely the one
-//!   before, which may be a file whose reload timed out — so the file on disk is
-//!   always what HAProxy runs (or last accepted).
-//! - The runtime API is only used when HAProxy is known to run `live` (no reload
-//!   pending), and is always followed by nothing or by a reload: once HAProxy
-//!   confirmed every command it runs the new file's servers; on any refusal the new
-//!   file (already in place) is reloaded, so a half-applied change never stays.
+//! - HAProxy is never reloaded onto a file that has not passed `check_cmd`: every
+//!   reload path checks the file it reloads unless those exact bytes passed before
+//!   (`checked`). A failed check leaves `dest` byte-identical.
+//! - A refused reload puts the last good bytes back — the file HAProxy last confirmed
+//!   (`confirmed`), not merely the one before, which may be a file whose reload timed
+//!   out — so the file on disk is always what HAProxy runs (or last accepted).
+//!
+//! **Runtime first.** When HAProxy runs `live` (no reload pending) and the change is
+//! one `runtime_plan` can express, the commands go to the admin socket *before* any
+//! check, and the file follows (staged, renamed) without one: the change is live
+//! about a millisecond after the render instead of after a whole-file `haproxy -c`
+//! (tens of milliseconds at a few servers, hundreds at 10,000). Why that file needs no
+//! check on the latency path: it differs from `checked` — a file that passed — only by
+//! `server` lines inside backends both have (the plan refuses anything else), and each
+//! added or changed line was just accepted by HAProxy's own server parser (`add
+//! server` with the file's effective `default-server` arguments; a removed line or a
+//! `disabled` toggle cannot make a config invalid). What `haproxy -c` would still
+//! judge differently is outside the line — a certificate file deleted since, a limit
+//! summed over servers — so the file is checked anyway, in the background
+//! (`pending_check`, off the latency path, only the newest bytes), before any
+//! reload, and at start. Should that check ever fail, HAProxy and a checked file
+//! disagree: `repair` says so loudly, puts the last checked file back and reloads onto
+//! it, and every later change is checked before it is applied until a file passes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
 use tokio::io::AsyncWriteExt;
 
 use super::diff;
-use super::haproxy::runtime_plan::{self, RuntimeOp, RuntimePlan};
+use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::haproxy::{master, runtime_api};
 use super::render::{self, Template, TemplateError};
 use super::store::StoreSnapshot;
@@ -173,11 +189,17 @@ pub(crate) struct Resource {
     /// Set while the template file on disk does not compile.
     pub(crate) template_error: Option<TemplateError>,
     /// What `dest` holds, as far as this process knows (read at start, then written).
-    live: Option<Vec<u8>>,
+    /// Shared with `confirmed` and `checked`, which are mostly the same bytes.
+    live: Option<Arc<[u8]>>,
     /// The last good file: what HAProxy last confirmed running (reload confirmed, or
     /// every runtime command answered). None until the first confirmation. A refused
     /// reload puts this back, even when `live` is a file whose reload timed out.
-    confirmed: Option<Vec<u8>>,
+    confirmed: Option<Arc<[u8]>>,
+    /// The last bytes that passed `check_cmd` (None until one did).
+    checked: Option<Arc<[u8]>>,
+    /// Send runtime-API changes before checking the file (see the module docs). Off
+    /// after a deferred check failed, until a file passes again; off for one-shot runs.
+    pub(crate) runtime_first: bool,
     /// Reload on the next apply even if the bytes are unchanged: a previous run may
     /// have died between rename and reload, so HAProxy could be running an older file.
     reload_pending: bool,
@@ -198,6 +220,8 @@ impl Resource {
             template_error: None,
             live: None,
             confirmed: None,
+            checked: None,
+            runtime_first: true,
             reload_pending: true,
             min_reload_interval: Duration::ZERO,
             last_reload: None,
@@ -209,6 +233,8 @@ impl Resource {
     pub(crate) fn assume_running(&mut self) {
         self.reload_pending = false;
         self.confirmed = self.live.clone();
+        // Nothing checks in the background after a one-shot run.
+        self.runtime_first = false;
     }
 
     pub(crate) fn name(&self) -> String {
@@ -251,7 +277,7 @@ impl Resource {
     /// Reads what `dest` holds now (missing file = nothing live).
     pub(crate) async fn read_live(&mut self) -> std::io::Result<()> {
         self.live = match tokio::fs::read(&self.cfg.dest).await {
-            Ok(b) => Some(b),
+            Ok(b) => Some(b.into()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
@@ -295,8 +321,8 @@ impl Resource {
             }
         };
         if let Ok(disk) = tokio::fs::read(&self.cfg.dest).await {
-            if self.live.as_ref() != Some(&disk) {
-                self.live = Some(disk);
+            if self.live.as_deref() != Some(disk.as_slice()) {
+                self.live = Some(disk.into());
             }
         }
         let outcome = self.apply_inner(rendered, timeout).await;
@@ -304,9 +330,105 @@ impl Resource {
             outcome,
             Outcome::Runtime { .. } | Outcome::Reloaded { .. } | Outcome::Written
         ) {
-            self.confirmed = Some(rendered.as_bytes().to_vec());
+            // `live` holds `rendered` now: share its bytes.
+            self.confirmed = self.live.clone();
         }
         outcome
+    }
+
+    /// Whether `bytes` may be reloaded without running `check_cmd` on them again.
+    fn is_checked(&self, bytes: &[u8]) -> bool {
+        self.cfg.check_cmd.is_none() || self.checked.as_deref() == Some(bytes)
+    }
+
+    /// The check `dest` still needs: it holds bytes applied runtime-first, which no
+    /// check has passed yet. The caller runs it off the latency path and hands the
+    /// result to `deferred_checked`.
+    pub(crate) fn pending_check(&self, timeout: Duration) -> Option<DeferredCheck> {
+        let cmd = self.cfg.check_cmd.clone()?;
+        let live = self.live.clone()?;
+        if self.is_checked(&live) {
+            return None;
+        }
+        Some(DeferredCheck {
+            cmd,
+            dest: self.cfg.dest.clone(),
+            bytes: live,
+            timeout,
+        })
+    }
+
+    /// Takes the verdict of a deferred check. A pass makes those bytes checked (and
+    /// turns runtime first back on). A failure of the bytes still at `dest` means HAProxy
+    /// runs what no check accepts: `repair` follows, and its outcome is returned for
+    /// the caller to report. A failure of bytes replaced since changes nothing: the
+    /// newer ones get a check of their own.
+    pub(crate) async fn deferred_checked(
+        &mut self,
+        bytes: Arc<[u8]>,
+        result: &CommandResult,
+        timeout: Duration,
+    ) -> Option<Outcome> {
+        if result.success {
+            self.checked = Some(bytes);
+            self.runtime_first = true;
+            return None;
+        }
+        if self.live.as_deref() != Some(&*bytes) {
+            return None;
+        }
+        Some(self.repair(timeout).await)
+    }
+
+    /// HAProxy runs a file that failed its check (applied runtime first): put the last
+    /// checked file back, reload onto it, and check every change before it is applied
+    /// until one passes.
+    async fn repair(&mut self, timeout: Duration) -> Outcome {
+        self.runtime_first = false;
+        let _lock = match lock(&self.cfg.dest, timeout).await {
+            Ok(l) => l,
+            Err(error) => {
+                self.reload_pending = true;
+                return Outcome::Failed {
+                    error,
+                    fallback: None,
+                };
+            }
+        };
+        let Some(good) = self.checked.clone() else {
+            // Runtime first needs a checked file to start from: cannot happen.
+            self.reload_pending = true;
+            return Outcome::Unchanged;
+        };
+        if let Err(source) = self.restore(&good).await {
+            self.reload_pending = true;
+            return Outcome::Failed {
+                error: ApplyError::Swap {
+                    dest: self.cfg.dest.display().to_string(),
+                    source,
+                },
+                fallback: None,
+            };
+        }
+        self.live = Some(good.clone());
+        let started = std::time::Instant::now();
+        match self.reload(timeout).await {
+            Ok(()) => {
+                self.reload_pending = false;
+                self.confirmed = Some(good);
+                Outcome::Reloaded {
+                    fallback: None,
+                    took: started.elapsed(),
+                }
+            }
+            Err(error) => {
+                self.reload_pending = true;
+                Outcome::Failed {
+                    error,
+                    fallback: None,
+                }
+            }
+        }
     }
 
     async fn apply_inner(&mut self, rendered: &str, timeout: Duration) -> Outcome {
@@ -324,17 +446,16 @@ impl Resource {
             _ => None,
         };
         let mut fallback = None;
-        // Servers only going in or out of rotation (draining) are told to HAProxy first,
-        // and the file follows: the check takes tens of milliseconds, and a drain must
-        // beat the container's exit. Taking a server out cannot make a config invalid;
-        // should the check refuse the file anyway, the states are put back.
-        let mut early = None;
+        let mut sent = false;
         if let (Some(RuntimePlan::Runtime(ops)), Some(sock)) =
             (&plan, &self.cfg.haproxy_admin_socket)
         {
-            if !ops.is_empty() && ops.iter().all(|o| matches!(o, RuntimeOp::State { .. })) {
+            // Runtime first needs a checked file to differ from (see the module docs).
+            let from_checked = self.live.as_deref().is_some_and(|l| self.is_checked(l));
+            if self.runtime_first && from_checked {
+                sent = true;
                 match runtime_api::apply(sock, ops, timeout).await {
-                    Ok(applied) => early = Some(applied),
+                    Ok(applied) => return self.follow(rendered, applied, timeout).await,
                     Err(e) => {
                         // Part of it may run: only a reload makes HAProxy whole again.
                         self.reload_pending = true;
@@ -347,7 +468,6 @@ impl Resource {
             let staged = match self.stage(rendered.as_bytes()).await {
                 Ok(p) => p,
                 Err(source) => {
-                    self.undo_early(early, rendered, timeout).await;
                     return Outcome::Failed {
                         error: ApplyError::Stage {
                             dest: self.cfg.dest.display().to_string(),
@@ -361,7 +481,9 @@ impl Resource {
                 let result = run_check(cmd, &staged, timeout).await;
                 if !result.success {
                     let _ = tokio::fs::remove_file(&staged).await;
-                    self.undo_early(early, rendered, timeout).await;
+                    if sent {
+                        self.undo_runtime(rendered, timeout).await;
+                    }
                     return Outcome::Rejected {
                         check: result,
                         diff: diff::head(&self.diff(rendered), DIFF_LINES_LOGGED),
@@ -370,7 +492,6 @@ impl Resource {
             }
             if let Err(source) = swap(&staged, &self.cfg.dest).await {
                 let _ = tokio::fs::remove_file(&staged).await;
-                self.undo_early(early, rendered, timeout).await;
                 return Outcome::Failed {
                     error: ApplyError::Swap {
                         dest: self.cfg.dest.display().to_string(),
@@ -379,20 +500,37 @@ impl Resource {
                     fallback,
                 };
             }
+        } else if let Some(live) = self.live.clone().filter(|l| !self.is_checked(l)) {
+            // A reload of the bytes already at `dest` (a previous run's, or ones applied
+            // runtime first): they are checked like any other file first.
+            if let Some(cmd) = &self.cfg.check_cmd {
+                let result = check_bytes(cmd, &self.cfg.dest, &live, timeout).await;
+                if !result.success {
+                    return Outcome::Rejected {
+                        check: result,
+                        diff: String::new(),
+                    };
+                }
+            }
         }
-        let previous = self.live.replace(rendered.as_bytes().to_vec());
+        let previous = self.live.replace(Arc::from(rendered.as_bytes()));
+        if self.cfg.check_cmd.is_some() {
+            self.checked = self.live.clone();
+            self.runtime_first = true;
+        }
         if !self.has_reload() {
             self.reload_pending = false;
             return Outcome::Written;
         }
-        if let Some(applied) = early {
-            return Outcome::Runtime { applied };
-        }
         if fallback.is_none() {
             match (plan, &self.cfg.haproxy_admin_socket) {
                 (Some(RuntimePlan::Runtime(ops)), Some(sock)) => {
+                    // Checked first (runtime first is off): the commands follow the file.
                     match runtime_api::apply(sock, &ops, timeout).await {
-                        Ok(applied) => return Outcome::Runtime { applied },
+                        Ok(applied) => {
+                            self.reload_pending = false;
+                            return Outcome::Runtime { applied };
+                        }
                         Err(e) => {
                             // HAProxy may run part of the change: only the reload of
                             // the new file (in place already) makes it whole again.
@@ -446,16 +584,51 @@ impl Resource {
         }
     }
 
-    /// Puts back the server states applied ahead of a file that then did not make it
-    /// to `dest`, so HAProxy runs the live file again; a reload of it if that fails.
-    async fn undo_early(
+    /// After the runtime API took a change: makes `dest` say what HAProxy runs now,
+    /// with no check on the way (see the module docs: it is checked in the background).
+    /// Should the file not make it to `dest`, the change is taken back out of HAProxy.
+    async fn follow(
         &mut self,
-        early: Option<runtime_api::Applied>,
         rendered: &str,
+        applied: runtime_api::Applied,
         timeout: Duration,
-    ) {
-        let (Some(_), Some(sock), Some(live)) = (early, &self.cfg.haproxy_admin_socket, &self.live)
-        else {
+    ) -> Outcome {
+        let written = match self.stage(rendered.as_bytes()).await {
+            Ok(staged) => match swap(&staged, &self.cfg.dest).await {
+                Ok(()) => Ok(()),
+                Err(source) => {
+                    let _ = tokio::fs::remove_file(&staged).await;
+                    Err(ApplyError::Swap {
+                        dest: self.cfg.dest.display().to_string(),
+                        source,
+                    })
+                }
+            },
+            Err(source) => Err(ApplyError::Stage {
+                dest: self.cfg.dest.display().to_string(),
+                source,
+            }),
+        };
+        match written {
+            Ok(()) => {
+                self.live = Some(Arc::from(rendered.as_bytes()));
+                self.reload_pending = false;
+                Outcome::Runtime { applied }
+            }
+            Err(error) => {
+                self.undo_runtime(rendered, timeout).await;
+                Outcome::Failed {
+                    error,
+                    fallback: None,
+                }
+            }
+        }
+    }
+
+    /// Takes back runtime commands sent for `rendered`, which then did not make it to
+    /// `dest`, so HAProxy runs the live file again; a reload of it if that fails.
+    async fn undo_runtime(&mut self, rendered: &str, timeout: Duration) {
+        let (Some(sock), Some(live)) = (&self.cfg.haproxy_admin_socket, &self.live) else {
             return;
         };
         let back = runtime_plan::plan(rendered, &String::from_utf8_lossy(live));
@@ -509,7 +682,6 @@ impl Resource {
 
     /// Writes `bytes` to a fresh staging file beside `dest` and fsyncs it.
     async fn stage(&self, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        let path = staging_path(&self.cfg.dest);
         let mode = match &self.cfg.mode {
             Some(m) => u32::from_str_radix(m, 8).unwrap_or(0o644),
             None => match tokio::fs::metadata(&self.cfg.dest).await {
@@ -517,27 +689,7 @@ impl Resource {
                 Err(_) => 0o644,
             },
         };
-        let result = async {
-            let mut f = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&path)
-                .await?;
-            f.write_all(bytes).await?;
-            // The umask may have narrowed the mode given at creation.
-            f.set_permissions(std::fs::Permissions::from_mode(mode))
-                .await?;
-            f.sync_all().await
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(path),
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                Err(e)
-            }
-        }
+        stage(&self.cfg.dest, bytes, mode).await
     }
 
     /// `render --once --dry-run`: the check runs on a file in the system temp folder,
@@ -653,6 +805,66 @@ pub(crate) async fn clean_stale_staging(dest: &Path) -> std::io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Writes `bytes` to a fresh staging file beside `dest` with `mode` and fsyncs it.
+async fn stage(dest: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+    let path = staging_path(dest);
+    let result = async {
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .await?;
+        f.write_all(bytes).await?;
+        // The umask may have narrowed the mode given at creation.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await?;
+        f.sync_all().await
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            Err(e)
+        }
+    }
+}
+
+/// Runs `check_cmd` on a staged copy of `bytes` beside `dest` (where the file's
+/// relative paths resolve as they will), then removes the copy.
+async fn check_bytes(cmd: &str, dest: &Path, bytes: &[u8], timeout: Duration) -> CommandResult {
+    let staged = match stage(dest, bytes, 0o600).await {
+        Ok(p) => p,
+        Err(e) => {
+            return CommandResult {
+                success: false,
+                status: "not run".into(),
+                output: format!("cannot stage a copy of {} to check: {e}", dest.display()),
+                timed_out: false,
+            }
+        }
+    };
+    let result = run_check(cmd, &staged, timeout).await;
+    let _ = tokio::fs::remove_file(&staged).await;
+    result
+}
+
+/// A check of bytes already at `dest`, run off the latency path (`Resource::pending_check`).
+#[derive(Debug)]
+pub(crate) struct DeferredCheck {
+    cmd: String,
+    dest: PathBuf,
+    pub(crate) bytes: Arc<[u8]>,
+    timeout: Duration,
+}
+
+impl DeferredCheck {
+    pub(crate) async fn run(&self) -> CommandResult {
+        check_bytes(&self.cmd, &self.dest, &self.bytes, self.timeout).await
+    }
 }
 
 /// rename(2) `staged` over `dest`, then fsync the folder so the rename is durable.
