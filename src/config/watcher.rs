@@ -19,6 +19,7 @@ pub const DEFAULT_MIN_RELOAD_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_MASS_REMOVAL_SHARE: f64 = 0.5;
 pub const DEFAULT_MASS_REMOVAL_MIN: usize = 5;
 pub const DEFAULT_MASS_REMOVAL_HOLD_S: u64 = 60;
+pub const DEFAULT_EMPTY_BACKEND_GRACE_S: u64 = 300;
 
 /// `[watcher]` in the file and the watcher's flags: each option declared once.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
@@ -41,6 +42,11 @@ pub struct WatcherOptions {
     /// only). Runtime-API changes are not bound by it.
     #[arg(skip)]
     pub min_reload_interval_ms: Option<u64>,
+    /// Seconds a service whose last instance left keeps its backend section, empty
+    /// (answering 503), so an instance coming back is a runtime-API change, not two
+    /// reloads [default: 300] (file only). 0: the section goes with the last instance.
+    #[arg(skip)]
+    pub empty_backend_grace_s: Option<u64>,
     /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
     /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
     /// [default: everything but loopback, link-local (cloud metadata), unspecified,
@@ -149,6 +155,8 @@ pub struct WatcherConfig {
     pub mass_removal: MassRemoval,
     /// Least time between two reloads of one resource.
     pub min_reload_interval: Duration,
+    /// How long an emptied service keeps its backend (`empty_backend_grace_s`).
+    pub empty_backend_grace: Duration,
 }
 
 impl WatcherOptions {
@@ -204,6 +212,10 @@ impl WatcherOptions {
             min_reload_interval: Duration::from_millis(
                 self.min_reload_interval_ms
                     .unwrap_or(DEFAULT_MIN_RELOAD_INTERVAL_MS),
+            ),
+            empty_backend_grace: Duration::from_secs(
+                self.empty_backend_grace_s
+                    .unwrap_or(DEFAULT_EMPTY_BACKEND_GRACE_S),
             ),
         }
     }

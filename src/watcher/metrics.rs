@@ -64,6 +64,8 @@ pub(crate) struct Metrics {
     pub(crate) reload_duration: Histogram,
     /// Instances kept in the config by the mass-removal guard.
     pub(crate) removals_held: Gauge,
+    /// Services with no instance whose backend is kept for `empty_backend_grace_s`.
+    pub(crate) empty_backends: Gauge,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
     ready: AtomicBool,
@@ -100,6 +102,7 @@ impl Metrics {
             event_to_live: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             reload_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             removals_held: Gauge::default(),
+            empty_backends: Gauge::default(),
             hooks: HookMetrics::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
@@ -170,6 +173,11 @@ impl Metrics {
             "removals_held",
             "Instances kept in the config by the mass-removal guard",
             m.removals_held.clone(),
+        );
+        registry.register(
+            "empty_backends",
+            "Services with no instance whose backend is kept for empty_backend_grace_s",
+            m.empty_backends.clone(),
         );
         m.hooks.register(&mut registry);
         Metrics { registry, ..m }

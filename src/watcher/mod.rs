@@ -36,6 +36,7 @@ mod diff;
 mod guard;
 pub mod haproxy;
 mod inspect;
+mod linger;
 mod metrics;
 mod oneshot;
 pub mod policy;
@@ -170,6 +171,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
             cfg.mass_removal.min,
             cfg.mass_removal.hold,
         ),
+        linger: linger::Linger::new(cfg.empty_backend_grace),
         rendered: None,
         ready: false,
         pending_since: None,
@@ -225,6 +227,8 @@ struct Loop<'a> {
     metrics: Arc<Metrics>,
     hooks: Hooks,
     guard: guard::Guard,
+    /// Keeps emptied services' backends for `empty_backend_grace_s`.
+    linger: linger::Linger,
     /// The snapshot the last pass rendered (held removals included): what the guard
     /// judges the next batch against.
     rendered: Option<Arc<store::StoreSnapshot>>,
@@ -251,6 +255,8 @@ enum Wake {
     Hangup,
     /// A held mass removal is due.
     HoldOver,
+    /// An emptied service's grace is over: its backend goes.
+    GraceOver,
     /// SIGUSR1: the operator confirms a held mass removal.
     Confirm,
 }
@@ -288,6 +294,7 @@ impl Loop<'_> {
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
                 _ = crate::backoff::sleep_until(self.guard.deadline().map(Instant::from_std)), if self.guard.deadline().is_some() => Wake::HoldOver,
                 Some(()) = recv(&mut confirm) => Wake::Confirm,
+                _ = crate::backoff::sleep_until(self.linger.deadline().map(Instant::from_std)), if self.linger.deadline().is_some() => Wake::GraceOver,
                 Some(done) = self.checks_rx.recv() => Wake::Checked(done),
                 _ = watchdog.tick() => continue,
             };
@@ -312,6 +319,7 @@ impl Loop<'_> {
                     let n = self.guard.release();
                     tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
                 }
+                Wake::GraceOver => {}
                 Wake::Checked(done) => {
                     if !self.deferred_checked(done).await {
                         continue;
@@ -486,11 +494,21 @@ impl Loop<'_> {
         let Some(published) = self.snap_rx.borrow_and_update().clone() else {
             return;
         };
-        let (effective, held) = self.guard.filter(
-            self.rendered.as_deref(),
-            &published.snapshot,
-            std::time::Instant::now(),
-        );
+        let now = std::time::Instant::now();
+        let (mut effective, held) =
+            self.guard
+                .filter(self.rendered.as_deref(), &published.snapshot, now);
+        for name in self
+            .linger
+            .keep(self.rendered.as_deref(), &mut effective, now)
+        {
+            tracing::info!(
+                service = %name,
+                "{name} has no instance left: its backend stays, empty (answering 503), for {} s (watcher.empty_backend_grace_s), so an instance coming back needs no reload",
+                self.cfg.empty_backend_grace.as_secs()
+            );
+        }
+        self.metrics.empty_backends.set(self.linger.count() as i64);
         let snapshot = &*self.rendered.insert(Arc::new(effective)).clone();
         let revision = published.revision;
         self.metrics.removals_held.set(self.guard.held() as i64);

@@ -33,7 +33,8 @@ pub(crate) enum Change {
 /// What templates see: `services`, `nodes`, `kv`. Serialised into the tera context.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreSnapshot {
-    /// Service name → instances sorted by id. A service with no valid instance is absent.
+    /// Service name → instances sorted by id. A service with no valid instance is absent
+    /// (in the watcher: empty, while its backend lingers, see `linger`).
     pub(crate) services: BTreeMap<String, Vec<Instance>>,
     pub(crate) nodes: BTreeMap<String, NodeRecord>,
     /// Raw values under `<prefix>/config/`, by path below it. Not validated here: a

@@ -6,10 +6,18 @@
 //! HAProxy 2.6 facts this relies on (management guide, tried on this machine):
 //! - A dynamic server starts in maintenance with checks off: `enable health` (and
 //!   `enable agent`) then `enable server`.
-//! - `del server` needs the server in maintenance with no connection left. Sessions are
-//!   not shut down (that fails in-flight requests); `del` is retried while they finish,
-//!   and a server still busy after `DRAIN` falls back to a reload, whose old worker lets
-//!   them finish.
+//! - `del server` needs the server in maintenance with no connection left, idle pooled
+//!   ones included. Entering maintenance empties the idle pool, but a request in flight
+//!   then hands its connection back to the pool when it finishes (2.6 does not check the
+//!   server's state there), and only the purge task would close it: every
+//!   `pool-purge-delay` (5 s by default; one process-wide task, so the longest delay of
+//!   any server paces it), about half of the pool per round. So after a refused `del` the
+//!   server goes through `drain` back to `maint`, which empties the pool again (measured
+//!   here: `del` refused for 28 s under keep-alive load without it, 24-45 ms with it).
+//!   `drain` lets only clients that persist on the server reach it, for the sub-millisecond
+//!   between the two commands; nothing else is routed to it. Sessions are never shut
+//!   down (that fails in-flight requests); a server still busy after `DRAIN` falls back
+//!   to a reload, whose old worker lets them finish.
 
 use std::path::Path;
 use std::time::Duration;
@@ -151,6 +159,9 @@ pub(crate) async fn apply(
                         return Err(RuntimeError::Busy { server: id });
                     }
                     tokio::time::sleep(DRAIN_POLL).await;
+                    // Connections handed back to the pool since: empty it again.
+                    expect(sock, &format!("set server {id} state drain"), "", timeout).await?;
+                    expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
                 }
                 done.removed += 1;
             }

@@ -12,6 +12,9 @@
 //! - `add server` does not apply `default-server` settings, so the `default-server`
 //!   arguments of the governing `defaults` section and of the backend are sent in front
 //!   of the server line's own, the order in which the file parser applies them.
+//! - A dynamic server pools no idle connection unless `pool-max-conn` and a non-zero
+//!   `pool-purge-delay` say so (a file server's pool is unlimited, purged every 5 s):
+//!   `pool-max-conn -1 pool-purge-delay 5s` are added unless the line sets them.
 //! - `add server` refuses `init-addr` (a dynamic server is always `init-addr none`): it
 //!   is dropped when the address is an IP literal, where it has no effect; a host name
 //!   would never resolve, so it goes through a reload.
@@ -565,6 +568,13 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<RuntimeOp, S
             "{backend}/{name}: {addr} is not an IP address and a dynamic server never resolves names"
         ));
     }
+    // A file server pools idle connections (no limit, purged every 5 s by default); a
+    // dynamic one keeps none unless told both, so it would open a connection per request.
+    for (kw, file_default) in [("pool-max-conn", "-1"), ("pool-purge-delay", "5s")] {
+        if !args.iter().any(|a| a == kw) {
+            args.extend([kw.to_string(), file_default.to_string()]);
+        }
+    }
     Ok(RuntimeOp::Add {
         backend: backend.into(),
         server: name.into(),
@@ -641,7 +651,7 @@ backend svc_web
                 backend: "svc_web".into(),
                 server: "c".into(),
                 addr: "10.0.0.3:80".into(),
-                args: "inter 2s fall 3 observe layer4 weight 50 check"
+                args: "inter 2s fall 3 observe layer4 weight 50 check pool-max-conn -1 pool-purge-delay 5s"
                     .split(' ')
                     .map(String::from)
                     .collect(),
@@ -873,7 +883,7 @@ backend svc_web
         };
         assert_eq!(
             args.join(" "),
-            "inter 2s fall 3 observe layer4 rise 5 maxconn 9"
+            "inter 2s fall 3 observe layer4 rise 5 maxconn 9 pool-max-conn -1 pool-purge-delay 5s"
         );
     }
 
