@@ -894,7 +894,11 @@ async fn runtime_api_changes_membership_without_reloading() {
         reloads,
         "no reload for an added server"
     );
-    assert!(fd.dest_text().contains("server b "), "the file follows");
+    // Runtime first: HAProxy has it, and the file follows right after.
+    wait_until("the file follows", T, || async {
+        fd.dest_text().contains("server b ")
+    })
+    .await;
     assert!(fd.dest_is_valid());
     let state = fd.admin("show servers state svc_web").await;
     assert!(
@@ -929,8 +933,11 @@ async fn runtime_api_changes_membership_without_reloading() {
         fd.admin("get weight svc_web/b").await.starts_with("7 ")
     })
     .await;
+    wait_until("the file has weight 7", T, || async {
+        fd.dest_text().contains("weight 7 check")
+    })
+    .await;
     assert!(fd.dest_text().contains("server b 127.0.0.1"));
-    assert!(fd.dest_text().contains("weight 7 check"));
 
     // A delete: no request reaches b any more, still no reload.
     etcd.delete(&fd.service_key("web", "b")).await;
@@ -1015,10 +1022,10 @@ async fn runtime_changes_go_live_before_their_file_is_checked() {
         !seen_b.exists(),
         "b was routed only after a check had looked at a file with b"
     );
-    assert!(
-        fd.dest_text().contains("server b "),
-        "the file follows at once"
-    );
+    wait_until("the file follows", T, || async {
+        fd.dest_text().contains("server b ")
+    })
+    .await;
     wait_until("the deferred check of the file with b", T, || async {
         seen_b.exists()
             && fd

@@ -13,6 +13,7 @@
 //! removal cannot be re-judged against an already shrunken set.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::store::StoreSnapshot;
@@ -42,7 +43,7 @@ pub(crate) struct Guard {
     /// Zero: off.
     hold: Duration,
     /// (service, instance id) → the instance as last rendered.
-    held: BTreeMap<(String, String), Instance>,
+    held: BTreeMap<(String, String), Arc<Instance>>,
     until: Option<Instant>,
     /// Removals released since the last `filter`: not judged again against a `live`
     /// that still shows them.
@@ -98,7 +99,7 @@ impl Guard {
         let mut news = None;
         let released = std::mem::take(&mut self.released);
         if let Some(live) = live.filter(|_| !self.hold.is_zero()) {
-            let removed: Vec<&Instance> = live
+            let removed: Vec<&Arc<Instance>> = live
                 .services
                 .values()
                 .flatten()
@@ -147,8 +148,8 @@ fn contains(s: &StoreSnapshot, service: &str, id: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn inst(service: &str, id: &str, node: &str) -> Instance {
-        Instance {
+    fn inst(service: &str, id: &str, node: &str) -> Arc<Instance> {
+        Arc::new(Instance {
             id: id.into(),
             service: service.into(),
             addr: "10.0.0.1:80".into(),
@@ -159,7 +160,7 @@ mod tests {
             tags: Vec::new(),
             weight: 100,
             draining: false,
-        }
+        })
     }
 
     fn snap(ids: impl IntoIterator<Item = (String, String)>) -> StoreSnapshot {

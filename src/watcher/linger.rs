@@ -95,10 +95,18 @@ mod tests {
             let list = (0..*n)
                 .map(|i| {
                     let v = format!(r#"{{"addr":"10.0.0.{}:80","node":"n"}}"#, i + 1);
-                    crate::schema::decode_owned("k", name, &format!("i{i}"), None, v.as_bytes())
-                        .unwrap()
+                    std::sync::Arc::new(
+                        crate::schema::decode_owned(
+                            "k",
+                            name,
+                            &format!("i{i}"),
+                            None,
+                            v.as_bytes(),
+                        )
+                        .unwrap(),
+                    )
                 })
-                .collect::<Vec<Instance>>();
+                .collect::<Vec<std::sync::Arc<Instance>>>();
             s.services.insert(name.to_string(), list);
         }
         s

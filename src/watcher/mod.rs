@@ -16,11 +16,13 @@
 //! `metrics`, and `oneshot` (`render --once`, `check`).
 //!
 //! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
-//! - a change that finds the watcher idle — no apply running and none finished in the
-//!   last `min` — is applied at once: an isolated change costs no waiting;
-//! - changes that arrive while an apply runs (or within `min` after it) are batched:
-//!   the next apply starts once no change has come for `min`, and no later than `max`
-//!   after the apply they arrived during started.
+//! - a change that finds the watcher idle — no apply running and no reload finished in
+//!   the last `min` — is applied at once: an isolated change costs no waiting, and
+//!   neither does a stream of runtime-API changes (a few milliseconds each; what arrives
+//!   during one is batched into the next by the snapshot channel itself);
+//! - changes that arrive while an apply runs that reloads (or within `min` after it)
+//!   are batched: the next apply starts once no change has come for `min`, and no later
+//!   than `max` after the apply they arrived during started.
 //!
 //! A burst therefore costs one apply for its first change and one for the rest, and
 //! since applies run one after the other — each reload confirmed before the loop moves
@@ -73,6 +75,9 @@ use status::{ApplyPath, ReloadResult};
 
 /// How long a template edit may take to settle (editors write, then rename).
 const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
+/// Quiet after the last apply before a deferred check starts: a burst of changes costs
+/// one check, and no check competes for the CPU with the change right behind another.
+const CHECK_QUIET: Duration = Duration::from_millis(250);
 /// Bound on the drain of background tasks at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -158,6 +163,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let mut lp = Loop {
         cfg: &cfg,
         checking: vec![false; resources.len()],
+        check_at: None,
         checks_tx,
         checks_rx,
         resources,
@@ -173,6 +179,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         ),
         linger: linger::Linger::new(cfg.empty_backend_grace),
         rendered: None,
+        reloaded: false,
         ready: false,
         pending_since: None,
         retry_at: None,
@@ -219,6 +226,8 @@ struct Loop<'a> {
     /// Deferred checks (see `resource`): one in flight per resource at most, results
     /// back by index.
     checking: Vec<bool>,
+    /// When to start the deferred checks (`CHECK_QUIET` after the last apply).
+    check_at: Option<Instant>,
     checks_tx: mpsc::Sender<CheckDone>,
     checks_rx: mpsc::Receiver<CheckDone>,
     snap_rx: watch::Receiver<Option<Published>>,
@@ -232,6 +241,8 @@ struct Loop<'a> {
     /// The snapshot the last pass rendered (held removals included): what the guard
     /// judges the next batch against.
     rendered: Option<Arc<store::StoreSnapshot>>,
+    /// The last pass reloaded (or tried to): changes right behind it are batched.
+    reloaded: bool,
     ready: bool,
     /// Arrival of the oldest etcd change HAProxy does not run yet (as far as the loop
     /// saw it: changes that replace each other during one pass count from the last).
@@ -296,6 +307,11 @@ impl Loop<'_> {
                 Some(()) = recv(&mut confirm) => Wake::Confirm,
                 _ = crate::backoff::sleep_until(self.linger.deadline().map(Instant::from_std)), if self.linger.deadline().is_some() => Wake::GraceOver,
                 Some(done) = self.checks_rx.recv() => Wake::Checked(done),
+                _ = crate::backoff::sleep_until(self.check_at), if self.check_at.is_some() => {
+                    self.check_at = None;
+                    self.start_checks();
+                    continue;
+                }
                 _ = watchdog.tick() => continue,
             };
             match wake {
@@ -332,7 +348,7 @@ impl Loop<'_> {
                 continue;
             }
             if let Some((started, ended)) = last_apply {
-                if ended.elapsed() < self.cfg.wait_min {
+                if self.reloaded && ended.elapsed() < self.cfg.wait_min {
                     let deadline = started + self.cfg.wait_max;
                     if !self.gather(deadline, shutdown).await {
                         return;
@@ -352,7 +368,7 @@ impl Loop<'_> {
                 }
             }
             last_apply = Some((started, Instant::now()));
-            self.start_checks();
+            self.check_at = Some(Instant::now() + CHECK_QUIET);
         }
     }
 
@@ -739,6 +755,7 @@ impl Loop<'_> {
         if reload.is_some() || path.is_some() {
             self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
         }
+        self.reloaded = reload.is_some();
         self.metrics.revision.set(published.revision);
         if all_live {
             self.metrics.applied_revision.set(published.revision);

@@ -171,7 +171,10 @@ mod tests {
         let mut s = StoreSnapshot::default();
         for (svc, id, addr) in instances {
             let i = decode_instance("k", svc, id, addr.as_bytes()).unwrap();
-            s.services.entry(svc.to_string()).or_default().push(i);
+            s.services
+                .entry(svc.to_string())
+                .or_default()
+                .push(std::sync::Arc::new(i));
         }
         for v in s.services.values_mut() {
             v.sort_by(|a, b| a.id.cmp(&b.id));

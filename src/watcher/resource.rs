@@ -21,7 +21,8 @@
 //! about a millisecond after the render instead of after a whole-file `haproxy -c`
 //! (tens of milliseconds at a few servers, hundreds at 10,000). Why that file needs no
 //! check on the latency path: it differs from `checked` — a file that passed — only by
-//! `server` lines inside backends both have (the plan refuses anything else), and each
+//! `server` lines inside backends both have (the plan refuses anything else, so a run of
+//! runtime changes, each only server lines, sums up to only server lines), and each
 //! added or changed line was just accepted by HAProxy's own server parser (`add
 //! server` with the file's effective `default-server` arguments; a removed line or a
 //! `disabled` toggle cannot make a config invalid). What `haproxy -c` would still
@@ -450,8 +451,9 @@ impl Resource {
         if let (Some(RuntimePlan::Runtime(ops)), Some(sock)) =
             (&plan, &self.cfg.haproxy_admin_socket)
         {
-            // Runtime first needs a checked file to differ from (see the module docs).
-            let from_checked = self.live.as_deref().is_some_and(|l| self.is_checked(l));
+            // Runtime first needs a checked file to start from (see the module docs):
+            // `live` is that file, or one derived from it by server lines HAProxy took.
+            let from_checked = self.cfg.check_cmd.is_none() || self.checked.is_some();
             if self.runtime_first && from_checked {
                 sent = true;
                 match runtime_api::apply(sock, ops, timeout).await {
@@ -504,7 +506,7 @@ impl Resource {
             // A reload of the bytes already at `dest` (a previous run's, or ones applied
             // runtime first): they are checked like any other file first.
             if let Some(cmd) = &self.cfg.check_cmd {
-                let result = check_bytes(cmd, &self.cfg.dest, &live, timeout).await;
+                let result = check_bytes(cmd, &self.cfg.dest, &live, timeout, false).await;
                 if !result.success {
                     return Outcome::Rejected {
                         check: result,
@@ -835,7 +837,13 @@ async fn stage(dest: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf>
 
 /// Runs `check_cmd` on a staged copy of `bytes` beside `dest` (where the file's
 /// relative paths resolve as they will), then removes the copy.
-async fn check_bytes(cmd: &str, dest: &Path, bytes: &[u8], timeout: Duration) -> CommandResult {
+async fn check_bytes(
+    cmd: &str,
+    dest: &Path,
+    bytes: &[u8],
+    timeout: Duration,
+    background: bool,
+) -> CommandResult {
     let staged = match stage(dest, bytes, 0o600).await {
         Ok(p) => p,
         Err(e) => {
@@ -847,7 +855,12 @@ async fn check_bytes(cmd: &str, dest: &Path, bytes: &[u8], timeout: Duration) ->
             }
         }
     };
-    let result = run_check(cmd, &staged, timeout).await;
+    let mut cmd = cmd.replace("{src}", &shell_quote(&staged));
+    if background {
+        // Off the latency path: it yields the CPU to HAProxy and the next change.
+        cmd = format!("nice -n 10 sh -c {}", shell_quote_str(&cmd));
+    }
+    let result = run_shell(&cmd, timeout).await;
     let _ = tokio::fs::remove_file(&staged).await;
     result
 }
@@ -863,7 +876,7 @@ pub(crate) struct DeferredCheck {
 
 impl DeferredCheck {
     pub(crate) async fn run(&self) -> CommandResult {
-        check_bytes(&self.cmd, &self.dest, &self.bytes, self.timeout).await
+        check_bytes(&self.cmd, &self.dest, &self.bytes, self.timeout, true).await
     }
 }
 
@@ -879,7 +892,11 @@ async fn swap(staged: &Path, dest: &Path) -> std::io::Result<()> {
 
 /// Quotes a path for `sh -c`.
 fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+    shell_quote_str(&p.display().to_string())
+}
+
+fn shell_quote_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult {

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -35,7 +36,9 @@ pub(crate) enum Change {
 pub struct StoreSnapshot {
     /// Service name → instances sorted by id. A service with no valid instance is absent
     /// (in the watcher: empty, while its backend lingers, see `linger`).
-    pub(crate) services: BTreeMap<String, Vec<Instance>>,
+    /// Instances are shared with the store (and between snapshots): a snapshot costs a
+    /// pointer per instance, not a copy.
+    pub(crate) services: BTreeMap<String, Vec<Arc<Instance>>>,
     pub(crate) nodes: BTreeMap<String, NodeRecord>,
     /// Raw values under `<prefix>/config/`, by path below it. Not validated here: a
     /// template pastes one into a config line only through the `haproxy_arg` filter.
@@ -52,7 +55,7 @@ impl StoreSnapshot {
 #[derive(Debug, Clone)]
 struct Stored {
     node_scoped: bool,
-    instance: Instance,
+    instance: Arc<Instance>,
 }
 
 /// Decoded state, indexed by etcd key (see the module docs for why).
@@ -126,7 +129,7 @@ impl Store {
                     key.to_string(),
                     Stored {
                         node_scoped: node.is_some(),
-                        instance: inst,
+                        instance: Arc::new(inst),
                     },
                 );
             }
@@ -195,7 +198,7 @@ impl Store {
                 })
                 .or_insert(stored);
         }
-        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        let mut services: BTreeMap<String, Vec<Arc<Instance>>> = BTreeMap::new();
         // BTreeMap order: by service, then id, so each Vec is sorted by id.
         for ((service, _), stored) in chosen {
             services

@@ -29,7 +29,7 @@ use super::socket;
 
 /// How long a removed server may take to finish its requests before a reload is used.
 const DRAIN: Duration = Duration::from_secs(1);
-const DRAIN_POLL: Duration = Duration::from_millis(5);
+const DRAIN_POLL: Duration = Duration::from_millis(2);
 
 /// Why a runtime apply failed. The caller falls back to a reload in every case.
 #[derive(Debug, thiserror::Error)]
