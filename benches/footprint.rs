@@ -99,9 +99,11 @@ async fn main() {
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         println!(
-            "{n:>10} {:>10} KiB {:>10} KiB",
+            "{n:>10} {:>10} KiB {:>10} KiB   (now: heap and stacks {} KiB, the binary's pages {} KiB)",
             mem_kib(watcher.pid(), "VmRSS:"),
-            mem_kib(watcher.pid(), "VmHWM:")
+            mem_kib(watcher.pid(), "VmHWM:"),
+            mem_kib(watcher.pid(), "RssAnon:"),
+            mem_kib(watcher.pid(), "RssFile:")
         );
     }
 

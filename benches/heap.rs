@@ -80,6 +80,44 @@ fn main() {
         mib(PEAK.load(Ordering::Relaxed) - after_ctx)
     );
     drop(ctx);
+    let t = std::time::Instant::now();
+    let runs = 20;
+    for _ in 0..runs {
+        let s = store.snapshot();
+        std::hint::black_box(&s);
+    }
+    println!(
+        "time: snapshot {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / runs as f64
+    );
+    let t = std::time::Instant::now();
+    for _ in 0..runs {
+        let c = context(&snap, &vars);
+        std::hint::black_box(&c);
+    }
+    println!(
+        "time: context {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / runs as f64
+    );
+    let mut cache = portolan::watcher::render::InstanceValues::default();
+    std::hint::black_box(cache.context(&snap, &vars));
+    let t = std::time::Instant::now();
+    for _ in 0..runs {
+        std::hint::black_box(cache.context(&snap, &vars));
+    }
+    println!(
+        "time: context, values reused {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / runs as f64
+    );
+    let ctx = context(&snap, &vars);
+    let t = std::time::Instant::now();
+    for _ in 0..runs {
+        std::hint::black_box(tpl.render(&ctx).unwrap());
+    }
+    println!(
+        "time: render {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / runs as f64
+    );
     println!(
         "total live after the pass: {}",
         mib(LIVE.load(Ordering::Relaxed) - base)

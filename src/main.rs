@@ -9,6 +9,7 @@ use portolan::config::{self, FileConfig};
 use portolan::{auth, dev, ls, registrar, shutdown, telemetry, watcher};
 
 fn main() -> ExitCode {
+    few_malloc_arenas();
     let cli = Cli::parse();
     telemetry::init(cli.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -24,6 +25,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and memory
+/// freed in one is not reused by another: the async runtime's worker and blocking-pool
+/// threads each kept their share of a render's transient maps (measured: 45 MB peak RSS
+/// at 10,000 instances with the default, 37 MB with one arena). Two arenas keep the
+/// threads from contending for one lock while capping that waste.
+fn few_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
     }
 }
 

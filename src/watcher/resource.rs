@@ -208,6 +208,8 @@ pub(crate) struct Resource {
     /// a flapping input costs bounded reloads, and old workers pile up no faster.
     pub(crate) min_reload_interval: Duration,
     last_reload: Option<tokio::time::Instant>,
+    /// Tera values of the instances last rendered, reused by the next render.
+    values: render::InstanceValues,
 }
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -226,6 +228,7 @@ impl Resource {
             reload_pending: true,
             min_reload_interval: Duration::ZERO,
             last_reload: None,
+            values: render::InstanceValues::default(),
         }
     }
 
@@ -290,9 +293,12 @@ impl Resource {
     }
 
     /// Renders with the last good template; None before any template compiled.
-    pub(crate) fn render(&self, snapshot: &StoreSnapshot) -> Option<Result<String, TemplateError>> {
+    pub(crate) fn render(
+        &mut self,
+        snapshot: &StoreSnapshot,
+    ) -> Option<Result<String, TemplateError>> {
         let t = self.template.as_ref()?;
-        Some(t.render(&render::context(snapshot, &self.cfg.vars)))
+        Some(t.render(&self.values.context(snapshot, &self.cfg.vars)))
     }
 
     /// The diff of the live file against `rendered`, for logs and dry runs.

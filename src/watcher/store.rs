@@ -182,29 +182,38 @@ impl Store {
         &self,
         mut keep: impl FnMut(&str, &Instance) -> bool,
     ) -> StoreSnapshot {
-        // (service, id) → the winning key's instance; node-scoped first, then key order.
-        let mut chosen: BTreeMap<(&str, &str), &Stored> = BTreeMap::new();
-        for (key, stored) in &self.instances {
-            if !keep(key, &stored.instance) {
-                continue;
-            }
-            let i = &stored.instance;
-            chosen
-                .entry((i.service.as_str(), i.id.as_str()))
-                .and_modify(|cur| {
-                    if stored.node_scoped && !cur.node_scoped {
-                        *cur = stored;
-                    }
-                })
-                .or_insert(stored);
-        }
+        // (service, id) → the winning key's instance: node-scoped first, then key order.
+        // Sorted (stable, so key order stays among equals) rather than a map: this runs
+        // on every change, over every instance.
+        let mut chosen: Vec<&Stored> = self
+            .instances
+            .iter()
+            .filter(|(key, stored)| keep(key, &stored.instance))
+            .map(|(_, stored)| stored)
+            .collect();
+        chosen.sort_by(|a, b| {
+            (
+                a.instance.service.as_str(),
+                a.instance.id.as_str(),
+                !a.node_scoped,
+            )
+                .cmp(&(
+                    b.instance.service.as_str(),
+                    b.instance.id.as_str(),
+                    !b.node_scoped,
+                ))
+        });
+        chosen.dedup_by(|later, first| {
+            later.instance.service == first.instance.service
+                && later.instance.id == first.instance.id
+        });
         let mut services: BTreeMap<String, Vec<Arc<Instance>>> = BTreeMap::new();
-        // BTreeMap order: by service, then id, so each Vec is sorted by id.
-        for ((service, _), stored) in chosen {
-            services
-                .entry(service.to_string())
-                .or_default()
-                .push(stored.instance.clone());
+        // Sorted by service, then id: each service's run becomes its list, in id order.
+        for run in chosen.chunk_by(|a, b| a.instance.service == b.instance.service) {
+            services.insert(
+                run[0].instance.service.clone(),
+                run.iter().map(|s| s.instance.clone()).collect(),
+            );
         }
         let mut nodes: BTreeMap<String, (bool, NodeRecord)> = BTreeMap::new();
         for (v2, name, rec) in self.nodes.values() {
