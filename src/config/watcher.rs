@@ -391,6 +391,20 @@ mod tests {
     }
 
     #[test]
+    fn empty_backends_linger_five_minutes_unless_told() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.empty_backend_grace, Duration::from_secs(300));
+        let f = file(dir.path(), "empty_backend_grace_s = 0");
+        assert_eq!(
+            resolve_watcher(&f, &none).unwrap().empty_backend_grace,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
     fn mass_removal_from_a_table_or_flat_keys() {
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();

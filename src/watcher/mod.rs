@@ -9,6 +9,7 @@
 //!
 //! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
 //! `guard` (pure: holds back a mass removal for `mass_removal.hold_s`, or until SIGUSR1),
+//! `linger` (pure: an emptied service keeps its backend for `empty_backend_grace_s`),
 //! `policy` (pure: which addresses may be routed) and `resolve` (host names, in the
 //! background), `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
 //! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
@@ -28,6 +29,11 @@
 //! since applies run one after the other — each reload confirmed before the loop moves
 //! on — there is never more than one HAProxy reload in flight, and reloads start at
 //! least `min_reload_interval_ms` apart.
+//!
+//! A pass that applied changes runtime first leaves `dest` checked later: the loop
+//! starts that check (`resource::DeferredCheck`) `CHECK_QUIET` after the last apply, in a
+//! task of its own, and hands the verdict back to the resource, which repairs HAProxy
+//! should the check refuse what it runs.
 //!
 //! Signals: SIGHUP re-reads templates and renders; SIGUSR1 confirms a held mass
 //! removal. `[[hook]]`s hear `reload`, `runtime`, `reject`, `fail` and `hold`. The
