@@ -861,12 +861,9 @@ async fn check_bytes(
             }
         }
     };
-    let mut cmd = cmd.replace("{src}", &shell_quote(&staged));
-    if background {
-        // Off the latency path: it yields the CPU to HAProxy and the next change.
-        cmd = format!("nice -n 10 sh -c {}", shell_quote_str(&cmd));
-    }
-    let result = run_shell(&cmd, timeout).await;
+    let cmd = cmd.replace("{src}", &shell_quote(&staged));
+    // Off the latency path, a check yields the CPU to HAProxy and the next change.
+    let result = run_shell_niced(&cmd, timeout, if background { 10 } else { 0 }).await;
     let _ = tokio::fs::remove_file(&staged).await;
     result
 }
@@ -898,11 +895,7 @@ async fn swap(staged: &Path, dest: &Path) -> std::io::Result<()> {
 
 /// Quotes a path for `sh -c`.
 fn shell_quote(p: &Path) -> String {
-    shell_quote_str(&p.display().to_string())
-}
-
-fn shell_quote_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
 async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult {
@@ -912,6 +905,11 @@ async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult
 /// Runs `sh -c cmd` in its own process group with a timeout; on timeout the whole group
 /// is killed, so a hung check (or anything it started) never wedges the watcher.
 pub(crate) async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
+    run_shell_niced(cmd, timeout, 0).await
+}
+
+/// `run_shell` with the command's CPU priority lowered by `nice` (0: unchanged).
+async fn run_shell_niced(cmd: &str, timeout: Duration, nice: i32) -> CommandResult {
     let mut command = tokio::process::Command::new("sh");
     command
         .arg("-c")
@@ -921,6 +919,16 @@ pub(crate) async fn run_shell(cmd: &str, timeout: Duration) -> CommandResult {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if nice != 0 {
+        // SAFETY: setpriority is async-signal-safe, and the closure touches nothing else
+        // between fork and exec. A failure only leaves the priority as it was.
+        unsafe {
+            command.pre_exec(move || {
+                nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nice);
+                Ok(())
+            });
+        }
+    }
     let child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
