@@ -31,7 +31,8 @@
 //! least `min_reload_interval_ms` apart.
 //!
 //! A pass that applied changes runtime first leaves `dest` checked later: the loop
-//! starts that check (`resource::DeferredCheck`) `CHECK_QUIET` after the last apply, in a
+//! starts that check (`resource::DeferredCheck`) `CHECK_QUIET` after the last apply (at
+//! the latest `CHECK_LATEST` after the first one it covers), in a
 //! task of its own, and hands the verdict back to the resource, which repairs HAProxy
 //! should the check refuse what it runs.
 //!
@@ -84,6 +85,9 @@ const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
 /// Quiet after the last apply before a deferred check starts: a burst of changes costs
 /// one check, and no check competes for the CPU with the change right behind another.
 const CHECK_QUIET: Duration = Duration::from_millis(250);
+/// ...but no later than this after the first change left unchecked, so steady churn
+/// cannot put the check off for good.
+const CHECK_LATEST: Duration = Duration::from_secs(2);
 /// Bound on the drain of background tasks at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -170,6 +174,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         cfg: &cfg,
         checking: vec![false; resources.len()],
         check_at: None,
+        unchecked_since: None,
         checks_tx,
         checks_rx,
         resources,
@@ -234,6 +239,8 @@ struct Loop<'a> {
     checking: Vec<bool>,
     /// When to start the deferred checks (`CHECK_QUIET` after the last apply).
     check_at: Option<Instant>,
+    /// The first apply since the deferred checks last started.
+    unchecked_since: Option<Instant>,
     checks_tx: mpsc::Sender<CheckDone>,
     checks_rx: mpsc::Receiver<CheckDone>,
     snap_rx: watch::Receiver<Option<Published>>,
@@ -315,6 +322,7 @@ impl Loop<'_> {
                 Some(done) = self.checks_rx.recv() => Wake::Checked(done),
                 _ = crate::backoff::sleep_until(self.check_at), if self.check_at.is_some() => {
                     self.check_at = None;
+                    self.unchecked_since = None;
                     self.start_checks();
                     continue;
                 }
@@ -374,7 +382,9 @@ impl Loop<'_> {
                 }
             }
             last_apply = Some((started, Instant::now()));
-            self.check_at = Some(Instant::now() + CHECK_QUIET);
+            let now = Instant::now();
+            let since = *self.unchecked_since.get_or_insert(now);
+            self.check_at = Some((now + CHECK_QUIET).min(since + CHECK_LATEST));
         }
     }
 
