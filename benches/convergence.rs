@@ -246,14 +246,7 @@ async fn runtime_and_reload_paths(r: &mut Report, n: usize) -> (Vec<Duration>, V
 /// its backend lingers empty (`empty_backend_grace_s`), so no restart should reload.
 async fn restarts(r: &mut Report, n: usize) {
     let etcd = Etcd::start().await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     let b = Backend::start("solo").await;
     let key = fd.service_key("solo", "only");
     etcd.put(&key, &b.record()).await;
@@ -293,14 +286,7 @@ async fn restarts(r: &mut Report, n: usize) {
 
 async fn burst(r: &mut Report) {
     let etcd = Etcd::start().await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     let b = Backend::start("burst").await;
     etcd.put(&fd.service_key("burst", "seed"), &b.record())
         .await;
@@ -485,14 +471,7 @@ frontend fe\n    bind {{ vars.http_bind }}\n\
 
 async fn docker_rows(r: &mut Report, n: usize) {
     let rig = Rig::new("bench").await;
-    let fd = FrontDoor::start(
-        &rig.etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&rig.etcd, Options::with_admin_socket()).await;
     let mut cfg = rig.config(&Opts::default());
     cfg.etcd.prefix = fd.prefix.clone();
     let _registrar = InProcess::start(cfg);
@@ -578,14 +557,7 @@ async fn docker_rows(r: &mut Report, n: usize) {
 
 async fn under_load(r: &mut Report, changes: usize, structural: usize) {
     let etcd = Etcd::start().await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     let a = Backend::start("load-a").await;
     let b = Backend::start("load-b").await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;

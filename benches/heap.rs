@@ -1,5 +1,5 @@
-//! `cargo bench --bench heap`: where the watcher's bytes go at 10,000 instances over
-//! 1,000 services, phase by phase (a counting allocator: live and peak heap bytes).
+//! `cargo bench --bench heap [-- --instances N]`: where the watcher's bytes go at 10,000
+//! instances (or N) over a tenth as many services, phase by phase (a counting allocator: live and peak heap bytes).
 //! The store, the snapshot a pass renders, the tera context, the rendered file.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -38,8 +38,13 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let n = 10_000;
-    let services = 1_000;
+    // `--instances N` (10,000 by default), a tenth as many services.
+    let n: usize = std::env::args()
+        .skip_while(|a| a != "--instances")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let services = (n / 10).max(1);
     let kvs: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             (

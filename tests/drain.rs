@@ -25,14 +25,7 @@ struct World {
 
 async fn world(tag: &str) -> World {
     let rig = Rig::new(tag).await;
-    let fd = FrontDoor::start(
-        &rig.etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&rig.etcd, Options::with_admin_socket()).await;
     let mut cfg = rig.config(&Opts::default());
     cfg.etcd.prefix = fd.prefix.clone();
     let registrar = InProcess::start(cfg);

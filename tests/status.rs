@@ -31,14 +31,7 @@ async fn status_is_zero_in_sync_and_names_every_drifted_server() {
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
     wait_until("web routed to a and b", T, || async {
@@ -106,14 +99,7 @@ async fn dry_run_says_runtime_or_reload_and_why() {
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let mut fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
     fd.kill_watcher();

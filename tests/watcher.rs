@@ -872,14 +872,7 @@ async fn runtime_api_changes_membership_without_reloading() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     // A new service is a new backend: that takes a reload.
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
@@ -1207,14 +1200,7 @@ async fn removals_under_keep_alive_load_finish_without_a_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
     wait_until("web routed to b", T, || fd.routes_to("web", "b")).await;
@@ -1553,14 +1539,7 @@ async fn a_draining_instance_gets_no_new_request_within_milliseconds_and_no_relo
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
     wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;

@@ -169,14 +169,7 @@ async fn fifty_runtime_changes_under_load_reload_nothing_and_fail_no_request() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let fd = FrontDoor::start(
-        &etcd,
-        Options {
-            admin_socket: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
     wait_until("web routed to a and b", Duration::from_secs(30), || async {

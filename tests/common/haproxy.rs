@@ -311,6 +311,17 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The shipped template with the admin socket: membership changes take the
+    /// runtime API.
+    pub fn with_admin_socket() -> Options {
+        Options {
+            admin_socket: true,
+            ..Default::default()
+        }
+    }
+}
+
 /// HAProxy + a watcher process + their files, for one test.
 pub struct FrontDoor {
     pub dir: tempfile::TempDir,
