@@ -330,6 +330,9 @@ impl Resource {
         if let Ok(disk) = tokio::fs::read(&self.cfg.dest).await {
             if self.live.as_deref() != Some(disk.as_slice()) {
                 self.live = Some(disk.into());
+                // Not derived from a checked file by changes HAProxy took: the next
+                // change is checked before it is applied.
+                self.checked = None;
             }
         }
         let outcome = self.apply_inner(rendered, timeout).await;
