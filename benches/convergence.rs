@@ -51,21 +51,13 @@ impl Report {
     }
 }
 
-/// Polls `cond` every millisecond (the tests' 20 ms poll would round every figure up to
-/// it) until it holds or `limit` passes. How long it took, if it held.
-async fn when<F, Fut>(limit: Duration, mut cond: F) -> Option<Duration>
+/// Every millisecond: the tests' 20 ms poll would round every figure up to it.
+async fn when<F, Fut>(limit: Duration, cond: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond().await {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    None
+    common::when(limit, Duration::from_millis(1), cond).await
 }
 
 fn ms(d: Duration) -> f64 {

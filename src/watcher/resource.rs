@@ -181,6 +181,18 @@ pub(crate) struct CommandResult {
     pub(crate) timed_out: bool,
 }
 
+impl CommandResult {
+    /// The command could not be run at all (its input could not be written).
+    fn not_run(output: String) -> CommandResult {
+        CommandResult {
+            success: false,
+            status: "not run".into(),
+            output,
+            timed_out: false,
+        }
+    }
+}
+
 pub(crate) struct Resource {
     pub(crate) cfg: TemplateResource,
     /// Last template that compiled. Kept when an edit breaks the file.
@@ -489,7 +501,7 @@ impl Resource {
                 }
             };
             if let Some(cmd) = &self.cfg.check_cmd {
-                let result = run_check(cmd, &staged, timeout).await;
+                let result = run_check(cmd, &staged, timeout, 0).await;
                 if !result.success {
                     let _ = tokio::fs::remove_file(&staged).await;
                     if sent {
@@ -724,14 +736,12 @@ impl Resource {
             STAGING_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         if let Err(e) = tokio::fs::write(&path, rendered).await {
-            return Some(CommandResult {
-                success: false,
-                status: "not run".into(),
-                output: format!("cannot write {}: {e}", path.display()),
-                timed_out: false,
-            });
+            return Some(CommandResult::not_run(format!(
+                "cannot write {}: {e}",
+                path.display()
+            )));
         }
-        let r = run_check(cmd, &path, timeout).await;
+        let r = run_check(cmd, &path, timeout, 0).await;
         let _ = tokio::fs::remove_file(&path).await;
         Some(r)
     }
@@ -856,17 +866,14 @@ async fn check_bytes(
     let staged = match stage(dest, bytes, 0o600).await {
         Ok(p) => p,
         Err(e) => {
-            return CommandResult {
-                success: false,
-                status: "not run".into(),
-                output: format!("cannot stage a copy of {} to check: {e}", dest.display()),
-                timed_out: false,
-            }
+            return CommandResult::not_run(format!(
+                "cannot stage a copy of {} to check: {e}",
+                dest.display()
+            ))
         }
     };
-    let cmd = cmd.replace("{src}", &shell_quote(&staged));
     // Off the latency path, a check yields the CPU to HAProxy and the next change.
-    let result = run_shell_niced(&cmd, timeout, if background { 10 } else { 0 }).await;
+    let result = run_check(cmd, &staged, timeout, if background { 10 } else { 0 }).await;
     let _ = tokio::fs::remove_file(&staged).await;
     result
 }
@@ -901,8 +908,9 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
-async fn run_check(cmd: &str, staged: &Path, timeout: Duration) -> CommandResult {
-    run_shell(&cmd.replace("{src}", &shell_quote(staged)), timeout).await
+/// `check_cmd` on `staged`, its CPU priority lowered by `nice` (0: unchanged).
+async fn run_check(cmd: &str, staged: &Path, timeout: Duration, nice: i32) -> CommandResult {
+    run_shell_niced(&cmd.replace("{src}", &shell_quote(staged)), timeout, nice).await
 }
 
 /// Runs `sh -c cmd` in its own process group with a timeout; on timeout the whole group

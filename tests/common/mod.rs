@@ -52,7 +52,20 @@ pub fn free_port() -> u16 {
 
 /// Polls `cond` every 20 ms until it is true or `timeout` passes: the one waiting loop
 /// of the suite. Ok(how long it took), or Err(timeout).
-async fn poll<F, Fut>(timeout: Duration, mut cond: F) -> Result<Duration, Duration>
+async fn poll<F, Fut>(timeout: Duration, cond: F) -> Result<Duration, Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    when(timeout, Duration::from_millis(20), cond)
+        .await
+        .ok_or(timeout)
+}
+
+/// Checks `cond` every `every` until it holds (how long that took) or `limit` passes
+/// (None). Measurements poll finer than `wait_until`'s 20 ms, which would round every
+/// figure up to it.
+pub async fn when<F, Fut>(limit: Duration, every: Duration, mut cond: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -60,12 +73,12 @@ where
     let start = Instant::now();
     loop {
         if cond().await {
-            return Ok(start.elapsed());
+            return Some(start.elapsed());
         }
-        if start.elapsed() > timeout {
-            return Err(timeout);
+        if start.elapsed() > limit {
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
