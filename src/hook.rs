@@ -27,19 +27,113 @@ const QUEUE: usize = 256;
 /// Attempts per event (the first and the retries).
 const ATTEMPTS: u32 = 4;
 
-/// One event: its name and its fields, as JSON (`event` and `at` are added).
+/// The events a registrar emits. The spelling (`as_str`) is what `[[hook]] events`
+/// names and what a hook receives as `event`: a new kind is a variant and its arm here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrarEvent {
+    /// An instance's key was written (also: back in rotation after a drain).
+    Register,
+    /// An instance's key was deleted.
+    Deregister,
+    /// An instance left rotation: its container is stopping.
+    Drain,
+}
+
+/// The events a watcher emits (see `RegistrarEvent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatcherEvent {
+    /// HAProxy was reloaded onto a new file.
+    Reload,
+    /// A change went to HAProxy through the runtime API, with no reload.
+    Runtime,
+    /// A check refused a rendered file (or one HAProxy ran).
+    Reject,
+    /// A reload or a write failed.
+    Fail,
+    /// A mass removal was held back.
+    Hold,
+}
+
+impl RegistrarEvent {
+    pub const ALL: [RegistrarEvent; 3] = [Self::Register, Self::Deregister, Self::Drain];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Deregister => "deregister",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+impl WatcherEvent {
+    pub const ALL: [WatcherEvent; 5] = [
+        Self::Reload,
+        Self::Runtime,
+        Self::Reject,
+        Self::Fail,
+        Self::Hold,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reload => "reload",
+            Self::Runtime => "runtime",
+            Self::Reject => "reject",
+            Self::Fail => "fail",
+            Self::Hold => "hold",
+        }
+    }
+}
+
+/// Any event either daemon emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Registrar(RegistrarEvent),
+    Watcher(WatcherEvent),
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Registrar(e) => e.as_str(),
+            EventKind::Watcher(e) => e.as_str(),
+        }
+    }
+
+    /// The event spelled `name`, if either daemon emits it.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        let registrar = RegistrarEvent::ALL.into_iter().map(EventKind::Registrar);
+        let watcher = WatcherEvent::ALL.into_iter().map(EventKind::Watcher);
+        registrar.chain(watcher).find(|e| e.as_str() == name)
+    }
+}
+
+impl From<RegistrarEvent> for EventKind {
+    fn from(e: RegistrarEvent) -> Self {
+        EventKind::Registrar(e)
+    }
+}
+
+impl From<WatcherEvent> for EventKind {
+    fn from(e: WatcherEvent) -> Self {
+        EventKind::Watcher(e)
+    }
+}
+
+/// One event: its kind and its fields, as JSON (`event` and `at` are added).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub name: &'static str,
+    pub kind: EventKind,
     pub fields: Map<String, Value>,
     /// One line for humans (Slack's `text`).
     pub summary: String,
 }
 
 impl Event {
-    pub fn new(name: &'static str, summary: impl Into<String>) -> Event {
+    pub fn new(kind: impl Into<EventKind>, summary: impl Into<String>) -> Event {
         Event {
-            name,
+            kind: kind.into(),
             fields: Map::new(),
             summary: summary.into(),
         }
@@ -53,7 +147,7 @@ impl Event {
     /// The JSON object a hook receives: `event`, `at` (RFC 3339), then the fields.
     pub fn to_json(&self, at: std::time::SystemTime) -> Value {
         let mut m = Map::new();
-        m.insert("event".into(), self.name.into());
+        m.insert("event".into(), self.kind.as_str().into());
         m.insert(
             "at".into(),
             humantime::format_rfc3339_millis(at).to_string().into(),
@@ -68,7 +162,7 @@ impl Event {
         match format {
             HookFormat::Json => self.to_json(at).to_string(),
             HookFormat::Slack => {
-                serde_json::json!({ "text": format!("[{}] {}", self.name, self.summary) })
+                serde_json::json!({ "text": format!("[{}] {}", self.kind.as_str(), self.summary) })
                     .to_string()
             }
         }
@@ -118,7 +212,7 @@ impl HookMetrics {
 }
 
 struct Queue {
-    events: Vec<String>,
+    events: Vec<EventKind>,
     tx: mpsc::Sender<(Event, std::time::SystemTime)>,
 }
 
@@ -168,11 +262,14 @@ impl Hooks {
         for q in self
             .queues
             .iter()
-            .filter(|q| q.events.iter().any(|e| e == event.name))
+            .filter(|q| q.events.contains(&event.kind))
         {
             if q.tx.try_send((event.clone(), at)).is_err() {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(event = event.name, "hook queue full: event dropped");
+                tracing::warn!(
+                    event = event.kind.as_str(),
+                    "hook queue full: event dropped"
+                );
             }
         }
     }
@@ -218,7 +315,7 @@ async fn deliver(
                 Ok(Err(e)) => last_error = e,
                 Err(_) => last_error = format!("no answer within {:?}", hook.timeout),
             }
-            tracing::debug!(hook = %name, event = event.name, attempt, error = %last_error, "hook delivery failed");
+            tracing::debug!(hook = %name, event = event.kind.as_str(), attempt, error = %last_error, "hook delivery failed");
             if attempt < ATTEMPTS && !sleep_or_stop(backoff.next_delay(), &shutdown).await {
                 return;
             }
@@ -227,7 +324,7 @@ async fn deliver(
             stats.delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(hook = %name, event = event.name, error = %last_error, "hook failed {ATTEMPTS} times: event dropped");
+            tracing::warn!(hook = %name, event = event.kind.as_str(), error = %last_error, "hook failed {ATTEMPTS} times: event dropped");
         }
     }
 }
@@ -286,7 +383,7 @@ mod tests {
 
     #[test]
     fn an_event_carries_its_name_time_and_fields() {
-        let e = Event::new("register", "web/a at 10.0.0.5:80 on host-a")
+        let e = Event::new(RegistrarEvent::Register, "web/a at 10.0.0.5:80 on host-a")
             .with("service", "web")
             .with("instance", "a")
             .with("node", "host-a")
@@ -302,5 +399,27 @@ mod tests {
             slack,
             serde_json::json!({"text": "[register] web/a at 10.0.0.5:80 on host-a"})
         );
+    }
+}
+
+#[cfg(test)]
+mod event_names {
+    use super::*;
+
+    #[test]
+    fn every_event_is_parsed_back_from_its_one_spelling() {
+        let all: Vec<EventKind> = RegistrarEvent::ALL
+            .into_iter()
+            .map(EventKind::from)
+            .chain(WatcherEvent::ALL.into_iter().map(EventKind::from))
+            .collect();
+        for e in &all {
+            assert_eq!(EventKind::parse(e.as_str()), Some(*e));
+        }
+        let mut names: Vec<_> = all.iter().map(|e| e.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "two events share a spelling");
+        assert_eq!(EventKind::parse("relaod"), None);
     }
 }

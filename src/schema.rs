@@ -468,18 +468,84 @@ pub struct WatcherStatus {
     pub revision: i64,
     /// Seconds since the epoch of the last reload attempt, if any.
     pub last_reload_at: Option<u64>,
-    /// "ok", "rejected", "failed", or None before the first reload.
-    pub last_reload_result: Option<String>,
-    /// How the last change reached HAProxy: "runtime" (runtime API, no reload) or
-    /// "reload". Absent in records of older watchers.
+    /// How the last reload attempt ended; None before the first.
+    pub last_reload_result: Option<ReloadResult>,
+    /// How the last change reached HAProxy. Absent in records of older watchers.
     #[serde(default)]
-    pub last_apply_path: Option<String>,
+    pub last_apply_path: Option<ApplyPath>,
     pub last_error: Option<String>,
+}
+
+/// `WatcherStatus::last_reload_result`, spelled `ok`, `rejected`, `failed` in the record
+/// (readers of the record match on those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReloadResult {
+    Ok,
+    /// `check_cmd` refused the new file: no reload was attempted.
+    Rejected,
+    Failed,
+    /// A spelling this version does not know (a newer watcher's).
+    #[serde(other)]
+    Other,
+}
+
+/// `WatcherStatus::last_apply_path`, spelled `runtime` (the runtime API, no reload) or
+/// `reload` in the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyPath {
+    Runtime,
+    Reload,
+    #[serde(other)]
+    Other,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Rejected => "rejected",
+            ReloadResult::Failed => "failed",
+            ReloadResult::Other => "other",
+        }
+    }
+}
+
+impl ApplyPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyPath::Runtime => "runtime",
+            ApplyPath::Reload => "reload",
+            ApplyPath::Other => "other",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_record_spells_its_results_as_readers_match_them() {
+        let s = WatcherStatus {
+            last_reload_result: Some(ReloadResult::Rejected),
+            last_apply_path: Some(ApplyPath::Runtime),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains(r#""last_reload_result":"rejected""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""last_apply_path":"runtime""#), "{json}");
+        let newer: WatcherStatus = serde_json::from_str(
+            r#"{"name":"lb","revision":1,"last_reload_at":null,"last_reload_result":"someday","last_apply_path":"warp","last_error":null}"#,
+        )
+        .unwrap();
+        assert_eq!(newer.last_reload_result, Some(ReloadResult::Other));
+        assert_eq!(newer.last_apply_path, Some(ApplyPath::Other));
+    }
 
     #[test]
     fn names() {

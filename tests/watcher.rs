@@ -1721,8 +1721,8 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
     let file = portolan::config::FileConfig::load(Some(&fd.config)).expect("config");
     let mut cfg = portolan::config::resolve_watcher(&file, &Default::default()).expect("valid");
     cfg.hooks = vec![HookConfig {
-        events: ["reload", "runtime", "reject", "fail", "hold"]
-            .map(String::from)
+        events: portolan::hook::WatcherEvent::ALL
+            .map(portolan::hook::EventKind::from)
             .to_vec(),
         target: HookTarget::Url(receiver.url.clone()),
         format: HookFormat::Json,

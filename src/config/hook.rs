@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Problems;
+use crate::hook::{EventKind, RegistrarEvent, WatcherEvent};
 
 const DEFAULT_HOOK_TIMEOUT_MS: u64 = 5000;
 
@@ -58,7 +59,7 @@ pub enum HookFormat {
 /// A validated hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookConfig {
-    pub events: Vec<String>,
+    pub events: Vec<EventKind>,
     pub target: HookTarget,
     pub format: HookFormat,
     pub timeout: Duration,
@@ -79,14 +80,10 @@ pub fn redact_url(url: &str) -> String {
 /// event that neither emits is.
 pub(super) fn resolve_hooks(
     hooks: &[HookOptions],
-    known: &[&str],
+    known: &[EventKind],
     problems: &mut Problems,
 ) -> Vec<HookConfig> {
-    let every: Vec<&str> = super::REGISTRAR_EVENTS
-        .iter()
-        .chain(super::WATCHER_EVENTS)
-        .copied()
-        .collect();
+    let names = |all: &mut dyn Iterator<Item = &'static str>| all.collect::<Vec<_>>().join(", ");
     let mut out = Vec::new();
     for (i, h) in hooks.iter().enumerate() {
         let n = i + 1;
@@ -94,24 +91,21 @@ pub(super) fn resolve_hooks(
         if h.events.is_empty() {
             problems.push(format!(
                 "hook #{n}: events is empty: name what it hears, e.g. events = [\"{}\"]",
-                known[0]
+                known[0].as_str()
             ));
         }
+        let mut events = Vec::new();
         for e in &h.events {
-            if !every.contains(&e.as_str()) {
-                problems.push(format!(
+            match EventKind::parse(e) {
+                Some(kind) if known.contains(&kind) => events.push(kind),
+                Some(_) => {}
+                None => problems.push(format!(
                     "hook #{n}: event {e:?} is not one Portolan emits (the registrar: {}; the watcher: {})",
-                    super::REGISTRAR_EVENTS.join(", "),
-                    super::WATCHER_EVENTS.join(", ")
-                ));
+                    names(&mut RegistrarEvent::ALL.iter().map(|e| e.as_str())),
+                    names(&mut WatcherEvent::ALL.iter().map(|e| e.as_str())),
+                )),
             }
         }
-        let events: Vec<String> = h
-            .events
-            .iter()
-            .filter(|e| known.contains(&e.as_str()))
-            .cloned()
-            .collect();
         let target = match (&h.url, &h.command) {
             (Some(u), None) => {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
@@ -204,7 +198,8 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let ok = resolve_hooks(&hooks, &["register", "deregister", "drain"], &mut p);
+        let known = RegistrarEvent::ALL.map(EventKind::from);
+        let ok = resolve_hooks(&hooks, &known, &mut p);
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].format, HookFormat::Slack);
         let all = p.join("\n");

@@ -31,6 +31,7 @@ pub use self::watcher::{
     TemplateResource, WaitOptions, WatcherConfig, WatcherOptions, DEFAULT_COMMAND_TIMEOUT_MS,
     DEFAULT_WAIT_MAX_MS, DEFAULT_WAIT_MIN_MS,
 };
+use crate::hook::{EventKind, RegistrarEvent, WatcherEvent};
 use crate::schema;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portolan/portolan.toml";
@@ -208,13 +209,6 @@ fn name_or_hostname(given: Option<&str>, flag: &str, problems: &mut Problems) ->
     }
 }
 
-/// Events a registrar's `[[hook]]` may name.
-pub const REGISTRAR_EVENTS: &[&str] = &["register", "deregister", "drain"];
-/// Events a watcher's `[[hook]]` may name: a reload, a change applied through the
-/// runtime API, a render refused by its check, a failed reload or write, a mass removal
-/// held back.
-pub const WATCHER_EVENTS: &[&str] = &["reload", "runtime", "reject", "fail", "hold"];
-
 /// The `[etcd]` section alone (`ls`, `render`'s connection): nothing else is read.
 pub fn resolve_etcd(file: &FileConfig, flags: &EtcdOptions) -> Result<EtcdConfig, ConfigError> {
     let mut problems = Problems::new();
@@ -229,7 +223,11 @@ pub fn resolve_registrar(
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
     let mut cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
-    cfg.hooks = hook::resolve_hooks(&file.hook, REGISTRAR_EVENTS, &mut problems);
+    cfg.hooks = hook::resolve_hooks(
+        &file.hook,
+        &RegistrarEvent::ALL.map(EventKind::from),
+        &mut problems,
+    );
     finish(cfg, problems)
 }
 
@@ -241,7 +239,11 @@ pub fn resolve_watcher(
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
     let mut cfg =
         layered(&file.watcher, &flags.watcher).resolve(etcd, &file.template, &mut problems);
-    cfg.hooks = hook::resolve_hooks(&file.hook, WATCHER_EVENTS, &mut problems);
+    cfg.hooks = hook::resolve_hooks(
+        &file.hook,
+        &WatcherEvent::ALL.map(EventKind::from),
+        &mut problems,
+    );
     finish(cfg, problems)
 }
 
@@ -348,7 +350,10 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             &RegistrarArgs::default(),
         )
         .unwrap();
-        assert_eq!(r.hooks[0].events, ["register"]);
+        assert_eq!(
+            r.hooks[0].events,
+            [EventKind::Registrar(crate::hook::RegistrarEvent::Register)]
+        );
         let err = resolve_watcher(&write("\"relaod\""), &WatcherArgs::default()).unwrap_err();
         assert!(
             err.to_string()

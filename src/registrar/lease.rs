@@ -145,11 +145,24 @@ pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum KeeperEvent {
     /// Keep-alives are failing; the lease may still be alive.
-    Trouble(String),
+    Trouble(Trouble),
     /// Keep-alives work again after trouble: etcd may have restarted, reconcile.
     Alive,
     /// The lease is gone: grant a new one and put everything again.
     Lost,
+}
+
+/// Why keep-alives fail (etcd's own errors as text: they are neither `Clone` nor `Eq`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Trouble {
+    #[error("cannot open the keep-alive stream: {0}")]
+    Open(String),
+    #[error("no keep-alive answer for a whole TTL")]
+    Silent,
+    #[error("the keep-alive stream closed")]
+    Closed,
+    #[error("keep-alive failed: {0}")]
+    Failed(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +207,7 @@ pub(crate) async fn keep_alive(
             Err(e) => {
                 if healthy {
                     healthy = false;
-                    report(KeeperEvent::Trouble(e.to_string())).await;
+                    report(KeeperEvent::Trouble(Trouble::Open(e.to_string()))).await;
                 }
                 if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
                     return;
@@ -216,10 +229,10 @@ pub(crate) async fn keep_alive(
                 _ = tick.tick() => {
                     // No answer for a whole TTL: the stream is dead even if it says nothing.
                     if last_ack.elapsed() > ttl {
-                        break "no keep-alive answer for a whole TTL".to_string();
+                        break Trouble::Silent;
                     }
                     if let Err(e) = keeper.keep_alive().await {
-                        break e.to_string();
+                        break Trouble::Failed(e.to_string());
                     }
                 }
                 msg = stream.message() => match msg {
@@ -228,8 +241,8 @@ pub(crate) async fn keep_alive(
                         return;
                     }
                     Ok(Some(_)) => last_ack = Instant::now(),
-                    Ok(None) => break "keep-alive stream closed".to_string(),
-                    Err(e) => break e.to_string(),
+                    Ok(None) => break Trouble::Closed,
+                    Err(e) => break Trouble::Failed(e.to_string()),
                 },
             }
         };

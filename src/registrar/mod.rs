@@ -52,10 +52,10 @@
 //! two hosts given one name stop instead of taking turns deleting each other's keys.
 
 mod advertise;
+mod announce;
 mod containers;
 mod docker;
 mod drain;
-mod events;
 pub(crate) mod lease;
 mod metrics;
 mod pass;

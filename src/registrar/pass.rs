@@ -194,7 +194,7 @@ impl Registrar {
     }
 }
 
-/// Emits the hook event (`events::event`) of each op written; `before` is what etcd
+/// Emits the hook event (`announce::event`) of each op written; `before` is what etcd
 /// held before the write.
 fn announcer<'a>(
     hooks: &'a Hooks,
@@ -207,7 +207,7 @@ fn announcer<'a>(
             KeyOp::Put { key, .. } | KeyOp::Delete { key } => key,
         };
         let was = before.get(key).map(|a| a.value.as_str());
-        if let Some(e) = events::event(prefix, node, op, was) {
+        if let Some(e) = announce::event(prefix, node, op, was) {
             hooks.emit(e);
         }
     }

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::report::Counts;
 use crate::endpoint::Endpoint;
 use crate::hook::{HookMetrics, HookStats};
 
@@ -181,6 +182,31 @@ impl Metrics {
         );
         m.hooks.register(&mut registry);
         Metrics { registry, ..m }
+    }
+
+    /// The counters of one report.
+    pub(crate) fn count(&self, c: &Counts) {
+        if let Some(a) = c.apply {
+            self.applies.get_or_create(&result(a)).inc();
+        }
+        if let Some(d) = c.deferred {
+            self.deferred_checks.get_or_create(&result(d)).inc();
+        }
+        if let Some(s) = c.update {
+            self.updates.get_or_create(&status(s)).inc();
+        }
+        if let Some(r) = c.reload {
+            self.reloads.get_or_create(&result(r)).inc();
+        }
+        if let Some(r) = c.runtime {
+            self.runtime_updates.get_or_create(&result(r)).inc();
+        }
+        if c.check_failure {
+            self.check_failures.inc();
+        }
+        if let Some(took) = c.reload_took {
+            self.reload_duration.observe(took.as_secs_f64());
+        }
     }
 
     pub(crate) fn set_ready(&self) {

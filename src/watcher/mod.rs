@@ -1,20 +1,23 @@
-//! The watcher: etcd → tera → `check_cmd` → atomic swap → confirmed reload.
+//! The watcher: etcd → tera → HAProxy, by the runtime API or a checked, confirmed reload.
 //!
 //! ```text
-//!  source (etcd list+watch) ──watch channel: latest snapshot──▶ loop ──▶ resource.apply()
-//!  template_files (notify) ──"re-read"──────────────────────────▶  │      stage, check, swap,
-//!                                                                   │      reload (haproxy)
-//!                                       status (etcd, own lease) ◀──┴──▶ metrics (/metrics)
+//!  source (etcd list+watch) ─latest snapshot─▶ loop ─▶ effective (guard, linger)
+//!  template_files (notify) ──"re-read"───────▶  │        │ snapshot to render
+//!                                               │        ▼
+//!                                               │      render (tera) ─▶ apply: route (pure)
+//!                                               │                         ─▶ execute: runtime API,
+//!                                               │                            dest, check, reload
+//!                                               │      report (pure) ◀─ outcome
+//!  deferred checks (off the latency path) ◀─────┤        │
+//!                        status key, /metrics, hooks ◀── sink
 //! ```
 //!
-//! This module holds only the loop. Pieces: `store` (pure snapshot), `source` (etcd),
-//! `guard` (pure: holds back a mass removal for `mass_removal.hold_s`, or until SIGUSR1),
-//! `linger` (pure: an emptied service keeps its backend for `empty_backend_grace_s`),
-//! `policy` (pure: which addresses may be routed) and `resolve` (host names, in the
-//! background), `render` (tera), `diff`, `resource` (one `[[template]]`: apply pipeline), `haproxy`
-//! (`master` socket: reloads; `runtime_plan` (pure) and `runtime_api` (admin socket):
-//! membership changes without a reload), `template_files` (notify), `status`,
-//! `metrics`, and `oneshot` (`render --once`, `check`).
+//! This module holds only the loop; one etcd event reaches HAProxy in a straight line:
+//! `source` (list + watch, policy applied) → `effective` (held removals, lingering
+//! backends) → `render` → `apply` (`route`: which path; the executor carries it out;
+//! `Outcome`) → `report` (what is said) → `sink` (log, metrics, hooks, status).
+//! `deferred` checks what went runtime first; `drift` is `portolan status`; `oneshot`
+//! is `render --once` and `check`.
 //!
 //! Coalescing (group commit), with `wait.min_ms` = min and `wait.max_ms` = max:
 //! - a change that finds the watcher idle — no apply running and no reload finished in
@@ -30,28 +33,27 @@
 //! on — there is never more than one HAProxy reload in flight, and reloads start at
 //! least `min_reload_interval_ms` apart.
 //!
-//! A pass that applied changes runtime first leaves `dest` checked later: the loop
-//! starts that check (`resource::DeferredCheck`) `CHECK_QUIET` after the last apply (at
-//! the latest `CHECK_LATEST` after the first one it covers), in a
-//! task of its own, and hands the verdict back to the resource, which repairs HAProxy
-//! should the check refuse what it runs.
-//!
 //! Signals: SIGHUP re-reads templates and renders; SIGUSR1 confirms a held mass
-//! removal. `[[hook]]`s hear `reload`, `runtime`, `reject`, `fail` and `hold`. The
-//! loop ends early only when the etcd source is gone, and `run` then fails, so the
-//! service manager restarts the watcher.
+//! removal. `[[hook]]`s hear the `hook::WatcherEvent`s. The loop ends early only when
+//! the etcd source is gone, and `run` then fails, so the service manager restarts the
+//! watcher.
 
+mod apply;
+mod deferred;
 mod diff;
+mod drift;
+mod effective;
 mod guard;
 pub mod haproxy;
-mod inspect;
 mod linger;
 mod metrics;
 mod oneshot;
+mod pass;
 pub mod policy;
 pub mod render;
+mod report;
 mod resolve;
-mod resource;
+mod sink;
 mod source;
 mod status;
 pub mod store;
@@ -63,31 +65,26 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
-use crate::hook::{Event, Hooks};
+use crate::hook::Hooks;
 use crate::schema::WatcherStatus;
 use crate::sd;
+use apply::Resource;
 use metrics::Metrics;
-// `main` calls these by their old paths.
-pub use inspect::run as status;
-pub use oneshot::{check_templates, render_once};
-use resource::{Chain, Outcome, Resource};
+use sink::Sink;
 use source::{Published, Source};
-use status::{ApplyPath, ReloadResult};
+// `main` calls these by their old paths.
+pub use drift::run as status;
+pub use oneshot::{check_templates, render_once};
 
 /// How long a template edit may take to settle (editors write, then rename).
 const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
-/// Quiet after the last apply before a deferred check starts: a burst of changes costs
-/// one check, and no check competes for the CPU with the change right behind another.
-const CHECK_QUIET: Duration = Duration::from_millis(250);
-/// ...but no later than this after the first change left unchecked, so steady churn
-/// cannot put the check off for good.
-const CHECK_LATEST: Duration = Duration::from_secs(2);
 /// Bound on the drain of background tasks at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -98,28 +95,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let tasks = shutdown.child_token();
     let hooks = Hooks::start(&cfg.hooks, &tracker, &tasks);
     metrics.export_hooks(hooks.stats.clone());
-
-    let mut resources = Vec::new();
-    for t in &cfg.templates {
-        let mut r = Resource::new(t.clone());
-        r.min_reload_interval = cfg.min_reload_interval;
-        match resource::clean_stale_staging(&t.dest).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                dest = %t.dest.display(),
-                "removed {n} staging file(s) left by an interrupted run"
-            ),
-            Err(e) => tracing::warn!(dest = %t.dest.display(), "cannot clean staging files: {e}"),
-        }
-        r.read_live()
-            .await
-            .with_context(|| format!("cannot read {}", t.dest.display()))?;
-        if let Err(e) = r.load_template().await {
-            metrics.template_errors.inc();
-            tracing::error!("{e}\nfix the template: it is re-read as soon as it changes");
-        }
-        resources.push(r);
-    }
+    let resources = open_resources(&cfg, &metrics).await?;
 
     let (tpl_tx, tpl_rx) = mpsc::channel(1);
     let srcs: Vec<_> = cfg.templates.iter().map(|t| t.src.clone()).collect();
@@ -130,91 +106,46 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for /metrics (watcher.listen)"))?;
-        tracker.spawn(crate::endpoint::serve(
-            listener,
-            metrics.clone(),
-            tracker.clone(),
-            tasks.clone(),
-        ));
+        let serve =
+            crate::endpoint::serve(listener, metrics.clone(), tracker.clone(), tasks.clone());
+        tracker.spawn(serve);
     }
 
     let (snap_tx, snap_rx) = watch::channel(None);
     let (resolver, resolved) = resolve::Resolver::new();
     tracker.spawn(resolver.clone().run(tasks.clone()));
-    let source = tracker.spawn(
-        Source::new(
-            cfg.etcd.clone(),
-            cfg.policy.clone(),
-            (resolver, resolved),
-            snap_tx,
-            metrics.clone(),
-        )
-        .run(tasks.clone()),
+    let source = Source::new(
+        cfg.etcd.clone(),
+        cfg.policy.clone(),
+        (resolver, resolved),
+        snap_tx,
+        metrics.clone(),
     );
+    let source = tracker.spawn(source.run(tasks.clone()));
 
     let (status_tx, status_rx) = watch::channel(WatcherStatus {
         name: cfg.name.clone(),
         ..Default::default()
     });
-    tracker.spawn(status::run(
-        cfg.etcd.clone(),
-        cfg.name.clone(),
-        status_rx,
-        tasks.clone(),
-    ));
+    let status = status::run(cfg.etcd.clone(), cfg.name.clone(), status_rx, tasks.clone());
+    tracker.spawn(status);
 
-    tracing::info!(
-        watcher = %cfg.name,
-        prefix = %cfg.etcd.prefix,
-        templates = resources.len(),
-        "watcher started"
-    );
-    let (checks_tx, checks_rx) = mpsc::channel(resources.len().max(1));
+    tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
     let mut lp = Loop {
         cfg: &cfg,
-        checking: vec![false; resources.len()],
-        check_at: None,
-        unchecked_since: None,
-        checks_tx,
-        checks_rx,
         resources,
+        deferred: deferred::Deferred::default(),
         snap_rx,
         tpl_rx,
-        status_tx,
-        metrics,
-        hooks,
-        guard: guard::Guard::new(
-            cfg.mass_removal.share,
-            cfg.mass_removal.min,
-            cfg.mass_removal.hold,
-        ),
-        linger: linger::Linger::new(cfg.empty_backend_grace),
-        rendered: None,
+        sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx),
+        effective: effective::Effective::new(&cfg),
+        retry: Retry::default(),
         reloaded: false,
         ready: false,
         pending_since: None,
-        retry_at: None,
-        retry_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
     };
     lp.run(&shutdown).await;
-    // The loop returns before shutdown only when the etcd source is gone (it ends on
-    // shutdown alone, so it panicked): without it nothing would ever change again.
-    let source_end = if shutdown.is_cancelled() {
-        None
-    } else {
-        Some(match source.await {
-            Err(e) if e.is_panic() => {
-                let p = e.into_panic();
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                format!("panicked: {msg}")
-            }
-            _ => "stopped".to_string(),
-        })
-    };
+    let source_end = source_end(source, &shutdown).await;
 
     sd::stopping();
     tasks.cancel();
@@ -231,47 +162,87 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
+/// Every `[[template]]`, with what its `dest` holds now and its template compiled (a
+/// broken template is an error in the log, and is re-read as soon as it changes).
+async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Result<Vec<Resource>> {
+    let mut resources = Vec::new();
+    for t in &cfg.templates {
+        let mut r = Resource::open(t.clone(), cfg.min_reload_interval)
+            .await
+            .with_context(|| format!("cannot read {}", t.dest.display()))?;
+        match r.clean_stale_staging().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(dest = %t.dest.display(), "removed {n} staging file(s) left by an interrupted run")
+            }
+            Err(e) => tracing::warn!(dest = %t.dest.display(), "cannot clean staging files: {e}"),
+        }
+        if let Err(e) = r.load_template().await {
+            metrics.template_errors.inc();
+            tracing::error!("{e}\nfix the template: it is re-read as soon as it changes");
+        }
+        resources.push(r);
+    }
+    Ok(resources)
+}
+
+/// Why the source task ended, when it ended before shutdown (it ends on shutdown alone,
+/// so it panicked): without it nothing would ever change again.
+async fn source_end(source: JoinHandle<()>, shutdown: &CancellationToken) -> Option<String> {
+    if shutdown.is_cancelled() {
+        return None;
+    }
+    Some(match source.await {
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("panicked: {msg}")
+        }
+        _ => "stopped".to_string(),
+    })
+}
+
+/// When to try again after a transient failure (unreachable master socket, I/O).
+struct Retry {
+    at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            at: None,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+}
+
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
     resources: Vec<Resource>,
-    /// Deferred checks (see `resource`): one in flight per resource at most, results
-    /// back by index.
-    checking: Vec<bool>,
-    /// When to start the deferred checks (`CHECK_QUIET` after the last apply).
-    check_at: Option<Instant>,
-    /// The first apply since the deferred checks last started.
-    unchecked_since: Option<Instant>,
-    checks_tx: mpsc::Sender<CheckDone>,
-    checks_rx: mpsc::Receiver<CheckDone>,
+    deferred: deferred::Deferred,
     snap_rx: watch::Receiver<Option<Published>>,
     tpl_rx: mpsc::Receiver<()>,
-    status_tx: watch::Sender<WatcherStatus>,
-    metrics: Arc<Metrics>,
-    hooks: Hooks,
-    guard: guard::Guard,
-    /// Keeps emptied services' backends for `empty_backend_grace_s`.
-    linger: linger::Linger,
-    /// The snapshot the last pass rendered (held removals included): what the guard
-    /// judges the next batch against.
-    rendered: Option<Arc<store::StoreSnapshot>>,
+    sink: Sink,
+    effective: effective::Effective,
+    retry: Retry,
     /// The last pass reloaded (or tried to): changes right behind it are batched.
     reloaded: bool,
     ready: bool,
     /// Arrival of the oldest etcd change HAProxy does not run yet (as far as the loop
     /// saw it: changes that replace each other during one pass count from the last).
     pending_since: Option<std::time::Instant>,
-    /// When to try again after a transient failure (unreachable master socket, I/O).
-    retry_at: Option<Instant>,
-    retry_backoff: Backoff,
 }
 
-/// A deferred check's verdict: resource index, the bytes checked, the result.
-type CheckDone = (usize, Arc<[u8]>, resource::CommandResult);
-
+/// Why the loop woke up.
 enum Wake {
     Store,
     /// A deferred check of a file applied runtime first finished.
-    Checked(CheckDone),
+    Checked(deferred::Done),
     Templates,
     Retry,
     /// SIGHUP (`systemctl reload`): re-read templates and render, even if nothing
@@ -285,25 +256,36 @@ enum Wake {
     Confirm,
 }
 
+fn listen(kind: SignalKind, name: &str, otherwise: &str) -> Option<Signal> {
+    signal(kind)
+        .inspect_err(|e| tracing::warn!("cannot listen for {name} ({e}); {otherwise}"))
+        .ok()
+}
+
+async fn recv(sig: &mut Option<Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn at(t: Option<std::time::Instant>) -> Option<Instant> {
+    t.map(Instant::from_std)
+}
+
 impl Loop<'_> {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut watchdog = sd::Watchdog::new();
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGHUP ({e}); reload by editing a template");
-                None
-            }
-        };
-        let mut confirm = match signal(SignalKind::user_defined1()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot listen for SIGUSR1 ({e}); held removals wait out their hold"
-                );
-                None
-            }
-        };
+        let mut hangup = listen(
+            SignalKind::hangup(),
+            "SIGHUP",
+            "reload by editing a template",
+        );
+        let mut confirm = listen(
+            SignalKind::user_defined1(),
+            "SIGUSR1",
+            "held removals wait out their hold",
+        );
         let mut last_apply: Option<(Instant, Instant)> = None; // (started, ended)
         loop {
             let wake = tokio::select! {
@@ -314,51 +296,23 @@ impl Loop<'_> {
                     Err(_) => return,
                 },
                 Some(()) = self.tpl_rx.recv() => Wake::Templates,
-                _ = crate::backoff::sleep_until(self.retry_at), if self.retry_at.is_some() => Wake::Retry,
+                _ = crate::backoff::sleep_until(self.retry.at), if self.retry.at.is_some() => Wake::Retry,
                 Some(()) = recv(&mut hangup) => Wake::Hangup,
-                _ = crate::backoff::sleep_until(self.guard.deadline().map(Instant::from_std)), if self.guard.deadline().is_some() => Wake::HoldOver,
+                _ = crate::backoff::sleep_until(at(self.effective.hold_over())), if self.effective.hold_over().is_some() => Wake::HoldOver,
                 Some(()) = recv(&mut confirm) => Wake::Confirm,
-                _ = crate::backoff::sleep_until(self.linger.deadline().map(Instant::from_std)), if self.linger.deadline().is_some() => Wake::GraceOver,
-                Some(done) = self.checks_rx.recv() => Wake::Checked(done),
-                _ = crate::backoff::sleep_until(self.check_at), if self.check_at.is_some() => {
-                    self.check_at = None;
-                    self.unchecked_since = None;
-                    self.start_checks();
-                    continue;
-                }
+                _ = crate::backoff::sleep_until(at(self.effective.grace_over())), if self.effective.grace_over().is_some() => Wake::GraceOver,
+                w = self.deferred.next() => match w {
+                    deferred::Wake::Done(done) => Wake::Checked(done),
+                    deferred::Wake::Due => {
+                        self.deferred.start(&self.resources, self.cfg.command_timeout);
+                        continue;
+                    }
+                },
                 _ = watchdog.tick() => continue,
             };
-            match wake {
-                Wake::Templates => {
-                    if !self.reload_templates().await {
-                        continue;
-                    }
-                }
-                Wake::Retry => self.retry_at = None,
-                Wake::Hangup => {
-                    tracing::info!("SIGHUP: re-reading templates and rendering");
-                    self.reload_templates().await;
-                }
-                Wake::HoldOver => {
-                    tracing::warn!(
-                        "the hold of {} removed instance(s) is over: removing them now",
-                        self.guard.held()
-                    );
-                }
-                Wake::Confirm => {
-                    let n = self.guard.release();
-                    tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
-                }
-                Wake::GraceOver => {}
-                Wake::Checked(done) => {
-                    if !self.deferred_checked(done).await {
-                        continue;
-                    }
-                }
-                Wake::Store => {}
-            }
-            if self.snap_rx.borrow().is_none() {
-                // Never listed etcd yet: rendering now would render an empty store.
+            if !self.woke(wake).await || self.snap_rx.borrow().is_none() {
+                // Nothing to render for; or etcd never listed yet, and rendering now
+                // would render an empty store.
                 continue;
             }
             if let Some((started, ended)) = last_apply {
@@ -382,88 +336,59 @@ impl Loop<'_> {
                 }
             }
             last_apply = Some((started, Instant::now()));
-            let now = Instant::now();
-            let since = *self.unchecked_since.get_or_insert(now);
-            self.check_at = Some((now + CHECK_QUIET).min(since + CHECK_LATEST));
+            self.deferred.applied(Instant::now());
         }
     }
 
-    /// Starts the deferred check of every resource whose `dest` holds bytes applied
-    /// runtime first and not checked yet (none already running for it).
-    fn start_checks(&mut self) {
-        for (i, r) in self.resources.iter().enumerate() {
-            if self.checking[i] {
-                continue;
+    /// Acts on a wake-up. True when a pass should follow.
+    async fn woke(&mut self, wake: Wake) -> bool {
+        match wake {
+            Wake::Store | Wake::GraceOver => true,
+            Wake::Templates => self.reload_templates().await,
+            Wake::Retry => {
+                self.retry.at = None;
+                true
             }
-            let Some(check) = r.pending_check(self.cfg.command_timeout) else {
-                continue;
-            };
-            self.checking[i] = true;
-            let tx = self.checks_tx.clone();
-            tokio::spawn(async move {
-                let result = check.run().await;
-                let _ = tx.send((i, check.bytes, result)).await;
-            });
+            Wake::Hangup => {
+                tracing::info!("SIGHUP: re-reading templates and rendering");
+                self.reload_templates().await;
+                true
+            }
+            Wake::HoldOver => {
+                tracing::warn!(
+                    "the hold of {} removed instance(s) is over: removing them now",
+                    self.effective.held()
+                );
+                true
+            }
+            Wake::Confirm => {
+                let n = self.effective.release();
+                tracing::warn!("SIGUSR1: the operator confirmed the removal of {n} held instance(s): removing them now");
+                true
+            }
+            Wake::Checked(done) => self.deferred_checked(done).await,
         }
     }
 
     /// Takes a deferred check's verdict. True when HAProxy had to be put back onto the
     /// last checked file: the loop then renders again, which checks first from now on.
-    async fn deferred_checked(&mut self, (i, bytes, result): CheckDone) -> bool {
-        self.checking[i] = false;
-        self.metrics
-            .deferred_checks
-            .get_or_create(&metrics::result(if result.success {
-                "ok"
-            } else {
-                "failed"
-            }))
-            .inc();
+    async fn deferred_checked(&mut self, (i, bytes, result): deferred::Done) -> bool {
         let timeout = self.cfg.command_timeout;
-        let r = &mut self.resources[i];
-        let dest = r.cfg.dest.clone();
-        let Some(repair) = r.deferred_checked(bytes, &result, timeout).await else {
-            if !result.success {
-                tracing::warn!(dest = %dest.display(), "check_cmd rejected a file applied through the runtime API and replaced since ({}); the newer file is checked next", result.status);
-            }
-            self.start_checks();
+        let repair = self.resources[i]
+            .deferred_checked(bytes, &result, timeout)
+            .await;
+        let report = report::deferred(&result, repair.as_ref());
+        let revision = self.sink.metrics.revision.get();
+        self.sink
+            .tell(&report, &self.resources[i].cfg.dest, revision);
+        if repair.is_none() {
+            self.deferred.start(&self.resources, timeout);
             return false;
-        };
-        self.metrics.check_failures.inc();
-        let what = match &repair {
-            Outcome::Reloaded { .. } => {
-                "HAProxy was reloaded onto the last checked file".to_string()
-            }
-            Outcome::Failed { error, .. } => format!(
-                "putting the last checked file back failed too: {}",
-                Chain(error)
-            ),
-            _ => "no checked file to go back to".to_string(),
-        };
-        let summary = format!(
-            "HAProxy ran a file that check_cmd rejects ({}): it was applied through the runtime API, checked afterwards, and the file and HAProxy disagreed; {what}, and every change is checked before it is applied until a file passes",
-            result.status
-        );
-        tracing::error!(dest = %dest.display(), "{summary}. Check output:\n{}", result.output);
-        emit(
-            &self.hooks,
-            &self.cfg.name,
-            "reject",
-            summary.clone(),
-            &dest,
-            self.metrics.revision.get(),
-        );
-        self.status_tx.send_modify(|s| {
-            s.last_error = Some(summary);
+        }
+        self.sink.status(|s| {
+            s.last_error = report.error.clone();
             s.last_reload_at = Some(crate::schema::unix_now());
-            s.last_reload_result = Some(
-                match repair {
-                    Outcome::Reloaded { .. } => ReloadResult::Ok,
-                    _ => ReloadResult::Failed,
-                }
-                .as_str()
-                .to_string(),
-            );
+            s.last_reload_result = report.reload;
         });
         true
     }
@@ -508,354 +433,15 @@ impl Loop<'_> {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    self.metrics.template_errors.inc();
+                    self.sink.metrics.template_errors.inc();
                     tracing::error!(
                         "{e}\n{} keeps its last good content until the template is fixed",
                         r.cfg.dest.display()
                     );
-                    self.status_tx
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.sink.status(|s| s.last_error = Some(e.to_string()));
                 }
             }
         }
         changed
-    }
-
-    /// Renders every resource from the latest snapshot and applies what changed.
-    async fn pass(&mut self) {
-        let Some(published) = self.snap_rx.borrow_and_update().clone() else {
-            return;
-        };
-        let now = std::time::Instant::now();
-        let (mut effective, held) =
-            self.guard
-                .filter(self.rendered.as_deref(), &published.snapshot, now);
-        for name in self
-            .linger
-            .keep(self.rendered.as_deref(), &mut effective, now)
-        {
-            tracing::info!(
-                service = %name,
-                "{name} has no instance left: its backend stays, empty (answering 503), for {} s (watcher.empty_backend_grace_s), so an instance coming back needs no reload",
-                self.cfg.empty_backend_grace.as_secs()
-            );
-        }
-        self.metrics.empty_backends.set(self.linger.count() as i64);
-        let snapshot = &*self.rendered.insert(Arc::new(effective)).clone();
-        let revision = published.revision;
-        self.metrics.removals_held.set(self.guard.held() as i64);
-        if let Some(h) = &held {
-            let secs = h
-                .until
-                .saturating_duration_since(std::time::Instant::now())
-                .as_secs();
-            let summary = format!(
-                "holding back the removal of {} of {} live instances ({:.0}%, more than the {:.0}% mass_removal share): they stay in the config for {secs} s — HAProxy's health checks keep dead ones out of rotation — then go; send SIGUSR1 to the watcher to remove them now",
-                h.count,
-                h.live,
-                h.percent(),
-                self.cfg.mass_removal.share * 100.0
-            );
-            tracing::warn!(revision, "{summary}");
-            for r in &self.resources {
-                emit(
-                    &self.hooks,
-                    &self.cfg.name,
-                    "hold",
-                    summary.clone(),
-                    &r.cfg.dest,
-                    revision,
-                );
-            }
-        }
-        self.pending_since = Some(
-            self.pending_since
-                .map_or(published.received, |s| s.min(published.received)),
-        );
-        let started = Instant::now();
-        let timeout = self.cfg.command_timeout;
-        let mut errors: Vec<String> = Vec::new();
-        if self.guard.held() > 0 {
-            errors.push(format!(
-                "{} removed instance(s) held by the mass-removal guard; SIGUSR1 removes them now",
-                self.guard.held()
-            ));
-        }
-        // Every resource runs what this snapshot says (or had nothing to change).
-        let mut all_live = true;
-        // When the last resource began to run it.
-        let mut live_at: Option<std::time::Instant> = None;
-        let mut reload: Option<ReloadResult> = None;
-        let mut path: Option<ApplyPath> = None;
-        let mut retry = false;
-        for r in &mut self.resources {
-            if let Some(e) = &r.template_error {
-                errors.push(e.to_string());
-            }
-            let rendered = match r.render(snapshot) {
-                None => {
-                    all_live = false;
-                    continue;
-                }
-                Some(Ok(text)) => text,
-                Some(Err(e)) => {
-                    self.metrics.template_errors.inc();
-                    tracing::error!("{e}\n{} keeps its last good content", r.cfg.dest.display());
-                    errors.push(e.to_string());
-                    all_live = false;
-                    continue;
-                }
-            };
-            self.metrics.renders.inc();
-            let outcome = r.apply(&rendered, timeout).await;
-            self.metrics
-                .applies
-                .get_or_create(&metrics::result(outcome.label()))
-                .inc();
-            let dest = r.cfg.dest.clone();
-            let label = match &outcome {
-                Outcome::Unchanged => Some("noop"),
-                Outcome::Runtime { applied } => {
-                    let at = applied.done_at.unwrap_or_else(std::time::Instant::now);
-                    live_at = live_at.max(Some(at));
-                    Some("dynamic")
-                }
-                Outcome::Reloaded { took, .. } => {
-                    self.metrics.reload_duration.observe(took.as_secs_f64());
-                    live_at = Some(std::time::Instant::now());
-                    Some("full")
-                }
-                Outcome::Written => {
-                    live_at = Some(std::time::Instant::now());
-                    Some("full")
-                }
-                Outcome::Rejected { .. } | Outcome::Failed { .. } => {
-                    all_live = false;
-                    None
-                }
-            };
-            if let Some(l) = label {
-                self.metrics
-                    .updates
-                    .get_or_create(&metrics::status(l))
-                    .inc();
-            }
-            match outcome {
-                Outcome::Unchanged => {}
-                Outcome::Written => {
-                    tracing::info!(dest = %r.cfg.dest.display(), revision = published.revision, "written (no reload configured)");
-                }
-                Outcome::Runtime { applied } => {
-                    self.metrics
-                        .runtime_updates
-                        .get_or_create(&metrics::result("ok"))
-                        .inc();
-                    path = path.or(Some(ApplyPath::Runtime));
-                    tracing::info!(
-                        dest = %r.cfg.dest.display(),
-                        revision = published.revision,
-                        services = snapshot.services.len(),
-                        instances = snapshot.instance_count(),
-                        "applied through the runtime API, no reload ({applied}) in {} ms, {:.2} ms of it in the runtime API",
-                        started.elapsed().as_millis(),
-                        applied.took.as_secs_f64() * 1000.0
-                    );
-                    emit(
-                        &self.hooks,
-                        &self.cfg.name,
-                        "runtime",
-                        applied.to_string(),
-                        &dest,
-                        revision,
-                    );
-                }
-                Outcome::Reloaded { fallback, took: _ } => {
-                    self.metrics
-                        .reloads
-                        .get_or_create(&metrics::result("ok"))
-                        .inc();
-                    reload = reload.or(Some(ReloadResult::Ok));
-                    path = Some(ApplyPath::Reload);
-                    if let Some(why) = fallback {
-                        self.metrics
-                            .runtime_updates
-                            .get_or_create(&metrics::result("fallback"))
-                            .inc();
-                        tracing::warn!(
-                            dest = %r.cfg.dest.display(),
-                            "runtime API failed, reloaded instead: {}",
-                            Chain(&why)
-                        );
-                    }
-                    tracing::info!(
-                        dest = %r.cfg.dest.display(),
-                        revision = published.revision,
-                        services = snapshot.services.len(),
-                        instances = snapshot.instance_count(),
-                        "reloaded in {} ms",
-                        started.elapsed().as_millis()
-                    );
-                    emit(
-                        &self.hooks,
-                        &self.cfg.name,
-                        "reload",
-                        format!(
-                            "reloaded {} in {} ms ({} services, {} instances)",
-                            dest.display(),
-                            started.elapsed().as_millis(),
-                            snapshot.services.len(),
-                            snapshot.instance_count()
-                        ),
-                        &dest,
-                        revision,
-                    );
-                }
-                Outcome::Rejected { check, diff } => {
-                    self.metrics.check_failures.inc();
-                    tracing::error!(
-                        template = %r.name(),
-                        dest = %r.cfg.dest.display(),
-                        "check_cmd rejected the new file ({}); {} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{}",
-                        check.status,
-                        r.cfg.dest.display(),
-                        check.output,
-                        diff,
-                    );
-                    reload = Some(ReloadResult::Rejected);
-                    // The check may fail for a reason outside the file (a missing
-                    // certificate, a port in use): checked again on the backoff timer.
-                    retry = true;
-                    let first = first_error_line(&check.output).to_string();
-                    emit(
-                        &self.hooks,
-                        &self.cfg.name,
-                        "reject",
-                        if first.is_empty() {
-                            format!("check_cmd rejected the new file ({})", check.status)
-                        } else {
-                            first
-                        },
-                        &dest,
-                        revision,
-                    );
-                    errors.push(format!(
-                        "check_cmd rejected the new {}: {}",
-                        r.cfg.dest.display(),
-                        check.output.lines().take(5).collect::<Vec<_>>().join(" | ")
-                    ));
-                }
-                Outcome::Failed { error, fallback } => {
-                    self.metrics
-                        .reloads
-                        .get_or_create(&metrics::result("failed"))
-                        .inc();
-                    reload = Some(ReloadResult::Failed);
-                    // Transient or not, try again on the backoff timer: HAProxy may
-                    // take the file once whatever it lacked (a port, a certificate) is there.
-                    retry = true;
-                    let error = resource::failure_report(&error, fallback.as_ref());
-                    tracing::error!(dest = %r.cfg.dest.display(), "{error}; the last good file is back in place");
-                    emit(
-                        &self.hooks,
-                        &self.cfg.name,
-                        "fail",
-                        error.clone(),
-                        &dest,
-                        revision,
-                    );
-                    errors.push(error);
-                }
-            }
-        }
-        let elapsed = started.elapsed();
-        if reload.is_some() || path.is_some() {
-            self.metrics.last_apply_seconds.set(elapsed.as_secs_f64());
-        }
-        self.reloaded = reload.is_some();
-        self.metrics.revision.set(published.revision);
-        if all_live {
-            self.metrics.applied_revision.set(published.revision);
-            if let (Some(since), Some(at)) = (self.pending_since.take(), live_at) {
-                self.metrics
-                    .event_to_live
-                    .observe(at.saturating_duration_since(since).as_secs_f64());
-            }
-        }
-        self.metrics.services.set(snapshot.services.len() as i64);
-        self.metrics.instances.set(snapshot.instance_count() as i64);
-        self.status_tx.send_modify(|s| {
-            s.revision = published.revision;
-            if let Some(result) = reload {
-                s.last_reload_at = Some(crate::schema::unix_now());
-                s.last_reload_result = Some(result.as_str().to_string());
-            }
-            if let Some(p) = path {
-                s.last_apply_path = Some(p.as_str().to_string());
-            }
-            s.last_error = (!errors.is_empty()).then(|| errors.join("\n"));
-        });
-        self.retry_at = if retry {
-            let delay = self.retry_backoff.next_delay();
-            tracing::info!("retrying the failed apply in {} ms", delay.as_millis());
-            Some(Instant::now() + delay)
-        } else {
-            self.retry_backoff.reset();
-            None
-        };
-        if !self.ready {
-            self.ready = true;
-            self.metrics.set_ready();
-            sd::ready(&format!("rendered etcd revision {}", published.revision));
-        }
-    }
-}
-
-/// The line of a check's output that says what is wrong: HAProxy prints notices
-/// (its version, its path) before its first `[ALERT]`.
-fn first_error_line(output: &str) -> &str {
-    let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.clone().next().unwrap_or("");
-    lines
-        .find(|l| l.contains("[ALERT]") || l.to_ascii_lowercase().contains("error"))
-        .unwrap_or(first)
-}
-
-/// One hook event with the fields every watcher event carries.
-fn emit(
-    hooks: &Hooks,
-    watcher: &str,
-    name: &'static str,
-    summary: String,
-    dest: &std::path::Path,
-    revision: i64,
-) {
-    hooks.emit(
-        Event::new(name, summary)
-            .with("watcher", watcher)
-            .with("revision", revision)
-            .with("dest", dest.display().to_string()),
-    );
-}
-
-async fn recv(sig: &mut Option<Signal>) -> Option<()> {
-    match sig {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_reject_is_summed_up_by_the_first_alert() {
-        let out = "[NOTICE]   (1) : haproxy version is 2.6.12\n[NOTICE]   (1) : path to executable is /usr/sbin/haproxy\n[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'\n[ALERT]    (1) : config : Fatal errors found in configuration.";
-        assert_eq!(
-            first_error_line(out),
-            "[ALERT]    (1) : config : parsing [x.cfg:8] : balance only supports 'roundrobin'"
-        );
-        assert_eq!(first_error_line("\nmissing ok\n"), "missing ok");
-        assert_eq!(first_error_line(""), "");
     }
 }

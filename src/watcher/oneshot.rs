@@ -1,99 +1,102 @@
 //! The watcher's one-shot commands: `portolan render --once [--dry-run]` and
 //! `portolan check`. Same store, render and apply path as the loop, run once.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use anyhow::Context as _;
 
-use std::collections::BTreeMap;
-
+use super::apply::{Outcome, Resource};
 use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::policy::Resolution;
 use super::render;
-use super::resource::{self, Chain, Outcome, Resource};
+use super::report::{self, Scene};
 use super::store::{Store, StoreSnapshot};
 use super::{resolve, source};
 use crate::config::WatcherConfig;
 use crate::etcd;
 
-/// `portolan render --once [--dry-run]`: one list from etcd, the same render and apply
-/// path as the watcher. A dry run writes and reloads nothing: it prints the diff to the
-/// live file (or the whole file when none exists) and the check's verdict. Returns false
-/// when a check failed.
+/// `portolan render --once [--dry-run]`: one list from etcd, then each resource's own
+/// route and executor, as the watcher's loop runs them, reported through the same
+/// `report` table (printed instead of logged). A dry run writes and reloads nothing: it
+/// prints the diff to the live file (or the whole file when none exists), the runtime
+/// commands the watcher would send, and the check's verdict. Returns false when a check
+/// failed.
+///
+/// What it does not share with the loop, and why: the mass-removal guard and the
+/// lingering of emptied backends judge a change against the file rendered before *by
+/// the same process* — a one-shot run has none, so it renders etcd as it is; HAProxy is
+/// taken to run the file on disk (`Resource::assume_running`: identical bytes cause no
+/// reload), and every change is checked before it is applied, since no deferred check
+/// runs after it.
 pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
     let (_, snapshot) = snapshot_from_etcd(cfg).await?;
     let mut ok = true;
     for t in &cfg.templates {
-        let mut r = Resource::new(t.clone());
-        r.assume_running();
-        r.load_template().await?;
-        r.read_live()
+        let mut r = Resource::open(t.clone(), Duration::ZERO)
             .await
             .with_context(|| format!("cannot read {}", t.dest.display()))?;
+        r.assume_running();
+        r.load_template().await?;
         let rendered = match r.render(&snapshot) {
             Some(result) => result?,
             None => continue,
         };
         if dry_run {
-            match r.live() {
-                Some(live) if live == rendered.as_bytes() => {
-                    println!("# {}: unchanged", t.dest.display());
-                }
-                Some(live) => {
-                    print!("{}", r.diff(&rendered));
-                    if t.haproxy_admin_socket.is_some() {
-                        print!("{}", runtime_verdict(live, &rendered));
-                    }
-                }
-                None => {
-                    println!("# {} (does not exist yet):", t.dest.display());
-                    print!("{rendered}");
-                }
-            }
-            if let Some(check) = r.dry_check(&rendered, cfg.command_timeout).await {
-                if check.success {
-                    println!("# check passed: {}", t.dest.display());
-                } else {
-                    ok = false;
-                    println!(
-                        "# check FAILED ({}) for {}:\n{}",
-                        check.status,
-                        t.dest.display(),
-                        check.output
-                    );
-                }
-            }
+            ok &= dry_run_one(&r, &rendered, cfg.command_timeout).await;
             continue;
         }
-        resource::clean_stale_staging(&t.dest).await.ok();
-        match r.apply(&rendered, cfg.command_timeout).await {
-            Outcome::Unchanged => println!("{}: unchanged", t.dest.display()),
-            Outcome::Written => println!("{}: written", t.dest.display()),
-            Outcome::Runtime { applied } => println!(
-                "{}: written and applied through the runtime API ({applied}), no reload",
-                t.dest.display()
-            ),
-            Outcome::Reloaded { fallback, .. } => {
-                if let Some(why) = fallback {
-                    println!("{}: runtime API failed: {}", t.dest.display(), Chain(&why));
-                }
-                println!("{}: written and reloaded", t.dest.display())
-            }
-            Outcome::Rejected { check, diff } => {
-                ok = false;
-                println!(
-                    "{}: check failed ({}), file left as it was:\n{}\nDiff (first lines):\n{diff}",
-                    t.dest.display(),
-                    check.status,
-                    check.output
-                );
-            }
-            Outcome::Failed { error, fallback } => anyhow::bail!(
-                "{}: {}",
-                t.dest.display(),
-                resource::failure_report(&error, fallback.as_ref())
-            ),
+        r.clean_stale_staging().await.ok();
+        let started = std::time::Instant::now();
+        let outcome = r.apply(&rendered, cfg.command_timeout).await;
+        let scene = Scene {
+            dest: &t.dest,
+            template: &r.name(),
+            services: snapshot.services.len(),
+            instances: snapshot.instance_count(),
+            elapsed: started.elapsed(),
+            now: std::time::Instant::now(),
+        };
+        let said = report::apply(&outcome, &scene);
+        if let Outcome::Failed { .. } = outcome {
+            anyhow::bail!("{}", said.once);
         }
+        ok &= !matches!(outcome, Outcome::Rejected { .. });
+        println!("{}", said.once);
     }
     Ok(ok)
+}
+
+/// Prints what applying `rendered` would change and whether its check passes.
+async fn dry_run_one(r: &Resource, rendered: &str, timeout: Duration) -> bool {
+    let dest = r.cfg.dest.display();
+    match r.live() {
+        Some(live) if live == rendered.as_bytes() => println!("# {dest}: unchanged"),
+        Some(live) => {
+            print!("{}", r.diff(rendered));
+            if r.cfg.haproxy_admin_socket.is_some() {
+                print!("{}", runtime_verdict(live, rendered));
+            }
+        }
+        None => {
+            println!("# {dest} (does not exist yet):");
+            print!("{rendered}");
+        }
+    }
+    match r.dry_check(rendered, timeout).await {
+        Some(check) if !check.success => {
+            println!(
+                "# check FAILED ({}) for {dest}:\n{}",
+                check.status, check.output
+            );
+            false
+        }
+        Some(_) => {
+            println!("# check passed: {dest}");
+            true
+        }
+        None => true,
+    }
 }
 
 /// What the watcher would do with this change: the runtime commands, or why it takes a

@@ -19,43 +19,6 @@ use crate::schema::{self, WatcherStatus};
 
 pub(crate) const STATUS_TTL: Duration = Duration::from_secs(10);
 
-/// `WatcherStatus::last_reload_result`: how the last reload attempt ended. The record
-/// holds the `as_str()` spelling, which readers of the record match on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReloadResult {
-    Ok,
-    /// `check_cmd` refused the new file: no reload was attempted.
-    Rejected,
-    Failed,
-}
-
-impl ReloadResult {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            ReloadResult::Ok => "ok",
-            ReloadResult::Rejected => "rejected",
-            ReloadResult::Failed => "failed",
-        }
-    }
-}
-
-/// `WatcherStatus::last_apply_path`: how the last change reached HAProxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ApplyPath {
-    /// Through the runtime API, with no reload.
-    Runtime,
-    Reload,
-}
-
-impl ApplyPath {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            ApplyPath::Runtime => "runtime",
-            ApplyPath::Reload => "reload",
-        }
-    }
-}
-
 pub(crate) async fn run(
     cfg: EtcdConfig,
     name: String,

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::runtime_plan::{AdminState, RuntimeOp};
+use super::runtime_plan::{AdminState, Command, RuntimeOp};
 use super::socket;
 
 /// How long a removed server may take to finish its requests before a reload is used.
@@ -80,8 +80,9 @@ impl std::fmt::Display for Applied {
     }
 }
 
-/// Sends `ops` to the admin socket in order. Stops at the first refusal: HAProxy then
-/// runs a mix of old and new, which the caller's reload replaces.
+/// Sends `ops` to the admin socket in order, each as its `RuntimeOp::commands`. Stops at
+/// the first refusal: HAProxy then runs a mix of old and new, which the caller's reload
+/// replaces.
 pub(crate) async fn apply(
     sock: &Path,
     ops: &[RuntimeOp],
@@ -90,81 +91,28 @@ pub(crate) async fn apply(
     let start = Instant::now();
     let mut done = Applied::default();
     for op in ops {
+        let commands = op.commands();
+        let Some((last, first)) = commands.split_last() else {
+            continue;
+        };
+        for c in first {
+            expect(sock, c, timeout).await?;
+        }
         match op {
-            RuntimeOp::Add {
-                backend,
-                server,
-                addr,
-                args,
-                check,
-                agent,
-                enable,
-            } => {
-                let id = format!("{backend}/{server}");
-                let mut cmd = format!("add server {id} {addr}");
-                for a in args {
-                    cmd.push(' ');
-                    cmd.push_str(a);
-                }
-                expect(sock, &cmd, "New server registered.", timeout).await?;
-                if *check {
-                    expect(sock, &format!("enable health {id}"), "", timeout).await?;
-                }
-                if *agent {
-                    expect(sock, &format!("enable agent {id}"), "", timeout).await?;
-                }
-                if *enable {
-                    expect(sock, &format!("enable server {id}"), "", timeout).await?;
-                }
-                done.added += 1;
-            }
-            RuntimeOp::Weight {
-                backend,
-                server,
-                weight,
-            } => {
-                let cmd = format!("set server {backend}/{server} weight {weight}");
-                expect(sock, &cmd, "", timeout).await?;
-                done.reweighted += 1;
-            }
-            RuntimeOp::State {
-                backend,
-                server,
-                state,
-            } => {
-                let cmd = format!("set server {backend}/{server} state {}", state.as_str());
-                expect(sock, &cmd, "", timeout).await?;
-                match state {
-                    AdminState::Ready => done.restored += 1,
-                    AdminState::Maint | AdminState::Drain => done.drained += 1,
-                }
-            }
             RuntimeOp::Remove { backend, server } => {
-                let id = format!("{backend}/{server}");
-                expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
-                let deadline = Instant::now() + DRAIN;
-                let del = format!("del server {id}");
-                loop {
-                    let answer = send(sock, &del, timeout).await?;
-                    if answer == "Server deleted." {
-                        break;
-                    }
-                    if !answer.contains("still has connections") {
-                        return Err(RuntimeError::Refused {
-                            command: del,
-                            answer,
-                        });
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(RuntimeError::Busy { server: id });
-                    }
-                    tokio::time::sleep(DRAIN_POLL).await;
-                    // Connections handed back to the pool since: empty it again.
-                    expect(sock, &format!("set server {id} state drain"), "", timeout).await?;
-                    expect(sock, &format!("set server {id} state maint"), "", timeout).await?;
-                }
-                done.removed += 1;
+                remove(sock, op, last, &format!("{backend}/{server}"), timeout).await?
             }
+            _ => expect(sock, last, timeout).await?,
+        }
+        match op {
+            RuntimeOp::Add { .. } => done.added += 1,
+            RuntimeOp::Weight { .. } => done.reweighted += 1,
+            RuntimeOp::State {
+                state: AdminState::Ready,
+                ..
+            } => done.restored += 1,
+            RuntimeOp::State { .. } => done.drained += 1,
+            RuntimeOp::Remove { .. } => done.removed += 1,
         }
     }
     done.took = start.elapsed();
@@ -172,15 +120,46 @@ pub(crate) async fn apply(
     Ok(done)
 }
 
-/// Sends one command; its trimmed answer must be `want` (most commands answer nothing
-/// on success and a sentence on failure).
-async fn expect(sock: &Path, cmd: &str, want: &str, timeout: Duration) -> Result<(), RuntimeError> {
-    let answer = send(sock, cmd, timeout).await?;
-    if answer == want {
+/// `del server` (`del`), retried for up to `DRAIN` while the server still has pooled
+/// connections, the pool emptied again (`op.repool()`) between tries.
+async fn remove(
+    sock: &Path,
+    op: &RuntimeOp,
+    del: &Command,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let answer = send(sock, &del.text, timeout).await?;
+        if answer == del.expect {
+            return Ok(());
+        }
+        if !answer.contains("still has connections") {
+            return Err(RuntimeError::Refused {
+                command: del.text.clone(),
+                answer,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Busy { server: id.into() });
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+        // Connections handed back to the pool since: empty it again.
+        for c in op.repool() {
+            expect(sock, &c, timeout).await?;
+        }
+    }
+}
+
+/// Sends one command; its trimmed answer must be the one it expects.
+async fn expect(sock: &Path, c: &Command, timeout: Duration) -> Result<(), RuntimeError> {
+    let answer = send(sock, &c.text, timeout).await?;
+    if answer == c.expect {
         Ok(())
     } else {
         Err(RuntimeError::Refused {
-            command: cmd.to_string(),
+            command: c.text.clone(),
             answer,
         })
     }

@@ -86,40 +86,103 @@ impl AdminState {
     }
 }
 
+/// One admin-socket command and the answer that means it worked (most commands answer
+/// nothing on success and a sentence on failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Command {
+    pub(crate) text: String,
+    pub(crate) expect: &'static str,
+}
+
+impl Command {
+    fn new(text: String, expect: &'static str) -> Command {
+        Command { text, expect }
+    }
+}
+
+/// `del server`'s answer when the server is gone.
+pub(crate) const DELETED: &str = "Server deleted.";
+/// `add server`'s answer when the server exists.
+const REGISTERED: &str = "New server registered.";
+
 impl RuntimeOp {
-    /// The command(s) it stands for, as an operator would type them on the admin socket.
-    pub(crate) fn describe(&self) -> String {
+    /// The commands it is, in the order `runtime_api` sends them: the one text of each
+    /// command, which the dry run prints and the runtime API receives.
+    pub(crate) fn commands(&self) -> Vec<Command> {
         match self {
             RuntimeOp::Add {
                 backend,
                 server,
                 addr,
                 args,
+                check,
+                agent,
                 enable,
-                ..
-            } => format!(
-                "add server {backend}/{server} {addr} {}{}",
-                args.join(" "),
-                if *enable {
-                    "; enable server"
-                } else {
-                    " (stays in maintenance)"
+            } => {
+                let id = format!("{backend}/{server}");
+                let mut add = format!("add server {id} {addr}");
+                for a in args {
+                    add.push(' ');
+                    add.push_str(a);
                 }
-            ),
-            RuntimeOp::Remove { backend, server } => {
-                format!("set server {backend}/{server} state maint; del server {backend}/{server}")
+                let mut out = vec![Command::new(add, REGISTERED)];
+                // A dynamic server starts in maintenance with checks off.
+                for (on, what) in [(*check, "health"), (*agent, "agent"), (*enable, "server")] {
+                    if on {
+                        out.push(Command::new(format!("enable {what} {id}"), ""));
+                    }
+                }
+                out
             }
+            RuntimeOp::Remove { backend, server } => vec![
+                Command::new(format!("set server {backend}/{server} state maint"), ""),
+                Command::new(format!("del server {backend}/{server}"), DELETED),
+            ],
             RuntimeOp::Weight {
                 backend,
                 server,
                 weight,
-            } => format!("set server {backend}/{server} weight {weight}"),
+            } => vec![Command::new(
+                format!("set server {backend}/{server} weight {weight}"),
+                "",
+            )],
             RuntimeOp::State {
                 backend,
                 server,
                 state,
-            } => format!("set server {backend}/{server} state {}", state.as_str()),
+            } => vec![Command::new(
+                format!("set server {backend}/{server} state {}", state.as_str()),
+                "",
+            )],
         }
+    }
+
+    /// For a `Remove` whose `del server` found connections still pooled: the commands
+    /// that empty the idle pool again before the next `del` (see `runtime_api`).
+    pub(crate) fn repool(&self) -> Vec<Command> {
+        match self {
+            RuntimeOp::Remove { backend, server } => ["drain", "maint"]
+                .map(|s| Command::new(format!("set server {backend}/{server} state {s}"), ""))
+                .into(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// What the dry run prints: the commands as an operator would type them.
+    pub(crate) fn describe(&self) -> String {
+        let join = |c: Vec<Command>| c.into_iter().map(|c| c.text).collect::<Vec<_>>().join("; ");
+        let mut out = join(self.commands());
+        let repool = self.repool();
+        if !repool.is_empty() {
+            out += &format!(
+                " (while it still has connections: {}; del again)",
+                join(repool)
+            );
+        }
+        if let RuntimeOp::Add { enable: false, .. } = self {
+            out += " (stays in maintenance)";
+        }
+        out
     }
 }
 

@@ -17,139 +17,24 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::haproxy::runtime_plan::servers_by_backend;
+use super::apply::Resource;
+use super::haproxy::servers::{parse_servers_state, views_of_config, Admin, View};
 use super::haproxy::socket::exchange;
 use super::oneshot::snapshot_from_etcd;
-use super::resource::Resource;
 use crate::config::WatcherConfig;
 use crate::etcd;
 use crate::schema::{self, WatcherStatus};
 
-/// Whether a server takes traffic, as far as configuration goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Admin {
-    Ready,
-    Maint,
-    Drain,
-}
-
-/// One server in one view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct View {
-    pub addr: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weight: Option<u32>,
-    pub admin: Admin,
-    /// HAProxy's own view (health checks): only in the HAProxy view.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub up: Option<bool>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Row {
-    pub etcd: Option<View>,
-    pub file: Option<View>,
+pub(crate) struct Row {
+    pub(crate) etcd: Option<View>,
+    pub(crate) file: Option<View>,
     /// None: not running in HAProxy (or no admin socket to ask).
-    pub haproxy: Option<View>,
+    pub(crate) haproxy: Option<View>,
 }
 
 /// backend → server → its three views.
-pub type Backends = BTreeMap<String, BTreeMap<String, Row>>;
-
-/// The views of a `server NAME ADDR [weight N] [disabled] …` line.
-fn view_of_line(line: &str) -> Option<View> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let addr = words.get(2)?.to_string();
-    let weight = words
-        .iter()
-        .position(|w| *w == "weight")
-        .and_then(|i| words.get(i + 1))
-        .and_then(|w| w.parse().ok());
-    let admin = if words.contains(&"disabled") {
-        Admin::Maint
-    } else {
-        Admin::Ready
-    };
-    Some(View {
-        addr,
-        weight,
-        admin,
-        up: None,
-    })
-}
-
-fn views_of_config(text: &str) -> Result<BTreeMap<String, BTreeMap<String, View>>, String> {
-    Ok(servers_by_backend(text)?
-        .into_iter()
-        .map(|(b, servers)| {
-            let views = servers
-                .into_iter()
-                .filter_map(|(n, l)| Some((n, view_of_line(&l)?)))
-                .collect();
-            (b, views)
-        })
-        .collect())
-}
-
-/// Parses `show servers state` (format version 1). Columns, from HAProxy's manual:
-/// be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
-/// srv_iweight … srv_port (19th).
-pub fn parse_servers_state(
-    answer: &str,
-) -> Result<BTreeMap<String, BTreeMap<String, View>>, String> {
-    let mut lines = answer.lines();
-    match lines.next().map(str::trim) {
-        Some("1") => {}
-        other => {
-            return Err(format!(
-                "show servers state: expected format version 1, got {other:?}"
-            ))
-        }
-    }
-    let mut out: BTreeMap<String, BTreeMap<String, View>> = BTreeMap::new();
-    for line in lines {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 19 {
-            return Err(format!("show servers state: short line {line:?}"));
-        }
-        let num = |i: usize| {
-            f[i].parse::<u32>()
-                .map_err(|_| format!("show servers state: field {i} of {line:?} is not a number"))
-        };
-        let (op, admin_bits, weight, port) = (num(5)?, num(6)?, num(7)?, num(18)?);
-        // SRV_ADMF_*: FMAINT 0x01, IMAINT 0x02, CMAINT 0x04, RMAINT 0x20, HMAINT 0x40;
-        // FDRAIN 0x08, IDRAIN 0x10.
-        let admin = if admin_bits & 0x67 != 0 {
-            Admin::Maint
-        } else if admin_bits & 0x18 != 0 {
-            Admin::Drain
-        } else {
-            Admin::Ready
-        };
-        let host = f[4];
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        out.entry(f[1].to_string()).or_default().insert(
-            f[3].to_string(),
-            View {
-                addr,
-                weight: Some(weight),
-                admin,
-                // SRV_ST_RUNNING 2, SRV_ST_STOPPING 3 still count as up.
-                up: Some(op >= 2),
-            },
-        );
-    }
-    Ok(out)
-}
+pub(crate) type Backends = BTreeMap<String, BTreeMap<String, Row>>;
 
 /// Lines the config's `addr` and HAProxy's agree on: a name the file gives is resolved
 /// by HAProxy, so only compare literal addresses.
@@ -161,7 +46,7 @@ fn same_addr(file: &str, running: &str) -> bool {
 }
 
 /// Puts the views side by side and names every difference.
-pub fn compare(
+pub(crate) fn compare(
     etcd: &str,
     file: &str,
     haproxy: Option<&str>,
@@ -333,8 +218,8 @@ fn last_apply(w: &Option<WatcherStatus>, name: &str) -> String {
             "watcher {}: last apply at etcd revision {} via {}, {}{}{}",
             w.name,
             w.revision,
-            w.last_apply_path.as_deref().unwrap_or("-"),
-            w.last_reload_result.as_deref().unwrap_or("no reload yet"),
+            w.last_apply_path.map_or("-", |p| p.as_str()),
+            w.last_reload_result.map_or("no reload yet", |r| r.as_str()),
             w.last_reload_at
                 .map(|t| format!(", {}s ago", schema::unix_now().saturating_sub(t)))
                 .unwrap_or_default(),
@@ -361,7 +246,7 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
     let mut templates = Vec::new();
     let mut differences = Vec::new();
     for t in &cfg.templates {
-        let mut r = Resource::new(t.clone());
+        let mut r = Resource::open(t.clone(), Duration::ZERO).await?;
         r.load_template().await?;
         let rendered = match r.render(&snapshot) {
             Some(result) => result?,

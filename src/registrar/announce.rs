@@ -12,7 +12,7 @@
 //! lost its state file) says nothing new, so it is no event.
 
 use super::plan::KeyOp;
-use crate::hook::Event;
+use crate::hook::{Event, RegistrarEvent};
 use crate::schema::{self, InstanceRecord};
 
 /// The event for one op that went through; `before` is the key's value before it.
@@ -31,23 +31,27 @@ pub(crate) fn event(prefix: &str, node: &str, op: &KeyOp, before: Option<&str>) 
         KeyOp::Put { value, .. } => {
             let record = serde_json::from_str::<InstanceRecord>(value).ok()?;
             (
-                if record.draining { "drain" } else { "register" },
+                if record.draining {
+                    RegistrarEvent::Drain
+                } else {
+                    RegistrarEvent::Register
+                },
                 value.as_str(),
             )
         }
-        KeyOp::Delete { .. } => ("deregister", before?),
+        KeyOp::Delete { .. } => (RegistrarEvent::Deregister, before?),
     };
     let record = serde_json::from_str::<InstanceRecord>(value).unwrap_or_default();
     let was_draining = before
         .and_then(|b| serde_json::from_str::<InstanceRecord>(b).ok())
         .is_some_and(|r| r.draining);
     let what = match name {
-        "drain" => "draining: its container is stopping".to_string(),
-        "register" if was_draining => {
-            "registered again: its container did not exit within its stop timeout".to_string()
+        RegistrarEvent::Drain => "draining: its container is stopping",
+        RegistrarEvent::Register if was_draining => {
+            "registered again: its container did not exit within its stop timeout"
         }
-        "register" => "registered".to_string(),
-        _ => "deregistered".to_string(),
+        RegistrarEvent::Register => "registered",
+        RegistrarEvent::Deregister => "deregistered",
     };
     let summary = format!("{service}/{instance} at {} on {node} {what}", record.addr);
     Some(
@@ -76,13 +80,13 @@ mod tests {
     }
 
     fn name(op: &KeyOp, before: Option<&str>) -> Option<&'static str> {
-        event("/p", "web", op, before).map(|e| e.name)
+        event("/p", "web", op, before).map(|e| e.kind.as_str())
     }
 
     #[test]
     fn a_new_instance_is_registered_with_every_field() {
         let e = event("/p", "web", &put(UP), None).unwrap();
-        assert_eq!(e.name, "register");
+        assert_eq!(e.kind.as_str(), "register");
         assert_eq!(e.fields["service"], "api");
         assert_eq!(e.fields["instance"], "web-3f2a9c1b7d10-80");
         assert_eq!(e.fields["node"], "web");
@@ -98,11 +102,11 @@ mod tests {
     fn drain_give_back_and_deregister() {
         assert_eq!(name(&put(DRAINING), Some(UP)), Some("drain"));
         let back = event("/p", "web", &put(UP), Some(DRAINING)).unwrap();
-        assert_eq!(back.name, "register");
+        assert_eq!(back.kind.as_str(), "register");
         assert!(back.summary.contains("did not exit"), "{}", back.summary);
         let del = KeyOp::Delete { key: KEY.into() };
         let e = event("/p", "web", &del, Some(DRAINING)).unwrap();
-        assert_eq!(e.name, "deregister");
+        assert_eq!(e.kind.as_str(), "deregister");
         assert_eq!(e.fields["addr"], "10.0.0.5:1");
         // Nothing known about a deleted key: nothing to say.
         assert_eq!(name(&del, None), None);

@@ -1,0 +1,589 @@
+//! Which path a rendered change takes to HAProxy, decided from one value (pure).
+//!
+//! `State` is what one resource knows: the bytes at `dest` (`live`), the last file HAProxy
+//! confirmed running (`confirmed`), the last file that passed `check_cmd` (`checked`),
+//! whether changes must be checked before they are applied (`check_first`), and whether
+//! HAProxy may not run `live` (`reload_pending`). `State::route` turns a render into a
+//! `Route`; the executor (`apply/mod.rs`) carries it out and feeds each result back
+//! through one transition method, so every path reads as route → execute → transition.
+//!
+//! The paths:
+//! - **runtime first**: HAProxy runs `live`, the change is server lines only
+//!   (`runtime_plan`), and `live` descends from a checked file by such changes: the ops go
+//!   to the admin socket before any check and the file follows unchecked. Why that is
+//!   safe: the file differs from a checked one only by server lines HAProxy's own parser
+//!   just accepted; it is still checked in the background (`unchecked_live`) and before
+//!   any reload.
+//! - **check first**: stage, check, swap, then the runtime ops, a reload, or nothing (no
+//!   reload configured). Taken when runtime first is not possible, after the runtime API
+//!   refused (`fallback_route`: a reload makes HAProxy whole again), and while
+//!   `check_first` is on.
+//! - **repair**: a deferred check refused the bytes HAProxy runs: the last checked file
+//!   goes back, HAProxy is reloaded onto it, and `check_first` stays on until a file passes.
+//!
+//! Invariants: HAProxy is never reloaded onto bytes that did not pass `check_cmd` (a reload
+//! of unchecked `live` bytes checks them first: `Check::Live`); a refused reload puts back
+//! `confirmed`, the file HAProxy last confirmed, not merely the one before.
+
+use std::sync::Arc;
+
+use crate::watcher::haproxy::runtime_plan::{RuntimeOp, RuntimePlan};
+
+/// File contents, shared between `live`, `confirmed` and `checked`.
+pub(crate) type Bytes = Arc<[u8]>;
+
+/// What a resource's config lets the watcher do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Means {
+    /// A `check_cmd` is configured.
+    pub(crate) check: bool,
+    /// A master socket or `reload_cmd` is configured.
+    pub(crate) reload: bool,
+    /// An admin socket is configured (runtime API).
+    pub(crate) runtime: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    means: Means,
+    live: Option<Bytes>,
+    confirmed: Option<Bytes>,
+    checked: Option<Bytes>,
+    check_first: bool,
+    /// Reload even if the bytes are unchanged: a previous run may have died between
+    /// rename and reload, or the runtime API left HAProxy half-way.
+    reload_pending: bool,
+}
+
+/// The next thing to do with a rendered file.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Route {
+    /// The bytes are live and nothing needs reloading.
+    Unchanged,
+    /// Send these to the admin socket, then write the file without a check.
+    RuntimeFirst(Vec<RuntimeOp>),
+    CheckFirst(CheckFirst),
+}
+
+/// Check, swap, then make HAProxy run the file.
+#[derive(Debug, PartialEq)]
+pub(crate) struct CheckFirst {
+    pub(crate) check: Check,
+    pub(crate) then: Then,
+}
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Check {
+    /// Stage the rendered bytes, check them (when a check is configured), swap them in.
+    Rendered,
+    /// The rendered bytes are those at `dest` already, and no check passed them yet
+    /// (a previous run's, or bytes applied runtime first): check a copy.
+    Live,
+    /// The rendered bytes are at `dest` and passed before (or there is no check).
+    Nothing,
+}
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Then {
+    /// No reload is configured: the file is all there is.
+    Write,
+    /// The file is checked and in place: these make HAProxy run it.
+    Runtime(Vec<RuntimeOp>),
+    /// `Some(why)`: the runtime API was possible but cannot express this change.
+    Reload(Option<String>),
+}
+
+/// What to make of a deferred check's verdict.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Verdict {
+    /// Those bytes are checked now (runtime first is back on).
+    Passed,
+    /// Refused, but `dest` holds newer bytes since, which get a check of their own.
+    Stale,
+    /// HAProxy runs what no check accepts: put `good` back and reload onto it (None:
+    /// no checked file to go back to, which runtime first never starts without).
+    Repair(Option<Bytes>),
+}
+
+impl State {
+    /// A resource at start: HAProxy may run an older file than `dest` (a previous run
+    /// may have died between rename and reload), so the first apply reloads.
+    pub(crate) fn new(means: Means, live: Option<Bytes>) -> State {
+        State {
+            means,
+            live,
+            confirmed: None,
+            checked: None,
+            check_first: false,
+            reload_pending: true,
+        }
+    }
+
+    /// For one-shot runs: HAProxy is taken to run the file on disk, so identical bytes
+    /// cause no reload; and nothing checks in the background, so every change is
+    /// checked before it is applied.
+    pub(crate) fn assume_running(&mut self) {
+        self.reload_pending = false;
+        self.confirmed = self.live.clone();
+        self.check_first = true;
+    }
+
+    pub(crate) fn live(&self) -> Option<&Bytes> {
+        self.live.as_ref()
+    }
+
+    /// Whether `bytes` may be reloaded without running `check_cmd` on them again.
+    fn is_checked(&self, bytes: &[u8]) -> bool {
+        !self.means.check || self.checked.as_deref() == Some(bytes)
+    }
+
+    /// The path `rendered` takes; `plan` is the runtime planner, asked only when the
+    /// runtime API could carry the change.
+    pub(crate) fn route(
+        &self,
+        rendered: &[u8],
+        plan: impl FnOnce(&[u8], &[u8]) -> RuntimePlan,
+    ) -> Route {
+        let changed = self.live.as_deref() != Some(rendered);
+        let must_reload = self.reload_pending && self.means.reload;
+        if !changed && !must_reload {
+            return Route::Unchanged;
+        }
+        let plan = match &self.live {
+            Some(live)
+                if changed && !self.reload_pending && self.means.reload && self.means.runtime =>
+            {
+                Some(plan(live, rendered))
+            }
+            _ => None,
+        };
+        // Runtime first needs a checked file to start from: `live` is that file, or one
+        // derived from it by server lines HAProxy took.
+        let from_checked = !self.means.check || self.checked.is_some();
+        match plan {
+            Some(RuntimePlan::Runtime(ops)) if !self.check_first && from_checked => {
+                Route::RuntimeFirst(ops)
+            }
+            plan => Route::CheckFirst(self.check_route(rendered, plan)),
+        }
+    }
+
+    /// The runtime API refused a runtime-first change part-way: HAProxy may run a mix,
+    /// and only a reload of the checked file makes it whole again.
+    pub(crate) fn fallback_route(&mut self, rendered: &[u8]) -> CheckFirst {
+        self.reload_pending = true;
+        self.check_route(rendered, None)
+    }
+
+    fn check_route(&self, rendered: &[u8], plan: Option<RuntimePlan>) -> CheckFirst {
+        let check = if self.live.as_deref() != Some(rendered) {
+            Check::Rendered
+        } else if self.is_checked(rendered) {
+            Check::Nothing
+        } else {
+            Check::Live
+        };
+        let then = match plan {
+            _ if !self.means.reload => Then::Write,
+            Some(RuntimePlan::Runtime(ops)) => Then::Runtime(ops),
+            Some(RuntimePlan::Reload(why)) => Then::Reload(Some(why)),
+            None => Then::Reload(None),
+        };
+        CheckFirst { check, then }
+    }
+
+    /// `dest` as read under the lock. Bytes other than `live` were put there behind the
+    /// watcher's back (another `render --once`, a hand edit): they are what is live, and
+    /// they are not derived from a checked file, so the next change is checked first.
+    pub(crate) fn saw_on_disk(&mut self, disk: Bytes) {
+        if self.live.as_deref() != Some(&*disk) {
+            self.live = Some(disk);
+            self.checked = None;
+        }
+    }
+
+    /// `Route::Unchanged` taken.
+    pub(crate) fn unchanged(&mut self) {
+        self.reload_pending = false;
+    }
+
+    /// HAProxy may not run `live` (a runtime change half done and not undone, a reload
+    /// unconfirmed or failed): the next apply reloads, even with unchanged bytes.
+    pub(crate) fn must_reload(&mut self) {
+        self.reload_pending = true;
+    }
+
+    /// Runtime first: HAProxy took the ops and `rendered` is at `dest` now (unchecked).
+    pub(crate) fn followed(&mut self, rendered: Bytes) {
+        self.live = Some(rendered);
+        self.went_live();
+    }
+
+    /// Check first: `rendered` passed its check (or needed none) and is at `dest`.
+    /// Returns the bytes it replaced.
+    pub(crate) fn written(&mut self, rendered: Bytes) -> Option<Bytes> {
+        let previous = self.live.replace(rendered);
+        if self.means.check {
+            self.checked = self.live.clone();
+            self.check_first = false;
+        }
+        previous
+    }
+
+    /// HAProxy confirmed running `live` (reload confirmed, every runtime command
+    /// answered) or, with nothing to reload, it is written: the last good file.
+    pub(crate) fn went_live(&mut self) {
+        self.reload_pending = false;
+        self.confirmed = self.live.clone();
+    }
+
+    /// A reload was refused: the file to put back so the file says what HAProxy runs
+    /// (None: `live` is that file already). It is `confirmed`, which is not `previous`
+    /// when that was a file whose reload timed out and was never confirmed.
+    pub(crate) fn reload_refused(&self, previous: Option<Bytes>) -> Option<Bytes> {
+        self.confirmed
+            .clone()
+            .or(previous)
+            .filter(|good| self.live.as_ref() != Some(good))
+    }
+
+    /// `good` is back at `dest`.
+    pub(crate) fn restored(&mut self, good: Bytes) {
+        self.live = Some(good);
+    }
+
+    /// `dest` holds bytes applied runtime first that no check passed yet: they are
+    /// checked off the latency path.
+    pub(crate) fn unchecked_live(&self) -> Option<Bytes> {
+        let live = self.live.clone()?;
+        (!self.is_checked(&live)).then_some(live)
+    }
+
+    /// A deferred check of `bytes` ended.
+    pub(crate) fn deferred(&mut self, bytes: Bytes, passed: bool) -> Verdict {
+        if passed {
+            self.checked = Some(bytes);
+            self.check_first = false;
+            return Verdict::Passed;
+        }
+        if self.live.as_deref() != Some(&*bytes) {
+            return Verdict::Stale;
+        }
+        self.check_first = true;
+        Verdict::Repair(self.checked.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watcher::haproxy::runtime_plan::AdminState;
+
+    fn b(s: &str) -> Bytes {
+        Arc::from(s.as_bytes())
+    }
+
+    const ALL: Means = Means {
+        check: true,
+        reload: true,
+        runtime: true,
+    };
+
+    fn op() -> RuntimeOp {
+        RuntimeOp::State {
+            backend: "svc_web".into(),
+            server: "a".into(),
+            state: AdminState::Maint,
+        }
+    }
+
+    /// A planner that says the change is server lines only.
+    fn servers(_: &[u8], _: &[u8]) -> RuntimePlan {
+        RuntimePlan::Runtime(vec![op()])
+    }
+
+    /// A planner that says the change needs a reload.
+    fn structural(_: &[u8], _: &[u8]) -> RuntimePlan {
+        RuntimePlan::Reload("a new backend".into())
+    }
+
+    fn never(_: &[u8], _: &[u8]) -> RuntimePlan {
+        panic!("the planner must not be asked")
+    }
+
+    /// A resource that started on v1, reloaded onto it (checked and confirmed).
+    fn running_v1(means: Means) -> State {
+        let mut s = State::new(means, Some(b("v1")));
+        match s.route(b"v1", never) {
+            Route::CheckFirst(c) if c.check == Check::Live || !means.check => {}
+            Route::Unchanged if !means.reload => {}
+            r => panic!("the first apply checks and reloads what is there: {r:?}"),
+        }
+        s.written(b("v1"));
+        s.went_live();
+        s
+    }
+
+    fn check_first(check: Check, then: Then) -> Route {
+        Route::CheckFirst(CheckFirst { check, then })
+    }
+
+    #[test]
+    fn at_start_the_file_there_is_checked_then_reloaded_even_if_unchanged() {
+        let s = State::new(ALL, Some(b("v1")));
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Live, Then::Reload(None))
+        );
+        // A new render at start is checked before the first reload, never runtime first.
+        assert_eq!(
+            s.route(b"v2", never),
+            check_first(Check::Rendered, Then::Reload(None))
+        );
+        // Nothing to reload with: unchanged bytes are just unchanged.
+        let s = State::new(
+            Means {
+                reload: false,
+                ..ALL
+            },
+            Some(b("v1")),
+        );
+        assert_eq!(s.route(b"v1", never), Route::Unchanged);
+    }
+
+    #[test]
+    fn rules_of_the_route_table() {
+        // (state, rendered, planner) → route
+        let v1 = running_v1(ALL);
+        let mut checking_first = running_v1(ALL);
+        checking_first.check_first = true;
+        let no_runtime = running_v1(Means {
+            runtime: false,
+            ..ALL
+        });
+        let no_reload = running_v1(Means {
+            reload: false,
+            ..ALL
+        });
+        let no_check = running_v1(Means {
+            check: false,
+            ..ALL
+        });
+        let mut hand_edited = running_v1(ALL);
+        hand_edited.saw_on_disk(b("edited"));
+        type Planner = fn(&[u8], &[u8]) -> RuntimePlan;
+        let table: Vec<(&str, &State, &str, Planner, Route)> = vec![
+            ("same bytes, live", &v1, "v1", never, Route::Unchanged),
+            (
+                "server lines only",
+                &v1,
+                "v2",
+                servers,
+                Route::RuntimeFirst(vec![op()]),
+            ),
+            (
+                "structural change",
+                &v1,
+                "v2",
+                structural,
+                check_first(Check::Rendered, Then::Reload(Some("a new backend".into()))),
+            ),
+            (
+                "check-first mode",
+                &checking_first,
+                "v2",
+                servers,
+                check_first(Check::Rendered, Then::Runtime(vec![op()])),
+            ),
+            (
+                "no admin socket",
+                &no_runtime,
+                "v2",
+                never,
+                check_first(Check::Rendered, Then::Reload(None)),
+            ),
+            (
+                "no reload configured",
+                &no_reload,
+                "v2",
+                never,
+                check_first(Check::Rendered, Then::Write),
+            ),
+            (
+                "no check configured: runtime first from any file",
+                &no_check,
+                "v2",
+                servers,
+                Route::RuntimeFirst(vec![op()]),
+            ),
+            (
+                "dest replaced behind our back",
+                &hand_edited,
+                "v2",
+                servers,
+                check_first(Check::Rendered, Then::Runtime(vec![op()])),
+            ),
+        ];
+        for (name, state, rendered, planner, want) in table {
+            assert_eq!(state.route(rendered.as_bytes(), planner), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn runtime_first_accepted_makes_the_unchecked_file_live_and_due_for_a_check() {
+        let mut s = running_v1(ALL);
+        assert!(matches!(s.route(b"v2", servers), Route::RuntimeFirst(_)));
+        s.followed(b("v2"));
+        assert_eq!(s.route(b"v2", never), Route::Unchanged);
+        assert_eq!(s.unchecked_live(), Some(b("v2")));
+        // A later runtime change chains on it with no check in between.
+        assert!(matches!(s.route(b"v3", servers), Route::RuntimeFirst(_)));
+    }
+
+    #[test]
+    fn runtime_first_refused_or_partly_applied_falls_back_to_a_checked_reload() {
+        let mut s = running_v1(ALL);
+        assert!(matches!(s.route(b"v2", servers), Route::RuntimeFirst(_)));
+        assert_eq!(
+            s.fallback_route(b"v2"),
+            CheckFirst {
+                check: Check::Rendered,
+                then: Then::Reload(None)
+            }
+        );
+        // If that check refuses v2 too and the undo fails, HAProxy still runs part of
+        // v2: v1 is reloaded, checked already, so without a check.
+        s.must_reload();
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Nothing, Then::Reload(None))
+        );
+    }
+
+    #[test]
+    fn a_check_that_fails_or_times_out_changes_nothing() {
+        // The executor makes no transition on a refused check: the same render routes
+        // the same way again, and `dest` is untouched.
+        let s = running_v1(Means {
+            runtime: false,
+            ..ALL
+        });
+        let before = s.route(b"v2", never);
+        assert_eq!(before, check_first(Check::Rendered, Then::Reload(None)));
+        assert_eq!(s.route(b"v2", never), before);
+        assert_eq!(s.live(), Some(&b("v1")));
+    }
+
+    #[test]
+    fn a_check_that_passes_makes_the_file_checked_and_runtime_first_possible() {
+        let mut s = State::new(ALL, None);
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Rendered, Then::Reload(None))
+        );
+        assert_eq!(s.written(b("v1")), None);
+        s.went_live();
+        assert_eq!(s.unchecked_live(), None);
+        assert!(matches!(s.route(b"v2", servers), Route::RuntimeFirst(_)));
+    }
+
+    #[test]
+    fn a_confirmed_reload_makes_the_file_the_last_good_one() {
+        let mut s = running_v1(ALL);
+        let previous = s.written(b("v2"));
+        assert_eq!(previous, Some(b("v1")));
+        s.went_live();
+        assert_eq!(s.route(b"v2", never), Route::Unchanged);
+        // A refused reload of v3 now puts v2 back, not v1.
+        let previous = s.written(b("v3"));
+        assert_eq!(s.reload_refused(previous), Some(b("v2")));
+    }
+
+    #[test]
+    fn a_refused_reload_puts_back_the_confirmed_file_not_an_unconfirmed_one() {
+        let mut s = running_v1(Means {
+            runtime: false,
+            ..ALL
+        });
+        // v2's reload timed out: v2 stays at dest, unconfirmed, and is reloaded again.
+        let previous = s.written(b("v2"));
+        s.must_reload();
+        assert_eq!(previous, Some(b("v1")));
+        assert_eq!(
+            s.route(b"v2", never),
+            check_first(Check::Nothing, Then::Reload(None))
+        );
+        // That reload is refused (or the master is gone): v1, the last confirmed, goes back.
+        let previous = s.written(b("v2"));
+        let good = s.reload_refused(previous).expect("a file to put back");
+        assert_eq!(good, b("v1"));
+        s.restored(good);
+        assert_eq!(s.live(), Some(&b("v1")));
+        // Nothing to put back when dest holds the confirmed file already.
+        assert_eq!(s.reload_refused(Some(b("v0"))), None);
+    }
+
+    #[test]
+    fn a_failed_deferred_check_repairs_then_checks_first_until_a_file_passes() {
+        let mut s = running_v1(ALL);
+        s.followed(b("v2"));
+        let due = s.unchecked_live().expect("v2 is due for a check");
+        assert_eq!(s.deferred(due, false), Verdict::Repair(Some(b("v1"))));
+        // Repair: v1 back, reloaded onto.
+        s.restored(b("v1"));
+        s.went_live();
+        // From now on a server-lines change is checked before it is applied...
+        assert_eq!(
+            s.route(b"v3", servers),
+            check_first(Check::Rendered, Then::Runtime(vec![op()]))
+        );
+        // ...until a file passes: then runtime first again.
+        s.written(b("v3"));
+        s.went_live();
+        assert!(matches!(s.route(b"v4", servers), Route::RuntimeFirst(_)));
+    }
+
+    #[test]
+    fn a_deferred_check_passing_turns_runtime_first_back_on() {
+        let mut s = running_v1(ALL);
+        s.followed(b("v2"));
+        s.check_first = true;
+        assert_eq!(s.deferred(b("v2"), true), Verdict::Passed);
+        assert_eq!(s.unchecked_live(), None);
+        assert!(matches!(s.route(b"v3", servers), Route::RuntimeFirst(_)));
+    }
+
+    #[test]
+    fn a_refused_check_of_bytes_replaced_since_changes_nothing() {
+        let mut s = running_v1(ALL);
+        s.followed(b("v2"));
+        s.followed(b("v3"));
+        assert_eq!(s.deferred(b("v2"), false), Verdict::Stale);
+        assert_eq!(s.unchecked_live(), Some(b("v3")));
+        assert!(matches!(s.route(b"v4", servers), Route::RuntimeFirst(_)));
+    }
+
+    #[test]
+    fn a_failed_repair_reloads_on_the_next_apply() {
+        let mut s = running_v1(ALL);
+        s.followed(b("v2"));
+        assert!(matches!(s.deferred(b("v2"), false), Verdict::Repair(_)));
+        s.restored(b("v1"));
+        s.must_reload();
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Nothing, Then::Reload(None))
+        );
+    }
+
+    #[test]
+    fn a_one_shot_run_takes_the_file_as_running_and_checks_first() {
+        let mut s = State::new(ALL, Some(b("v1")));
+        s.assume_running();
+        assert_eq!(s.route(b"v1", never), Route::Unchanged);
+        assert_eq!(
+            s.route(b"v2", servers),
+            check_first(Check::Rendered, Then::Runtime(vec![op()]))
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! The deferred checks: a file applied runtime first is checked off the latency path,
+//! `QUIET` after the last apply (a burst costs one check, and no check competes for the
+//! CPU with the change right behind another), but no later than `LATEST` after the first
+//! apply it covers (steady churn cannot put it off for good). At most one check runs per
+//! resource; each runs in a task owned here, so none outlives the loop, and its verdict
+//! comes back through `next` for the resource to take (`Resource::deferred_checked`).
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::apply::{Bytes, CommandResult, Resource};
+
+const QUIET: Duration = Duration::from_millis(250);
+const LATEST: Duration = Duration::from_secs(2);
+
+/// A deferred check's verdict: resource index, the bytes checked, the result.
+pub(crate) type Done = (usize, Bytes, CommandResult);
+
+pub(crate) enum Wake {
+    /// Time to start the checks that are due.
+    Due,
+    Done(Done),
+}
+
+#[derive(Default)]
+pub(crate) struct Deferred {
+    /// Resource indexes with a check running.
+    running: Vec<usize>,
+    tasks: JoinSet<Done>,
+    due: Option<Instant>,
+    /// The first apply since the checks last started.
+    since: Option<Instant>,
+}
+
+impl Deferred {
+    /// An apply ended at `now`: the checks are due `QUIET` from now, at the latest
+    /// `LATEST` after the first apply they cover.
+    pub(crate) fn applied(&mut self, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        self.due = Some((now + QUIET).min(since + LATEST));
+    }
+
+    /// The next thing to do: start the checks, or take a verdict. Pending while neither.
+    pub(crate) async fn next(&mut self) -> Wake {
+        loop {
+            tokio::select! {
+                joined = self.tasks.join_next(), if !self.tasks.is_empty() => match joined {
+                    Some(Ok(done)) => {
+                        self.running.retain(|i| *i != done.0);
+                        return Wake::Done(done);
+                    }
+                    // A check task panicked: its resource gets a new check next time.
+                    _ if self.tasks.is_empty() => self.running.clear(),
+                    _ => {}
+                },
+                _ = crate::backoff::sleep_until(self.due), if self.due.is_some() => {
+                    self.due = None;
+                    self.since = None;
+                    return Wake::Due;
+                }
+                else => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Starts the check of every resource whose `dest` holds bytes applied runtime first
+    /// and not checked yet (none already running for it).
+    pub(crate) fn start(&mut self, resources: &[Resource], timeout: Duration) {
+        for (i, r) in resources.iter().enumerate() {
+            if self.running.contains(&i) {
+                continue;
+            }
+            let Some(check) = r.pending_check(timeout) else {
+                continue;
+            };
+            self.running.push(i);
+            self.tasks.spawn(async move {
+                let result = check.run().await;
+                (i, check.bytes, result)
+            });
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! One pass of the watcher's loop: the latest snapshot, judged (`effective`), rendered
+//! and applied by every resource, each outcome reported; then what the pass sums up to
+//! goes to the gauges, the status key and the retry timer.
+
+use std::time::Duration;
+
+use super::report::{self, Scene};
+use super::{effective, store, Loop};
+use crate::hook::WatcherEvent;
+use crate::sd;
+use tokio::time::Instant;
+
+impl Loop<'_> {
+    /// Renders every resource from the latest snapshot, applies what changed, and says
+    /// what happened.
+    pub(super) async fn pass(&mut self) {
+        let Some(published) = self.snap_rx.borrow_and_update().clone() else {
+            return;
+        };
+        let revision = published.revision;
+        let judged = self
+            .effective
+            .judge(&published.snapshot, std::time::Instant::now());
+        self.judged(&judged, revision);
+        let snapshot = &*judged.snapshot;
+        self.pending_since = Some(
+            self.pending_since
+                .map_or(published.received, |s| s.min(published.received)),
+        );
+        let started = Instant::now();
+        let held = self.effective.held();
+        let mut pass = report::Pass::new(
+            (held > 0)
+                .then(|| format!("{held} removed instance(s) held by the mass-removal guard; SIGUSR1 removes them now"))
+                .into_iter()
+                .collect(),
+        );
+        for r in &mut self.resources {
+            if let Some(e) = &r.template_error {
+                pass.errors.push(e.to_string());
+            }
+            let rendered = match r.render(snapshot) {
+                None => {
+                    pass.not_applied(None);
+                    continue;
+                }
+                Some(Ok(text)) => text,
+                Some(Err(e)) => {
+                    self.sink.metrics.template_errors.inc();
+                    tracing::error!("{e}\n{} keeps its last good content", r.cfg.dest.display());
+                    pass.not_applied(Some(e.to_string()));
+                    continue;
+                }
+            };
+            self.sink.metrics.renders.inc();
+            let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
+            let scene = Scene {
+                dest: &r.cfg.dest,
+                template: &r.name(),
+                services: snapshot.services.len(),
+                instances: snapshot.instance_count(),
+                elapsed: started.elapsed(),
+                now: std::time::Instant::now(),
+            };
+            let report = report::apply(&outcome, &scene);
+            self.sink.tell(&report, &r.cfg.dest, revision);
+            pass.add(&report);
+        }
+        self.passed(pass, revision, snapshot, started.elapsed());
+    }
+
+    /// Says what the guard and linger made of this snapshot.
+    fn judged(&self, judged: &effective::Judged, revision: i64) {
+        let grace = self.cfg.empty_backend_grace.as_secs();
+        for name in &judged.went_empty {
+            tracing::info!(service = %name, "{name} has no instance left: its backend stays, empty (answering 503), for {grace} s (watcher.empty_backend_grace_s), so an instance coming back needs no reload");
+        }
+        let metrics = &self.sink.metrics;
+        metrics
+            .empty_backends
+            .set(self.effective.lingering() as i64);
+        metrics.removals_held.set(self.effective.held() as i64);
+        if let Some(h) = &judged.held {
+            let summary = report::held(h, self.cfg.mass_removal.share, std::time::Instant::now());
+            tracing::warn!(revision, "{summary}");
+            for r in &self.resources {
+                self.sink
+                    .hook(WatcherEvent::Hold, summary.clone(), &r.cfg.dest, revision);
+            }
+        }
+    }
+
+    /// After every resource applied: the gauges, the status key, the retry timer, and
+    /// the first READY=1.
+    fn passed(
+        &mut self,
+        pass: report::Pass,
+        revision: i64,
+        snapshot: &store::StoreSnapshot,
+        took: Duration,
+    ) {
+        let metrics = &self.sink.metrics;
+        if pass.reload.is_some() || pass.path.is_some() {
+            metrics.last_apply_seconds.set(took.as_secs_f64());
+        }
+        self.reloaded = pass.reload.is_some();
+        metrics.revision.set(revision);
+        if pass.all_live {
+            metrics.applied_revision.set(revision);
+            if let (Some(since), Some(at)) = (self.pending_since.take(), pass.live_at) {
+                metrics
+                    .event_to_live
+                    .observe(at.saturating_duration_since(since).as_secs_f64());
+            }
+        }
+        metrics.services.set(snapshot.services.len() as i64);
+        metrics.instances.set(snapshot.instance_count() as i64);
+        self.sink.status(|s| {
+            s.revision = revision;
+            if let Some(result) = pass.reload {
+                s.last_reload_at = Some(crate::schema::unix_now());
+                s.last_reload_result = Some(result);
+            }
+            if pass.path.is_some() {
+                s.last_apply_path = pass.path;
+            }
+            s.last_error = (!pass.errors.is_empty()).then(|| pass.errors.join("\n"));
+        });
+        self.retry.at = if pass.retry {
+            let delay = self.retry.backoff.next_delay();
+            tracing::info!("retrying the failed apply in {} ms", delay.as_millis());
+            Some(Instant::now() + delay)
+        } else {
+            self.retry.backoff.reset();
+            None
+        };
+        if !self.ready {
+            self.ready = true;
+            self.sink.metrics.set_ready();
+            sd::ready(&format!("rendered etcd revision {revision}"));
+        }
+    }
+}
