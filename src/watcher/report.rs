@@ -6,9 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::apply::{failure_report, Chain, CommandResult, Outcome};
+use super::apply::{failure_report, ApplyError, Chain, CommandResult, Outcome};
 use super::guard::Held;
 use super::haproxy::first_error_line;
+use super::haproxy::runtime_api::RuntimeError;
 use crate::hook::WatcherEvent;
 use crate::schema::{ApplyPath, ReloadResult};
 
@@ -184,86 +185,96 @@ pub(crate) fn apply(outcome: &Outcome, s: &Scene) -> Report {
             r.hook = Some((WatcherEvent::Runtime, applied.to_string()));
             r
         }
-        Outcome::Reloaded { fallback, took } => {
-            let mut r = Report::new("reloaded", Live::At(s.now), String::new());
-            r.counts.update = Some("full");
-            r.counts.reload = Some("ok");
-            r.counts.reload_took = Some(*took);
-            r.reload = Some(ReloadResult::Ok);
-            r.path = Some(ApplyPath::Reload);
-            if let Some(why) = fallback {
-                r.counts.runtime = Some("fallback");
-                let why = Chain(why);
-                r.lines.push((
-                    Level::Warn,
-                    format!("runtime API failed, reloaded instead: {why}"),
-                ));
-                r.once = format!("{dest}: runtime API failed: {why}\n");
-            }
-            r.once += &format!("{dest}: written and reloaded");
-            r.lines.push((Level::Info, format!("reloaded in {ms} ms")));
-            r.hook = Some((
-                WatcherEvent::Reload,
-                format!(
-                    "reloaded {dest} in {ms} ms ({} services, {} instances)",
-                    s.services, s.instances
-                ),
-            ));
-            r
-        }
-        Outcome::Rejected { check, diff } => {
-            let mut r = Report::new(
-                "rejected",
-                Live::Not,
-                format!(
-                    "{dest}: check failed ({}), file left as it was:\n{}\nDiff (first lines):\n{diff}",
-                    check.status, check.output
-                ),
-            );
-            r.counts.check_failure = true;
-            r.reload = Some(ReloadResult::Rejected);
-            // The check may fail for a reason outside the file (a missing certificate,
-            // a port in use): checked again on the backoff timer.
-            r.retry = true;
-            r.lines.push((
-                Level::Error,
-                format!(
-                    "check_cmd rejected the new file from {} ({}); {dest} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{diff}",
-                    s.template, check.status, check.output
-                ),
-            ));
-            let first = first_error_line(&check.output);
-            r.hook = Some((
-                WatcherEvent::Reject,
-                if first.is_empty() {
-                    format!("check_cmd rejected the new file ({})", check.status)
-                } else {
-                    first.to_string()
-                },
-            ));
-            r.error = Some(format!(
-                "check_cmd rejected the new {dest}: {}",
-                check.output.lines().take(5).collect::<Vec<_>>().join(" | ")
-            ));
-            r
-        }
-        Outcome::Failed { error, fallback } => {
-            let text = failure_report(error, fallback.as_ref());
-            let mut r = Report::new("failed", Live::Not, format!("{dest}: {text}"));
-            r.counts.reload = Some("failed");
-            r.reload = Some(ReloadResult::Failed);
-            // Transient or not, try again on the backoff timer: HAProxy may take the
-            // file once whatever it lacked (a port, a certificate) is there.
-            r.retry = true;
-            r.lines.push((
-                Level::Error,
-                format!("{text}; the last good file is back in place"),
-            ));
-            r.hook = Some((WatcherEvent::Fail, text.clone()));
-            r.error = Some(text);
-            r
-        }
+        Outcome::Reloaded { fallback, took } => reloaded(fallback.as_ref(), *took, s),
+        Outcome::Rejected { check, diff } => rejected(check, diff, s),
+        Outcome::Failed { error, fallback } => failed(error, fallback.as_ref(), s),
     }
+}
+
+fn reloaded(fallback: Option<&RuntimeError>, took: Duration, s: &Scene) -> Report {
+    let dest = s.dest.display();
+    let ms = s.elapsed.as_millis();
+    let mut r = Report::new("reloaded", Live::At(s.now), String::new());
+    r.counts.update = Some("full");
+    r.counts.reload = Some("ok");
+    r.counts.reload_took = Some(took);
+    r.reload = Some(ReloadResult::Ok);
+    r.path = Some(ApplyPath::Reload);
+    if let Some(why) = fallback {
+        r.counts.runtime = Some("fallback");
+        let why = Chain(why);
+        r.lines.push((
+            Level::Warn,
+            format!("runtime API failed, reloaded instead: {why}"),
+        ));
+        r.once = format!("{dest}: runtime API failed: {why}\n");
+    }
+    r.once += &format!("{dest}: written and reloaded");
+    r.lines.push((Level::Info, format!("reloaded in {ms} ms")));
+    r.hook = Some((
+        WatcherEvent::Reload,
+        format!(
+            "reloaded {dest} in {ms} ms ({} services, {} instances)",
+            s.services, s.instances
+        ),
+    ));
+    r
+}
+
+fn rejected(check: &CommandResult, diff: &str, s: &Scene) -> Report {
+    let dest = s.dest.display();
+    let mut r = Report::new(
+        "rejected",
+        Live::Not,
+        format!(
+            "{dest}: check failed ({}), file left as it was:\n{}\nDiff (first lines):\n{diff}",
+            check.status, check.output
+        ),
+    );
+    r.counts.check_failure = true;
+    r.reload = Some(ReloadResult::Rejected);
+    // The check may fail for a reason outside the file (a missing certificate,
+    // a port in use): checked again on the backoff timer.
+    r.retry = true;
+    r.lines.push((
+        Level::Error,
+        format!(
+            "check_cmd rejected the new file from {} ({}); {dest} keeps its last good content. Check output:\n{}\nDiff (first lines):\n{diff}",
+            s.template, check.status, check.output
+        ),
+    ));
+    let first = first_error_line(&check.output);
+    r.hook = Some((
+        WatcherEvent::Reject,
+        if first.is_empty() {
+            format!("check_cmd rejected the new file ({})", check.status)
+        } else {
+            first.to_string()
+        },
+    ));
+    r.error = Some(format!(
+        "check_cmd rejected the new {dest}: {}",
+        check.output.lines().take(5).collect::<Vec<_>>().join(" | ")
+    ));
+    r
+}
+
+fn failed(error: &ApplyError, fallback: Option<&RuntimeError>, s: &Scene) -> Report {
+    let dest = s.dest.display();
+    let text = failure_report(error, fallback);
+    let mut r = Report::new("failed", Live::Not, format!("{dest}: {text}"));
+    r.counts.reload = Some("failed");
+    r.reload = Some(ReloadResult::Failed);
+    // Transient or not, try again on the backoff timer: HAProxy may take the
+    // file once whatever it lacked (a port, a certificate) is there.
+    r.retry = true;
+    r.lines.push((
+        Level::Error,
+        format!("{text}; the last good file is back in place"),
+    ));
+    r.hook = Some((WatcherEvent::Fail, text.clone()));
+    r.error = Some(text);
+    r
 }
 
 /// The report of a deferred check: `repair` is the outcome of putting HAProxy back onto
@@ -330,8 +341,7 @@ pub(crate) fn held(h: &Held, share: f64, now: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watcher::apply::ApplyError;
-    use crate::watcher::haproxy::runtime_api::{Applied, RuntimeError};
+    use crate::watcher::haproxy::runtime_api::Applied;
 
     fn scene(now: Instant) -> Scene<'static> {
         Scene {

@@ -2,6 +2,7 @@
 //! - `master`: the master CLI (`haproxy -W -S <socket>`): `show proc`, confirmed reloads;
 //! - `runtime_plan` (pure): live file + rendered file → runtime ops, or "reload, because …";
 //! - `runtime_api`: the admin `stats socket`: sends those ops;
+//! - `sections` (pure): a config file read into sections and server lines;
 //! - `servers` (pure): server lines and `show servers state` read into one shape;
 //! - `socket`: the one-command exchange both sockets share;
 //! - here: what a check's output says is wrong (`first_error_line`).
@@ -9,6 +10,7 @@
 pub(crate) mod master;
 pub(crate) mod runtime_api;
 pub(crate) mod runtime_plan;
+pub(crate) mod sections;
 pub(crate) mod servers;
 pub(crate) mod socket;
 

@@ -27,7 +27,7 @@
 //!   drain` instead, so clients stuck to it finish their sessions there. Losing
 //!   `disabled` is `state ready`. After a reload the file's `disabled` keeps it out.
 
-use std::collections::BTreeMap;
+use super::sections::{parse, Section};
 use std::net::IpAddr;
 
 /// More server changes than this in one batch go through one reload instead: a reload
@@ -201,24 +201,6 @@ impl RuntimePlan {
     }
 }
 
-/// Section keywords of HAProxy 2.6: a line starting with one opens a new section.
-const SECTIONS: &[&str] = &[
-    "global",
-    "defaults",
-    "frontend",
-    "backend",
-    "listen",
-    "userlist",
-    "peers",
-    "resolvers",
-    "mailers",
-    "program",
-    "http-errors",
-    "ring",
-    "cache",
-    "fcgi-app",
-];
-
 /// `add server` keywords of HAProxy 2.6 (management guide) with how many arguments each
 /// takes; every one was accepted by `add server` on HAProxy 2.6.12 here. `source`/`usesrc`
 /// take a variable number and are left out: a line using them reloads. Anything not
@@ -311,99 +293,6 @@ const PERSISTENCE: &[&str] = &[
 /// Balance algorithms whose behaviour does not depend on server ids or order.
 const ORDER_FREE_BALANCE: &[&str] = &["roundrobin", "leastconn"];
 
-/// One section: its header, its other lines (trimmed, comments and blank lines left
-/// out: they do not change what HAProxy runs) and, for backends, its servers by name.
-#[derive(Debug)]
-struct Section<'a> {
-    header: &'a str,
-    lines: Vec<&'a str>,
-    /// `server` lines of a `backend`/`listen` section, by name.
-    servers: BTreeMap<&'a str, &'a str>,
-    /// Index of the `defaults` section in force for this one.
-    defaults: Option<usize>,
-}
-
-impl Section<'_> {
-    fn kind(&self) -> &str {
-        self.header.split_whitespace().next().unwrap_or("")
-    }
-
-    fn has_servers(&self) -> bool {
-        matches!(self.kind(), "backend" | "listen")
-    }
-
-    /// Words after `keyword`, for every line starting with it, in file order.
-    fn directives<'s>(&'s self, keyword: &'s str) -> impl Iterator<Item = Vec<&'s str>> + 's {
-        self.lines.iter().filter_map(move |l| {
-            let mut w = l.split_whitespace();
-            (w.next() == Some(keyword)).then(|| w.collect())
-        })
-    }
-}
-
-fn parse(text: &str) -> Result<Vec<Section<'_>>, String> {
-    let mut sections: Vec<Section> = vec![Section {
-        header: "",
-        lines: Vec::new(),
-        servers: BTreeMap::new(),
-        defaults: None,
-    }];
-    let mut defaults = None;
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let first = line.split_whitespace().next().unwrap_or("");
-        if SECTIONS.contains(&first) {
-            if first == "defaults" {
-                defaults = Some(sections.len());
-            }
-            sections.push(Section {
-                header: line,
-                lines: Vec::new(),
-                servers: BTreeMap::new(),
-                defaults,
-            });
-            continue;
-        }
-        let Some(section) = sections.last_mut() else {
-            continue;
-        };
-        if first == "server" && section.has_servers() {
-            let name = line.split_whitespace().nth(1).unwrap_or("");
-            if section.servers.insert(name, line).is_some() {
-                return Err(format!(
-                    "server {name} appears twice in `{}`",
-                    section.header
-                ));
-            }
-        } else {
-            section.lines.push(line);
-        }
-    }
-    Ok(sections)
-}
-
-/// The `server` lines of every backend (and listen) section of a config, by backend
-/// and server name: what a file says HAProxy should run.
-pub(crate) fn servers_by_backend(
-    text: &str,
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
-    Ok(parse(text)?
-        .iter()
-        .filter(|s| s.has_servers())
-        .filter_map(|s| {
-            let name = s.header.split_whitespace().nth(1)?;
-            let servers = s
-                .servers
-                .iter()
-                .map(|(n, l)| (n.to_string(), l.to_string()))
-                .collect();
-            Some((name.to_string(), servers))
-        })
-        .collect())
-}
-
 /// Decides how HAProxy, running `live`, can be made to run `rendered`.
 pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     let (old, new) = match (parse(live), parse(rendered)) {
@@ -413,112 +302,19 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     if old.len() != new.len() {
         return RuntimePlan::reload("sections were added or removed");
     }
-    let mut adds = Vec::new();
-    let mut weights = Vec::new();
-    let mut states = Vec::new();
-    let mut replaces = Vec::new();
-    let mut removes = Vec::new();
+    let mut ops = Ops::default();
     for (o, n) in old.iter().zip(&new) {
-        if o.header != n.header {
-            return RuntimePlan::reload(format!("section `{}` became `{}`", o.header, n.header));
-        }
-        if o.lines != n.lines {
-            let kind = if n.header.is_empty() {
-                "the lines before the first section"
-            } else {
-                n.header
-            };
-            return RuntimePlan::reload(format!("`{kind}` changed beyond its server lines"));
-        }
-        if o.servers == n.servers {
-            continue;
-        }
-        let mut words = n.header.split_whitespace();
-        let backend = match (words.next(), words.next(), words.next()) {
-            (Some(_), Some(name), None) => name,
-            _ => return RuntimePlan::reload(format!("`{}` names no plain backend", n.header)),
-        };
-        // The last `balance` wins, the backend's over its defaults section's.
-        let balance = n
-            .directives("balance")
-            .last()
-            .or_else(|| n.defaults.and_then(|d| new[d].directives("balance").last()))
-            .and_then(|w| w.first().copied())
-            .unwrap_or("roundrobin");
-        if !ORDER_FREE_BALANCE.contains(&balance) {
-            return RuntimePlan::reload(format!(
-                "backend {backend} balances with `{balance}`, which depends on server order"
-            ));
-        }
-        // `default-server` lines add up, the defaults section's first.
-        let mut defaults_args: Vec<&str> = Vec::new();
-        for section in n.defaults.map(|d| &new[d]).into_iter().chain([n]) {
-            defaults_args.extend(section.directives("default-server").flatten());
-        }
-        for name in o.servers.keys() {
-            if !n.servers.contains_key(name) {
-                removes.push(RuntimeOp::Remove {
-                    backend: backend.into(),
-                    server: (*name).into(),
-                });
-            }
-        }
-        let persistent = n
-            .defaults
-            .map(|d| &new[d])
-            .into_iter()
-            .chain([n])
-            .any(|s| PERSISTENCE.iter().any(|k| s.directives(k).next().is_some()));
-        for (name, line) in &n.servers {
-            let Some(old_line) = o.servers.get(name) else {
-                match add(backend, line, &defaults_args) {
-                    Ok(op) => adds.push(op),
-                    Err(why) => return RuntimePlan::Reload(why),
-                }
-                continue;
-            };
-            if old_line == line {
-                continue;
-            }
-            // In or out of rotation, and whatever else changed with it.
-            let (was_disabled, old_rest) = without_disabled(old_line);
-            let (disabled, rest) = without_disabled(line);
-            let state_op = (was_disabled != disabled).then(|| RuntimeOp::State {
-                backend: backend.into(),
-                server: (*name).into(),
-                state: match (disabled, persistent) {
-                    (false, _) => AdminState::Ready,
-                    (true, false) => AdminState::Maint,
-                    (true, true) => AdminState::Drain,
-                },
-            });
-            if state_op.is_some() && old_rest == rest {
-                states.extend(state_op);
-                continue;
-            }
-            match weight_change(&old_rest, &rest) {
-                Some(weight) => {
-                    weights.push(RuntimeOp::Weight {
-                        backend: backend.into(),
-                        server: (*name).into(),
-                        weight: weight.into(),
-                    });
-                    states.extend(state_op);
-                }
-                // A replacement is created as the new line says, `disabled` included.
-                None => match add(backend, line, &defaults_args) {
-                    Ok(op) => {
-                        replaces.push(RuntimeOp::Remove {
-                            backend: backend.into(),
-                            server: (*name).into(),
-                        });
-                        replaces.push(op);
-                    }
-                    Err(why) => return RuntimePlan::Reload(why),
-                },
-            }
+        if let Err(why) = backend_ops(o, n, &new, &mut ops) {
+            return RuntimePlan::Reload(why);
         }
     }
+    let Ops {
+        adds,
+        weights,
+        states,
+        replaces,
+        removes,
+    } = ops;
     let changes = adds.len() + weights.len() + states.len() + replaces.len() / 2 + removes.len();
     if changes > MAX_SERVER_CHANGES {
         return RuntimePlan::reload(format!(
@@ -535,6 +331,127 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
 }
 
 /// Whether a server line says `disabled` (after its name and address), and the line
+/// The ops of one plan, by kind: applied adds first, so a backend whose instance is
+/// replaced never runs empty.
+#[derive(Default)]
+struct Ops {
+    adds: Vec<RuntimeOp>,
+    weights: Vec<RuntimeOp>,
+    states: Vec<RuntimeOp>,
+    replaces: Vec<RuntimeOp>,
+    removes: Vec<RuntimeOp>,
+}
+
+/// The ops that take section `o` (live) to `n` (rendered; `new` is its whole file), or
+/// why only a reload can.
+fn backend_ops<'a>(
+    o: &Section<'a>,
+    n: &Section<'a>,
+    new: &[Section<'a>],
+    ops: &mut Ops,
+) -> Result<(), String> {
+    if o.header != n.header {
+        return Err(format!("section `{}` became `{}`", o.header, n.header));
+    }
+    if o.lines != n.lines {
+        let kind = if n.header.is_empty() {
+            "the lines before the first section"
+        } else {
+            n.header
+        };
+        return Err(format!("`{kind}` changed beyond its server lines"));
+    }
+    if o.servers == n.servers {
+        return Ok(());
+    }
+    let mut words = n.header.split_whitespace();
+    let backend = match (words.next(), words.next(), words.next()) {
+        (Some(_), Some(name), None) => name,
+        _ => return Err(format!("`{}` names no plain backend", n.header)),
+    };
+    // The last `balance` wins, the backend's over its defaults section's.
+    let balance = n
+        .directives("balance")
+        .last()
+        .or_else(|| n.defaults.and_then(|d| new[d].directives("balance").last()))
+        .and_then(|w| w.first().copied())
+        .unwrap_or("roundrobin");
+    if !ORDER_FREE_BALANCE.contains(&balance) {
+        return Err(format!(
+            "backend {backend} balances with `{balance}`, which depends on server order"
+        ));
+    }
+    // `default-server` lines add up, the defaults section's first.
+    let mut defaults_args: Vec<&str> = Vec::new();
+    for section in n.defaults.map(|d| &new[d]).into_iter().chain([n]) {
+        defaults_args.extend(section.directives("default-server").flatten());
+    }
+    for name in o.servers.keys() {
+        if !n.servers.contains_key(name) {
+            ops.removes.push(RuntimeOp::Remove {
+                backend: backend.into(),
+                server: (*name).into(),
+            });
+        }
+    }
+    let persistent = n
+        .defaults
+        .map(|d| &new[d])
+        .into_iter()
+        .chain([n])
+        .any(|s| PERSISTENCE.iter().any(|k| s.directives(k).next().is_some()));
+    for (name, line) in &n.servers {
+        let Some(old_line) = o.servers.get(name) else {
+            match add(backend, line, &defaults_args) {
+                Ok(op) => ops.adds.push(op),
+                Err(why) => return Err(why),
+            }
+            continue;
+        };
+        if old_line == line {
+            continue;
+        }
+        // In or out of rotation, and whatever else changed with it.
+        let (was_disabled, old_rest) = without_disabled(old_line);
+        let (disabled, rest) = without_disabled(line);
+        let state_op = (was_disabled != disabled).then(|| RuntimeOp::State {
+            backend: backend.into(),
+            server: (*name).into(),
+            state: match (disabled, persistent) {
+                (false, _) => AdminState::Ready,
+                (true, false) => AdminState::Maint,
+                (true, true) => AdminState::Drain,
+            },
+        });
+        if state_op.is_some() && old_rest == rest {
+            ops.states.extend(state_op);
+            continue;
+        }
+        match weight_change(&old_rest, &rest) {
+            Some(weight) => {
+                ops.weights.push(RuntimeOp::Weight {
+                    backend: backend.into(),
+                    server: (*name).into(),
+                    weight: weight.into(),
+                });
+                ops.states.extend(state_op);
+            }
+            // A replacement is created as the new line says, `disabled` included.
+            None => match add(backend, line, &defaults_args) {
+                Ok(op) => {
+                    ops.replaces.push(RuntimeOp::Remove {
+                        backend: backend.into(),
+                        server: (*name).into(),
+                    });
+                    ops.replaces.push(op);
+                }
+                Err(why) => return Err(why),
+            },
+        }
+    }
+    Ok(())
+}
+
 /// without it.
 fn without_disabled(line: &str) -> (bool, String) {
     let words: Vec<&str> = line.split_whitespace().collect();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::runtime_plan::servers_by_backend;
+use super::sections::servers_by_backend;
 
 /// backend → server → its view.
 pub(crate) type Views = BTreeMap<String, BTreeMap<String, View>>;
