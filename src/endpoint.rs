@@ -40,6 +40,22 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Serves `listener` until `shutdown`. Connections are tracked by `tracker`.
+/// Binds `addr` (the daemon's `listen` option, named `option` in the error) and serves
+/// `metrics` on it in a task of `tracker`'s until `shutdown`.
+pub(crate) async fn start(
+    addr: std::net::SocketAddr,
+    option: &str,
+    metrics: Arc<dyn Endpoint>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /metrics ({option}): {e}"))?;
+    tracker.spawn(serve(listener, metrics, tracker.clone(), shutdown.clone()));
+    Ok(())
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<dyn Endpoint>,

@@ -111,6 +111,21 @@ pub(crate) fn service_problems(
 /// How long a clean stop may wait for tasks to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The `[[registrar.service]]` sections, as registrations of this node.
+fn static_services(cfg: &RegistrarConfig, settings: &NodeSettings) -> Vec<selector::Registration> {
+    cfg.services
+        .iter()
+        .filter_map(|s| {
+            selector::service(&s.labels(), s.port, s.addr.as_deref(), settings)
+                .map_err(|problems| {
+                    // Validated with the config: only a programming error gets here.
+                    tracing::warn!(service = %s.name, "[[registrar.service]] not registered: {}", problems.join("; "))
+                })
+                .ok()
+        })
+        .collect()
+}
+
 /// Runs until `shutdown` is cancelled. Never returns because a stream closed.
 pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
@@ -128,15 +143,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.export_hooks(hooks.stats.clone());
     if let Some(addr) = cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for /metrics (--listen)"))?;
-        tracker.spawn(crate::endpoint::serve(
-            listener,
-            metrics.clone(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+        crate::endpoint::start(addr, "--listen", metrics.clone(), &tracker, &shutdown).await?;
     }
     let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
@@ -167,18 +174,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         advertise_ip,
         internal: cfg.internal,
     };
-    let services: Vec<selector::Registration> = cfg
-        .services
-        .iter()
-        .filter_map(|s| {
-            selector::service(&s.labels(), s.port, s.addr.as_deref(), &settings)
-                .map_err(|problems| {
-                    // Validated with the config: only a programming error gets here.
-                    tracing::warn!(service = %s.name, "[[registrar.service]] not registered: {}", problems.join("; "))
-                })
-                .ok()
-        })
-        .collect();
+    let services = static_services(&cfg, &settings);
     let node_want = NodeRecord {
         name: cfg.node.clone(),
         addr: advertise_ip.to_string(),

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use super::report::Counts;
 use crate::endpoint::Endpoint;
@@ -81,107 +81,35 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("portolan_watcher");
+        let mut r = Registry::with_prefix("portolan_watcher");
         let m = Metrics {
-            registry: Registry::default(),
-            renders: Counter::default(),
-            template_errors: Counter::default(),
-            applies: Family::default(),
-            reloads: Family::default(),
-            runtime_updates: Family::default(),
-            check_failures: Counter::default(),
-            deferred_checks: Family::default(),
-            last_apply_seconds: Gauge::default(),
-            etcd_up: Gauge::default(),
-            revision: Gauge::default(),
-            resyncs: Counter::default(),
-            invalid_keys: Gauge::default(),
-            services: Gauge::default(),
-            instances: Gauge::default(),
-            applied_revision: Gauge::default(),
-            updates: Family::default(),
-            event_to_live: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            reload_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
-            removals_held: Gauge::default(),
-            empty_backends: Gauge::default(),
+            renders: reg(&mut r, "renders", "Template renders", Counter::default()),
+            template_errors: reg(&mut r, "template_errors", "Template compile or render errors", Counter::default()),
+            applies: reg(&mut r, "applies", "Apply outcomes by result", Family::default()),
+            reloads: reg(&mut r, "reloads", "HAProxy reloads by result", Family::default()),
+            runtime_updates: reg(&mut r, "runtime_updates", "Changes applied through the runtime API without a reload (ok), or refused and reloaded instead (fallback)", Family::default()),
+            check_failures: reg(&mut r, "check_failures", "Rendered files refused by check_cmd", Counter::default()),
+            deferred_checks: reg(&mut r, "deferred_checks", "Checks of files applied through the runtime API before their check, by result (failed: HAProxy was put back onto the last checked file)", Family::default()),
+            last_apply_seconds: reg(&mut r, "last_apply_duration_seconds", "Wall time of the last pass that changed something", Gauge::default()),
+            etcd_up: reg(&mut r, "etcd_up", "1 while the etcd watch is up", Gauge::default()),
+            revision: reg(&mut r, "revision", "etcd revision of the snapshot last rendered", Gauge::default()),
+            resyncs: reg(&mut r, "resyncs", "Full re-lists of the prefix", Counter::default()),
+            invalid_keys: reg(&mut r, "invalid_keys", "Keys left out because they break the schema or the routing policy", Gauge::default()),
+            services: reg(&mut r, "services", "Services with an instance", Gauge::default()),
+            instances: reg(&mut r, "instances", "Valid instances", Gauge::default()),
+            applied_revision: reg(&mut r, "applied_revision", "etcd revision HAProxy runs (every resource live or unchanged); alert when it lags etcd", Gauge::default()),
+            updates: reg(&mut r, "updates", "Applies by status: noop (unchanged), dynamic (runtime API), full (reload)", Family::default()),
+            event_to_live: reg(&mut r, "event_to_live_seconds", "From an etcd event's arrival to HAProxy running it", Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            reload_duration: reg(&mut r, "reload_duration_seconds", "HAProxy reloads, from the request to the confirmation", Histogram::new(exponential_buckets(0.005, 2.0, 12))),
+            removals_held: reg(&mut r, "removals_held", "Instances kept in the config by the mass-removal guard", Gauge::default()),
+            empty_backends: reg(&mut r, "empty_backends", "Services with no instance whose backend is kept for empty_backend_grace_s", Gauge::default()),
             hooks: HookMetrics::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
+            registry: Registry::default(),
         };
-        registry.register("renders", "Template renders", m.renders.clone());
-        registry.register(
-            "template_errors",
-            "Template compile or render errors",
-            m.template_errors.clone(),
-        );
-        registry.register("applies", "Apply outcomes by result", m.applies.clone());
-        registry.register("reloads", "HAProxy reloads by result", m.reloads.clone());
-        registry.register(
-            "runtime_updates",
-            "Changes applied through the runtime API without a reload (ok), or refused and reloaded instead (fallback)",
-            m.runtime_updates.clone(),
-        );
-        registry.register(
-            "check_failures",
-            "Rendered files refused by check_cmd",
-            m.check_failures.clone(),
-        );
-        registry.register(
-            "deferred_checks",
-            "Checks of files applied through the runtime API before their check, by result (failed: HAProxy was put back onto the last checked file)",
-            m.deferred_checks.clone(),
-        );
-        registry.register(
-            "last_apply_duration_seconds",
-            "Wall time of the last pass that changed something",
-            m.last_apply_seconds.clone(),
-        );
-        registry.register("etcd_up", "1 while the etcd watch is up", m.etcd_up.clone());
-        registry.register(
-            "revision",
-            "etcd revision of the snapshot last rendered",
-            m.revision.clone(),
-        );
-        registry.register("resyncs", "Full re-lists of the prefix", m.resyncs.clone());
-        registry.register(
-            "invalid_keys",
-            "Keys left out because they break the schema or the routing policy",
-            m.invalid_keys.clone(),
-        );
-        registry.register("services", "Services with an instance", m.services.clone());
-        registry.register("instances", "Valid instances", m.instances.clone());
-        registry.register(
-            "applied_revision",
-            "etcd revision HAProxy runs (every resource live or unchanged); alert when it lags etcd",
-            m.applied_revision.clone(),
-        );
-        registry.register(
-            "updates",
-            "Applies by status: noop (unchanged), dynamic (runtime API), full (reload)",
-            m.updates.clone(),
-        );
-        registry.register(
-            "event_to_live_seconds",
-            "From an etcd event's arrival to HAProxy running it",
-            m.event_to_live.clone(),
-        );
-        registry.register(
-            "reload_duration_seconds",
-            "HAProxy reloads, from the request to the confirmation",
-            m.reload_duration.clone(),
-        );
-        registry.register(
-            "removals_held",
-            "Instances kept in the config by the mass-removal guard",
-            m.removals_held.clone(),
-        );
-        registry.register(
-            "empty_backends",
-            "Services with no instance whose backend is kept for empty_backend_grace_s",
-            m.empty_backends.clone(),
-        );
-        m.hooks.register(&mut registry);
-        Metrics { registry, ..m }
+        m.hooks.register(&mut r);
+        Metrics { registry: r, ..m }
     }
 
     /// The counters of one report.
@@ -244,6 +172,12 @@ impl Metrics {
             ),
         }
     }
+}
+
+/// Registers `metric` as `name` and hands it back, to keep in a field.
+fn reg<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 pub(crate) fn result(r: &'static str) -> Labels {

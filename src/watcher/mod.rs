@@ -103,12 +103,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         .context("cannot watch the template folders for edits (inotify limits?)")?;
 
     if let Some(addr) = cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for /metrics (watcher.listen)"))?;
-        let serve =
-            crate::endpoint::serve(listener, metrics.clone(), tracker.clone(), tasks.clone());
-        tracker.spawn(serve);
+        crate::endpoint::start(addr, "watcher.listen", metrics.clone(), &tracker, &tasks).await?;
     }
 
     let (snap_tx, snap_rx) = watch::channel(None);
