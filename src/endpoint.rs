@@ -40,6 +40,21 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Serves `listener` until `shutdown`. Connections are tracked by `tracker`.
+/// A daemon's `/healthz`: 200 once it is `ready` while etcd answers (`etcd`); 503 saying
+/// which is missing otherwise.
+pub(crate) fn health(
+    ready: bool,
+    etcd: bool,
+    not_ready: &'static str,
+    no_etcd: &'static str,
+) -> (StatusCode, &'static str) {
+    match (ready, etcd) {
+        (true, true) => (StatusCode::OK, "ok\n"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, not_ready),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, no_etcd),
+    }
+}
+
 /// Binds `addr` (the daemon's `listen` option, named `option` in the error) and serves
 /// `metrics` on it in a task of `tracker`'s until `shutdown`.
 pub(crate) async fn start(

@@ -198,8 +198,14 @@ impl HookMetrics {
         let _ = self.stats.set(stats);
     }
 
+    /// `registry` (which holds this family) as Prometheus text, the counters fresh.
+    pub(crate) fn encode(&self, registry: &Registry) -> String {
+        self.refresh();
+        crate::endpoint::encode(registry)
+    }
+
     /// Copies the delivery counters into the family: call before encoding.
-    pub(crate) fn refresh(&self) {
+    fn refresh(&self) {
         if let Some(h) = self.stats.get() {
             for (label, n) in [("delivered", &h.delivered), ("dropped", &h.dropped)] {
                 self.events
@@ -368,11 +374,10 @@ async fn send(
                     .map_err(|e| format!("cannot write its stdin: {e}"))?;
             }
             let status = child.wait().await.map_err(|e| e.to_string())?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!("exited with {status}"))
-            }
+            status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("exited with {status}"))
         }
     }
 }

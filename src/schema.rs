@@ -163,26 +163,19 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
     let (kind, tail) = rest.split_once('/').unwrap_or((rest, ""));
     let name_rule = "names must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}";
     let service_rule = "names must match [a-z0-9][a-z0-9_.-]{0,127}: service names are lower case, as host names ignore case (Web would capture web's traffic)";
+    let check = |ok: bool, what: &str, name: &str, rule: &str| {
+        ok.then(|| name.to_string())
+            .ok_or_else(|| SchemaError::new(key, format!("{what} {name:?}: {rule}")))
+    };
     let valid_service = |service: &str| {
-        if is_valid_service_name(service) {
-            Ok(service.to_string())
-        } else {
-            Err(SchemaError::new(
-                key,
-                format!("service {service:?}: {service_rule}"),
-            ))
-        }
+        check(
+            is_valid_service_name(service),
+            "service",
+            service,
+            service_rule,
+        )
     };
-    let valid = |what: &str, name: &str| {
-        if is_valid_name(name) {
-            Ok(name.to_string())
-        } else {
-            Err(SchemaError::new(
-                key,
-                format!("{what} {name:?}: {name_rule}"),
-            ))
-        }
-    };
+    let valid = |what: &str, name: &str| check(is_valid_name(name), what, name, name_rule);
     match kind {
         "services" => {
             let mut parts = tail.split('/');
@@ -388,12 +381,7 @@ pub fn decode_owned(
     } else {
         InstanceRecord {
             addr: text.to_string(),
-            node: String::new(),
-            container: String::new(),
-            port: None,
-            tags: Vec::new(),
-            weight: DEFAULT_WEIGHT,
-            draining: false,
+            ..Default::default()
         }
     };
     let mut record = record;

@@ -272,11 +272,17 @@ mod tests {
         cs
     }
 
-    #[test]
-    fn the_stop_signal_drains_and_die_deletes() {
+    /// A started container, then `kill -s <signal>`.
+    fn killed(signal: &str) -> (Instant, Containers) {
         let now = Instant::now();
         let mut cs = started(container(None), now);
-        cs.apply(kill("15"), now);
+        cs.apply(kill(signal), now);
+        (now, cs)
+    }
+
+    #[test]
+    fn the_stop_signal_drains_and_die_deletes() {
+        let (now, mut cs) = killed("15");
         assert_eq!(draining(&cs), vec![true]);
         assert!(cs
             .registrations()
@@ -295,9 +301,7 @@ mod tests {
 
     #[test]
     fn a_reload_signal_changes_nothing_and_sigkill_drains() {
-        let now = Instant::now();
-        let mut cs = started(container(None), now);
-        cs.apply(kill("1"), now);
+        let (now, mut cs) = killed("1");
         assert_eq!(draining(&cs), vec![false]);
         assert_eq!(cs.next_give_back(), None);
         cs.apply(kill("9"), now);

@@ -387,32 +387,16 @@ mod tests {
 
     #[test]
     fn classifies_events() {
-        for a in [
-            "start",
-            "restart",
-            "unpause",
-            "health_status: healthy",
-            "oom",
-        ] {
-            assert_eq!(action(&event(a, &[])), Some(Action::Refresh), "{a}");
-        }
-        for a in [
-            "die",
-            "stop",
-            "pause",
-            "destroy",
-            "health_status: unhealthy",
-        ] {
-            assert_eq!(action(&event(a, &[])), Some(Action::Deregister), "{a}");
-        }
-        for a in [
-            "create",
-            "exec_start: sh",
-            "attach",
-            "rename",
-            "health_status: starting",
-        ] {
-            assert_eq!(action(&event(a, &[])), None, "{a}");
+        #[rustfmt::skip]
+        let table = [
+            (["start", "restart", "unpause", "health_status: healthy", "oom"], Some(Action::Refresh)),
+            (["die", "stop", "pause", "destroy", "health_status: unhealthy"], Some(Action::Deregister)),
+            (["create", "exec_start: sh", "attach", "rename", "health_status: starting"], None),
+        ];
+        for (actions, want) in table {
+            for a in actions {
+                assert_eq!(action(&event(a, &[])), want, "{a}");
+            }
         }
         let (id, _, name) = classify(&event("die", &[])).unwrap();
         assert_eq!(id, "3f2a9c1b7d10aaaa");

@@ -72,25 +72,16 @@ impl Metrics {
 
 impl Endpoint for Metrics {
     fn encode(&self) -> String {
-        self.hooks.refresh();
-        crate::endpoint::encode(&self.registry)
+        self.hooks.encode(&self.registry)
     }
 
     fn health(&self) -> (StatusCode, &'static str) {
-        match (
+        crate::endpoint::health(
             self.ready.load(Ordering::Relaxed),
             self.etcd_ok.load(Ordering::Relaxed),
-        ) {
-            (true, true) => (StatusCode::OK, "ok\n"),
-            (false, _) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no reconcile with etcd yet\n",
-            ),
-            (true, false) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "etcd refuses writes: registrations may be stale\n",
-            ),
-        }
+            "not ready: no reconcile with etcd yet\n",
+            "etcd refuses writes: registrations may be stale\n",
+        )
     }
 }
 

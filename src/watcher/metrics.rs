@@ -152,25 +152,16 @@ impl Metrics {
     }
 
     pub(crate) fn encode(&self) -> String {
-        self.hooks.refresh();
-        crate::endpoint::encode(&self.registry)
+        self.hooks.encode(&self.registry)
     }
 
     fn health(&self) -> (StatusCode, &'static str) {
-        match (
+        crate::endpoint::health(
             self.ready.load(Ordering::Relaxed),
             self.etcd_connected.load(Ordering::Relaxed),
-        ) {
-            (true, true) => (StatusCode::OK, "ok\n"),
-            (false, _) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no render from etcd yet\n",
-            ),
-            (true, false) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "etcd unreachable: serving the last good config\n",
-            ),
-        }
+            "not ready: no render from etcd yet\n",
+            "etcd unreachable: serving the last good config\n",
+        )
     }
 }
 

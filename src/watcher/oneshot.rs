@@ -49,15 +49,8 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
         r.clean_stale_staging().await.ok();
         let started = std::time::Instant::now();
         let outcome = r.apply(&rendered, cfg.command_timeout).await;
-        let scene = Scene {
-            dest: &t.dest,
-            template: &r.name(),
-            services: snapshot.services.len(),
-            instances: snapshot.instance_count(),
-            elapsed: started.elapsed(),
-            now: std::time::Instant::now(),
-        };
-        let said = report::apply(&outcome, &scene);
+        let name = r.name();
+        let said = report::apply(&outcome, &Scene::of(&r, &name, &snapshot, started));
         if let Outcome::Failed { .. } = outcome {
             anyhow::bail!("{}", said.once);
         }

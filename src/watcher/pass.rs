@@ -27,7 +27,7 @@ impl Loop<'_> {
             self.pending_since
                 .map_or(published.received, |s| s.min(published.received)),
         );
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let held = self.effective.held();
         let mut pass = report::Pass::new(
             (held > 0)
@@ -54,15 +54,8 @@ impl Loop<'_> {
             };
             self.sink.metrics.renders.inc();
             let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
-            let scene = Scene {
-                dest: &r.cfg.dest,
-                template: &r.name(),
-                services: snapshot.services.len(),
-                instances: snapshot.instance_count(),
-                elapsed: started.elapsed(),
-                now: std::time::Instant::now(),
-            };
-            let report = report::apply(&outcome, &scene);
+            let name = r.name();
+            let report = report::apply(&outcome, &Scene::of(r, &name, snapshot, started));
             self.sink.tell(&report, &r.cfg.dest, revision);
             pass.add(&report);
         }

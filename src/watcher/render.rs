@@ -369,11 +369,8 @@ mod tests {
     fn syntax_error_names_file_and_line() {
         let err =
             Template::compile("/etc/t/haproxy.cfg.tera", "line one\n{% for x in %}\n").unwrap_err();
-        assert!(
-            err.message.contains("/etc/t/haproxy.cfg.tera:2:"),
-            "{}",
-            err.message
-        );
+        let message = &err.message;
+        assert!(message.contains("/etc/t/haproxy.cfg.tera:2:"), "{message}");
     }
 
     #[test]

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::apply::{failure_report, ApplyError, Chain, CommandResult, Outcome};
+use super::apply::{failure_report, ApplyError, Chain, CommandResult, Outcome, Resource};
 use super::guard::Held;
 use super::haproxy::first_error_line;
 use super::haproxy::runtime_api::RuntimeError;
+use super::store::StoreSnapshot;
 use crate::hook::WatcherEvent;
 use crate::schema::{ApplyPath, ReloadResult};
 
@@ -30,6 +31,25 @@ pub(crate) struct Scene<'a> {
     /// Since the pass started.
     pub(crate) elapsed: Duration,
     pub(crate) now: Instant,
+}
+
+impl<'a> Scene<'a> {
+    /// An apply of `resource`, begun at `started`, for `snapshot`.
+    pub(crate) fn of(
+        resource: &'a Resource,
+        template: &'a str,
+        snapshot: &StoreSnapshot,
+        started: Instant,
+    ) -> Scene<'a> {
+        Scene {
+            dest: &resource.cfg.dest,
+            template,
+            services: snapshot.services.len(),
+            instances: snapshot.instance_count(),
+            elapsed: started.elapsed(),
+            now: Instant::now(),
+        }
+    }
 }
 
 /// Counter increments, by the labels `metrics` exports.
@@ -399,73 +419,19 @@ mod tests {
             bool,
         );
         // outcome → applies result, updates status, status reload, status path, hook, live, retry
+        #[rustfmt::skip]
         let table: Vec<Row> = vec![
-            (
-                Outcome::Unchanged,
-                "unchanged",
-                Some("noop"),
-                None,
-                None,
-                None,
-                Live::Already,
-                false,
-            ),
-            (
-                Outcome::Written,
-                "written",
-                Some("full"),
-                None,
-                None,
-                None,
-                Live::At(now),
-                false,
-            ),
-            (
-                Outcome::Runtime { applied },
-                "runtime",
-                Some("dynamic"),
-                None,
-                Some(ApplyPath::Runtime),
-                Some(WatcherEvent::Runtime),
-                Live::At(now),
-                false,
-            ),
-            (
-                Outcome::Reloaded {
-                    fallback: None,
-                    took,
-                },
-                "reloaded",
-                Some("full"),
-                Some(ReloadResult::Ok),
-                Some(ApplyPath::Reload),
-                Some(WatcherEvent::Reload),
-                Live::At(now),
-                false,
-            ),
-            (
-                Outcome::Rejected {
-                    check: check(false, "bad"),
-                    diff: String::new(),
-                },
-                "rejected",
-                None,
-                Some(ReloadResult::Rejected),
-                None,
-                Some(WatcherEvent::Reject),
-                Live::Not,
-                true,
-            ),
-            (
-                Outcome::failed(lock()),
-                "failed",
-                None,
-                Some(ReloadResult::Failed),
-                None,
-                Some(WatcherEvent::Fail),
-                Live::Not,
-                true,
-            ),
+            (Outcome::Unchanged, "unchanged", Some("noop"), None, None, None, Live::Already, false),
+            (Outcome::Written, "written", Some("full"), None, None, None, Live::At(now), false),
+            (Outcome::Runtime { applied }, "runtime", Some("dynamic"), None,
+                Some(ApplyPath::Runtime), Some(WatcherEvent::Runtime), Live::At(now), false),
+            (Outcome::Reloaded { fallback: None, took }, "reloaded", Some("full"),
+                Some(ReloadResult::Ok), Some(ApplyPath::Reload), Some(WatcherEvent::Reload),
+                Live::At(now), false),
+            (Outcome::Rejected { check: check(false, "bad"), diff: String::new() }, "rejected",
+                None, Some(ReloadResult::Rejected), None, Some(WatcherEvent::Reject), Live::Not, true),
+            (Outcome::failed(lock()), "failed", None, Some(ReloadResult::Failed), None,
+                Some(WatcherEvent::Fail), Live::Not, true),
         ];
         for (outcome, apply_label, update, reload, path, hook, live, retry) in table {
             let r = apply(&outcome, &scene(now));
@@ -481,11 +447,8 @@ mod tests {
                 retry,
                 "{apply_label}: errors are shown in the status"
             );
-            assert!(
-                r.once.starts_with("/etc/haproxy/haproxy.cfg: "),
-                "{}",
-                r.once
-            );
+            let once = &r.once;
+            assert!(once.starts_with("/etc/haproxy/haproxy.cfg: "), "{once}");
         }
     }
 

@@ -31,7 +31,10 @@ pub(crate) async fn run(
         let mut lease = None;
         let err = tokio::select! {
             _ = shutdown.cancelled() => None,
-            e = session(&cfg, &key, &mut rx, &mut lease, &mut backoff) => Some(e),
+            e = keep_fresh(&cfg, &key, &mut rx, &mut lease, &mut backoff) => match e {
+                Ok(never) => match never {},
+                Err(e) => Some(e),
+            },
         };
         let Some(err) = err else {
             if let Some((mut client, id)) = lease {
@@ -48,19 +51,6 @@ pub(crate) async fn run(
 }
 
 /// Grants a lease, writes the status, keeps both fresh. Returns only on error.
-async fn session(
-    cfg: &EtcdConfig,
-    key: &str,
-    rx: &mut watch::Receiver<WatcherStatus>,
-    lease: &mut Option<(Client, i64)>,
-    backoff: &mut Backoff,
-) -> etcd_client::Error {
-    match keep_fresh(cfg, key, rx, lease, backoff).await {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
 async fn keep_fresh(
     cfg: &EtcdConfig,
     key: &str,

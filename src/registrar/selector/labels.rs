@@ -104,13 +104,19 @@ const PORT_SETTINGS: &[&str] = &[
     "check.rise",
 ];
 
-pub(super) fn check_port_labels<T>(meta: &Meta, ports: &BTreeMap<u16, T>, w: &mut Warnings) {
+/// The container's labels that start with `prefix`, sorted (warnings come in order).
+fn labels_under<'m>(meta: &'m Meta, prefix: &str) -> Vec<&'m String> {
     let mut keys: Vec<&String> = meta
         .labels
         .keys()
-        .filter(|k| k.starts_with("portolan.port."))
+        .filter(|k| k.starts_with(prefix))
         .collect();
     keys.sort();
+    keys
+}
+
+pub(super) fn check_port_labels<T>(meta: &Meta, ports: &BTreeMap<u16, T>, w: &mut Warnings) {
+    let keys = labels_under(meta, "portolan.port.");
     let published = || {
         if ports.is_empty() {
             "none".to_string()
@@ -150,12 +156,7 @@ pub(super) fn check_port_labels<T>(meta: &Meta, ports: &BTreeMap<u16, T>, w: &mu
 }
 
 pub(super) fn check_container_labels(meta: &Meta, w: &mut Warnings) {
-    let mut keys: Vec<&String> = meta
-        .labels
-        .keys()
-        .filter(|k| k.starts_with("portolan.check."))
-        .collect();
-    keys.sort();
+    let keys = labels_under(meta, "portolan.check.");
     for key in keys {
         let setting = &key["portolan.".len()..];
         if !PORT_SETTINGS.contains(&setting) {

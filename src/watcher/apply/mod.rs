@@ -535,6 +535,12 @@ mod tests {
         Resource::open(cfg, Duration::ZERO).await.unwrap()
     }
 
+    async fn reloading_in_tempdir() -> (tempfile::TempDir, Resource) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reloading(dir.path()).await;
+        (dir, r)
+    }
+
     /// A resource without a check whose `reload_cmd` (changed by the test) is `true`.
     async fn reloading(dir: &Path) -> Resource {
         let mut r = resource(dir, None).await;
@@ -595,22 +601,20 @@ mod tests {
         let sub = dir.path().join("it's here");
         std::fs::create_dir(&sub).unwrap();
         let mut r = resource(&sub, Some("test -s {src}")).await;
-        assert!(matches!(
-            r.apply("x\n", Duration::from_secs(5)).await,
-            Outcome::Written
-        ));
+        let out = r.apply("x\n", Duration::from_secs(5)).await;
+        assert!(matches!(out, Outcome::Written), "{out:?}");
     }
 
     #[tokio::test]
     async fn a_reload_that_times_out_keeps_the_new_file_and_reloads_again() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut r) = reloading_in_tempdir().await;
         let dest = dir.path().join("out.cfg");
-        let mut r = reloading(dir.path()).await;
         let t = Duration::from_millis(300);
-        assert!(matches!(
-            r.apply("v1\n", t).await,
-            Outcome::Reloaded { fallback: None, .. }
-        ));
+        let out = r.apply("v1\n", t).await;
+        assert!(
+            matches!(out, Outcome::Reloaded { fallback: None, .. }),
+            "{out:?}"
+        );
         // Slow, not failed: HAProxy may run v2 already, so v2 stays.
         r.cfg.reload_cmd = Some("sleep 30".into());
         let out = r.apply("v2\n", t).await;
@@ -621,10 +625,11 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "v2\n");
         // The next pass renders the same bytes and still reloads to confirm it.
         r.cfg.reload_cmd = Some("true".into());
-        assert!(matches!(
-            r.apply("v2\n", t).await,
-            Outcome::Reloaded { fallback: None, .. }
-        ));
+        let out = r.apply("v2\n", t).await;
+        assert!(
+            matches!(out, Outcome::Reloaded { fallback: None, .. }),
+            "{out:?}"
+        );
         assert!(matches!(r.apply("v2\n", t).await, Outcome::Unchanged));
         // A reload that fails outright still puts the last good file back.
         r.cfg.reload_cmd = Some("false".into());
@@ -667,25 +672,20 @@ mod tests {
         );
         assert!(!dest.exists());
         drop(held);
-        assert!(matches!(
-            r.apply("v1\n", Duration::from_millis(200)).await,
-            Outcome::Written
-        ));
+        let out = r.apply("v1\n", Duration::from_millis(200)).await;
+        assert!(matches!(out, Outcome::Written), "{out:?}");
         // The lock file is not a staging leftover.
         assert_eq!(r.clean_stale_staging().await.unwrap(), 0);
         // A dest replaced by another apply while unlocked is what is live.
         std::fs::write(&dest, "other\n").unwrap();
-        assert!(matches!(
-            r.apply("other\n", Duration::from_millis(200)).await,
-            Outcome::Unchanged
-        ));
+        let out = r.apply("other\n", Duration::from_millis(200)).await;
+        assert!(matches!(out, Outcome::Unchanged), "{out:?}");
     }
 
     #[tokio::test]
     async fn a_refused_reload_of_a_file_whose_reload_timed_out_restores_the_confirmed_one() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut r) = reloading_in_tempdir().await;
         let dest = dir.path().join("out.cfg");
-        let mut r = reloading(dir.path()).await;
         let t = Duration::from_millis(300);
         assert!(matches!(r.apply("v1\n", t).await, Outcome::Reloaded { .. }));
         // v2's reload times out: v2 stays at dest, unconfirmed.

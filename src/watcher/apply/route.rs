@@ -324,6 +324,11 @@ mod tests {
         s
     }
 
+    /// A reload of the bytes at `dest`, which passed their check.
+    fn reload_as_is() -> Route {
+        check_first(Check::Nothing, Then::Reload(None))
+    }
+
     fn check_first(check: Check, then: Then) -> Route {
         Route::CheckFirst(CheckFirst { check, then })
     }
@@ -372,57 +377,22 @@ mod tests {
         let mut hand_edited = running_v1(ALL);
         hand_edited.saw_on_disk(b("edited"));
         type Planner = fn(&[u8], &[u8]) -> RuntimePlan;
+        #[rustfmt::skip]
         let table: Vec<(&str, &State, &str, Planner, Route)> = vec![
             ("same bytes, live", &v1, "v1", never, Route::Unchanged),
-            (
-                "server lines only",
-                &v1,
-                "v2",
-                servers,
-                Route::RuntimeFirst(vec![op()]),
-            ),
-            (
-                "structural change",
-                &v1,
-                "v2",
-                structural,
-                check_first(Check::Rendered, Then::Reload(Some("a new backend".into()))),
-            ),
-            (
-                "check-first mode",
-                &checking_first,
-                "v2",
-                servers,
-                check_first(Check::Rendered, Then::Runtime(vec![op()])),
-            ),
-            (
-                "no admin socket",
-                &no_runtime,
-                "v2",
-                never,
-                check_first(Check::Rendered, Then::Reload(None)),
-            ),
-            (
-                "no reload configured",
-                &no_reload,
-                "v2",
-                never,
-                check_first(Check::Rendered, Then::Write),
-            ),
-            (
-                "no check configured: runtime first from any file",
-                &no_check,
-                "v2",
-                servers,
-                Route::RuntimeFirst(vec![op()]),
-            ),
-            (
-                "dest replaced behind our back",
-                &hand_edited,
-                "v2",
-                servers,
-                check_first(Check::Rendered, Then::Runtime(vec![op()])),
-            ),
+            ("server lines only", &v1, "v2", servers, Route::RuntimeFirst(vec![op()])),
+            ("structural change", &v1, "v2", structural,
+                check_first(Check::Rendered, Then::Reload(Some("a new backend".into())))),
+            ("check-first mode", &checking_first, "v2", servers,
+                check_first(Check::Rendered, Then::Runtime(vec![op()]))),
+            ("no admin socket", &no_runtime, "v2", never,
+                check_first(Check::Rendered, Then::Reload(None))),
+            ("no reload configured", &no_reload, "v2", never,
+                check_first(Check::Rendered, Then::Write)),
+            ("no check configured: runtime first from any file", &no_check, "v2", servers,
+                Route::RuntimeFirst(vec![op()])),
+            ("dest replaced behind our back", &hand_edited, "v2", servers,
+                check_first(Check::Rendered, Then::Runtime(vec![op()]))),
         ];
         for (name, state, rendered, planner, want) in table {
             assert_eq!(state.route(rendered.as_bytes(), planner), want, "{name}");
@@ -454,10 +424,7 @@ mod tests {
         // If that check refuses v2 too and the undo fails, HAProxy still runs part of
         // v2: v1 is reloaded, checked already, so without a check.
         s.must_reload();
-        assert_eq!(
-            s.route(b"v1", never),
-            check_first(Check::Nothing, Then::Reload(None))
-        );
+        assert_eq!(s.route(b"v1", never), reload_as_is());
     }
 
     #[test]
@@ -509,10 +476,7 @@ mod tests {
         let previous = s.written(b("v2"));
         s.must_reload();
         assert_eq!(previous, Some(b("v1")));
-        assert_eq!(
-            s.route(b"v2", never),
-            check_first(Check::Nothing, Then::Reload(None))
-        );
+        assert_eq!(s.route(b"v2", never), reload_as_is());
         // That reload is refused (or the master is gone): v1, the last confirmed, goes back.
         let previous = s.written(b("v2"));
         let good = s.reload_refused(previous).expect("a file to put back");
@@ -570,10 +534,7 @@ mod tests {
         assert!(matches!(s.deferred(b("v2"), false), Verdict::Repair(_)));
         s.restored(b("v1"));
         s.must_reload();
-        assert_eq!(
-            s.route(b"v1", never),
-            check_first(Check::Nothing, Then::Reload(None))
-        );
+        assert_eq!(s.route(b"v1", never), reload_as_is());
     }
 
     #[test]

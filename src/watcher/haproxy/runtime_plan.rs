@@ -757,37 +757,16 @@ backend svc_web
     #[test]
     fn anything_beyond_server_lines_reloads() {
         let peers = format!("{BASE}\npeers p\n    server x 10.0.0.1:1024\n");
+        let new_backend = "backend svc_api\n    server x 10.0.0.1:1\n\nbackend svc_web";
+        #[rustfmt::skip]
         let cases = [
             // A new backend (new service), and the frontend rule that goes with it.
-            (
-                BASE.to_string(),
-                BASE.replace(
-                    "backend svc_web",
-                    "backend svc_api\n    server x 10.0.0.1:1\n\nbackend svc_web",
-                ),
-                "sections were added",
-            ),
-            (
-                BASE.into(),
-                BASE.replace("bind *:80", "bind *:81"),
-                "`frontend http-in` changed",
-            ),
-            (
-                BASE.into(),
-                BASE.replace("mode http", "mode tcp"),
-                "`defaults` changed",
-            ),
-            (
-                BASE.into(),
-                BASE.replace("level admin", "level operator"),
-                "`global` changed",
-            ),
+            (BASE.to_string(), BASE.replace("backend svc_web", new_backend), "sections were added"),
+            (BASE.into(), BASE.replace("bind *:80", "bind *:81"), "`frontend http-in` changed"),
+            (BASE.into(), BASE.replace("mode http", "mode tcp"), "`defaults` changed"),
+            (BASE.into(), BASE.replace("level admin", "level operator"), "`global` changed"),
             // A server line in a section that is not a backend.
-            (
-                peers.clone(),
-                peers.replace("10.0.0.1:1024", "10.0.0.2:1024"),
-                "`peers p` changed",
-            ),
+            (peers.clone(), peers.replace("10.0.0.1:1024", "10.0.0.2:1024"), "`peers p` changed"),
         ];
         for (old, new, why) in cases {
             let got = reason(plan(&old, &new));
