@@ -8,6 +8,8 @@ use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, Tls
 
 use crate::config::{EtcdConfig, EtcdTls};
 
+pub mod advisory;
+
 /// Upper bound for one unary etcd call. Streams (watch, keep-alive) are not bounded:
 /// a gRPC deadline would cut them, so callers wrap unary calls in `call()`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
