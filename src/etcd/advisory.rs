@@ -273,10 +273,7 @@ impl EndpointVersion {
     pub fn describe(&self) -> String {
         match &self.result {
             Ok(a) => describe(&self.endpoint, a),
-            Err(e) => format!(
-                "etcd at {}: cannot read its version ({e})",
-                self.endpoint
-            ),
+            Err(e) => format!("etcd at {}: cannot read its version ({e})", self.endpoint),
         }
     }
 }
@@ -302,6 +299,16 @@ pub async fn check(cfg: &EtcdConfig) -> Vec<EndpointVersion> {
         });
     }
     out
+}
+
+/// Registers `gauge` as `etcd_rbac_bypassable` in `registry` (prefix `portolan`): the
+/// same name in both daemons.
+pub fn register(registry: &mut prometheus_client::registry::Registry, gauge: &Gauge) {
+    registry.register(
+        "etcd_rbac_bypassable",
+        "1 while an etcd endpoint runs a release whose RBAC a user can bypass (see the log for the advisory and the release to upgrade to)",
+        gauge.clone(),
+    );
 }
 
 /// How often a daemon re-reads the versions once every endpoint answered: an etcd
@@ -421,7 +428,10 @@ mod tests {
             ids("3.4.42"),
             ["GHSA-x35m-3gp4-4fh5", "GHSA-xg4h-6gfc-h4m8"]
         );
-        assert_eq!(ids("3.5.28"), ["GHSA-x35m-3gp4-4fh5", "GHSA-xg4h-6gfc-h4m8"]);
+        assert_eq!(
+            ids("3.5.28"),
+            ["GHSA-x35m-3gp4-4fh5", "GHSA-xg4h-6gfc-h4m8"]
+        );
         assert_eq!(ids("3.5.30"), ["GHSA-xg4h-6gfc-h4m8"]);
         assert_eq!(
             ids("3.6.8"),
@@ -441,11 +451,23 @@ mod tests {
     #[test]
     fn the_message_names_the_advisories_and_the_release_to_upgrade_to() {
         let m = describe("http://etcd-1:2379", &assess("3.4.23"));
-        assert!(m.starts_with("etcd at http://etcd-1:2379 runs 3.4.23: "), "{m}");
-        assert!(m.contains("GHSA-rfx7-8w68-q57q (nested transactions"), "{m}");
-        assert!(m.contains("upgrade etcd to 3.5.33 or later (3.4 has no release"), "{m}");
+        assert!(
+            m.starts_with("etcd at http://etcd-1:2379 runs 3.4.23: "),
+            "{m}"
+        );
+        assert!(
+            m.contains("GHSA-rfx7-8w68-q57q (nested transactions"),
+            "{m}"
+        );
+        assert!(
+            m.contains("upgrade etcd to 3.5.33 or later (3.4 has no release"),
+            "{m}"
+        );
         let m = describe("e", &assess("3.6.10"));
-        assert!(m.contains("upgrade etcd to 3.6.14 or later") && !m.contains("has no release"), "{m}");
+        assert!(
+            m.contains("upgrade etcd to 3.6.14 or later") && !m.contains("has no release"),
+            "{m}"
+        );
         assert!(assess("garbage").bypassable());
         assert!(!assess("3.6.14").bypassable());
     }

@@ -68,6 +68,8 @@ pub(crate) struct Metrics {
     pub(crate) empty_backends: Gauge,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
+    /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
+    pub(crate) etcd_rbac_bypassable: Gauge,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -80,7 +82,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("portolan_watcher");
+        let mut root = Registry::with_prefix("portolan");
         let m = Metrics {
             registry: Registry::default(),
             renders: Counter::default(),
@@ -104,9 +106,12 @@ impl Metrics {
             removals_held: Gauge::default(),
             empty_backends: Gauge::default(),
             hooks: HookMetrics::default(),
+            etcd_rbac_bypassable: Gauge::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
         };
+        crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
+        let registry = root.sub_registry_with_prefix("watcher");
         registry.register("renders", "Template renders", m.renders.clone());
         registry.register(
             "template_errors",
@@ -179,8 +184,11 @@ impl Metrics {
             "Services with no instance whose backend is kept for empty_backend_grace_s",
             m.empty_backends.clone(),
         );
-        m.hooks.register(&mut registry);
-        Metrics { registry, ..m }
+        m.hooks.register(registry);
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     pub(crate) fn set_ready(&self) {
