@@ -416,6 +416,7 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         .await
         .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
     let revision = listing.revision;
+    let listing_too_large = listing.too_large_errors();
     let mut kvs: Vec<RawKv> = listing
         .kvs
         .into_iter()
@@ -445,7 +446,10 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         };
         leases.insert(id, state);
     }
-    Ok(snapshot(&etcd.prefix, revision, &kvs, &leases))
+    let mut snap = snapshot(&etcd.prefix, revision, &kvs, &leases);
+    snap.skipped.extend(listing_too_large);
+    snap.skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(snap)
 }
 
 /// How `ls` prints what it read.
