@@ -314,7 +314,7 @@ pub fn register(registry: &mut prometheus_client::registry::Registry, gauge: &Ga
 /// How often a daemon re-reads the versions once every endpoint answered: an etcd
 /// upgraded (or downgraded) under a running daemon shows within this.
 const RECHECK: Duration = Duration::from_secs(600);
-/// Retry while an endpoint does not answer.
+/// First retry while an endpoint does not answer; doubled up to [`RECHECK`].
 const RETRY: Duration = Duration::from_secs(5);
 
 /// A daemon's check: warns at start (and on every change) for each endpoint whose
@@ -322,6 +322,7 @@ const RETRY: Duration = Duration::from_secs(5);
 /// any endpoint that answered is.
 pub async fn watch(cfg: EtcdConfig, gauge: Gauge, shutdown: CancellationToken) {
     let mut said: std::collections::BTreeMap<String, String> = Default::default();
+    let mut retry = RETRY;
     loop {
         let found = check(&cfg).await;
         let mut unanswered = false;
@@ -346,7 +347,13 @@ pub async fn watch(cfg: EtcdConfig, gauge: Gauge, shutdown: CancellationToken) {
         if found.iter().any(|e| e.result.is_ok()) {
             gauge.set(i64::from(found.iter().any(EndpointVersion::bypassable)));
         }
-        let wait = if unanswered { RETRY } else { RECHECK };
+        let wait = if unanswered {
+            retry = (retry * 2).min(RECHECK);
+            retry / 2
+        } else {
+            retry = RETRY;
+            RECHECK
+        };
         if !crate::backoff::sleep_or_stop(wait, &shutdown).await {
             return;
         }
