@@ -177,8 +177,52 @@ pub async fn apply(client: &mut Client, p: &Principal, password: &str) -> anyhow
     Ok(())
 }
 
+/// Refuses, unless `allow_unsafe`, when any endpoint runs an etcd whose RBAC a user
+/// can bypass (`etcd::advisory`): a role made there would confine nothing.
+async fn refuse_unsafe_etcd(
+    etcd_cfg: &EtcdConfig,
+    p: &Principal,
+    allow_unsafe: bool,
+) -> anyhow::Result<()> {
+    let found = etcd::advisory::check(etcd_cfg).await;
+    for e in found.iter().filter(|e| e.result.is_err()) {
+        eprintln!(
+            "warning: {}: check that it runs a fixed release too",
+            e.describe()
+        );
+    }
+    let unsafe_lines: Vec<String> = found
+        .iter()
+        .filter(|e| e.bypassable())
+        .map(|e| e.describe())
+        .collect();
+    if unsafe_lines.is_empty() {
+        return Ok(());
+    }
+    if allow_unsafe {
+        for l in &unsafe_lines {
+            eprintln!(
+                "warning: {l}. Setting up {} anyway (--allow-unsafe-etcd): it keeps honest software in its lane, not a hostile host",
+                p.name
+            );
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to set up {}: {}. A role made there confines nothing. Upgrade etcd, or pass --allow-unsafe-etcd to set the user up anyway, knowing that its credentials reach every key and lease",
+        p.name,
+        unsafe_lines.join("; ")
+    )
+}
+
 /// `portolan auth add-node|add-watcher`: sets up `p` and prints what it did.
-pub async fn run(etcd_cfg: &EtcdConfig, p: &Principal, password_file: &Path) -> anyhow::Result<()> {
+pub async fn run(
+    etcd_cfg: &EtcdConfig,
+    p: &Principal,
+    password_file: &Path,
+    allow_unsafe_etcd: bool,
+) -> anyhow::Result<()> {
+    refuse_unsafe_etcd(etcd_cfg, p, allow_unsafe_etcd).await?;
     let (pw, generated) = password(password_file)?;
     let endpoints = etcd_cfg.endpoints.join(",");
     let mut client = etcd::connect(etcd_cfg)

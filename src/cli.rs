@@ -160,7 +160,8 @@ pub enum Command {
     ///       --etcd-username root --etcd-password-file /root/etcd-root.pw
     ///
     /// A password file that does not exist is generated (mode 0600). Each command prints
-    /// what it did as etcdctl lines.
+    /// what it did as etcdctl lines. An etcd whose RBAC a user can bypass (every 3.4,
+    /// 3.5 below 3.5.33, 3.6 below 3.6.14, 3.7.0) is refused unless --allow-unsafe-etcd.
     #[command(verbatim_doc_comment, subcommand)]
     Auth(AuthCommand),
     /// Start a one-machine stack to try Portolan: etcd, HAProxy, a registrar and a watcher.
@@ -237,6 +238,14 @@ pub struct AuthArgs {
     /// FILE does not exist. Give the daemon the same file (--etcd-password-file).
     #[arg(long = "password-file", id = "user_password_file", value_name = "FILE")]
     pub password_file: PathBuf,
+    /// Set the user up even though etcd runs a release whose RBAC a user can bypass
+    /// (nested transactions, the lease API, open-ended watches: below 3.5.33 on 3.5,
+    /// 3.6.14 on 3.6, 3.7.1 on 3.7, and every 3.4). Without it, such an etcd is refused
+    /// with the advisory and the release to upgrade to. With it, the role still keeps
+    /// honest software to its keys, but a hostile holder of the credentials reaches
+    /// every key and lease.
+    #[arg(long)]
+    pub allow_unsafe_etcd: bool,
     /// How to reach etcd as its root user (--etcd-username root --etcd-password-file …).
     #[command(flatten)]
     pub etcd: EtcdOptions,

@@ -416,6 +416,26 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         .await
         .with_context(|| format!("etcd get --prefix {key} at {endpoints} failed"))?;
     let revision = listing.revision;
+    let mut listing_too_large = listing.too_large_errors();
+    if let Some(s) = service {
+        // Only those on the service's paths, as for every other skipped key.
+        let keep: Vec<Vec<u8>> = only_service(
+            &etcd.prefix,
+            s,
+            listing_too_large
+                .iter()
+                .map(|e| RawKv {
+                    key: e.key.clone().into_bytes(),
+                    value: Vec::new(),
+                    lease: 0,
+                })
+                .collect(),
+        )
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+        listing_too_large.retain(|e| keep.contains(&e.key.as_bytes().to_vec()));
+    }
     let mut kvs: Vec<RawKv> = listing
         .kvs
         .into_iter()
@@ -445,7 +465,10 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         };
         leases.insert(id, state);
     }
-    Ok(snapshot(&etcd.prefix, revision, &kvs, &leases))
+    let mut snap = snapshot(&etcd.prefix, revision, &kvs, &leases);
+    snap.skipped.extend(listing_too_large);
+    snap.skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(snap)
 }
 
 /// How `ls` prints what it read.

@@ -105,7 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
             let p = principal(&etcd.prefix, &args.name);
-            auth::run(&etcd, &p, &args.password_file).await?;
+            auth::run(&etcd, &p, &args.password_file, args.allow_unsafe_etcd).await?;
         }
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;

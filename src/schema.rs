@@ -27,6 +27,25 @@ pub const DEFAULT_PREFIX: &str = "/portolan";
 pub const MAX_WEIGHT: u32 = 256;
 pub const DEFAULT_WEIGHT: u32 = 100;
 
+/// Largest instance or node value decoded: a registrar's record is ~200 bytes, and a
+/// node that writes etcd's maximum (1.5 MiB) under its prefix must cost neither memory
+/// nor a listing. Larger values are refused and named with their size.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// Refuses an instance or node value over [`MAX_RECORD_BYTES`].
+pub fn check_record_size(key: &str, value: &[u8]) -> Result<(), SchemaError> {
+    if value.len() > MAX_RECORD_BYTES {
+        return Err(SchemaError::new(
+            key,
+            format!(
+                "value of {} bytes is over the 64 KiB limit for instance and node records",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A key or value that breaks the schema. Always names the key and the rule it broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("key {key:?}: {rule}")]
@@ -371,6 +390,7 @@ pub fn decode_owned(
     owner: Option<&str>,
     value: &[u8],
 ) -> Result<Instance, SchemaError> {
+    check_record_size(key, value)?;
     let text =
         std::str::from_utf8(value).map_err(|_| SchemaError::new(key, "value is not UTF-8"))?;
     let text = text.trim();
@@ -616,6 +636,21 @@ mod tests {
         assert_eq!(v6.addr, "[::1]:80");
         let dns = decode_instance("k", "web", "i4", b"app.internal:8080").unwrap();
         assert_eq!(dns.host, "app.internal");
+    }
+
+    #[test]
+    fn a_value_over_64_kib_is_refused_naming_its_size() {
+        // A bare address padded with blanks: valid at the limit, refused past it.
+        let pad = |n: usize| format!("1.2.3.4:80{}", " ".repeat(n - 10));
+        let at_limit = pad(MAX_RECORD_BYTES);
+        assert!(decode_instance("k", "web", "a", at_limit.as_bytes()).is_ok());
+        let over = pad(MAX_RECORD_BYTES + 1);
+        let e = decode_instance("k", "web", "a", over.as_bytes()).unwrap_err();
+        assert_eq!(e.key, "k");
+        assert_eq!(
+            e.rule,
+            "value of 65537 bytes is over the 64 KiB limit for instance and node records"
+        );
     }
 
     #[test]

@@ -28,13 +28,15 @@ pub(crate) struct Metrics {
     /// Instances registered now.
     pub(crate) instances: Gauge,
     hooks: HookMetrics,
+    /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
+    pub(crate) etcd_rbac_bypassable: Gauge,
     ready: AtomicBool,
     etcd_ok: AtomicBool,
 }
 
 impl Metrics {
     pub(crate) fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("portolan_registrar");
+        let mut root = Registry::with_prefix("portolan");
         let m = Metrics {
             registry: Registry::default(),
             // 1 ms .. ~16 s.
@@ -42,9 +44,12 @@ impl Metrics {
             writes: Family::default(),
             instances: Gauge::default(),
             hooks: HookMetrics::default(),
+            etcd_rbac_bypassable: Gauge::default(),
             ready: AtomicBool::new(false),
             etcd_ok: AtomicBool::new(false),
         };
+        crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
+        let registry = root.sub_registry_with_prefix("registrar");
         registry.register(
             "event_to_etcd_seconds",
             "From a Docker event (Docker's timestamp) to the etcd write it caused",
@@ -52,8 +57,11 @@ impl Metrics {
         );
         registry.register("writes", "Keys written to etcd, by op", m.writes.clone());
         registry.register("instances", "Instances registered", m.instances.clone());
-        m.hooks.register(&mut registry);
-        Metrics { registry, ..m }
+        m.hooks.register(registry);
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     pub(crate) fn set_ready(&self) {

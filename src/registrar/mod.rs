@@ -145,6 +145,11 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     if let Some(addr) = cfg.listen {
         crate::endpoint::start(addr, "--listen", metrics.clone(), &tracker, &shutdown).await?;
     }
+    tracker.spawn(crate::etcd::advisory::watch(
+        cfg.etcd.clone(),
+        metrics.etcd_rbac_bypassable.clone(),
+        shutdown.clone(),
+    ));
     let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);

@@ -153,6 +153,11 @@ struct Report {
     watcher: Option<WatcherStatus>,
     templates: Vec<TemplateReport>,
     differences: Vec<String>,
+    /// An endpoint runs an etcd whose RBAC a user can bypass (`etcd::advisory`); apart
+    /// from `in_sync`.
+    etcd_rbac_bypassable: bool,
+    /// One line per such endpoint: version, advisories, release to upgrade to.
+    etcd_rbac_warnings: Vec<String>,
 }
 
 fn cell(v: &Option<View>, with_health: bool) -> String {
@@ -280,12 +285,20 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
             backends,
         });
     }
+    let rbac: Vec<String> = etcd::advisory::check(&cfg.etcd)
+        .await
+        .iter()
+        .filter(|e| e.bypassable())
+        .map(|e| e.describe())
+        .collect();
     let report = Report {
         in_sync: differences.is_empty(),
         etcd_revision: revision,
         watcher,
         templates,
         differences,
+        etcd_rbac_bypassable: !rbac.is_empty(),
+        etcd_rbac_warnings: rbac,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -296,6 +309,9 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
             report.etcd_revision,
             last_apply(&report.watcher, &cfg.name)
         );
+        for w in &report.etcd_rbac_warnings {
+            println!("warning: {w}: least privilege does not hold");
+        }
         for t in report.templates.iter().filter(|t| t.admin_socket.is_none()) {
             println!(
                 "{}: no haproxy_admin_socket, so HAProxy's own view is not shown",

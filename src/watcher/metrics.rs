@@ -69,6 +69,8 @@ pub(crate) struct Metrics {
     pub(crate) empty_backends: Gauge,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
+    /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
+    pub(crate) etcd_rbac_bypassable: Gauge,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -81,35 +83,41 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Metrics {
-        let mut r = Registry::with_prefix("portolan_watcher");
+        let mut root = Registry::with_prefix("portolan");
+        let r = root.sub_registry_with_prefix("watcher");
         let m = Metrics {
-            renders: reg(&mut r, "renders", "Template renders", Counter::default()),
-            template_errors: reg(&mut r, "template_errors", "Template compile or render errors", Counter::default()),
-            applies: reg(&mut r, "applies", "Apply outcomes by result", Family::default()),
-            reloads: reg(&mut r, "reloads", "HAProxy reloads by result", Family::default()),
-            runtime_updates: reg(&mut r, "runtime_updates", "Changes applied through the runtime API without a reload (ok), or refused and reloaded instead (fallback)", Family::default()),
-            check_failures: reg(&mut r, "check_failures", "Rendered files refused by check_cmd", Counter::default()),
-            deferred_checks: reg(&mut r, "deferred_checks", "Checks of files applied through the runtime API before their check, by result (failed: HAProxy was put back onto the last checked file)", Family::default()),
-            last_apply_seconds: reg(&mut r, "last_apply_duration_seconds", "Wall time of the last pass that changed something", Gauge::default()),
-            etcd_up: reg(&mut r, "etcd_up", "1 while the etcd watch is up", Gauge::default()),
-            revision: reg(&mut r, "revision", "etcd revision of the snapshot last rendered", Gauge::default()),
-            resyncs: reg(&mut r, "resyncs", "Full re-lists of the prefix", Counter::default()),
-            invalid_keys: reg(&mut r, "invalid_keys", "Keys left out because they break the schema or the routing policy", Gauge::default()),
-            services: reg(&mut r, "services", "Services with an instance", Gauge::default()),
-            instances: reg(&mut r, "instances", "Valid instances", Gauge::default()),
-            applied_revision: reg(&mut r, "applied_revision", "etcd revision HAProxy runs (every resource live or unchanged); alert when it lags etcd", Gauge::default()),
-            updates: reg(&mut r, "updates", "Applies by status: noop (unchanged), dynamic (runtime API), full (reload)", Family::default()),
-            event_to_live: reg(&mut r, "event_to_live_seconds", "From an etcd event's arrival to HAProxy running it", Histogram::new(exponential_buckets(0.001, 2.0, 14))),
-            reload_duration: reg(&mut r, "reload_duration_seconds", "HAProxy reloads, from the request to the confirmation", Histogram::new(exponential_buckets(0.005, 2.0, 12))),
-            removals_held: reg(&mut r, "removals_held", "Instances kept in the config by the mass-removal guard", Gauge::default()),
-            empty_backends: reg(&mut r, "empty_backends", "Services with no instance whose backend is kept for empty_backend_grace_s", Gauge::default()),
+            renders: reg(r, "renders", "Template renders", Counter::default()),
+            template_errors: reg(r, "template_errors", "Template compile or render errors", Counter::default()),
+            applies: reg(r, "applies", "Apply outcomes by result", Family::default()),
+            reloads: reg(r, "reloads", "HAProxy reloads by result", Family::default()),
+            runtime_updates: reg(r, "runtime_updates", "Changes applied through the runtime API without a reload (ok), or refused and reloaded instead (fallback)", Family::default()),
+            check_failures: reg(r, "check_failures", "Rendered files refused by check_cmd", Counter::default()),
+            deferred_checks: reg(r, "deferred_checks", "Checks of files applied through the runtime API before their check, by result (failed: HAProxy was put back onto the last checked file)", Family::default()),
+            last_apply_seconds: reg(r, "last_apply_duration_seconds", "Wall time of the last pass that changed something", Gauge::default()),
+            etcd_up: reg(r, "etcd_up", "1 while the etcd watch is up", Gauge::default()),
+            revision: reg(r, "revision", "etcd revision of the snapshot last rendered", Gauge::default()),
+            resyncs: reg(r, "resyncs", "Full re-lists of the prefix", Counter::default()),
+            invalid_keys: reg(r, "invalid_keys", "Keys left out because they break the schema or the routing policy", Gauge::default()),
+            services: reg(r, "services", "Services with an instance", Gauge::default()),
+            instances: reg(r, "instances", "Valid instances", Gauge::default()),
+            applied_revision: reg(r, "applied_revision", "etcd revision HAProxy runs (every resource live or unchanged); alert when it lags etcd", Gauge::default()),
+            updates: reg(r, "updates", "Applies by status: noop (unchanged), dynamic (runtime API), full (reload)", Family::default()),
+            event_to_live: reg(r, "event_to_live_seconds", "From an etcd event's arrival to HAProxy running it", Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            reload_duration: reg(r, "reload_duration_seconds", "HAProxy reloads, from the request to the confirmation", Histogram::new(exponential_buckets(0.005, 2.0, 12))),
+            removals_held: reg(r, "removals_held", "Instances kept in the config by the mass-removal guard", Gauge::default()),
+            empty_backends: reg(r, "empty_backends", "Services with no instance whose backend is kept for empty_backend_grace_s", Gauge::default()),
             hooks: HookMetrics::default(),
+            etcd_rbac_bypassable: Gauge::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
             registry: Registry::default(),
         };
-        m.hooks.register(&mut r);
-        Metrics { registry: r, ..m }
+        m.hooks.register(r);
+        crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// The counters of one report.

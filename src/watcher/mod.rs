@@ -106,6 +106,11 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         crate::endpoint::start(addr, "watcher.listen", metrics.clone(), &tracker, &tasks).await?;
     }
 
+    tracker.spawn(crate::etcd::advisory::watch(
+        cfg.etcd.clone(),
+        metrics.etcd_rbac_bypassable.clone(),
+        tasks.clone(),
+    ));
     let (snap_tx, snap_rx) = watch::channel(None);
     let (resolver, resolved) = resolve::Resolver::new();
     tracker.spawn(resolver.clone().run(tasks.clone()));

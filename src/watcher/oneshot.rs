@@ -134,7 +134,9 @@ pub(crate) async fn snapshot_from_etcd(
         .iter()
         .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
         .collect();
-    for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
+    let mut warnings = store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v)));
+    warnings.extend(listing.too_large_errors());
+    for w in warnings {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
     Ok((listing.revision, admitted_once(&store, cfg).await))

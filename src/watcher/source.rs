@@ -1,7 +1,9 @@
 //! etcd → `Store` → published snapshot.
 //!
 //! One session: connect, list the prefix at revision R (`etcd::list_prefix`, paged at
-//! that one revision), `watch --prefix` from R+1 — no gap, no polling. Anything that
+//! that one revision by count and by bytes), `watch --prefix` from R+1 — no gap, no
+//! polling. No value a node can write breaks either: instance and node values over
+//! 64 KiB are left out and named (`schema::MAX_RECORD_BYTES`). Anything that
 //! ends the watch (etcd restarted: the stream dies; compaction or cancellation: etcd
 //! says so) ends the session, and the next one starts with a full re-list after a
 //! backoff. A re-list *replaces* the store, so an etcd that came back
@@ -152,6 +154,11 @@ impl Source {
             .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
             .collect();
         warn_all(&self.store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))));
+        let too_large = listing.too_large_errors();
+        warn_all(&too_large);
+        for e in too_large {
+            self.store.refuse(e);
+        }
         self.seen = Some((cluster, revision));
         self.metrics.resyncs.inc();
         self.metrics.set_etcd_connected(true);
@@ -166,7 +173,12 @@ impl Source {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut stream = match etcd::call(client.watch(dir, Some(opts))).await {
+        // A watch response holds up to 1,000 revisions' events while it catches up:
+        // decoded up to the same limit as the listing's pages.
+        let mut watch = client
+            .watch_client()
+            .max_decoding_message_size(etcd::MAX_MESSAGE);
+        let mut stream = match etcd::call(watch.watch(dir, Some(opts))).await {
             Ok(s) => s,
             Err(e) => return e.into(),
         };

@@ -117,6 +117,13 @@ impl Store {
         }
     }
 
+    /// Records a key the listing could not even read (`etcd::Listing::too_large`):
+    /// left out and counted like any invalid key, until etcd deletes or replaces it.
+    pub(crate) fn refuse(&mut self, e: SchemaError) {
+        self.remove(&e.key);
+        self.invalid.insert(e.key, e.rule);
+    }
+
     fn decode(&mut self, key: &str, value: &[u8]) -> Result<(), SchemaError> {
         match schema::parse_key(&self.prefix, key)? {
             Key::Service {
@@ -134,6 +141,7 @@ impl Store {
                 );
             }
             Key::Node { name } => {
+                schema::check_record_size(key, value)?;
                 let rec: NodeRecord = serde_json::from_slice(value).map_err(|e| SchemaError {
                     key: key.to_string(),
                     rule: format!("value is not a node record: {e}"),
