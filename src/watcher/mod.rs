@@ -45,6 +45,7 @@ mod diff;
 mod guard;
 pub mod haproxy;
 mod inspect;
+mod interfaces;
 mod linger;
 mod metrics;
 mod oneshot;
