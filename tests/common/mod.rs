@@ -481,9 +481,12 @@ pub async fn http_get(addr: &str, host: &str, path: &str) -> Option<(u16, String
         .flatten()
 }
 
-/// Path of the portolan binary built for these tests.
+/// Path of the portolan binary built for these tests; `PORTOLAN_TEST_BIN` names a copy
+/// instead (several checkouts sharing one target dir overwrite each other's binary).
 pub fn portolan_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_portolan"))
+    std::env::var_os("PORTOLAN_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portolan")))
 }
 
 /// The built binary, with every `PORTOLAN_*` variable of the test's own environment
