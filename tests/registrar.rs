@@ -976,7 +976,7 @@ async fn a_role_limited_to_the_node_prefix_is_enough() {
         .expect("grant");
     c.auth_enable().await.expect("auth enable");
     let password_file = rig.state.path().join("etcd-password");
-    std::fs::write(&password_file, "registrar-pw\n").expect("password file");
+    write_private(&password_file, "registrar-pw\n");
 
     let mut registrar = rig.spawn(&Opts {
         etcd_auth: Some(("registrar".into(), password_file)),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{name_or_hostname, EtcdConfig, Problems};
+use super::{at_most_a_day, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
 use crate::watcher::policy::Cidr;
 
@@ -218,7 +218,12 @@ impl RegistrarOptions {
         if !(2..=3600).contains(&ttl) {
             problems.push(format!("ttl {ttl}: must be between 2 and 3600 seconds"));
         }
-        let resync = self.resync.unwrap_or(DEFAULT_RESYNC_SECS);
+        let resync = at_most_a_day(
+            "registrar.resync",
+            self.resync.unwrap_or(DEFAULT_RESYNC_SECS),
+            1,
+            problems,
+        );
         if resync == 0 {
             problems.push("resync 0: must be at least 1 second".into());
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_min_timeout, name_or_hostname, EtcdConfig, Problems};
+use super::{at_least_min_timeout, at_most_a_day, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
 use crate::watcher::policy::{self, Cidr, Policy};
 
@@ -175,8 +175,18 @@ impl WatcherOptions {
             ));
         }
         let wait = self.wait.clone().unwrap_or_default();
-        let wait_min = wait.min_ms.unwrap_or(DEFAULT_WAIT_MIN_MS);
-        let wait_max = wait.max_ms.unwrap_or(DEFAULT_WAIT_MAX_MS.max(wait_min));
+        let wait_min = at_most_a_day(
+            "watcher.wait.min_ms",
+            wait.min_ms.unwrap_or(DEFAULT_WAIT_MIN_MS),
+            1000,
+            problems,
+        );
+        let wait_max = at_most_a_day(
+            "watcher.wait.max_ms",
+            wait.max_ms.unwrap_or(DEFAULT_WAIT_MAX_MS.max(wait_min)),
+            1000,
+            problems,
+        );
         if wait_max < wait_min {
             problems.push(format!(
                 "watcher.wait: max_ms {wait_max} is below min_ms {wait_min}"
@@ -211,14 +221,20 @@ impl WatcherOptions {
             templates: templates.to_vec(),
             hooks: Vec::new(),
             mass_removal: self.mass_removal(problems),
-            min_reload_interval: Duration::from_millis(
+            min_reload_interval: Duration::from_millis(at_most_a_day(
+                "watcher.min_reload_interval_ms",
                 self.min_reload_interval_ms
                     .unwrap_or(DEFAULT_MIN_RELOAD_INTERVAL_MS),
-            ),
-            empty_backend_grace: Duration::from_secs(
+                1000,
+                problems,
+            )),
+            empty_backend_grace: Duration::from_secs(at_most_a_day(
+                "watcher.empty_backend_grace_s",
                 self.empty_backend_grace_s
                     .unwrap_or(DEFAULT_EMPTY_BACKEND_GRACE_S),
-            ),
+                1,
+                problems,
+            )),
         }
     }
 
@@ -257,12 +273,15 @@ impl WatcherOptions {
                 .min
                 .or(self.mass_removal_min)
                 .unwrap_or(DEFAULT_MASS_REMOVAL_MIN),
-            hold: Duration::from_secs(
+            hold: Duration::from_secs(at_most_a_day(
+                "watcher.mass_removal.hold_s",
                 table
                     .hold_s
                     .or(self.mass_removal_hold_s)
                     .unwrap_or(DEFAULT_MASS_REMOVAL_HOLD_S),
-            ),
+                1,
+                problems,
+            )),
         }
     }
 

@@ -501,3 +501,19 @@ pub fn portolan_cmd() -> Command {
     }
     cmd
 }
+
+/// Writes a secret file with mode 0600, as the daemons require of a password file.
+pub fn write_private(path: impl AsRef<Path>, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.as_ref();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, text.as_ref()).expect("write secret");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600");
+}
