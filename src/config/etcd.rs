@@ -36,9 +36,9 @@ pub struct EtcdOptions {
         value_name = "USER"
     )]
     pub username: Option<String>,
-    /// File holding the etcd password of --etcd-username (its first line). There is
-    /// no password flag: a flag shows in `ps`, and a variable reaches every child
-    /// process. Under systemd, a credential named `etcd-password` (`LoadCredential=`)
+    /// File holding the etcd password of --etcd-username (its first line); refused when
+    /// its group or others can read it (chmod 600). There is no password flag: a flag
+    /// shows in `ps`, and a variable reaches every child process. Under systemd, a credential named `etcd-password` (`LoadCredential=`)
     /// is used when this is unset.
     #[arg(
         long = "etcd-password-file",

@@ -48,9 +48,12 @@ pub struct WatcherOptions {
     #[arg(skip)]
     pub empty_backend_grace_s: Option<u64>,
     /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
-    /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
-    /// [default: everything but loopback, link-local (cloud metadata), unspecified,
-    /// multicast and broadcast addresses]
+    /// 10.0.0.0/8,fd00::/8): the whole list. An instance outside them is left out with
+    /// a warning. [default: everything but loopback, link-local (cloud metadata),
+    /// unspecified, multicast and broadcast addresses, the metadata services
+    /// fd00:ec2::254, 100.100.100.200 and 168.63.129.16, this host's own interface
+    /// addresses and the front door's bind addresses (template vars), and IPv6
+    /// spellings (mapped, compatible, NAT64, 6to4) of any of these IPv4 addresses]
     #[arg(
         long = "allowed-networks",
         env = "PORTOLAN_ALLOWED_NETWORKS",
