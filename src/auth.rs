@@ -94,6 +94,7 @@ pub fn etcdctl_lines(p: &Principal, password_file: &Path) -> String {
 pub fn password(path: &Path) -> anyhow::Result<(String, bool)> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            crate::config::private_file(path).map_err(anyhow::Error::msg)?;
             let pw = text.lines().next().unwrap_or("").trim_end().to_string();
             anyhow::ensure!(
                 !pw.is_empty(),

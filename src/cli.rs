@@ -56,9 +56,11 @@ pub enum Command {
     /// Each published port of a running container becomes
     /// <prefix>/nodes/<node>/services/<service>/<node>-<container id>-<port> with a JSON record
     /// {"addr":"<advertise-ip>:<host port>",...}, attached to this registrar's lease.
-    /// A port published on one host IP (-p 10.0.0.5::80) is registered with that IP.
-    /// One published only on loopback (-p 127.0.0.1::80) is skipped with a warning unless
-    /// --advertise-ip is loopback too. Every key lies under <prefix>/nodes/<node>/, so
+    /// A port published on one host IP (-p 10.0.0.5::80) is registered with that IP only
+    /// when it is --advertise-ip or lies in --advertise-networks; any other (docker0's
+    /// -p 172.17.0.1::80, a bridge) is skipped with a warning. One published only on
+    /// loopback (-p 127.0.0.1::80) is skipped with a warning unless --advertise-ip is
+    /// loopback too. Every key lies under <prefix>/nodes/<node>/, so
     /// the node's etcd user needs no other access (see `portolan auth`); a second
     /// registrar with a node name already held by a live one refuses to start.
     /// Containers are removed the moment they die, stop, are killed, paused or turn
@@ -159,9 +161,10 @@ pub enum Command {
     ///   portolan auth add-node web1 --password-file /etc/portolan/web1.pw \
     ///       --etcd-username root --etcd-password-file /root/etcd-root.pw
     ///
-    /// A password file that does not exist is generated (mode 0600). Each command prints
-    /// what it did as etcdctl lines. An etcd whose RBAC a user can bypass (every 3.4,
-    /// 3.5 below 3.5.33, 3.6 below 3.6.14, 3.7.0) is refused unless --allow-unsafe-etcd.
+    /// A password file that does not exist is generated (mode 0600); one its group or
+    /// others can read is refused (chmod 600 it). Each command prints what it did as
+    /// etcdctl lines. An etcd whose RBAC a user can bypass (every 3.4, 3.5 below 3.5.33,
+    /// 3.6 below 3.6.14, 3.7.0) is refused unless --allow-unsafe-etcd.
     #[command(verbatim_doc_comment, subcommand)]
     Auth(AuthCommand),
     /// Start a one-machine stack to try Portolan: etcd, HAProxy, a registrar and a watcher.
@@ -234,8 +237,9 @@ pub enum AuthCommand {
 pub struct AuthArgs {
     /// The node or watcher name, as given to the daemon (--node, --name).
     pub name: String,
-    /// The new user's password: read from FILE, or generated into it (mode 0600) when
-    /// FILE does not exist. Give the daemon the same file (--etcd-password-file).
+    /// The new user's password: read from FILE (mode 0600 or 0400: one its group or
+    /// others can read is refused), or generated into it (mode 0600) when FILE does not
+    /// exist. Give the daemon the same file (--etcd-password-file).
     #[arg(long = "password-file", id = "user_password_file", value_name = "FILE")]
     pub password_file: PathBuf,
     /// Set the user up even though etcd runs a release whose RBAC a user can bypass

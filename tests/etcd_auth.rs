@@ -45,7 +45,7 @@ async fn the_password_comes_from_a_file_and_appears_nowhere() {
     let prefix = unique_prefix("auth");
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("etcd-password");
-    std::fs::write(&pw, format!("{secret}\n")).unwrap();
+    write_private(&pw, format!("{secret}\n"));
 
     let out = ls(&ep, &prefix)
         .args(["--etcd-username", "root", "--etcd-password-file"])
@@ -102,7 +102,7 @@ async fn the_password_comes_from_a_file_and_appears_nowhere() {
     assert!(!stderr.contains(secret), "{stderr}");
 
     // A wrong password is an error naming what to fix, not a hang.
-    std::fs::write(&pw, "wrong").unwrap();
+    write_private(&pw, "wrong");
     let started = std::time::Instant::now();
     let out = ls(&ep, &prefix)
         .args(["--etcd-username", "root", "--etcd-password-file"])
@@ -141,7 +141,7 @@ async fn auth_makes_users_that_can_touch_only_their_own_keys() {
     let prefix = unique_prefix("rbac");
     let dir = tempfile::tempdir().unwrap();
     let root_file = dir.path().join("root.pw");
-    std::fs::write(&root_file, root_pw).unwrap();
+    write_private(&root_file, root_pw);
     let auth = |args: &[&str]| {
         let out = portolan_cmd()
             .args(["--config", "/dev/null", "auth"])
@@ -309,7 +309,7 @@ async fn the_printed_etcdctl_lines_do_the_same() {
     let prefix = unique_prefix("lines");
     let dir = tempfile::tempdir().unwrap();
     let root_file = dir.path().join("root.pw");
-    std::fs::write(&root_file, root_pw).unwrap();
+    write_private(&root_file, root_pw);
     let pw = dir.path().join("a.pw");
     let out = portolan_cmd()
         .args([

@@ -70,7 +70,7 @@ async fn a_registrar_and_a_watcher_work_with_only_the_users_portolan_auth_made()
     let ep = etcd.endpoint.clone();
     let prefix = unique_prefix("lp");
     let ca = d.join("ca.pem");
-    std::fs::write(d.join("root.pw"), root_pw).unwrap();
+    write_private(d.join("root.pw"), root_pw);
     let tls_args = |cmd: &mut std::process::Command| {
         cmd.args(["--etcd-endpoints", &ep, "--prefix", &prefix])
             .arg("--etcd-ca")

@@ -976,7 +976,7 @@ async fn a_role_limited_to_the_node_prefix_is_enough() {
         .expect("grant");
     c.auth_enable().await.expect("auth enable");
     let password_file = rig.state.path().join("etcd-password");
-    std::fs::write(&password_file, "registrar-pw\n").expect("password file");
+    write_private(&password_file, "registrar-pw\n");
 
     let mut registrar = rig.spawn(&Opts {
         etcd_auth: Some(("registrar".into(), password_file)),
@@ -1050,6 +1050,65 @@ async fn a_loopback_port_is_not_registered_when_the_host_advertises_a_routable_a
     // Events are handled in order: `local` started first and has been decided.
     assert_eq!(rig.value(&rig.image_key(&local)).await, None);
     assert_eq!(rig.services().await.len(), 1, "{:?}", rig.services().await);
+}
+
+/// `-p 172.17.0.1::8080` on a host that advertises 192.0.2.10: registered, it would aim
+/// the load balancer at docker0 (its own, if it runs Docker too). Skipped and named; a
+/// port published on every interface, started after it, registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker0_binding_is_not_registered() {
+    let rig = Rig::new("reg-docker0").await;
+    let registrar = rig.spawn(&Opts {
+        advertise_ip: Some("192.0.2.10".into()),
+        ..Default::default()
+    });
+    let bridge = Container::run(&rig.run, &["-p", "172.17.0.1::8080"], None);
+    let everywhere = Container::run(&rig.run, &["-p", "8080"], None);
+    let rec = record(&rig.wait_value(&rig.image_key(&everywhere), T).await);
+    assert_eq!(
+        rec.addr,
+        format!("192.0.2.10:{}", everywhere.host_port(8080))
+    );
+    registrar
+        .wait_log(&format!("{} ({})", bridge.name, bridge.short_id()), T)
+        .await;
+    let log = registrar.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&bridge.name))
+        .unwrap_or_else(|| panic!("no warning naming {}:\n{log}", bridge.name));
+    assert!(
+        line.contains("port 8080/tcp")
+            && line.contains(&format!(
+                "published only on 172.17.0.1:{}",
+                bridge.host_port(8080)
+            ))
+            && line.contains("advertise_networks"),
+        "{line}"
+    );
+    // Events are handled in order: `bridge` started first and has been decided.
+    assert_eq!(rig.value(&rig.image_key(&bridge)).await, None);
+    assert_eq!(rig.services().await.len(), 1, "{:?}", rig.services().await);
+}
+
+/// `[registrar] advertise_networks` lists the host IPs other hosts reach: a port bound
+/// to one of them registers at that IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_inside_advertise_networks_is_registered_at_its_host_ip() {
+    let rig = Rig::new("reg-advnet").await;
+    let registrar = rig.spawn(&Opts {
+        advertise_ip: Some("192.0.2.10".into()),
+        toml: Some("[registrar]\nadvertise_networks = [\"172.17.0.0/16\"]\n".into()),
+        ..Default::default()
+    });
+    let bridge = Container::run(&rig.run, &["-p", "172.17.0.1::8080"], None);
+    let rec = record(&rig.wait_value(&rig.image_key(&bridge), T).await);
+    assert_eq!(rec.addr, format!("172.17.0.1:{}", bridge.host_port(8080)));
+    assert!(
+        !registrar.log().contains("published only on"),
+        "{}",
+        registrar.log()
+    );
 }
 
 /// A key of this node deleted or overwritten behind its back is written again within

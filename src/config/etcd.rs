@@ -36,9 +36,9 @@ pub struct EtcdOptions {
         value_name = "USER"
     )]
     pub username: Option<String>,
-    /// File holding the etcd password of --etcd-username (its first line). There is
-    /// no password flag: a flag shows in `ps`, and a variable reaches every child
-    /// process. Under systemd, a credential named `etcd-password` (`LoadCredential=`)
+    /// File holding the etcd password of --etcd-username (its first line); refused when
+    /// its group or others can read it (chmod 600). There is no password flag: a flag
+    /// shows in `ps`, and a variable reaches every child process. Under systemd, a credential named `etcd-password` (`LoadCredential=`)
     /// is used when this is unset.
     #[arg(
         long = "etcd-password-file",
@@ -126,6 +126,22 @@ pub struct EtcdTls {
     pub client: Option<(PathBuf, PathBuf)>,
 }
 
+/// Ok when `path` cannot be read by its group or others (a missing file is left to the
+/// read that follows). A password file others can read is refused, as ssh refuses such
+/// a private key: the secret may already be out, and a daemon that quietly used it
+/// would hide that.
+pub fn private_file(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => Err(format!(
+            "password file {0} has mode {1:04o}: its group or others can read it, so it is refused; run chmod 600 {0} (and rotate the password if others could read it)",
+            path.display(),
+            m.permissions().mode() & 0o7777
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl EtcdOptions {
     /// Validates the merged options into an [`EtcdConfig`], adding every problem found.
     pub(super) fn resolve(&self, problems: &mut Problems) -> EtcdConfig {
@@ -154,7 +170,8 @@ impl EtcdOptions {
             schema::DEFAULT_PREFIX.to_string()
         });
         let password = self.resolve_password(problems);
-        if self.username.is_some() != password.is_some() {
+        // A refused or unreadable file is its own problem, not a missing password.
+        if self.username.is_some() != (password.is_some() || self.password_file.is_some()) {
             problems.push(
                 "etcd auth: a username needs a password and a password a username (--etcd-username with --etcd-password-file)"
                     .into(),
@@ -199,6 +216,13 @@ impl EtcdOptions {
             let path = PathBuf::from(dir).join(CREDENTIAL);
             (self.password.is_none() && path.is_file()).then_some(path)
         });
+        // systemd's credentials are private by construction; a file named here must be.
+        if let Some(path) = &self.password_file {
+            if let Err(e) = private_file(path) {
+                problems.push(e);
+                return None;
+            }
+        }
         match file {
             Some(path) => match std::fs::read_to_string(&path) {
                 Ok(text) => match text.lines().next().map(str::trim_end) {

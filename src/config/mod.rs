@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use self::etcd::{EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
+pub use self::etcd::{private_file, EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
 pub use self::hook::{redact_url, HookConfig, HookFormat, HookOptions, HookTarget};
 pub use self::registrar::{
     RegistrarConfig, RegistrarOptions, ServiceOptions, DEFAULT_RESYNC_SECS, DEFAULT_STATE_DIR,
@@ -107,7 +107,7 @@ impl FileConfig {
     pub fn from_str(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
         let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: e.to_string(),
+            message: parse_message(&e, text),
         };
         let mut cfg: FileConfig = toml::from_str(text).map_err(parse_error)?;
         let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
@@ -155,6 +155,42 @@ impl FileConfig {
     }
 }
 
+/// A TOML error as the toml crate words it, with the offending line — unless the file
+/// holds a password: then the line and column, the crate's words without its quote of
+/// the line, and nothing at all from a line holding `password`. The crate quotes the
+/// line (an unclosed quote on `password = "…` would print the password) and, for a
+/// value of the wrong type, the value; a multi-line string left open quotes whatever
+/// line follows it.
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    let secret = text.to_ascii_lowercase().contains("password");
+    if !secret {
+        return e.to_string();
+    }
+    let Some(span) = e.span() else {
+        return "not valid TOML (details not shown: this file holds a password)".into();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let this_line = text[start..].split('\n').next().unwrap_or("");
+    let full_line = format!("{}{this_line}", before.rsplit('\n').next().unwrap_or(""));
+    let what = if full_line.to_ascii_lowercase().contains("password") {
+        "the password line is not valid TOML (a password is a \"quoted string\")".to_string()
+    } else {
+        // The crate's words without its snippet: a value they quote ("invalid type:
+        // integer `5`") starts on this line, which holds no password.
+        e.message()
+            .lines()
+            .next()
+            .unwrap_or("not valid TOML")
+            .to_string()
+    };
+    format!(
+        "TOML parse error at line {line}, column {column}: {what} (the line is not shown: this file holds a password)"
+    )
+}
+
 /// `flags` laid over `file`: an option set on the command line or in the environment
 /// wins, the file fills in the rest. Works on any section type, so no option has to be
 /// listed a second time to be merged.
@@ -177,13 +213,35 @@ pub fn layered<T: Serialize + DeserializeOwned + Clone>(file: &T, flags: &T) -> 
 const MIN_TIMEOUT_MS: u64 = 100;
 
 /// `ms`, or a problem naming `key` when it is below [`MIN_TIMEOUT_MS`].
+/// The longest any duration option may be: one day. Far past any sensible setting, and
+/// far below what would overflow a deadline (`Instant` + it), which panics.
+const MAX_DURATION_S: u64 = 86_400;
+
+/// `value` (in `unit`s per second: 1 for seconds, 1000 for milliseconds), or a problem
+/// naming `key` when it is over a day.
+fn at_most_a_day(key: &str, value: u64, per_s: u64, problems: &mut Problems) -> u64 {
+    let max = MAX_DURATION_S * per_s;
+    if value > max {
+        let unit = if per_s == 1 {
+            "seconds"
+        } else {
+            "milliseconds"
+        };
+        problems.push(format!(
+            "{key} = {value}: must be at most {max} ({unit}, one day)"
+        ));
+        return max;
+    }
+    value
+}
+
 fn at_least_min_timeout(key: &str, ms: u64, problems: &mut Problems) -> u64 {
     if ms < MIN_TIMEOUT_MS {
         problems.push(format!(
             "{key} = {ms}: must be at least {MIN_TIMEOUT_MS} (milliseconds)"
         ));
     }
-    ms
+    at_most_a_day(key, ms, 1000, problems)
 }
 
 /// This machine's full host name (`web1.dc1`, not `web1`: the first label alone
@@ -286,6 +344,7 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let flags = |file: PathBuf| EtcdOptions {
             username: Some("portolan-node-a".into()),
             password_file: Some(file),

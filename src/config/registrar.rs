@@ -17,8 +17,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{name_or_hostname, EtcdConfig, Problems};
+use super::{at_most_a_day, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
+use crate::watcher::policy::Cidr;
 
 pub const DEFAULT_TTL_SECS: u64 = 10;
 pub const DEFAULT_RESYNC_SECS: u64 = 60;
@@ -36,6 +37,17 @@ pub struct RegistrarOptions {
     /// address used to reach etcd].
     #[arg(long, env = "PORTOLAN_ADVERTISE_IP", value_name = "IP")]
     pub advertise_ip: Option<String>,
+    /// Networks (CIDRs, comma separated) of this host's addresses other hosts reach: a
+    /// port published on one host IP (`-p 10.0.0.7:8080:80`) registers only when that IP
+    /// is the advertise IP or lies in one of these; any other (docker0, a bridge) is
+    /// skipped with a warning [default: none, only the advertise IP].
+    #[arg(
+        long = "advertise-networks",
+        env = "PORTOLAN_ADVERTISE_NETWORKS",
+        value_name = "CIDR[,CIDR…]",
+        value_delimiter = ','
+    )]
+    pub advertise_networks: Option<Vec<String>>,
     /// Lease TTL in seconds: how long a lost host's keys survive it [default: 10].
     #[arg(long, env = "PORTOLAN_TTL", value_name = "SECS")]
     pub ttl: Option<u64>,
@@ -144,6 +156,8 @@ pub struct RegistrarConfig {
     pub node: String,
     /// None: detect (the local address used to reach the first etcd endpoint).
     pub advertise_ip: Option<IpAddr>,
+    /// `advertise_networks`: where a port bound to one host IP may register.
+    pub advertise_networks: Vec<Cidr>,
     pub ttl: Duration,
     pub state_dir: PathBuf,
     /// None: the local default (DOCKER_HOST or /var/run/docker.sock).
@@ -191,11 +205,25 @@ impl RegistrarOptions {
                 })
                 .ok()
         });
+        let mut advertise_networks = Vec::new();
+        for n in self.advertise_networks.iter().flatten() {
+            match n.parse::<Cidr>() {
+                Ok(c) => advertise_networks.push(c),
+                Err(e) => problems.push(format!(
+                    "registrar.advertise_networks: {e} (--advertise-networks 10.0.0.0/24)"
+                )),
+            }
+        }
         let ttl = self.ttl.unwrap_or(DEFAULT_TTL_SECS);
         if !(2..=3600).contains(&ttl) {
             problems.push(format!("ttl {ttl}: must be between 2 and 3600 seconds"));
         }
-        let resync = self.resync.unwrap_or(DEFAULT_RESYNC_SECS);
+        let resync = at_most_a_day(
+            "registrar.resync",
+            self.resync.unwrap_or(DEFAULT_RESYNC_SECS),
+            1,
+            problems,
+        );
         if resync == 0 {
             problems.push("resync 0: must be at least 1 second".into());
         }
@@ -243,6 +271,7 @@ impl RegistrarOptions {
             etcd,
             node,
             advertise_ip,
+            advertise_networks,
             ttl: Duration::from_secs(ttl),
             state_dir: self
                 .state_dir
@@ -306,6 +335,44 @@ addr = "10.0.0.7"
         assert_eq!(labels["portolan.check.interval"], "1s");
         assert_eq!(labels["portolan.tags"], "primary");
         assert!(resolve("").unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn advertise_networks_from_the_file_or_the_flag() {
+        assert!(resolve("").unwrap().advertise_networks.is_empty());
+        let c =
+            resolve("[registrar]\nadvertise_networks = [\"10.0.0.0/24\", \"fd00::/8\"]\n").unwrap();
+        assert_eq!(
+            c.advertise_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/24", "fd00::/8"]
+        );
+        let ConfigError::Invalid(p) =
+            resolve("[registrar]\nadvertise_networks = [\"10.0.0.1/24\", \"lan\"]\n").unwrap_err()
+        else {
+            panic!()
+        };
+        let all = p.join("\n");
+        assert!(
+            all.contains("advertise_networks")
+                && all.contains("\"lan\"")
+                && all.contains("10.0.0.1/24"),
+            "{all}"
+        );
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: RegistrarOptions,
+        }
+        let flags = <Cli as clap::Parser>::parse_from([
+            "x",
+            "--advertise-networks",
+            "10.1.0.0/16,10.2.0.0/16",
+        ])
+        .args;
+        assert_eq!(flags.advertise_networks.unwrap().len(), 2);
     }
 
     #[test]

@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_min_timeout, name_or_hostname, EtcdConfig, Problems};
+use super::{at_least_min_timeout, at_most_a_day, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
-use crate::watcher::policy::{Cidr, Policy};
+use crate::watcher::policy::{self, Cidr, Policy};
 
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
 pub const DEFAULT_WAIT_MAX_MS: u64 = 500;
@@ -48,9 +48,12 @@ pub struct WatcherOptions {
     #[arg(skip)]
     pub empty_backend_grace_s: Option<u64>,
     /// Networks instances may be routed to, as CIDRs, comma separated (e.g.
-    /// 10.0.0.0/8,fd00::/8). An instance outside them is left out with a warning.
-    /// [default: everything but loopback, link-local (cloud metadata), unspecified,
-    /// multicast and broadcast addresses]
+    /// 10.0.0.0/8,fd00::/8): the whole list. An instance outside them is left out with
+    /// a warning. [default: everything but loopback, link-local (cloud metadata),
+    /// unspecified, multicast and broadcast addresses, the metadata services
+    /// fd00:ec2::254, 100.100.100.200 and 168.63.129.16, this host's own interface
+    /// addresses and the front door's bind addresses (template vars), and IPv6
+    /// spellings (mapped, compatible, NAT64, 6to4) of any of these IPv4 addresses]
     #[arg(
         long = "allowed-networks",
         env = "PORTOLAN_ALLOWED_NETWORKS",
@@ -175,8 +178,18 @@ impl WatcherOptions {
             ));
         }
         let wait = self.wait.clone().unwrap_or_default();
-        let wait_min = wait.min_ms.unwrap_or(DEFAULT_WAIT_MIN_MS);
-        let wait_max = wait.max_ms.unwrap_or(DEFAULT_WAIT_MAX_MS.max(wait_min));
+        let wait_min = at_most_a_day(
+            "watcher.wait.min_ms",
+            wait.min_ms.unwrap_or(DEFAULT_WAIT_MIN_MS),
+            1000,
+            problems,
+        );
+        let wait_max = at_most_a_day(
+            "watcher.wait.max_ms",
+            wait.max_ms.unwrap_or(DEFAULT_WAIT_MAX_MS.max(wait_min)),
+            1000,
+            problems,
+        );
         if wait_max < wait_min {
             problems.push(format!(
                 "watcher.wait: max_ms {wait_max} is below min_ms {wait_min}"
@@ -191,7 +204,9 @@ impl WatcherOptions {
                 })
                 .ok()
         });
-        let policy = self.policy(problems);
+        let policy = self
+            .policy(problems)
+            .with_bind_addresses(bind_addresses(templates));
         check_templates(templates, problems);
         WatcherConfig {
             etcd,
@@ -209,14 +224,20 @@ impl WatcherOptions {
             templates: templates.to_vec(),
             hooks: Vec::new(),
             mass_removal: self.mass_removal(problems),
-            min_reload_interval: Duration::from_millis(
+            min_reload_interval: Duration::from_millis(at_most_a_day(
+                "watcher.min_reload_interval_ms",
                 self.min_reload_interval_ms
                     .unwrap_or(DEFAULT_MIN_RELOAD_INTERVAL_MS),
-            ),
-            empty_backend_grace: Duration::from_secs(
+                1000,
+                problems,
+            )),
+            empty_backend_grace: Duration::from_secs(at_most_a_day(
+                "watcher.empty_backend_grace_s",
                 self.empty_backend_grace_s
                     .unwrap_or(DEFAULT_EMPTY_BACKEND_GRACE_S),
-            ),
+                1,
+                problems,
+            )),
         }
     }
 
@@ -255,12 +276,15 @@ impl WatcherOptions {
                 .min
                 .or(self.mass_removal_min)
                 .unwrap_or(DEFAULT_MASS_REMOVAL_MIN),
-            hold: Duration::from_secs(
+            hold: Duration::from_secs(at_most_a_day(
+                "watcher.mass_removal.hold_s",
                 table
                     .hold_s
                     .or(self.mass_removal_hold_s)
                     .unwrap_or(DEFAULT_MASS_REMOVAL_HOLD_S),
-            ),
+                1,
+                problems,
+            )),
         }
     }
 
@@ -282,6 +306,32 @@ impl WatcherOptions {
         }
         Policy::new(Some(nets))
     }
+}
+
+/// The front door's own addresses as far as the config tells: the host part of every
+/// `[template.vars]` string whose key contains `bind` (`http_bind = "10.0.0.5:80"`,
+/// `bind_ip = "10.0.0.5"`, HAProxy's `ipv4@` prefixes and comma lists too). Wildcards
+/// (`*:80`, `0.0.0.0`) add nothing: they are this host's addresses, listed anyway.
+fn bind_addresses(templates: &[TemplateResource]) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    for t in templates {
+        for (key, value) in &t.vars {
+            let Some(value) = value.as_str().filter(|_| key.contains("bind")) else {
+                continue;
+            };
+            for item in value.split(',') {
+                let item = item.split_whitespace().next().unwrap_or("");
+                let item = item.rsplit_once('@').map_or(item, |(_, a)| a);
+                let host = match item.parse::<SocketAddr>() {
+                    Ok(sa) => Some(sa.ip()),
+                    Err(_) => policy::literal(item)
+                        .or_else(|| item.rsplit_once(':').and_then(|(h, _)| policy::literal(h))),
+                };
+                out.extend(host.filter(|ip| !ip.is_unspecified()));
+            }
+        }
+    }
+    out
 }
 
 fn check_templates(templates: &[TemplateResource], problems: &mut Problems) {
@@ -388,6 +438,45 @@ mod tests {
         let c = resolve_watcher(&f, &flags).unwrap();
         assert!(c.policy.check_ip("192.168.1.1".parse().unwrap()).is_ok());
         assert!(c.policy.check_ip("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_front_doors_bind_addresses_come_from_the_template_vars() {
+        let t = |vars: &str| super::TemplateResource {
+            src: "t".into(),
+            dest: "d".into(),
+            check_cmd: None,
+            haproxy_master_socket: None,
+            reload_cmd: None,
+            haproxy_admin_socket: None,
+            mode: None,
+            vars: toml::from_str(vars).unwrap(),
+        };
+        let got = super::bind_addresses(&[t(r#"http_bind = "192.0.2.80:80"
+                 stats_bind = "127.0.0.1:8404"
+                 bind_ip = "198.51.100.9"
+                 domain = "10.9.9.9"
+                 tls_bind = "ipv4@203.0.113.5:443 ssl crt /x.pem,[2001:db8::8]:443"
+                 any_bind = "*:80"
+                 zero_bind = "0.0.0.0:80"
+                 port_bind = ":80""#)]);
+        let want: Vec<std::net::IpAddr> = [
+            "127.0.0.1",
+            "198.51.100.9",
+            "192.0.2.80",
+            "203.0.113.5",
+            "2001:db8::8",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let (mut got, mut want) = (got, want);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        let p = Policy::default().with_bind_addresses(got);
+        assert!(p.check_ip("192.0.2.80".parse().unwrap()).is_err());
+        assert!(p.check_ip("192.0.2.81".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -66,8 +66,9 @@ fn render_state(lease_id: i64) -> String {
     serde_json::to_string(&State { lease_id }).unwrap_or_default() + "\n"
 }
 
-/// Writes the state file atomically (temp file, fsync, rename), so a crash mid-write
-/// never leaves a half-written id behind.
+/// Writes the state file atomically (temp file, fsync, rename, fsync of the folder), so
+/// a crash mid-write never leaves a half-written id behind, and a power loss after it
+/// returns never brings the old id back (the rename lives in the folder's entry).
 fn write_state(path: &Path, lease_id: i64) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -76,7 +77,12 @@ fn write_state(path: &Path, lease_id: i64) -> std::io::Result<()> {
         f.write_all(render_state(lease_id).as_bytes())?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes the state file after a revoke; a missing file is fine.

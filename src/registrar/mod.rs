@@ -102,6 +102,7 @@ pub(crate) fn service_problems(
         // Only the registration's address depends on it, never its validity.
         advertise_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
         internal: false,
+        advertise_networks: Vec::new(),
     };
     selector::service(labels, port, addr, &settings)
         .err()
@@ -178,6 +179,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         node: cfg.node.clone(),
         advertise_ip,
         internal: cfg.internal,
+        advertise_networks: cfg.advertise_networks.clone(),
     };
     let services = static_services(&cfg, &settings);
     let node_want = NodeRecord {

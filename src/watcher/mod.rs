@@ -45,6 +45,7 @@ mod drift;
 mod effective;
 mod guard;
 pub mod haproxy;
+mod interfaces;
 mod linger;
 mod metrics;
 mod oneshot;

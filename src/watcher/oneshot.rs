@@ -167,7 +167,14 @@ pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
 /// The snapshot the watcher would render: the routing policy applied, every host name
 /// looked up first (there is no background to wait for here).
 async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
-    let (_, left) = source::admitted(store, &cfg.policy, |_| Resolution::Pending);
+    let mut policy = cfg.policy.clone();
+    match super::interfaces::list() {
+        Ok(addrs) => {
+            policy.set_host_addresses(addrs);
+        }
+        Err(e) => tracing::warn!("cannot list this host's addresses (getifaddrs: {e})"),
+    }
+    let (_, left) = source::admitted(store, &policy, |_| Resolution::Pending);
     let mut answers = BTreeMap::new();
     for name in left.names {
         let answer = match resolve::resolve(&name, resolve::LOOKUP_TIMEOUT).await {
@@ -176,7 +183,7 @@ async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
         };
         answers.insert(name, answer);
     }
-    let (snapshot, left) = source::admitted(store, &cfg.policy, |name| {
+    let (snapshot, left) = source::admitted(store, &policy, |name| {
         answers.get(name).cloned().unwrap_or(Resolution::Pending)
     });
     for (key, rule) in left.keys {

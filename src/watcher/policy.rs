@@ -4,15 +4,22 @@
 //! at 127.0.0.1 would aim the front door at the load balancer itself (its stats page,
 //! its admin socket's TCP twin, etcd), and one at 169.254.169.254 at the cloud metadata
 //! service. So an instance is routed only when its address passes this policy:
-//! `[watcher] allowed_networks` when set, else everything but loopback, link-local,
-//! unspecified, multicast and broadcast addresses.
+//! `[watcher] allowed_networks` when set (the operator's whole list), else everything
+//! but loopback, link-local, unspecified, multicast and broadcast addresses, the cloud
+//! metadata services outside link-local (`fd00:ec2::254`, `100.100.100.200`,
+//! `168.63.129.16`), the load balancer's own addresses (this host's interfaces, and the
+//! front door's bind addresses from the templates' vars), and every IPv6 spelling of a
+//! refused IPv4 address (mapped, compatible, NAT64, 6to4).
 //!
 //! Pure: `check(host, resolution, policy)` decides from the host as written, what it
 //! resolved to (the caller resolves, off the render path: `resolve`), and the policy.
+//! The host's interface addresses are data too: the caller lists them
+//! (`interfaces::list`) and hands them in (`set_host_addresses`).
 //! A host HAProxy would read as an address — including the forms libc's `inet_aton`
 //! accepts, such as `127.1`, `2130706433` or `0x7f000001` — is judged as that address,
 //! never as a name.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
@@ -107,8 +114,13 @@ impl FromStr for Cidr {
 /// Where instances may point.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// `[watcher] allowed_networks`; None = the default (see `DENIED_BY_DEFAULT`).
+    /// `[watcher] allowed_networks`; None = the default (see `denied_by_default`).
     allowed: Option<Vec<Cidr>>,
+    /// The front door's own bind addresses, from the templates' `vars` (config).
+    binds: BTreeSet<IpAddr>,
+    /// This host's interface addresses → interface name, as the kernel last listed them
+    /// (the caller reads them: `interfaces`).
+    host: BTreeMap<IpAddr, String>,
 }
 
 /// What the default policy refuses, and why, in the words of the warning.
@@ -125,38 +137,120 @@ fn denied_by_default() -> Vec<(Cidr, &'static str)> {
         (Cidr::v4(224, 0, 0, 0, 4), "multicast"),
         (Cidr::v6("ff00::", 8), "multicast"),
         (Cidr::v4(255, 255, 255, 255, 32), "broadcast"),
+        // Metadata services outside link-local: they hand out the host's credentials.
+        (
+            Cidr::v6("fd00:ec2::254", 128),
+            "the AWS instance metadata service (IPv6)",
+        ),
+        (
+            Cidr::v4(100, 100, 100, 200, 32),
+            "the Alibaba Cloud metadata service",
+        ),
+        (
+            Cidr::v4(168, 63, 129, 16, 32),
+            "the Azure platform endpoint (WireServer)",
+        ),
     ]
+}
+
+/// The IPv4 address an IPv6 one stands for, and the name of that spelling: mapped
+/// (`::ffff:a.b.c.d`, the kernel connects to the IPv4 address), compatible
+/// (`::a.b.c.d`, deprecated but still parsed), NAT64 (`64:ff9b::a.b.c.d`, a NAT64
+/// gateway connects to it) and 6to4 (`2002:aabb:ccdd::`, a 6to4 relay does).
+fn embedded_v4(ip: IpAddr) -> Option<(Ipv4Addr, &'static str)> {
+    let IpAddr::V6(v6) = ip else { return None };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some((v4, "an IPv4-mapped"));
+    }
+    let bits = u128::from(v6);
+    match bits >> 32 {
+        0 => return Some((Ipv4Addr::from(bits as u32), "an IPv4-compatible")),
+        0x0064_ff9b_0000_0000_0000_0000 => {
+            return Some((Ipv4Addr::from(bits as u32), "a NAT64 (64:ff9b::/96)"))
+        }
+        _ => {}
+    }
+    (bits >> 112 == 0x2002).then(|| (Ipv4Addr::from((bits >> 80) as u32), "a 6to4 (2002::/16)"))
 }
 
 impl Policy {
     /// `allowed_networks`; None for the default policy.
     pub fn new(allowed: Option<Vec<Cidr>>) -> Policy {
-        Policy { allowed }
+        Policy {
+            allowed,
+            ..Policy::default()
+        }
+    }
+
+    /// The front door's bind addresses (refused by the default policy).
+    pub fn with_bind_addresses(mut self, binds: impl IntoIterator<Item = IpAddr>) -> Policy {
+        self.binds = binds.into_iter().map(|ip| ip.to_canonical()).collect();
+        self
+    }
+
+    /// This host's interface addresses (address → interface), refused by the default
+    /// policy; replaces the last set. True when it changed.
+    pub fn set_host_addresses(&mut self, host: BTreeMap<IpAddr, String>) -> bool {
+        let host: BTreeMap<IpAddr, String> = host
+            .into_iter()
+            .map(|(ip, name)| (ip.to_canonical(), name))
+            .collect();
+        let changed = host != self.host;
+        self.host = host;
+        changed
     }
 
     /// Ok, or the rule `ip` breaks.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
-        match &self.allowed {
-            Some(nets) if nets.iter().any(|n| n.contains(ip)) => Ok(()),
-            Some(nets) => Err(format!(
-                "{ip} is outside [watcher] allowed_networks ({})",
-                nets.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-            None => match denied_by_default()
-                .into_iter()
-                .find(|(n, _)| n.contains(ip))
-            {
-                None => Ok(()),
-                Some((net, what)) => Err(format!(
-                    "{ip} is {what} ({net}), which the default routing policy refuses; \
-                     list the networks your backends live in under [watcher] allowed_networks \
-                     to route it"
-                )),
-            },
+        let Some(nets) = &self.allowed else {
+            return self.check_default(ip);
+        };
+        if nets.iter().any(|n| n.contains(ip)) {
+            return Ok(());
         }
+        Err(format!(
+            "{ip} is outside [watcher] allowed_networks ({})",
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    /// The default policy: `ip` is refused when it, or the IPv4 address it spells, is on
+    /// the deny list or an address of the load balancer itself.
+    fn check_default(&self, ip: IpAddr) -> Result<(), String> {
+        let why = match (self.denied(ip), embedded_v4(ip)) {
+            (Some(what), _) => format!("{ip} is {what}"),
+            (None, Some((v4, form))) => match self.denied(IpAddr::V4(v4)) {
+                Some(what) => format!("{ip} is {form} spelling of {v4}, which is {what}"),
+                None => return Ok(()),
+            },
+            (None, None) => return Ok(()),
+        };
+        Err(format!(
+            "{why}, which the default routing policy refuses; list the networks your \
+             backends live in under [watcher] allowed_networks to route it"
+        ))
+    }
+
+    /// What `ip` is, when the default policy denies it as written.
+    fn denied(&self, ip: IpAddr) -> Option<String> {
+        if let Some((net, what)) = denied_by_default()
+            .into_iter()
+            .find(|(n, _)| n.contains(ip))
+        {
+            return Some(format!("{what} ({net})"));
+        }
+        let ip = ip.to_canonical();
+        if let Some(name) = self.host.get(&ip) {
+            return Some(format!(
+                "this host's own address (interface {name}): the front door would route to itself"
+            ));
+        }
+        self.binds
+            .contains(&ip)
+            .then(|| "a front door bind address (a [template.vars] *bind* value)".to_string())
     }
 }
 
@@ -270,6 +364,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn host(addrs: &[(&str, &str)]) -> BTreeMap<IpAddr, String> {
+        addrs.iter().map(|(a, n)| (ip(a), n.to_string())).collect()
+    }
+
     #[test]
     fn inet_aton_reads_every_form_libc_reads() {
         for form in [
@@ -348,6 +446,97 @@ mod tests {
             "{rule}"
         );
         assert!(rule.contains("allowed_networks"), "{rule}");
+    }
+
+    /// Every spelling of a denied address that reaches it: cloud metadata services
+    /// outside link-local, and IPv4 addresses written as IPv6 (mapped, compatible,
+    /// NAT64, 6to4), which the kernel or a NAT64 gateway turns back into the IPv4 one.
+    #[test]
+    fn the_default_policy_refuses_every_spelling_of_metadata_and_loopback() {
+        let p = Policy::default();
+        let none = Resolution::Pending;
+        for (host, why) in [
+            ("fd00:ec2::254", "AWS"),
+            ("[fd00:ec2::254]", "AWS"),
+            ("100.100.100.200", "Alibaba"),
+            ("168.63.129.16", "Azure"),
+            ("::ffff:169.254.169.254", "link-local"),
+            ("::ffff:a9fe:a9fe", "link-local"),
+            ("::ffff:100.100.100.200", "Alibaba"),
+            ("::127.0.0.1", "loopback"),
+            ("::7f00:1", "loopback"),
+            ("::169.254.169.254", "link-local"),
+            ("::168.63.129.16", "Azure"),
+            ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("64:ff9b::169.254.169.254", "link-local"),
+            ("64:ff9b::7f00:1", "loopback"),
+            ("64:ff9b::100.100.100.200", "Alibaba"),
+            ("64:ff9b::0.0.0.0", "unspecified"),
+            ("2002:a9fe:a9fe::1", "link-local"),
+            ("2002:7f00:1::", "loopback"),
+        ] {
+            match check(host, &none, &p) {
+                Verdict::Denied(rule) => assert!(rule.contains(why), "{host}: {rule}"),
+                v => panic!("{host} admitted: {v:?}"),
+            }
+        }
+        // An IPv6 address that embeds an allowed IPv4 one is judged as that one.
+        for host in [
+            "64:ff9b::a00:1",
+            "::ffff:10.0.0.1",
+            "2002:a00:1::1",
+            "fd00:ec2::1",
+        ] {
+            assert_eq!(check(host, &none, &p), Verdict::Allowed, "{host}");
+        }
+        let Verdict::Denied(rule) = check("64:ff9b::a9fe:a9fe", &none, &p) else {
+            unreachable!()
+        };
+        assert!(
+            rule.contains("169.254.169.254") && rule.contains("NAT64"),
+            "{rule}"
+        );
+    }
+
+    #[test]
+    fn the_default_policy_refuses_the_load_balancers_own_addresses() {
+        let own = host(&[
+            ("10.0.2.15", "eth0"),
+            ("172.17.0.1", "docker0"),
+            ("2001:db8::5", "eth0"),
+        ]);
+        let mut p = Policy::default().with_bind_addresses([ip("192.0.2.80")]);
+        p.set_host_addresses(own);
+        let none = Resolution::Pending;
+        for (host, why) in [
+            ("10.0.2.15", "this host's own address (interface eth0)"),
+            ("172.17.0.1", "this host's own address (interface docker0)"),
+            ("2001:db8::5", "this host's own address"),
+            ("::ffff:172.17.0.1", "this host's own address"),
+            ("64:ff9b::ac11:1", "this host's own address"),
+            ("::172.17.0.1", "this host's own address"),
+            ("192.0.2.80", "front door"),
+        ] {
+            match check(host, &none, &p) {
+                Verdict::Denied(rule) => assert!(rule.contains(why), "{host}: {rule}"),
+                v => panic!("{host} admitted: {v:?}"),
+            }
+        }
+        assert_eq!(check("10.0.2.16", &none, &p), Verdict::Allowed);
+        // A name that resolves to one of them is refused too.
+        let r = Resolution::Resolved(vec![ip("172.17.0.1")]);
+        assert!(matches!(
+            check("docker0.example", &r, &p),
+            Verdict::Denied(_)
+        ));
+        // A new interface address is refused once the policy hears of it.
+        assert!(p.set_host_addresses(host(&[("10.0.2.16", "eth1")])));
+        assert!(matches!(check("10.0.2.16", &none, &p), Verdict::Denied(_)));
+        assert_eq!(check("10.0.2.15", &none, &p), Verdict::Allowed);
+        // allowed_networks is the operator's whole list, as documented.
+        let mut p = Policy::new(Some(vec!["10.0.0.0/8".parse().unwrap()]));
+        p.set_host_addresses(host(&[("10.0.2.15", "eth0")]));
+        assert_eq!(check("10.0.2.15", &none, &p), Verdict::Allowed);
     }
 
     #[test]

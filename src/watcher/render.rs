@@ -150,6 +150,13 @@ pub fn haproxy_arg(value: &str) -> Result<Cow<'_, str>, String> {
     if value.len() > MAX_ARG {
         return Err(format!("the value is longer than {MAX_ARG} bytes"));
     }
+    // `%[expr]` is a sample expression wherever HAProxy takes a log-format string
+    // (`%[env(NAME)]` reads its environment): never a plain value.
+    if value.contains("%[") {
+        return Err(
+            "\"%[\" is not allowed: HAProxy would evaluate it as a sample expression".into(),
+        );
+    }
     let ok = |c: char| {
         c.is_ascii_alphanumeric()
             || matches!(
@@ -338,6 +345,20 @@ mod tests {
         }
         assert!(haproxy_arg(&"a".repeat(MAX_ARG + 1)).is_err());
         assert_eq!(haproxy_arg("").unwrap(), "", "nothing to paste, no warning");
+    }
+
+    /// `%[env(...)]`, `%[req.hdr(x)]`: in a log-format or `http-response set-header`
+    /// argument HAProxy evaluates sample expressions, reading its environment (where
+    /// secrets live) or the request. A `config/` value must not smuggle one in.
+    #[test]
+    fn haproxy_arg_refuses_sample_expressions() {
+        for bad in ["%[env(ETCD_PASSWORD)]", "x%[src]", "%[", "a %[ b"] {
+            let err = haproxy_arg(bad).unwrap_err();
+            assert!(err.contains("%["), "{bad}: {err}");
+        }
+        // A lone % (percent-encoded paths, "50%") is still a plain value.
+        assert_eq!(haproxy_arg("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(haproxy_arg("[::1]:80").unwrap(), "[::1]:80");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! Every snapshot passes the routing policy first (`policy`): an instance whose address
 //! it refuses is left out, with a warning naming the key the first time (and whenever
 //! the reason changes). Host names are judged by what `resolve` last found for them; a
-//! new answer re-publishes.
+//! new answer re-publishes. This host's own addresses (`interfaces`) are listed at
+//! every session start and every `interfaces::REFRESH`; a change re-publishes.
 //!
 //! The snapshot travels on a `tokio::sync::watch` channel: it holds the latest value and
 //! a "changed" flag, which is exactly the state the loop's group commit needs — however
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::interfaces;
 use super::metrics::Metrics;
 use super::policy::{self, Policy, Resolution, Verdict};
 use super::resolve::Resolver;
@@ -131,6 +133,7 @@ impl Source {
             Ok(c) => c,
             Err(e) => return e.into(),
         };
+        self.refresh_interfaces();
         let dir = format!("{}/", self.cfg.prefix);
         let listing = match etcd::list_prefix(&mut client, &dir).await {
             Ok(l) => l,
@@ -182,9 +185,18 @@ impl Source {
             Ok(s) => s,
             Err(e) => return e.into(),
         };
+        let mut interfaces_due = tokio::time::interval(interfaces::REFRESH);
+        interfaces_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
+                _ = interfaces_due.tick() => {
+                    if self.refresh_interfaces() {
+                        let rev = self.seen.map(|s| s.1).unwrap_or(revision);
+                        self.publish(rev);
+                    }
+                    continue;
+                }
                 r = self.resolved.changed() => {
                     if r.is_ok() {
                         let rev = self.seen.map(|s| s.1).unwrap_or(revision);
@@ -233,6 +245,26 @@ impl Source {
             self.publish(header.revision());
             // A watch that delivers is a healthy connection.
             backoff.reset();
+        }
+    }
+
+    /// Lists this host's addresses into the policy; true when they changed. A failed
+    /// listing keeps the last one (warned: it is not expected to fail).
+    fn refresh_interfaces(&mut self) -> bool {
+        match interfaces::list() {
+            Ok(addrs) => {
+                let changed = self.policy.set_host_addresses(addrs);
+                if changed {
+                    tracing::debug!(
+                        "this host's addresses changed; the routing policy refuses the new set"
+                    );
+                }
+                changed
+            }
+            Err(e) => {
+                tracing::warn!("cannot list this host's addresses (getifaddrs: {e}): the routing policy keeps the last list");
+                false
+            }
         }
     }
 

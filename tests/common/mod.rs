@@ -481,9 +481,12 @@ pub async fn http_get(addr: &str, host: &str, path: &str) -> Option<(u16, String
         .flatten()
 }
 
-/// Path of the portolan binary built for these tests.
+/// Path of the portolan binary built for these tests; `PORTOLAN_TEST_BIN` names a copy
+/// instead (several checkouts sharing one target dir overwrite each other's binary).
 pub fn portolan_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_portolan"))
+    std::env::var_os("PORTOLAN_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portolan")))
 }
 
 /// The built binary, with every `PORTOLAN_*` variable of the test's own environment
@@ -497,4 +500,20 @@ pub fn portolan_cmd() -> Command {
         }
     }
     cmd
+}
+
+/// Writes a secret file with mode 0600, as the daemons require of a password file.
+pub fn write_private(path: impl AsRef<Path>, text: impl AsRef<[u8]>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.as_ref();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, text.as_ref()).expect("write secret");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600");
 }

@@ -110,6 +110,10 @@ impl Rig {
             etcd: self.etcd.config(&self.prefix),
             node: self.node.clone(),
             advertise_ip: Some(opts.advertise_ip().parse().expect("ip")),
+            advertise_networks: file
+                .as_ref()
+                .map(|f| f.advertise_networks.clone())
+                .unwrap_or_default(),
             ttl: Duration::from_secs(opts.ttl),
             state_dir: self.state_dir(opts),
             docker_host: opts.docker_host.clone(),

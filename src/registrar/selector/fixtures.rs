@@ -11,6 +11,7 @@ pub(crate) fn settings() -> NodeSettings {
         node: "host-a".into(),
         advertise_ip: "10.0.0.5".parse().unwrap(),
         internal: false,
+        advertise_networks: Vec::new(),
     }
 }
 

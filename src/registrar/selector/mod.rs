@@ -38,6 +38,7 @@ use self::labels::{
 use self::ports::{ports, Published};
 pub(crate) use self::service::service;
 use crate::schema::{self, InstanceRecord, DEFAULT_WEIGHT, MAX_WEIGHT};
+use crate::watcher::policy::Cidr;
 
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,6 +53,9 @@ pub(crate) struct NodeSettings {
     pub(crate) advertise_ip: IpAddr,
     /// Register container IP and container port instead.
     pub(crate) internal: bool,
+    /// `[registrar] advertise_networks`: a port bound to one host IP registers only when
+    /// that IP is `advertise_ip` or lies in one of these.
+    pub(crate) advertise_networks: Vec<Cidr>,
 }
 
 /// One key this node wants in etcd:
@@ -115,7 +119,8 @@ impl fmt::Display for LabelWarning {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Selected {
     pub(crate) registrations: Vec<Registration>,
-    /// Ports skipped on purpose (bound to loopback only): the rest still registers.
+    /// Ports skipped on purpose (bound to loopback only, or to a host IP that is not
+    /// advertised): the rest still registers.
     pub(crate) skipped: Vec<LabelWarning>,
 }
 
@@ -217,20 +222,25 @@ pub(crate) fn registrations(
     for (&port, published) in &ports {
         let addr = match published {
             Published::At(addr) => addr,
-            Published::LoopbackOnly(binding) => {
+            Published::LoopbackOnly(binding) | Published::NotAdvertised(binding) => {
                 let ignored = meta
                     .lookup(Some(port), "ignore")
                     .is_some_and(|(src, v)| parse_ignore(&src, v) == Ok(true));
                 if ignored {
                     continue;
                 }
-                skipped.push(
-                    &format!("port {port}/tcp"),
-                    &format!(
+                let why = if matches!(published, Published::LoopbackOnly(_)) {
+                    format!(
                         "published only on loopback ({binding}), which other hosts cannot reach while this host advertises {}: publish it on all interfaces or on an address of this host, or set portolan.port.{port}.ignore=true",
                         settings.advertise_ip
-                    ),
-                );
+                    )
+                } else {
+                    format!(
+                        "published only on {binding}, a host IP that is neither the advertise IP {} nor in [registrar] advertise_networks (docker0 or a bridge, which the load balancer must not be sent to): publish it on all interfaces or on the advertise IP, add its network to advertise_networks, or set portolan.port.{port}.ignore=true",
+                        settings.advertise_ip
+                    )
+                };
+                skipped.push(&format!("port {port}/tcp"), &why);
                 continue;
             }
             Published::Unusable => {

@@ -19,6 +19,11 @@ pub(super) enum Published {
     /// this host advertises an address other hosts reach: registered, it would send
     /// the load balancer to its own loopback, so it is skipped.
     LoopbackOnly(String),
+    /// Bound only to host IPs that are neither the advertise IP nor in
+    /// `advertise_networks` (`-p 172.17.0.1:27777:80`, this binding): docker0 or a
+    /// bridge, which other hosts do not reach and the load balancer's host may own
+    /// too. Skipped.
+    NotAdvertised(String),
     /// No usable host port or container IP.
     Unusable,
 }
@@ -72,7 +77,7 @@ pub(super) fn ports(
         let Some(bindings) = bindings.as_ref().filter(|b| !b.is_empty()) else {
             continue;
         };
-        out.insert(p, published_addr(bindings, settings.advertise_ip));
+        out.insert(p, published_addr(bindings, settings));
     }
     out
 }
@@ -91,12 +96,14 @@ fn addr(ip: IpAddr, port: u16) -> String {
 }
 
 /// A binding on every interface (0.0.0.0 or ::) is reached at the advertise IP; a
-/// binding on one host IP (10.0.0.5) only at that IP. Wildcard bindings win, IPv4
-/// first, so the choice is stable whatever order Docker lists them in. A loopback host
-/// IP counts only when the advertise IP is loopback too (a one-host setup): otherwise
-/// the load balancer would be sent to its own 127.0.0.1.
-fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Published {
-    let mut loopback = None;
+/// binding on one host IP only at that IP, which is registered only when it is the
+/// advertise IP or lies in `advertise_networks` (else it is docker0 or a bridge).
+/// Wildcard bindings win, IPv4 first, so the choice is stable whatever order Docker
+/// lists them in. A loopback host IP counts only when the advertise IP is loopback too
+/// (a one-host setup): otherwise the load balancer would be sent to its own 127.0.0.1.
+fn published_addr(bindings: &[PortBinding], settings: &NodeSettings) -> Published {
+    let advertise = settings.advertise_ip.to_canonical();
+    let (mut loopback, mut elsewhere) = (None, None);
     let mut candidates: Vec<(u8, IpAddr, u16)> = bindings
         .iter()
         .filter_map(|b| {
@@ -107,12 +114,19 @@ fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Published {
                 .filter(|p| *p != 0)?;
             let host_ip = b.host_ip.as_deref().unwrap_or("");
             Some(match host_ip {
-                "" | "0.0.0.0" => (0, advertise, port),
-                "::" => (1, advertise, port),
+                "" | "0.0.0.0" => (0, settings.advertise_ip, port),
+                "::" => (1, settings.advertise_ip, port),
                 ip => {
                     let ip = ip.parse::<IpAddr>().ok()?.to_canonical();
-                    if ip.is_loopback() && !advertise.to_canonical().is_loopback() {
-                        loopback.get_or_insert_with(|| addr(ip, port));
+                    if ip.is_loopback() {
+                        if !advertise.is_loopback() {
+                            loopback.get_or_insert_with(|| addr(ip, port));
+                            return None;
+                        }
+                    } else if ip != advertise
+                        && !settings.advertise_networks.iter().any(|n| n.contains(ip))
+                    {
+                        elsewhere.get_or_insert_with(|| addr(ip, port));
                         return None;
                     }
                     (2, ip, port)
@@ -121,10 +135,11 @@ fn published_addr(bindings: &[PortBinding], advertise: IpAddr) -> Published {
         })
         .collect();
     candidates.sort();
-    match (candidates.into_iter().next(), loopback) {
-        (Some((_, ip, port)), _) => Published::At(addr(ip, port)),
-        (None, Some(binding)) => Published::LoopbackOnly(binding),
-        (None, None) => Published::Unusable,
+    match (candidates.into_iter().next(), elsewhere, loopback) {
+        (Some((_, ip, port)), _, _) => Published::At(addr(ip, port)),
+        (None, Some(binding), _) => Published::NotAdvertised(binding),
+        (None, None, Some(binding)) => Published::LoopbackOnly(binding),
+        (None, None, None) => Published::Unusable,
     }
 }
 
@@ -166,12 +181,19 @@ mod tests {
     }
 
     #[test]
-    fn a_binding_on_one_host_ip_registers_that_ip() {
-        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "10.0.0.7", "HostPort": "40001"}]});
+    fn a_binding_on_the_advertise_ip_or_an_advertise_network_registers_that_ip() {
+        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "10.0.0.5", "HostPort": "40001"}]});
         assert_eq!(
             regs(&inspect(&[], &[], ports))[0].record.addr,
-            "10.0.0.7:40001"
+            "10.0.0.5:40001"
         );
+        let s = NodeSettings {
+            advertise_networks: vec!["10.0.0.0/24".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            ..settings()
+        };
+        let ports = serde_json::json!({"8080/tcp": [{"HostIp": "10.0.0.7", "HostPort": "40001"}]});
+        let r = registrations(&inspect(&[], &[], ports), &s).unwrap();
+        assert_eq!(r.registrations[0].record.addr, "10.0.0.7:40001");
         // Wildcards win over a specific IP, v4 over v6, whatever the order.
         let ports = serde_json::json!({"8080/tcp": [
             {"HostIp": "::", "HostPort": "40003"},
@@ -183,10 +205,64 @@ mod tests {
             "10.0.0.5:40002"
         );
         let ports = serde_json::json!({"8080/tcp": [{"HostIp": "fd00::7", "HostPort": "40001"}]});
-        assert_eq!(
-            regs(&inspect(&[], &[], ports))[0].record.addr,
-            "[fd00::7]:40001"
-        );
+        let r = registrations(&inspect(&[], &[], ports), &s).unwrap();
+        assert_eq!(r.registrations[0].record.addr, "[fd00::7]:40001");
+    }
+
+    /// `-p 172.17.0.1:27777:80` on a host that advertises 10.0.0.5: registered, it
+    /// would aim the load balancer at its own docker0 (or at a bridge other hosts do
+    /// not reach). Skipped, and named.
+    #[test]
+    fn a_binding_on_another_host_ip_is_skipped_and_named() {
+        for (host_ip, binding) in [
+            ("172.17.0.1", "172.17.0.1:27777"),
+            ("10.0.0.7", "10.0.0.7:27777"),
+            ("::ffff:172.17.0.1", "172.17.0.1:27777"),
+            ("fd00::7", "[fd00::7]:27777"),
+        ] {
+            let ports = serde_json::json!({
+                "80/tcp": [{"HostIp": host_ip, "HostPort": "27777"}],
+                "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40002"}],
+            });
+            let c = inspect(&[], &[], ports);
+            let s = registrations(&c, &settings()).expect("no label warnings");
+            let addrs: Vec<&str> = s
+                .registrations
+                .iter()
+                .map(|r| r.record.addr.as_str())
+                .collect();
+            assert_eq!(addrs, vec!["10.0.0.5:40002"], "{host_ip}");
+            assert_eq!(s.skipped.len(), 1, "{host_ip}");
+            let text = s.skipped[0].to_string();
+            for needle in [
+                "web-1 (3f2a9c1b7d10)",
+                "port 80/tcp",
+                binding,
+                "10.0.0.5",
+                "advertise_networks",
+            ] {
+                assert!(text.contains(needle), "{host_ip}: {needle}: {text}");
+            }
+            // The ignore label silences it.
+            let c = inspect(
+                &[("portolan.port.80.ignore", "true")],
+                &[],
+                c_ports(host_ip),
+            );
+            assert!(registrations(&c, &settings()).unwrap().skipped.is_empty());
+        }
+        // A specific binding beside a wildcard one: the wildcard registers, silently.
+        let ports = serde_json::json!({"8080/tcp": [
+            {"HostIp": "172.17.0.1", "HostPort": "40001"},
+            {"HostIp": "0.0.0.0", "HostPort": "40002"},
+        ]});
+        let s = registrations(&inspect(&[], &[], ports), &settings()).unwrap();
+        assert_eq!(s.registrations[0].record.addr, "10.0.0.5:40002");
+        assert!(s.skipped.is_empty());
+    }
+
+    fn c_ports(host_ip: &str) -> serde_json::Value {
+        serde_json::json!({"80/tcp": [{"HostIp": host_ip, "HostPort": "27777"}]})
     }
 
     #[test]
@@ -229,10 +305,10 @@ mod tests {
         // A routable binding beside a loopback one is the one registered, silently.
         let ports = serde_json::json!({"8080/tcp": [
             {"HostIp": "127.0.0.1", "HostPort": "40001"},
-            {"HostIp": "10.0.0.7", "HostPort": "40002"},
+            {"HostIp": "10.0.0.5", "HostPort": "40002"},
         ]});
         let s = registrations(&inspect(&[], &[], ports), &settings()).unwrap();
-        assert_eq!(s.registrations[0].record.addr, "10.0.0.7:40002");
+        assert_eq!(s.registrations[0].record.addr, "10.0.0.5:40002");
         assert!(s.skipped.is_empty());
     }
 
