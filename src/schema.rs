@@ -482,6 +482,16 @@ pub struct WatcherStatus {
     #[serde(default)]
     pub last_apply_path: Option<ApplyPath>,
     pub last_error: Option<String>,
+    /// Removed instances the mass-removal guard holds back now, and until when (seconds
+    /// since the epoch): a watcher restarted during a hold ends it then, not later.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub removals_held: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<u64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// `WatcherStatus::last_reload_result`, spelled `ok`, `rejected`, `failed` in the record

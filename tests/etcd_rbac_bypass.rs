@@ -304,7 +304,7 @@ async fn a_node_user_bypasses_etcd_rbac_exactly_where_portolan_refuses_and_warns
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let root_file = d.join("root.pw");
-    std::fs::write(&root_file, root_pw).unwrap();
+    write_private(&root_file, root_pw);
     let mut root = etcd_client::Client::connect(
         [ep.as_str()],
         Some(etcd_client::ConnectOptions::new().with_user("root", root_pw)),

@@ -28,8 +28,8 @@ pub use self::registrar::{
     DEFAULT_TTL_SECS,
 };
 pub use self::watcher::{
-    TemplateResource, WaitOptions, WatcherConfig, WatcherOptions, DEFAULT_COMMAND_TIMEOUT_MS,
-    DEFAULT_WAIT_MAX_MS, DEFAULT_WAIT_MIN_MS,
+    MassRemoval, TemplateResource, WaitOptions, WatcherConfig, WatcherOptions,
+    DEFAULT_COMMAND_TIMEOUT_MS, DEFAULT_WAIT_MAX_MS, DEFAULT_WAIT_MIN_MS,
 };
 use crate::hook::{EventKind, RegistrarEvent, WatcherEvent};
 use crate::schema;

@@ -71,6 +71,8 @@ pub struct WatcherOptions {
     pub mass_removal_min: Option<usize>,
     #[arg(skip)]
     pub mass_removal_hold_s: Option<u64>,
+    #[arg(skip)]
+    pub mass_removal_per_service_share: Option<f64>,
 }
 
 /// A batch of changes removing more than `share` of the live instances, and at least
@@ -84,14 +86,21 @@ pub struct MassRemovalOptions {
     pub share: Option<f64>,
     /// Fewer removals than this are never held [default: 5].
     pub min: Option<usize>,
-    /// Seconds a removal is held; 0 turns the guard off [default: 60].
+    /// Seconds a removal is held; 0 turns the guard off [default: 60]. Also the window
+    /// over which removals add up: the drop is measured from the peak of the last hold_s.
     pub hold_s: Option<u64>,
+    /// The same judgement per service, with this share of the service's own peak, 0 <
+    /// share <= 1 [default: 1.0 = off]: 0.5 holds a removal that would take a service
+    /// below half its instances even when the fleet as a whole loses little.
+    pub per_service_share: Option<f64>,
 }
 
 /// The validated mass-removal guard settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MassRemoval {
     pub share: f64,
+    /// 1.0: off.
+    pub per_service_share: f64,
     pub min: usize,
     /// Zero: the guard is off.
     pub hold: Duration,
@@ -101,6 +110,7 @@ impl Default for MassRemoval {
     fn default() -> Self {
         MassRemoval {
             share: DEFAULT_MASS_REMOVAL_SHARE,
+            per_service_share: 1.0,
             min: DEFAULT_MASS_REMOVAL_MIN,
             hold: Duration::from_secs(DEFAULT_MASS_REMOVAL_HOLD_S),
         }
@@ -257,6 +267,11 @@ impl WatcherOptions {
         );
         pick("min", table.min.is_some(), self.mass_removal_min.is_some());
         pick(
+            "per_service_share",
+            table.per_service_share.is_some(),
+            self.mass_removal_per_service_share.is_some(),
+        );
+        pick(
             "hold_s",
             table.hold_s.is_some(),
             self.mass_removal_hold_s.is_some(),
@@ -270,8 +285,18 @@ impl WatcherOptions {
                 "watcher.mass_removal share = {share}: must be above 0 and at most 1 (0.5 = half the live instances)"
             ));
         }
+        let per_service_share = table
+            .per_service_share
+            .or(self.mass_removal_per_service_share)
+            .unwrap_or(1.0);
+        if !(per_service_share > 0.0 && per_service_share <= 1.0) {
+            problems.push(format!(
+                "watcher.mass_removal per_service_share = {per_service_share}: must be above 0 and at most 1 (1 = off)"
+            ));
+        }
         MassRemoval {
             share,
+            per_service_share,
             min: table
                 .min
                 .or(self.mass_removal_min)

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::guard::{Guard, Held};
+use super::guard::{self, Guard, Held};
 use super::linger::Linger;
 use super::store::StoreSnapshot;
 use crate::config::WatcherConfig;
@@ -17,6 +17,9 @@ pub(crate) struct Effective {
     /// The snapshot the last pass rendered (held removals included): what the guard
     /// judges the next batch against.
     rendered: Option<Arc<StoreSnapshot>>,
+    /// Before the first pass: the file HAProxy runs, which stands in for the snapshot
+    /// rendered last (`guard::seed`), so the first render after a restart is judged too.
+    seed: Option<String>,
 }
 
 /// What one snapshot becomes.
@@ -29,17 +32,26 @@ pub(crate) struct Judged {
 }
 
 impl Effective {
-    pub(crate) fn new(cfg: &WatcherConfig) -> Effective {
-        let m = &cfg.mass_removal;
+    /// `live`: what the first `[[template]]`'s `dest` holds at start, if anything.
+    pub(crate) fn new(cfg: &WatcherConfig, live: Option<String>) -> Effective {
         Effective {
-            guard: Guard::new(m.share, m.min, m.hold),
+            guard: Guard::new(&cfg.mass_removal),
             linger: Linger::new(cfg.empty_backend_grace),
             rendered: None,
+            seed: live,
         }
+    }
+
+    /// A hold that an earlier run started (its status record says so) ends at `until`.
+    pub(crate) fn resume_hold(&mut self, until: Instant) {
+        self.guard.resume_hold(until);
     }
 
     /// The snapshot to render for `desired`; it becomes the one the next is judged by.
     pub(crate) fn judge(&mut self, desired: &StoreSnapshot, now: Instant) -> Judged {
+        if let Some(file) = self.seed.take() {
+            self.rendered = Some(Arc::new(guard::seed(&file, desired)));
+        }
         let (mut effective, held) = self.guard.filter(self.rendered.as_deref(), desired, now);
         let went_empty = self
             .linger

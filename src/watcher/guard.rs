@@ -1,44 +1,74 @@
-//! The mass-removal guard: a batch of changes that would remove more than `share` of
-//! the live instances (and at least `min`) is held — the removed instances stay in the
-//! rendered config for `hold`, or until the operator confirms (SIGUSR1) — so an etcd
-//! emptied by mistake, a lost registrar prefix or a bad script does not empty the load
-//! balancer in one go. Held servers that really are dead cost nothing: HAProxy's health
-//! checks and `observe layer4` keep them out of rotation.
+//! The mass-removal guard: removals that would drop the live instances more than `share`
+//! below their peak over the last `hold` (and by at least `min`) are held — the removed
+//! instances stay in the rendered config for `hold`, or until the operator confirms
+//! (SIGUSR1) — so an etcd emptied by mistake, a lost registrar prefix, a bad script or a
+//! wave of expiring leases does not empty the load balancer. Held servers that really are
+//! dead cost nothing: HAProxy's health checks and `observe layer4` keep them out of
+//! rotation. With `per_service_share` below 1 the same is judged per service too.
 //!
-//! Pure (the caller passes the clock). What is never delayed: a single failure and
-//! anything under `min`; a rolling deploy, whose removals come spread over batches,
-//! each a small share; one host of many going away.
+//! It has memory: the drop is measured from the peak live count of the window, not from
+//! the previous batch, so `del` 4, 3, 3 half a second apart, a key-by-key delete loop and
+//! hosts' leases expiring a second apart are held like one big delete. What is never
+//! delayed: a single failure and any drop under `min`; a rolling deploy, whose
+//! replacements keep the count near its peak; one host of many going away.
 //!
-//! "Live" is what the previous pass rendered, held instances included, so a held
-//! removal cannot be re-judged against an already shrunken set.
+//! Pure (the caller passes the clock). "Live" is what the previous pass rendered, held
+//! instances included, so a held removal cannot be re-judged against an already
+//! shrunken set; at start it is seeded from the file HAProxy runs (`seed`), so the first
+//! render after a restart is judged like any other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::haproxy::sections::servers_by_backend;
 use super::store::StoreSnapshot;
-use crate::schema::Instance;
+use crate::config::MassRemoval;
+use crate::schema::{Addr, Instance};
 
 /// A removal just held back, for the log, the hook and the status.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Held {
     /// Instances this batch would have removed.
     pub(crate) count: usize,
-    /// Instances live before it.
+    /// The peak live count they are judged against.
     pub(crate) live: usize,
+    /// The drop from that peak the batch would have made (earlier removals included).
+    pub(crate) drop: usize,
+    /// The service judged alone (`per_service_share`), or None for all instances.
+    pub(crate) service: Option<String>,
     /// Held until then (every held instance, this batch's and earlier ones).
     pub(crate) until: Instant,
 }
 
 impl Held {
     pub(crate) fn percent(&self) -> f64 {
-        100.0 * self.count as f64 / self.live.max(1) as f64
+        100.0 * self.drop as f64 / self.live.max(1) as f64
+    }
+}
+
+/// The highest count seen within the window, and when it was seen.
+#[derive(Debug, Clone, Copy)]
+struct Peak {
+    count: usize,
+    at: Instant,
+}
+
+impl Peak {
+    /// The peak over the window ending `now`, `count` seen now: a peak older than the
+    /// window is replaced by what is live now.
+    fn update(old: Option<Peak>, count: usize, now: Instant, window: Duration) -> Peak {
+        match old {
+            Some(p) if p.count >= count && now.saturating_duration_since(p.at) < window => p,
+            _ => Peak { count, at: now },
+        }
     }
 }
 
 #[derive(Debug)]
 pub(crate) struct Guard {
     share: f64,
+    per_service_share: f64,
     min: usize,
     /// Zero: off.
     hold: Duration,
@@ -47,18 +77,27 @@ pub(crate) struct Guard {
     until: Option<Instant>,
     /// Removals released since the last `filter`: not judged again against a `live`
     /// that still shows them.
-    released: std::collections::BTreeSet<(String, String)>,
+    released: BTreeSet<(String, String)>,
+    peak: Option<Peak>,
+    service_peaks: BTreeMap<String, Peak>,
+    /// The end of a hold an earlier run started: a hold this run starts in its first
+    /// judgement ends then, not a fresh `hold` later.
+    resumed: Option<Instant>,
 }
 
 impl Guard {
-    pub(crate) fn new(share: f64, min: usize, hold: Duration) -> Guard {
+    pub(crate) fn new(m: &MassRemoval) -> Guard {
         Guard {
-            share,
-            min: min.max(1),
-            hold,
+            share: m.share,
+            per_service_share: m.per_service_share,
+            min: m.min.max(1),
+            hold: m.hold,
             held: BTreeMap::new(),
             until: None,
-            released: Default::default(),
+            released: BTreeSet::new(),
+            peak: None,
+            service_peaks: BTreeMap::new(),
+            resumed: None,
         }
     }
 
@@ -72,13 +111,21 @@ impl Guard {
         self.until
     }
 
+    /// A hold that an earlier run of the watcher started ends no later than `until`
+    /// (read from its status record): a restart does not lengthen it.
+    pub(crate) fn resume_hold(&mut self, until: Instant) {
+        self.resumed = Some(until);
+    }
+
     /// The operator confirmed (or the hold ran out): the next `filter` applies every
-    /// held removal. Returns how many were held.
+    /// held removal, and the count it leaves is the new peak. Returns how many were held.
     pub(crate) fn release(&mut self) -> usize {
         self.until = None;
         let held = std::mem::take(&mut self.held);
         let n = held.len();
         self.released.extend(held.into_keys());
+        self.peak = None;
+        self.service_peaks.clear();
         n
     }
 
@@ -96,30 +143,12 @@ impl Guard {
         // Held instances that came back are no longer removals.
         self.held
             .retain(|(service, id), _| !contains(desired, service, id));
-        let mut news = None;
         let released = std::mem::take(&mut self.released);
-        if let Some(live) = live.filter(|_| !self.hold.is_zero()) {
-            let removed: Vec<&Arc<Instance>> = live
-                .services
-                .values()
-                .flatten()
-                .filter(|i| !contains(desired, &i.service, &i.id))
-                .filter(|i| !self.held.contains_key(&key(i)) && !released.contains(&key(i)))
-                .collect();
-            let total = live.instance_count();
-            if removed.len() >= self.min && removed.len() as f64 > self.share * total as f64 {
-                let until = now + self.hold;
-                self.until = Some(self.until.map_or(until, |u| u.max(until)));
-                for i in &removed {
-                    self.held.insert(key(i), (*i).clone());
-                }
-                news = Some(Held {
-                    count: removed.len(),
-                    live: total,
-                    until: self.until.unwrap_or(until),
-                });
-            }
-        }
+        let resumed = self.resumed.take();
+        let news = match live.filter(|_| !self.hold.is_zero()) {
+            Some(live) => self.judge(live, desired, &released, now, resumed),
+            None => None,
+        };
         if self.held.is_empty() {
             self.until = None;
             return (desired.clone(), news);
@@ -132,6 +161,156 @@ impl Guard {
         }
         (out, news)
     }
+
+    /// Holds this batch's removals from `live` when the drop they make from the
+    /// window's peak is too large, globally or for one service.
+    fn judge(
+        &mut self,
+        live: &StoreSnapshot,
+        desired: &StoreSnapshot,
+        released: &BTreeSet<(String, String)>,
+        now: Instant,
+        resumed: Option<Instant>,
+    ) -> Option<Held> {
+        let removed: Vec<&Arc<Instance>> = live
+            .services
+            .values()
+            .flatten()
+            .filter(|i| !contains(desired, &i.service, &i.id))
+            .filter(|i| !self.held.contains_key(&key(i)) && !released.contains(&key(i)))
+            .collect();
+        // Live, but for removals the operator just released: those are gone for good.
+        let still = |i: &&Arc<Instance>| !released.contains(&key(i));
+        let live_count = live.services.values().flatten().filter(still).count();
+        let peak = Peak::update(self.peak, live_count, now, self.hold);
+        self.peak = Some(peak);
+        for (name, list) in &live.services {
+            let n = list.iter().filter(still).count();
+            let p = Peak::update(self.service_peaks.get(name).copied(), n, now, self.hold);
+            self.service_peaks.insert(name.clone(), p);
+        }
+        self.service_peaks.retain(|name, p| {
+            live.services.contains_key(name) || now.saturating_duration_since(p.at) < self.hold
+        });
+        if removed.is_empty() {
+            return None;
+        }
+        let after = desired.instance_count() + self.held.len();
+        let drop = peak.count.saturating_sub(after);
+        let verdict = if self.too_much(drop, peak.count, self.share) {
+            Some((None, removed, peak.count, drop))
+        } else {
+            self.worst_service(&removed, desired, now)
+        };
+        let (service, removed, live_count, drop) = verdict?;
+        let until = resumed.unwrap_or(now + self.hold);
+        self.until = Some(match (self.until, resumed) {
+            (Some(u), None) => u.max(until),
+            _ => until,
+        });
+        for i in &removed {
+            self.held.insert(key(i), (*i).clone());
+        }
+        Some(Held {
+            count: removed.len(),
+            live: live_count,
+            drop,
+            service,
+            until: self.until.unwrap_or(until),
+        })
+    }
+
+    fn too_much(&self, drop: usize, peak: usize, share: f64) -> bool {
+        drop >= self.min && drop as f64 > share * peak as f64
+    }
+
+    /// The first service (by name) whose own drop is too large, with its removals.
+    fn worst_service<'a>(
+        &self,
+        removed: &[&'a Arc<Instance>],
+        desired: &StoreSnapshot,
+        _now: Instant,
+    ) -> Option<(Option<String>, Vec<&'a Arc<Instance>>, usize, usize)> {
+        if self.per_service_share >= 1.0 {
+            return None;
+        }
+        let services: BTreeSet<&str> = removed.iter().map(|i| i.service.as_str()).collect();
+        services.into_iter().find_map(|name| {
+            let peak = self.service_peaks.get(name)?.count;
+            let held = self.held.keys().filter(|(s, _)| s == name).count();
+            let after = desired.services.get(name).map_or(0, Vec::len) + held;
+            let drop = peak.saturating_sub(after);
+            self.too_much(drop, peak, self.per_service_share).then(|| {
+                let mine = removed
+                    .iter()
+                    .copied()
+                    .filter(|i| i.service == name)
+                    .collect();
+                (Some(name.to_string()), mine, peak, drop)
+            })
+        })
+    }
+}
+
+/// What the file HAProxy runs says was live, as instances: the first render after a
+/// restart is judged against it. Each backend's servers belong to the service whose
+/// instances `desired` puts under those names, or else to the service its name spells
+/// after the default templates' `svc_` / `tcp_` prefix. Only what the guard and the
+/// template need is known from a server line: id, address, weight, draining.
+pub(crate) fn seed(file: &str, desired: &StoreSnapshot) -> StoreSnapshot {
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for (service, list) in &desired.services {
+        for i in list {
+            owner.insert(i.id.as_str(), service.as_str());
+        }
+    }
+    let mut out = StoreSnapshot::default();
+    let Ok(backends) = servers_by_backend(file) else {
+        return out;
+    };
+    for (backend, servers) in backends {
+        let by_name = backend
+            .strip_prefix("svc_")
+            .or_else(|| backend.strip_prefix("tcp_"))
+            .unwrap_or(&backend);
+        for (id, line) in servers {
+            let service = owner.get(id.as_str()).copied().unwrap_or(by_name);
+            if let Some(i) = instance_of_line(service, &id, &line) {
+                out.services
+                    .entry(service.to_string())
+                    .or_default()
+                    .push(Arc::new(i));
+            }
+        }
+    }
+    for list in out.services.values_mut() {
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list.dedup_by(|a, b| a.id == b.id);
+    }
+    out
+}
+
+/// `server ID ADDR [weight N] … [disabled]` as an instance of `service`.
+fn instance_of_line(service: &str, id: &str, line: &str) -> Option<Instance> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = Addr::parse(words.get(2)?).ok()?;
+    let weight = words
+        .iter()
+        .position(|w| *w == "weight")
+        .and_then(|i| words.get(i + 1)?.parse().ok())
+        .unwrap_or(crate::schema::DEFAULT_WEIGHT);
+    Some(Instance {
+        id: id.to_string(),
+        service: service.to_string(),
+        addr: addr.to_string(),
+        host: addr.host,
+        port: addr.port,
+        node: String::new(),
+        container: String::new(),
+        tags: Vec::new(),
+        weight,
+        draining: words.contains(&"disabled"),
+    })
 }
 
 fn key(i: &Instance) -> (String, String) {
@@ -191,8 +370,29 @@ mod tests {
         out
     }
 
+    fn settings(per_service_share: f64, hold_s: u64) -> MassRemoval {
+        MassRemoval {
+            share: 0.5,
+            per_service_share,
+            min: 5,
+            hold: Duration::from_secs(hold_s),
+        }
+    }
+
     fn guard() -> Guard {
-        Guard::new(0.5, 5, Duration::from_secs(60))
+        Guard::new(&settings(1.0, 60))
+    }
+
+    /// Applies `desired` through the guard as the loop does: `live` is what it rendered.
+    fn step(
+        g: &mut Guard,
+        live: &mut StoreSnapshot,
+        desired: &StoreSnapshot,
+        now: Instant,
+    ) -> Option<Held> {
+        let (out, held) = g.filter(Some(live), desired, now);
+        *live = out;
+        held
     }
 
     #[test]
@@ -204,7 +404,7 @@ mod tests {
         let (out, held) = g.filter(Some(&live), &empty, t0);
         assert_eq!(out, live, "every removed instance stays rendered");
         let held = held.expect("held");
-        assert_eq!((held.count, held.live), (10, 10));
+        assert_eq!((held.count, held.live, held.drop), (10, 10, 10));
         assert_eq!(held.until, t0 + Duration::from_secs(60));
         assert_eq!(g.held(), 10);
         // Still held, and not announced again, on the next pass.
@@ -271,7 +471,7 @@ mod tests {
         let (out, held) = g.filter(Some(&live), &StoreSnapshot::default(), now);
         assert_eq!((out.instance_count(), held), (0, None), "4 < min 5");
         assert_eq!(g.filter(None, &StoreSnapshot::default(), now).1, None);
-        let mut off = Guard::new(0.5, 5, Duration::ZERO);
+        let mut off = Guard::new(&settings(1.0, 0));
         assert_eq!(
             off.filter(Some(&fleet(10, 1)), &StoreSnapshot::default(), now)
                 .1,
@@ -297,5 +497,181 @@ mod tests {
         assert_eq!(out.instance_count(), 11);
         let web = &out.services["web"];
         assert!(web.windows(2).all(|w| w[0].id < w[1].id), "sorted by id");
+    }
+
+    #[test]
+    fn staged_deletes_a_key_by_key_loop_and_a_lease_wave_are_held_like_one_delete() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // `del` 4, 3, 3 half a second apart: 4 go, the next 3 would drop 7 of 10.
+        let (mut g, mut live) = (guard(), fleet(10, 5));
+        let staged = [4, 7, 10];
+        let mut held_at = None;
+        for (k, n) in staged.iter().enumerate() {
+            let next = without(&fleet(10, 5), |i| {
+                i.id.as_str() < format!("i{n:02}").as_str()
+            });
+            if let Some(h) = step(&mut g, &mut live, &next, t0 + ms(500 * k as u64)) {
+                held_at.get_or_insert((k, h));
+            }
+        }
+        let (k, h) = held_at.expect("the staged delete is held");
+        assert_eq!((k, h.live, h.drop), (1, 10, 7));
+        assert_eq!(live.instance_count(), 6, "only the first 4 went");
+        // A key-by-key loop: one at a time, 20 ms apart.
+        let (mut g, mut live) = (guard(), fleet(10, 5));
+        let mut gone = 0;
+        for n in 1..=10 {
+            let next = without(&fleet(10, 5), |i| {
+                i.id.as_str() < format!("i{n:02}").as_str()
+            });
+            if step(&mut g, &mut live, &next, t0 + ms(20 * n)).is_some() {
+                break;
+            }
+            gone = n;
+        }
+        assert_eq!(gone, 5, "the sixth removal would drop more than half");
+        assert!(live.instance_count() >= 5);
+        // Five hosts' leases expiring a second apart: 10 → 8 → 6 → 4 → 2 → 0.
+        let (mut g, mut live) = (guard(), fleet(10, 5));
+        let mut held = None;
+        for h in 0..5 {
+            let next = without(&fleet(10, 5), |i| {
+                (0..=h).any(|k| i.node == format!("h{k}"))
+            });
+            held = held.or(step(
+                &mut g,
+                &mut live,
+                &next,
+                t0 + Duration::from_secs(h as u64),
+            ));
+        }
+        assert!(held.is_some(), "the wave is held");
+        assert!(live.instance_count() >= 4, "{}", live.instance_count());
+    }
+
+    #[test]
+    fn a_slow_decline_over_more_than_the_window_is_not_held() {
+        // Two instances go every 40 s with a 60 s window: never more than half of the
+        // window's peak at once.
+        let t0 = Instant::now();
+        let (mut g, mut live) = (guard(), fleet(10, 5));
+        for k in 1..=4u64 {
+            let next = without(&fleet(10, 5), |i| {
+                i.id.as_str() < format!("i{:02}", 2 * k).as_str()
+            });
+            assert_eq!(
+                step(&mut g, &mut live, &next, t0 + Duration::from_secs(40 * k)),
+                None,
+                "step {k}"
+            );
+        }
+        assert_eq!(live.instance_count(), 2);
+    }
+
+    #[test]
+    fn a_confirmed_release_makes_the_new_level_the_peak() {
+        let t0 = Instant::now();
+        let (mut g, mut live) = (guard(), fleet(10, 5));
+        assert!(step(&mut g, &mut live, &fleet(4, 2), t0).is_some());
+        assert_eq!(g.release(), 6);
+        assert_eq!(step(&mut g, &mut live, &fleet(4, 2), t0), None);
+        assert_eq!(live.instance_count(), 4);
+        // One more goes: judged against 4, not 10.
+        assert_eq!(step(&mut g, &mut live, &fleet(3, 2), t0), None);
+    }
+
+    #[test]
+    fn one_service_emptied_in_a_large_fleet_is_held_only_with_per_service_share() {
+        let t0 = Instant::now();
+        let mut big = fleet(40, 10);
+        for k in 0..6 {
+            big.services
+                .entry("pay".into())
+                .or_default()
+                .push(inst("pay", &format!("p{k}"), "h1"));
+        }
+        let mut no_pay = big.clone();
+        no_pay.services.remove("pay");
+        let (mut g, mut live) = (guard(), big.clone());
+        assert_eq!(
+            step(&mut g, &mut live, &no_pay, t0),
+            None,
+            "6 of 46: off by default"
+        );
+        let mut g = Guard::new(&settings(0.5, 60));
+        let mut live = big.clone();
+        let held = step(&mut g, &mut live, &no_pay, t0).expect("held per service");
+        assert_eq!(
+            (held.service.as_deref(), held.count, held.live),
+            (Some("pay"), 6, 6)
+        );
+        assert_eq!(live.services["pay"].len(), 6);
+        // The rest of the fleet still changes as it should.
+        let fewer = without(&no_pay, |i| i.id == "i00");
+        assert_eq!(step(&mut g, &mut live, &fewer, t0), None);
+        assert_eq!(live.services["web"].len(), 39);
+    }
+
+    #[test]
+    fn after_a_restart_the_file_haproxy_runs_is_the_live_set() {
+        let file = "global\n    daemon\nbackend svc_web\n    server i00 10.0.0.1:80 weight 7 check\n    server i01 10.0.0.2:80 check disabled\nlisten tcp_db\n    server d1 [fd00::1]:5432 check\nbackend other\n    server x1 10.0.0.3:80\n";
+        let mut desired = StoreSnapshot::default();
+        desired
+            .services
+            .insert("api".into(), vec![inst("api", "x1", "h1")]);
+        let seeded = seed(file, &desired);
+        let ids = |s: &str| {
+            seeded.services[s]
+                .iter()
+                .map(|i| i.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("web"), ["i00", "i01"]);
+        assert_eq!(ids("db"), ["d1"]);
+        assert_eq!(
+            ids("api"),
+            ["x1"],
+            "servers named as desired's instances follow them"
+        );
+        let i00 = &seeded.services["web"][0];
+        assert_eq!(
+            (i00.addr.as_str(), i00.weight, i00.draining),
+            ("10.0.0.1:80", 7, false)
+        );
+        assert!(seeded.services["web"][1].draining);
+        assert_eq!(seeded.services["db"][0].host, "fd00::1");
+        // etcd found empty at start: the first render is judged against the file.
+        let mut g = guard();
+        let servers: String = (0..10)
+            .map(|i| format!("    server i{i:02} 10.0.0.1:80\n"))
+            .collect();
+        let fleet_file = format!("backend svc_web\n{servers}");
+        let live = seed(&fleet_file, &StoreSnapshot::default());
+        let (out, held) = g.filter(Some(&live), &StoreSnapshot::default(), Instant::now());
+        assert_eq!(
+            (out.instance_count(), held.map(|h| h.count)),
+            (10, Some(10))
+        );
+    }
+
+    #[test]
+    fn a_resumed_hold_keeps_its_end() {
+        let t0 = Instant::now();
+        let mut g = guard();
+        g.resume_hold(t0 + Duration::from_secs(5));
+        let (out, held) = g.filter(Some(&fleet(10, 5)), &StoreSnapshot::default(), t0);
+        assert!(held.is_some());
+        assert_eq!(
+            g.deadline(),
+            Some(t0 + Duration::from_secs(5)),
+            "not a fresh 60 s"
+        );
+        let (out, _) = g.filter(
+            Some(&out),
+            &StoreSnapshot::default(),
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(out.instance_count(), 0);
     }
 }

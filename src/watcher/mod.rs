@@ -132,6 +132,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     tracker.spawn(status);
 
     tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
+    let effective = effective::Effective::new(&cfg, live_text(&resources));
     let mut lp = Loop {
         cfg: &cfg,
         resources,
@@ -139,12 +140,19 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         snap_rx,
         tpl_rx,
         sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx),
-        effective: effective::Effective::new(&cfg),
+        effective,
         retry: Retry::default(),
         reloaded: false,
         ready: false,
         pending_since: None,
     };
+    if let Some(until) = status::held_until(&cfg.etcd, &cfg.name).await {
+        let left = until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
+        lp.effective.resume_hold(std::time::Instant::now() + left);
+    }
     lp.run(&shutdown).await;
     let source_end = source_end(source, &shutdown).await;
 
@@ -185,6 +193,12 @@ async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Resul
         resources.push(r);
     }
     Ok(resources)
+}
+
+/// What the first resource's `dest` holds, as text: the file HAProxy runs.
+fn live_text(resources: &[Resource]) -> Option<String> {
+    let live = resources.first()?.live()?;
+    Some(String::from_utf8_lossy(live).into_owned())
 }
 
 /// Why the source task ended, when it ended before shutdown (it ends on shutdown alone,

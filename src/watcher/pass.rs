@@ -92,6 +92,11 @@ impl Loop<'_> {
         snapshot: &store::StoreSnapshot,
         took: Duration,
     ) {
+        let held = self.effective.held();
+        let held_until = self.effective.hold_over().map(|at| {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            crate::schema::unix_now() + left.as_secs()
+        });
         let metrics = &self.sink.metrics;
         if pass.reload.is_some() || pass.path.is_some() {
             metrics.last_apply_seconds.set(took.as_secs_f64());
@@ -118,6 +123,8 @@ impl Loop<'_> {
                 s.last_apply_path = pass.path;
             }
             s.last_error = (!pass.errors.is_empty()).then(|| pass.errors.join("\n"));
+            s.removals_held = held;
+            s.held_until = held_until;
         });
         self.retry.at = if pass.retry {
             let delay = self.retry.backoff.next_delay();

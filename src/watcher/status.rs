@@ -19,6 +19,23 @@ use crate::schema::{self, WatcherStatus};
 
 pub(crate) const STATUS_TTL: Duration = Duration::from_secs(10);
 
+/// The end of a mass-removal hold that the record of `name` (left by an earlier run of
+/// this watcher, not yet expired) announces, if any. Best effort: no answer within a
+/// couple of seconds is no hold.
+pub(crate) async fn held_until(cfg: &EtcdConfig, name: &str) -> Option<std::time::SystemTime> {
+    let key = schema::watcher_key(&cfg.prefix, name);
+    let read = async {
+        let mut client = etcd::connect(cfg).await.ok()?;
+        let resp = etcd::call(client.get(key.as_str(), None)).await.ok()?;
+        let status: WatcherStatus = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
+        status.held_until
+    };
+    let secs = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()??;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 pub(crate) async fn run(
     cfg: EtcdConfig,
     name: String,
