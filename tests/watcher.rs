@@ -674,6 +674,10 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
+    // The retry timer routes the service too once the outside reason is gone, so the
+    // backoff is first driven to its cap (every change fails the check again): the timer
+    // cannot fire for 15 s after the last failure, and only SIGHUP can route it sooner.
+    const TIMER_FLOOR: Duration = Duration::from_secs(15);
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -687,18 +691,57 @@ async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
     )
     .await;
     std::fs::write(&block, "").expect("block");
-    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
-    wait_until("check failure", T, || async {
-        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
-    })
-    .await;
-    assert!(!fd.dest_text().contains("server a "));
+    let failures = || async {
+        fd.metric("portolan_watcher_check_failures_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let longest_retry = || {
+        fd.log()
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("retrying the failed apply in ")?;
+                rest.split_once(" ms")?.0.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let mut last_failure_put = Instant::now();
+    let mut capped = false;
+    for i in 0..14 {
+        // Once a delay of 15 s was logged the next one is at the cap, [15 s, 30 s]: one
+        // more failure after this put starts the window the timer cannot fire in.
+        let seen = failures().await;
+        last_failure_put = Instant::now();
+        etcd.put(&fd.service_key("web", &format!("k{i}")), &a.record())
+            .await;
+        wait_until("the change is rejected", T, || async {
+            failures().await > seen
+        })
+        .await;
+        if capped {
+            break;
+        }
+        capped = longest_retry() >= TIMER_FLOOR.as_millis() as u64;
+    }
+    assert!(capped, "the retry backoff never reached 15 s:\n{}", fd.log());
+    assert!(!fd.dest_text().contains("server k0 "));
+
     std::fs::remove_file(&block).expect("unblock");
     fd.watcher
         .as_ref()
         .expect("watcher")
         .signal(nix::sys::signal::Signal::SIGHUP);
-    wait_until("routed after SIGHUP", T, || fd.routes_to("web", "a")).await;
+    let left = TIMER_FLOOR.saturating_sub(last_failure_put.elapsed());
+    wait_until("routed after SIGHUP, before the retry timer", left, || {
+        fd.routes_to("web", "a")
+    })
+    .await;
+    assert!(
+        last_failure_put.elapsed() < TIMER_FLOOR,
+        "routed only when the retry timer could have fired"
+    );
+    assert!(fd.log().contains("SIGHUP: re-reading templates"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
