@@ -248,8 +248,8 @@ async fn docker_stop_drains_until_the_container_exits() {
             .map(|(t, _)| t)
             .expect("a draining put");
         let deleted = watch.last(key, false).expect("a delete");
-        latency.push(drained.duration_since(kill).unwrap_or_default());
-        drained_for.push(deleted.duration_since(drained).unwrap_or_default());
+        latency.push(since(drained, kill, "the draining put after the kill"));
+        drained_for.push(since(deleted, drained, "the delete after the draining put"));
         assert!(
             deleted >= die,
             "deleted before the container exited: {deleted:?} < {die:?}"
@@ -1198,19 +1198,20 @@ command = ["sh", "-c", "cat >> {file}; echo >> {file}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_or_refusing_hook_delays_nothing() {
     let rig = Rig::new("reg-hook-delay").await;
-    let hanging = Receiver::hanging().await;
-    let closed = free_port();
+    // Both targets count the connections they get: the hooks are shown to be tried
+    // while the registrar keeps its pace, not merely configured.
+    let (hanging_port, hanging) = counting_listener(true).await;
+    let (refusing_port, refusing) = counting_listener(false).await;
     let toml = format!(
         r#"
 [[hook]]
 events = ["register", "deregister", "drain"]
-url = "{}"
+url = "http://127.0.0.1:{hanging_port}/hook"
 
 [[hook]]
 events = ["register", "deregister", "drain"]
-url = "http://127.0.0.1:{closed}/hook"
-"#,
-        hanging.url()
+url = "http://127.0.0.1:{refusing_port}/hook"
+"#
     );
     let with_hooks = Opts {
         toml: Some(toml),
@@ -1220,6 +1221,7 @@ url = "http://127.0.0.1:{closed}/hook"
     let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
     let stream = DockerEvents::start(&rig.run);
     let mut figures = Vec::new();
+    let mut tried = (0, 0);
     for opts in [Opts::default(), with_hooks] {
         let registrar = rig.start(&opts);
         let warm = rig.container(&[]);
@@ -1238,23 +1240,60 @@ url = "http://127.0.0.1:{closed}/hook"
             let kill = stream.time_of(&c.id, "kill").expect("kill");
             let put = watch.puts(&key).first().map(|(t, _)| *t).expect("put");
             let del = watch.last(&key, false).expect("delete");
-            took.push(put.duration_since(start).unwrap_or_default());
-            took.push(del.duration_since(kill).unwrap_or_default());
+            took.push(since(put, start, "the put after the start event"));
+            took.push(since(del, kill, "the delete after the kill event"));
         }
+        // Counted while the registrar still runs: its hooks were tried during the run.
+        tried = (
+            hanging.load(std::sync::atomic::Ordering::Relaxed),
+            refusing.load(std::sync::atomic::Ordering::Relaxed),
+        );
         registrar.stop().await;
         figures.push(took);
     }
     eprintln!(
-        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={})",
+        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={}); connections: hanging {}, refusing {}",
         summary(figures[0].clone()),
         summary(figures[1].clone()),
-        figures[1].len()
+        figures[1].len(),
+        tried.0,
+        tried.1
     );
+    assert!(tried.0 >= 1, "the hanging hook was never tried");
+    assert!(tried.1 >= 2, "the refusing hook was not retried: {} attempt(s)", tried.1);
     assert!(
         figures[1].iter().all(|d| *d < Duration::from_secs(1)),
         "{:?}",
         figures[1]
     );
+}
+
+/// A hook target on 127.0.0.1 that counts its connections and either holds each one
+/// unanswered (`hang`) or closes it at once, before any answer (a refusal).
+async fn counting_listener(hang: bool) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if hang {
+                held.push(s);
+            }
+        }
+    });
+    (port, count)
+}
+
+/// `later - earlier`; a `later` that comes first is a failure, not a zero latency.
+fn since(later: std::time::SystemTime, earlier: std::time::SystemTime, what: &str) -> Duration {
+    later
+        .duration_since(earlier)
+        .unwrap_or_else(|e| panic!("{what} came {:?} before it", e.duration()))
 }
 
 /// A TCP listener on 127.0.0.1 that accepts and holds every connection until aborted.
