@@ -459,10 +459,12 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let mut fd = FrontDoor::prepare(&etcd, Options::default()).await;
-    // A check that announces itself and then takes its time.
+    // A check that passes, announces itself, then holds the apply between staging and
+    // rename until the watcher (its parent) is gone: the kill lands in that window for
+    // sure, not by luck of timing.
     let marker = fd.dir.path().join("checking");
-    let slow = format!(
-        "touch {}; sleep 3; haproxy -c -q -f {{src}}",
+    let blocking = format!(
+        "haproxy -c -q -f {{src}} && touch {} && while kill -0 $PPID 2>/dev/null; do sleep 0.05; done",
         marker.display()
     );
     let cfg = std::fs::read_to_string(&fd.config).expect("config");
@@ -471,20 +473,14 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
         &fd.config,
         cfg.replace(
             "check_cmd = \"haproxy -c -q -f {src}\"",
-            &format!("check_cmd = {slow:?}"),
+            &format!("check_cmd = {blocking:?}"),
         ),
     )
     .expect("config");
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
-    fd.start_watcher();
-    wait_until("check started", T, || async { marker.exists() }).await;
     let before = std::fs::read(&fd.dest).expect("dest");
-    fd.kill_watcher();
-    assert_eq!(
-        std::fs::read(&fd.dest).expect("dest"),
-        before,
-        "dest untouched"
-    );
+    fd.start_watcher();
+    wait_until("check passed and holding", T, || async { marker.exists() }).await;
     let staged = |dir: &std::path::Path| {
         std::fs::read_dir(dir)
             .expect("dir")
@@ -492,6 +488,13 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .count()
     };
+    assert_eq!(staged(fd.dir.path()), 1, "the checked file is staged");
+    fd.kill_watcher();
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        before,
+        "dest untouched by an apply killed between check and rename"
+    );
     assert_eq!(
         staged(fd.dir.path()),
         1,
@@ -504,21 +507,44 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     wait_until("web routed after restart", T, || fd.routes_to("web", "a")).await;
     assert_eq!(staged(fd.dir.path()), 0, "stale staging file cleaned");
 
-    // Kills at random points of a busy apply loop never leave a partial file.
+    // Kills as soon as a change's staging file appears (inside its write window) never
+    // leave a partial file: dest is the file before the change or the whole new one.
+    let complete = |text: &str| {
+        text.ends_with("stats refresh 5s\n    stats show-legends\n    http-request use-service prometheus-exporter if { path /metrics }\n")
+    };
+    let mut in_window = 0;
     for i in 0..8 {
+        let before = fd.dest_text();
         etcd.put(&fd.service_key("web", &format!("k{i}")), &b.record())
             .await;
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..120))).await;
+        let seen = when(T, Duration::from_millis(1), || async {
+            staged(fd.dir.path()) > 0
+        })
+        .await;
         fd.kill_watcher();
+        assert!(seen.is_some(), "kill {i}: no staging file appeared");
+        if staged(fd.dir.path()) > 0 {
+            in_window += 1;
+        }
         let text = fd.dest_text();
-        assert!(text.ends_with("stats refresh 5s\n    stats show-legends\n    http-request use-service prometheus-exporter if { path /metrics }\n"), "partial file after kill {i}:\n{text}");
+        assert!(
+            text == before || (complete(&text) && text.contains(&format!("server k{i} "))),
+            "partial file after kill {i}:\n{text}"
+        );
         assert!(fd.dest_is_valid(), "invalid file after kill {i}");
         fd.start_watcher();
+        // The restart may check the file the kill left (staged copy) after it is in
+        // place: the next kill should land in the next change's window, not that one's.
+        wait_until("the killed change applied after the restart", T, || async {
+            fd.dest_text().contains(&format!("server k{i} ")) && staged(fd.dir.path()) == 0
+        })
+        .await;
     }
-    wait_until("all k* instances live", T, || async {
-        fd.dest_text().contains("server k7 ")
-    })
-    .await;
+    assert!(
+        in_window >= 1,
+        "no kill landed before the rename (staging file left): {in_window} of 8"
+    );
+    eprintln!("{in_window} of 8 kills landed between staging and rename");
     assert!(fd.dest_is_valid());
 }
 
