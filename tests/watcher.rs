@@ -935,13 +935,78 @@ async fn compacted_watch_relists_and_converges() {
 
 /// Membership changes inside an existing backend go through the runtime API: routed
 /// (and unrouted) with zero reloads, and the file on disk still follows.
+/// Holds HAProxy's reloads open on demand: the config loads a Lua file that, while the
+/// gate is closed, marks that a load began and waits for the gate to open. A new
+/// worker parses its config in the middle of a reload, so the test decides what happens
+/// during one instead of guessing with a sleep. `check_cmd` passes the gate by.
+struct HeldReload {
+    dir: tempfile::TempDir,
+}
+
+impl HeldReload {
+    fn new() -> HeldReload {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lua = format!(
+            r#"-- Loaded by HAProxy at config parse (test gate).
+local gate, mark = "{0}/closed", "{0}/reloading"
+local function exists(p)
+  local f = io.open(p, "r")
+  if f then f:close() return true end
+  return false
+end
+if os.getenv("PORTOLAN_TEST_NO_GATE") == nil and exists(gate) then
+  io.open(mark, "w"):close()
+  while exists(gate) do os.execute("sleep 0.02") end
+end
+"#,
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("gate.lua"), lua).expect("gate.lua");
+        HeldReload { dir }
+    }
+
+    /// Lines for the end of the template: a second `global` section is merged.
+    fn config_lines(&self) -> String {
+        format!(
+            "global\n    lua-load {}\n",
+            self.dir.path().join("gate.lua").display()
+        )
+    }
+
+    fn check_cmd(&self) -> String {
+        "PORTOLAN_TEST_NO_GATE=1 haproxy -c -q -f {src}".into()
+    }
+
+    fn close(&self) {
+        std::fs::write(self.dir.path().join("closed"), "").expect("close the gate");
+    }
+
+    fn open(&self) {
+        std::fs::remove_file(self.dir.path().join("closed")).expect("open the gate");
+    }
+
+    /// A config load reached the closed gate.
+    fn reloading(&self) -> bool {
+        self.dir.path().join("reloading").exists()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_api_changes_membership_without_reloading() {
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
+    let held = HeldReload::new();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: held.config_lines(),
+            check_cmd: held.check_cmd(),
+            ..Options::with_admin_socket()
+        },
+    )
+    .await;
     // A new service is a new backend: that takes a reload.
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
@@ -1034,10 +1099,16 @@ async fn runtime_api_changes_membership_without_reloading() {
     );
     assert!(fd.routes_to("web", "a").await);
     // A change that arrives during a reload is applied right after it is confirmed:
-    // the runtime API must reach the new worker by then.
+    // the runtime API must reach the new worker by then. The reload for api2 is held
+    // open until b's change is in etcd.
+    held.close();
     etcd.put(&fd.service_key("api2", "c"), &c.record()).await;
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait_until("the reload for api2 under way", T, || async {
+        held.reloading()
+    })
+    .await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    held.open();
     wait_until("api2 routed", T, || fd.routes_to("api2", "c")).await;
     wait_until("b serves web again", T, || fd.routes_to("web", "b")).await;
     assert_eq!(
