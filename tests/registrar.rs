@@ -396,7 +396,8 @@ async fn http_probe_drops_a_frozen_server_and_restores_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_probe_sees_through_docker_proxy() {
     let rig = Rig::new("reg-tcp").await;
-    let _registrar = rig.start(&Opts::default());
+    // A process with a log: the probe's verdict is the marker the absence is read after.
+    let registrar = rig.spawn(&Opts::default());
     // Nothing listens inside yet: docker-proxy still accepts on the published port and
     // closes at once, which must not count as alive.
     let c = Container::run(
@@ -412,10 +413,24 @@ async fn tcp_probe_sees_through_docker_proxy() {
         Some(&["sleep", "1000"]),
     );
     let key = rig.image_key(&c);
+    let instance = key.rsplit('/').next().expect("instance id").to_string();
+    // The probe's own verdict (logged once it has failed `fall` times in a row), not a
+    // guess at how many rounds a second holds; then a container registered after it, so
+    // the loop has acted on the verdict.
+    wait_until("c's probe judged it down", T, || async {
+        registrar
+            .log()
+            .lines()
+            .any(|l| l.contains("probe has not passed yet") && l.contains(&instance))
+    })
+    .await;
     let marker = rig.container(&[]);
     rig.wait_value(&rig.image_key(&marker), T).await;
-    // Several probe rounds have run by the time this container has been up a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !registrar.log().contains("probe passes"),
+        "docker-proxy's accept counted as alive:\n{}",
+        registrar.log()
+    );
     assert_eq!(
         rig.value(&key).await,
         None,
@@ -846,8 +861,11 @@ async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
         docker(&["inspect", "-f", "{{.State.Running}}", &c.id]),
         "true"
     );
-    // Time for the event to reach the registrar and for any write it causes.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A marker: a container started after the oom event, registered by a pass after
+    // the registrar handled that event (one ordered event stream, one loop), so any
+    // write the oom caused is done by then.
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
     assert!(rig.value(&key).await.is_some(), "the key is gone");
     assert_eq!(watch.count(&key, false), 0, "the key was deleted");
 }
