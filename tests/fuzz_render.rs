@@ -27,7 +27,9 @@ fn vars() -> toml::Table {
 }
 
 /// The rendered text and the snapshot as templates see it: service → its instances.
-fn render_snapshot(keys: &[(String, Vec<u8>)]) -> (String, serde_json::Map<String, serde_json::Value>) {
+fn render_snapshot(
+    keys: &[(String, Vec<u8>)],
+) -> (String, serde_json::Map<String, serde_json::Value>) {
     let mut store = Store::new("/p");
     store.reset(keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
     let snap = store.snapshot();
@@ -84,7 +86,11 @@ fn parse(text: &str) -> Vec<Line> {
 
 /// The `server` arguments an accepted instance allows, from its fields, each one word.
 fn server_args(i: &serde_json::Value) -> Vec<String> {
-    let field = |f: &str| i[f].as_str().unwrap_or_else(|| panic!("{f} in {i}")).to_string();
+    let field = |f: &str| {
+        i[f].as_str()
+            .unwrap_or_else(|| panic!("{f} in {i}"))
+            .to_string()
+    };
     let mut args = vec![
         field("id"),
         field("addr"),
@@ -107,8 +113,7 @@ fn servers_as_allowed(
 ) -> Result<(), String> {
     let safe = |w: &str| {
         !w.is_empty()
-            && w
-                .bytes()
+            && w.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || b"_.:-[]".contains(&c))
     };
     let mut want: Vec<(Vec<String>, Vec<String>)> = Vec::new();
@@ -116,7 +121,9 @@ fn servers_as_allowed(
         for i in instances.as_array().into_iter().flatten() {
             let args = server_args(i);
             if let Some(bad) = args.iter().find(|a| !safe(a)) {
-                return Err(format!("the store accepted {bad:?} into a server line: {i}"));
+                return Err(format!(
+                    "the store accepted {bad:?} into a server line: {i}"
+                ));
             }
             want.push((vec!["backend".into(), format!("svc_{name}")], args));
         }
@@ -131,8 +138,15 @@ fn servers_as_allowed(
     }
     let at = got.iter().zip(&want).position(|(g, w)| g != w);
     Err(match at {
-        Some(n) => format!("server line {n}: rendered {:?}, the record allows {:?}", got[n], want[n]),
-        None => format!("{} server lines rendered, {} instances accepted", got.len(), want.len()),
+        Some(n) => format!(
+            "server line {n}: rendered {:?}, the record allows {:?}",
+            got[n], want[n]
+        ),
+        None => format!(
+            "{} server lines rendered, {} instances accepted",
+            got.len(),
+            want.len()
+        ),
     })
 }
 
@@ -140,7 +154,10 @@ fn servers_as_allowed(
 /// none`), so a DNS name in a record costs no lookup and no network.
 fn without_dns(text: &str) -> String {
     const SHIPPED: &str = "init-addr last,libc,none";
-    assert!(text.contains(SHIPPED), "the template's default-server changed: update without_dns");
+    assert!(
+        text.contains(SHIPPED),
+        "the template's default-server changed: update without_dns"
+    );
     text.replace(SHIPPED, "init-addr none")
 }
 
@@ -149,19 +166,19 @@ fn lines(text: &str) -> usize {
 }
 
 const SECTION_KEYWORDS: &[&str] = &[
-        "global",
-        "defaults",
-        "frontend",
-        "backend",
-        "listen",
-        "resolvers",
-        "peers",
-        "userlist",
-        "http-errors",
-        "cache",
-        "program",
-        "ring",
-        "mailers",
+    "global",
+    "defaults",
+    "frontend",
+    "backend",
+    "listen",
+    "resolvers",
+    "peers",
+    "userlist",
+    "http-errors",
+    "cache",
+    "program",
+    "ring",
+    "mailers",
 ];
 
 fn sections(text: &str) -> usize {
@@ -279,7 +296,10 @@ fn hostile_record() -> impl Strategy<Value = serde_json::Value> {
             0 => r["addr"] = append(&r["addr"]).into(),
             1 => r["node"] = format!("n{inject}").into(),
             2 => r["container"] = format!("abc{inject}").into(),
-            3 => r["tags"].as_array_mut().expect("tags").push(format!("t{inject}").into()),
+            3 => r["tags"]
+                .as_array_mut()
+                .expect("tags")
+                .push(format!("t{inject}").into()),
             4 => r["weight"] = format!("100{inject}").into(),
             _ => r["addr"] = format!("10.0.0.1{inject}:80").into(),
         }
@@ -355,15 +375,33 @@ fn generated_records_are_mostly_valid_with_hostile_fields() {
             .iter()
             .filter(|(k, v)| {
                 let v = String::from_utf8_lossy(v);
-                [" backup", " weight 0", " disabled", "send-proxy", " # ", "\\n", "\\r", "\\u0000", "{{"]
-                    .iter()
-                    .any(|i| v.contains(i) || k.contains(i))
+                [
+                    " backup",
+                    " weight 0",
+                    " disabled",
+                    "send-proxy",
+                    " # ",
+                    "\\n",
+                    "\\r",
+                    "\\u0000",
+                    "{{",
+                ]
+                .iter()
+                .any(|i| v.contains(i) || k.contains(i))
             })
             .count();
     }
-    eprintln!("generated keys: {total}, rendered as instances: {accepted}, with an injection: {hostile}");
-    assert!(accepted * 2 > total, "only {accepted} of {total} generated keys were accepted");
-    assert!(hostile * 10 > total, "only {hostile} of {total} generated keys carry an injection");
+    eprintln!(
+        "generated keys: {total}, rendered as instances: {accepted}, with an injection: {hostile}"
+    );
+    assert!(
+        accepted * 2 > total,
+        "only {accepted} of {total} generated keys were accepted"
+    );
+    assert!(
+        hostile * 10 > total,
+        "only {hostile} of {total} generated keys carry an injection"
+    );
 }
 
 /// The property above is only as strong as its yardstick: one instance is one line, a
@@ -395,12 +433,25 @@ fn the_yardstick_is_sound() {
     let line = "    server a 10.0.0.1:80 weight 100 check disabled";
     assert!(out.contains(line), "{out}");
     for (bad, why) in [
-        ("    server a 10.0.0.1:80 weight 100 check disabled backup", "backup"),
+        (
+            "    server a 10.0.0.1:80 weight 100 check disabled backup",
+            "backup",
+        ),
         ("    server a 10.0.0.1:80 weight 100 check", "disabled lost"),
-        ("backend other\n    server a 10.0.0.1:80 weight 100 check disabled", "section"),
+        (
+            "backend other\n    server a 10.0.0.1:80 weight 100 check disabled",
+            "section",
+        ),
     ] {
         let tampered = out.replace(line, bad);
-        assert_eq!(lines(&tampered) - lines(&out), usize::from(why == "section"), "{why}");
-        assert!(servers_as_allowed(&tampered, &services).is_err(), "{why} not seen");
+        assert_eq!(
+            lines(&tampered) - lines(&out),
+            usize::from(why == "section"),
+            "{why}"
+        );
+        assert!(
+            servers_as_allowed(&tampered, &services).is_err(),
+            "{why} not seen"
+        );
     }
 }

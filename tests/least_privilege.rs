@@ -206,7 +206,11 @@ async fn a_registrar_and_a_watcher_work_with_only_the_users_portolan_auth_made()
                 && !l.contains("not looking for keys of the v1 layout")
         })
         .collect();
-    assert!(refused.is_empty(), "refused under least privilege:\n{}", refused.join("\n"));
+    assert!(
+        refused.is_empty(),
+        "refused under least privilege:\n{}",
+        refused.join("\n")
+    );
     assert!(status, "the watcher never wrote its status key\n{all}");
 
     // What each wrote, read back as root after the watcher wrote its status key: the

@@ -1009,7 +1009,10 @@ impl Sampler {
                 std::thread::sleep(Duration::from_millis(50));
             }
             // The end of the run counts as a moment HAProxy had to answer by.
-            samples.push((started.elapsed(), servers_state(&sock).map(|_| BTreeSet::new())));
+            samples.push((
+                started.elapsed(),
+                servers_state(&sock).map(|_| BTreeSet::new()),
+            ));
             samples
         });
         Sampler {
@@ -1074,16 +1077,39 @@ fn a_sampler_fails_on_a_host_out_of_rotation_or_a_long_silence() {
     let both: BTreeSet<String> = ["h2", "h3"].map(String::from).into();
     let only_h2: BTreeSet<String> = ["h2"].map(String::from).into();
     let end = |at: u64| (ms(at), Some(BTreeSet::new()));
-    let ok = vec![(ms(0), Some(both.clone())), (ms(50), None), (ms(100), Some(both.clone())), end(150)];
+    let ok = vec![
+        (ms(0), Some(both.clone())),
+        (ms(50), None),
+        (ms(100), Some(both.clone())),
+        end(150),
+    ];
     assert_eq!(judge_samples(&ok, &["h2", "h3"]), Ok((3, 1)));
-    let out = vec![(ms(0), Some(both.clone())), (ms(50), Some(only_h2)), end(100)];
-    assert!(judge_samples(&out, &["h2", "h3"]).unwrap_err().contains("h3 was out of rotation"));
+    let out = vec![
+        (ms(0), Some(both.clone())),
+        (ms(50), Some(only_h2)),
+        end(100),
+    ];
+    assert!(judge_samples(&out, &["h2", "h3"])
+        .unwrap_err()
+        .contains("h3 was out of rotation"));
     // HAProxy silent for good: every sample unanswered passed before.
-    let silent: Vec<Sample> = (0..100).map(|i| (ms(i * 50), None)).chain([(ms(5000), None)]).collect();
-    assert!(judge_samples(&silent, &["h2", "h3"]).unwrap_err().contains("without an answer"));
+    let silent: Vec<Sample> = (0..100)
+        .map(|i| (ms(i * 50), None))
+        .chain([(ms(5000), None)])
+        .collect();
+    assert!(judge_samples(&silent, &["h2", "h3"])
+        .unwrap_err()
+        .contains("without an answer"));
     // Silent in the middle for longer than MAX_SILENCE.
-    let gap = vec![(ms(0), Some(both.clone())), (ms(50), None), (ms(4000), Some(both)), end(4050)];
-    assert!(judge_samples(&gap, &["h2", "h3"]).unwrap_err().contains("without an answer"));
+    let gap = vec![
+        (ms(0), Some(both.clone())),
+        (ms(50), None),
+        (ms(4000), Some(both)),
+        end(4050),
+    ];
+    assert!(judge_samples(&gap, &["h2", "h3"])
+        .unwrap_err()
+        .contains("without an answer"));
 }
 
 impl Drop for Sampler {

@@ -84,7 +84,10 @@ async fn sigusr1_confirms_a_held_mass_removal_at_once() {
         fd.dest_text().matches("    server i").count() == 0
     })
     .await;
-    assert!(deleted.elapsed() < HOLD, "removed only when the hold ran out");
+    assert!(
+        deleted.elapsed() < HOLD,
+        "removed only when the hold ran out"
+    );
     assert!(
         fd.log()
             .contains("SIGUSR1: the operator confirmed the removal of 10 held instance(s)"),
@@ -175,7 +178,10 @@ async fn reloads_start_at_least_min_reload_interval_apart() {
             .as_nanos()
     };
     fd.start_watcher();
-    wait_until("the first render's reload", T, || async { starts().len() == 1 }).await;
+    wait_until("the first render's reload", T, || async {
+        starts().len() == 1
+    })
+    .await;
 
     // Each new service asks for a reload at once, right after the previous one started.
     let mut asked = Vec::new();
@@ -202,7 +208,10 @@ async fn reloads_start_at_least_min_reload_interval_apart() {
             asked[n] < pair[0] + INTERVAL.as_nanos() / 2,
             "change {n} came too late to test the limit"
         );
-        eprintln!("reload {}: {gap:?} after the previous, {waited:?} after its change", n + 1);
+        eprintln!(
+            "reload {}: {gap:?} after the previous, {waited:?} after its change",
+            n + 1
+        );
     }
     wait_until("api routed", T, || fd.routes_to("api", "b")).await;
 }

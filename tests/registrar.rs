@@ -1278,7 +1278,11 @@ url = "http://127.0.0.1:{refusing_port}/hook"
         tried.1
     );
     assert!(tried.0 >= 1, "the hanging hook was never tried");
-    assert!(tried.1 >= 2, "the refusing hook was not retried: {} attempt(s)", tried.1);
+    assert!(
+        tried.1 >= 2,
+        "the refusing hook was not retried: {} attempt(s)",
+        tried.1
+    );
     assert!(
         figures[1].iter().all(|d| *d < Duration::from_secs(1)),
         "{:?}",

@@ -788,7 +788,11 @@ async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
         }
         capped = longest_retry() >= TIMER_FLOOR.as_millis() as u64;
     }
-    assert!(capped, "the retry backoff never reached 15 s:\n{}", fd.log());
+    assert!(
+        capped,
+        "the retry backoff never reached 15 s:\n{}",
+        fd.log()
+    );
     assert!(!fd.dest_text().contains("server k0 "));
 
     std::fs::remove_file(&block).expect("unblock");
@@ -1921,7 +1925,10 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
     assert_eq!(runtime["summary"], "+1 -0 ~0 servers", "{runtime}");
     assert_eq!(runtime["watcher"], fd.name.as_str(), "{runtime}");
     assert_eq!(runtime["dest"], fd.dest.display().to_string(), "{runtime}");
-    assert!(runtime["revision"].as_i64().is_some_and(|r| r > 0), "{runtime}");
+    assert!(
+        runtime["revision"].as_i64().is_some_and(|r| r > 0),
+        "{runtime}"
+    );
     let reloads = receiver.events("reload");
     assert!(
         reloads.len() >= 2,
