@@ -248,8 +248,8 @@ async fn docker_stop_drains_until_the_container_exits() {
             .map(|(t, _)| t)
             .expect("a draining put");
         let deleted = watch.last(key, false).expect("a delete");
-        latency.push(drained.duration_since(kill).unwrap_or_default());
-        drained_for.push(deleted.duration_since(drained).unwrap_or_default());
+        latency.push(since(drained, kill, "the draining put after the kill"));
+        drained_for.push(since(deleted, drained, "the delete after the draining put"));
         assert!(
             deleted >= die,
             "deleted before the container exited: {deleted:?} < {die:?}"
@@ -396,7 +396,8 @@ async fn http_probe_drops_a_frozen_server_and_restores_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_probe_sees_through_docker_proxy() {
     let rig = Rig::new("reg-tcp").await;
-    let _registrar = rig.start(&Opts::default());
+    // A process with a log: the probe's verdict is the marker the absence is read after.
+    let registrar = rig.spawn(&Opts::default());
     // Nothing listens inside yet: docker-proxy still accepts on the published port and
     // closes at once, which must not count as alive.
     let c = Container::run(
@@ -412,10 +413,24 @@ async fn tcp_probe_sees_through_docker_proxy() {
         Some(&["sleep", "1000"]),
     );
     let key = rig.image_key(&c);
+    let instance = key.rsplit('/').next().expect("instance id").to_string();
+    // The probe's own verdict (logged once it has failed `fall` times in a row), not a
+    // guess at how many rounds a second holds; then a container registered after it, so
+    // the loop has acted on the verdict.
+    wait_until("c's probe judged it down", T, || async {
+        registrar
+            .log()
+            .lines()
+            .any(|l| l.contains("probe has not passed yet") && l.contains(&instance))
+    })
+    .await;
     let marker = rig.container(&[]);
     rig.wait_value(&rig.image_key(&marker), T).await;
-    // Several probe rounds have run by the time this container has been up a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !registrar.log().contains("probe passes"),
+        "docker-proxy's accept counted as alive:\n{}",
+        registrar.log()
+    );
     assert_eq!(
         rig.value(&key).await,
         None,
@@ -846,8 +861,11 @@ async fn an_oom_kill_of_a_child_process_keeps_the_container_registered() {
         docker(&["inspect", "-f", "{{.State.Running}}", &c.id]),
         "true"
     );
-    // Time for the event to reach the registrar and for any write it causes.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A marker: a container started after the oom event, registered by a pass after
+    // the registrar handled that event (one ordered event stream, one loop), so any
+    // write the oom caused is done by then.
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
     assert!(rig.value(&key).await.is_some(), "the key is gone");
     assert_eq!(watch.count(&key, false), 0, "the key was deleted");
 }
@@ -1259,19 +1277,20 @@ command = ["sh", "-c", "cat >> {file}; echo >> {file}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_or_refusing_hook_delays_nothing() {
     let rig = Rig::new("reg-hook-delay").await;
-    let hanging = Receiver::hanging().await;
-    let closed = free_port();
+    // Both targets count the connections they get: the hooks are shown to be tried
+    // while the registrar keeps its pace, not merely configured.
+    let (hanging_port, hanging) = counting_listener(true).await;
+    let (refusing_port, refusing) = counting_listener(false).await;
     let toml = format!(
         r#"
 [[hook]]
 events = ["register", "deregister", "drain"]
-url = "{}"
+url = "http://127.0.0.1:{hanging_port}/hook"
 
 [[hook]]
 events = ["register", "deregister", "drain"]
-url = "http://127.0.0.1:{closed}/hook"
-"#,
-        hanging.url()
+url = "http://127.0.0.1:{refusing_port}/hook"
+"#
     );
     let with_hooks = Opts {
         toml: Some(toml),
@@ -1281,6 +1300,7 @@ url = "http://127.0.0.1:{closed}/hook"
     let watch = KeyWatch::start(&rig.etcd, &rig.services_prefix()).await;
     let stream = DockerEvents::start(&rig.run);
     let mut figures = Vec::new();
+    let mut tried = (0, 0);
     for opts in [Opts::default(), with_hooks] {
         let registrar = rig.start(&opts);
         let warm = rig.container(&[]);
@@ -1299,23 +1319,64 @@ url = "http://127.0.0.1:{closed}/hook"
             let kill = stream.time_of(&c.id, "kill").expect("kill");
             let put = watch.puts(&key).first().map(|(t, _)| *t).expect("put");
             let del = watch.last(&key, false).expect("delete");
-            took.push(put.duration_since(start).unwrap_or_default());
-            took.push(del.duration_since(kill).unwrap_or_default());
+            took.push(since(put, start, "the put after the start event"));
+            took.push(since(del, kill, "the delete after the kill event"));
         }
+        // Counted while the registrar still runs: its hooks were tried during the run.
+        tried = (
+            hanging.load(std::sync::atomic::Ordering::Relaxed),
+            refusing.load(std::sync::atomic::Ordering::Relaxed),
+        );
         registrar.stop().await;
         figures.push(took);
     }
     eprintln!(
-        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={})",
+        "docker event -> etcd: without hooks {} ; with a hanging and a refusing hook {} (n={}); connections: hanging {}, refusing {}",
         summary(figures[0].clone()),
         summary(figures[1].clone()),
-        figures[1].len()
+        figures[1].len(),
+        tried.0,
+        tried.1
+    );
+    assert!(tried.0 >= 1, "the hanging hook was never tried");
+    assert!(
+        tried.1 >= 2,
+        "the refusing hook was not retried: {} attempt(s)",
+        tried.1
     );
     assert!(
         figures[1].iter().all(|d| *d < Duration::from_secs(1)),
         "{:?}",
         figures[1]
     );
+}
+
+/// A hook target on 127.0.0.1 that counts its connections and either holds each one
+/// unanswered (`hang`) or closes it at once, before any answer (a refusal).
+async fn counting_listener(hang: bool) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if hang {
+                held.push(s);
+            }
+        }
+    });
+    (port, count)
+}
+
+/// `later - earlier`; a `later` that comes first is a failure, not a zero latency.
+fn since(later: std::time::SystemTime, earlier: std::time::SystemTime, what: &str) -> Duration {
+    later
+        .duration_since(earlier)
+        .unwrap_or_else(|e| panic!("{what} came {:?} before it", e.duration()))
 }
 
 /// A TCP listener on 127.0.0.1 that accepts and holds every connection until aborted.

@@ -172,22 +172,36 @@ async fn put_to_routed_latency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn burst_of_500_puts_costs_at_most_two_reloads() {
+async fn a_burst_of_500_puts_during_a_reload_costs_two_reloads() {
     let etcd = Etcd::start().await;
     let be = Backend::start("burst").await;
-    let fd = FrontDoor::start(&etcd, Options::default()).await;
-    // Let the startup reload settle so it is not counted.
+    // The burst lands while a reload is in flight, however slow the machine: the reload
+    // the first put starts is held open until the other 499 are in etcd.
+    let held = HeldReload::new();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: held.config_lines(),
+            check_cmd: held.check_cmd(),
+            ..Default::default()
+        },
+    )
+    .await;
     let settled = fd.haproxy.reloads().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fd.haproxy.reloads().await, settled, "no reload while idle");
 
     let client = etcd.client().await;
     let record = be.record();
     let keys: Vec<String> = (0..500)
         .map(|i| fd.service_key("burst", &format!("i{i:03}")))
         .collect();
+    held.close();
     let start = Instant::now();
-    futures_util::stream::iter(keys.iter().cloned())
+    etcd.put(&keys[0], &record).await;
+    wait_until("the first put's reload under way", T, || async {
+        held.reloading()
+    })
+    .await;
+    futures_util::stream::iter(keys[1..].iter().cloned())
         .map(|k| {
             let mut c = client.clone();
             let v = record.clone();
@@ -196,22 +210,46 @@ async fn burst_of_500_puts_costs_at_most_two_reloads() {
         .buffer_unordered(64)
         .collect::<Vec<_>>()
         .await;
+    held.open();
     let put_time = start.elapsed();
     wait_until("all 500 servers in the live file", T, || async {
         fd.dest_text().matches("\n    server i").count() == 500
     })
     .await;
     let converged = start.elapsed();
-    // Anything still in flight would show up as another reload: wait a little past max.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Anything still in flight would show up as another reload. A marker ordered after
+    // the burst: a change of a field the template does not render (no reload of its
+    // own); once the watcher's pass has taken its revision, every reload the burst
+    // caused is done and counted.
+    let marker = record.replace(r#""tags":["t"]"#, r#""tags":["t","marker"]"#);
+    assert_ne!(marker, record);
+    let marked = client
+        .clone()
+        .put(keys[0].clone(), marker, None)
+        .await
+        .expect("marker put")
+        .header()
+        .expect("header")
+        .revision();
+    wait_until("the watcher passed the marker", T, || async {
+        fd.metric("portolan_watcher_revision").await >= Some(marked as f64)
+    })
+    .await;
     let reloads = fd.haproxy.reloads().await - settled;
     eprintln!(
         "watcher burst: 500 puts → {reloads} reloads (puts took {} ms, live file complete after {} ms)",
         put_time.as_millis(),
         converged.as_millis()
     );
-    assert!(reloads <= 2, "{reloads} reloads for one burst");
-    assert!(reloads >= 1);
+    assert!(
+        reloads == 2,
+        "{reloads} reloads for one burst (the first put's and the rest's):\n{}",
+        fd.log()
+            .lines()
+            .filter(|l| l.contains("reloaded ") || l.contains("burst"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(fd.routes_to("burst", "burst").await);
     assert!(fd.dest_is_valid());
 }
@@ -459,10 +497,12 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let mut fd = FrontDoor::prepare(&etcd, Options::default()).await;
-    // A check that announces itself and then takes its time.
+    // A check that passes, announces itself, then holds the apply between staging and
+    // rename until the watcher (its parent) is gone: the kill lands in that window for
+    // sure, not by luck of timing.
     let marker = fd.dir.path().join("checking");
-    let slow = format!(
-        "touch {}; sleep 3; haproxy -c -q -f {{src}}",
+    let blocking = format!(
+        "haproxy -c -q -f {{src}} && touch {} && while kill -0 $PPID 2>/dev/null; do sleep 0.05; done",
         marker.display()
     );
     let cfg = std::fs::read_to_string(&fd.config).expect("config");
@@ -471,20 +511,14 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
         &fd.config,
         cfg.replace(
             "check_cmd = \"haproxy -c -q -f {src}\"",
-            &format!("check_cmd = {slow:?}"),
+            &format!("check_cmd = {blocking:?}"),
         ),
     )
     .expect("config");
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
-    fd.start_watcher();
-    wait_until("check started", T, || async { marker.exists() }).await;
     let before = std::fs::read(&fd.dest).expect("dest");
-    fd.kill_watcher();
-    assert_eq!(
-        std::fs::read(&fd.dest).expect("dest"),
-        before,
-        "dest untouched"
-    );
+    fd.start_watcher();
+    wait_until("check passed and holding", T, || async { marker.exists() }).await;
     let staged = |dir: &std::path::Path| {
         std::fs::read_dir(dir)
             .expect("dir")
@@ -492,6 +526,13 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .count()
     };
+    assert_eq!(staged(fd.dir.path()), 1, "the checked file is staged");
+    fd.kill_watcher();
+    assert_eq!(
+        std::fs::read(&fd.dest).expect("dest"),
+        before,
+        "dest untouched by an apply killed between check and rename"
+    );
     assert_eq!(
         staged(fd.dir.path()),
         1,
@@ -504,21 +545,44 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     wait_until("web routed after restart", T, || fd.routes_to("web", "a")).await;
     assert_eq!(staged(fd.dir.path()), 0, "stale staging file cleaned");
 
-    // Kills at random points of a busy apply loop never leave a partial file.
+    // Kills as soon as a change's staging file appears (inside its write window) never
+    // leave a partial file: dest is the file before the change or the whole new one.
+    let complete = |text: &str| {
+        text.ends_with("stats refresh 5s\n    stats show-legends\n    http-request use-service prometheus-exporter if { path /metrics }\n")
+    };
+    let mut in_window = 0;
     for i in 0..8 {
+        let before = fd.dest_text();
         etcd.put(&fd.service_key("web", &format!("k{i}")), &b.record())
             .await;
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..120))).await;
+        let seen = when(T, Duration::from_millis(1), || async {
+            staged(fd.dir.path()) > 0
+        })
+        .await;
         fd.kill_watcher();
+        assert!(seen.is_some(), "kill {i}: no staging file appeared");
+        if staged(fd.dir.path()) > 0 {
+            in_window += 1;
+        }
         let text = fd.dest_text();
-        assert!(text.ends_with("stats refresh 5s\n    stats show-legends\n    http-request use-service prometheus-exporter if { path /metrics }\n"), "partial file after kill {i}:\n{text}");
+        assert!(
+            text == before || (complete(&text) && text.contains(&format!("server k{i} "))),
+            "partial file after kill {i}:\n{text}"
+        );
         assert!(fd.dest_is_valid(), "invalid file after kill {i}");
         fd.start_watcher();
+        // The restart may check the file the kill left (staged copy) after it is in
+        // place: the next kill should land in the next change's window, not that one's.
+        wait_until("the killed change applied after the restart", T, || async {
+            fd.dest_text().contains(&format!("server k{i} ")) && staged(fd.dir.path()) == 0
+        })
+        .await;
     }
-    wait_until("all k* instances live", T, || async {
-        fd.dest_text().contains("server k7 ")
-    })
-    .await;
+    assert!(
+        in_window >= 1,
+        "no kill landed before the rename (staging file left): {in_window} of 8"
+    );
+    eprintln!("{in_window} of 8 kills landed between staging and rename");
     assert!(fd.dest_is_valid());
 }
 
@@ -674,6 +738,10 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
+    // The retry timer routes the service too once the outside reason is gone, so the
+    // backoff is first driven to its cap (every change fails the check again): the timer
+    // cannot fire for 15 s after the last failure, and only SIGHUP can route it sooner.
+    const TIMER_FLOOR: Duration = Duration::from_secs(15);
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -687,18 +755,61 @@ async fn sighup_retries_a_check_that_failed_for_an_outside_reason() {
     )
     .await;
     std::fs::write(&block, "").expect("block");
-    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
-    wait_until("check failure", T, || async {
-        fd.metric("portolan_watcher_check_failures_total").await >= Some(1.0)
-    })
-    .await;
-    assert!(!fd.dest_text().contains("server a "));
+    let failures = || async {
+        fd.metric("portolan_watcher_check_failures_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let longest_retry = || {
+        fd.log()
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("retrying the failed apply in ")?;
+                rest.split_once(" ms")?.0.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let mut last_failure_put = Instant::now();
+    let mut capped = false;
+    for i in 0..14 {
+        // Once a delay of 15 s was logged the next one is at the cap, [15 s, 30 s]: one
+        // more failure after this put starts the window the timer cannot fire in.
+        let seen = failures().await;
+        last_failure_put = Instant::now();
+        etcd.put(&fd.service_key("web", &format!("k{i}")), &a.record())
+            .await;
+        wait_until("the change is rejected", T, || async {
+            failures().await > seen
+        })
+        .await;
+        if capped {
+            break;
+        }
+        capped = longest_retry() >= TIMER_FLOOR.as_millis() as u64;
+    }
+    assert!(
+        capped,
+        "the retry backoff never reached 15 s:\n{}",
+        fd.log()
+    );
+    assert!(!fd.dest_text().contains("server k0 "));
+
     std::fs::remove_file(&block).expect("unblock");
     fd.watcher
         .as_ref()
         .expect("watcher")
         .signal(nix::sys::signal::Signal::SIGHUP);
-    wait_until("routed after SIGHUP", T, || fd.routes_to("web", "a")).await;
+    let left = TIMER_FLOOR.saturating_sub(last_failure_put.elapsed());
+    wait_until("routed after SIGHUP, before the retry timer", left, || {
+        fd.routes_to("web", "a")
+    })
+    .await;
+    assert!(
+        last_failure_put.elapsed() < TIMER_FLOOR,
+        "routed only when the retry timer could have fired"
+    );
+    assert!(fd.log().contains("SIGHUP: re-reading templates"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -866,13 +977,78 @@ async fn compacted_watch_relists_and_converges() {
 
 /// Membership changes inside an existing backend go through the runtime API: routed
 /// (and unrouted) with zero reloads, and the file on disk still follows.
+/// Holds HAProxy's reloads open on demand: the config loads a Lua file that, while the
+/// gate is closed, marks that a load began and waits for the gate to open. A new
+/// worker parses its config in the middle of a reload, so the test decides what happens
+/// during one instead of guessing with a sleep. `check_cmd` passes the gate by.
+struct HeldReload {
+    dir: tempfile::TempDir,
+}
+
+impl HeldReload {
+    fn new() -> HeldReload {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lua = format!(
+            r#"-- Loaded by HAProxy at config parse (test gate).
+local gate, mark = "{0}/closed", "{0}/reloading"
+local function exists(p)
+  local f = io.open(p, "r")
+  if f then f:close() return true end
+  return false
+end
+if os.getenv("PORTOLAN_TEST_NO_GATE") == nil and exists(gate) then
+  io.open(mark, "w"):close()
+  while exists(gate) do os.execute("sleep 0.02") end
+end
+"#,
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("gate.lua"), lua).expect("gate.lua");
+        HeldReload { dir }
+    }
+
+    /// Lines for the end of the template: a second `global` section is merged.
+    fn config_lines(&self) -> String {
+        format!(
+            "global\n    lua-load {}\n",
+            self.dir.path().join("gate.lua").display()
+        )
+    }
+
+    fn check_cmd(&self) -> String {
+        "PORTOLAN_TEST_NO_GATE=1 haproxy -c -q -f {src}".into()
+    }
+
+    fn close(&self) {
+        std::fs::write(self.dir.path().join("closed"), "").expect("close the gate");
+    }
+
+    fn open(&self) {
+        std::fs::remove_file(self.dir.path().join("closed")).expect("open the gate");
+    }
+
+    /// A config load reached the closed gate.
+    fn reloading(&self) -> bool {
+        self.dir.path().join("reloading").exists()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_api_changes_membership_without_reloading() {
     let etcd = Etcd::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
+    let held = HeldReload::new();
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template_extra: held.config_lines(),
+            check_cmd: held.check_cmd(),
+            ..Options::with_admin_socket()
+        },
+    )
+    .await;
     // A new service is a new backend: that takes a reload.
     etcd.put(&fd.service_key("web", "a"), &a.record()).await;
     wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
@@ -965,10 +1141,16 @@ async fn runtime_api_changes_membership_without_reloading() {
     );
     assert!(fd.routes_to("web", "a").await);
     // A change that arrives during a reload is applied right after it is confirmed:
-    // the runtime API must reach the new worker by then.
+    // the runtime API must reach the new worker by then. The reload for api2 is held
+    // open until b's change is in etcd.
+    held.close();
     etcd.put(&fd.service_key("api2", "c"), &c.record()).await;
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait_until("the reload for api2 under way", T, || async {
+        held.reloading()
+    })
+    .await;
     etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    held.open();
     wait_until("api2 routed", T, || fd.routes_to("api2", "c")).await;
     wait_until("b serves web again", T, || fd.routes_to("web", "b")).await;
     assert_eq!(
@@ -1743,7 +1925,10 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
     assert_eq!(runtime["summary"], "+1 -0 ~0 servers", "{runtime}");
     assert_eq!(runtime["watcher"], fd.name.as_str(), "{runtime}");
     assert_eq!(runtime["dest"], fd.dest.display().to_string(), "{runtime}");
-    assert!(runtime["revision"].as_i64() > Some(0), "{runtime}");
+    assert!(
+        runtime["revision"].as_i64().is_some_and(|r| r > 0),
+        "{runtime}"
+    );
     let reloads = receiver.events("reload");
     assert!(
         reloads.len() >= 2,
@@ -1754,7 +1939,12 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
         last["summary"].as_str().unwrap().starts_with("reloaded "),
         "{last}"
     );
-    assert!(last["revision"].as_i64() < runtime["revision"].as_i64());
+    let revision = |e: &serde_json::Value| {
+        e["revision"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no revision in {e}"))
+    };
+    assert!(revision(last) < revision(runtime), "{last} {runtime}");
     assert_eq!(last["watcher"], fd.name.as_str());
     assert!(last["at"].is_string());
 
@@ -1835,7 +2025,7 @@ async fn a_mass_removal_is_held_then_applied() {
         &etcd,
         Options {
             admin_socket: true,
-            watcher_extra: "mass_removal = { share = 0.5, min = 5, hold_s = 2 }".into(),
+            watcher_extra: "mass_removal = { share = 0.5, min = 5, hold_s = 4 }".into(),
             ..Default::default()
         },
     )
@@ -1866,6 +2056,31 @@ async fn a_mass_removal_is_held_then_applied() {
     })
     .await;
     assert!(fd.metric("portolan_watcher_removals_held").await == Some(10.0));
+    // Still routed during the hold: a sample counts when it ended before the hold can
+    // be over (it began when the watcher saw the delete, after `deleted`). At least
+    // SAMPLES of them, or the test shows nothing.
+    const HOLD: Duration = Duration::from_secs(4);
+    const SAMPLES: usize = 5;
+    let mut during = 0;
+    while during < SAMPLES && deleted.elapsed() < HOLD {
+        let answer = fd.get("web").await;
+        let servers = fd.dest_text().matches("    server i").count();
+        if deleted.elapsed() >= HOLD {
+            break;
+        }
+        assert!(
+            matches!(answer, Some((200, _))),
+            "not routed {:?} after the delete, during the hold: {answer:?}",
+            deleted.elapsed()
+        );
+        assert_eq!(servers, 10, "the file lost servers during the hold");
+        during += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        during >= SAMPLES,
+        "only {during} samples within the {HOLD:?} hold"
+    );
     let status_key = format!("{}/watchers/{}", fd.prefix, fd.name);
     wait_until("the status says so", T, || async {
         etcd.get_prefix(&status_key)
@@ -1874,28 +2089,25 @@ async fn a_mass_removal_is_held_then_applied() {
             .is_some_and(|(_, v)| v.contains("held by the mass-removal guard"))
     })
     .await;
-    // Still routed during the hold.
-    while deleted.elapsed() < Duration::from_millis(1500) {
-        assert!(
-            matches!(fd.get("web").await, Some((200, _))),
-            "still routed {:?} after the delete",
-            deleted.elapsed()
-        );
-        assert_eq!(fd.dest_text().matches("    server i").count(), 10);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     wait_until("removed after the hold", T, || async {
         matches!(fd.get("web").await, Some((503, _)))
     })
     .await;
     let took = deleted.elapsed();
-    assert!(took >= Duration::from_secs(2), "held {took:?}");
-    assert_eq!(fd.dest_text().matches("    server i").count(), 0);
-    assert_eq!(fd.metric("portolan_watcher_removals_held").await, Some(0.0));
+    assert!(took >= HOLD, "held {took:?}");
+    // Runtime first: HAProxy drops them, then the file follows.
+    wait_until("the file follows", T, || async {
+        fd.dest_text().matches("    server i").count() == 0
+    })
+    .await;
+    wait_until("nothing held any more", T, || async {
+        fd.metric("portolan_watcher_removals_held").await == Some(0.0)
+    })
+    .await;
     assert!(fd
         .log()
         .contains("the hold of 10 removed instance(s) is over"));
-    eprintln!("mass removal held for {took:?} (hold_s = 2)");
+    eprintln!("mass removal held for {took:?} (hold_s = 4), {during} samples routed during it");
 }
 
 /// A check refused for a reason outside the file is tried again on the backoff timer,

@@ -1,5 +1,8 @@
 //! Golden files: the shipped templates rendered from a fixed snapshot, byte for byte,
-//! and every golden output accepted by `haproxy -c`. `UPDATE_GOLDEN=1` rewrites them.
+//! and every golden output accepted by `haproxy -c`. The tests only compare: they never
+//! write a golden file. `scripts/update-golden.sh` regenerates them after a deliberate
+//! template change (with `PORTOLAN_GOLDEN_OUT=DIR` the tests save what they rendered in
+//! DIR, which the script copies over `tests/golden/` for review in the diff).
 
 use std::path::{Path, PathBuf};
 
@@ -75,16 +78,22 @@ fn check_golden_with(template: &str, extra: &str, store: fn() -> Store, vars: &s
     }
 
     let path = root().join("tests/golden").join(golden);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &out).unwrap();
+    // For scripts/update-golden.sh: what was rendered, saved outside tests/golden/.
+    if let Some(dir) = std::env::var_os("PORTOLAN_GOLDEN_OUT") {
+        let saved = Path::new(&dir).join(golden);
+        std::fs::write(&saved, &out)
+            .unwrap_or_else(|e| panic!("cannot save {}: {e}", saved.display()));
     }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (scripts/update-golden.sh writes it)",
+            path.display()
+        )
+    });
     assert_eq!(
         out,
         want,
-        "{} differs; UPDATE_GOLDEN=1 rewrites it",
+        "{} differs from what the template renders; if the change is meant, run scripts/update-golden.sh and review the diff",
         path.display()
     );
     haproxy_check(&path);
