@@ -99,9 +99,11 @@ pub enum Command {
     /// spell is applied at once; changes that arrive while an apply is in flight are
     /// batched into the next one. A config that fails its check never goes live.
     /// Template edits are picked up at once; SIGHUP re-reads templates and renders again.
-    /// A batch that would remove more than [watcher] mass_removal.share of the live
-    /// instances (etcd emptied, a wrong prefix, fleet-wide lease loss) is held for
-    /// mass_removal.hold_s (default 60 s), loudly; SIGUSR1 confirms it at once.
+    /// Removals that would drop the live instances more than [watcher]
+    /// mass_removal.share below their peak of the last mass_removal.hold_s (etcd
+    /// emptied, a wrong prefix, a delete loop, a wave of expiring leases; judged at start
+    /// too, against the file HAProxy runs) are held for hold_s (default 60 s), loudly;
+    /// SIGUSR1 confirms it at once.
     ///
     /// A minimal config file (all keys: README, "Watcher configuration"):
     ///
@@ -184,6 +186,11 @@ pub struct RenderArgs {
     /// Print what would be written (and the check result); write and reload nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Apply a render that the mass-removal guard would hold back (it removes more than
+    /// mass_removal.share of the instances the file on disk routes to): without it such
+    /// a render is refused, naming what it would remove.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -59,7 +59,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let cfg = config::resolve_watcher(&file()?, &flags)?;
-            if !watcher::render_once(&cfg, args.dry_run).await? {
+            let once = watcher::Once {
+                dry_run: args.dry_run,
+                force: args.force,
+            };
+            if !watcher::render_once(&cfg, once).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }

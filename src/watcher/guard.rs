@@ -47,6 +47,15 @@ impl Held {
     }
 }
 
+/// Removals found too many: whose (None: all instances'), which, judged against which
+/// peak, dropping it by how much.
+struct TooMany<'a> {
+    service: Option<String>,
+    removed: Vec<&'a Arc<Instance>>,
+    peak: usize,
+    drop: usize,
+}
+
 /// The highest count seen within the window, and when it was seen.
 #[derive(Debug, Clone, Copy)]
 struct Peak {
@@ -198,11 +207,21 @@ impl Guard {
         let after = desired.instance_count() + self.held.len();
         let drop = peak.count.saturating_sub(after);
         let verdict = if self.too_much(drop, peak.count, self.share) {
-            Some((None, removed, peak.count, drop))
+            Some(TooMany {
+                service: None,
+                removed,
+                peak: peak.count,
+                drop,
+            })
         } else {
-            self.worst_service(&removed, desired, now)
+            self.worst_service(&removed, desired)
         };
-        let (service, removed, live_count, drop) = verdict?;
+        let TooMany {
+            service,
+            removed,
+            peak: live_count,
+            drop,
+        } = verdict?;
         let until = resumed.unwrap_or(now + self.hold);
         self.until = Some(match (self.until, resumed) {
             (Some(u), None) => u.max(until),
@@ -229,8 +248,7 @@ impl Guard {
         &self,
         removed: &[&'a Arc<Instance>],
         desired: &StoreSnapshot,
-        _now: Instant,
-    ) -> Option<(Option<String>, Vec<&'a Arc<Instance>>, usize, usize)> {
+    ) -> Option<TooMany<'a>> {
         if self.per_service_share >= 1.0 {
             return None;
         }
@@ -246,7 +264,12 @@ impl Guard {
                     .copied()
                     .filter(|i| i.service == name)
                     .collect();
-                (Some(name.to_string()), mine, peak, drop)
+                TooMany {
+                    service: Some(name.to_string()),
+                    removed: mine,
+                    peak,
+                    drop,
+                }
             })
         })
     }

@@ -82,7 +82,7 @@ use sink::Sink;
 use source::{Published, Source};
 // `main` calls these by their old paths.
 pub use drift::run as status;
-pub use oneshot::{check_templates, render_once};
+pub use oneshot::{check_templates, render_once, Once};
 
 /// How long a template edit may take to settle (editors write, then rename).
 const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
@@ -124,6 +124,8 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     );
     let source = tracker.spawn(source.run(tasks.clone()));
 
+    // Read before this run's status record replaces the last run's.
+    let held_until = status::held_until(&cfg.etcd, &cfg.name).await;
     let (status_tx, status_rx) = watch::channel(WatcherStatus {
         name: cfg.name.clone(),
         ..Default::default()
@@ -132,7 +134,14 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     tracker.spawn(status);
 
     tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
-    let effective = effective::Effective::new(&cfg, live_text(&resources));
+    let mut effective = effective::Effective::new(&cfg, live_text(&resources));
+    if let Some(until) = held_until {
+        let left = until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
+        effective.resume_hold(std::time::Instant::now() + left);
+    }
     let mut lp = Loop {
         cfg: &cfg,
         resources,
@@ -146,13 +155,6 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         ready: false,
         pending_since: None,
     };
-    if let Some(until) = status::held_until(&cfg.etcd, &cfg.name).await {
-        let left = until
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
-        lp.effective.resume_hold(std::time::Instant::now() + left);
-    }
     lp.run(&shutdown).await;
     let source_end = source_end(source, &shutdown).await;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::apply::{Outcome, Resource};
+use super::guard::{self, Guard};
 use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::policy::Resolution;
 use super::render;
@@ -16,21 +17,41 @@ use super::{resolve, source};
 use crate::config::WatcherConfig;
 use crate::etcd;
 
-/// `portolan render --once [--dry-run]`: one list from etcd, then each resource's own
-/// route and executor, as the watcher's loop runs them, reported through the same
-/// `report` table (printed instead of logged). A dry run writes and reloads nothing: it
-/// prints the diff to the live file (or the whole file when none exists), the runtime
-/// commands the watcher would send, and the check's verdict. Returns false when a check
-/// failed.
+/// How `render --once` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Once {
+    /// Print, write and reload nothing.
+    pub dry_run: bool,
+    /// Apply a render the mass-removal guard would hold.
+    pub force: bool,
+}
+
+/// `portolan render --once [--dry-run] [--force]`: one list from etcd, then each
+/// resource's own route and executor, as the watcher's loop runs them, reported through
+/// the same `report` table (printed instead of logged). A dry run writes and reloads
+/// nothing: it prints the diff to the live file (or the whole file when none exists),
+/// the runtime commands the watcher would send, and the check's verdict. Returns false
+/// when a check failed.
 ///
-/// What it does not share with the loop, and why: the mass-removal guard and the
-/// lingering of emptied backends judge a change against the file rendered before *by
-/// the same process* — a one-shot run has none, so it renders etcd as it is; HAProxy is
-/// taken to run the file on disk (`Resource::assume_running`: identical bytes cause no
-/// reload), and every change is checked before it is applied, since no deferred check
-/// runs after it.
-pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<bool> {
+/// The mass-removal guard judges the render as the loop's first pass does, against the
+/// file HAProxy runs (the first `[[template]]`'s `dest`): a render it would hold is
+/// refused, naming what it would remove, unless `force` (a dry run says so and goes on).
+/// What it does not share with the loop, and why: a hold has no time to run out in a
+/// one-shot run (hence the refusal), and emptied backends do not linger, since no later
+/// run of the same process would take them away again; HAProxy is taken to run the file
+/// on disk (`Resource::assume_running`: identical bytes cause no reload), and every
+/// change is checked before it is applied, since no deferred check runs after it.
+pub async fn render_once(cfg: &WatcherConfig, once: Once) -> anyhow::Result<bool> {
     let (_, snapshot) = snapshot_from_etcd(cfg).await?;
+    if let Some(refusal) = guarded(cfg, &snapshot).await {
+        if once.dry_run || once.force {
+            println!("# {refusal}");
+        } else {
+            anyhow::bail!(
+                "{refusal}; nothing was written. If this removal is meant, run again with --force"
+            );
+        }
+    }
     let mut ok = true;
     for t in &cfg.templates {
         let mut r = Resource::open(t.clone(), Duration::ZERO)
@@ -42,7 +63,7 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
             Some(result) => result?,
             None => continue,
         };
-        if dry_run {
+        if once.dry_run {
             ok &= dry_run_one(&r, &rendered, cfg.command_timeout).await;
             continue;
         }
@@ -58,6 +79,27 @@ pub async fn render_once(cfg: &WatcherConfig, dry_run: bool) -> anyhow::Result<b
         println!("{}", said.once);
     }
     Ok(ok)
+}
+
+/// What the mass-removal guard says of `snapshot` against the file HAProxy runs: None
+/// when it would apply it, or the removal it would hold, in words.
+async fn guarded(cfg: &WatcherConfig, snapshot: &StoreSnapshot) -> Option<String> {
+    let dest = &cfg.templates.first()?.dest;
+    let live = tokio::fs::read_to_string(dest).await.ok()?;
+    let now = std::time::Instant::now();
+    let mut guard = Guard::new(&cfg.mass_removal);
+    let (_, held) = guard.filter(Some(&guard::seed(&live, snapshot)), snapshot, now);
+    let h = held?;
+    Some(format!(
+        "the mass-removal guard holds this render back: it removes {} instance(s), a drop of {} from the {} that {} routes to ({:.0}%, more than the {:.0}% mass_removal share){}",
+        h.count,
+        h.drop,
+        h.live,
+        dest.display(),
+        h.percent(),
+        cfg.mass_removal.share * 100.0,
+        h.service.map(|s| format!(" in service {s}")).unwrap_or_default()
+    ))
 }
 
 /// Prints what applying `rendered` would change and whether its check passes.

@@ -74,7 +74,7 @@ impl Loop<'_> {
             .set(self.effective.lingering() as i64);
         metrics.removals_held.set(self.effective.held() as i64);
         if let Some(h) = &judged.held {
-            let summary = report::held(h, self.cfg.mass_removal.share, std::time::Instant::now());
+            let summary = report::held(h, &self.cfg.mass_removal, std::time::Instant::now());
             tracing::warn!(revision, "{summary}");
             for r in &self.resources {
                 self.sink

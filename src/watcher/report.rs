@@ -11,6 +11,7 @@ use super::guard::Held;
 use super::haproxy::first_error_line;
 use super::haproxy::runtime_api::RuntimeError;
 use super::store::StoreSnapshot;
+use crate::config::MassRemoval;
 use crate::hook::WatcherEvent;
 use crate::schema::{ApplyPath, ReloadResult};
 
@@ -347,13 +348,18 @@ pub(crate) fn deferred(check: &CommandResult, repair: Option<&Outcome>) -> Repor
 }
 
 /// What is said when the guard holds back a mass removal.
-pub(crate) fn held(h: &Held, share: f64, now: Instant) -> String {
+pub(crate) fn held(h: &Held, m: &MassRemoval, now: Instant) -> String {
     let secs = h.until.saturating_duration_since(now).as_secs();
+    let (whose, share) = match &h.service {
+        Some(s) => (format!(" of service {s}"), m.per_service_share),
+        None => (String::new(), m.share),
+    };
     format!(
-        "holding back the removal of {} of {} live instances ({:.0}%, more than the {:.0}% mass_removal share): they stay in the config for {secs} s — HAProxy's health checks keep dead ones out of rotation — then go; send SIGUSR1 to the watcher to remove them now",
+        "holding back the removal of {} of {} live instances{whose} ({:.0}% gone within {} s, more than the {:.0}% mass_removal share): they stay in the config for {secs} s — HAProxy's health checks keep dead ones out of rotation — then go; send SIGUSR1 to the watcher to remove them now",
         h.count,
         h.live,
         h.percent(),
+        m.hold.as_secs(),
         share * 100.0
     )
 }

@@ -341,6 +341,17 @@ impl Etcd {
         let mut c = self.client().await;
         c.delete(key, None).await.expect("etcd delete");
     }
+
+    /// `etcdctl del --prefix`, in one transaction.
+    pub async fn delete_prefix(&self, prefix: &str) {
+        let mut c = self.client().await;
+        c.delete(
+            prefix,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("etcd delete --prefix");
+    }
 }
 
 impl Drop for Etcd {
