@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::apply::{Bytes, CommandResult, Resource};
+use super::{report, Loop};
 
 const QUIET: Duration = Duration::from_millis(250);
 const LATEST: Duration = Duration::from_secs(2);
@@ -81,5 +82,30 @@ impl Deferred {
                 (i, check.bytes, result)
             });
         }
+    }
+}
+
+impl Loop<'_> {
+    /// Takes a deferred check's verdict. True when HAProxy had to be put back onto the
+    /// last checked file: the loop then renders again, which checks first from now on.
+    pub(super) async fn deferred_checked(&mut self, (i, bytes, result): Done) -> bool {
+        let timeout = self.cfg.command_timeout;
+        let repair = self.resources[i]
+            .deferred_checked(bytes, &result, timeout)
+            .await;
+        let report = report::deferred(&result, repair.as_ref());
+        let revision = self.sink.metrics.revision.get();
+        self.sink
+            .tell(&report, &self.resources[i].cfg.dest, revision);
+        if repair.is_none() {
+            self.deferred.start(&self.resources, timeout);
+            return false;
+        }
+        self.sink.status(|s| {
+            s.last_error = report.error.clone();
+            s.last_reload_at = Some(crate::schema::unix_now());
+            s.last_reload_result = report.reload;
+        });
+        true
     }
 }

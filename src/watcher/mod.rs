@@ -66,7 +66,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -85,7 +84,7 @@ pub use drift::run as status;
 pub use oneshot::{check_templates, render_once, Once};
 
 /// How long a template edit may take to settle (editors write, then rename).
-const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
+pub(super) const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
 /// Bound on the drain of background tasks at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -156,7 +155,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         pending_since: None,
     };
     lp.run(&shutdown).await;
-    let source_end = source_end(source, &shutdown).await;
+    let source_end = source::ended(source, &shutdown).await;
 
     sd::stopping();
     tasks.cancel();
@@ -201,26 +200,6 @@ async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Resul
 fn live_text(resources: &[Resource]) -> Option<String> {
     let live = resources.first()?.live()?;
     Some(String::from_utf8_lossy(live).into_owned())
-}
-
-/// Why the source task ended, when it ended before shutdown (it ends on shutdown alone,
-/// so it panicked): without it nothing would ever change again.
-async fn source_end(source: JoinHandle<()>, shutdown: &CancellationToken) -> Option<String> {
-    if shutdown.is_cancelled() {
-        return None;
-    }
-    Some(match source.await {
-        Err(e) if e.is_panic() => {
-            let p = e.into_panic();
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            format!("panicked: {msg}")
-        }
-        _ => "stopped".to_string(),
-    })
 }
 
 /// When to try again after a transient failure (unreachable master socket, I/O).
@@ -387,29 +366,6 @@ impl Loop<'_> {
         }
     }
 
-    /// Takes a deferred check's verdict. True when HAProxy had to be put back onto the
-    /// last checked file: the loop then renders again, which checks first from now on.
-    async fn deferred_checked(&mut self, (i, bytes, result): deferred::Done) -> bool {
-        let timeout = self.cfg.command_timeout;
-        let repair = self.resources[i]
-            .deferred_checked(bytes, &result, timeout)
-            .await;
-        let report = report::deferred(&result, repair.as_ref());
-        let revision = self.sink.metrics.revision.get();
-        self.sink
-            .tell(&report, &self.resources[i].cfg.dest, revision);
-        if repair.is_none() {
-            self.deferred.start(&self.resources, timeout);
-            return false;
-        }
-        self.sink.status(|s| {
-            s.last_error = report.error.clone();
-            s.last_reload_at = Some(crate::schema::unix_now());
-            s.last_reload_result = report.reload;
-        });
-        true
-    }
-
     /// Waits for `wait_min` of quiet, or until `deadline`. False on shutdown.
     async fn gather(&mut self, deadline: Instant, shutdown: &CancellationToken) -> bool {
         loop {
@@ -435,30 +391,5 @@ impl Loop<'_> {
         if let Some(p) = self.snap_rx.borrow().as_ref() {
             self.pending_since = Some(self.pending_since.map_or(p.received, |s| s.min(p.received)));
         }
-    }
-
-    /// Re-reads every template after an edit. True when one of them changed.
-    async fn reload_templates(&mut self) -> bool {
-        tokio::time::sleep(TEMPLATE_SETTLE).await;
-        while self.tpl_rx.try_recv().is_ok() {}
-        let mut changed = false;
-        for r in &mut self.resources {
-            match r.load_template().await {
-                Ok(true) => {
-                    tracing::info!(template = %r.name(), "template changed, re-rendering");
-                    changed = true;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    self.sink.metrics.template_errors.inc();
-                    tracing::error!(
-                        "{e}\n{} keeps its last good content until the template is fixed",
-                        r.cfg.dest.display()
-                    );
-                    self.sink.status(|s| s.last_error = Some(e.to_string()));
-                }
-            }
-        }
-        changed
     }
 }

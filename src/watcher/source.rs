@@ -341,3 +341,25 @@ fn warn_all(warnings: &[SchemaError]) {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
 }
+/// Why the source task ended, when it ended before shutdown (it ends on shutdown alone,
+/// so it panicked): without it nothing would ever change again.
+pub(crate) async fn ended(
+    source: tokio::task::JoinHandle<()>,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    if shutdown.is_cancelled() {
+        return None;
+    }
+    Some(match source.await {
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("panicked: {msg}")
+        }
+        _ => "stopped".to_string(),
+    })
+}

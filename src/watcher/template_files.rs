@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::{Loop, TEMPLATE_SETTLE};
+
 /// Keeps the OS watch alive; dropping it stops the events.
 pub(crate) struct TemplateFiles {
     _watcher: RecommendedWatcher,
@@ -50,4 +52,30 @@ fn split(path: &Path) -> (PathBuf, PathBuf) {
     };
     let name = path.file_name().map(PathBuf::from).unwrap_or_default();
     (dir, name)
+}
+impl Loop<'_> {
+    /// Re-reads every template after an edit. True when one of them changed.
+    pub(super) async fn reload_templates(&mut self) -> bool {
+        tokio::time::sleep(TEMPLATE_SETTLE).await;
+        while self.tpl_rx.try_recv().is_ok() {}
+        let mut changed = false;
+        for r in &mut self.resources {
+            match r.load_template().await {
+                Ok(true) => {
+                    tracing::info!(template = %r.name(), "template changed, re-rendering");
+                    changed = true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.sink.metrics.template_errors.inc();
+                    tracing::error!(
+                        "{e}\n{} keeps its last good content until the template is fixed",
+                        r.cfg.dest.display()
+                    );
+                    self.sink.status(|s| s.last_error = Some(e.to_string()));
+                }
+            }
+        }
+        changed
+    }
 }
