@@ -76,7 +76,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ls(args) => {
-            let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
+            let file = file()?;
+            let etcd = config::resolve_etcd(&file, &args.etcd)?;
+            let confinement = config::resolve_confinement(&file)?;
             let format = if args.json {
                 ls::Format::Json
             } else if args.addrs {
@@ -84,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ls::Format::Table
             };
-            ls::run(&etcd, args.service.as_deref(), format).await?;
+            ls::run(&etcd, &confinement, args.service.as_deref(), format).await?;
         }
         Command::Check => {
             let path = cli

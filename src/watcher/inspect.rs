@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::haproxy::runtime_plan::servers_by_backend;
 use super::haproxy::socket::exchange;
-use super::oneshot::snapshot_from_etcd;
+use super::oneshot::listing_from_etcd;
 use super::resource::Resource;
 use crate::config::WatcherConfig;
 use crate::etcd;
@@ -268,6 +268,15 @@ struct Report {
     watcher: Option<WatcherStatus>,
     templates: Vec<TemplateReport>,
     differences: Vec<String>,
+    /// Instance keys confinement refuses (`confine`): in etcd, never rendered.
+    refused: Vec<RefusedKey>,
+}
+
+#[derive(Debug, Serialize)]
+struct RefusedKey {
+    key: String,
+    reason: &'static str,
+    rule: String,
 }
 
 fn cell(v: &Option<View>, with_health: bool) -> String {
@@ -348,7 +357,7 @@ fn last_apply(w: &Option<WatcherStatus>, name: &str) -> String {
 
 /// `portolan status`: prints the comparison; true when etcd, the files and HAProxy agree.
 pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
-    let (revision, snapshot) = snapshot_from_etcd(cfg).await?;
+    let (revision, snapshot, refused) = listing_from_etcd(cfg).await?;
     let mut client = etcd::connect(&cfg.etcd).await?;
     let key = schema::watcher_key(&cfg.etcd.prefix, &cfg.name);
     let watcher = etcd::call(client.get(key.as_str(), None))
@@ -401,6 +410,14 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
         watcher,
         templates,
         differences,
+        refused: refused
+            .into_iter()
+            .map(|(key, r)| RefusedKey {
+                key,
+                reason: r.reason.label(),
+                rule: r.rule,
+            })
+            .collect(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -422,6 +439,9 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
         }
         for d in &report.differences {
             println!("difference: {d}");
+        }
+        for r in &report.refused {
+            println!("refused: {}: {}", r.key, r.rule);
         }
     }
     Ok(report.in_sync)

@@ -66,6 +66,9 @@ pub(crate) struct Metrics {
     pub(crate) removals_held: Gauge,
     /// Services with no instance whose backend is kept for `empty_backend_grace_s`.
     pub(crate) empty_backends: Gauge,
+    /// Instance keys refused by confinement (`confine::Reason`), by `reason`: counted
+    /// when a key is refused, or refused for another rule.
+    refused_keys: Family<Labels, Counter>,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
     ready: AtomicBool,
@@ -103,6 +106,7 @@ impl Metrics {
             reload_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             removals_held: Gauge::default(),
             empty_backends: Gauge::default(),
+            refused_keys: Family::default(),
             hooks: HookMetrics::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
@@ -179,12 +183,27 @@ impl Metrics {
             "Services with no instance whose backend is kept for empty_backend_grace_s",
             m.empty_backends.clone(),
         );
+        registry.register(
+            "refused",
+            "Instance keys refused by confinement, by reason",
+            m.refused_keys.clone(),
+        );
+        // Every reason at 0 from the start, so an alert on an increase sees the first.
+        for r in crate::watcher::confine::Reason::ALL {
+            drop(m.refused_keys.get_or_create(&[("reason", r.label())]));
+        }
         m.hooks.register(&mut registry);
         Metrics { registry, ..m }
     }
 
     pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self, reason: crate::watcher::confine::Reason) {
+        self.refused_keys
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
     }
 
     pub(crate) fn set_etcd_connected(&self, up: bool) {

@@ -41,6 +41,7 @@
 //! loop ends early only when the etcd source is gone, and `run` then fails, so the
 //! service manager restarts the watcher.
 
+pub mod confine;
 mod diff;
 mod guard;
 pub mod haproxy;

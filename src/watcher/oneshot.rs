@@ -5,6 +5,7 @@ use anyhow::Context as _;
 
 use std::collections::BTreeMap;
 
+use super::confine::Refusal;
 use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::policy::Resolution;
 use super::render;
@@ -122,6 +123,14 @@ fn runtime_verdict(live: &[u8], rendered: &str) -> String {
 pub(crate) async fn snapshot_from_etcd(
     cfg: &WatcherConfig,
 ) -> anyhow::Result<(i64, StoreSnapshot)> {
+    let (revision, snapshot, _) = listing_from_etcd(cfg).await?;
+    Ok((revision, snapshot))
+}
+
+/// `snapshot_from_etcd`, with the keys confinement refused (`portolan status`).
+pub(crate) async fn listing_from_etcd(
+    cfg: &WatcherConfig,
+) -> anyhow::Result<(i64, StoreSnapshot, BTreeMap<String, Refusal>)> {
     let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
         format!(
             "cannot reach etcd at {} (--etcd-endpoints)",
@@ -141,7 +150,8 @@ pub(crate) async fn snapshot_from_etcd(
     for w in store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))) {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
-    Ok((listing.revision, admitted_once(&store, cfg).await))
+    let (snapshot, refused) = admitted_once(&store, cfg).await;
+    Ok((listing.revision, snapshot, refused))
 }
 
 /// `portolan check` (and the watcher's start): compiles every template, reporting all
@@ -168,7 +178,10 @@ pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
 
 /// The snapshot the watcher would render: the routing policy applied, every host name
 /// looked up first (there is no background to wait for here).
-async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
+async fn admitted_once(
+    store: &Store,
+    cfg: &WatcherConfig,
+) -> (StoreSnapshot, BTreeMap<String, Refusal>) {
     let (_, left) = source::admitted(store, &cfg.policy, |_| Resolution::Pending);
     let mut answers = BTreeMap::new();
     for name in left.names {
@@ -184,5 +197,5 @@ async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
     for (key, rule) in left.keys {
         tracing::warn!(key = %key, "left out of the rendered config: {rule}");
     }
-    snapshot
+    (snapshot, left.refused)
 }

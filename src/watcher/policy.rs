@@ -17,6 +17,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
+use super::confine::Confinement;
+
 /// An IPv4 or IPv6 network, `10.0.0.0/8` or `fd00::/8`. Host bits must be zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -104,11 +106,13 @@ impl FromStr for Cidr {
     }
 }
 
-/// Where instances may point.
+/// Where instances may point, and (`confine`) which keys may say so.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// `[watcher] allowed_networks`; None = the default (see `DENIED_BY_DEFAULT`).
     allowed: Option<Vec<Cidr>>,
+    /// `[watcher] services`, `hand_written`, `node_networks`: judged before the address.
+    confinement: Confinement,
 }
 
 /// What the default policy refuses, and why, in the words of the warning.
@@ -131,7 +135,22 @@ fn denied_by_default() -> Vec<(Cidr, &'static str)> {
 impl Policy {
     /// `allowed_networks`; None for the default policy.
     pub fn new(allowed: Option<Vec<Cidr>>) -> Policy {
-        Policy { allowed }
+        Policy {
+            allowed,
+            confinement: Confinement::default(),
+        }
+    }
+
+    /// This policy with `confinement` in place of the default one.
+    pub fn with_confinement(self, confinement: Confinement) -> Policy {
+        Policy {
+            confinement,
+            ..self
+        }
+    }
+
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     /// Ok, or the rule `ip` breaks.
