@@ -21,8 +21,16 @@
 //!  "services": {"web": [{"id": "...", "addr": "10.0.0.5:32768", "host": "10.0.0.5",
 //!     "port": 32768, "node": "host-a", "container": "3f2a9c1b7d10", "tags": ["v2"],
 //!     "weight": 100, "lease": {"id": "694d7f2a3b0c1d05", "ttl": 7, "granted_ttl": 10}}]},
-//!  "skipped": [{"key": "...", "reason": "..."}]}
+//!  "skipped": [{"key": "...", "reason": "..."}],
+//!  "refused": [{"key": "...", "reason": "foreign_id", "rule": "..."}]}
 //! ```
+//!
+//! `refused` lists keys that decode but that the watcher refuses (`watcher::confine`:
+//! a node's key naming an id not its own, a server name another key holds, and by the
+//! `[watcher]` rules of the config file a node outside a service's globs or its
+//! networks): they are judged exactly as the watcher judges them, so no two rows of
+//! the table would render as one server. (The address policy, `allowed_networks` and
+//! DNS, is the watcher's alone: `ls` does not apply it.)
 //!
 //! `node` and `container` are `null` for hand-written `host:port` values; `lease` is
 //! `null` for keys without one; an expired lease has `"ttl": -1` (etcd's convention).
@@ -185,9 +193,7 @@ pub fn snapshot(
     // server name (`confine`), exactly as the watcher's store does.
     let mut by_service: BTreeMap<&str, Vec<Claim<'_, i64>>> = BTreeMap::new();
     for (key, instance, lease) in &decoded {
-        let owner = key
-            .starts_with(&node_dir)
-            .then_some(instance.node.as_str());
+        let owner = key.starts_with(&node_dir).then_some(instance.node.as_str());
         match confinement.admit(owner, instance) {
             Ok(()) => by_service
                 .entry(instance.service.as_str())
@@ -449,7 +455,10 @@ pub fn json(snap: &Snapshot) -> String {
 
 /// One line per skipped or refused key, for stderr.
 pub fn warnings(snap: &Snapshot) -> String {
-    let skipped = snap.skipped.iter().map(|e| format!("warning: skipped {e}\n"));
+    let skipped = snap
+        .skipped
+        .iter()
+        .map(|e| format!("warning: skipped {e}\n"));
     let refused = snap
         .refused
         .iter()
@@ -809,7 +818,9 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
         );
         let w = warnings(&snap);
         assert!(
-            w.contains("refused key \"/portolan/nodes/web1/services/web/db1\": instance id \"db1\""),
+            w.contains(
+                "refused key \"/portolan/nodes/web1/services/web/db1\": instance id \"db1\""
+            ),
             "{w}"
         );
         let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();

@@ -273,8 +273,7 @@ async fn node_networks_refuses_an_instance_outside_its_nodes_networks() {
         &etcd,
         Options {
             watcher_extra:
-                r#"node_networks = { "web*" = ["10.1.0.0/16"], "lo-*" = ["127.0.0.0/8"] }"#
-                    .into(),
+                r#"node_networks = { "web*" = ["10.1.0.0/16"], "lo-*" = ["127.0.0.0/8"] }"#.into(),
             ..Default::default()
         },
     )
@@ -294,10 +293,7 @@ async fn node_networks_refuses_an_instance_outside_its_nodes_networks() {
     settle(&etcd, &fd, &marker).await;
     only(&fd, "web", "inside", 20).await;
     let log = fd.log();
-    assert!(
-        log.contains(&evil) && log.contains("10.1.0.0/16"),
-        "{log}"
-    );
+    assert!(log.contains(&evil) && log.contains("10.1.0.0/16"), "{log}");
     let refused = r#"portolan_watcher_refused_total{reason="node_network"}"#;
     wait_until("the refusal counted", T, || async {
         fd.metric(refused).await.unwrap_or(0.0) >= 1.0

@@ -210,7 +210,9 @@ impl WatcherOptions {
                 })
                 .ok()
         });
-        let policy = self.policy(problems).with_confinement(self.confinement(problems));
+        let policy = self
+            .policy(problems)
+            .with_confinement(self.confinement(problems));
         check_templates(templates, problems);
         WatcherConfig {
             etcd,

@@ -52,7 +52,8 @@ impl Glob {
     }
 
     pub fn matches(&self, name: &str) -> bool {
-        glob_match(self.0.as_bytes(), name.as_bytes())
+        // The default, on every instance of every snapshot.
+        self.0 == "*" || glob_match(self.0.as_bytes(), name.as_bytes())
     }
 }
 
@@ -223,12 +224,14 @@ impl Confinement {
         if nets.is_empty() {
             return Ok(());
         }
-        let within = |what: String| Refusal {
+        let within = |what: String| {
+            Refusal {
             reason: Reason::NodeNetwork,
             rule: format!(
                 "{what}: node {node:?}'s instances must be IP addresses in its [watcher] node_networks ({})",
                 list(&nets, false)
             ),
+        }
         };
         match policy::literal(&inst.host) {
             None => Err(within(format!("host {:?} is a name", inst.host))),
@@ -242,7 +245,13 @@ impl Confinement {
 fn list<T: fmt::Display>(items: &[T], quoted: bool) -> String {
     items
         .iter()
-        .map(|i| if quoted { format!("\"{i}\"") } else { i.to_string() })
+        .map(|i| {
+            if quoted {
+                format!("\"{i}\"")
+            } else {
+                i.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -261,32 +270,48 @@ pub fn settle<'a, T>(
     mut claims: Vec<Claim<'a, T>>,
     refused: &mut BTreeMap<String, Refusal>,
 ) -> Vec<Claim<'a, T>> {
-    // Hand-written first, then the longest node name, then key order (unreachable:
-    // two keys of one node and service with one id are one key).
-    let rank = |c: &Claim<'a, T>| match c.owner {
-        None => (0, 0),
-        Some(n) => (1, usize::MAX - n.len()),
+    // By id alone (the hot path: ids are distinct but for an attack or an upgrade);
+    // within one id the holder is the hand-written key, then the longest node name,
+    // then the lowest key (unreachable: two keys of one node and service with one id
+    // are one key), so the answer never depends on the order keys arrived in.
+    claims.sort_unstable_by(|a, b| a.instance.id.cmp(&b.instance.id));
+    let rank = |c: &Claim<'a, T>| {
+        let owner = match c.owner {
+            None => (0, 0),
+            Some(n) => (1, usize::MAX - n.len()),
+        };
+        (owner, c.key)
     };
-    claims.sort_unstable_by(|a, b| {
-        (a.instance.id.as_str(), rank(a), a.key).cmp(&(b.instance.id.as_str(), rank(b), b.key))
-    });
     let mut kept: Vec<Claim<'a, T>> = Vec::with_capacity(claims.len());
-    for c in claims {
-        match kept.last() {
-            Some(holder) if holder.instance.id == c.instance.id => {
-                refused.insert(
-                    c.key.to_string(),
-                    Refusal {
-                        reason: Reason::NameTaken,
-                        rule: format!(
-                            "server name {:?} in service {:?} is held by {}: two keys never merge into one server",
-                            c.instance.id, c.instance.service, holder.key
-                        ),
-                    },
-                );
-            }
-            _ => kept.push(c),
+    let mut rest = claims.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        if rest
+            .peek()
+            .is_none_or(|c| c.instance.id != first.instance.id)
+        {
+            kept.push(first);
+            continue;
         }
+        let mut same = vec![first];
+        while let Some(c) = rest.next_if(|c| c.instance.id == same[0].instance.id) {
+            same.push(c);
+        }
+        same.sort_by(|a, b| rank(a).cmp(&rank(b)));
+        let mut same = same.into_iter();
+        let holder = same.next().expect("a run has a first claim");
+        for c in same {
+            refused.insert(
+                c.key.to_string(),
+                Refusal {
+                    reason: Reason::NameTaken,
+                    rule: format!(
+                        "server name {:?} in service {:?} is held by {}: two keys never merge into one server",
+                        c.instance.id, c.instance.service, holder.key
+                    ),
+                },
+            );
+        }
+        kept.push(holder);
     }
     kept
 }
@@ -331,7 +356,11 @@ mod tests {
             let i = inst("web", id, Some("web1"), "10.0.0.1:80");
             let r = c.admit(Some("web1"), &i).unwrap_err();
             assert_eq!(r.reason, Reason::ForeignId, "{id}");
-            assert!(r.rule.contains("\"web1-\"") && r.rule.contains(id), "{}", r.rule);
+            assert!(
+                r.rule.contains("\"web1-\"") && r.rule.contains(id),
+                "{}",
+                r.rule
+            );
         }
         // Hand-written keys name whatever the operator likes.
         let hand = inst("web", "web2-0123456789ab-80", None, "10.0.0.1:80");
@@ -402,7 +431,10 @@ mod tests {
             ],
         );
         let admit = |node: &str, addr: &str| {
-            c.admit(Some(node), &inst("web", &format!("{node}-1"), Some(node), addr))
+            c.admit(
+                Some(node),
+                &inst("web", &format!("{node}-1"), Some(node), addr),
+            )
         };
         assert_eq!(admit("web-1", "10.1.2.3:80"), Ok(()));
         assert_eq!(admit("web-eu-1", "10.2.2.3:80"), Ok(()));
@@ -415,8 +447,14 @@ mod tests {
             r.rule
         );
         // As HAProxy reads it: 10.258 is 10.0.1.2, outside 10.1.0.0/16.
-        assert_eq!(reason(admit("web-1", "10.258:80")), Some(Reason::NodeNetwork));
-        assert_eq!(reason(admit("web-1", "app.internal:80")), Some(Reason::NodeNetwork));
+        assert_eq!(
+            reason(admit("web-1", "10.258:80")),
+            Some(Reason::NodeNetwork)
+        );
+        assert_eq!(
+            reason(admit("web-1", "app.internal:80")),
+            Some(Reason::NodeNetwork)
+        );
         // A node no glob matches, and hand-written keys, are not bound by it.
         assert_eq!(admit("db-1", "192.168.0.1:80"), Ok(()));
         assert_eq!(
@@ -439,10 +477,26 @@ mod tests {
     #[test]
     fn one_server_name_is_kept_by_the_hand_written_key_then_the_longest_node_name() {
         let list = [
-            ("nodes/web/services/s/web-1-x", Some("web"), inst("s", "web-1-x", Some("web"), "10.0.0.1:80")),
-            ("nodes/web-1/services/s/web-1-x", Some("web-1"), inst("s", "web-1-x", Some("web-1"), "10.0.0.2:80")),
-            ("services/s/web-1-y", None, inst("s", "web-1-y", None, "10.0.0.3:80")),
-            ("nodes/web-1/services/s/web-1-y", Some("web-1"), inst("s", "web-1-y", Some("web-1"), "10.0.0.4:80")),
+            (
+                "nodes/web/services/s/web-1-x",
+                Some("web"),
+                inst("s", "web-1-x", Some("web"), "10.0.0.1:80"),
+            ),
+            (
+                "nodes/web-1/services/s/web-1-x",
+                Some("web-1"),
+                inst("s", "web-1-x", Some("web-1"), "10.0.0.2:80"),
+            ),
+            (
+                "services/s/web-1-y",
+                None,
+                inst("s", "web-1-y", None, "10.0.0.3:80"),
+            ),
+            (
+                "nodes/web-1/services/s/web-1-y",
+                Some("web-1"),
+                inst("s", "web-1-y", Some("web-1"), "10.0.0.4:80"),
+            ),
             ("services/s/z", None, inst("s", "z", None, "10.0.0.5:80")),
         ];
         // The answer does not depend on the order keys arrive in.
@@ -466,11 +520,18 @@ mod tests {
             );
             assert_eq!(
                 refused.keys().collect::<Vec<_>>(),
-                ["nodes/web-1/services/s/web-1-y", "nodes/web/services/s/web-1-x"]
+                [
+                    "nodes/web-1/services/s/web-1-y",
+                    "nodes/web/services/s/web-1-x"
+                ]
             );
             let r = &refused["nodes/web/services/s/web-1-x"];
             assert_eq!(r.reason, Reason::NameTaken);
-            assert!(r.rule.contains("held by nodes/web-1/services/s/web-1-x"), "{}", r.rule);
+            assert!(
+                r.rule.contains("held by nodes/web-1/services/s/web-1-x"),
+                "{}",
+                r.rule
+            );
         }
     }
 }

@@ -459,16 +459,27 @@ mod tests {
                 "/portolan/nodes/web1/services/web/db1"
             ]
         );
-        assert!(refused.values().all(|r| r.reason == confine::Reason::ForeignId));
+        assert!(refused
+            .values()
+            .all(|r| r.reason == confine::Reason::ForeignId));
     }
 
     #[test]
     fn two_keys_of_one_server_name_never_merge_whatever_order_they_arrive_in() {
         let keys = [
             ("/portolan/services/web/web1-x", "10.0.0.1:80"),
-            ("/portolan/nodes/web1/services/web/web1-x", r#"{"addr":"10.0.0.2:80"}"#),
-            ("/portolan/nodes/web-1/services/web/web-1-y", r#"{"addr":"10.0.0.3:80"}"#),
-            ("/portolan/nodes/web/services/web/web-1-y", r#"{"addr":"10.0.0.4:80"}"#),
+            (
+                "/portolan/nodes/web1/services/web/web1-x",
+                r#"{"addr":"10.0.0.2:80"}"#,
+            ),
+            (
+                "/portolan/nodes/web-1/services/web/web-1-y",
+                r#"{"addr":"10.0.0.3:80"}"#,
+            ),
+            (
+                "/portolan/nodes/web/services/web/web-1-y",
+                r#"{"addr":"10.0.0.4:80"}"#,
+            ),
         ];
         for order in [[0, 1, 2, 3], [3, 2, 1, 0]] {
             let mut s = Store::new(P);
@@ -486,7 +497,11 @@ mod tests {
             );
             let r = &refused["/portolan/nodes/web1/services/web/web1-x"];
             assert_eq!(r.reason, confine::Reason::NameTaken);
-            assert!(r.rule.contains("held by /portolan/services/web/web1-x"), "{}", r.rule);
+            assert!(
+                r.rule.contains("held by /portolan/services/web/web1-x"),
+                "{}",
+                r.rule
+            );
             assert!(refused.contains_key("/portolan/nodes/web/services/web/web-1-y"));
         }
     }
