@@ -505,6 +505,42 @@ mod tests {
     }
 
     #[test]
+    fn confinement_defaults_to_every_node_every_service_and_names_every_bad_entry() {
+        use crate::watcher::confine::Confinement;
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.policy.confinement(), &Confinement::default());
+        assert_eq!(
+            c.policy.confinement().services().keys().collect::<Vec<_>>(),
+            ["*"]
+        );
+        let f = file(
+            dir.path(),
+            r#"services = { pay = ["pay-*"], "*" = ["*"] }
+hand_written = false
+node_networks = { "web-*" = ["10.1.0.0/16"] }"#,
+        );
+        let c = resolve_watcher(&f, &none).unwrap();
+        assert_ne!(c.policy.confinement(), &Confinement::default());
+        let f = file(
+            dir.path(),
+            r#"services = { "Pay" = ["pay-*"], web = ["web 1", "ok-*"] }
+node_networks = { "db-*" = [], "a/b" = ["10.0.0.0/8"], "web-*" = ["10.0.0.1/8"] }"#,
+        );
+        let err = resolve_watcher(&f, &none).unwrap_err().to_string();
+        for named in [
+            "\"Pay\"",
+            "\"web 1\"",
+            "node_networks.\"db-*\" is empty",
+            "\"a/b\"",
+            "\"10.0.0.1/8\"",
+        ] {
+            assert!(err.contains(named), "{named} not in {err}");
+        }
+    }
+
+    #[test]
     fn a_bad_network_is_a_problem_naming_the_value() {
         let dir = tempfile::tempdir().unwrap();
         let f = file(
