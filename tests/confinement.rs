@@ -150,6 +150,55 @@ async fn a_node_key_does_not_replace_another_nodes_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_two_keys_claim_is_kept_by_the_hand_written_key_and_never_merged() {
+    let etcd = Etcd::start().await;
+    let operator = Backend::start("operator").await;
+    let node = Backend::start("node").await;
+    let marker = Backend::start("marker").await;
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    // An id web1 may use (it starts with "web1-"), already written by hand: during a
+    // v1 → v2 upgrade, or an operator naming an instance after its host.
+    let id = "web1-0123456789ab-80";
+    etcd.put(&fd.service_key("web", id), &operator.addr_string())
+        .await;
+    wait_until("the hand-written key routed", T, || {
+        fd.routes_to("web", "operator")
+    })
+    .await;
+    let second = node_key(&fd, "web1", "web", id);
+    etcd.put(&second, &record(&node)).await;
+    settle(&etcd, &fd, &marker).await;
+    only(&fd, "web", "operator", 20).await;
+    let dest = fd.dest_text();
+    assert_eq!(
+        dest.matches(&format!("server {id} ")).count(),
+        1,
+        "one server line for the name:\n{dest}"
+    );
+    assert!(fd.dest_is_valid(), "{dest}");
+    let (_, out, err) = portolan(&["ls", "web", "--json"], &fd.config).await;
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("ls --json");
+    assert_eq!(doc["refused"][0]["key"], second.as_str(), "{out}\n{err}");
+    assert_eq!(doc["refused"][0]["reason"], "name_taken", "{out}");
+    assert!(
+        doc["refused"][0]["rule"]
+            .as_str()
+            .unwrap()
+            .contains(&fd.service_key("web", id)),
+        "{out}"
+    );
+    let refused = r#"portolan_watcher_refused_total{reason="name_taken"}"#;
+    wait_until("the refusal counted", T, || async {
+        fd.metric(refused).await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    // The holder goes: the node's key is the one left, and takes the name.
+    etcd.delete(&fd.service_key("web", id)).await;
+    wait_until("the node's key routed", T, || fd.routes_to("web", "node")).await;
+    only(&fd, "web", "node", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_written_and_a_node_instance_are_both_listed_with_their_owners() {
     let etcd = Etcd::start().await;
     let operator = Backend::start("operator").await;
