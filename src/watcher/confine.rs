@@ -21,9 +21,11 @@
 //!    so two keys of one service with the same id would render to one server name.
 //!    Never merged: the hand-written key keeps the name; between nodes (possible only
 //!    when one node's name extends the other's, `web` and `web-1`), the node with the
-//!    longer name keeps it, since the shorter one can write ids starting with the
-//!    longer's name but not the other way round. The other key is refused, naming the
-//!    key that holds the name.
+//!    longer name keeps it: the shorter one may write every id of the longer one's
+//!    containers, while its own container ids (`<n>-<12 hex>-<port>`) never start with
+//!    the longer name (its `<n>-svc-…` ids can, when the longer name is `<n>-svc…`:
+//!    documented, not worth a rule). The other key is refused, naming the key that
+//!    holds the name.
 //!
 //! Pure: `admit` (rules 1–4) and `settle` (rule 5, over one service's keys) read the
 //! keys and values and the config, nothing else. The store, `ls` and `status` use the
