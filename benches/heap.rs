@@ -48,7 +48,11 @@ fn main() {
     let kvs: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             (
-                format!("/p/nodes/node{:02}/services/s{:05}/c{i:06}-8080", i % 50, i % services),
+                format!(
+                    "/p/nodes/node{n:02}/services/s{:05}/node{n:02}-c{i:06}-8080",
+                    i % services,
+                    n = i % 50
+                ),
                 format!(
                     r#"{{"addr":"10.0.{}.{}:{}","node":"node{:02}","container":"{:012x}","port":8080,"tags":["web","v1"],"weight":100}}"#,
                     i / 250 % 250, i % 250, 1024 + i % 60000, i % 50, i

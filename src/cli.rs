@@ -132,8 +132,11 @@ pub enum Command {
     /// with one "difference:" line naming each server that differs (a manual
     /// `set server … state maint`, a server added by hand, a file behind etcd, …).
     /// A server HAProxy's health checks mark down is shown, not counted as a difference.
+    /// An instance key the watcher refuses (a node's key naming an id not its own, a
+    /// service or network the node may not use, a server name another key holds) is a
+    /// "refused:" line naming the key and the rule.
     /// --json prints {in_sync, etcd_revision, watcher, templates: [{dest, backends}],
-    /// differences}.
+    /// differences, refused: [{key, reason, rule}]}.
     Status(StatusArgs),
     /// List services and their instances from etcd.
     ///
@@ -142,8 +145,13 @@ pub enum Command {
     /// (`7s/10s`; a live registrar refreshes at a third of the TTL), `-` for a key without
     /// lease (written by hand: it stays until deleted), `expired` for a lease that ran out
     /// while reading. A key the watcher would skip is reported on stderr with the rule it
-    /// breaks. --json prints a stable document for scripts: {prefix, revision,
-    /// services: {name: [instance…]}, skipped: [{key, reason}]}. --addrs prints one
+    /// breaks, and so is a key it would refuse: a node's key whose id does not start with
+    /// "<node>-", one whose server name another key holds (the hand-written key keeps
+    /// it), and — judged by the [watcher] section of --config, when there is one — a
+    /// node outside the service's `services` globs or its `node_networks`, a hand-written
+    /// key with `hand_written = false`. --json prints a stable document for scripts:
+    /// {prefix, revision, services: {name: [instance…]}, skipped: [{key, reason}],
+    /// refused: [{key, reason, rule}]}. --addrs prints one
     /// host:port a line and nothing else. While an instance drains (its container got
     /// its stop signal) the table has a last column STATE (up/draining) and the JSON
     /// instance "draining": true.

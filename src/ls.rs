@@ -21,8 +21,16 @@
 //!  "services": {"web": [{"id": "...", "addr": "10.0.0.5:32768", "host": "10.0.0.5",
 //!     "port": 32768, "node": "host-a", "container": "3f2a9c1b7d10", "tags": ["v2"],
 //!     "weight": 100, "lease": {"id": "694d7f2a3b0c1d05", "ttl": 7, "granted_ttl": 10}}]},
-//!  "skipped": [{"key": "...", "reason": "..."}]}
+//!  "skipped": [{"key": "...", "reason": "..."}],
+//!  "refused": [{"key": "...", "reason": "foreign_id", "rule": "..."}]}
 //! ```
+//!
+//! `refused` lists keys that decode but that the watcher refuses (`watcher::confine`:
+//! a node's key naming an id not its own, a server name another key holds, and by the
+//! `[watcher]` rules of the config file a node outside a service's globs or its
+//! networks): they are judged exactly as the watcher judges them, so no two rows of
+//! the table would render as one server. (The address policy, `allowed_networks` and
+//! DNS, is the watcher's alone: `ls` does not apply it.)
 //!
 //! `node` and `container` are `null` for hand-written `host:port` values; `lease` is
 //! `null` for keys without one; an expired lease has `"ttl": -1` (etcd's convention).
@@ -35,6 +43,7 @@ use serde::Serialize;
 use crate::config::EtcdConfig;
 use crate::etcd;
 use crate::schema::{self, Instance, Key, SchemaError};
+use crate::watcher::confine::{self, Claim, Confinement, Reason};
 
 /// One key/value as read from etcd, before decoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +82,16 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Vec<Entry>>,
     /// Keys the watcher would skip, in key order.
     pub skipped: Vec<SchemaError>,
+    /// Valid keys confinement refuses (`watcher::confine`), in key order.
+    pub refused: Vec<Refused>,
+}
+
+/// A key that decodes but is refused: who wrote it may not say what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub key: String,
+    pub reason: Reason,
+    pub rule: String,
 }
 
 impl Snapshot {
@@ -148,30 +167,55 @@ pub fn only_service(prefix: &str, service: &str, kvs: Vec<RawKv>) -> Vec<RawKv> 
         .collect()
 }
 
-/// Builds the snapshot from what etcd returned. Pure.
+/// Builds the snapshot from what etcd returned, judged by `confinement` as the watcher
+/// judges it. Pure.
 pub fn snapshot(
     prefix: &str,
     revision: i64,
     kvs: &[RawKv],
     leases: &BTreeMap<i64, LeaseState>,
+    confinement: &Confinement,
 ) -> Snapshot {
-    let mut services: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut skipped = Vec::new();
-    // One row per (service, id), as rendered: a registrar's key under nodes/ wins over
-    // a hand-written (or v1) one of the same id.
-    let mut seen: BTreeMap<(String, String), bool> = BTreeMap::new();
-    let node_scoped = |kv: &RawKv| kv.key.starts_with(format!("{prefix}/nodes/").as_bytes());
-    let mut ordered: Vec<&RawKv> = kvs.iter().collect();
-    ordered.sort_by_key(|kv| (!node_scoped(kv), kv.key.clone()));
-    for kv in ordered {
-        match decode(prefix, kv) {
-            None => {}
-            Some(Ok(instance)) => {
-                let id = (instance.service.clone(), instance.id.clone());
-                if seen.insert(id, true).is_some() {
-                    continue;
-                }
-                let lease = match (kv.lease, leases.get(&kv.lease)) {
+    let mut refused = BTreeMap::new();
+    let node_dir = format!("{prefix}/nodes/");
+    let decoded: Vec<(String, Instance, i64)> = kvs
+        .iter()
+        .filter_map(|kv| match decode(prefix, kv)? {
+            Ok(i) => Some((String::from_utf8_lossy(&kv.key).into_owned(), i, kv.lease)),
+            Err(e) => {
+                skipped.push(e);
+                None
+            }
+        })
+        .collect();
+    // One row per key that would be rendered: judged by its owner, then one key per
+    // server name (`confine`), exactly as the watcher's store does.
+    let mut by_service: BTreeMap<&str, Vec<Claim<'_, i64>>> = BTreeMap::new();
+    for (key, instance, lease) in &decoded {
+        let owner = key.starts_with(&node_dir).then_some(instance.node.as_str());
+        match confinement.admit(owner, instance) {
+            Ok(()) => by_service
+                .entry(instance.service.as_str())
+                .or_default()
+                .push(Claim {
+                    key,
+                    owner,
+                    instance,
+                    value: *lease,
+                }),
+            Err(r) => {
+                refused.insert(key.clone(), r);
+            }
+        }
+    }
+    let mut services: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    for (service, claims) in by_service {
+        let entries = confine::settle(claims, &mut refused)
+            .into_iter()
+            .map(|c| Entry {
+                instance: c.instance.clone(),
+                lease: match (c.value, leases.get(&c.value)) {
                     (0, _) => Lease::None,
                     (id, Some(LeaseState::Live { ttl, granted_ttl })) => Lease::Live {
                         id,
@@ -179,17 +223,10 @@ pub fn snapshot(
                         granted_ttl: *granted_ttl,
                     },
                     (id, _) => Lease::Expired { id },
-                };
-                services
-                    .entry(instance.service.clone())
-                    .or_default()
-                    .push(Entry { instance, lease });
-            }
-            Some(Err(e)) => skipped.push(e),
-        }
-    }
-    for entries in services.values_mut() {
-        entries.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
+                },
+            })
+            .collect();
+        services.insert(service.to_string(), entries);
     }
     skipped.sort_by(|a, b| a.key.cmp(&b.key));
     Snapshot {
@@ -197,6 +234,14 @@ pub fn snapshot(
         revision,
         services,
         skipped,
+        refused: refused
+            .into_iter()
+            .map(|(key, r)| Refused {
+                key,
+                reason: r.reason,
+                rule: r.rule,
+            })
+            .collect(),
     }
 }
 
@@ -296,6 +341,14 @@ struct JsonDoc<'a> {
     revision: i64,
     services: BTreeMap<&'a str, Vec<JsonInstance<'a>>>,
     skipped: Vec<JsonSkipped<'a>>,
+    refused: Vec<JsonRefused<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonRefused<'a> {
+    key: &'a str,
+    reason: &'static str,
+    rule: &'a str,
 }
 
 #[derive(Serialize)]
@@ -385,22 +438,40 @@ pub fn json(snap: &Snapshot) -> String {
                 reason: &s.rule,
             })
             .collect(),
+        refused: snap
+            .refused
+            .iter()
+            .map(|r| JsonRefused {
+                key: &r.key,
+                reason: r.reason.label(),
+                rule: &r.rule,
+            })
+            .collect(),
     };
     let mut text = serde_json::to_string_pretty(&doc).expect("ls document serialises");
     text.push('\n');
     text
 }
 
-/// One line per skipped key, for stderr.
+/// One line per skipped or refused key, for stderr.
 pub fn warnings(snap: &Snapshot) -> String {
-    snap.skipped
+    let skipped = snap
+        .skipped
         .iter()
-        .map(|e| format!("warning: skipped {e}\n"))
-        .collect()
+        .map(|e| format!("warning: skipped {e}\n"));
+    let refused = snap
+        .refused
+        .iter()
+        .map(|r| format!("warning: refused key {:?}: {}\n", r.key, r.rule));
+    skipped.chain(refused).collect()
 }
 
 /// Reads the snapshot from etcd: one `get --prefix`, one `LeaseTimeToLive` per lease.
-pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Snapshot> {
+pub async fn read(
+    etcd: &EtcdConfig,
+    service: Option<&str>,
+    confinement: &Confinement,
+) -> anyhow::Result<Snapshot> {
     if let Some(s) = service {
         anyhow::ensure!(
             schema::is_valid_service_name(s),
@@ -465,7 +536,7 @@ pub async fn read(etcd: &EtcdConfig, service: Option<&str>) -> anyhow::Result<Sn
         };
         leases.insert(id, state);
     }
-    let mut snap = snapshot(&etcd.prefix, revision, &kvs, &leases);
+    let mut snap = snapshot(&etcd.prefix, revision, &kvs, &leases, confinement);
     snap.skipped.extend(listing_too_large);
     snap.skipped.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(snap)
@@ -489,8 +560,13 @@ pub fn addrs(snap: &Snapshot) -> String {
         .collect()
 }
 
-pub async fn run(etcd: &EtcdConfig, service: Option<&str>, format: Format) -> anyhow::Result<()> {
-    let snap = read(etcd, service).await?;
+pub async fn run(
+    etcd: &EtcdConfig,
+    confinement: &Confinement,
+    service: Option<&str>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let snap = read(etcd, service, confinement).await?;
     eprint!("{}", warnings(&snap));
     if format == Format::Json {
         print!("{}", self::json(&snap));
@@ -545,7 +621,7 @@ mod tests {
             ),
             (0x1f, LeaseState::Expired),
         ]);
-        snapshot(P, 12, &kvs, &leases)
+        snapshot(P, 12, &kvs, &leases, &Confinement::default())
     }
 
     #[test]
@@ -573,7 +649,7 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
                 0,
             ),
         ];
-        let snap = snapshot(P, 1, &kvs, &BTreeMap::new());
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new(), &Confinement::default());
         let t = table(&snap);
         assert!(t.lines().next().unwrap().ends_with("TAGS  STATE"), "{t}");
         assert!(
@@ -587,7 +663,7 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
 
     #[test]
     fn empty_table_is_just_the_header() {
-        let snap = snapshot(P, 1, &[], &BTreeMap::new());
+        let snap = snapshot(P, 1, &[], &BTreeMap::new(), &Confinement::default());
         assert_eq!(
             table(&snap),
             "SERVICE  INSTANCE  ADDR  NODE  CONTAINER  LEASE  WEIGHT  TAGS\n"
@@ -641,12 +717,19 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
                  "reason": "service \"bad name\": names must match [a-z0-9][a-z0-9_.-]{0,127}: service names are lower case, as host names ignore case (Web would capture web's traffic)"},
                 {"key": "/portolan/services/web/broken",
                  "reason": "address \"10.0.0.9:80 backup\": port \"80 backup\" is not a number in 1..65535"}
-            ]
+            ],
+            "refused": []
         });
         assert_eq!(v, expected);
         // Field order is part of the contract for people reading it.
         let text = json(&fixture());
-        let order = ["\"prefix\"", "\"revision\"", "\"services\"", "\"skipped\""];
+        let order = [
+            "\"prefix\"",
+            "\"revision\"",
+            "\"services\"",
+            "\"skipped\"",
+            "\"refused\"",
+        ];
         let pos: Vec<usize> = order.iter().map(|k| text.find(k).unwrap()).collect();
         assert!(pos.windows(2).all(|w| w[0] < w[1]), "{text}");
     }
@@ -690,7 +773,90 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
     }
 
     #[test]
-    fn a_registrars_key_wins_over_a_hand_written_one_of_the_same_id() {
+    fn a_node_key_never_replaces_a_hand_written_or_another_nodes_instance() {
+        let kvs = vec![
+            kv("/portolan/services/web/db1", "10.0.0.9:80", 0),
+            // web1 claims the operator's id, and web2's: both refused, both named.
+            kv(
+                "/portolan/nodes/web1/services/web/db1",
+                r#"{"addr":"10.6.6.6:80"}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/web2/services/web/web2-0123456789ab-80",
+                r#"{"addr":"10.0.0.2:80"}"#,
+                7,
+            ),
+            kv(
+                "/portolan/nodes/web1/services/web/web2-0123456789ab-80",
+                r#"{"addr":"10.6.6.6:80"}"#,
+                0,
+            ),
+            // web-1 extends web's name: its id starts with "web-" too. web-1 keeps it.
+            kv(
+                "/portolan/nodes/web-1/services/web/web-1-aaaaaaaaaaaa-80",
+                r#"{"addr":"10.0.0.3:80"}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/web/services/web/web-1-aaaaaaaaaaaa-80",
+                r#"{"addr":"10.6.6.6:80"}"#,
+                0,
+            ),
+        ];
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new(), &Confinement::default());
+        let rows: Vec<(&str, &str, &str)> = snap.services["web"]
+            .iter()
+            .map(|e| {
+                let i = &e.instance;
+                (i.id.as_str(), i.addr.as_str(), i.node.as_str())
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("db1", "10.0.0.9:80", ""),
+                ("web-1-aaaaaaaaaaaa-80", "10.0.0.3:80", "web-1"),
+                ("web2-0123456789ab-80", "10.0.0.2:80", "web2"),
+            ]
+        );
+        let refused: Vec<(&str, &str)> = snap
+            .refused
+            .iter()
+            .map(|r| (r.key.as_str(), r.reason.label()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (
+                    "/portolan/nodes/web/services/web/web-1-aaaaaaaaaaaa-80",
+                    "name_taken"
+                ),
+                ("/portolan/nodes/web1/services/web/db1", "foreign_id"),
+                (
+                    "/portolan/nodes/web1/services/web/web2-0123456789ab-80",
+                    "foreign_id"
+                ),
+            ]
+        );
+        let w = warnings(&snap);
+        assert!(
+            w.contains(
+                "refused key \"/portolan/nodes/web1/services/web/db1\": instance id \"db1\""
+            ),
+            "{w}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();
+        assert_eq!(doc["refused"][1]["reason"], "foreign_id");
+        assert_eq!(
+            doc["refused"][0]["key"],
+            "/portolan/nodes/web/services/web/web-1-aaaaaaaaaaaa-80"
+        );
+    }
+
+    #[test]
+    fn a_hand_written_key_keeps_its_server_name_beside_a_registrars_key_of_the_same_id() {
+        // A v1 key beside its container's v2 key while the registrar upgrades: one row.
         let kvs = vec![
             kv("/portolan/services/web/a-1", "10.0.0.9:80", 0),
             kv(
@@ -699,9 +865,10 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
                 0,
             ),
         ];
-        let snap = snapshot(P, 1, &kvs, &BTreeMap::new());
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new(), &Confinement::default());
         assert_eq!(snap.instance_count(), 1);
-        assert_eq!(snap.services["web"][0].instance.addr, "10.0.0.5:80");
-        assert_eq!(snap.services["web"][0].instance.node, "a");
+        assert_eq!(snap.services["web"][0].instance.addr, "10.0.0.9:80");
+        assert_eq!(snap.refused[0].key, "/portolan/nodes/a/services/web/a-1");
+        assert_eq!(snap.refused[0].reason, Reason::NameTaken);
     }
 }

@@ -80,7 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ls(args) => {
-            let etcd = config::resolve_etcd(&file()?, &args.etcd)?;
+            let file = file()?;
+            let etcd = config::resolve_etcd(&file, &args.etcd)?;
+            let confinement = config::resolve_confinement(&file)?;
             let format = if args.json {
                 ls::Format::Json
             } else if args.addrs {
@@ -88,7 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ls::Format::Table
             };
-            ls::run(&etcd, args.service.as_deref(), format).await?;
+            ls::run(&etcd, &confinement, args.service.as_deref(), format).await?;
         }
         Command::Check => {
             let path = cli

@@ -323,7 +323,9 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
 fn key() -> impl Strategy<Value = String> {
     prop_oneof![
         12 => (name(), name()).prop_map(|(s, i)| format!("/p/services/{s}/{i}")),
-        8 => (name(), name(), name()).prop_map(|(n, s, i)| format!("/p/nodes/{n}/services/{s}/{i}")),
+        // Mostly ids of the node's own (`<node>-…`), which confinement admits.
+        6 => (name(), name(), name()).prop_map(|(n, s, i)| format!("/p/nodes/{n}/services/{s}/{n}-{i}")),
+        2 => (name(), name(), name()).prop_map(|(n, s, i)| format!("/p/nodes/{n}/services/{s}/{i}")),
         1 => "/p/[a-z/ \n]{0,20}",
     ]
 }

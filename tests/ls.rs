@@ -180,7 +180,8 @@ async fn json_is_the_stable_document() {
              "reason": "service \"bad name\": names must match [a-z0-9][a-z0-9_.-]{0,127}: service names are lower case, as host names ignore case (Web would capture web's traffic)"},
             {"key": format!("{p}/services/web/broken"),
              "reason": "address \"10.0.0.9:80 backup\": port \"80 backup\" is not a number in 1..65535"}
-        ]
+        ],
+        "refused": []
     });
     assert_eq!(doc, expected);
 

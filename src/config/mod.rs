@@ -274,6 +274,16 @@ pub fn resolve_etcd(file: &FileConfig, flags: &EtcdOptions) -> Result<EtcdConfig
     finish(etcd, problems)
 }
 
+/// The `[watcher]` rules of who may route what (`services`, `hand_written`,
+/// `node_networks`) alone, for `ls`: a file without them gives the defaults.
+pub fn resolve_confinement(
+    file: &FileConfig,
+) -> Result<crate::watcher::confine::Confinement, ConfigError> {
+    let mut problems = Problems::new();
+    let c = file.watcher.confinement(&mut problems);
+    finish(c, problems)
+}
+
 pub fn resolve_registrar(
     file: &FileConfig,
     flags: &RegistrarArgs,

@@ -1,6 +1,7 @@
 //! The `[watcher]` section, its flags and the `[[template]]` resources: what a watcher
 //! renders, how it checks the result and how it makes HAProxy load it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_min_timeout, at_most_a_day, name_or_hostname, EtcdConfig, Problems};
 use crate::schema;
+use crate::watcher::confine::{Confinement, Glob};
 use crate::watcher::policy::{self, Cidr, Policy};
 
 pub const DEFAULT_WAIT_MIN_MS: u64 = 20;
@@ -73,6 +75,23 @@ pub struct WatcherOptions {
     pub mass_removal_hold_s: Option<u64>,
     #[arg(skip)]
     pub mass_removal_per_service_share: Option<f64>,
+    /// Which nodes may serve which service (file only): service name, or "*" for every
+    /// service not listed, → node-name globs (`*` any run, `?` one character), e.g.
+    /// `services = { pay = ["pay-*"], "*" = ["*"] }`. A node's instance of a service
+    /// its name matches no glob of is refused and named. Without a "*" entry no node
+    /// may serve an unlisted service. [default: "*" = ["*"], every node every service]
+    #[arg(skip)]
+    pub services: Option<BTreeMap<String, Vec<String>>>,
+    /// Whether hand-written instance keys (`<prefix>/services/…`) route (file only)
+    /// [default: true]. false: only nodes' keys (`<prefix>/nodes/<node>/services/…`) do.
+    #[arg(skip)]
+    pub hand_written: Option<bool>,
+    /// Where each node's instances may point (file only): node-name glob → CIDRs, e.g.
+    /// `node_networks = { "web-*" = ["10.1.0.0/16"] }`. The instances of a node these
+    /// globs match must be IP addresses inside the networks of every matching glob; a
+    /// node no glob matches is not constrained. [default: none]
+    #[arg(skip)]
+    pub node_networks: Option<BTreeMap<String, Vec<String>>>,
 }
 
 /// A batch of changes removing more than `share` of the live instances, and at least
@@ -216,7 +235,8 @@ impl WatcherOptions {
         });
         let policy = self
             .policy(problems)
-            .with_bind_addresses(bind_addresses(templates));
+            .with_bind_addresses(bind_addresses(templates))
+            .with_confinement(self.confinement(problems));
         check_templates(templates, problems);
         WatcherConfig {
             etcd,
@@ -311,6 +331,59 @@ impl WatcherOptions {
                 problems,
             )),
         }
+    }
+
+    /// `services`, `hand_written` and `node_networks`, every bad service name, glob and
+    /// network named.
+    pub(super) fn confinement(&self, problems: &mut Problems) -> Confinement {
+        let globs = |what: &str, list: &[String], problems: &mut Problems| -> Vec<Glob> {
+            list.iter()
+                .filter_map(|g| {
+                    Glob::parse(g)
+                        .map_err(|e| problems.push(format!("watcher.{what}: {e}")))
+                        .ok()
+                })
+                .collect()
+        };
+        let services = match &self.services {
+            None => Confinement::default().services().clone(),
+            Some(map) => {
+                let mut out = BTreeMap::new();
+                for (service, list) in map {
+                    if service != "*" && !schema::is_valid_service_name(service) {
+                        problems.push(format!(
+                            "watcher.services: {service:?} is not a service name ([a-z0-9][a-z0-9_.-]{{0,127}}) or \"*\""
+                        ));
+                    }
+                    out.insert(
+                        service.clone(),
+                        globs(&format!("services.{service:?}"), list, problems),
+                    );
+                }
+                out
+            }
+        };
+        let mut node_networks = Vec::new();
+        for (glob, nets) in self.node_networks.iter().flatten() {
+            let what = format!("node_networks.{glob:?}");
+            let Some(g) = globs("node_networks", std::slice::from_ref(glob), problems).pop() else {
+                continue;
+            };
+            if nets.is_empty() {
+                problems.push(format!(
+                    "watcher.{what} is empty, so those nodes could route nothing: list their networks, or leave them out of [watcher] services"
+                ));
+            }
+            let mut cidrs = Vec::new();
+            for n in nets {
+                match n.parse::<Cidr>() {
+                    Ok(c) => cidrs.push(c),
+                    Err(e) => problems.push(format!("watcher.{what}: {e}")),
+                }
+            }
+            node_networks.push((g, cidrs));
+        }
+        Confinement::new(services, self.hand_written.unwrap_or(true), node_networks)
     }
 
     fn policy(&self, problems: &mut Problems) -> Policy {
@@ -541,6 +614,42 @@ mod tests {
         ] {
             let err = resolve_watcher(&file(dir.path(), bad), &none).unwrap_err();
             assert!(err.to_string().contains("mass_removal"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn confinement_defaults_to_every_node_every_service_and_names_every_bad_entry() {
+        use crate::watcher::confine::Confinement;
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.policy.confinement(), &Confinement::default());
+        assert_eq!(
+            c.policy.confinement().services().keys().collect::<Vec<_>>(),
+            ["*"]
+        );
+        let f = file(
+            dir.path(),
+            r#"services = { pay = ["pay-*"], "*" = ["*"] }
+hand_written = false
+node_networks = { "web-*" = ["10.1.0.0/16"] }"#,
+        );
+        let c = resolve_watcher(&f, &none).unwrap();
+        assert_ne!(c.policy.confinement(), &Confinement::default());
+        let f = file(
+            dir.path(),
+            r#"services = { "Pay" = ["pay-*"], web = ["web 1", "ok-*"] }
+node_networks = { "db-*" = [], "a/b" = ["10.0.0.0/8"], "web-*" = ["10.0.0.1/8"] }"#,
+        );
+        let err = resolve_watcher(&f, &none).unwrap_err().to_string();
+        for named in [
+            "\"Pay\"",
+            "\"web 1\"",
+            "node_networks.\"db-*\" is empty",
+            "\"a/b\"",
+            "\"10.0.0.1/8\"",
+        ] {
+            assert!(err.contains(named), "{named} not in {err}");
         }
     }
 

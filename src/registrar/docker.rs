@@ -53,6 +53,16 @@ pub(crate) struct DockerSettings {
     pub(crate) only_label: Option<String>,
 }
 
+impl DockerSettings {
+    pub(crate) fn of(cfg: &crate::config::RegistrarConfig) -> DockerSettings {
+        DockerSettings {
+            host: cfg.docker_host.clone(),
+            api_version: cfg.docker_api_version.clone(),
+            only_label: cfg.only_label.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its

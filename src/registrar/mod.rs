@@ -156,13 +156,8 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
     let (probe_tx, probe_rx) = mpsc::channel(256);
     let (keeper_tx, keeper_rx) = mpsc::channel(16);
     let (watch_tx, watch_rx) = mpsc::channel(64);
-    let docker_settings = DockerSettings {
-        host: cfg.docker_host.clone(),
-        api_version: cfg.docker_api_version.clone(),
-        only_label: cfg.only_label.clone(),
-    };
     tracker.spawn(docker::run(
-        docker_settings,
+        DockerSettings::of(&cfg),
         docker_tx,
         resync_rx,
         shutdown.clone(),

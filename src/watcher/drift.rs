@@ -20,7 +20,7 @@ use serde::Serialize;
 use super::apply::Resource;
 use super::haproxy::servers::{parse_servers_state, views_of_config, Admin, View};
 use super::haproxy::socket::exchange;
-use super::oneshot::snapshot_from_etcd;
+use super::oneshot::listing_from_etcd;
 use crate::config::WatcherConfig;
 use crate::etcd;
 use crate::schema::{self, WatcherStatus};
@@ -158,6 +158,15 @@ struct Report {
     etcd_rbac_bypassable: bool,
     /// One line per such endpoint: version, advisories, release to upgrade to.
     etcd_rbac_warnings: Vec<String>,
+    /// Instance keys confinement refuses (`confine`): in etcd, never rendered.
+    refused: Vec<RefusedKey>,
+}
+
+#[derive(Debug, Serialize)]
+struct RefusedKey {
+    key: String,
+    reason: &'static str,
+    rule: String,
 }
 
 fn cell(v: &Option<View>, with_health: bool) -> String {
@@ -238,7 +247,7 @@ fn last_apply(w: &Option<WatcherStatus>, name: &str) -> String {
 
 /// `portolan status`: prints the comparison; true when etcd, the files and HAProxy agree.
 pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
-    let (revision, snapshot) = snapshot_from_etcd(cfg).await?;
+    let (revision, snapshot, refused) = listing_from_etcd(cfg).await?;
     let mut client = etcd::connect(&cfg.etcd).await?;
     let key = schema::watcher_key(&cfg.etcd.prefix, &cfg.name);
     let watcher = etcd::call(client.get(key.as_str(), None))
@@ -299,6 +308,14 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
         differences,
         etcd_rbac_bypassable: !rbac.is_empty(),
         etcd_rbac_warnings: rbac,
+        refused: refused
+            .into_iter()
+            .map(|(key, r)| RefusedKey {
+                key,
+                reason: r.reason.label(),
+                rule: r.rule,
+            })
+            .collect(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -323,6 +340,9 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
         }
         for d in &report.differences {
             println!("difference: {d}");
+        }
+        for r in &report.refused {
+            println!("refused: {}: {}", r.key, r.rule);
         }
     }
     Ok(report.in_sync)

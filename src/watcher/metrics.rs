@@ -67,6 +67,9 @@ pub(crate) struct Metrics {
     pub(crate) removals_held: Gauge,
     /// Services with no instance whose backend is kept for `empty_backend_grace_s`.
     pub(crate) empty_backends: Gauge,
+    /// Instance keys refused by confinement (`confine::Reason`), by `reason`: counted
+    /// when a key is refused, or refused for another rule.
+    refused_keys: Family<Labels, Counter>,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
     /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
@@ -106,12 +109,17 @@ impl Metrics {
             reload_duration: reg(r, "reload_duration_seconds", "HAProxy reloads, from the request to the confirmation", Histogram::new(exponential_buckets(0.005, 2.0, 12))),
             removals_held: reg(r, "removals_held", "Instances kept in the config by the mass-removal guard", Gauge::default()),
             empty_backends: reg(r, "empty_backends", "Services with no instance whose backend is kept for empty_backend_grace_s", Gauge::default()),
+            refused_keys: reg(r, "refused", "Instance keys refused by confinement, by reason", Family::default()),
             hooks: HookMetrics::default(),
             etcd_rbac_bypassable: Gauge::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
             registry: Registry::default(),
         };
+        // Every reason at 0 from the start, so an alert on an increase sees the first.
+        for reason in crate::watcher::confine::Reason::ALL {
+            drop(m.refused_keys.get_or_create(&[("reason", reason.label())]));
+        }
         m.hooks.register(r);
         crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
         Metrics {
@@ -147,6 +155,12 @@ impl Metrics {
 
     pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self, reason: crate::watcher::confine::Reason) {
+        self.refused_keys
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
     }
 
     pub(crate) fn set_etcd_connected(&self, up: bool) {

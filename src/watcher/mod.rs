@@ -39,6 +39,7 @@
 //! watcher.
 
 mod apply;
+pub mod confine;
 mod deferred;
 mod diff;
 mod drift;

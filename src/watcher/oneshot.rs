@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::apply::{Outcome, Resource};
+use super::confine::Refusal;
 use super::guard::{self, Guard};
 use super::haproxy::runtime_plan::{self, RuntimePlan};
 use super::policy::Resolution;
@@ -160,6 +161,14 @@ fn runtime_verdict(live: &[u8], rendered: &str) -> String {
 pub(crate) async fn snapshot_from_etcd(
     cfg: &WatcherConfig,
 ) -> anyhow::Result<(i64, StoreSnapshot)> {
+    let (revision, snapshot, _) = listing_from_etcd(cfg).await?;
+    Ok((revision, snapshot))
+}
+
+/// `snapshot_from_etcd`, with the keys confinement refused (`portolan status`).
+pub(crate) async fn listing_from_etcd(
+    cfg: &WatcherConfig,
+) -> anyhow::Result<(i64, StoreSnapshot, BTreeMap<String, Refusal>)> {
     let mut client = etcd::connect(&cfg.etcd).await.with_context(|| {
         format!(
             "cannot reach etcd at {} (--etcd-endpoints)",
@@ -181,7 +190,8 @@ pub(crate) async fn snapshot_from_etcd(
     for w in warnings {
         tracing::warn!(key = %w.key, "left out of the rendered config: {}", w.rule);
     }
-    Ok((listing.revision, admitted_once(&store, cfg).await))
+    let (snapshot, refused) = admitted_once(&store, cfg).await;
+    Ok((listing.revision, snapshot, refused))
 }
 
 /// `portolan check` (and the watcher's start): compiles every template, reporting all
@@ -208,7 +218,10 @@ pub fn check_templates(cfg: &WatcherConfig) -> anyhow::Result<()> {
 
 /// The snapshot the watcher would render: the routing policy applied, every host name
 /// looked up first (there is no background to wait for here).
-async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
+async fn admitted_once(
+    store: &Store,
+    cfg: &WatcherConfig,
+) -> (StoreSnapshot, BTreeMap<String, Refusal>) {
     let mut policy = cfg.policy.clone();
     match super::interfaces::list() {
         Ok(addrs) => {
@@ -231,5 +244,5 @@ async fn admitted_once(store: &Store, cfg: &WatcherConfig) -> StoreSnapshot {
     for (key, rule) in left.keys {
         tracing::warn!(key = %key, "left out of the rendered config: {rule}");
     }
-    snapshot
+    (snapshot, left.refused)
 }

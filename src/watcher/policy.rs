@@ -24,6 +24,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
+use super::confine::Confinement;
+
 /// An IPv4 or IPv6 network, `10.0.0.0/8` or `fd00::/8`. Host bits must be zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -111,7 +113,7 @@ impl FromStr for Cidr {
     }
 }
 
-/// Where instances may point.
+/// Where instances may point, and (`confine`) which keys may say so.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// `[watcher] allowed_networks`; None = the default (see `denied_by_default`).
@@ -121,6 +123,8 @@ pub struct Policy {
     /// This host's interface addresses → interface name, as the kernel last listed them
     /// (the caller reads them: `interfaces`).
     host: BTreeMap<IpAddr, String>,
+    /// `[watcher] services`, `hand_written`, `node_networks`: judged before the address.
+    confinement: Confinement,
 }
 
 /// What the default policy refuses, and why, in the words of the warning.
@@ -198,6 +202,18 @@ impl Policy {
         let changed = host != self.host;
         self.host = host;
         changed
+    }
+
+    /// This policy with `confinement` in place of the default one.
+    pub fn with_confinement(self, confinement: Confinement) -> Policy {
+        Policy {
+            confinement,
+            ..self
+        }
+    }
+
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     /// Ok, or the rule `ip` breaks.

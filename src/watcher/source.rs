@@ -13,11 +13,14 @@
 //! While etcd is unreachable nothing is published: the last snapshot stays, so the live
 //! config is never rendered from a store that merely could not be read.
 //!
-//! Every snapshot passes the routing policy first (`policy`): an instance whose address
-//! it refuses is left out, with a warning naming the key the first time (and whenever
-//! the reason changes). Host names are judged by what `resolve` last found for them; a
-//! new answer re-publishes. This host's own addresses (`interfaces`) are listed at
-//! every session start and every `interfaces::REFRESH`; a change re-publishes.
+//! Every snapshot passes the routing policy first: confinement (`confine`: who may say
+//! what — a node's key that names another's id, serves a service the node may not, or
+//! points outside the node's networks is refused, and counted in
+//! `portolan_watcher_refused_total{reason}`), then the address (`policy`). A key left
+//! out gets a warning naming it the first time (and whenever the reason changes). Host
+//! names are judged by what `resolve` last found for them; a new answer re-publishes.
+//! This host's own addresses (`interfaces`) are listed at every session start and every
+//! `interfaces::REFRESH`; a change re-publishes.
 //!
 //! The snapshot travels on a `tokio::sync::watch` channel: it holds the latest value and
 //! a "changed" flag, which is exactly the state the loop's group commit needs — however
@@ -32,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::confine::Refusal;
 use super::interfaces;
 use super::metrics::Metrics;
 use super::policy::{self, Policy, Resolution, Verdict};
@@ -277,7 +281,13 @@ impl Source {
         self.resolver.retain(&names);
         for (key, rule) in &denied.keys {
             if self.denied.get(key) != Some(rule) && !rule.is_empty() {
-                tracing::warn!(key = %key, "left out of the rendered config: {rule}");
+                match denied.refused.get(key) {
+                    Some(r) => {
+                        tracing::warn!(key = %key, reason = r.reason.label(), "refused: {rule}");
+                        self.metrics.refused(r.reason);
+                    }
+                    None => tracing::warn!(key = %key, "left out of the rendered config: {rule}"),
+                }
             }
         }
         self.denied = denied.keys;
@@ -301,39 +311,55 @@ impl Source {
     }
 }
 
-/// What `admitted` left out: key → rule (empty while a name's first lookup runs), and
-/// every host name the store's instances use.
+/// What `admitted` left out: key → rule (empty while a name's first lookup runs), the
+/// keys confinement refused among them (with the reason, for
+/// `portolan_watcher_refused_total`), and every host name the routed candidates use.
 pub(crate) struct LeftOut {
     pub(crate) keys: BTreeMap<String, String>,
+    pub(crate) refused: BTreeMap<String, Refusal>,
     pub(crate) names: BTreeSet<String>,
 }
 
-/// The snapshot of the instances `policy` admits, host names judged by `lookup`.
+/// The snapshot of the instances `policy` admits: confinement first (who may say
+/// what), then the address, host names judged by `lookup`.
 pub(crate) fn admitted(
     store: &Store,
     policy: &Policy,
     lookup: impl Fn(&str) -> Resolution,
 ) -> (StoreSnapshot, LeftOut) {
-    let mut out = LeftOut {
-        keys: BTreeMap::new(),
-        names: BTreeSet::new(),
-    };
-    let snapshot = store.snapshot_where(|key, inst| {
-        let resolution = if policy::literal(&inst.host).is_some() {
-            Resolution::Pending
-        } else {
-            out.names.insert(inst.host.clone());
-            lookup(&inst.host)
-        };
-        let rule = match policy::check(&inst.host, &resolution, policy) {
-            Verdict::Allowed => return true,
-            Verdict::Denied(rule) | Verdict::Unresolved(rule) => rule,
-            Verdict::Pending => String::new(),
-        };
-        out.keys.insert(key.to_string(), rule);
-        false
-    });
-    (snapshot, out)
+    let mut keys = BTreeMap::new();
+    let mut names = BTreeSet::new();
+    let mut refused = BTreeMap::new();
+    let snapshot = store.snapshot_where(
+        policy.confinement(),
+        |key, inst| {
+            let resolution = if policy::literal(&inst.host).is_some() {
+                Resolution::Pending
+            } else {
+                names.insert(inst.host.clone());
+                lookup(&inst.host)
+            };
+            let rule = match policy::check(&inst.host, &resolution, policy) {
+                Verdict::Allowed => return true,
+                Verdict::Denied(rule) | Verdict::Unresolved(rule) => rule,
+                Verdict::Pending => String::new(),
+            };
+            keys.insert(key.to_string(), rule);
+            false
+        },
+        &mut refused,
+    );
+    for (key, r) in &refused {
+        keys.insert(key.clone(), r.rule.clone());
+    }
+    (
+        snapshot,
+        LeftOut {
+            keys,
+            refused,
+            names,
+        },
+    )
 }
 
 fn warn_all(warnings: &[SchemaError]) {

@@ -9,9 +9,11 @@
 //! Everything is indexed by etcd key, because one (service, instance id) can live under
 //! two keys at once — a hand-written `services/web/x` beside a node's
 //! `nodes/n/services/web/x`, or the v1 and v2 keys of one container while its registrar
-//! is upgraded — and deleting one key must never remove the other's instance. The
-//! snapshot renders each (service, id) once: a node-scoped key wins over `services/`,
-//! then the lowest key. Node records likewise: `nodes/<n>/node` wins over v1 `nodes/<n>`.
+//! is upgraded — and deleting one key must never remove the other's instance. An
+//! instance under `nodes/<n>/` is `(n, id)`: the snapshot judges each key by its owner
+//! and never lets one key take another's server name (`confine`: the hand-written key
+//! keeps it, the other is refused and named). Node records: `nodes/<n>/node` wins over
+//! v1 `nodes/<n>`.
 //!
 //! Invariant: `snapshot()` depends only on the set of valid keys and their values, in
 //! sorted order, so equal etcd contents give equal snapshots and byte-identical renders.
@@ -22,6 +24,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::confine::{self, Claim, Confinement, Refusal};
 use crate::schema::{self, Instance, Key, NodeRecord, SchemaError};
 
 /// One change seen on the watch.
@@ -180,44 +183,56 @@ impl Store {
         self.invalid.len()
     }
 
+    /// The snapshot under the default confinement, every address routed (benches,
+    /// golden files).
     pub fn snapshot(&self) -> StoreSnapshot {
-        self.snapshot_where(|_, _| true)
+        self.snapshot_where(&Confinement::default(), |_, _| true, &mut BTreeMap::new())
     }
 
-    /// The snapshot of the instances `keep(key, instance)` admits (the routing policy),
-    /// asked once for every instance key, shadowed or not.
+    /// The snapshot of what the policy admits. Every instance key is judged by its owner
+    /// (`confine::Confinement::admit`); the admitted keys of each service claim their
+    /// server names (`confine::settle`); only then is each holder's address asked to
+    /// `route` (the address policy), so a key whose address is refused still holds its
+    /// name and no other key takes its place. Keys refused by confinement go to
+    /// `refused`, with the rule.
     pub(crate) fn snapshot_where(
         &self,
-        mut keep: impl FnMut(&str, &Instance) -> bool,
+        confinement: &Confinement,
+        mut route: impl FnMut(&str, &Instance) -> bool,
+        refused: &mut BTreeMap<String, Refusal>,
     ) -> StoreSnapshot {
-        // (service, id) → the winning key's instance: node-scoped first, then key order
-        // (the index). Grouped by service first and each group sorted on its own: this
-        // runs on every change over every instance, and many small sorts stay in cache
-        // where one big one does not (`cargo bench --bench heap`: 77 → 36 ms at 100,000
+        // Grouped by service first and each group settled on its own: this runs on
+        // every change over every instance, and many small sorts stay in cache where
+        // one big one does not (`cargo bench --bench heap`: 77 → 36 ms at 100,000
         // instances).
-        let mut by_service: HashMap<&str, Vec<(usize, &Stored)>> = HashMap::new();
-        for (index, (key, stored)) in self.instances.iter().enumerate() {
-            if keep(key, &stored.instance) {
-                by_service
+        let mut by_service: HashMap<&str, Vec<Claim<'_, &Arc<Instance>>>> = HashMap::new();
+        for (key, stored) in &self.instances {
+            let owner = stored.node_scoped.then_some(stored.instance.node.as_str());
+            match confinement.admit(owner, &stored.instance) {
+                Ok(()) => by_service
                     .entry(stored.instance.service.as_str())
                     .or_default()
-                    .push((index, stored));
+                    .push(Claim {
+                        key,
+                        owner,
+                        instance: &stored.instance,
+                        value: &stored.instance,
+                    }),
+                Err(r) => {
+                    refused.insert(key.clone(), r);
+                }
             }
         }
         let mut services: BTreeMap<String, Vec<Arc<Instance>>> = BTreeMap::new();
-        for (service, mut list) in by_service {
-            list.sort_unstable_by(|(ai, a), (bi, b)| {
-                (a.instance.id.as_str(), !a.node_scoped, ai).cmp(&(
-                    b.instance.id.as_str(),
-                    !b.node_scoped,
-                    bi,
-                ))
-            });
-            list.dedup_by(|(_, later), (_, first)| later.instance.id == first.instance.id);
-            services.insert(
-                service.to_string(),
-                list.into_iter().map(|(_, s)| s.instance.clone()).collect(),
-            );
+        for (service, claims) in by_service {
+            let routed: Vec<Arc<Instance>> = confine::settle(claims, refused)
+                .into_iter()
+                .filter(|c| route(c.key, c.instance))
+                .map(|c| c.value.clone())
+                .collect();
+            if !routed.is_empty() {
+                services.insert(service.to_string(), routed);
+            }
         }
         let mut nodes: BTreeMap<String, (bool, NodeRecord)> = BTreeMap::new();
         for (v2, name, rec) in self.nodes.values() {
@@ -414,47 +429,113 @@ mod tests {
         assert_eq!(s.snapshot().services["web"][0].addr, "10.0.0.1:80");
     }
 
-    #[test]
-    fn an_instance_id_under_two_keys_renders_once_and_the_node_scoped_key_wins() {
-        let mut s = Store::new(P);
-        // The node-scoped key wins whatever order the keys arrive or sort in.
-        s.apply(put(
-            "/portolan/nodes/h1/services/web/x",
-            r#"{"addr":"10.0.0.2:80"}"#,
-        ));
-        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
-        s.apply(put("/portolan/services/web/y", "10.0.0.3:80"));
-        let snap = s.snapshot();
-        let web: Vec<_> = snap.services["web"]
+    fn routed(snap: &StoreSnapshot, service: &str) -> Vec<(String, String)> {
+        snap.services[service]
             .iter()
-            .map(|i| (i.id.as_str(), i.addr.as_str()))
-            .collect();
-        assert_eq!(web, [("x", "10.0.0.2:80"), ("y", "10.0.0.3:80")]);
-        assert_eq!(snap.instance_count(), 2);
-        // Two nodes claiming one id: one of them, always the same (the lowest key).
-        s.apply(put(
-            "/portolan/nodes/h0/services/web/x",
-            r#"{"addr":"10.0.0.9:80"}"#,
-        ));
-        assert_eq!(s.snapshot().services["web"][0].addr, "10.0.0.9:80");
-        assert_eq!(s.snapshot().instance_count(), 2);
+            .map(|i| (i.id.clone(), i.addr.clone()))
+            .collect()
     }
 
     #[test]
-    fn a_denied_key_lets_the_other_key_of_the_same_id_through() {
+    fn a_node_key_never_shadows_a_hand_written_instance_or_another_nodes() {
         let mut s = Store::new(P);
+        s.apply(put("/portolan/services/web/db1", "10.0.0.1:80"));
         s.apply(put(
-            "/portolan/nodes/h1/services/web/x",
-            r#"{"addr":"127.0.0.1:80"}"#,
+            "/portolan/nodes/web2/services/pay/web2-0123456789ab-8080",
+            r#"{"addr":"10.0.0.2:80"}"#,
         ));
-        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
+        // web1, writing only under its own prefix, claims both ids.
+        s.apply(put(
+            "/portolan/nodes/web1/services/web/db1",
+            r#"{"addr":"10.6.6.6:80"}"#,
+        ));
+        s.apply(put(
+            "/portolan/nodes/web1/services/pay/web2-0123456789ab-8080",
+            r#"{"addr":"10.6.6.6:80"}"#,
+        ));
+        let mut refused = BTreeMap::new();
+        let snap = s.snapshot_where(&Confinement::default(), |_, _| true, &mut refused);
+        assert_eq!(routed(&snap, "web"), [("db1".into(), "10.0.0.1:80".into())]);
+        assert_eq!(
+            routed(&snap, "pay"),
+            [("web2-0123456789ab-8080".into(), "10.0.0.2:80".into())]
+        );
+        assert_eq!(
+            refused.keys().collect::<Vec<_>>(),
+            [
+                "/portolan/nodes/web1/services/pay/web2-0123456789ab-8080",
+                "/portolan/nodes/web1/services/web/db1"
+            ]
+        );
+        assert!(refused
+            .values()
+            .all(|r| r.reason == confine::Reason::ForeignId));
+    }
+
+    #[test]
+    fn two_keys_of_one_server_name_never_merge_whatever_order_they_arrive_in() {
+        let keys = [
+            ("/portolan/services/web/web1-x", "10.0.0.1:80"),
+            (
+                "/portolan/nodes/web1/services/web/web1-x",
+                r#"{"addr":"10.0.0.2:80"}"#,
+            ),
+            (
+                "/portolan/nodes/web-1/services/web/web-1-y",
+                r#"{"addr":"10.0.0.3:80"}"#,
+            ),
+            (
+                "/portolan/nodes/web/services/web/web-1-y",
+                r#"{"addr":"10.0.0.4:80"}"#,
+            ),
+        ];
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0]] {
+            let mut s = Store::new(P);
+            for i in order {
+                s.apply(put(keys[i].0, keys[i].1));
+            }
+            let mut refused = BTreeMap::new();
+            let snap = s.snapshot_where(&Confinement::default(), |_, _| true, &mut refused);
+            assert_eq!(
+                routed(&snap, "web"),
+                [
+                    ("web-1-y".into(), "10.0.0.3:80".into()),
+                    ("web1-x".into(), "10.0.0.1:80".into())
+                ]
+            );
+            let r = &refused["/portolan/nodes/web1/services/web/web1-x"];
+            assert_eq!(r.reason, confine::Reason::NameTaken);
+            assert!(
+                r.rule.contains("held by /portolan/services/web/web1-x"),
+                "{}",
+                r.rule
+            );
+            assert!(refused.contains_key("/portolan/nodes/web/services/web/web-1-y"));
+        }
+    }
+
+    #[test]
+    fn a_key_whose_address_is_refused_still_holds_its_server_name() {
+        let mut s = Store::new(P);
+        s.apply(put("/portolan/services/web/n-x", "127.0.0.1:80"));
+        s.apply(put(
+            "/portolan/nodes/n/services/web/n-x",
+            r#"{"addr":"10.0.0.1:80"}"#,
+        ));
         let mut asked = Vec::new();
-        let snap = s.snapshot_where(|k, i| {
-            asked.push(k.to_string());
-            i.host != "127.0.0.1"
-        });
-        assert_eq!(asked.len(), 2, "every key is asked");
-        assert_eq!(snap.services["web"][0].addr, "10.0.0.1:80");
+        let mut refused = BTreeMap::new();
+        let snap = s.snapshot_where(
+            &Confinement::default(),
+            |k, i| {
+                asked.push(k.to_string());
+                i.host != "127.0.0.1"
+            },
+            &mut refused,
+        );
+        // The node's key does not step in for the operator's while it is refused.
+        assert_eq!(asked, ["/portolan/services/web/n-x"]);
+        assert!(snap.services.is_empty());
+        assert!(refused.contains_key("/portolan/nodes/n/services/web/n-x"));
     }
 
     #[test]
