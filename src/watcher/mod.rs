@@ -113,7 +113,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tasks.clone(),
     ));
     let (snap_tx, snap_rx) = watch::channel(None);
-    let (resolver, resolved) = resolve::Resolver::new();
+    let (resolver, resolved) = resolve::Resolver::new(cfg.dns_refresh);
     tracker.spawn(resolver.clone().run(tasks.clone()));
     let source = Source::new(
         cfg.etcd.clone(),

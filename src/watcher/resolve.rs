@@ -21,8 +21,6 @@ use crate::backoff::Backoff;
 
 /// Longest one lookup may take.
 pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a resolved name is looked up again (DNS answers change).
-const REFRESH: Duration = Duration::from_secs(30);
 
 struct Entry {
     resolution: Resolution,
@@ -31,6 +29,7 @@ struct Entry {
 }
 
 struct Shared {
+    refresh: Duration,
     cache: Mutex<BTreeMap<String, Entry>>,
     wake: Notify,
     changed: watch::Sender<u64>,
@@ -44,9 +43,10 @@ pub(crate) struct Resolver {
 
 impl Resolver {
     /// The resolver, and a receiver that changes whenever an answer does.
-    pub(crate) fn new() -> (Resolver, watch::Receiver<u64>) {
+    pub(crate) fn new(refresh: Duration) -> (Resolver, watch::Receiver<u64>) {
         let (changed, rx) = watch::channel(0);
         let shared = Arc::new(Shared {
+            refresh,
             cache: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             changed,
@@ -65,7 +65,7 @@ impl Resolver {
             Entry {
                 resolution: Resolution::Pending,
                 due: Instant::now(),
-                retry: Backoff::new(Duration::from_millis(500), REFRESH),
+                retry: Backoff::new(Duration::from_millis(500), self.shared.refresh),
             },
         );
         drop(cache);
@@ -108,7 +108,7 @@ impl Resolver {
                 let resolution = match answer {
                     Ok(ips) => {
                         e.retry.reset();
-                        e.due = Instant::now() + REFRESH;
+                        e.due = Instant::now() + self.shared.refresh;
                         Resolution::Resolved(ips)
                     }
                     Err(why) => {
@@ -155,7 +155,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_name_is_pending_then_resolved_in_the_background() {
-        let (r, mut changed) = Resolver::new();
+        let (r, mut changed) = Resolver::new(Duration::from_secs(30));
         let stop = CancellationToken::new();
         let task = tokio::spawn(r.clone().run(stop.clone()));
         assert_eq!(r.lookup("localhost"), Resolution::Pending);
