@@ -160,6 +160,7 @@ mod tests {
             tags: Vec::new(),
             weight: 100,
             draining: false,
+            host_name: String::new(),
         })
     }
 

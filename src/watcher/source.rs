@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::dns_names;
 use super::interfaces;
 use super::metrics::Metrics;
 use super::policy::{self, Policy, Resolution, Verdict};
@@ -308,7 +309,9 @@ pub(crate) struct LeftOut {
     pub(crate) names: BTreeSet<String>,
 }
 
-/// The snapshot of the instances `policy` admits, host names judged by `lookup`.
+/// The snapshot of the instances `policy` admits, host names judged by `lookup`
+/// (asked once a name, so what is rendered is what was judged), each DNS-named
+/// instance rendered at the addresses it was approved for (`dns_names::expand`).
 pub(crate) fn admitted(
     store: &Store,
     policy: &Policy,
@@ -318,21 +321,39 @@ pub(crate) fn admitted(
         keys: BTreeMap::new(),
         names: BTreeSet::new(),
     };
+    let mut answers: BTreeMap<String, Resolution> = BTreeMap::new();
+    let mut approved: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
+    // (service, id) → key, for naming a DNS-named instance `expand` leaves out.
+    let mut named_keys: BTreeMap<(String, String), String> = BTreeMap::new();
     let snapshot = store.snapshot_where(|key, inst| {
         let resolution = if policy::literal(&inst.host).is_some() {
             Resolution::Pending
         } else {
             out.names.insert(inst.host.clone());
-            lookup(&inst.host)
+            answers
+                .entry(inst.host.clone())
+                .or_insert_with(|| lookup(&inst.host))
+                .clone()
         };
         let rule = match policy::check(&inst.host, &resolution, policy) {
-            Verdict::Allowed => return true,
+            Verdict::Allowed => {
+                if let Resolution::Resolved(ips) = resolution {
+                    approved.insert(inst.host.clone(), ips);
+                    named_keys.insert((inst.service.clone(), inst.id.clone()), key.to_string());
+                }
+                return true;
+            }
             Verdict::Denied(rule) | Verdict::Unresolved(rule) => rule,
             Verdict::Pending => String::new(),
         };
         out.keys.insert(key.to_string(), rule);
         false
     });
+    let (snapshot, refused) = dns_names::expand(snapshot, &approved);
+    for (service, id, rule) in refused {
+        let key = named_keys.remove(&(service, id)).unwrap_or_default();
+        out.keys.insert(key, rule);
+    }
     (snapshot, out)
 }
 
