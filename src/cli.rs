@@ -102,6 +102,10 @@ pub enum Command {
     /// A batch that would remove more than [watcher] mass_removal.share of the live
     /// instances (etcd emptied, a wrong prefix, fleet-wide lease loss) is held for
     /// mass_removal.hold_s (default 60 s), loudly; SIGUSR1 confirms it at once.
+    /// An instance at a DNS name is rendered at the addresses its lookup gave and the
+    /// routing policy approved, one server each, never the name; a name whose lookups
+    /// fail keeps its last good answer for [watcher] dns_stale_s (default 300 s), and
+    /// answers are kept in --state-dir so a restart renders them before its first lookup.
     ///
     /// A minimal config file (all keys: README, "Watcher configuration"):
     ///
