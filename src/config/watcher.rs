@@ -590,7 +590,10 @@ mod tests {
             "dns_stale_s = 0\ndns_refresh_s = 2\nstate_dir = \"/srv/w\"",
         );
         let c = resolve_watcher(&f, &none).unwrap();
-        assert_eq!((c.dns_stale, c.dns_refresh), (Duration::ZERO, Duration::from_secs(2)));
+        assert_eq!(
+            (c.dns_stale, c.dns_refresh),
+            (Duration::ZERO, Duration::from_secs(2))
+        );
         assert_eq!(c.state_dir, std::path::Path::new("/srv/w"));
         let flags = Cli::parse_from(["x", "--state-dir", "/flag"]).args;
         assert_eq!(

@@ -29,9 +29,9 @@ pub fn server_name(id: &str, ip: IpAddr) -> String {
         return name;
     }
     // FNV-1a: stable across builds and restarts, unlike std's hasher.
-    let hash = id
-        .bytes()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    let hash = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
     let keep = 128 - token.len() - 1 - 9;
     format!("{}-{hash:08x}_{token}", &id[..keep])
 }
@@ -121,13 +121,25 @@ mod tests {
         assert!(refused.is_empty());
         let api: Vec<_> = snap.services["api"]
             .iter()
-            .map(|i| (i.id.as_str(), i.addr.as_str(), i.host.as_str(), i.host_name.as_str()))
+            .map(|i| {
+                (
+                    i.id.as_str(),
+                    i.addr.as_str(),
+                    i.host.as_str(),
+                    i.host_name.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             api,
             [
                 ("b", "10.0.0.9:80", "10.0.0.9", ""),
-                ("dns-1_10.0.0.20", "10.0.0.20:8080", "10.0.0.20", "api.internal"),
+                (
+                    "dns-1_10.0.0.20",
+                    "10.0.0.20:8080",
+                    "10.0.0.20",
+                    "api.internal"
+                ),
                 ("dns-1_fd00--5", "[fd00::5]:8080", "fd00::5", "api.internal"),
             ]
         );
@@ -142,7 +154,10 @@ mod tests {
         let long_b = format!("{}b", "a".repeat(127));
         let v6 = ip("fd00:1:2:3:4:5:6:7");
         let (a, b) = (server_name(&long_a, v6), server_name(&long_b, v6));
-        assert!(schema::is_valid_name(&a) && schema::is_valid_name(&b), "{a} {b}");
+        assert!(
+            schema::is_valid_name(&a) && schema::is_valid_name(&b),
+            "{a} {b}"
+        );
         assert_ne!(a, b);
         assert_eq!(a, server_name(&long_a, v6), "the same at every render");
     }

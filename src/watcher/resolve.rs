@@ -376,7 +376,9 @@ fn load(file: &Path, stale: Duration, now_ms: u64) -> BTreeMap<String, Good> {
         Ok(k) => k
             .answers
             .into_iter()
-            .filter(|(_, g)| !g.ips.is_empty() && now_ms.saturating_sub(g.at_ms) <= stale.as_millis() as u64)
+            .filter(|(_, g)| {
+                !g.ips.is_empty() && now_ms.saturating_sub(g.at_ms) <= stale.as_millis() as u64
+            })
             .collect(),
         Err(e) => {
             tracing::warn!("the kept DNS answers {} are not valid ({e}): ignored; DNS-named instances wait for their first lookup", file.display());
@@ -458,10 +460,16 @@ mod tests {
         };
         let ok = Resolution::Resolved(vec![ip("10.0.0.1")]);
         assert_eq!(meaning(Some(&good), None, stale, 1_000_000), ok);
-        assert_eq!(meaning(Some(&good), Some("timeout"), stale, 1_000_000 + 300_000), ok);
+        assert_eq!(
+            meaning(Some(&good), Some("timeout"), stale, 1_000_000 + 300_000),
+            ok
+        );
         match meaning(Some(&good), Some("timeout"), stale, 1_000_000 + 300_001) {
             Resolution::Failed(why) => {
-                assert!(why.contains("timeout") && why.contains("dns_stale_s = 300"), "{why}")
+                assert!(
+                    why.contains("timeout") && why.contains("dns_stale_s = 300"),
+                    "{why}"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -471,7 +479,10 @@ mod tests {
             Resolution::Failed(_)
         ));
         assert_eq!(meaning(None, None, stale, 0), Resolution::Pending);
-        assert_eq!(meaning(None, Some("x"), stale, 0), Resolution::Failed("x".into()));
+        assert_eq!(
+            meaning(None, Some("x"), stale, 0),
+            Resolution::Failed("x".into())
+        );
     }
 
     #[test]
@@ -480,13 +491,28 @@ mod tests {
         let file = dir.path().join(ANSWERS_FILE);
         let kept = Kept {
             answers: BTreeMap::from([
-                ("new.example".into(), Good { ips: vec![ip("10.0.0.1")], at_ms: 990_000 }),
-                ("old.example".into(), Good { ips: vec![ip("10.0.0.2")], at_ms: 1 }),
+                (
+                    "new.example".into(),
+                    Good {
+                        ips: vec![ip("10.0.0.1")],
+                        at_ms: 990_000,
+                    },
+                ),
+                (
+                    "old.example".into(),
+                    Good {
+                        ips: vec![ip("10.0.0.2")],
+                        at_ms: 1,
+                    },
+                ),
             ]),
         };
         write_atomically(&file, &serde_json::to_vec(&kept).unwrap()).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let got = load(&file, Duration::from_secs(300), 1_000_000);
         assert_eq!(got.keys().collect::<Vec<_>>(), ["new.example"]);
         std::fs::write(&file, "{not json").unwrap();
@@ -500,7 +526,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("a/state");
         prepare_state_dir(&state).unwrap();
-        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o077, 0);
+        assert_eq!(
+            std::fs::metadata(&state).unwrap().permissions().mode() & 0o077,
+            0
+        );
     }
 
     #[tokio::test]
