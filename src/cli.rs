@@ -104,6 +104,10 @@ pub enum Command {
     /// emptied, a wrong prefix, a delete loop, a wave of expiring leases; judged at start
     /// too, against the file HAProxy runs) are held for hold_s (default 60 s), loudly;
     /// SIGUSR1 confirms it at once.
+    /// An instance at a DNS name is rendered at the addresses its lookup gave and the
+    /// routing policy approved, one server each, never the name; a name whose lookups
+    /// fail keeps its last good answer for [watcher] dns_stale_s (default 300 s), and
+    /// answers are kept in --state-dir so a restart renders them before its first lookup.
     ///
     /// A minimal config file (all keys: README, "Watcher configuration"):
     ///

@@ -290,6 +290,7 @@ async fn with_haproxy(
         },
         watcher: config::WatcherOptions {
             name: Some("dev".into()),
+            state_dir: Some(dir.join("watcher-state")),
             // The registrar advertises 127.0.0.1 here, which the default routing
             // policy refuses (loopback is the load balancer itself).
             allowed_networks: Some(vec!["127.0.0.0/8".into()]),

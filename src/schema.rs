@@ -366,6 +366,11 @@ pub struct Instance {
     pub weight: u32,
     /// Out of rotation for new requests; see [`InstanceRecord::draining`].
     pub draining: bool,
+    /// Empty as decoded. In the watcher's snapshot an instance whose address is a DNS
+    /// name becomes one entry per address the routing policy approved: `host` and
+    /// `addr` are that IP, `host_name` the name, `id` a server name of its own
+    /// (`watcher::dns_names`).
+    pub host_name: String,
 }
 
 /// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
@@ -455,6 +460,7 @@ pub fn decode_owned(
         tags: record.tags,
         weight: record.weight,
         draining: record.draining,
+        host_name: String::new(),
     })
 }
 

@@ -6,11 +6,26 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use portolan::watcher::dns_names;
 use portolan::watcher::render::{context, Template};
-use portolan::watcher::store::Store;
+use portolan::watcher::store::{Store, StoreSnapshot};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What the watcher renders from `store`: the DNS name `api.internal` as the policy
+/// approved it, at two addresses (one server each, never the name).
+fn rendered(store: &Store) -> StoreSnapshot {
+    let answers = BTreeMap::from([(
+        "api.internal".to_string(),
+        vec!["10.0.0.20".parse().unwrap(), "fd00::20".parse().unwrap()],
+    )]);
+    let (snapshot, refused) = dns_names::expand(store.snapshot(), &answers);
+    assert!(refused.is_empty(), "{refused:?}");
+    snapshot
 }
 
 /// A snapshot with two services, a hand-written bare address, a DNS name, an IPv6
@@ -60,11 +75,13 @@ fn check_golden_with(template: &str, extra: &str, store: fn() -> Store, vars: &s
     let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
     let vars: toml::Table = toml::from_str(vars).expect("vars");
     let out = t
-        .render(&context(&store().snapshot(), &vars))
+        .render(&context(&rendered(&store()), &vars))
         .expect("renders");
     // Equal state renders byte-identical output.
-    assert_eq!(out, t.render(&context(&store().snapshot(), &vars)).unwrap());
+    assert_eq!(out, t.render(&context(&rendered(&store()), &vars)).unwrap());
     assert!(!out.contains("9999") && !out.contains("bad name"), "{out}");
+    // HAProxy is never handed a name to resolve itself.
+    assert!(!out.contains("api.internal"), "{out}");
     // Only the draining instance is out of rotation.
     for line in out
         .lines()
@@ -205,7 +222,7 @@ fn privileges_are_dropped_unless_drop_privileges_is_false() {
         let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
         let render = |vars: &str| {
             t.render(&context(
-                &store().snapshot(),
+                &rendered(&store()),
                 &toml::from_str(vars).unwrap(),
             ))
             .unwrap()

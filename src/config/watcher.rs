@@ -22,6 +22,11 @@ pub const DEFAULT_MASS_REMOVAL_SHARE: f64 = 0.5;
 pub const DEFAULT_MASS_REMOVAL_MIN: usize = 5;
 pub const DEFAULT_MASS_REMOVAL_HOLD_S: u64 = 60;
 pub const DEFAULT_EMPTY_BACKEND_GRACE_S: u64 = 300;
+pub const DEFAULT_DNS_STALE_S: u64 = 300;
+pub const DEFAULT_DNS_REFRESH_S: u64 = 30;
+/// Not under the registrar's /var/lib/portolan: its unit makes that folder 0750 for
+/// its own user, which the watcher's user could not enter on a host running both.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portolan-watcher";
 
 /// `[watcher]` in the file and the watcher's flags: each option declared once.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, Args)]
@@ -92,6 +97,19 @@ pub struct WatcherOptions {
     /// node no glob matches is not constrained. [default: none]
     #[arg(skip)]
     pub node_networks: Option<BTreeMap<String, Vec<String>>>,
+    /// Seconds an instance named by a DNS name keeps its last good answer while lookups
+    /// of the name fail (stale-if-error); past that it is left out, named in the log
+    /// [default: 300] (file only). 0: left out at the first failed lookup.
+    #[arg(skip)]
+    pub dns_stale_s: Option<u64>,
+    /// Seconds between two lookups of a DNS name instances use [default: 30] (file only).
+    #[arg(skip)]
+    pub dns_refresh_s: Option<u64>,
+    /// Where the watcher keeps what must survive a restart (the last good DNS answers,
+    /// so a restart renders DNS-named instances before its first lookup); created 0700
+    /// [default: /var/lib/portolan-watcher].
+    #[arg(long, env = "PORTOLAN_WATCHER_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A batch of changes removing more than `share` of the live instances, and at least
@@ -189,6 +207,12 @@ pub struct WatcherConfig {
     pub min_reload_interval: Duration,
     /// How long an emptied service keeps its backend (`empty_backend_grace_s`).
     pub empty_backend_grace: Duration,
+    /// DNS names: how long a last good answer outlives failing lookups, and how often
+    /// names are looked up again (`dns_stale_s`, `dns_refresh_s`).
+    pub dns_stale: Duration,
+    pub dns_refresh: Duration,
+    /// `state_dir`: the persisted DNS answers live here.
+    pub state_dir: PathBuf,
 }
 
 impl WatcherOptions {
@@ -268,7 +292,40 @@ impl WatcherOptions {
                 1,
                 problems,
             )),
+            dns_stale: Duration::from_secs(at_most_a_day(
+                "watcher.dns_stale_s",
+                self.dns_stale_s.unwrap_or(DEFAULT_DNS_STALE_S),
+                1,
+                problems,
+            )),
+            dns_refresh: Duration::from_secs(self.dns_refresh(problems)),
+            state_dir: self.state_dir(problems),
         }
+    }
+
+    fn dns_refresh(&self, problems: &mut Problems) -> u64 {
+        let s = self.dns_refresh_s.unwrap_or(DEFAULT_DNS_REFRESH_S);
+        if s == 0 {
+            problems.push(
+                "watcher.dns_refresh_s = 0: must be at least 1 (seconds between two lookups of a name)".into(),
+            );
+            return 1;
+        }
+        at_most_a_day("watcher.dns_refresh_s", s, 1, problems)
+    }
+
+    fn state_dir(&self, problems: &mut Problems) -> PathBuf {
+        let dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !dir.is_absolute() {
+            problems.push(format!(
+                "watcher.state_dir {}: must be an absolute path (like {DEFAULT_STATE_DIR})",
+                dir.display()
+            ));
+        }
+        dir
     }
 
     fn mass_removal(&self, problems: &mut Problems) -> MassRemoval {
@@ -650,6 +707,42 @@ node_networks = { "db-*" = [], "a/b" = ["10.0.0.0/8"], "web-*" = ["10.0.0.1/8"] 
             "\"10.0.0.1/8\"",
         ] {
             assert!(err.contains(named), "{named} not in {err}");
+        }
+    }
+
+    #[test]
+    fn dns_names_keep_a_failed_answer_five_minutes_and_the_state_dir_is_absolute() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let c = resolve_watcher(&file(dir.path(), ""), &none).unwrap();
+        assert_eq!(c.dns_stale, Duration::from_secs(300));
+        assert_eq!(c.dns_refresh, Duration::from_secs(30));
+        assert_eq!(c.state_dir, std::path::Path::new(super::DEFAULT_STATE_DIR));
+        let f = file(
+            dir.path(),
+            "dns_stale_s = 0\ndns_refresh_s = 2\nstate_dir = \"/srv/w\"",
+        );
+        let c = resolve_watcher(&f, &none).unwrap();
+        assert_eq!(
+            (c.dns_stale, c.dns_refresh),
+            (Duration::ZERO, Duration::from_secs(2))
+        );
+        assert_eq!(c.state_dir, std::path::Path::new("/srv/w"));
+        let flags = Cli::parse_from(["x", "--state-dir", "/flag"]).args;
+        assert_eq!(
+            resolve_watcher(&f, &flags).unwrap().state_dir,
+            std::path::Path::new("/flag")
+        );
+        for (bad, key) in [
+            ("dns_refresh_s = 0", "dns_refresh_s"),
+            ("dns_stale_s = 100000000", "dns_stale_s"),
+            ("state_dir = \"state\"", "state_dir"),
+        ] {
+            let err = resolve_watcher(&file(dir.path(), bad), &none)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
         }
     }
 

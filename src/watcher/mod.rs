@@ -42,6 +42,7 @@ mod apply;
 pub mod confine;
 mod deferred;
 mod diff;
+pub mod dns_names;
 mod drift;
 mod effective;
 mod guard;
@@ -89,6 +90,21 @@ pub(super) const TEMPLATE_SETTLE: Duration = Duration::from_millis(10);
 /// Bound on the drain of background tasks at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// `file` in the state dir, which is created (0700) if missing; None, warned, when it
+/// cannot be: the watcher runs without what a restart would have kept.
+fn state_file(dir: &std::path::Path, file: &str) -> Option<std::path::PathBuf> {
+    match resolve::prepare_state_dir(dir) {
+        Ok(()) => Some(dir.join(file)),
+        Err(e) => {
+            tracing::warn!(
+                "cannot create watcher.state_dir {} ({e}): DNS answers will not be kept across restarts; make it a folder the watcher can write",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
 /// Runs until `shutdown` is cancelled.
 pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
@@ -113,7 +129,11 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tasks.clone(),
     ));
     let (snap_tx, snap_rx) = watch::channel(None);
-    let (resolver, resolved) = resolve::Resolver::new();
+    let (resolver, resolved) = resolve::Resolver::new(resolve::Settings {
+        refresh: cfg.dns_refresh,
+        stale: cfg.dns_stale,
+        file: state_file(&cfg.state_dir, resolve::ANSWERS_FILE),
+    });
     tracker.spawn(resolver.clone().run(tasks.clone()));
     let source = Source::new(
         cfg.etcd.clone(),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::StreamExt as _;
 
 use super::apply::{Outcome, Resource};
 use super::confine::Refusal;
@@ -230,14 +231,17 @@ async fn admitted_once(
         Err(e) => tracing::warn!("cannot list this host's addresses (getifaddrs: {e})"),
     }
     let (_, left) = source::admitted(store, &policy, |_| Resolution::Pending);
-    let mut answers = BTreeMap::new();
-    for name in left.names {
-        let answer = match resolve::resolve(&name, resolve::LOOKUP_TIMEOUT).await {
-            Ok(ips) => Resolution::Resolved(ips),
-            Err(why) => Resolution::Failed(why),
-        };
-        answers.insert(name, answer);
-    }
+    let answers: BTreeMap<String, Resolution> = futures_util::stream::iter(left.names)
+        .map(|name| async move {
+            let answer = match resolve::resolve(&name, resolve::LOOKUP_TIMEOUT).await {
+                Ok(ips) => Resolution::Resolved(ips),
+                Err(why) => Resolution::Failed(why),
+            };
+            (name, answer)
+        })
+        .buffer_unordered(resolve::MAX_IN_FLIGHT)
+        .collect()
+        .await;
     let (snapshot, left) = source::admitted(store, &policy, |name| {
         answers.get(name).cloned().unwrap_or(Resolution::Pending)
     });

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::confine::Refusal;
+use super::dns_names;
 use super::interfaces;
 use super::metrics::Metrics;
 use super::policy::{self, Policy, Resolution, Verdict};
@@ -321,14 +322,23 @@ pub(crate) struct LeftOut {
 }
 
 /// The snapshot of the instances `policy` admits: confinement first (who may say
-/// what), then the address, host names judged by `lookup`.
+/// what), then the address, host names judged by `lookup` (asked once a name, so what
+/// is rendered is what was judged), each DNS-named instance rendered at the addresses
+/// it was approved for (`dns_names::expand`).
 pub(crate) fn admitted(
     store: &Store,
     policy: &Policy,
     lookup: impl Fn(&str) -> Resolution,
 ) -> (StoreSnapshot, LeftOut) {
-    let mut keys = BTreeMap::new();
-    let mut names = BTreeSet::new();
+    let mut out = LeftOut {
+        keys: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        names: BTreeSet::new(),
+    };
+    let mut answers: BTreeMap<String, Resolution> = BTreeMap::new();
+    let mut approved: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
+    // (service, id) → key, for naming a DNS-named instance `expand` leaves out.
+    let mut named_keys: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut refused = BTreeMap::new();
     let snapshot = store.snapshot_where(
         policy.confinement(),
@@ -336,30 +346,38 @@ pub(crate) fn admitted(
             let resolution = if policy::literal(&inst.host).is_some() {
                 Resolution::Pending
             } else {
-                names.insert(inst.host.clone());
-                lookup(&inst.host)
+                out.names.insert(inst.host.clone());
+                answers
+                    .entry(inst.host.clone())
+                    .or_insert_with(|| lookup(&inst.host))
+                    .clone()
             };
             let rule = match policy::check(&inst.host, &resolution, policy) {
-                Verdict::Allowed => return true,
+                Verdict::Allowed => {
+                    if let Resolution::Resolved(ips) = resolution {
+                        approved.insert(inst.host.clone(), ips);
+                        named_keys.insert((inst.service.clone(), inst.id.clone()), key.to_string());
+                    }
+                    return true;
+                }
                 Verdict::Denied(rule) | Verdict::Unresolved(rule) => rule,
                 Verdict::Pending => String::new(),
             };
-            keys.insert(key.to_string(), rule);
+            out.keys.insert(key.to_string(), rule);
             false
         },
         &mut refused,
     );
     for (key, r) in &refused {
-        keys.insert(key.clone(), r.rule.clone());
+        out.keys.insert(key.clone(), r.rule.clone());
     }
-    (
-        snapshot,
-        LeftOut {
-            keys,
-            refused,
-            names,
-        },
-    )
+    out.refused = refused;
+    let (snapshot, left_out) = dns_names::expand(snapshot, &approved);
+    for (service, id, rule) in left_out {
+        let key = named_keys.remove(&(service, id)).unwrap_or_default();
+        out.keys.insert(key, rule);
+    }
+    (snapshot, out)
 }
 
 fn warn_all(warnings: &[SchemaError]) {

@@ -41,9 +41,14 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Backend::start_on(name, "127.0.0.1:0").await
+    }
+
+    /// One on `addr` (another loopback address, or a port another backend uses).
+    pub async fn start_on(name: &str, addr: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .expect("bind backend");
+            .unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
         let addr = listener.local_addr().expect("backend addr");
         let stop = CancellationToken::new();
         let hits = Arc::new(AtomicU64::new(0));
@@ -191,9 +196,22 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts HAProxy on an existing config and waits for its master socket.
     pub async fn start(cfg: &Path, sock: &Path, log: &Path) -> Haproxy {
+        Haproxy::start_in(cfg, sock, log, None).await
+    }
+
+    /// `start`, looking host names up through `resolv_conf` (see `dns::use_resolv_conf`).
+    pub async fn start_in(
+        cfg: &Path,
+        sock: &Path,
+        log: &Path,
+        resolv_conf: Option<&Path>,
+    ) -> Haproxy {
         need("haproxy", "haproxy");
         let out = std::fs::File::create(log).expect("haproxy log");
         let mut cmd = owned_command("haproxy");
+        if let Some(r) = resolv_conf {
+            super::dns::use_resolv_conf(&mut cmd, r);
+        }
         cmd.arg("-W")
             .arg("-S")
             .arg(sock)
@@ -290,6 +308,9 @@ pub struct Options {
     pub allowed_networks: Option<Vec<String>>,
     /// Extra `key = value` lines for `[watcher]`.
     pub watcher_extra: String,
+    /// HAProxy and the watcher look host names up through this resolv.conf (a test
+    /// resolver, `dns::Dns`) instead of the machine's.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -307,6 +328,7 @@ impl Default for Options {
             watcher_admin_socket: None,
             allowed_networks: Some(vec!["127.0.0.0/8".into()]),
             watcher_extra: String::new(),
+            resolv_conf: None,
         }
     }
 }
@@ -339,6 +361,7 @@ pub struct FrontDoor {
     pub etcd_endpoint: String,
     /// HAProxy's admin socket, when the config renders one.
     pub admin_sock: PathBuf,
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl FrontDoor {
@@ -370,7 +393,13 @@ impl FrontDoor {
         let stats_port = free_port();
         let metrics_port = free_port();
         std::fs::write(&dest, bootstrap_config(http_port)).expect("bootstrap config");
-        let haproxy = Haproxy::start(&dest, &sock, &dir.path().join("haproxy.log")).await;
+        let haproxy = Haproxy::start_in(
+            &dest,
+            &sock,
+            &dir.path().join("haproxy.log"),
+            opts.resolv_conf.as_deref(),
+        )
+        .await;
         let prefix = super::unique_prefix("w");
         let name = unique("lb");
         let reload = match &opts.reload_cmd {
@@ -406,6 +435,7 @@ name = "{name}"
 listen = "127.0.0.1:{metrics_port}"
 wait = {{ min_ms = {min}, max_ms = {max} }}
 command_timeout_ms = {timeout}
+state_dir = {state_dir:?}
 {allowed}
 {watcher_extra}
 
@@ -430,6 +460,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             timeout = opts.command_timeout_ms,
             check = opts.check_cmd,
             watcher_extra = opts.watcher_extra,
+            state_dir = dir.path().join("watcher-state").display().to_string(),
         );
         std::fs::write(&config, toml).expect("write watcher config");
         FrontDoor {
@@ -447,6 +478,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             watcher: None,
             etcd_endpoint: etcd.endpoint(),
             admin_sock,
+            resolv_conf: opts.resolv_conf.clone(),
         }
     }
 
@@ -458,6 +490,9 @@ stats_bind = "127.0.0.1:{stats_port}"
             .open(&self.watcher_log)
             .expect("watcher log");
         let mut cmd = portolan_cmd();
+        if let Some(r) = &self.resolv_conf {
+            super::dns::use_resolv_conf(&mut cmd, r);
+        }
         cmd.arg("watcher")
             .arg("--config")
             .arg(&self.config)
