@@ -29,13 +29,14 @@
 //!   `lease` (grant, reuse, keep-alive), `drain` (stop signals and give-back deadlines),
 //!   `announce` (hook events from key ops), `watch` (our own keys, repaired when
 //!   touched), `advertise` (detecting the advertise IP).
-//! - `watcher`: etcd → HAProxy. `mod.rs` is the loop → `pass`: `source` (list + watch,
-//!   policy applied) → `store` (snapshot; pure) → `effective` (`guard`: the mass-removal
+//! - `watcher`: etcd → HAProxy. `mod.rs` is the loop → `pass`: `source` (list + watch;
+//!   `confine`: who may route what, `policy`: where to, `dns_names`: a name at the
+//!   addresses approved for it) → `store` (snapshot; pure) → `effective` (`guard`: the mass-removal
 //!   hold, `linger`: emptied backends kept; pure) → `render` (tera; pure) → `apply`
 //!   (`route`: which path, pure; the executor; `dest`: the crash-safe file; `command`:
 //!   check and reload commands) → `report` (outcome → log, metrics, hooks, status; pure)
-//!   → `sink`. Beside them: `deferred` (checks off the latency path), `policy` and
-//!   `resolve` (where instances may point; names resolved off the render path),
+//!   → `sink`. Beside them: `deferred` (checks off the latency path), `resolve` (names
+//!   looked up off the render path), `interfaces` (this host's own addresses),
 //!   `haproxy/{master (master socket), runtime_plan (config diff → runtime ops; pure),
 //!   runtime_api (admin socket), sections and servers (reading configs and `show servers
 //!   state`; pure), socket}`, `template_files` (notify), `status` (own etcd key),

@@ -33,12 +33,12 @@ pub(crate) struct Judged {
 
 impl Effective {
     /// `live`: what the first `[[template]]`'s `dest` holds at start, if anything.
-    pub(crate) fn new(cfg: &WatcherConfig, live: Option<String>) -> Effective {
+    pub(crate) fn new(cfg: &WatcherConfig, live: Option<&[u8]>) -> Effective {
         Effective {
             guard: Guard::new(&cfg.mass_removal),
             linger: Linger::new(cfg.empty_backend_grace),
             rendered: None,
-            seed: live,
+            seed: live.map(|b| String::from_utf8_lossy(b).into_owned()),
         }
     }
 

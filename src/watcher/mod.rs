@@ -72,7 +72,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
 use crate::config::WatcherConfig;
 use crate::hook::Hooks;
 use crate::schema::WatcherStatus;
@@ -154,7 +153,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     tracker.spawn(status);
 
     tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
-    let mut effective = effective::Effective::new(&cfg, live_text(&resources));
+    let mut effective = effective::Effective::new(&cfg, resources.first().and_then(Resource::live));
     if let Some(until) = held_until {
         let left = until
             .duration_since(std::time::SystemTime::now())
@@ -170,7 +169,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tpl_rx,
         sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx),
         effective,
-        retry: Retry::default(),
+        retry: pass::Retry::default(),
         reloaded: false,
         ready: false,
         pending_since: None,
@@ -217,27 +216,6 @@ async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Resul
     Ok(resources)
 }
 
-/// What the first resource's `dest` holds, as text: the file HAProxy runs.
-fn live_text(resources: &[Resource]) -> Option<String> {
-    let live = resources.first()?.live()?;
-    Some(String::from_utf8_lossy(live).into_owned())
-}
-
-/// When to try again after a transient failure (unreachable master socket, I/O).
-struct Retry {
-    at: Option<Instant>,
-    backoff: Backoff,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            at: None,
-            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
-        }
-    }
-}
-
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
     resources: Vec<Resource>,
@@ -246,7 +224,7 @@ struct Loop<'a> {
     tpl_rx: mpsc::Receiver<()>,
     sink: Sink,
     effective: effective::Effective,
-    retry: Retry,
+    retry: pass::Retry,
     /// The last pass reloaded (or tried to): changes right behind it are batched.
     reloaded: bool,
     ready: bool,

@@ -10,6 +10,23 @@ use crate::hook::WatcherEvent;
 use crate::sd;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
+
+/// When to try again after a transient failure (unreachable master socket, I/O).
+pub(super) struct Retry {
+    pub(super) at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            at: None,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+}
+
 impl Loop<'_> {
     /// Renders every resource from the latest snapshot, applies what changed, and says
     /// what happened.
