@@ -93,8 +93,11 @@ dest = "{}"
             dest.display()
         ),
     );
-    etcd.put(&format!("{prefix}/services/web/a"), r#"{"addr":"127.0.0.1:1001"}"#)
-        .await;
+    etcd.put(
+        &format!("{prefix}/services/web/a"),
+        r#"{"addr":"127.0.0.1:1001"}"#,
+    )
+    .await;
     // What `render --once` as root left behind: a lock, owner root, mode 0600.
     write(&lock, "");
     std::fs::set_permissions(&lock, PermissionsExt::from_mode(0o600)).unwrap();
@@ -141,8 +144,11 @@ dest = "{}"
     .await;
 
     // Root runs `render --once` again, with a change: the watcher is not wedged again.
-    etcd.put(&format!("{prefix}/services/web/b"), r#"{"addr":"127.0.0.1:1002"}"#)
-        .await;
+    etcd.put(
+        &format!("{prefix}/services/web/b"),
+        r#"{"addr":"127.0.0.1:1002"}"#,
+    )
+    .await;
     let out = portolan_cmd()
         .args(["render", "--once", "--config"])
         .arg(&config)
@@ -161,8 +167,11 @@ dest = "{}"
             "{what} after a root render --once keeps the folder's owner"
         );
     }
-    etcd.put(&format!("{prefix}/services/web/c"), r#"{"addr":"127.0.0.1:1003"}"#)
-        .await;
+    etcd.put(
+        &format!("{prefix}/services/web/c"),
+        r#"{"addr":"127.0.0.1:1003"}"#,
+    )
+    .await;
     wait_until("the watcher applies the next change", T, || async {
         std::fs::read_to_string(&dest).is_ok_and(|t| t.contains("web 127.0.0.1:1003"))
     })
@@ -319,7 +328,8 @@ async fn reject_and_fail_hooks_fire_once_per_distinct_file_across_retries() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().unwrap().port();
     let extra = format!("frontend extra\n    bind 127.0.0.1:{port}");
-    etcd.put(&format!("{}/config/extra", fd.prefix), &extra).await;
+    etcd.put(&format!("{}/config/extra", fd.prefix), &extra)
+        .await;
     let failed = r#"portolan_watcher_reloads_total{result="failed"}"#;
     wait_until("three retries failed", T, || async {
         fd.metric(failed).await >= Some(4.0)
@@ -330,7 +340,10 @@ async fn reject_and_fail_hooks_fire_once_per_distinct_file_across_retries() {
         receiver.events("fail").len() >= 2
     })
     .await;
-    eprintln!("failed reloads logged and counted: {:?}; fail hooks: 2", fd.metric(failed).await);
+    eprintln!(
+        "failed reloads logged and counted: {:?}; fail hooks: 2",
+        fd.metric(failed).await
+    );
     assert_eq!(
         receiver.events("fail").len(),
         2,
@@ -371,10 +384,7 @@ async fn a_reload_whose_master_is_killed_fails_fast() {
     let mut fd = FrontDoor::start(
         &etcd,
         Options {
-            check_cmd: format!(
-                "haproxy -c -q -f {{src}} && touch '{}'",
-                checked.display()
-            ),
+            check_cmd: format!("haproxy -c -q -f {{src}} && touch '{}'", checked.display()),
             template_extra: format!("\nglobal\n    lua-load {}\n", lua.display()),
             ..Default::default()
         },

@@ -134,6 +134,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
     let mut lp = Loop {
         cfg: &cfg,
+        repeats: resources.iter().map(|_| Default::default()).collect(),
         resources,
         deferred: deferred::Deferred::default(),
         snap_rx,
@@ -225,6 +226,8 @@ impl Default for Retry {
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
     resources: Vec<Resource>,
+    /// Per resource: the refusal whose hook went out last (sent once per file).
+    repeats: Vec<report::Repeats>,
     deferred: deferred::Deferred,
     snap_rx: watch::Receiver<Option<Published>>,
     tpl_rx: mpsc::Receiver<()>,
@@ -376,9 +379,10 @@ impl Loop<'_> {
     async fn deferred_checked(&mut self, (i, bytes, result): deferred::Done) -> bool {
         let timeout = self.cfg.command_timeout;
         let repair = self.resources[i]
-            .deferred_checked(bytes, &result, timeout)
+            .deferred_checked(bytes.clone(), &result, timeout)
             .await;
-        let report = report::deferred(&result, repair.as_ref());
+        let mut report = report::deferred(&result, repair.as_ref());
+        self.repeats[i].judge(&mut report, &bytes);
         let revision = self.sink.metrics.revision.get();
         self.sink
             .tell(&report, &self.resources[i].cfg.dest, revision);
