@@ -176,6 +176,19 @@ dest = "{}"
         std::fs::read_to_string(&dest).is_ok_and(|t| t.contains("web 127.0.0.1:1003"))
     })
     .await;
+    // A readable lock of root's (0644, as older versions made it) does not wedge it
+    // either: flock needs only a read-only open.
+    std::os::unix::fs::chown(&lock, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&lock, PermissionsExt::from_mode(0o644)).unwrap();
+    etcd.put(
+        &format!("{prefix}/services/web/d"),
+        r#"{"addr":"127.0.0.1:1004"}"#,
+    )
+    .await;
+    wait_until("applied under root's readable lock", T, || async {
+        std::fs::read_to_string(&dest).is_ok_and(|t| t.contains("web 127.0.0.1:1004"))
+    })
+    .await;
     let text = log();
     assert!(!text.contains("back in place"), "{text}");
 }

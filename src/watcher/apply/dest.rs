@@ -372,7 +372,7 @@ mod tests {
         );
         assert!(text.contains("mode 0600"), "{text}");
         assert!(
-            text.contains(&format!("chown ")) && text.contains(&format!("rm {shown}")),
+            text.contains("chown ") && text.contains(&format!("rm {shown}")),
             "{text}"
         );
     }

@@ -497,7 +497,7 @@ impl Resource {
         let result = if let Some(sock) = &self.cfg.haproxy_master_socket {
             let answer = master::reload(sock, timeout, self.master_pid).await;
             self.master_pid = match &answer {
-                Ok(status) => Some(status.pid),
+                Ok(status) => master::watchable(status.pid).then_some(status.pid),
                 Err(master::ReloadError::MasterGone { .. }) => None,
                 Err(_) => self.master_pid,
             };

@@ -15,9 +15,9 @@
 //! socket refuses connections (its file stays). The master keeps its pid across a
 //! reload (it re-executes in place), so a refusing socket whose master process is gone
 //! (or a zombie: killed, not yet reaped) is a master that vanished: the reload fails at
-//! once (`MasterGone`) instead of at the timeout. The pid is only trusted when the
-//! process was visible in `/proc` when it answered — a watcher in another pid namespace
-//! than HAProxy's waits for the timeout as before.
+//! once (`MasterGone`) instead of at the timeout. The pid is only trusted when `/proc`
+//! showed a `haproxy` process under it when the master answered — a watcher in another
+//! pid namespace than HAProxy's waits for the timeout as before.
 
 use std::path::Path;
 use std::time::Duration;
@@ -126,9 +126,16 @@ fn exited(pid: u32) -> bool {
     }
 }
 
+/// Whether `/proc` shows a HAProxy process under `pid` (its command name starts with
+/// `haproxy`): only then does its disappearance say the master exited.
+pub(crate) fn watchable(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("haproxy"))
+        && !exited(pid)
+}
+
 /// Reloads HAProxy and waits (up to `timeout`) until the master confirms it.
 /// Returns the master status after the reload. `known`: the master's pid as of its last
-/// answer, so a master gone before this reload fails it at once too.
+/// answer (when `watchable`), so a master gone before this reload fails it at once too.
 ///
 /// `timeout` bounds the whole attempt: each exchange with the master only gets the time
 /// left before the deadline, so a hung socket cannot stretch it (the last poll may end
@@ -163,7 +170,7 @@ pub(crate) async fn reload(
         }
     };
     // Seen in /proc now: its disappearance later means it exited.
-    let watched = (!exited(before.pid)).then_some(before.pid);
+    let watched = watchable(before.pid).then_some(before.pid);
     match exchange(path, "reload", left()).await {
         Ok(_) => {}
         // Sent but not closed in time: the master may be reloading already.
@@ -249,11 +256,12 @@ mod tests {
     async fn a_master_gone_mid_reload_fails_at_once_not_at_the_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.sock");
-        let mut master = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        // A process named haproxy, as HAProxy's master is.
+        let fake = dir.path().join("haproxy");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let mut master = std::process::Command::new(&fake).arg("30").spawn().unwrap();
         let pid = master.id();
+        assert!(watchable(pid));
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let answer = format!("{pid} master 3 [failed: 0] 0d00h00m05s 2.6\n");
         let server = tokio::spawn(async move {
@@ -284,6 +292,15 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn only_a_haproxy_process_is_watched() {
+        assert!(
+            !watchable(std::process::id()),
+            "the test binary is not HAProxy"
+        );
+        assert!(!watchable(u32::MAX), "no such process");
     }
 
     #[tokio::test]
