@@ -98,6 +98,9 @@ pub enum Command {
     /// Reads the [[template]] resources of --config. The first change after a quiet
     /// spell is applied at once; changes that arrive while an apply is in flight are
     /// batched into the next one. A config that fails its check never goes live.
+    /// The file HAProxy last confirmed is kept in <dest>.last-good and put back when a
+    /// reload is refused, also after a restart; a master that exits mid-reload fails
+    /// the reload at once. `reject` and `fail` hooks fire once per distinct file.
     /// Template edits are picked up at once; SIGHUP re-reads templates and renders again.
     /// Removals that would drop the live instances more than [watcher]
     /// mass_removal.share below their peak of the last mass_removal.hold_s (etcd
@@ -126,6 +129,8 @@ pub enum Command {
     ///
     /// Like `confd -onetime`. With --dry-run nothing is written or reloaded: the output
     /// is printed with the check result, and the exit code is non-zero when the check fails.
+    /// It takes the running watcher's lock beside dest; run as root, what it makes there
+    /// goes to the folder's owner and group, so the watcher is never locked out.
     Render(RenderArgs),
     /// Is HAProxy running what etcd says? Compares etcd, the file on disk and HAProxy.
     ///

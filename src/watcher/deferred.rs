@@ -91,9 +91,10 @@ impl Loop<'_> {
     pub(super) async fn deferred_checked(&mut self, (i, bytes, result): Done) -> bool {
         let timeout = self.cfg.command_timeout;
         let repair = self.resources[i]
-            .deferred_checked(bytes, &result, timeout)
+            .deferred_checked(bytes.clone(), &result, timeout)
             .await;
-        let report = report::deferred(&result, repair.as_ref());
+        let mut report = report::deferred(&result, repair.as_ref());
+        self.repeats[i].judge(&mut report, &bytes);
         let revision = self.sink.metrics.revision.get();
         self.sink
             .tell(&report, &self.resources[i].cfg.dest, revision);

@@ -163,6 +163,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     let mut lp = Loop {
         cfg: &cfg,
+        repeats: resources.iter().map(|_| Default::default()).collect(),
         resources,
         deferred: deferred::Deferred::default(),
         snap_rx,
@@ -219,6 +220,8 @@ async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Resul
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
     resources: Vec<Resource>,
+    /// Per resource: the refusal whose hook went out last (sent once per file).
+    repeats: Vec<report::Repeats>,
     deferred: deferred::Deferred,
     snap_rx: watch::Receiver<Option<Published>>,
     tpl_rx: mpsc::Receiver<()>,

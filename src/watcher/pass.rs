@@ -52,7 +52,7 @@ impl Loop<'_> {
                 .into_iter()
                 .collect(),
         );
-        for r in &mut self.resources {
+        for (r, repeats) in self.resources.iter_mut().zip(&mut self.repeats) {
             if let Some(e) = &r.template_error {
                 pass.errors.push(e.to_string());
             }
@@ -72,7 +72,8 @@ impl Loop<'_> {
             self.sink.metrics.renders.inc();
             let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
             let name = r.name();
-            let report = report::apply(&outcome, &Scene::of(r, &name, snapshot, started));
+            let mut report = report::apply(&outcome, &Scene::of(r, &name, snapshot, started));
+            repeats.judge(&mut report, rendered.as_bytes());
             self.sink.tell(&report, &r.cfg.dest, revision);
             pass.add(&report);
         }

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::apply::{failure_report, ApplyError, Chain, CommandResult, Outcome, Resource};
+use super::apply::{failure_report, ApplyError, Chain, CommandResult, Left, Outcome, Resource};
 use super::guard::Held;
 use super::haproxy::first_error_line;
 use super::haproxy::runtime_api::RuntimeError;
@@ -208,7 +208,11 @@ pub(crate) fn apply(outcome: &Outcome, s: &Scene) -> Report {
         }
         Outcome::Reloaded { fallback, took } => reloaded(fallback.as_ref(), *took, s),
         Outcome::Rejected { check, diff } => rejected(check, diff, s),
-        Outcome::Failed { error, fallback } => failed(error, fallback.as_ref(), s),
+        Outcome::Failed {
+            error,
+            fallback,
+            left,
+        } => failed(error, fallback.as_ref(), left, s),
     }
 }
 
@@ -280,19 +284,32 @@ fn rejected(check: &CommandResult, diff: &str, s: &Scene) -> Report {
     r
 }
 
-fn failed(error: &ApplyError, fallback: Option<&RuntimeError>, s: &Scene) -> Report {
+fn failed(error: &ApplyError, fallback: Option<&RuntimeError>, left: &Left, s: &Scene) -> Report {
     let dest = s.dest.display();
     let text = failure_report(error, fallback);
+    let after = match left {
+        Left::AsItWas => format!("{dest} is as it was"),
+        Left::NewFile => format!(
+            "the new file stays in {dest} (HAProxy may run it already) and is reloaded again until HAProxy confirms it"
+        ),
+        Left::LastGood => "the last good file is back in place".to_string(),
+        Left::Previous => format!(
+            "the file there before is back in {dest} (no file HAProxy confirmed is known yet)"
+        ),
+        Left::NoLastGood => {
+            format!("no file HAProxy confirmed is known: {dest} keeps the refused one")
+        }
+        Left::NotRestored(why) => {
+            format!("the last good file could not be put back ({why}): {dest} holds the refused one")
+        }
+    };
     let mut r = Report::new("failed", Live::Not, format!("{dest}: {text}"));
     r.counts.reload = Some("failed");
     r.reload = Some(ReloadResult::Failed);
     // Transient or not, try again on the backoff timer: HAProxy may take the
     // file once whatever it lacked (a port, a certificate) is there.
     r.retry = true;
-    r.lines.push((
-        Level::Error,
-        format!("{text}; the last good file is back in place"),
-    ));
+    r.lines.push((Level::Error, format!("{text}; {after}")));
     r.hook = Some((WatcherEvent::Fail, text.clone()));
     r.error = Some(text);
     r
@@ -345,6 +362,41 @@ pub(crate) fn deferred(check: &CommandResult, repair: Option<&Outcome>) -> Repor
     });
     r.error = Some(summary);
     r
+}
+
+/// `reject` and `fail` hooks fire once per distinct file: a file refused again on the
+/// retry timer is logged and counted each time, but its hook is not sent again until
+/// the file (or the event) changes. One per resource; an apply that went through forgets
+/// it, so the same file refused later is news again.
+#[derive(Debug, Default)]
+pub(crate) struct Repeats {
+    /// The event and file of the last refusal whose hook went out.
+    last: Option<(WatcherEvent, u64)>,
+}
+
+impl Repeats {
+    /// Drops `r`'s hook when it repeats the last refusal of the same `file`.
+    pub(crate) fn judge(&mut self, r: &mut Report, file: &[u8]) {
+        let refusal = match &r.hook {
+            Some((e @ (WatcherEvent::Reject | WatcherEvent::Fail), _)) => Some((*e, digest(file))),
+            _ => None,
+        };
+        match refusal {
+            Some(key) if self.last == Some(key) => r.hook = None,
+            Some(key) => self.last = Some(key),
+            // Only an apply's outcome forgets: a deferred check that passed says nothing
+            // about the file refused last.
+            None if r.counts.apply.is_some() => self.last = None,
+            None => {}
+        }
+    }
+}
+
+fn digest(file: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    file.hash(&mut h);
+    h.finish()
 }
 
 /// What is said when the guard holds back a mass removal.
@@ -546,6 +598,90 @@ mod tests {
         );
         assert!(r.counts.check_failure);
         assert!(r.lines[0].1.contains("+bogus") && r.lines[0].1.contains("t.tera"));
+    }
+
+    #[test]
+    fn a_failure_says_what_dest_holds_and_never_claims_a_restore_that_did_not_happen() {
+        let lock = || ApplyError::Locked {
+            path: "/x.lock".into(),
+            waited: Duration::ZERO,
+        };
+        #[rustfmt::skip]
+        let table: Vec<(Left, &str)> = vec![
+            (Left::AsItWas, "/etc/haproxy/haproxy.cfg is as it was"),
+            (Left::NewFile, "the new file stays in /etc/haproxy/haproxy.cfg"),
+            (Left::LastGood, "the last good file is back in place"),
+            (Left::Previous, "the file there before is back"),
+            (Left::NoLastGood, "keeps the refused one"),
+            (Left::NotRestored("disk full".into()), "could not be put back (disk full)"),
+        ];
+        for (left, says) in table {
+            let outcome = Outcome::Failed {
+                error: lock(),
+                fallback: None,
+                left: left.clone(),
+            };
+            let r = apply(&outcome, &scene(Instant::now()));
+            let line = &r.lines[0].1;
+            assert!(line.contains(says), "{left:?}: {line}");
+            let claims = line.contains("back in place");
+            assert_eq!(claims, left == Left::LastGood, "{left:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_repeated_on_the_retry_timer_fires_its_hook_once() {
+        let now = Instant::now();
+        let rejected = || {
+            apply(
+                &Outcome::Rejected {
+                    check: check(false, "bad"),
+                    diff: String::new(),
+                },
+                &scene(now),
+            )
+        };
+        let failed = || {
+            let error = ApplyError::Locked {
+                path: "/x.lock".into(),
+                waited: Duration::ZERO,
+            };
+            apply(&Outcome::failed(error), &scene(now))
+        };
+        let reloaded = || {
+            apply(
+                &Outcome::Reloaded {
+                    fallback: None,
+                    took: Duration::ZERO,
+                },
+                &scene(now),
+            )
+        };
+        let passed = || deferred(&check(true, ""), None);
+        let mut repeats = Repeats::default();
+        // (report, file) → hook sent
+        #[rustfmt::skip]
+        let steps: Vec<(&str, Report, &[u8], bool)> = vec![
+            ("a refused file", rejected(), b"v2", true),
+            ("the same file on the retry timer", rejected(), b"v2", false),
+            ("and again", rejected(), b"v2", false),
+            ("a deferred check passing in between", passed(), b"v1", false),
+            ("still the same file", rejected(), b"v2", false),
+            ("another file", rejected(), b"v3", true),
+            ("that file fails otherwise", failed(), b"v3", true),
+            ("failing again", failed(), b"v3", false),
+            ("an apply that goes through", reloaded(), b"v4", true),
+            ("the first file again is news", rejected(), b"v2", true),
+        ];
+        for (name, mut r, file, sent) in steps {
+            let had = r.hook.is_some();
+            repeats.judge(&mut r, file);
+            assert_eq!(r.hook.is_some(), sent && had, "{name}");
+            assert!(
+                !r.lines.is_empty() || r.counts.deferred.is_some(),
+                "{name}: still logged"
+            );
+        }
     }
 
     #[test]

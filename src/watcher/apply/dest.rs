@@ -6,8 +6,20 @@
 //! Staged files are named `.<dest name>.portolan.<pid>.<n>.tmp`; leftovers of a killed
 //! run are removed by `clean_stale` at start. The lock (`.<dest name>.portolan.lock`,
 //! flock(2)) keeps a `render --once` and a running watcher from interleaving.
+//!
+//! Ownership: a file made here by root (a `render --once` run as root beside a watcher
+//! that is not) is given to the folder's owner and group — a new version of a file
+//! keeps the owner of the version it replaces — so root never leaves behind a file the
+//! watcher cannot open. The lock is made mode 0660: whoever may write the folder may
+//! take it; flock(2) needs only a read-only open, so a readable lock made by another
+//! user still works, and one that is not is refused by name, owner and mode, with what
+//! to do.
+//!
+//! `<dest>.last-good` (`last_good`) holds the last file HAProxy confirmed, written the
+//! same crash-safe way, so a refused reload after a restart puts back what HAProxy
+//! confirmed rather than whatever the previous run left at `dest`.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +32,11 @@ use super::outcome::ApplyError;
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
 const LOCK_POLL: Duration = Duration::from_millis(10);
+/// The lock's mode: the folder's owner and group, who may write the folder anyway.
+const LOCK_MODE: u32 = 0o660;
+/// `<dest>.last-good`'s mode: the watcher's own copy, readable by the folder's group
+/// (the watcher's, when root made the copy).
+const LAST_GOOD_MODE: &str = "0640";
 
 /// One resource's `dest`, with the mode its new versions get.
 #[derive(Debug, Clone)]
@@ -55,12 +72,7 @@ impl Dest {
         let path = lock_path(&self.path);
         let started = tokio::time::Instant::now();
         loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|source| self.stage_error(source))?;
+            let file = self.open_lock(&path)?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(l) => return Ok(l),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < timeout => {
@@ -77,17 +89,56 @@ impl Dest {
         }
     }
 
+    /// Opens the lock file read-only (all flock(2) needs), or makes it: mode 0660, and
+    /// when made by root, the folder's owner and group. One that exists and cannot be
+    /// opened is `LockDenied`.
+    fn open_lock(&self, path: &Path) -> Result<std::fs::File, ApplyError> {
+        loop {
+            match std::fs::File::open(path) {
+                Ok(f) => return Ok(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(lock_denied(path, source)),
+            }
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(LOCK_MODE)
+                .open(path);
+            match made {
+                Ok(f) => {
+                    let given = f
+                        .set_permissions(std::fs::Permissions::from_mode(LOCK_MODE))
+                        .and_then(|()| give_away(&f, heir(path)));
+                    return given.map(|()| f).map_err(|e| self.stage_error(e));
+                }
+                // Made by another apply in between: open that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(self.stage_error(e)),
+            }
+        }
+    }
+
+    /// `<dest>.last-good`, beside `dest`.
+    pub(crate) fn last_good(&self) -> Dest {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".last-good");
+        Dest::new(PathBuf::from(name), Some(LAST_GOOD_MODE.into()))
+    }
+
     /// Writes `bytes` to a fresh staging file beside `dest` with the resource's mode,
     /// fsynced. The caller swaps it in or removes it.
     pub(crate) async fn stage(&self, bytes: &[u8]) -> Result<PathBuf, ApplyError> {
-        let mode = match &self.mode {
-            Some(m) => u32::from_str_radix(m, 8).unwrap_or(0o644),
-            None => match tokio::fs::metadata(&self.path).await {
-                Ok(md) => md.permissions().mode() & 0o7777,
-                Err(_) => 0o644,
-            },
+        let there = tokio::fs::metadata(&self.path).await.ok();
+        let mode = match (&self.mode, &there) {
+            (Some(m), _) => u32::from_str_radix(m, 8).unwrap_or(0o644),
+            (None, Some(md)) => md.permissions().mode() & 0o7777,
+            (None, None) => 0o644,
         };
-        stage(&self.path, bytes, mode)
+        let owner = match there {
+            Some(md) => Some((md.uid(), md.gid())),
+            None => heir(&self.path),
+        };
+        stage(&self.path, bytes, mode, owner)
             .await
             .map_err(|e| self.stage_error(e))
     }
@@ -95,7 +146,7 @@ impl Dest {
     /// A private copy of `bytes` beside `dest` (mode 0600), for a check of bytes that are
     /// not to be swapped in: relative paths in them resolve as they will.
     pub(crate) async fn stage_copy(&self, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        stage(&self.path, bytes, 0o600).await
+        stage(&self.path, bytes, 0o600, None).await
     }
 
     /// rename(2) `staged` over `dest`, then fsync the folder so the rename is durable.
@@ -148,6 +199,49 @@ impl Dest {
     }
 }
 
+/// The lock at `path` cannot be opened: named with its owner and mode, and what to do.
+fn lock_denied(path: &Path, source: std::io::Error) -> ApplyError {
+    let (owner, mode) = match std::fs::metadata(path) {
+        Ok(md) => (user_name(md.uid()), format!("{:04o}", md.mode() & 0o7777)),
+        Err(_) => ("unknown".into(), "unknown".into()),
+    };
+    ApplyError::LockDenied {
+        path: path.display().to_string(),
+        owner,
+        mode,
+        me: user_name(nix::unistd::geteuid().as_raw()),
+        source,
+    }
+}
+
+/// A user's name, or `uid N` when it has none.
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => format!("uid {uid}"),
+    }
+}
+
+/// Who a new file at `path` goes to when root makes it: the folder's owner and group.
+/// None when not root (a file is its maker's, and only root may give it away).
+fn heir(path: &Path) -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let md = std::fs::metadata(folder(path)).ok()?;
+    Some((md.uid(), md.gid()))
+}
+
+/// fchown(2) `f` to `owner` (None: leave it).
+fn give_away(f: &impl std::os::fd::AsFd, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    match owner {
+        Some((uid, gid)) if nix::unistd::geteuid().is_root() => {
+            std::os::unix::fs::fchown(f, Some(uid), Some(gid))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `.<dest name>.portolan.lock` beside `dest`.
 pub(crate) fn lock_path(dest: &Path) -> PathBuf {
     folder(dest).join(format!("{}lock", staging_prefix(dest)))
@@ -178,8 +272,14 @@ fn staging_path(dest: &Path) -> PathBuf {
     ))
 }
 
-/// Writes `bytes` to a fresh staging file beside `dest` with `mode` and fsyncs it.
-async fn stage(dest: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+/// Writes `bytes` to a fresh staging file beside `dest` with `mode` (and, made by root,
+/// `owner`) and fsyncs it.
+async fn stage(
+    dest: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<PathBuf> {
     let path = staging_path(dest);
     let result = async {
         let mut f = tokio::fs::OpenOptions::new()
@@ -192,6 +292,7 @@ async fn stage(dest: &Path, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf>
         // The umask may have narrowed the mode given at creation.
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .await?;
+        give_away(&f, owner)?;
         f.sync_all().await
     }
     .await;
@@ -235,6 +336,45 @@ mod tests {
         kept.write(b"v2\n").await.unwrap();
         let mode = std::fs::metadata(&dest.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn the_lock_is_made_0660_and_the_last_good_copy_sits_beside_dest() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Dest::new(dir.path().join("out.cfg"), None);
+        drop(dest.lock(Duration::from_secs(1)).await.unwrap());
+        let md = std::fs::metadata(lock_path(&dest.path)).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, LOCK_MODE);
+        let good = dest.last_good();
+        assert_eq!(good.path, dir.path().join("out.cfg.last-good"));
+        good.write(b"confirmed\n").await.unwrap();
+        assert_eq!(
+            good.read().await.unwrap().as_deref(),
+            Some(&b"confirmed\n"[..])
+        );
+        let md = std::fs::metadata(&good.path).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o640);
+        assert_eq!(good.clean_stale().await.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_lock_that_cannot_be_opened_is_named_with_its_owner_mode_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join(".out.cfg.portolan.lock");
+        std::fs::write(&lock, "").unwrap();
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let text = lock_denied(&lock, denied).to_string();
+        let shown = lock.display();
+        assert!(
+            text.contains(&format!("cannot open the lock file {shown}")),
+            "{text}"
+        );
+        assert!(text.contains("mode 0600"), "{text}");
+        assert!(
+            text.contains("chown ") && text.contains(&format!("rm {shown}")),
+            "{text}"
+        );
     }
 
     #[tokio::test]

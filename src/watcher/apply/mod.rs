@@ -10,7 +10,8 @@
 //! The invariants the paths keep (HAProxy never reloaded onto an unchecked file, a
 //! refused reload puts the last confirmed file back, runtime-first changes checked in
 //! the background) are written down and tested in `route.rs`; `dest.rs` keeps the file
-//! crash-safe.
+//! crash-safe. After each apply the file HAProxy last confirmed goes to
+//! `<dest>.last-good` when it changed (`State::unsaved`), so a restarted watcher knows it.
 
 mod command;
 mod dest;
@@ -20,7 +21,7 @@ mod route;
 use std::time::Duration;
 
 pub(crate) use command::{run_shell, CommandResult};
-pub(crate) use outcome::{failure_report, ApplyError, Chain, Outcome};
+pub(crate) use outcome::{failure_report, ApplyError, Chain, Left, Outcome};
 pub(crate) use route::Bytes;
 
 use super::diff;
@@ -30,7 +31,7 @@ use super::render::{self, Template, TemplateError};
 use super::store::StoreSnapshot;
 use crate::config::TemplateResource;
 use dest::Dest;
-use route::{Check, CheckFirst, Means, Route, State, Then, Verdict};
+use route::{Check, CheckFirst, Means, Restore, Route, State, Then, Verdict};
 
 /// Lines of diff logged with a rejected check.
 const DIFF_LINES_LOGGED: usize = 40;
@@ -38,6 +39,8 @@ const DIFF_LINES_LOGGED: usize = 40;
 pub(crate) struct Resource {
     pub(crate) cfg: TemplateResource,
     dest: Dest,
+    /// `<dest>.last-good`: the file HAProxy last confirmed, kept across restarts.
+    last_good: Dest,
     state: State,
     /// Last template that compiled. Kept when an edit breaks the file.
     template: Option<Template>,
@@ -49,6 +52,9 @@ pub(crate) struct Resource {
     /// a flapping input costs bounded reloads, and old workers pile up no faster.
     min_reload_interval: Duration,
     last_reload: Option<tokio::time::Instant>,
+    /// The master's pid as of its last answer: a master socket that stops answering
+    /// while that process is gone fails the reload at once.
+    master_pid: Option<u32>,
     /// Tera values of the instances last rendered, reused by the next render.
     values: render::InstanceValues,
 }
@@ -89,15 +95,26 @@ impl Resource {
             runtime: cfg.haproxy_admin_socket.is_some(),
         };
         let live = dest.read().await?;
+        let last_good = dest.last_good();
+        // Unreadable, it is as if there were none: the watcher starts as before it kept one.
+        let good = last_good.read().await.unwrap_or_else(|e| {
+            tracing::warn!(
+                "cannot read {} ({e}): a reload refused before HAProxy confirms a file puts back the file there before",
+                last_good.show()
+            );
+            None
+        });
         Ok(Resource {
             cfg,
             dest,
-            state: State::new(means, live),
+            last_good,
+            state: State::new(means, live, good),
             template: None,
             source_text: None,
             template_error: None,
             min_reload_interval,
             last_reload: None,
+            master_pid: None,
             values: render::InstanceValues::default(),
         })
     }
@@ -111,9 +128,10 @@ impl Resource {
         self.cfg.src.display().to_string()
     }
 
-    /// Removes staging files a killed run left beside `dest`. Returns how many.
+    /// Removes staging files a killed run left beside `dest` (and its last-good copy).
+    /// Returns how many.
     pub(crate) async fn clean_stale_staging(&self) -> std::io::Result<usize> {
-        self.dest.clean_stale().await
+        Ok(self.dest.clean_stale().await? + self.last_good.clean_stale().await?)
     }
 
     /// Reads and compiles the template file. Returns true when the compiled template
@@ -183,13 +201,32 @@ impl Resource {
             self.state.saw_on_disk(disk);
         }
         let rendered: Bytes = rendered.as_bytes().into();
-        match self.state.route(&rendered, plan) {
+        let outcome = match self.state.route(&rendered, plan) {
             Route::Unchanged => {
                 self.state.unchanged();
                 Outcome::Unchanged
             }
             Route::RuntimeFirst(ops) => self.runtime_first(rendered, &ops, timeout).await,
             Route::CheckFirst(route) => self.check_first(rendered, route, None, timeout).await,
+        };
+        self.save_last_good().await;
+        outcome
+    }
+
+    /// Writes a newly confirmed file to `<dest>.last-good` (stage, fsync, rename, fsync
+    /// of the folder). A failed write is tried again after the next apply.
+    async fn save_last_good(&mut self) {
+        let Some(good) = self.state.unsaved() else {
+            return;
+        };
+        match self.last_good.write(&good).await {
+            Ok(()) => self.state.saved(good),
+            Err(e) => tracing::warn!(
+                dest = %self.dest.show(),
+                "cannot keep the confirmed file in {}: {}; after a restart a refused reload puts back an older one",
+                self.last_good.show(),
+                Chain(&e)
+            ),
         }
     }
 
@@ -237,7 +274,11 @@ impl Resource {
         {
             return match rejected {
                 Ok(outcome) => outcome,
-                Err(error) => Outcome::Failed { error, fallback },
+                Err(error) => Outcome::Failed {
+                    error,
+                    fallback,
+                    left: Left::AsItWas,
+                },
             };
         }
         let previous = self.state.written(rendered);
@@ -285,21 +326,38 @@ impl Resource {
                 // longer on disk. Keep the new one; the next pass (a transient failure
                 // schedules one) reloads again until HAProxy confirms it.
                 self.state.must_reload();
-                Outcome::Failed { error, fallback }
+                Outcome::Failed {
+                    error,
+                    fallback,
+                    left: Left::NewFile,
+                }
             }
             Err(error) => {
-                if let Some(good) = self.state.reload_refused(previous) {
-                    match self.dest.write(&good).await {
-                        Ok(()) => self.state.restored(good),
-                        Err(e) => tracing::error!(
-                            dest = %self.dest.show(),
-                            "cannot restore the last good file after a failed reload: {}",
-                            Chain(&e)
-                        ),
-                    }
+                let left = self.restore(previous).await;
+                Outcome::Failed {
+                    error,
+                    fallback,
+                    left,
                 }
-                Outcome::Failed { error, fallback }
             }
+        }
+    }
+
+    /// After a refused reload: puts back what `State::reload_refused` says, and says
+    /// what `dest` holds then.
+    async fn restore(&mut self, previous: Option<Bytes>) -> Left {
+        let (good, left) = match self.state.reload_refused(previous) {
+            Restore::InPlace => return Left::LastGood,
+            Restore::Nothing => return Left::NoLastGood,
+            Restore::Confirmed(good) => (good, Left::LastGood),
+            Restore::Previous(good) => (good, Left::Previous),
+        };
+        match self.dest.write(&good).await {
+            Ok(()) => {
+                self.state.restored(good);
+                left
+            }
+            Err(e) => Left::NotRestored(Chain(&e).to_string()),
         }
     }
 
@@ -409,7 +467,7 @@ impl Resource {
         }
         self.state.restored(good);
         let started = std::time::Instant::now();
-        match self.reload(timeout).await {
+        let outcome = match self.reload(timeout).await {
             Ok(()) => {
                 self.state.went_live();
                 Outcome::Reloaded {
@@ -419,9 +477,15 @@ impl Resource {
             }
             Err(error) => {
                 self.state.must_reload();
-                Outcome::failed(error)
+                Outcome::Failed {
+                    error,
+                    fallback: None,
+                    left: Left::LastGood,
+                }
             }
-        }
+        };
+        self.save_last_good().await;
+        outcome
     }
 
     /// Reload through the master socket, or `reload_cmd`, no sooner than
@@ -431,10 +495,13 @@ impl Resource {
             tokio::time::sleep_until(last + self.min_reload_interval).await;
         }
         let result = if let Some(sock) = &self.cfg.haproxy_master_socket {
-            master::reload(sock, timeout)
-                .await
-                .map(|_| ())
-                .map_err(ApplyError::from)
+            let answer = master::reload(sock, timeout, self.master_pid).await;
+            self.master_pid = match &answer {
+                Ok(status) => master::watchable(status.pid).then_some(status.pid),
+                Err(master::ReloadError::MasterGone { .. }) => None,
+                Err(_) => self.master_pid,
+            };
+            answer.map(|_| ()).map_err(ApplyError::from)
         } else if let Some(cmd) = &self.cfg.reload_cmd {
             let r = run_shell(cmd, timeout, 0).await;
             if r.success {
@@ -551,6 +618,7 @@ mod tests {
                 reload: true,
                 runtime: false,
             },
+            None,
             None,
         );
         r

@@ -24,21 +24,43 @@ pub(crate) enum Outcome {
     /// `check_cmd` refused the new file; `dest` is untouched. `diff`: the first lines
     /// of the diff from the live file (empty when the refused bytes were the live ones).
     Rejected { check: CommandResult, diff: String },
-    /// Writing or reloading failed; `dest` holds the last good bytes again (except after
-    /// a reload that timed out, see `Resource::apply`). `fallback` as in `Reloaded`.
+    /// Writing or reloading failed; `left` says what `dest` holds now. `fallback` as in
+    /// `Reloaded`.
     Failed {
         error: ApplyError,
         fallback: Option<runtime_api::RuntimeError>,
+        left: Left,
     },
 }
 
 impl Outcome {
+    /// A failure before `dest` was touched.
     pub(crate) fn failed(error: ApplyError) -> Outcome {
         Outcome::Failed {
             error,
             fallback: None,
+            left: Left::AsItWas,
         }
     }
+}
+
+/// What `dest` holds after a failed apply: said with the failure, never assumed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Left {
+    /// Untouched: what it held before the apply.
+    AsItWas,
+    /// The new file stays, unconfirmed (a reload not confirmed in time: HAProxy may run
+    /// it already); it is reloaded again until HAProxy confirms it.
+    NewFile,
+    /// The file HAProxy last confirmed is back (or never left).
+    LastGood,
+    /// No file was confirmed yet since the watcher started (and none is kept in
+    /// `<dest>.last-good`): the file there before the apply is back.
+    Previous,
+    /// No file to go back to: `dest` holds the refused file.
+    NoLastGood,
+    /// The last good file could not be put back (why): `dest` holds the refused file.
+    NotRestored(String),
 }
 
 /// Why writing or reloading failed.
@@ -62,6 +84,19 @@ pub(crate) enum ApplyError {
         "{path} stayed locked for {waited:?}: another apply (a `portolan render --once`?) holds it"
     )]
     Locked { path: String, waited: Duration },
+    /// The lock file exists and this user cannot open it: another user (root running
+    /// `render --once`, typically) made it unreadable to the watcher.
+    #[error(
+        "cannot open the lock file {path} (owner {owner}, mode {mode}) as {me}; another user made it (a `portolan render --once` run as root?): give it to the watcher's user (`chown {me} {path}`) or remove it (`rm {path}`: the next apply makes a new one)"
+    )]
+    LockDenied {
+        path: String,
+        owner: String,
+        mode: String,
+        me: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Master(#[from] master::ReloadError),
     #[error("reload_cmd {cmd:?} failed ({status}): {output}")]

@@ -1,7 +1,9 @@
 //! Which path a rendered change takes to HAProxy, decided from one value (pure).
 //!
 //! `State` is what one resource knows: the bytes at `dest` (`live`), the last file HAProxy
-//! confirmed running (`confirmed`), the last file that passed `check_cmd` (`checked`),
+//! confirmed running (`confirmed`; kept on disk in `<dest>.last-good`, read back at
+//! start, so it survives a restart — `saved` is what that file holds), the last file
+//! that passed `check_cmd` (`checked`),
 //! whether changes must be checked before they are applied (`check_first`), and whether
 //! HAProxy may not run `live` (`reload_pending`). `State::route` turns a render into a
 //! `Route`; the executor (`apply/mod.rs`) carries it out and feeds each result back
@@ -23,7 +25,9 @@
 //!
 //! Invariants: HAProxy is never reloaded onto bytes that did not pass `check_cmd` (a reload
 //! of unchecked `live` bytes checks them first: `Check::Live`); a refused reload puts back
-//! `confirmed`, the file HAProxy last confirmed, not merely the one before.
+//! `confirmed`, the file HAProxy last confirmed — by this run or, read from
+//! `<dest>.last-good`, a previous one — not merely the one before (`Restore`); nothing
+//! read from disk counts as checked.
 
 use std::sync::Arc;
 
@@ -48,6 +52,8 @@ pub(crate) struct State {
     means: Means,
     live: Option<Bytes>,
     confirmed: Option<Bytes>,
+    /// What `<dest>.last-good` holds (as read at start, or last written).
+    saved: Option<Bytes>,
     checked: Option<Bytes>,
     check_first: bool,
     /// Reload even if the bytes are unchanged: a previous run may have died between
@@ -93,6 +99,19 @@ pub(crate) enum Then {
     Reload(Option<String>),
 }
 
+/// What goes back to `dest` after a refused reload.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Restore {
+    /// The file HAProxy last confirmed.
+    Confirmed(Bytes),
+    /// Nothing confirmed is known: the file that was there before this apply.
+    Previous(Bytes),
+    /// `dest` holds the confirmed file already.
+    InPlace,
+    /// Nothing to go back to: `dest` keeps the refused file.
+    Nothing,
+}
+
 /// What to make of a deferred check's verdict.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Verdict {
@@ -108,11 +127,14 @@ pub(crate) enum Verdict {
 impl State {
     /// A resource at start: HAProxy may run an older file than `dest` (a previous run
     /// may have died between rename and reload), so the first apply reloads.
-    pub(crate) fn new(means: Means, live: Option<Bytes>) -> State {
+    /// `last_good`: what `<dest>.last-good` holds, the file HAProxy last confirmed to a
+    /// previous run (not taken as checked: a reload of it is checked first).
+    pub(crate) fn new(means: Means, live: Option<Bytes>, last_good: Option<Bytes>) -> State {
         State {
             means,
             live,
-            confirmed: None,
+            confirmed: last_good.clone(),
+            saved: last_good,
             checked: None,
             check_first: false,
             reload_pending: true,
@@ -122,9 +144,11 @@ impl State {
     /// For one-shot runs: HAProxy is taken to run the file on disk, so identical bytes
     /// cause no reload; and nothing checks in the background, so every change is
     /// checked before it is applied.
+    /// The assumption is not a confirmation: it is not saved to `<dest>.last-good`.
     pub(crate) fn assume_running(&mut self) {
         self.reload_pending = false;
         self.confirmed = self.live.clone();
+        self.saved = self.confirmed.clone();
         self.check_first = true;
     }
 
@@ -237,14 +261,30 @@ impl State {
         self.confirmed = self.live.clone();
     }
 
-    /// A reload was refused: the file to put back so the file says what HAProxy runs
-    /// (None: `live` is that file already). It is `confirmed`, which is not `previous`
-    /// when that was a file whose reload timed out and was never confirmed.
-    pub(crate) fn reload_refused(&self, previous: Option<Bytes>) -> Option<Bytes> {
-        self.confirmed
-            .clone()
-            .or(previous)
-            .filter(|good| self.live.as_ref() != Some(good))
+    /// A reload was refused: what to put back so the file says what HAProxy runs. It is
+    /// `confirmed`, which is not `previous` when that was a file whose reload timed out
+    /// and was never confirmed; `previous` only while nothing was ever confirmed.
+    pub(crate) fn reload_refused(&self, previous: Option<Bytes>) -> Restore {
+        match (&self.confirmed, previous) {
+            (Some(good), _) if self.live.as_ref() == Some(good) => Restore::InPlace,
+            (Some(good), _) => Restore::Confirmed(good.clone()),
+            (None, Some(before)) if self.live.as_ref() != Some(&before) => {
+                Restore::Previous(before)
+            }
+            (None, _) => Restore::Nothing,
+        }
+    }
+
+    /// A confirmed file `<dest>.last-good` does not hold yet, to write there (only
+    /// where reloads happen: nothing else reads it back).
+    pub(crate) fn unsaved(&self) -> Option<Bytes> {
+        let good = self.confirmed.clone()?;
+        (self.means.reload && self.saved.as_ref() != Some(&good)).then_some(good)
+    }
+
+    /// `<dest>.last-good` holds `good` now.
+    pub(crate) fn saved(&mut self, good: Bytes) {
+        self.saved = Some(good);
     }
 
     /// `good` is back at `dest`.
@@ -313,7 +353,7 @@ mod tests {
 
     /// A resource that started on v1, reloaded onto it (checked and confirmed).
     fn running_v1(means: Means) -> State {
-        let mut s = State::new(means, Some(b("v1")));
+        let mut s = State::new(means, Some(b("v1")), None);
         match s.route(b"v1", never) {
             Route::CheckFirst(c) if c.check == Check::Live || !means.check => {}
             Route::Unchanged if !means.reload => {}
@@ -335,7 +375,7 @@ mod tests {
 
     #[test]
     fn at_start_the_file_there_is_checked_then_reloaded_even_if_unchanged() {
-        let s = State::new(ALL, Some(b("v1")));
+        let s = State::new(ALL, Some(b("v1")), None);
         assert_eq!(
             s.route(b"v1", never),
             check_first(Check::Live, Then::Reload(None))
@@ -352,6 +392,7 @@ mod tests {
                 ..ALL
             },
             Some(b("v1")),
+            None,
         );
         assert_eq!(s.route(b"v1", never), Route::Unchanged);
     }
@@ -443,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_check_that_passes_makes_the_file_checked_and_runtime_first_possible() {
-        let mut s = State::new(ALL, None);
+        let mut s = State::new(ALL, None, None);
         assert_eq!(
             s.route(b"v1", never),
             check_first(Check::Rendered, Then::Reload(None))
@@ -463,7 +504,7 @@ mod tests {
         assert_eq!(s.route(b"v2", never), Route::Unchanged);
         // A refused reload of v3 now puts v2 back, not v1.
         let previous = s.written(b("v3"));
-        assert_eq!(s.reload_refused(previous), Some(b("v2")));
+        assert_eq!(s.reload_refused(previous), Restore::Confirmed(b("v2")));
     }
 
     #[test]
@@ -479,12 +520,11 @@ mod tests {
         assert_eq!(s.route(b"v2", never), reload_as_is());
         // That reload is refused (or the master is gone): v1, the last confirmed, goes back.
         let previous = s.written(b("v2"));
-        let good = s.reload_refused(previous).expect("a file to put back");
-        assert_eq!(good, b("v1"));
-        s.restored(good);
+        assert_eq!(s.reload_refused(previous), Restore::Confirmed(b("v1")));
+        s.restored(b("v1"));
         assert_eq!(s.live(), Some(&b("v1")));
         // Nothing to put back when dest holds the confirmed file already.
-        assert_eq!(s.reload_refused(Some(b("v0"))), None);
+        assert_eq!(s.reload_refused(Some(b("v0"))), Restore::InPlace);
     }
 
     #[test]
@@ -539,12 +579,74 @@ mod tests {
 
     #[test]
     fn a_one_shot_run_takes_the_file_as_running_and_checks_first() {
-        let mut s = State::new(ALL, Some(b("v1")));
+        let mut s = State::new(ALL, Some(b("v1")), None);
         s.assume_running();
         assert_eq!(s.route(b"v1", never), Route::Unchanged);
         assert_eq!(
             s.route(b"v2", servers),
             check_first(Check::Rendered, Then::Runtime(vec![op()]))
         );
+    }
+
+    #[test]
+    fn rules_of_what_a_refused_reload_puts_back() {
+        // (confirmed, live before, live now) → restore
+        let with = |confirmed: Option<&str>, before: Option<&str>, now: &str| {
+            let mut s = State::new(ALL, before.map(b), confirmed.map(b));
+            let previous = s.written(b(now));
+            s.reload_refused(previous)
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, Restore, Restore)> = vec![
+            ("a confirmed file goes back", with(Some("v1"), Some("v2"), "v3"), Restore::Confirmed(b("v1"))),
+            ("over an unconfirmed one left at dest", with(Some("v1"), Some("v2"), "v2"), Restore::Confirmed(b("v1"))),
+            ("the confirmed file is there", with(Some("v1"), Some("v0"), "v1"), Restore::InPlace),
+            ("nothing confirmed: the file before", with(None, Some("v0"), "v1"), Restore::Previous(b("v0"))),
+            ("nothing confirmed, the refused file was there", with(None, Some("v1"), "v1"), Restore::Nothing),
+            ("nothing at all", with(None, None, "v1"), Restore::Nothing),
+        ];
+        for (name, got, want) in table {
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_last_good_file_from_a_previous_run_is_what_a_refused_reload_puts_back() {
+        // The previous run confirmed v1, left v2 unconfirmed at dest and was killed.
+        let mut s = State::new(ALL, Some(b("v2")), Some(b("v1")));
+        // v2 is not taken as checked nor as confirmed: checked, then reloaded.
+        assert_eq!(
+            s.route(b"v2", never),
+            check_first(Check::Live, Then::Reload(None))
+        );
+        let previous = s.written(b("v2"));
+        assert_eq!(s.reload_refused(previous), Restore::Confirmed(b("v1")));
+        // Nothing to save: the file on disk says v1 already.
+        assert_eq!(s.unsaved(), None);
+    }
+
+    #[test]
+    fn each_newly_confirmed_file_is_saved_once_and_only_where_reloads_happen() {
+        let mut s = running_v1(ALL);
+        assert_eq!(s.unsaved(), Some(b("v1")));
+        s.saved(b("v1"));
+        assert_eq!(s.unsaved(), None);
+        // Runtime first: HAProxy took the change, so the file is confirmed.
+        s.followed(b("v2"));
+        assert_eq!(s.unsaved(), Some(b("v2")));
+        // A save that failed is due again at the next apply.
+        s.written(b("v3"));
+        s.must_reload();
+        assert_eq!(s.unsaved(), Some(b("v2")), "v3 is not confirmed");
+        // No reload configured: nothing ever reads the copy back.
+        let written = running_v1(Means {
+            reload: false,
+            ..ALL
+        });
+        assert_eq!(written.unsaved(), None);
+        // A one-shot run's assumption is not a confirmation.
+        let mut once = State::new(ALL, Some(b("v1")), Some(b("v0")));
+        once.assume_running();
+        assert_eq!(once.unsaved(), None);
     }
 }

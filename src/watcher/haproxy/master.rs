@@ -10,6 +10,14 @@
 //! The `[failed: N]` figure next to the counter is the number of failed loads since the
 //! last good one, so a non-zero value right after our reload means HAProxy refused the
 //! new file (the old workers keep serving).
+//!
+//! A master killed mid-reload looks, from the socket, like one re-executing itself: the
+//! socket refuses connections (its file stays). The master keeps its pid across a
+//! reload (it re-executes in place), so a refusing socket whose master process is gone
+//! (or a zombie: killed, not yet reaped) is a master that vanished: the reload fails at
+//! once (`MasterGone`) instead of at the timeout. The pid is only trusted when `/proc`
+//! showed a `haproxy` process under it when the master answered — a watcher in another
+//! pid namespace than HAProxy's waits for the timeout as before.
 
 use std::path::Path;
 use std::time::Duration;
@@ -49,6 +57,11 @@ pub enum ReloadError {
     LoadFailed { failed: u64 },
     #[error("HAProxy did not confirm the reload within {0:?} (reload counter did not go up)")]
     Timeout(Duration),
+    /// The master process exited (killed, crashed) during the reload or since it last
+    /// answered: nothing will confirm it. Not a timeout: the new file is not kept as
+    /// what HAProxy may run.
+    #[error("HAProxy's master (pid {pid}) exited and its socket {path} refuses connections: the reload cannot be confirmed (HAProxy must be started again; it starts on the file at dest)")]
+    MasterGone { pid: u32, path: String },
     #[error("unexpected `show proc` answer from {path}: {answer:?}")]
     Protocol { path: String, answer: String },
 }
@@ -100,13 +113,38 @@ pub async fn show_proc(path: &Path, timeout: Duration) -> Result<MasterStatus, R
     })
 }
 
+/// Whether process `pid` is gone, or a zombie (killed, not yet reaped by its parent).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // `pid (comm) state …`: comm may hold spaces and parentheses, state follows the last `)`.
+        Ok(stat) => matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+    }
+}
+
+/// Whether `/proc` shows a HAProxy process under `pid` (its command name starts with
+/// `haproxy`): only then does its disappearance say the master exited.
+pub(crate) fn watchable(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("haproxy"))
+        && !exited(pid)
+}
+
 /// Reloads HAProxy and waits (up to `timeout`) until the master confirms it.
-/// Returns the master status after the reload.
+/// Returns the master status after the reload. `known`: the master's pid as of its last
+/// answer (when `watchable`), so a master gone before this reload fails it at once too.
 ///
 /// `timeout` bounds the whole attempt: each exchange with the master only gets the time
 /// left before the deadline, so a hung socket cannot stretch it (the last poll may end
 /// up to `POLL` late).
-pub(crate) async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatus, ReloadError> {
+pub(crate) async fn reload(
+    path: &Path,
+    timeout: Duration,
+    known: Option<u32>,
+) -> Result<MasterStatus, ReloadError> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     // No socket file at all: HAProxy is not running. Fail now rather than at the timeout.
@@ -116,14 +154,23 @@ pub(crate) async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatu
             source,
         });
     }
+    let gone = |pid: u32| ReloadError::MasterGone {
+        pid,
+        path: path.display().to_string(),
+    };
     // A reload started by someone else may still be running: wait for the CLI.
     let before = loop {
         match show_proc(path, left()).await {
             Ok(s) => break s,
             Err(e) if Instant::now() + POLL >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(POLL).await,
+            Err(_) => match known {
+                Some(pid) if exited(pid) => return Err(gone(pid)),
+                _ => tokio::time::sleep(POLL).await,
+            },
         }
     };
+    // Seen in /proc now: its disappearance later means it exited.
+    let watched = watchable(before.pid).then_some(before.pid);
     match exchange(path, "reload", left()).await {
         Ok(_) => {}
         // Sent but not closed in time: the master may be reloading already.
@@ -142,9 +189,13 @@ pub(crate) async fn reload(path: &Path, timeout: Duration) -> Result<MasterStatu
             return Err(ReloadError::Timeout(timeout));
         }
         tokio::time::sleep(POLL).await;
-        // Refused connections are expected while the master re-executes itself.
+        // Refused connections are expected while the master re-executes itself —
+        // unless the master is gone.
         let Ok(now) = show_proc(path, left()).await else {
-            continue;
+            match watched {
+                Some(pid) if exited(pid) => return Err(gone(pid)),
+                _ => continue,
+            }
         };
         if now.reloads > before.reloads {
             if now.failed > 0 {
@@ -186,6 +237,89 @@ mod tests {
         assert_eq!(parse_show_proc(""), None);
     }
 
+    #[test]
+    fn a_process_is_gone_when_it_exited_or_is_a_zombie() {
+        assert!(!exited(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited, not reaped yet: a zombie.
+        while !exited(pid) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(exited(pid), "reaped");
+    }
+
+    /// A master that answers `show proc` with the pid of a process that then exits,
+    /// and refuses connections from then on (its socket file stays).
+    #[tokio::test]
+    async fn a_master_gone_mid_reload_fails_at_once_not_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.sock");
+        // A process named haproxy, as HAProxy's master is.
+        let fake = dir.path().join("haproxy");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let mut master = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        let pid = master.id();
+        assert!(watchable(pid));
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let answer = format!("{pid} master 3 [failed: 0] 0d00h00m05s 2.6\n");
+        let server = tokio::spawn(async move {
+            // `show proc`, then `reload`; then the master dies.
+            for reply in [answer.as_str(), ""] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        let killer = tokio::spawn(async move {
+            server.await.unwrap(); // the listener is dropped: connections are refused
+            master.kill().unwrap();
+            master.wait().unwrap();
+        });
+        let timeout = Duration::from_secs(10);
+        let start = Instant::now();
+        let err = reload(&path, timeout, None).await.unwrap_err();
+        killer.await.unwrap();
+        assert!(
+            matches!(err, ReloadError::MasterGone { pid: p, .. } if p == pid),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exited"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn only_a_haproxy_process_is_watched() {
+        assert!(
+            !watchable(std::process::id()),
+            "the test binary is not HAProxy"
+        );
+        assert!(!watchable(u32::MAX), "no such process");
+    }
+
+    #[tokio::test]
+    async fn a_master_gone_since_its_last_answer_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.sock");
+        // A socket file nobody listens on, as a killed master leaves it.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let start = Instant::now();
+        let err = reload(&path, Duration::from_secs(10), Some(pid))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReloadError::MasterGone { .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
     #[tokio::test]
     async fn a_hung_master_costs_one_timeout_in_all() {
         let dir = tempfile::tempdir().unwrap();
@@ -207,7 +341,7 @@ mod tests {
         });
         let timeout = Duration::from_millis(500);
         let start = Instant::now();
-        let err = reload(&path, timeout).await.unwrap_err();
+        let err = reload(&path, timeout, None).await.unwrap_err();
         assert!(matches!(err, ReloadError::Timeout(_)), "{err}");
         assert!(
             start.elapsed() < timeout + POLL * 10,
