@@ -320,32 +320,37 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", table(&report));
-        println!(
-            "etcd revision {}; {}",
-            report.etcd_revision,
-            last_apply(&report.watcher, &cfg.name)
-        );
-        for w in &report.etcd_rbac_warnings {
-            println!("warning: {w}: least privilege does not hold");
-        }
-        for t in report.templates.iter().filter(|t| t.admin_socket.is_none()) {
-            println!(
-                "{}: no haproxy_admin_socket, so HAProxy's own view is not shown",
-                t.dest
-            );
-        }
-        if report.in_sync {
-            println!("in sync: etcd, the file and HAProxy agree");
-        }
-        for d in &report.differences {
-            println!("difference: {d}");
-        }
-        for r in &report.refused {
-            println!("refused: {}: {}", r.key, r.rule);
-        }
+        print_report(&report, &cfg.name);
     }
     Ok(report.in_sync)
+}
+
+/// The report as an operator reads it in a terminal.
+fn print_report(report: &Report, watcher: &str) {
+    print!("{}", table(report));
+    println!(
+        "etcd revision {}; {}",
+        report.etcd_revision,
+        last_apply(&report.watcher, watcher)
+    );
+    for w in &report.etcd_rbac_warnings {
+        println!("warning: {w}: least privilege does not hold");
+    }
+    for t in report.templates.iter().filter(|t| t.admin_socket.is_none()) {
+        println!(
+            "{}: no haproxy_admin_socket, so HAProxy's own view is not shown",
+            t.dest
+        );
+    }
+    if report.in_sync {
+        println!("in sync: etcd, the file and HAProxy agree");
+    }
+    for d in &report.differences {
+        println!("difference: {d}");
+    }
+    for r in &report.refused {
+        println!("refused: {}: {}", r.key, r.rule);
+    }
 }
 
 #[cfg(test)]

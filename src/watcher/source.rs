@@ -133,17 +133,9 @@ impl Source {
     }
 
     /// One list + watch. Only returns when it ends.
-    async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
-        let mut client = match etcd::connect(&self.cfg).await {
-            Ok(c) => c,
-            Err(e) => return e.into(),
-        };
-        self.refresh_interfaces();
-        let dir = format!("{}/", self.cfg.prefix);
-        let listing = match etcd::list_prefix(&mut client, &dir).await {
-            Ok(l) => l,
-            Err(e) => return e.into(),
-        };
+    /// Takes a full listing into the store (a re-list replaces everything), says what
+    /// it noticed of the cluster, and publishes. Returns (cluster id, revision).
+    fn listed(&mut self, listing: &etcd::Listing, dir: &str) -> (u64, i64) {
         let (cluster, revision) = (listing.cluster_id, listing.revision);
         match self.seen {
             Some((c, _)) if c != cluster => tracing::warn!(
@@ -177,6 +169,21 @@ impl Source {
             "listed {dir}; watching from revision {}",
             revision + 1
         );
+        (cluster, revision)
+    }
+
+    async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
+        let mut client = match etcd::connect(&self.cfg).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        self.refresh_interfaces();
+        let dir = format!("{}/", self.cfg.prefix);
+        let listing = match etcd::list_prefix(&mut client, &dir).await {
+            Ok(l) => l,
+            Err(e) => return e.into(),
+        };
+        let (cluster, revision) = self.listed(&listing, &dir);
 
         let opts = WatchOptions::new()
             .with_prefix()

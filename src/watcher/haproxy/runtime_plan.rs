@@ -408,46 +408,67 @@ fn backend_ops<'a>(
             }
             continue;
         };
-        if old_line == line {
-            continue;
+        if old_line != line {
+            changed_server(
+                backend,
+                name,
+                old_line,
+                line,
+                persistent,
+                &defaults_args,
+                ops,
+            )?;
         }
-        // In or out of rotation, and whatever else changed with it.
-        let (was_disabled, old_rest) = without_disabled(old_line);
-        let (disabled, rest) = without_disabled(line);
-        let state_op = (was_disabled != disabled).then(|| RuntimeOp::State {
-            backend: backend.into(),
-            server: (*name).into(),
-            state: match (disabled, persistent) {
-                (false, _) => AdminState::Ready,
-                (true, false) => AdminState::Maint,
-                (true, true) => AdminState::Drain,
-            },
-        });
-        if state_op.is_some() && old_rest == rest {
+    }
+    Ok(())
+}
+
+/// The ops for server `name` of `backend`, whose line changed from `old_line` to `line`.
+fn changed_server(
+    backend: &str,
+    name: &str,
+    old_line: &str,
+    line: &str,
+    persistent: bool,
+    defaults_args: &[&str],
+    ops: &mut Ops,
+) -> Result<(), String> {
+    // In or out of rotation, and whatever else changed with it.
+    let (was_disabled, old_rest) = without_disabled(old_line);
+    let (disabled, rest) = without_disabled(line);
+    let state_op = (was_disabled != disabled).then(|| RuntimeOp::State {
+        backend: backend.into(),
+        server: name.into(),
+        state: match (disabled, persistent) {
+            (false, _) => AdminState::Ready,
+            (true, false) => AdminState::Maint,
+            (true, true) => AdminState::Drain,
+        },
+    });
+    if state_op.is_some() && old_rest == rest {
+        ops.states.extend(state_op);
+        return Ok(());
+    }
+    match weight_change(&old_rest, &rest) {
+        Some(weight) => {
+            ops.weights.push(RuntimeOp::Weight {
+                backend: backend.into(),
+                server: name.into(),
+                weight: weight.into(),
+            });
             ops.states.extend(state_op);
-            continue;
         }
-        match weight_change(&old_rest, &rest) {
-            Some(weight) => {
-                ops.weights.push(RuntimeOp::Weight {
+        // A replacement is created as the new line says, `disabled` included.
+        None => match add(backend, line, defaults_args) {
+            Ok(op) => {
+                ops.replaces.push(RuntimeOp::Remove {
                     backend: backend.into(),
-                    server: (*name).into(),
-                    weight: weight.into(),
+                    server: name.into(),
                 });
-                ops.states.extend(state_op);
+                ops.replaces.push(op);
             }
-            // A replacement is created as the new line says, `disabled` included.
-            None => match add(backend, line, &defaults_args) {
-                Ok(op) => {
-                    ops.replaces.push(RuntimeOp::Remove {
-                        backend: backend.into(),
-                        server: (*name).into(),
-                    });
-                    ops.replaces.push(op);
-                }
-                Err(why) => return Err(why),
-            },
-        }
+            Err(why) => return Err(why),
+        },
     }
     Ok(())
 }
