@@ -86,36 +86,25 @@ pub struct Advisory {
 
 /// From the GitHub advisories (github.com/etcd-io/etcd/security/advisories) and etcd's
 /// CHANGELOG-3.4/3.5/3.6.
+#[rustfmt::skip]
 pub const ADVISORIES: &[Advisory] = &[
     Advisory {
         id: "GHSA-rfx7-8w68-q57q",
         cve: "CVE-2026-33343",
         what: "nested transactions skip key permissions: write, delete and read any key",
-        fixed: &[
-            Version::new(3, 4, 42),
-            Version::new(3, 5, 28),
-            Version::new(3, 6, 9),
-        ],
+        fixed: &[Version::new(3, 4, 42), Version::new(3, 5, 28), Version::new(3, 6, 9)],
     },
     Advisory {
         id: "GHSA-q8m4-xhhv-38mg",
         cve: "CVE-2026-33413",
         what: "lease, compaction, alarm and member APIs skip authorization: list, renew and revoke any lease",
-        fixed: &[
-            Version::new(3, 4, 42),
-            Version::new(3, 5, 28),
-            Version::new(3, 6, 9),
-        ],
+        fixed: &[Version::new(3, 4, 42), Version::new(3, 5, 28), Version::new(3, 6, 9)],
     },
     Advisory {
         id: "GHSA-x35m-3gp4-4fh5",
         cve: "CVE-2026-44283",
         what: "puts nested in transactions read any key through prev_kv and attach any lease",
-        fixed: &[
-            Version::new(3, 4, 44),
-            Version::new(3, 5, 30),
-            Version::new(3, 6, 11),
-        ],
+        fixed: &[Version::new(3, 4, 44), Version::new(3, 5, 30), Version::new(3, 6, 11)],
     },
     Advisory {
         id: "GHSA-3p4g-rcw5-8298",
@@ -128,11 +117,7 @@ pub const ADVISORIES: &[Advisory] = &[
         cve: "CVE-2026-73499",
         what: "a watch from a readable key to the end of the keyspace shows every key after it",
         // 3.4 reached its end of life in May 2026 without this fix.
-        fixed: &[
-            Version::new(3, 5, 33),
-            Version::new(3, 6, 14),
-            Version::new(3, 7, 1),
-        ],
+        fixed: &[Version::new(3, 5, 33), Version::new(3, 6, 14), Version::new(3, 7, 1)],
     },
 ];
 

@@ -358,11 +358,8 @@ mod tests {
             let i = inst("web", id, Some("web1"), "10.0.0.1:80");
             let r = c.admit(Some("web1"), &i).unwrap_err();
             assert_eq!(r.reason, Reason::ForeignId, "{id}");
-            assert!(
-                r.rule.contains("\"web1-\"") && r.rule.contains(id),
-                "{}",
-                r.rule
-            );
+            let rule = &r.rule;
+            assert!(rule.contains("\"web1-\"") && rule.contains(id), "{rule}");
         }
         // Hand-written keys name whatever the operator likes.
         let hand = inst("web", "web2-0123456789ab-80", None, "10.0.0.1:80");
@@ -387,10 +384,10 @@ mod tests {
         assert_eq!(admit("pay", "pay-1"), Ok(()));
         let r = admit("pay", "web-1").unwrap_err();
         assert_eq!(r.reason, Reason::Service);
+        let rule = &r.rule;
         assert!(
-            r.rule.contains("\"web-1\"") && r.rule.contains("\"pay\" = [\"pay-*\"]"),
-            "{}",
-            r.rule
+            rule.contains("\"web-1\"") && rule.contains("\"pay\" = [\"pay-*\"]"),
+            "{rule}"
         );
         // An empty list: only hand-written keys serve it.
         assert_eq!(reason(admit("ops", "web-1")), Some(Reason::Service));
@@ -443,10 +440,10 @@ mod tests {
         assert_eq!(admit("web-eu-1", "10.1.2.3:80"), Ok(()));
         let r = admit("web-1", "10.2.0.1:80").unwrap_err();
         assert_eq!(r.reason, Reason::NodeNetwork);
+        let rule = &r.rule;
         assert!(
-            r.rule.contains("10.2.0.1") && r.rule.contains("10.1.0.0/16"),
-            "{}",
-            r.rule
+            rule.contains("10.2.0.1") && rule.contains("10.1.0.0/16"),
+            "{rule}"
         );
         // As HAProxy reads it: 10.258 is 10.0.1.2, outside 10.1.0.0/16.
         assert_eq!(
@@ -529,10 +526,10 @@ mod tests {
             );
             let r = &refused["nodes/web/services/s/web-1-x"];
             assert_eq!(r.reason, Reason::NameTaken);
+            let rule = &r.rule;
             assert!(
-                r.rule.contains("held by nodes/web-1/services/s/web-1-x"),
-                "{}",
-                r.rule
+                rule.contains("held by nodes/web-1/services/s/web-1-x"),
+                "{rule}"
             );
         }
     }

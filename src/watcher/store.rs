@@ -399,34 +399,22 @@ mod tests {
     }
 
     #[test]
-    fn deleting_the_v1_key_keeps_the_v2_instance() {
-        let mut s = Store::new(P);
-        s.apply(put("/portolan/services/web/h1-abc-80", "10.0.0.1:80"));
-        s.apply(put(
-            "/portolan/nodes/h1/services/web/h1-abc-80",
-            r#"{"addr":"10.0.0.2:80"}"#,
-        ));
-        s.apply(Change::Delete {
-            key: "/portolan/services/web/h1-abc-80".into(),
-        });
-        let snap = s.snapshot();
-        assert_eq!(snap.services["web"].len(), 1);
-        assert_eq!(snap.services["web"][0].addr, "10.0.0.2:80");
-        assert_eq!(snap.services["web"][0].node, "h1");
-    }
-
-    #[test]
-    fn deleting_the_v2_key_keeps_the_v1_instance() {
-        let mut s = Store::new(P);
-        s.apply(put("/portolan/services/web/x", "10.0.0.1:80"));
-        s.apply(put(
-            "/portolan/nodes/h1/services/web/x",
-            r#"{"addr":"10.0.0.2:80"}"#,
-        ));
-        s.apply(Change::Delete {
-            key: "/portolan/nodes/h1/services/web/x".into(),
-        });
-        assert_eq!(s.snapshot().services["web"][0].addr, "10.0.0.1:80");
+    fn deleting_one_of_a_v1_and_a_v2_key_of_one_id_keeps_the_other() {
+        let v1 = "/portolan/services/web/h1-abc-80";
+        let v2 = "/portolan/nodes/h1/services/web/h1-abc-80";
+        // (key deleted, address left, node left)
+        for (deleted, addr, node) in [(v1, "10.0.0.2:80", "h1"), (v2, "10.0.0.1:80", "")] {
+            let mut s = Store::new(P);
+            s.apply(put(v1, "10.0.0.1:80"));
+            s.apply(put(v2, r#"{"addr":"10.0.0.2:80"}"#));
+            s.apply(Change::Delete {
+                key: deleted.into(),
+            });
+            let snap = s.snapshot();
+            assert_eq!(snap.services["web"].len(), 1, "{deleted}");
+            assert_eq!(snap.services["web"][0].addr, addr, "{deleted}");
+            assert_eq!(snap.services["web"][0].node, node, "{deleted}");
+        }
     }
 
     fn routed(snap: &StoreSnapshot, service: &str) -> Vec<(String, String)> {
@@ -505,10 +493,10 @@ mod tests {
             );
             let r = &refused["/portolan/nodes/web1/services/web/web1-x"];
             assert_eq!(r.reason, confine::Reason::NameTaken);
+            let rule = &r.rule;
             assert!(
-                r.rule.contains("held by /portolan/services/web/web1-x"),
-                "{}",
-                r.rule
+                rule.contains("held by /portolan/services/web/web1-x"),
+                "{rule}"
             );
             assert!(refused.contains_key("/portolan/nodes/web/services/web/web-1-y"));
         }

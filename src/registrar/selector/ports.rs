@@ -220,20 +220,7 @@ mod tests {
             ("::ffff:172.17.0.1", "172.17.0.1:27777"),
             ("fd00::7", "[fd00::7]:27777"),
         ] {
-            let ports = serde_json::json!({
-                "80/tcp": [{"HostIp": host_ip, "HostPort": "27777"}],
-                "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40002"}],
-            });
-            let c = inspect(&[], &[], ports);
-            let s = registrations(&c, &settings()).expect("no label warnings");
-            let addrs: Vec<&str> = s
-                .registrations
-                .iter()
-                .map(|r| r.record.addr.as_str())
-                .collect();
-            assert_eq!(addrs, vec!["10.0.0.5:40002"], "{host_ip}");
-            assert_eq!(s.skipped.len(), 1, "{host_ip}");
-            let text = s.skipped[0].to_string();
+            let text = one_skipped(host_ip, "27777");
             for needle in [
                 "web-1 (3f2a9c1b7d10)",
                 "port 80/tcp",
@@ -261,6 +248,32 @@ mod tests {
         assert!(s.skipped.is_empty());
     }
 
+    /// Port 80 published on `host_ip:host_port` beside a wildcard 9090: the wildcard one
+    /// registers alone, and the line naming the skipped binding is returned.
+    fn one_skipped(host_ip: &str, host_port: &str) -> String {
+        let s = registrations(
+            &inspect(&[], &[], c_ports_on(host_ip, host_port)),
+            &settings(),
+        )
+        .expect("no label warnings");
+        let addrs: Vec<&str> = s
+            .registrations
+            .iter()
+            .map(|r| r.record.addr.as_str())
+            .collect();
+        assert_eq!(addrs, vec!["10.0.0.5:40002"], "{host_ip}");
+        assert_eq!(s.skipped.len(), 1, "{host_ip}");
+        s.skipped[0].to_string()
+    }
+
+    /// Port 80 on `host_ip:host_port`, and 9090 on every address.
+    fn c_ports_on(host_ip: &str, host_port: &str) -> serde_json::Value {
+        serde_json::json!({
+            "80/tcp": [{"HostIp": host_ip, "HostPort": host_port}],
+            "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40002"}],
+        })
+    }
+
     fn c_ports(host_ip: &str) -> serde_json::Value {
         serde_json::json!({"80/tcp": [{"HostIp": host_ip, "HostPort": "27777"}]})
     }
@@ -273,25 +286,12 @@ mod tests {
             ("::1", "[::1]:8404"),
             ("::ffff:127.0.0.1", "127.0.0.1:8404"),
         ] {
-            let ports = serde_json::json!({
-                "80/tcp": [{"HostIp": host_ip, "HostPort": "8404"}],
-                "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40002"}],
-            });
-            let c = inspect(&[], &[], ports);
-            let s = registrations(&c, &settings()).expect("no label warnings");
-            // The other port still registers.
-            let addrs: Vec<&str> = s
-                .registrations
-                .iter()
-                .map(|r| r.record.addr.as_str())
-                .collect();
-            assert_eq!(addrs, vec!["10.0.0.5:40002"], "{host_ip}");
-            assert_eq!(s.skipped.len(), 1, "{host_ip}");
-            let text = s.skipped[0].to_string();
+            let text = one_skipped(host_ip, "8404");
             assert!(text.contains("web-1 (3f2a9c1b7d10)"), "{text}");
             assert!(text.contains("port 80/tcp"), "{text}");
             assert!(text.contains(binding), "{text}");
             // A one-host setup advertising loopback registers it as before.
+            let c = inspect(&[], &[], c_ports_on(host_ip, "8404"));
             for advertise in ["127.0.0.1", "::1"] {
                 let s = registrations(&c, &advertising(advertise)).unwrap();
                 assert!(s.skipped.is_empty(), "{host_ip} {advertise}");
