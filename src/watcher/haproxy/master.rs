@@ -261,6 +261,11 @@ mod tests {
         std::fs::copy("/bin/sleep", &fake).unwrap();
         let mut master = std::process::Command::new(&fake).arg("30").spawn().unwrap();
         let pid = master.id();
+        // Until its exec completes, the child still bears the test binary's name.
+        let named = Instant::now() + Duration::from_secs(5);
+        while !watchable(pid) && Instant::now() < named {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         assert!(watchable(pid));
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let answer = format!("{pid} master 3 [failed: 0] 0d00h00m05s 2.6\n");
