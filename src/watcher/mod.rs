@@ -59,6 +59,7 @@ mod source;
 mod status;
 pub mod store;
 mod template_files;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,8 +104,30 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let _template_files = template_files::watch(&srcs, tpl_tx)
         .context("cannot watch the template folders for edits (inotify limits?)")?;
 
+    let mut feed = None;
     if let Some(addr) = cfg.listen {
-        crate::endpoint::start(addr, "watcher.listen", metrics.clone(), &tracker, &tasks).await?;
+        let page_ui = cfg.ui.then(|| {
+            let (feed_tx, feed_rx) = watch::channel(ui::Feed::default());
+            let (page_tx, page_rx) = watch::channel(Arc::new(ui::Page::default()));
+            tracker.spawn(ui::run(
+                cfg.name.clone(),
+                cfg.etcd.clone(),
+                feed_rx,
+                page_tx,
+                metrics.clone(),
+                tasks.clone(),
+            ));
+            feed = Some(feed_tx);
+            ui::serve::Ui::new(page_rx, tasks.clone())
+        });
+        let site = Arc::new(ui::serve::Site {
+            metrics: metrics.clone(),
+            ui: page_ui,
+        });
+        crate::endpoint::start(addr, "watcher.listen", site, &tracker, &tasks).await?;
+        if cfg.ui {
+            tracing::info!("status page on http://{addr}/ (read-only, unauthenticated: watcher.ui)");
+        }
     }
 
     tracker.spawn(crate::etcd::advisory::watch(
@@ -148,7 +171,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         deferred: deferred::Deferred::default(),
         snap_rx,
         tpl_rx,
-        sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx),
+        sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx, feed),
         effective,
         retry: Retry::default(),
         reloaded: false,
@@ -398,6 +421,14 @@ impl Loop<'_> {
         let revision = self.sink.metrics.revision.get();
         self.sink
             .tell(&report, &self.resources[i].cfg.dest, revision);
+        self.sink.feed(|f| {
+            f.checked(ui::CheckRow {
+                at: crate::schema::unix_now(),
+                dest: self.resources[i].cfg.dest.display().to_string(),
+                result: report.counts.deferred.unwrap_or("failed"),
+                error: report.error.clone(),
+            })
+        });
         if repair.is_none() {
             self.deferred.start(&self.resources, timeout);
             return false;
