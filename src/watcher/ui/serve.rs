@@ -25,6 +25,7 @@ use crate::endpoint::{full, Body};
 const SHELL: &str = include_str!("assets/page.html");
 const CSS: &str = include_str!("assets/page.css");
 const JS: &str = include_str!("assets/page.js");
+const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><circle cx=\"8\" cy=\"8\" r=\"7\" fill=\"#14213d\"/><path d=\"M8 2l2 6-2 6-2-6z\" fill=\"#fff\"/></svg>";
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 /// Live pages open at once; one more is told to come back later. The endpoint's own
@@ -63,6 +64,11 @@ impl Ui {
                     .replace("{{main}}", &page.html);
                 answer(StatusCode::OK, "text/html; charset=utf-8", full(html))
             }
+            "/ui/favicon.svg" | "/favicon.ico" => answer(
+                StatusCode::OK,
+                "image/svg+xml",
+                full(ICON),
+            ),
             "/ui/page.css" => answer(StatusCode::OK, "text/css; charset=utf-8", full(CSS)),
             "/ui/page.js" => answer(
                 StatusCode::OK,
