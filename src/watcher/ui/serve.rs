@@ -133,7 +133,7 @@ impl Ui {
 }
 
 /// One `board` event: the fragment, one `data:` line per line.
-fn event(html: &str) -> String {
+pub(super) fn event(html: &str) -> String {
     let mut out = String::with_capacity(html.len() + 64);
     out.push_str("event: board\n");
     for line in html.lines() {
