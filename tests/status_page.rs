@@ -15,7 +15,10 @@ const T: Duration = Duration::from_secs(20);
 /// schema refuses each of these keys, so the page shows them as left out — by name.
 const HOSTILE: &[(&str, &str)] = &[
     ("services/<script>window.__xss=1</script>/a", "service name"),
-    ("nodes/<img src=x onerror=window.__xss=2>/services/web/b", "node name"),
+    (
+        "nodes/<img src=x onerror=window.__xss=2>/services/web/b",
+        "node name",
+    ),
     ("services/web/<svg onload=window.__xss=3>", "instance id"),
 ];
 
@@ -46,10 +49,12 @@ async fn the_status_page_follows_the_fleet_live_in_a_real_browser() {
     )
     .await;
     for i in 0..6 {
-        etcd.put(&fd.service_key("web", &format!("w{i}")), &a.record()).await;
+        etcd.put(&fd.service_key("web", &format!("w{i}")), &a.record())
+            .await;
     }
     let hostile_tag = a.record().replace(r#""t""#, r#""<b>tag</b>""#);
-    etcd.put(&fd.service_key("web", "tagged"), &hostile_tag).await;
+    etcd.put(&fd.service_key("web", "tagged"), &hostile_tag)
+        .await;
     for (key, _) in HOSTILE {
         etcd.put(&format!("{}/{key}", fd.prefix), &a.record()).await;
     }
@@ -66,18 +71,47 @@ async fn the_status_page_follows_the_fleet_live_in_a_real_browser() {
     let url = format!("http://{}/", fd.metrics_addr());
     b.open(&url).await;
     until(&b, "the page lists the instances", "['w0','w1','w2','w3','w4','w5'].every(id => document.querySelector('#services').innerText.includes(id))").await;
-    until(&b, "the stream is live", "document.body.getAttribute('data-stream') === 'live'").await;
-    until(&b, "HAProxy's view of w0", &format!("{}.includes('ready') && {}.includes('up')", row("w0"), row("w0"))).await;
+    until(
+        &b,
+        "the stream is live",
+        "document.body.getAttribute('data-stream') === 'live'",
+    )
+    .await;
+    until(
+        &b,
+        "HAProxy's view of w0",
+        &format!(
+            "{}.includes('ready') && {}.includes('up')",
+            row("w0"),
+            row("w0")
+        ),
+    )
+    .await;
     // Set once: a reload of the page would forget it.
     b.page.eval("window.__loadedOnce = 42; true").await;
 
     // A container starts: its instance appears.
     let c = Backend::start("c").await;
     etcd.put(&fd.service_key("web", "new1"), &c.record()).await;
-    until(&b, "new1 appears", &format!("{}.includes('serving')", row("new1"))).await;
+    until(
+        &b,
+        "new1 appears",
+        &format!("{}.includes('serving')", row("new1")),
+    )
+    .await;
     // It gets its stop signal: draining, out of HAProxy's rotation.
-    etcd.put(&fd.service_key("web", "new1"), &c.draining_record()).await;
-    until(&b, "new1 shows draining", &format!("{}.includes('draining') && /maint|drain/.test({})", row("new1"), row("new1"))).await;
+    etcd.put(&fd.service_key("web", "new1"), &c.draining_record())
+        .await;
+    until(
+        &b,
+        "new1 shows draining",
+        &format!(
+            "{}.includes('draining') && /maint|drain/.test({})",
+            row("new1"),
+            row("new1")
+        ),
+    )
+    .await;
     // It exits: gone.
     etcd.delete(&fd.service_key("web", "new1")).await;
     until(&b, "new1 is gone", &format!("{} === ''", row("new1"))).await;
@@ -85,9 +119,19 @@ async fn the_status_page_follows_the_fleet_live_in_a_real_browser() {
     // Hostile names render as text, and none of them ran.
     for (key, what) in HOSTILE {
         let literal = serde_json::to_string(&format!("{}/{key}", fd.prefix)).unwrap();
-        until(&b, &format!("the hostile {what} shows as text"), &format!("document.querySelector('#left-out').innerText.includes({literal})")).await;
+        until(
+            &b,
+            &format!("the hostile {what} shows as text"),
+            &format!("document.querySelector('#left-out').innerText.includes({literal})"),
+        )
+        .await;
     }
-    until(&b, "the hostile tag shows as text", "document.querySelector('#left-out').innerText.includes('<b>tag</b>')").await;
+    until(
+        &b,
+        "the hostile tag shows as text",
+        "document.querySelector('#left-out').innerText.includes('<b>tag</b>')",
+    )
+    .await;
     assert_eq!(b.page.eval("typeof window.__xss").await, "undefined");
     assert_eq!(b.page.eval("document.querySelectorAll('#board img, #board script, #left-out b, #board svg[onload]').length").await, 0);
 
@@ -95,26 +139,57 @@ async fn the_status_page_follows_the_fleet_live_in_a_real_browser() {
     for i in 0..6 {
         etcd.delete(&fd.service_key("web", &format!("w{i}"))).await;
     }
-    until(&b, "the hold shows", "!!document.querySelector('#hold .countdown')").await;
-    let left = |v: serde_json::Value| v.as_str().and_then(|s| s.trim_end_matches(" s").parse::<u64>().ok());
-    let first = left(b.page.eval("document.querySelector('#hold .countdown').textContent").await)
-        .expect("a countdown in seconds");
+    until(
+        &b,
+        "the hold shows",
+        "!!document.querySelector('#hold .countdown')",
+    )
+    .await;
+    let left = |v: serde_json::Value| {
+        v.as_str()
+            .and_then(|s| s.trim_end_matches(" s").parse::<u64>().ok())
+    };
+    let first = left(
+        b.page
+            .eval("document.querySelector('#hold .countdown').textContent")
+            .await,
+    )
+    .expect("a countdown in seconds");
     assert!(first > 60 && first <= 120, "{first}");
-    until(&b, "the countdown counts down", &format!("parseInt(document.querySelector('#hold .countdown').textContent) < {first}")).await;
+    until(
+        &b,
+        "the countdown counts down",
+        &format!("parseInt(document.querySelector('#hold .countdown').textContent) < {first}"),
+    )
+    .await;
     until(&b, "the held instances are listed", "document.querySelector('#hold').innerText.includes('web/w3') && document.querySelector('#hold').innerText.includes('USR1')").await;
-    until(&b, "the histogram is drawn", "document.querySelectorAll('#latency svg rect').length > 0").await;
+    until(
+        &b,
+        "the histogram is drawn",
+        "document.querySelectorAll('#latency svg rect').length > 0",
+    )
+    .await;
 
     let png = b.screenshot().await;
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     let shot = fd.dir.path().join("status-page.png");
     std::fs::write(&shot, &png).unwrap();
     if std::env::var_os("PORTOLAN_UPDATE_SCREENSHOT").is_some() {
-        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status-page.png"), &png).unwrap();
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status-page.png"),
+            &png,
+        )
+        .unwrap();
     }
 
     // Readable at 360 px: nothing wider than the screen.
     b.viewport(360, 740, true).await;
-    until(&b, "no horizontal scroll at 360 px", "document.documentElement.scrollWidth <= 360").await;
+    until(
+        &b,
+        "no horizontal scroll at 360 px",
+        "document.documentElement.scrollWidth <= 360",
+    )
+    .await;
 
     // Never reloaded, and no console error so far.
     assert_eq!(b.page.eval("window.__loadedOnce").await, 42);

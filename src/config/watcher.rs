@@ -460,7 +460,11 @@ mod tests {
     fn the_status_page_is_on_by_default_only_on_a_loopback_listen() {
         let dir = tempfile::tempdir().unwrap();
         let none = WatcherArgs::default();
-        let ui = |watcher: &str| resolve_watcher(&file(dir.path(), watcher), &none).unwrap().ui;
+        let ui = |watcher: &str| {
+            resolve_watcher(&file(dir.path(), watcher), &none)
+                .unwrap()
+                .ui
+        };
         assert!(!ui(""));
         assert!(ui(r#"listen = "127.0.0.1:9477""#));
         assert!(ui(r#"listen = "[::1]:9477""#));

@@ -126,7 +126,9 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         });
         crate::endpoint::start(addr, "watcher.listen", site, &tracker, &tasks).await?;
         if cfg.ui {
-            tracing::info!("status page on http://{addr}/ (read-only, unauthenticated: watcher.ui)");
+            tracing::info!(
+                "status page on http://{addr}/ (read-only, unauthenticated: watcher.ui)"
+            );
         }
     }
 

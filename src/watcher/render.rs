@@ -474,7 +474,9 @@ mod tests {
         assert_eq!(t.render(&ctx).unwrap(), "server a 10.0.0.1:80\n");
         // A comment that merely says the word does not count as asking.
         let commented = "{# draining? #}{% for i in services.web %}{{ i.id }} {% endfor %}";
-        assert!(!Template::compile("c.tera", commented).unwrap().sees_draining());
+        assert!(!Template::compile("c.tera", commented)
+            .unwrap()
+            .sees_draining());
     }
 
     #[test]
@@ -486,7 +488,9 @@ mod tests {
         let ctx = values.context_for(&draining_snapshot(), &toml::Table::new(), t.sees_draining());
         assert_eq!(t.render(&ctx).unwrap(), "a\nb disabled\n");
         let shipped = std::fs::read_to_string("templates/haproxy.cfg.tera").unwrap();
-        assert!(Template::compile("shipped", &shipped).unwrap().sees_draining());
+        assert!(Template::compile("shipped", &shipped)
+            .unwrap()
+            .sees_draining());
         let tcp = std::fs::read_to_string("templates/haproxy-tcp.cfg.tera").unwrap();
         assert!(Template::compile("tcp", &tcp).unwrap().sees_draining());
     }
@@ -499,7 +503,11 @@ mod tests {
             d.draining = true;
             *i = std::sync::Arc::new(d);
         }
-        let t = Template::compile("x", "{% for n, l in services %}{{ n }}={{ l | length }}{% endfor %}").unwrap();
+        let t = Template::compile(
+            "x",
+            "{% for n, l in services %}{{ n }}={{ l | length }}{% endfor %}",
+        )
+        .unwrap();
         let ctx = InstanceValues::default().context_for(&s, &toml::Table::new(), false);
         assert_eq!(t.render(&ctx).unwrap(), "web=0");
     }

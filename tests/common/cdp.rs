@@ -67,7 +67,10 @@ impl Session {
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head);
-        assert!(head.starts_with("HTTP/1.1 101"), "DevTools refused the WebSocket: {head}");
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "DevTools refused the WebSocket: {head}"
+        );
         let pending: Pending = Default::default();
         let events: Arc<Mutex<Vec<Value>>> = Default::default();
         let writer = tokio::sync::Mutex::new(w);
@@ -89,7 +92,9 @@ impl Session {
         let msg = json!({"id": id, "method": method, "params": params}).to_string();
         {
             let mut w = self.writer.lock().await;
-            w.write_all(&frame(msg.as_bytes())).await.expect("send to DevTools");
+            w.write_all(&frame(msg.as_bytes()))
+                .await
+                .expect("send to DevTools");
         }
         let answer = tokio::time::timeout(Duration::from_secs(30), rx)
             .await

@@ -73,7 +73,11 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
                 until.saturating_sub(now)
             );
         }
-        let _ = write!(h, ".</p><p class=\"note\">{}</p><ul class=\"held\">", esc(&hold.confirm));
+        let _ = write!(
+            h,
+            ".</p><p class=\"note\">{}</p><ul class=\"held\">",
+            esc(&hold.confirm)
+        );
         for i in &hold.instances {
             let _ = write!(h, "<li>{}</li>", esc(i));
         }
@@ -90,11 +94,7 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         h.push_str("<p class=\"note\">No service in etcd.</p>");
     }
     for s in &b.services {
-        let _ = write!(
-            h,
-            "<div class=\"service\"><h3>{}</h3>",
-            esc(&s.name)
-        );
+        let _ = write!(h, "<div class=\"service\"><h3>{}</h3>", esc(&s.name));
         if s.instances.is_empty() {
             h.push_str("<p class=\"note\">No instance: its backend is kept, empty (answering 503), for empty_backend_grace_s.</p></div>");
             continue;
@@ -168,7 +168,10 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
                 esc(&c.dest),
                 if c.result == "ok" { "ok" } else { "bad" },
                 c.result,
-                c.error.as_deref().map(|e| format!(": {}", esc(e))).unwrap_or_default()
+                c.error
+                    .as_deref()
+                    .map(|e| format!(": {}", esc(e)))
+                    .unwrap_or_default()
             );
         }
         h.push_str("</ul>");
@@ -233,7 +236,10 @@ fn instance_row(h: &mut String, i: &InstanceRow, now: u64) {
         state.push("serving");
     }
     let (haproxy, health) = match &i.haproxy {
-        None => ("<span class=\"note\">no admin socket</span>".to_string(), "-".to_string()),
+        None => (
+            "<span class=\"note\">no admin socket</span>".to_string(),
+            "-".to_string(),
+        ),
         Some(r) => (
             format!(
                 "<span class=\"{}\">{}</span>",
@@ -250,7 +256,11 @@ fn instance_row(h: &mut String, i: &InstanceRow, now: u64) {
     let tags = if i.tags.is_empty() {
         String::new()
     } else {
-        let t: Vec<String> = i.tags.iter().map(|t| format!("<span class=\"tag\">{}</span>", esc(t))).collect();
+        let t: Vec<String> = i
+            .tags
+            .iter()
+            .map(|t| format!("<span class=\"tag\">{}</span>", esc(t)))
+            .collect();
         format!(" {}", t.join(" "))
     };
     let container: String = i.container.chars().take(12).collect();
@@ -292,7 +302,11 @@ fn histogram_svg(hist: &Histogram) -> String {
     );
     for (k, (le, count)) in hist.buckets.iter().enumerate() {
         let x = k as f64 * w;
-        let hgt = if *count == 0 { 0.0 } else { (bar_h * *count as f64 / max).max(1.0) };
+        let hgt = if *count == 0 {
+            0.0
+        } else {
+            (bar_h * *count as f64 / max).max(1.0)
+        };
         let y = top + bar_h - hgt;
         let _ = write!(
             s,

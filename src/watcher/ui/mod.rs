@@ -465,7 +465,9 @@ pub(crate) async fn run(
         board.ready = metrics.is_ready();
         board.etcd_up = metrics.etcd_up.get() == 1;
         board.event_to_live = histogram(&metrics);
-        let same = last.as_ref().is_some_and(|l| Board { now, ..l.clone() } == board);
+        let same = last
+            .as_ref()
+            .is_some_and(|l| Board { now, ..l.clone() } == board);
         if same {
             continue;
         }
@@ -488,7 +490,12 @@ async fn probe_haproxy(f: &Feed) -> Vec<Option<Result<String, String>>> {
             Some(sock) => Some(
                 exchange(sock, "show servers state", ADMIN_TIMEOUT)
                     .await
-                    .map_err(|e| format!("HAProxy's admin socket {} did not answer: {e}", sock.display())),
+                    .map_err(|e| {
+                        format!(
+                            "HAProxy's admin socket {} did not answer: {e}",
+                            sock.display()
+                        )
+                    }),
             ),
         });
     }

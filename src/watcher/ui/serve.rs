@@ -64,17 +64,11 @@ impl Ui {
                     .replace("{{main}}", &page.html);
                 answer(StatusCode::OK, "text/html; charset=utf-8", full(html))
             }
-            "/ui/favicon.svg" | "/favicon.ico" => answer(
-                StatusCode::OK,
-                "image/svg+xml",
-                full(ICON),
-            ),
+            "/ui/favicon.svg" | "/favicon.ico" => {
+                answer(StatusCode::OK, "image/svg+xml", full(ICON))
+            }
             "/ui/page.css" => answer(StatusCode::OK, "text/css; charset=utf-8", full(CSS)),
-            "/ui/page.js" => answer(
-                StatusCode::OK,
-                "text/javascript; charset=utf-8",
-                full(JS),
-            ),
+            "/ui/page.js" => answer(StatusCode::OK, "text/javascript; charset=utf-8", full(JS)),
             "/api/status" => {
                 let json = self.page.borrow().json.clone();
                 answer(StatusCode::OK, "application/json", full(json))
@@ -89,7 +83,9 @@ impl Ui {
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                full(format!("{MAX_STREAMS} live pages are open: try again later\n")),
+                full(format!(
+                    "{MAX_STREAMS} live pages are open: try again later\n"
+                )),
             );
         };
         let (tx, rx) = mpsc::channel::<Bytes>(2);
@@ -99,7 +95,10 @@ impl Ui {
             let _permit = permit;
             let mut keepalive = tokio::time::interval(KEEPALIVE);
             keepalive.reset();
-            let first = format!("retry: {RETRY_MS}\n\n{}", event(&page.borrow_and_update().html));
+            let first = format!(
+                "retry: {RETRY_MS}\n\n{}",
+                event(&page.borrow_and_update().html)
+            );
             if tx.send(Bytes::from(first)).await.is_err() {
                 return;
             }
@@ -119,11 +118,7 @@ impl Ui {
                 }
             }
         });
-        let mut r = answer(
-            StatusCode::OK,
-            "text/event-stream",
-            Events { rx }.boxed(),
-        );
+        let mut r = answer(StatusCode::OK, "text/event-stream", Events { rx }.boxed());
         r.headers_mut().insert(
             hyper::header::HeaderName::from_static("x-accel-buffering"),
             hyper::header::HeaderValue::from_static("no"),
@@ -151,11 +146,20 @@ fn answer(status: StatusCode, ctype: &'static str, body: Body) -> Response<Body>
     let h = r.headers_mut();
     use hyper::header::{self, HeaderValue};
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }
 
