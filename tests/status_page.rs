@@ -64,6 +64,20 @@ async fn the_status_page_follows_the_fleet_live_in_a_real_browser() {
     })
     .await;
 
+    // With JavaScript off the page is the server's snapshot: the instances are in the
+    // HTML itself, and the JSON it is drawn from says the same.
+    let (status, html) = http_get(&fd.metrics_addr(), "x", "/").await.expect("GET /");
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("<b>w5</b>") && html.contains("<noscript>"),
+        "{html}"
+    );
+    let (_, json) = http_get(&fd.metrics_addr(), "x", "/api/status")
+        .await
+        .expect("GET /api/status");
+    let board: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(board["services"][0]["name"], "web", "{json}");
+
     let b = tokio::time::timeout(Duration::from_secs(60), Browser::start())
         .await
         .expect("Chromium started within 60 s");

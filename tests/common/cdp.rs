@@ -316,6 +316,7 @@ impl Browser {
         )
         .await;
         if self.proc.wait_exit(Duration::from_secs(10)).is_none() {
+            eprintln!("chromium did not exit within 10 s of Browser.close: killing it");
             self.proc.kill();
         }
     }
