@@ -434,28 +434,32 @@ pub(crate) async fn run(
     };
     let mut last: Option<Board> = None;
     let mut etcd_asked: Option<tokio::time::Instant> = None;
-    let mut probe_due = tokio::time::Instant::now();
+    let mut probed: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        // Wakes every PROBE_WATCHED to see whether a probe is due: one receiver is the
+        // endpoint's own, more are live pages, which get fresh probes that often.
+        let fed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = feed.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep_until(probe_due) => {
-                let f = feed.borrow().clone();
-                probes.haproxy = probe_haproxy(&f).await;
-                if etcd_asked.is_none_or(|t| t.elapsed() >= ETCD_PROBE) {
-                    probes.etcd = probe_etcd(&etcd).await;
-                    etcd_asked = Some(tokio::time::Instant::now());
-                }
-                // One receiver is the endpoint's own; more are live pages.
-                let every = if page.receiver_count() > 1 { PROBE_WATCHED } else { PROBE_IDLE };
-                probe_due = tokio::time::Instant::now() + every;
+            r = feed.changed() => if r.is_err() { return } else { true },
+            _ = tokio::time::sleep(if probed.is_none() { Duration::ZERO } else { PROBE_WATCHED }) => false,
+        };
+        let every = if page.receiver_count() > 1 {
+            PROBE_WATCHED
+        } else {
+            PROBE_IDLE
+        };
+        let probe = probed.is_none_or(|t| t.elapsed() >= every);
+        if probe {
+            let f = feed.borrow().clone();
+            probes.haproxy = probe_haproxy(&f).await;
+            if etcd_asked.is_none_or(|t| t.elapsed() >= ETCD_PROBE) {
+                probes.etcd = probe_etcd(&etcd).await;
+                etcd_asked = Some(tokio::time::Instant::now());
             }
-            // A page just opened: probe now rather than up to PROBE_IDLE from now.
-            _ = tokio::time::sleep(PROBE_WATCHED), if page.receiver_count() > 1
-                && probe_due > tokio::time::Instant::now() + PROBE_WATCHED => {
-                probe_due = tokio::time::Instant::now();
-                continue;
-            }
+            probed = Some(tokio::time::Instant::now());
+        }
+        if !fed && !probe {
+            continue;
         }
         let f = feed.borrow_and_update().clone();
         let now = unix_now();
