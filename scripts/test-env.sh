@@ -12,7 +12,7 @@ ensure_packages "${BUILD_PACKAGES[@]}" etcd:etcd-server etcdctl:etcd-client hapr
   busybox:busybox-static wrk:wrk socat:socat \
   shellcheck:shellcheck vagrant:vagrant openssl:openssl \
   systemd-analyze:systemd dpkg-deb:dpkg dpkg-shlibdeps:dpkg-dev strip:binutils \
-  /bin/kill:procps ip:iproute2 iptables:iptables
+  /bin/kill:procps ip:iproute2 iptables:iptables chromium:chromium
 ensure_docker /var/log/portolan-test-dockerd.log
 
 # Leftovers of an earlier, interrupted run would confuse the registrar tests.

@@ -1,11 +1,13 @@
 //! The HTTP endpoint both daemons serve: `/metrics` (Prometheus text) and `/healthz`,
-//! with hyper, bounded in connections and in how long a client may idle.
+//! with hyper, bounded in connections and in how long a client may idle. A daemon may
+//! answer more paths (`Endpoint::route`: the watcher's status page).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,6 +22,18 @@ pub(crate) trait Endpoint: Send + Sync + 'static {
     fn encode(&self) -> String;
     /// 200 and "ok", or 503 and why.
     fn health(&self) -> (StatusCode, &'static str);
+    /// The answer for another path, if the daemon serves it (GET and HEAD only).
+    fn route(&self, _path: &str) -> Option<Response<Body>> {
+        None
+    }
+}
+
+/// A response body: whole, or streamed (server-sent events).
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+
+/// `body` as a whole response body.
+pub(crate) fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
 }
 
 /// Prometheus text of `registry`.
@@ -134,8 +148,14 @@ pub(crate) async fn serve_limited(
     }
 }
 
-fn respond(metrics: &dyn Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
+fn respond(metrics: &dyn Endpoint, req: &Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD) {
+        if let Some(r) = metrics.route(path) {
+            return r;
+        }
+    }
+    let (status, ctype, body) = match path {
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -151,7 +171,7 @@ fn respond(metrics: &dyn Endpoint, req: &Request<Incoming>) -> Response<Full<Byt
             "not found: try /metrics or /healthz\n".to_string(),
         ),
     };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);

@@ -20,7 +20,7 @@
 //! - `backoff`: retry delays and the timer helpers reconnect loops share.
 //! - `shutdown`: the cancellation token signals cancel; `sd`: systemd notify and watchdog.
 //! - `telemetry`: logging setup with fixed field names; `endpoint`: the `/metrics` and
-//!   `/healthz` HTTP endpoint both daemons serve.
+//!   `/healthz` HTTP endpoint both daemons serve (and the watcher's status page).
 //! - `registrar`: Docker → etcd. `mod.rs` is the loop → `pass` (one sync: reconcile or
 //!   apply the difference) → `plan` (desired vs actual → key ops; pure) → `session` (the
 //!   etcd session: lease, read-back, transactions). Beside them: `docker` (events,
@@ -40,7 +40,8 @@
 //!   `haproxy/{master (master socket), runtime_plan (config diff → runtime ops; pure),
 //!   runtime_api (admin socket), sections and servers (reading configs and `show servers
 //!   state`; pure), socket}`, `template_files` (notify), `status` (own etcd key),
-//!   `metrics`, `oneshot` (`render --once`, template checks), `drift` (`portolan status`).
+//!   `metrics`, `oneshot` (`render --once`, template checks), `drift` (`portolan status`),
+//!   `ui` (the status page: fed by the loop through a watch channel, served on `listen`).
 //! - `hook`: event hooks (webhooks, commands), delivered off the daemons' loops.
 //! - `ls`, `dev`, `auth`: operator commands (`auth`: least-privilege etcd users).
 

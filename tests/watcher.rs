@@ -1712,6 +1712,80 @@ async fn an_injected_kv_value_adds_no_line_and_is_named() {
     .await;
 }
 
+/// A template written before drain existed (as a ported confd template is): it never
+/// says `draining`, so it would keep a stopping container in rotation for its whole stop
+/// timeout. The watcher does not give it draining instances: the server leaves HAProxy
+/// (runtime API, in-flight requests finish) and the file, whatever the template says.
+const TEMPLATE_WITHOUT_DRAIN: &str = r#"global
+    log stderr format short local0 notice
+    stats socket {{ vars.admin_socket }} mode 600 level admin
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend http-in
+    bind {{ vars.http_bind }}
+    http-request set-var(txn.host) req.hdr(host),field(1,:),lower
+{%- for name, instances in services %}
+    use_backend svc_{{ name }} if { var(txn.host) -m str {{ name }}.{{ vars.domain }} }
+{%- endfor %}
+{% for name, instances in services %}
+backend svc_{{ name }}
+    balance roundrobin
+{%- for i in instances %}
+    server {{ i.id }} {{ i.addr }} weight {{ i.weight }} check
+{%- endfor %}
+{% endfor %}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_leaves_rotation_with_a_template_that_ignores_draining() {
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template: Some(TEMPLATE_WITHOUT_DRAIN.into()),
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    wait_until("web routed to b", T, || fd.routes_to("web", "b")).await;
+
+    etcd.put(&fd.service_key("web", "b"), &b.draining_record())
+        .await;
+    wait_until("b out of HAProxy's rotation", T, || async {
+        fd.admin_state("svc_web", "b")
+            .await
+            .is_none_or(|s| s & 1 == 1)
+    })
+    .await;
+    let line = format!("server b {}", b.addr);
+    wait_until("b out of the file", T, || async {
+        !fd.dest_text().contains(&line)
+    })
+    .await;
+    let before = b.hits.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..40 {
+        assert_eq!(fd.get("web").await, Some((200, "a".to_string())));
+    }
+    assert_eq!(
+        b.hits.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "a draining instance got new requests"
+    );
+
+    // The stop did not happen after all (the registrar clears the flag): back in.
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("b routed again", T, || fd.routes_to("web", "b")).await;
+}
+
 /// A draining instance (its container got its stop signal) leaves rotation through the
 /// runtime API within milliseconds of the etcd put, with no reload; the file says
 /// `disabled` so a later reload keeps it out; clearing the flag routes it again.

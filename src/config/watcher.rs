@@ -41,6 +41,12 @@ pub struct WatcherOptions {
     /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9477.
     #[arg(long, env = "PORTOLAN_LISTEN", value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// Serve the status page (`/`, `/ui`, `/api/status`, `/api/events`) on `listen`
+    /// too [default: true when `listen` is a loopback address, false otherwise]. The
+    /// page is read-only and unauthenticated, and shows every instance's address: bind
+    /// it where only operators reach.
+    #[arg(long, env = "PORTOLAN_UI", value_name = "true|false")]
+    pub ui: Option<bool>,
     /// Time limit of one check, reload or runtime-API exchange, in milliseconds
     /// [default: 10000] (file only).
     #[arg(skip)]
@@ -196,6 +202,8 @@ pub struct WatcherConfig {
     pub wait_min: Duration,
     pub wait_max: Duration,
     pub listen: Option<SocketAddr>,
+    /// Serve the status page on `listen` (`watcher.ui`).
+    pub ui: bool,
     pub command_timeout: Duration,
     /// Where instances may point (`allowed_networks`).
     pub policy: Policy,
@@ -267,6 +275,9 @@ impl WatcherOptions {
             name,
             wait_min: Duration::from_millis(wait_min),
             wait_max: Duration::from_millis(wait_max),
+            ui: self
+                .ui
+                .unwrap_or_else(|| listen.is_some_and(|a: SocketAddr| a.ip().is_loopback())),
             listen,
             command_timeout: Duration::from_millis(at_least_min_timeout(
                 "watcher.command_timeout_ms",
@@ -573,6 +584,27 @@ mod tests {
         )
         .unwrap();
         FileConfig::load(Some(&path)).unwrap()
+    }
+
+    #[test]
+    fn the_status_page_is_on_by_default_only_on_a_loopback_listen() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = WatcherArgs::default();
+        let ui = |watcher: &str| {
+            resolve_watcher(&file(dir.path(), watcher), &none)
+                .unwrap()
+                .ui
+        };
+        assert!(!ui(""));
+        assert!(ui(r#"listen = "127.0.0.1:9477""#));
+        assert!(ui(r#"listen = "[::1]:9477""#));
+        assert!(!ui(r#"listen = "0.0.0.0:9477""#));
+        assert!(!ui(r#"listen = "10.1.2.3:9477""#));
+        assert!(ui("listen = \"0.0.0.0:9477\"\nui = true"));
+        assert!(!ui("listen = \"127.0.0.1:9477\"\nui = false"));
+        let flags = Cli::parse_from(["x", "--ui", "false"]).args;
+        let f = file(dir.path(), r#"listen = "127.0.0.1:9477""#);
+        assert!(!resolve_watcher(&f, &flags).unwrap().ui);
     }
 
     #[test]

@@ -98,6 +98,14 @@ impl Loop<'_> {
         let revision = self.sink.metrics.revision.get();
         self.sink
             .tell(&report, &self.resources[i].cfg.dest, revision);
+        self.sink.feed(|f| {
+            f.checked(super::ui::CheckRow {
+                at: crate::schema::unix_now(),
+                dest: self.resources[i].cfg.dest.display().to_string(),
+                result: report.counts.deferred.unwrap_or("failed"),
+                error: report.error.clone(),
+            })
+        });
         if repair.is_none() {
             self.deferred.start(&self.resources, timeout);
             return false;

@@ -153,6 +153,33 @@ impl Metrics {
         }
     }
 
+    /// `event_to_live_seconds` by bucket: (upper bound, None for +Inf; cumulative
+    /// count), and the sum, read back from its own exposition (the crate has no other
+    /// accessor).
+    pub(crate) fn event_to_live_buckets(&self) -> (Vec<(Option<f64>, u64)>, f64) {
+        let mut one = Registry::default();
+        one.register("h", "", self.event_to_live.clone());
+        let text = crate::endpoint::encode(&one);
+        let sum = text
+            .lines()
+            .find_map(|l| l.strip_prefix("h_sum ")?.trim().parse().ok())
+            .unwrap_or(0.0);
+        let buckets = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("h_bucket{le=\"")?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let count = count.split_whitespace().next()?.parse().ok()?;
+                Some((le.parse::<f64>().ok().filter(|v| v.is_finite()), count))
+            })
+            .collect();
+        (buckets, sum)
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -266,6 +293,20 @@ mod tests {
         assert!(m
             .encode()
             .contains("portolan_watcher_hook_events_total{result=\"dropped\"} 2"));
+    }
+
+    #[test]
+    fn the_status_page_reads_the_histogram_it_exports() {
+        let m = Metrics::new();
+        m.event_to_live.observe(0.0015);
+        m.event_to_live.observe(0.0015);
+        m.event_to_live.observe(100.0);
+        let (b, sum) = m.event_to_live_buckets();
+        assert_eq!(sum, 100.003);
+        assert_eq!(b.len(), 15, "{b:?}");
+        assert_eq!(b[0], (Some(0.001), 0));
+        assert_eq!(b[1], (Some(0.002), 2));
+        assert_eq!(b[14], (None, 3));
     }
 
     #[test]

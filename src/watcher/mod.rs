@@ -61,6 +61,7 @@ mod source;
 mod status;
 pub mod store;
 mod template_files;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,9 +119,10 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let _template_files = template_files::watch(&srcs, tpl_tx)
         .context("cannot watch the template folders for edits (inotify limits?)")?;
 
-    if let Some(addr) = cfg.listen {
-        crate::endpoint::start(addr, "watcher.listen", metrics.clone(), &tracker, &tasks).await?;
-    }
+    let feed = match cfg.listen {
+        Some(addr) => ui::serve::start(addr, &cfg, &metrics, &tracker, &tasks).await?,
+        None => None,
+    };
 
     tracker.spawn(crate::etcd::advisory::watch(
         cfg.etcd.clone(),
@@ -168,7 +170,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         deferred: deferred::Deferred::default(),
         snap_rx,
         tpl_rx,
-        sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx),
+        sink: Sink::new(cfg.name.clone(), metrics, hooks, status_tx, feed),
         effective,
         retry: pass::Retry::default(),
         reloaded: false,

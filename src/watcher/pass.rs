@@ -27,6 +27,46 @@ impl Default for Retry {
     }
 }
 
+/// Tells the status page what one resource's apply did, and the files it compares.
+fn feed_apply(
+    sink: &super::sink::Sink,
+    index: usize,
+    r: &super::apply::Resource,
+    rendered: String,
+    report: &report::Report,
+    revision: i64,
+    started: std::time::Instant,
+) {
+    let rendered: std::sync::Arc<str> = rendered.into();
+    let file = match r.live() {
+        Some(live) if live == rendered.as_bytes() => Some(rendered.clone()),
+        Some(live) => Some(String::from_utf8_lossy(live).into()),
+        None => None,
+    };
+    let result = report.counts.apply.unwrap_or("unchanged");
+    sink.feed(|f| {
+        if let Some(slot) = f.files.get_mut(index) {
+            *slot = super::ui::FileFeed {
+                dest: r.cfg.dest.clone(),
+                admin_socket: r.cfg.haproxy_admin_socket.clone(),
+                rendered: Some(rendered),
+                file,
+            };
+        }
+        if result != "unchanged" {
+            f.applied(super::ui::ApplyRow {
+                at: crate::schema::unix_now(),
+                revision,
+                dest: r.cfg.dest.display().to_string(),
+                path: report.path.map(|p| p.as_str()),
+                result,
+                took_ms: started.elapsed().as_millis() as u64,
+                error: report.error.clone(),
+            });
+        }
+    });
+}
+
 impl Loop<'_> {
     /// Renders every resource from the latest snapshot, applies what changed, and says
     /// what happened.
@@ -40,6 +80,17 @@ impl Loop<'_> {
             .judge(&published.snapshot, std::time::Instant::now());
         self.judged(&judged, revision);
         let snapshot = &*judged.snapshot;
+        let fed = self.sink.feeds();
+        if fed {
+            let files = self.resources.len();
+            self.sink.feed(|f| {
+                f.revision = revision;
+                f.desired = published.snapshot.clone();
+                f.rendered = judged.snapshot.clone();
+                f.left_out = published.left_out.clone();
+                f.files.resize_with(files, Default::default);
+            });
+        }
         self.pending_since = Some(
             self.pending_since
                 .map_or(published.received, |s| s.min(published.received)),
@@ -52,7 +103,7 @@ impl Loop<'_> {
                 .into_iter()
                 .collect(),
         );
-        for (r, repeats) in self.resources.iter_mut().zip(&mut self.repeats) {
+        for (i, (r, repeats)) in self.resources.iter_mut().zip(&mut self.repeats).enumerate() {
             if let Some(e) = &r.template_error {
                 pass.errors.push(e.to_string());
             }
@@ -76,6 +127,9 @@ impl Loop<'_> {
             repeats.judge(&mut report, rendered.as_bytes());
             self.sink.tell(&report, &r.cfg.dest, revision);
             pass.add(&report);
+            if fed {
+                feed_apply(&self.sink, i, r, rendered, &report, revision, started);
+            }
         }
         self.passed(pass, revision, snapshot, started.elapsed());
     }
@@ -143,6 +197,10 @@ impl Loop<'_> {
             s.last_error = (!pass.errors.is_empty()).then(|| pass.errors.join("\n"));
             s.removals_held = held;
             s.held_until = held_until;
+        });
+        self.sink.feed(|f| {
+            f.held_until = held_until;
+            f.errors = pass.errors.clone();
         });
         self.retry.at = if pass.retry {
             let delay = self.retry.backoff.next_delay();

@@ -2,7 +2,14 @@
 //! caller reads the template file and hands over its text.
 //!
 //! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`) and `vars` (the
-//! resource's `vars` table from the config file). Tera is built with `preserve_order`,
+//! resource's `vars` table from the config file).
+//!
+//! Draining instances (their container is stopping) reach only templates that mention
+//! `draining` outside a `{# comment #}`: such a template decides what a draining
+//! instance becomes (the shipped one renders it `disabled`). Any other template — one
+//! written before drain existed, a ported confd template — never sees them, so a
+//! stopping container leaves rotation whatever the template says (through the runtime
+//! API's `del server`, in-flight requests finishing, or a reload). Tera is built with `preserve_order`,
 //! so maps iterate in the sorted order the snapshot's `BTreeMap`s give them: equal
 //! state renders byte-identical output.
 //!
@@ -36,6 +43,8 @@ pub struct TemplateError {
 pub struct Template {
     name: String,
     tera: Tera,
+    /// The source mentions `draining` (outside comments): it is given draining instances.
+    sees_draining: bool,
 }
 
 impl std::fmt::Debug for Template {
@@ -61,7 +70,13 @@ impl Template {
         Ok(Template {
             name: name.to_string(),
             tera,
+            sees_draining: mentions_draining(source),
         })
+    }
+
+    /// Whether draining instances are in this template's `services` (see the module docs).
+    pub fn sees_draining(&self) -> bool {
+        self.sees_draining
     }
 
     /// Renders against a context built by `context()`.
@@ -75,9 +90,34 @@ impl Template {
     }
 }
 
-/// The tera context for one resource.
+/// True when `source` says `draining` outside `{# … #}` comments: the template asks
+/// for draining instances and handles them itself.
+fn mentions_draining(source: &str) -> bool {
+    let mut rest = source;
+    while let Some(start) = rest.find("{#") {
+        if rest[..start].contains("draining") {
+            return true;
+        }
+        rest = match rest[start..].find("#}") {
+            Some(end) => &rest[start + end + 2..],
+            None => "",
+        };
+    }
+    rest.contains("draining")
+}
+
+/// The tera context for one resource, draining instances included.
 pub fn context(snapshot: &StoreSnapshot, vars: &toml::Table) -> Context {
     InstanceValues::default().context(snapshot, vars)
+}
+
+/// `list` without its draining instances, unless `with_draining`.
+fn serving(list: &[Arc<Instance>], with_draining: bool) -> Cow<'_, [Arc<Instance>]> {
+    if with_draining || !list.iter().any(|i| i.draining) {
+        Cow::Borrowed(list)
+    } else {
+        Cow::Owned(list.iter().filter(|i| !i.draining).cloned().collect())
+    }
 }
 
 /// The tera values of the services' instances, kept from one render to the next.
@@ -94,11 +134,23 @@ pub struct InstanceValues {
 
 impl InstanceValues {
     /// The tera context for one resource, reusing what is unchanged since the last call
-    /// and forgetting services gone since.
+    /// and forgetting services gone since. Draining instances included.
     pub fn context(&mut self, snapshot: &StoreSnapshot, vars: &toml::Table) -> Context {
+        self.context_for(snapshot, vars, true)
+    }
+
+    /// The context for a template that sees draining instances or does not
+    /// (`Template::sees_draining`). A service whose every instance drains stays, empty.
+    pub fn context_for(
+        &mut self,
+        snapshot: &StoreSnapshot,
+        vars: &toml::Table,
+        with_draining: bool,
+    ) -> Context {
         let mut next = std::collections::HashMap::with_capacity(snapshot.services.len());
         let mut services = BTreeMap::new();
         for (name, list) in &snapshot.services {
+            let list = &*serving(list, with_draining);
             let old = self.cached.remove(name);
             let value = match old {
                 Some((held, v))
@@ -125,7 +177,7 @@ impl InstanceValues {
                     Value::from(values)
                 }
             };
-            next.insert(name.clone(), (list.clone(), value.clone()));
+            next.insert(name.clone(), (list.to_vec(), value.clone()));
             services.insert(name.clone(), value);
         }
         self.cached = next;
@@ -401,5 +453,62 @@ mod tests {
             .render(&context(&StoreSnapshot::default(), &toml::Table::new()))
             .unwrap_err();
         assert!(err.message.contains("t.tera:2:"), "{}", err.message);
+    }
+
+    fn draining_snapshot() -> StoreSnapshot {
+        let mut s = snap(&[("web", "a", "10.0.0.1:80"), ("web", "b", "10.0.0.2:80")]);
+        let b = s.services.get_mut("web").unwrap();
+        let mut stopping = (*b[1]).clone();
+        stopping.draining = true;
+        b[1] = std::sync::Arc::new(stopping);
+        s
+    }
+
+    #[test]
+    fn a_template_that_ignores_draining_never_sees_a_draining_instance() {
+        let old = "{# a template from before drain #}{% for i in services.web %}server {{ i.id }} {{ i.addr }}\n{% endfor %}";
+        let t = Template::compile("old.tera", old).unwrap();
+        assert!(!t.sees_draining());
+        let mut values = InstanceValues::default();
+        let ctx = values.context_for(&draining_snapshot(), &toml::Table::new(), t.sees_draining());
+        assert_eq!(t.render(&ctx).unwrap(), "server a 10.0.0.1:80\n");
+        // A comment that merely says the word does not count as asking.
+        let commented = "{# draining? #}{% for i in services.web %}{{ i.id }} {% endfor %}";
+        assert!(!Template::compile("c.tera", commented)
+            .unwrap()
+            .sees_draining());
+    }
+
+    #[test]
+    fn a_template_that_mentions_draining_decides_itself() {
+        let src = "{% for i in services.web %}{{ i.id }}{% if i.draining %} disabled{% endif %}\n{% endfor %}";
+        let t = Template::compile("new.tera", src).unwrap();
+        assert!(t.sees_draining());
+        let mut values = InstanceValues::default();
+        let ctx = values.context_for(&draining_snapshot(), &toml::Table::new(), t.sees_draining());
+        assert_eq!(t.render(&ctx).unwrap(), "a\nb disabled\n");
+        let shipped = std::fs::read_to_string("templates/haproxy.cfg.tera").unwrap();
+        assert!(Template::compile("shipped", &shipped)
+            .unwrap()
+            .sees_draining());
+        let tcp = std::fs::read_to_string("templates/haproxy-tcp.cfg.tera").unwrap();
+        assert!(Template::compile("tcp", &tcp).unwrap().sees_draining());
+    }
+
+    #[test]
+    fn a_service_whose_every_instance_drains_stays_empty_for_a_template_that_ignores_it() {
+        let mut s = draining_snapshot();
+        for i in s.services.get_mut("web").unwrap() {
+            let mut d = (**i).clone();
+            d.draining = true;
+            *i = std::sync::Arc::new(d);
+        }
+        let t = Template::compile(
+            "x",
+            "{% for n, l in services %}{{ n }}={{ l | length }}{% endfor %}",
+        )
+        .unwrap();
+        let ctx = InstanceValues::default().context_for(&s, &toml::Table::new(), false);
+        assert_eq!(t.render(&ctx).unwrap(), "web=0");
     }
 }

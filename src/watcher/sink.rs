@@ -1,5 +1,6 @@
-//! Where reports go: the log, `/metrics`, the hooks and the status key. The one place
-//! the watcher's loop and its deferred checks say what happened (`report` decides what).
+//! Where reports go: the log, `/metrics`, the hooks, the status key and the status
+//! page's feed. The one place the watcher's loop and its deferred checks say what
+//! happened (`report` decides what).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::report::{Level, Report};
+use super::ui::Feed;
 use crate::hook::{Event, Hooks, WatcherEvent};
 use crate::schema::WatcherStatus;
 
@@ -15,6 +17,8 @@ pub(crate) struct Sink {
     pub(crate) metrics: Arc<Metrics>,
     hooks: Hooks,
     status: watch::Sender<WatcherStatus>,
+    /// The status page's feed, when the page is on.
+    feed: Option<watch::Sender<Feed>>,
     watcher: String,
 }
 
@@ -24,12 +28,26 @@ impl Sink {
         metrics: Arc<Metrics>,
         hooks: Hooks,
         status: watch::Sender<WatcherStatus>,
+        feed: Option<watch::Sender<Feed>>,
     ) -> Sink {
         Sink {
             metrics,
             hooks,
             status,
+            feed,
             watcher,
+        }
+    }
+
+    /// True when the status page listens: what only it needs is worth gathering.
+    pub(crate) fn feeds(&self) -> bool {
+        self.feed.is_some()
+    }
+
+    /// Tells the status page (nothing when it is off).
+    pub(crate) fn feed(&self, change: impl FnOnce(&mut Feed)) {
+        if let Some(f) = &self.feed {
+            f.send_modify(change);
         }
     }
 

@@ -55,7 +55,13 @@ pub(crate) struct Published {
     pub(crate) revision: i64,
     /// When the change that made this snapshot arrived (`event_to_live_seconds`).
     pub(crate) received: std::time::Instant,
+    /// Keys left out of `snapshot` and why: the schema's rule, or the routing policy's
+    /// (the status page shows them).
+    pub(crate) left_out: Arc<BTreeMap<String, String>>,
 }
+
+/// Why a name still waiting for its first DNS answer is left out, as the page says it.
+const RESOLVING: &str = "waiting for the first DNS answer for its host name";
 
 /// Why a session ended. All of them lead to a re-list.
 #[derive(Debug, thiserror::Error)]
@@ -302,16 +308,28 @@ impl Source {
         self.metrics
             .invalid_keys
             .set((self.store.invalid_count() + self.denied.len()) as i64);
+        let mut left_out = self.store.left_out().clone();
+        for (key, rule) in &self.denied {
+            let why = if rule.is_empty() { RESOLVING } else { rule };
+            left_out.insert(key.clone(), why.to_string());
+        }
         self.tx.send_if_modified(|cur| match cur {
             Some(p) if *p.snapshot == snapshot => {
                 p.revision = revision;
-                false
+                // A key left out (or back in) changes no render, but the status page
+                // shows it: wake the loop, whose pass finds the files unchanged.
+                let changed = *p.left_out != left_out;
+                if changed {
+                    p.left_out = Arc::new(left_out);
+                }
+                changed
             }
             _ => {
                 *cur = Some(Published {
                     snapshot: Arc::new(snapshot),
                     revision,
                     received: std::time::Instant::now(),
+                    left_out: Arc::new(left_out),
                 });
                 true
             }

@@ -178,6 +178,11 @@ impl Store {
         }
     }
 
+    /// The keys in etcd left out now, with the rule each broke (the status page).
+    pub(crate) fn left_out(&self) -> &BTreeMap<String, String> {
+        &self.invalid
+    }
+
     /// Number of keys in etcd that are currently left out.
     pub(crate) fn invalid_count(&self) -> usize {
         self.invalid.len()

@@ -6,6 +6,7 @@
 //! dir and its own key prefix, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod cdp;
 pub mod dns;
 pub mod haproxy;
 pub mod netns;

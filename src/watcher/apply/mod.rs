@@ -177,7 +177,10 @@ impl Resource {
         snapshot: &StoreSnapshot,
     ) -> Option<Result<String, TemplateError>> {
         let t = self.template.as_ref()?;
-        Some(t.render(&self.values.context(snapshot, &self.cfg.vars)))
+        let ctx = self
+            .values
+            .context_for(snapshot, &self.cfg.vars, t.sees_draining());
+        Some(t.render(&ctx))
     }
 
     /// The diff of the live file against `rendered`, for logs and dry runs.
