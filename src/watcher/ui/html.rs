@@ -47,6 +47,15 @@ fn since(at: u64, now: u64) -> String {
 /// The page's main fragment; at most `per_service` instances drawn per service.
 pub(crate) fn board(b: &Board, per_service: usize) -> String {
     let mut h = String::new();
+    summary_and_services(&mut h, b, per_service);
+    left_out(&mut h, b);
+    applies(&mut h, b);
+    checks(&mut h, b);
+    drift_and_etcd(&mut h, b);
+    h
+}
+
+fn summary_and_services(h: &mut String, b: &Board, per_service: usize) {
     let now = b.now;
     let _ = write!(
         h,
@@ -101,7 +110,7 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         }
         h.push_str("<table class=\"instances\"><thead><tr><th>instance</th><th>address</th><th>node</th><th>container</th><th>weight</th><th>state</th><th>HAProxy</th><th>health</th><th>seen</th></tr></thead><tbody>");
         for i in s.instances.iter().take(per_service) {
-            instance_row(&mut h, i, now);
+            instance_row(h, i, now);
         }
         h.push_str("</tbody></table>");
         if s.instances.len() > per_service {
@@ -114,7 +123,9 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         h.push_str("</div>");
     }
     h.push_str("</section>");
+}
 
+fn left_out(h: &mut String, b: &Board) {
     h.push_str("<section id=\"left-out\"><h2>Left out</h2>");
     if b.left_out.is_empty() {
         h.push_str("<p class=\"note\">No key is left out.</p>");
@@ -131,7 +142,10 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         h.push_str("</tbody></table>");
     }
     h.push_str("</section>");
+}
 
+fn applies(h: &mut String, b: &Board) {
+    let now = b.now;
     h.push_str("<section id=\"applies\"><h2>Last applies</h2>");
     if b.applies.is_empty() {
         h.push_str("<p class=\"note\">Nothing applied yet by this run.</p>");
@@ -154,7 +168,10 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         h.push_str("</tbody></table>");
     }
     h.push_str("</section>");
+}
 
+fn checks(h: &mut String, b: &Board) {
+    let now = b.now;
     h.push_str("<section id=\"checks\"><h2>Deferred checks</h2>");
     if b.checks.is_empty() {
         h.push_str("<p class=\"note\">No deferred check yet (they follow changes applied through the runtime API).</p>");
@@ -177,7 +194,9 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
         h.push_str("</ul>");
     }
     h.push_str("</section>");
+}
 
+fn drift_and_etcd(h: &mut String, b: &Board) {
     h.push_str("<section id=\"drift\"><h2>Drift: etcd, the file, HAProxy</h2><ul>");
     for d in &b.drift {
         let _ = write!(h, "<li>{}: ", esc(&d.dest));
@@ -221,7 +240,6 @@ pub(crate) fn board(b: &Board, per_service: usize) -> String {
     h.push_str("<section id=\"latency\"><h2>Change to live</h2>");
     h.push_str(&histogram_svg(&b.event_to_live));
     h.push_str("</section></div>");
-    h
 }
 
 fn instance_row(h: &mut String, i: &InstanceRow, now: u64) {

@@ -235,14 +235,9 @@ pub(crate) struct Page {
 }
 
 /// Builds the board from the feed and the probes. Pure: `now` and `seen` (when each
-/// instance was first seen, updated here) are the caller's.
-fn build(
-    feed: &Feed,
-    probes: &Probes,
-    seen: &mut HashMap<(String, String), u64>,
-    now: u64,
-) -> Board {
-    // HAProxy's view: the first file with an answer from its admin socket.
+/// Each file's drift between etcd, the file and HAProxy, and HAProxy's view (from the
+/// first file with an answer from its admin socket).
+fn drifts(feed: &Feed, probes: &Probes) -> (Option<drift::Backends>, Vec<Drift>) {
     let mut running: Option<drift::Backends> = None;
     let mut drifts = Vec::new();
     for (i, f) in feed.files.iter().enumerate() {
@@ -285,7 +280,17 @@ fn build(
             }
         }
     }
+    (running, drifts)
+}
 
+/// instance was first seen, updated here) are the caller's.
+fn build(
+    feed: &Feed,
+    probes: &Probes,
+    seen: &mut HashMap<(String, String), u64>,
+    now: u64,
+) -> Board {
+    let (running, drifts) = drifts(feed, probes);
     let mut services = Vec::new();
     let mut still = std::collections::HashSet::new();
     let mut held_names = Vec::new();
