@@ -70,12 +70,10 @@ impl NotifySocket {
         let mut pings = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let msg = self.next(left).await.unwrap_or_else(|| {
-                panic!(
-                    "no READY=1 within {limit:?}; datagrams: {:?}",
-                    self.seen.lock().expect("lock")
-                )
-            });
+            let Some(msg) = self.next(left).await else {
+                let seen = self.seen.lock().expect("lock").clone();
+                panic!("no READY=1 within {limit:?}; datagrams: {seen:?}");
+            };
             if msg.lines().any(|l| l == "READY=1") {
                 return pings;
             }
@@ -387,4 +385,97 @@ timeout_ms = 300
             "the log shows {secret:?} of a webhook URL:\n{log}"
         );
     }
+}
+
+// ---------- drain: a custom StopSignal, a registrar restarted mid-drain ----------
+
+/// True while the registered record of `key` says draining.
+async fn draining(rig: &Rig, key: &str) -> bool {
+    rig.value(key)
+        .await
+        .is_some_and(|v| common::registrar::record(&v).draining)
+}
+
+/// A container whose `StopSignal` is SIGUSR1 drains on SIGUSR1 — what `docker stop`
+/// sends it — and not on SIGTERM, which for it is just another signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_stop_signal_drains_and_sigterm_then_does_not() {
+    let rig = Rig::new("reg-stopsig").await;
+    let _registrar = rig.start(&Opts::default());
+    // PID 1 with no handler: neither signal ends it, so each `kill` is only an event.
+    let c = Container::run(
+        &rig.run,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "--stop-signal",
+            "SIGUSR1",
+            "--stop-timeout",
+            "2",
+        ],
+        Some(&["sh", "-c", "/bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+    let events = common::registrar::DockerEvents::start(&rig.run);
+    let before = rig.kvs().await[&key].mod_revision;
+    docker(&["kill", "-s", "TERM", &c.id]);
+    events.wait_for(&c.id, "kill").await;
+    // The marker is registered after the registrar saw the TERM's kill event.
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
+    assert_eq!(
+        rig.kvs().await[&key].mod_revision,
+        before,
+        "SIGTERM rewrote the record of a container whose stop signal is SIGUSR1"
+    );
+    assert!(!draining(&rig, &key).await);
+
+    docker(&["kill", "-s", "USR1", &c.id]);
+    wait_until("SIGUSR1 drains it", T, || draining(&rig, &key)).await;
+}
+
+/// A registrar SIGKILLed while a container drains, and started again, keeps the drain
+/// it finds in etcd: the stopping container does not go back into rotation until its
+/// stop timeout (+ 2 s) has passed again, counted from the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrar_restarted_mid_drain_keeps_the_drain_then_gives_it_back() {
+    const STOP_TIMEOUT: u64 = 4;
+    let rig = Rig::new("reg-middrain").await;
+    let mut registrar = rig.spawn(&Opts::default());
+    let c = Container::run(
+        &rig.run,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "--stop-timeout",
+            &STOP_TIMEOUT.to_string(),
+        ],
+        Some(&["sh", "-c", "trap '' TERM; /bin/serve & wait"]),
+    );
+    let key = rig.image_key(&c);
+    rig.wait_value(&key, T).await;
+    docker(&["kill", "-s", "TERM", &c.id]);
+    wait_until("draining", T, || draining(&rig, &key)).await;
+
+    registrar.sigkill();
+    let restarted = Instant::now();
+    let _registrar = rig.spawn(&Opts::default());
+    // The marker is registered by the new registrar, after its first reconcile.
+    let marker = rig.container(&[]);
+    rig.wait_value(&rig.image_key(&marker), T).await;
+    assert!(
+        draining(&rig, &key).await,
+        "the restarted registrar put a stopping container back into rotation"
+    );
+    wait_until("given back", T, || async {
+        rig.value(&key).await.is_some() && !draining(&rig, &key).await
+    })
+    .await;
+    let took = restarted.elapsed();
+    eprintln!("mid-drain restart: given back {took:?} after the restart (stop timeout {STOP_TIMEOUT} s + 2 s)");
+    assert!(
+        took >= Duration::from_secs(STOP_TIMEOUT),
+        "given back {took:?} after the restart, before the stop timeout"
+    );
 }
