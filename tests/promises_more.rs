@@ -114,7 +114,10 @@ fn start_watcher_with(fd: &mut FrontDoor, env: &[(String, String)]) {
     cmd.arg("watcher")
         .arg("--config")
         .arg(&fd.config)
-        .env("RUST_LOG", "debug,h2=info,hyper=info,tower=info,reqwest=info")
+        .env(
+            "RUST_LOG",
+            "debug,h2=info,hyper=info,tower=info,reqwest=info",
+        )
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
@@ -243,11 +246,14 @@ async fn the_registrars_healthz_is_503_while_etcd_is_gone_and_200_once_it_is_bac
 
 // ---------- hooks ----------
 
+/// Per connection: when it was accepted, and when it was closed (None: still open).
+type Attempts = Arc<Mutex<Vec<(Instant, Option<Instant>)>>>;
+
 /// A hook target that accepts and never answers. For every connection: when it was
 /// accepted and when the client gave up on it (EOF).
 struct Silent {
     port: u16,
-    attempts: Arc<Mutex<Vec<(Instant, Option<Instant>)>>>,
+    attempts: Attempts,
 }
 
 impl Silent {
@@ -257,7 +263,7 @@ impl Silent {
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let attempts: Arc<Mutex<Vec<(Instant, Option<Instant>)>>> = Arc::default();
+        let attempts: Attempts = Arc::default();
         let log = attempts.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
