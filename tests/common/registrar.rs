@@ -141,6 +141,11 @@ impl Rig {
 
     /// A `portolan registrar` child process logging to a file in the state dir.
     pub fn spawn(&self, opts: &Opts) -> Subprocess {
+        self.spawn_with_env(opts, &[])
+    }
+
+    /// `spawn` with `env` set for the child (e.g. systemd's `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(&self, opts: &Opts, env: &[(&str, &str)]) -> Subprocess {
         let log = self
             .state
             .path()
@@ -180,6 +185,7 @@ impl Rig {
         if let Some(h) = &opts.docker_host {
             cmd.args(["--docker-host", h]);
         }
+        cmd.envs(env.iter().copied());
         if let Some((user, password_file)) = &opts.etcd_auth {
             cmd.args(["--etcd-username", user])
                 .arg("--etcd-password-file")
