@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::EtcdOptions;
+pub use crate::telemetry::LogFormat;
 pub use crate::config::{RegistrarArgs, WatcherArgs};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "portolan",
-    version,
+    version = crate::VERSION,
     about = "Keep an HAProxy front door in step with the Docker containers behind it, through etcd.",
     long_about = concat!(
         "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n",
@@ -41,8 +42,23 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
-    /// Log as JSON lines (for log shippers) instead of plain text.
-    #[arg(long, global = true, env = "PORTOLAN_LOG_JSON")]
+    /// What to log: a level (error, warn, info, debug, trace) or tracing directives
+    /// ("info,portolan::watcher=debug") [default: RUST_LOG, else info].
+    #[arg(long, global = true, env = "PORTOLAN_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log as plain text or as JSON lines (one object a line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "PORTOLAN_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+
+    /// Same as --log-format json (kept for existing units and scripts).
+    #[arg(long, global = true, env = "PORTOLAN_LOG_JSON", hide = true)]
     pub log_json: bool,
 
     #[command(subcommand)]
@@ -174,6 +190,35 @@ pub enum Command {
     /// Needs etcd, haproxy and a running Docker Engine on this machine. Everything it
     /// starts listens on 127.0.0.1 and is stopped with Ctrl-C.
     Dev(DevArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    ///
+    ///   portolan completions bash > /etc/bash_completion.d/portolan
+    ///   portolan completions zsh  > "${fpath[1]}/_portolan"
+    ///   portolan completions fish > ~/.config/fish/completions/portolan.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), built from this command line; with --out-dir, write
+    /// portolan.1 and one page a subcommand (portolan-watcher.1, …) there instead.
+    ///
+    /// The Debian package installs these under /usr/share/man/man1.
+    Man {
+        /// Folder to write every page into.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+impl Cli {
+    /// The log format asked for: --log-format, or the old --log-json.
+    pub fn log_format(&self) -> LogFormat {
+        if self.log_json {
+            LogFormat::Json
+        } else {
+            self.log_format
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -11,7 +11,10 @@ use portolan::{auth, dev, ls, registrar, shutdown, telemetry, watcher};
 fn main() -> ExitCode {
     few_malloc_arenas();
     let cli = Cli::parse();
-    telemetry::init(cli.log_json);
+    if let Err(e) = telemetry::init_with(cli.log_level.as_deref(), cli.log_format()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -114,8 +117,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "portolan", &mut script);
+            print_quietly(&script)?;
+        }
+        Command::Man { out_dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("write man pages into {}", dir.display()))?;
+                }
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    print_quietly(&page)?;
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a reader that went away (`portolan man | head`) is not an error.
+fn print_quietly(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
 }
 
 /// The shutdown token of every daemon: the first SIGTERM/SIGINT asks for a clean stop;

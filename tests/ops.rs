@@ -752,6 +752,9 @@ fn debian_package_holds_binary_units_template_and_conffiles() {
         ("/etc/portolan/registrar.toml", "-rw-r--r--"),
         ("/etc/portolan/watcher.toml", "-rw-r--r--"),
         ("/usr/share/doc/portolan/copyright", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan.1.gz", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan-watcher.1.gz", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan-registrar.1.gz", "-rw-r--r--"),
     ] {
         match entries.get(path) {
             Some((m, owner)) => {
@@ -773,7 +776,11 @@ fn debian_package_holds_binary_units_template_and_conffiles() {
     );
     let r = root.path();
     let v = must(Command::new(r.join("usr/bin/portolan")).arg("--version"));
-    assert_eq!(v.trim(), format!("portolan {version}"));
+    assert!(
+        v.trim() == format!("portolan {version}")
+            || v.trim().starts_with(&format!("portolan {version} (git ")),
+        "{v}"
+    );
     for u in UNITS {
         assert_eq!(
             fs::read_to_string(r.join("lib/systemd/system").join(u)).unwrap(),
