@@ -144,9 +144,11 @@ pub enum Command {
     /// For each backend of each [[template]] of --config: what etcd says (the template
     /// rendered from etcd now), what the file on disk says, and what HAProxy runs
     /// (`show servers state` on the template's haproxy_admin_socket), with the watcher's
-    /// last apply from its status key. Exit 0 when all three agree, 1 when they do not,
-    /// with one "difference:" line naming each server that differs (a manual
-    /// `set server … state maint`, a server added by hand, a file behind etcd, …).
+    /// last apply from its status key. Exit codes: 0 when all three agree; 1 when they
+    /// do not, with one "difference:" line naming each server that differs (a manual
+    /// `set server … state maint`, a server added by hand, a file behind etcd, …); 2
+    /// when it cannot tell (a config file missing or invalid, etcd or HAProxy
+    /// unreachable), with the reason on stderr.
     /// A server HAProxy's health checks mark down is shown, not counted as a difference.
     /// --json prints {in_sync, etcd_revision, watcher, templates: [{dest, backends}],
     /// differences}.

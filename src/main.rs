@@ -71,8 +71,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status(args) => {
-            let cfg = config::resolve_watcher(&file()?, &args.watcher)?;
-            // 0 in sync, 1 out of sync, 2 when it cannot tell (etcd or HAProxy unreachable).
+            // 0 in sync, 1 out of sync, 2 when it cannot tell: a config that does not
+            // load or resolve, etcd or HAProxy unreachable. A monitor that pages on 1
+            // must not page "drift" for a typo in the file.
+            let cfg = match file()
+                .map_err(anyhow::Error::from)
+                .and_then(|f| Ok(config::resolve_watcher(&f, &args.watcher)?))
+            {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
             match watcher::status(&cfg, args.json).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(ExitCode::from(1)),
@@ -176,6 +187,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     config::resolve_etcd(&f, &Default::default()).with_context(|| at("[etcd]"))?;
     if f.has("registrar") {
         config::resolve_registrar(&f, &Default::default()).with_context(|| at("[registrar]"))?;
+    }
+    // Each daemon reads the [[hook]] sections for its own events, whatever else the
+    // file has: check them against every event either daemon emits.
+    if f.has("hook") {
+        config::resolve_hooks(&f).with_context(|| at("[[hook]]"))?;
     }
     if f.has("watcher") || f.has("template") {
         let cfg =

@@ -128,3 +128,57 @@ fn log_format_json_and_log_level_are_flags() {
 }
 
 
+
+#[test]
+fn status_exits_2_when_it_cannot_tell_and_help_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let out = portolan(&["status", "--config", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("missing.toml"), "{}", text(&out.stderr));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[watcher]\nnmae = \"lb\"\n").unwrap();
+    let out = portolan(&["status", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nmae"), "{}", text(&out.stderr));
+    // Valid TOML, no [[template]]: the watcher's config does not resolve.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "[etcd]\n").unwrap();
+    let out = portolan(&["status", "--config", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+
+    let help = stdout_of(&["status", "--help"]);
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for promise in ["0 when all three agree", "1 when they do not", "2 when it cannot tell"] {
+        assert!(flat.contains(promise), "status --help lacks {promise:?}:\n{help}");
+    }
+}
+
+/// A file with only `[etcd]` and a broken `[[hook]]` is one the registrar refuses at
+/// start: check refuses it too, naming the hook.
+#[test]
+fn check_validates_hooks_whatever_else_the_file_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    let check = |hook: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n\n[[hook]]\n{hook}\n"),
+        )
+        .unwrap();
+        portolan(&["check", "--config", cfg.to_str().unwrap()])
+    };
+    for (bad, named) in [
+        ("events = [\"register\"]\nurl = \"ftp://hooks.example/x\"", "hook #1: url"),
+        ("events = [\"regster\"]\ncommand = [\"/bin/true\"]", "\"regster\""),
+        ("events = [\"reload\"]", "exactly one of url"),
+        ("events = [\"register\"]\ncommand = [\"/bin/true\"]\ntimeout_ms = 5", "timeout_ms"),
+    ] {
+        let out = check(bad);
+        assert!(!out.status.success(), "check passed {bad:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(named) && err.contains("[[hook]]"), "{bad:?}: {err}");
+    }
+    let out = check("events = [\"register\", \"reload\"]\ncommand = [\"/bin/true\"]");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -289,6 +289,20 @@ pub fn resolve_registrar(
     finish(cfg, problems)
 }
 
+/// Every `[[hook]]` of the file, against the events of both daemons: what `portolan
+/// check` validates (each daemon then takes those for its own events).
+pub fn resolve_hooks(file: &FileConfig) -> Result<Vec<HookConfig>, ConfigError> {
+    let mut problems = Problems::new();
+    let known: Vec<EventKind> = RegistrarEvent::ALL
+        .iter()
+        .copied()
+        .map(EventKind::from)
+        .chain(WatcherEvent::ALL.iter().copied().map(EventKind::from))
+        .collect();
+    let hooks = hook::resolve_hooks(&file.hook, &known, &mut problems);
+    finish(hooks, problems)
+}
+
 pub fn resolve_watcher(
     file: &FileConfig,
     flags: &WatcherArgs,
