@@ -128,7 +128,7 @@ pub enum Command {
     ///   [[template]]
     ///   src = "/usr/share/portolan/templates/haproxy.cfg.tera"
     ///   dest = "/etc/haproxy/haproxy.cfg"
-    ///   check_cmd = "haproxy -c -q -f {src}"          # {src} = the staged file
+    ///   check_cmd = "haproxy -c -f {src}"          # {src} = the staged file
     ///   haproxy_master_socket = "/run/haproxy-master.sock"
     ///   [template.vars]
     ///   domain = "example.com"                       # Host: <service>.example.com

@@ -298,7 +298,7 @@ async fn with_haproxy(
         template: vec![TemplateResource {
             src: dir.join("haproxy.cfg.tera"),
             dest: dir.join("haproxy.cfg"),
-            check_cmd: Some("haproxy -c -q -f {src}".into()),
+            check_cmd: Some("haproxy -c -f {src}".into()),
             haproxy_master_socket: Some(master.clone()),
             reload_cmd: None,
             haproxy_admin_socket: Some(dir.join("admin.sock")),

@@ -377,7 +377,10 @@ fn units_call_the_cli_as_it_parses() {
             t.src,
             Path::new("/usr/share/portolan/templates/haproxy.cfg.tera")
         );
-        assert!(t.check_cmd.as_deref().unwrap().contains("{src}"));
+        let check = t.check_cmd.as_deref().unwrap();
+        assert!(check.contains("{src}"));
+        // -q would hide HAProxy's reasons from the log, the reject hook and --dry-run.
+        assert!(!check.contains(" -q"), "{check}");
     }
     assert_eq!(w_cfg.watcher.listen.as_deref(), Some("127.0.0.1:9477"));
 }

@@ -702,6 +702,11 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
         "failed check must exit non-zero:\n{stdout}"
     );
     assert!(stdout.contains("check FAILED"), "{stdout}");
+    // HAProxy's own reason, not just "exit status: 1" (the check runs without -q).
+    assert!(
+        stdout.contains("unknown keyword 'bogus_directive_xyz'"),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap);
 
     let out = portolan(&["render", "--once"]);

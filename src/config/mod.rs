@@ -345,7 +345,7 @@ wait = { min_ms = 20, max_ms = 500 }
 [[template]]
 src = "templates/haproxy.cfg.tera"
 dest = "/etc/haproxy/haproxy.cfg"
-check_cmd = "haproxy -c -q -f {src}"
+check_cmd = "haproxy -c -f {src}"
 haproxy_master_socket = "/run/haproxy-master.sock"
 "#;
         let f = FileConfig::from_str(text, Path::new("x.toml")).unwrap();

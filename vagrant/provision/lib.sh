@@ -56,7 +56,7 @@ listen = "127.0.0.1:9477"
 [[template]]
 src = "/usr/share/portolan/templates/haproxy.cfg.tera"
 dest = "/etc/haproxy/haproxy.cfg"
-check_cmd = "haproxy -c -q -f {src}"
+check_cmd = "haproxy -c -f {src}"
 haproxy_master_socket = "/run/haproxy-master.sock"
 mode = "0644"
 CONF
