@@ -79,8 +79,12 @@ pub enum Command {
     /// loopback too. Every key lies under <prefix>/nodes/<node>/, so
     /// the node's etcd user needs no other access (see `portolan auth`); a second
     /// registrar with a node name already held by a live one refuses to start.
-    /// Containers are removed the moment they die, stop, are killed, paused or turn
-    /// unhealthy; a lost host is removed by lease expiry after --ttl seconds.
+    /// A container that gets its stop signal (docker stop, or docker kill with SIGKILL
+    /// or its StopSignal) is marked "draining": true at once, so watchers send it no new
+    /// request while in-flight ones finish, and is removed when it exits (given back if
+    /// it does not exit within its stop timeout + 2 s); any other signal changes
+    /// nothing. One that dies, is paused or turns unhealthy is removed at once; a lost
+    /// host is removed by lease expiry after --ttl seconds.
     ///
     /// Container labels (registrator's environment variables in brackets work as fallback):
     ///
