@@ -166,7 +166,8 @@ pub enum Command {
     /// while reading. A key the watcher would skip is reported on stderr with the rule it
     /// breaks. --json prints a stable document for scripts: {prefix, revision,
     /// services: {name: [instance…]}, skipped: [{key, reason}]}. --addrs prints one
-    /// host:port a line and nothing else. While an instance drains (its container got
+    /// host:port a line and nothing else, for the instances that serve (--all: every
+    /// one). An instance registered with route = false has "route": false in the JSON. While an instance drains (its container got
     /// its stop signal) the table has a last column STATE (up/draining) and the JSON
     /// instance "draining": true.
     Ls(LsArgs),
@@ -253,10 +254,14 @@ pub struct LsArgs {
     /// Print JSON instead of a table, for scripts.
     #[arg(long, conflicts_with = "addrs")]
     pub json: bool,
-    /// Print only the instances' host:port, one a line (e.g. to bootstrap a cluster
-    /// from `portolan ls etcd --addrs`).
+    /// Print only the host:port of the instances that serve, one a line (e.g. to
+    /// bootstrap a cluster from `portolan ls etcd-peers --addrs`): neither draining nor
+    /// on an expired lease; `route = false` services are listed.
     #[arg(long)]
     pub addrs: bool,
+    /// With --addrs: list draining and expired instances too.
+    #[arg(long, requires = "addrs")]
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, Args)]

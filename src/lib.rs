@@ -49,6 +49,7 @@ pub const VERSION: &str = env!("PORTOLAN_VERSION");
 
 #[cfg(test)]
 #[path = "../build/revision.rs"]
+#[allow(dead_code)] // head_files is build.rs's alone.
 mod revision;
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let format = if args.json {
                 ls::Format::Json
             } else if args.addrs {
-                ls::Format::Addrs
+                ls::Format::Addrs { all: args.all }
             } else {
                 ls::Format::Table
             };
@@ -185,7 +185,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let f = FileConfig::load(Some(path))?;
     let at = |section: &str| format!("{}: {section}", path.display());
     config::resolve_etcd(&f, &Default::default()).with_context(|| at("[etcd]"))?;
-    if f.has("registrar") {
+    if f.has("registrar") || f.has("service") {
         config::resolve_registrar(&f, &Default::default()).with_context(|| at("[registrar]"))?;
     }
     // Each daemon reads the [[hook]] sections for its own events, whatever else the

@@ -322,6 +322,20 @@ pub struct InstanceRecord {
     /// so records of older registrars and hand-written ones read as not draining.
     #[serde(default, skip_serializing_if = "is_false")]
     pub draining: bool,
+    /// Routed through the front door: false for a service that is registered only to
+    /// be found (`portolan ls --addrs`), such as a host's etcd peers. Written only when
+    /// false; watchers leave such instances out of `services` in the template context.
+    /// (An older watcher refuses the unknown field, so it routes nothing either.)
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub route: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_weight() -> u32 {
@@ -342,6 +356,7 @@ impl Default for InstanceRecord {
             tags: Vec::new(),
             weight: DEFAULT_WEIGHT,
             draining: false,
+            route: true,
         }
     }
 }
@@ -366,6 +381,8 @@ pub struct Instance {
     pub weight: u32,
     /// Out of rotation for new requests; see [`InstanceRecord::draining`].
     pub draining: bool,
+    /// Routed through the front door; see [`InstanceRecord::route`].
+    pub route: bool,
 }
 
 /// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
@@ -455,6 +472,7 @@ pub fn decode_owned(
         tags: record.tags,
         weight: record.weight,
         draining: record.draining,
+        route: record.route,
     })
 }
 
@@ -696,6 +714,7 @@ mod tests {
             tags: vec![],
             weight: 100,
             draining: false,
+            route: true,
         };
         let json = r.to_json();
         assert!(!json.contains('\n'));

@@ -133,6 +133,7 @@ fn the_readme_lists_every_field_templates_get_on_an_instance() {
         tags: vec![],
         weight: 100,
         draining: false,
+        route: true,
     };
     let serde_json::Value::Object(fields) = serde_json::to_value(&inst).unwrap() else {
         panic!()

@@ -1398,9 +1398,10 @@ async fn listen(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
 async fn a_host_service_is_registered_while_its_probe_passes_and_goes_with_the_lease() {
     let rig = Rig::new("reg-svc").await;
     let (port, open) = listen(0).await;
+    // `[[service]]` as documented, `[[registrar.service]]` (the alias) beside it.
     let toml = format!(
         r#"
-[[registrar.service]]
+[[service]]
 name = "db"
 port = {port}
 addr = "127.0.0.1"
@@ -1413,6 +1414,7 @@ check_rise = 1
 [[registrar.service]]
 name = "cache"
 port = 6379
+route = true
 "#
     );
     let mut registrar = rig.spawn(&Opts {
@@ -1433,11 +1435,12 @@ port = 6379
     assert_eq!(rec.node, rig.node);
     assert_eq!((rec.container.as_str(), rec.port), ("", None));
     assert_eq!(rec.tags, ["primary"]);
+    // Registered to be found, not routed: `route = false` is the default.
+    assert!(!rec.route);
     // No probe: registered for as long as the registrar runs, at the advertise IP.
-    assert_eq!(
-        record(&rig.wait_value(&cache, T).await).addr,
-        "127.0.0.1:6379"
-    );
+    let cache_rec = record(&rig.wait_value(&cache, T).await);
+    assert_eq!(cache_rec.addr, "127.0.0.1:6379");
+    assert!(cache_rec.route, "route = true asks for routing");
     let kvs = rig.kvs().await;
     assert_eq!(kvs[&db].lease, kvs[&rig.node_key()].lease);
 

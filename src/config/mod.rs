@@ -72,6 +72,10 @@ pub struct FileConfig {
     pub watcher: WatcherOptions,
     #[serde(default)]
     pub template: Vec<TemplateResource>,
+    /// `[[service]]`: services of this host that are not containers, for the registrar
+    /// (the documented spelling; `[[registrar.service]]` is the same).
+    #[serde(default)]
+    pub service: Option<Vec<ServiceOptions>>,
     /// `[[hook]]` sections: each daemon takes those for the events it emits.
     #[serde(default)]
     pub hook: Vec<HookOptions>,
@@ -280,7 +284,11 @@ pub fn resolve_registrar(
 ) -> Result<RegistrarConfig, ConfigError> {
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
-    let mut cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
+    let mut cfg = layered(&file.registrar, &flags.registrar).resolve(
+        etcd,
+        file.service.as_deref().unwrap_or_default(),
+        &mut problems,
+    );
     cfg.hooks = hook::resolve_hooks(
         &file.hook,
         &RegistrarEvent::ALL.map(EventKind::from),

@@ -61,7 +61,7 @@ mod metrics;
 mod pass;
 mod plan;
 mod probe;
-mod selector;
+pub(crate) mod selector;
 mod session;
 mod watch;
 
