@@ -120,6 +120,28 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         .expect("files path")
         .to_string();
     assert!(std::path::Path::new(&dir).join("haproxy.cfg").is_file());
+    let config = line("config")
+        .split_whitespace()
+        .nth(1)
+        .expect("config path")
+        .to_string();
+    assert!(config.starts_with(&dir), "{config} not in {dir}");
+
+    // A second `dev` on the same ports refuses before it touches anything (it used to
+    // attach to this stack's etcd and delete its status key on the way out).
+    let second = portolan_cmd()
+        .args(["dev", "--http-port", &http.to_string()])
+        .args(["--stats-port", &stats.to_string()])
+        .args(["--etcd-port", &etcd.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second portolan dev");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second dev started: {err}");
+    for flag in ["--http-port", "--stats-port", "--etcd-port"] {
+        assert!(err.contains(flag) && err.contains("in use"), "{flag}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
 
     // The printed `docker run`, as printed, plus our cleanup label.
     let docker_run = line("docker run");
@@ -174,6 +196,25 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         "{ls_out}"
     );
 
+    // The printed config file is one `status` and `ls` read: the watcher's status key
+    // is there (the second dev did not delete it) and the container is listed.
+    let status = portolan_cmd()
+        .args(["status", "--config", &config])
+        .output()
+        .expect("run status");
+    let st = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        matches!(status.status.code(), Some(0 | 1)),
+        "status --config {config}: {status:?}\n{st}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(st.contains("watcher dev: last apply"), "{st}");
+    let out = portolan_cmd()
+        .args(["ls", "--config", &config])
+        .output()
+        .expect("run ls --config");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id[..12]));
+
     // SIGTERM: everything it started goes away, and so does its temp folder.
     let family = descendants(dev.pid() as u32);
     let names: Vec<String> = family.iter().filter_map(|p| comm(*p)).collect();
@@ -213,7 +254,9 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
 #[test]
 fn dev_names_the_package_of_a_missing_tool() {
     let out = portolan_cmd()
-        .args(["dev", "--etcd-port", &free_port().to_string()])
+        .args(["dev", "--etcd-port", &free_port_pair().to_string()])
+        .args(["--http-port", &free_port().to_string()])
+        .args(["--stats-port", &free_port().to_string()])
         .env("PATH", "/nonexistent")
         .output()
         .expect("run portolan dev");
