@@ -27,12 +27,16 @@ pub use crate::config::{RegistrarArgs, WatcherArgs};
         "  etcdctl put /portolan/services/web/manual-1 10.0.0.9:80\n\n",
         "Try everything on one machine with `portolan dev`."
     ),
-    after_help = "Every option can also be set in the config file (--config, default \
-/etc/portolan/portolan.toml) or as an environment variable PORTOLAN_<OPTION>; a flag wins \
-over the environment, which wins over the file."
+    after_help = "Every option can also be set in the config file (--config; default: the \
+file the package ships, /etc/portolan/registrar.toml for registrar, \
+/etc/portolan/watcher.toml for watcher, render and status, the first of the two that \
+exists for ls, auth and check) or as an environment variable PORTOLAN_<OPTION>; a flag \
+wins over the environment, which wins over the file."
 )]
 pub struct Cli {
-    /// TOML config file. Default /etc/portolan/portolan.toml, read if it exists.
+    /// TOML config file [default, read if it exists: /etc/portolan/registrar.toml for
+    /// registrar; /etc/portolan/watcher.toml for watcher, render and status; the first of
+    /// the two for ls, auth and check].
     #[arg(
         long,
         short = 'c',

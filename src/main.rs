@@ -45,7 +45,8 @@ fn few_malloc_arenas() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let file = || FileConfig::load(cli.config.as_deref());
+    let defaults = config::default_config_paths(subcommand_name(&cli.command));
+    let file = || FileConfig::load_or_default(cli.config.as_deref(), defaults);
     match cli.command {
         Command::Registrar(args) => {
             let cfg = config::resolve_registrar(&file()?, &args)?;
@@ -104,13 +105,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             ls::run(&etcd, args.service.as_deref(), format).await?;
         }
-        Command::Check => {
-            let path = cli
-                .config
-                .clone()
-                .unwrap_or_else(|| config::DEFAULT_CONFIG_PATH.into());
-            check(&path)?;
-        }
+        Command::Check => match &cli.config {
+            Some(path) => check(path)?,
+            None => {
+                // Every shipped file this host has.
+                let present: Vec<&str> = defaults
+                    .iter()
+                    .copied()
+                    .filter(|p| std::path::Path::new(p).exists())
+                    .collect();
+                anyhow::ensure!(
+                    !present.is_empty(),
+                    "no config file to check: neither {} exists (name one with --config FILE)",
+                    defaults.join(" nor ")
+                );
+                for p in present {
+                    check(std::path::Path::new(p))?;
+                }
+            }
+        },
         Command::Auth(cmd) => {
             let (args, principal): (_, fn(&str, &str) -> auth::Principal) = match cmd {
                 AuthCommand::AddNode(a) => (a, auth::node_principal),
@@ -152,6 +165,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The subcommand's name as typed, for its default config file.
+fn subcommand_name(c: &Command) -> &'static str {
+    match c {
+        Command::Registrar(_) => "registrar",
+        Command::Watcher(_) => "watcher",
+        Command::Render(_) => "render",
+        Command::Status(_) => "status",
+        Command::Ls(_) => "ls",
+        Command::Check => "check",
+        Command::Auth(_) => "auth",
+        Command::Dev(_) => "dev",
+        Command::Completions { .. } => "completions",
+        Command::Man { .. } => "man",
+    }
 }
 
 /// Writes to stdout; a reader that went away (`portolan man | head`) is not an error.

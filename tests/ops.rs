@@ -381,6 +381,17 @@ fn units_call_the_cli_as_it_parses() {
         assert!(check.contains("{src}"));
         // -q would hide HAProxy's reasons from the log, the reject hook and --dry-run.
         assert!(!check.contains(" -q"), "{check}");
+        // The runtime API is on: the template opens the socket the watcher talks to.
+        let admin = t.haproxy_admin_socket.as_deref().expect("haproxy_admin_socket set");
+        assert_eq!(
+            t.vars.get("admin_socket").and_then(|v| v.as_str()),
+            admin.to_str(),
+            "the template's admin_socket is the watcher's haproxy_admin_socket"
+        );
+        assert_eq!(
+            t.vars.get("admin_socket_group").and_then(|v| v.as_str()),
+            Some("portolan-watcher")
+        );
     }
     assert_eq!(w_cfg.watcher.listen.as_deref(), Some("127.0.0.1:9477"));
 }
