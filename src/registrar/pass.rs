@@ -88,8 +88,10 @@ impl Registrar {
         let wrote = !ops.is_empty();
         let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
         self.session.write(&ops, lease, announce).await?;
-        self.wrote(&ops);
+        // What was written is what etcd holds now: `wrote` counts it (the instances
+        // gauge read the old map here and lagged one write behind).
         self.believed = desired;
+        self.wrote(&ops);
         self.dirty = false;
         if !self.v1_cleaned {
             self.remove_v1_keys().await;
@@ -166,8 +168,10 @@ impl Registrar {
         }
         let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
         self.session.write(&ops, lease, announce).await?;
-        self.wrote(&ops);
+        // What was written is what etcd holds now: `wrote` counts it (the instances
+        // gauge read the old map here and lagged one write behind).
         self.believed = desired;
+        self.wrote(&ops);
         Ok(())
     }
 
