@@ -499,6 +499,13 @@ pub struct WatcherStatus {
     /// How the last change reached HAProxy. Absent in records of older watchers.
     #[serde(default)]
     pub last_apply_path: Option<ApplyPath>,
+    /// Seconds since the epoch of the last apply (a runtime change, a reload, or a
+    /// render its check refused), whatever its path. Absent in older watchers' records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply_at: Option<u64>,
+    /// How the last apply ended: `ok`, `rejected` (its check refused it) or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply_result: Option<ReloadResult>,
     pub last_error: Option<String>,
     /// Removed instances the mass-removal guard holds back now, and until when (seconds
     /// since the epoch): a watcher restarted during a hold ends it then, not later.
@@ -506,6 +513,36 @@ pub struct WatcherStatus {
     pub removals_held: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_until: Option<u64>,
+}
+
+impl WatcherStatus {
+    /// Records one pass that applied something at `now`: the reload's result when it
+    /// reloaded, and the apply's own (whatever its path) in any case, so the last apply
+    /// is never confused with the last reload. `reload`/`path`: what the pass did;
+    /// `failed`: it ended in an error.
+    pub fn record_apply(
+        &mut self,
+        reload: Option<ReloadResult>,
+        path: Option<ApplyPath>,
+        failed: bool,
+        now: u64,
+    ) {
+        if let Some(result) = reload {
+            self.last_reload_at = Some(now);
+            self.last_reload_result = Some(result);
+        }
+        if path.is_some() {
+            self.last_apply_path = path;
+        }
+        if reload.is_some() || path.is_some() {
+            self.last_apply_at = Some(now);
+            self.last_apply_result = Some(match reload {
+                Some(r) => r,
+                None if failed => ReloadResult::Failed,
+                None => ReloadResult::Ok,
+            });
+        }
+    }
 }
 
 fn is_zero(n: &usize) -> bool {

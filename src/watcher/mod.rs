@@ -404,8 +404,13 @@ impl Loop<'_> {
         }
         self.sink.status(|s| {
             s.last_error = report.error.clone();
-            s.last_reload_at = Some(crate::schema::unix_now());
-            s.last_reload_result = report.reload;
+            // The repair's reload onto the last checked file is an apply too.
+            s.record_apply(
+                report.reload,
+                None,
+                report.error.is_some(),
+                crate::schema::unix_now(),
+            );
         });
         true
     }
