@@ -153,3 +153,58 @@ fn the_diagram_shows_the_v2_key_layout() {
     assert!(diagram.contains("nodes/<node>/services/"), "{diagram}");
     assert!(!diagram.contains("registrar ─put/del─▶ /portolan/services"), "{diagram}");
 }
+
+/// docs/scaling.md and the README quote the same bench figures: the burst row from
+/// docs/convergence.json, and one `haproxy -c` figure for 10,000 servers.
+#[test]
+fn scaling_and_the_readme_agree_on_the_bench_figures() {
+    let scaling = std::fs::read_to_string(repo().join("docs/scaling.md")).unwrap();
+    let text = readme();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("docs/convergence.json")).unwrap())
+            .unwrap();
+    let burst = &json["burst"];
+    let all = format!("{:.0} ms", burst["ms"].as_f64().unwrap());
+    let written = format!("{:.0} ms", burst["written_ms"].as_f64().unwrap());
+    let reloads = format!("{} reloads", burst["reloads"]);
+    for (doc, name) in [(&scaling, "docs/scaling.md"), (&text, "README.md")] {
+        let lines: Vec<&str> = doc.lines().filter(|l| l.contains("1,000 puts")).collect();
+        assert!(!lines.is_empty(), "{name} quotes no burst");
+        let joined = lines.join(" ");
+        assert!(joined.contains(&all) && joined.contains(&reloads), "{name}: {joined} (bench: {all}, {reloads})");
+    }
+    assert!(scaling.contains(&written), "docs/scaling.md: puts written in {written}");
+    // The README says "486 ms for 10,000 servers in one backend"; scaling.md the same.
+    let figure = |doc: &str, after: &str| -> Vec<String> {
+        doc.match_indices(after)
+            .map(|(i, _)| {
+                let before = doc[..i].trim_end();
+                let num: String = before
+                    .trim_end_matches(" ms")
+                    .chars()
+                    .rev()
+                    .take_while(|c| c.is_ascii_digit() || *c == ',')
+                    .collect();
+                num.chars().rev().collect()
+            })
+            .collect()
+    };
+    let mut said: BTreeSet<String> = BTreeSet::new();
+    said.extend(figure(&text, " ms for 10,000 servers in one backend"));
+    said.extend(figure(&scaling, " ms\n   for 10,000 servers in one backend"));
+    for l in scaling.lines().filter(|l| l.starts_with("| `haproxy -c`, 10,000 servers")) {
+        said.extend(l.split('|').nth(2).map(|c| c.trim().trim_end_matches(" ms").to_string()));
+    }
+    assert_eq!(said.len(), 1, "haproxy -c at 10,000 servers is quoted as {said:?}");
+}
+
+/// The convergence bench measures a delete on its own: it no longer deletes and puts
+/// in one txn (where the old one's first miss is the new one's first answer).
+#[test]
+fn the_convergence_bench_measures_deletes_on_their_own() {
+    let bench = std::fs::read_to_string(repo().join("benches/convergence.rs")).unwrap();
+    let swaps = &bench[bench.find("async fn swaps").unwrap()..];
+    let swaps = &swaps[..swaps.find("\n}\n").unwrap()];
+    assert!(!swaps.contains("TxnOp::delete"), "{swaps}");
+    assert!(swaps.contains("etcd.delete(&key)"), "{swaps}");
+}
