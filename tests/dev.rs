@@ -65,6 +65,7 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         let ok = std::process::Command::new("bash")
             .arg(root.join("scripts/build-test-image.sh"))
             .arg(demo)
+            .arg("--stop-on-term")
             .status()
             .expect("build demo image")
             .success();
@@ -264,4 +265,46 @@ fn dev_names_the_package_of_a_missing_tool() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install etcd-server"), "{err}");
     assert!(err.contains("apt-get install haproxy"), "{err}");
+}
+
+/// The tour's demo image stops at once on `docker stop` (its /bin/serve traps SIGTERM;
+/// httpd as PID 1 would ignore it and make every stop last its whole timeout), while
+/// the tests' image keeps ignoring it (the drain tests measure in that window).
+#[test]
+fn the_demo_image_stops_on_sigterm_at_once() {
+    let image = format!("{}:latest", unique("portolan-demo-test"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = std::process::Command::new("bash")
+        .arg(root.join("scripts/build-test-image.sh"))
+        .arg(&image)
+        .arg("--stop-on-term")
+        .status()
+        .expect("build demo image")
+        .success();
+    assert!(ok, "building {image} failed");
+    let run = unique("demo-stop");
+    let label = format!("{TEST_LABEL}={run}");
+    let id = docker(&["run", "-d", "--label", &label, &image]);
+    // Serving first: the trap is set once httpd runs.
+    wait_until_sync(Duration::from_secs(10), || {
+        try_docker(&["exec", &id, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]).is_some()
+    });
+    let started = Instant::now();
+    docker(&["stop", "-t", "30", &id]);
+    let took = started.elapsed();
+    let code = docker(&["inspect", "-f", "{{.State.ExitCode}}", &id]);
+    eprintln!("demo image: docker stop took {took:?}, exit code {code}");
+    docker(&["rm", "-f", &id]);
+    remove_labelled(&run);
+    let _ = try_docker(&["rmi", &image]);
+    assert!(took < Duration::from_secs(10), "docker stop took {took:?} (killed at the timeout?)");
+    assert_eq!(code.trim(), "0", "exited by its trap, not by SIGKILL");
+}
+
+fn wait_until_sync(limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "not ready within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
