@@ -143,7 +143,8 @@ async fn swaps(
 ) -> (Vec<Duration>, Vec<Duration>, usize, u64) {
     let keep = Backend::start("swap-keep").await;
     let comer = Backend::start("swap-new").await;
-    etcd.put(&fd.service_key("web", "keep"), &keep.record()).await;
+    etcd.put(&fd.service_key("web", "keep"), &keep.record())
+        .await;
     wait_until("web routed", Duration::from_secs(20), || {
         fd.routes_to("web", "swap-keep")
     })

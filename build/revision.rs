@@ -41,7 +41,11 @@ pub fn version_string(package_version: &str, revision: Option<&str>) -> String {
 /// and packed-refs (paths from git, so a worktree's `.git` file works too).
 pub fn head_files(dir: &Path) -> Vec<String> {
     let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git").args(args).current_dir(dir).output().ok()?;
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())

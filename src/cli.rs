@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::EtcdOptions;
-pub use crate::telemetry::LogFormat;
 pub use crate::config::{RegistrarArgs, WatcherArgs};
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -207,9 +207,7 @@ pub enum Command {
     ///   portolan completions zsh  > "${fpath[1]}/_portolan"
     ///   portolan completions fish > ~/.config/fish/completions/portolan.fish
     #[command(verbatim_doc_comment)]
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), built from this command line; with --out-dir, write
     /// portolan.1 and one page a subcommand (portolan-watcher.1, …) there instead.
     ///

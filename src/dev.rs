@@ -533,7 +533,9 @@ mod tests {
         let shutdown = CancellationToken::new();
         let components = shutdown.child_token();
         let registrar = tokio::spawn(async {
-            Err(anyhow::anyhow!("node name \"vm\" is held by another registrar"))
+            Err(anyhow::anyhow!(
+                "node name \"vm\" is held by another registrar"
+            ))
         });
         let stopped = components.clone();
         let watcher = tokio::spawn(async move {
@@ -550,7 +552,10 @@ mod tests {
         .await
         .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("registrar failed") && msg.contains("held by another"), "{msg}");
+        assert!(
+            msg.contains("registrar failed") && msg.contains("held by another"),
+            "{msg}"
+        );
         assert!(components.is_cancelled());
 
         // The watcher ending without error is still a stop to report.
@@ -561,10 +566,19 @@ mod tests {
             c.cancelled().await;
             Ok(())
         });
-        let err = supervise(watcher, registrar, std::future::pending(), &shutdown, components)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("watcher stopped unexpectedly"), "{err}");
+        let err = supervise(
+            watcher,
+            registrar,
+            std::future::pending(),
+            &shutdown,
+            components,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("watcher stopped unexpectedly"),
+            "{err}"
+        );
         // A panic in a component is an error too, not a panic of dev.
         let components = shutdown.child_token();
         let watcher = tokio::spawn(async { panic!("boom") });
@@ -573,9 +587,15 @@ mod tests {
             c.cancelled().await;
             Ok(())
         });
-        let err = supervise(watcher, registrar, std::future::pending(), &shutdown, components)
-            .await
-            .unwrap_err();
+        let err = supervise(
+            watcher,
+            registrar,
+            std::future::pending(),
+            &shutdown,
+            components,
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("watcher panicked"), "{err}");
     }
 
@@ -587,14 +607,24 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let err = ports_are_free(&args(busy, free(), 0)).unwrap_err().to_string();
-        assert!(err.contains(&format!("port {busy}")) && err.contains("--http-port"), "{err}");
+        let err = ports_are_free(&args(busy, free(), 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("port {busy}")) && err.contains("--http-port"),
+            "{err}"
+        );
         assert!(err.contains("--etcd-port: port 0"), "{err}");
         let p = free();
         let err = ports_are_free(&args(p, p, 0)).unwrap_err().to_string();
-        assert!(err.contains("given twice (--http-port and --stats-port)"), "{err}");
+        assert!(
+            err.contains("given twice (--http-port and --stats-port)"),
+            "{err}"
+        );
         // etcd's peer port (etcd + 1) counts.
-        let err = ports_are_free(&args(free(), free(), busy - 1)).unwrap_err().to_string();
+        let err = ports_are_free(&args(free(), free(), busy - 1))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("peer port"), "{err}");
     }
 
@@ -606,7 +636,12 @@ mod tests {
         let mut vars = toml::Table::new();
         vars.insert("domain".into(), "localhost".into());
         vars.insert("drop_privileges".into(), false.into());
-        let text = config_file(&args(8080, 8404, 23790), dir.path(), "http://127.0.0.1:23790", &vars);
+        let text = config_file(
+            &args(8080, 8404, 23790),
+            dir.path(),
+            "http://127.0.0.1:23790",
+            &vars,
+        );
         let path = dir.path().join("portolan.toml");
         std::fs::write(&path, &text).unwrap();
         std::fs::write(dir.path().join("haproxy.cfg.tera"), "x").unwrap();

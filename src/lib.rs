@@ -58,7 +58,10 @@ mod version_tests {
 
     #[test]
     fn the_version_names_the_git_revision_when_there_is_one() {
-        assert_eq!(version_string("1.2.3", Some("0123456789ab")), "1.2.3 (git 0123456789ab)");
+        assert_eq!(
+            version_string("1.2.3", Some("0123456789ab")),
+            "1.2.3 (git 0123456789ab)"
+        );
         assert_eq!(version_string("1.2.3", None), "1.2.3");
     }
 

@@ -486,7 +486,9 @@ pub enum Format {
     Json,
     /// One `host:port` a line, for scripts that bootstrap a cluster from a service:
     /// what serves, or with `all` also draining and expired instances.
-    Addrs { all: bool },
+    Addrs {
+        all: bool,
+    },
 }
 
 /// One `host:port` a line, services in name order and instances in id order: what
@@ -603,14 +605,36 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
     #[test]
     fn addrs_lists_what_serves_and_all_lists_everything() {
         let kvs = vec![
-            kv("/portolan/nodes/a/services/etcd/a-svc-etcd-2380", r#"{"addr":"10.0.0.1:2380","route":false}"#, 0),
-            kv("/portolan/nodes/a/services/etcd/b-1", r#"{"addr":"10.0.0.2:2380","draining":true}"#, 0),
-            kv("/portolan/nodes/a/services/etcd/c-1", r#"{"addr":"10.0.0.3:2380"}"#, 0x1f),
-            kv("/portolan/nodes/a/services/etcd/d-1", r#"{"addr":"10.0.0.4:2380"}"#, 0x2a),
+            kv(
+                "/portolan/nodes/a/services/etcd/a-svc-etcd-2380",
+                r#"{"addr":"10.0.0.1:2380","route":false}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/b-1",
+                r#"{"addr":"10.0.0.2:2380","draining":true}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/c-1",
+                r#"{"addr":"10.0.0.3:2380"}"#,
+                0x1f,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/d-1",
+                r#"{"addr":"10.0.0.4:2380"}"#,
+                0x2a,
+            ),
         ];
         let leases = BTreeMap::from([
             (0x1f, LeaseState::Expired),
-            (0x2a, LeaseState::Live { ttl: 7, granted_ttl: 10 }),
+            (
+                0x2a,
+                LeaseState::Live {
+                    ttl: 7,
+                    granted_ttl: 10,
+                },
+            ),
         ]);
         let snap = snapshot(P, 1, &kvs, &leases);
         assert_eq!(addrs(&snap, false), "10.0.0.1:2380\n10.0.0.4:2380\n");

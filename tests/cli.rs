@@ -57,7 +57,13 @@ fn version_names_the_git_revision_of_a_checkout() {
 fn completions_for_bash_zsh_and_fish_know_the_subcommands_and_flags() {
     for shell in ["bash", "zsh", "fish"] {
         let script = stdout_of(&["completions", shell]);
-        for word in ["registrar", "watcher", "status", "log-level", "etcd-endpoints"] {
+        for word in [
+            "registrar",
+            "watcher",
+            "status",
+            "log-level",
+            "etcd-endpoints",
+        ] {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
     }
@@ -72,19 +78,30 @@ fn completions_for_bash_zsh_and_fish_know_the_subcommands_and_flags() {
 #[test]
 fn the_man_pages_come_from_the_command_line() {
     let page = stdout_of(&["man"]);
-    assert!(page.starts_with(".ie") || page.contains(".TH portolan 1"), "{page}");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH portolan 1"),
+        "{page}"
+    );
     assert!(page.contains(".TH portolan 1"), "{page}");
     assert!(page.contains("log\\-format"), "{page}");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("man1");
     stdout_of(&["man", "--out-dir", out.to_str().unwrap()]);
-    for p in ["portolan.1", "portolan-watcher.1", "portolan-registrar.1", "portolan-status.1"] {
+    for p in [
+        "portolan.1",
+        "portolan-watcher.1",
+        "portolan-registrar.1",
+        "portolan-status.1",
+    ] {
         let page = std::fs::read_to_string(out.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
         assert!(page.contains(".TH"), "{p}");
     }
     // The watcher's page carries its options.
     let w = std::fs::read_to_string(out.join("portolan-watcher.1")).unwrap();
-    assert!(w.contains("mass\\-removal") || w.contains("template"), "{w}");
+    assert!(
+        w.contains("mass\\-removal") || w.contains("template"),
+        "{w}"
+    );
 }
 
 #[test]
@@ -114,20 +131,34 @@ fn log_format_json_and_log_level_are_flags() {
         "no debug JSON line in:\n{err}"
     );
     // info is the default: no debug line without the flag.
-    let out = run(portolan_cmd()
-        .env_remove("RUST_LOG")
-        .args(["--log-format", "json", "ls", "--etcd-endpoints", &endpoint]));
-    assert!(!text(&out.stderr).contains("\"DEBUG\""), "{}", text(&out.stderr));
+    let out = run(portolan_cmd().env_remove("RUST_LOG").args([
+        "--log-format",
+        "json",
+        "ls",
+        "--etcd-endpoints",
+        &endpoint,
+    ]));
+    assert!(
+        !text(&out.stderr).contains("\"DEBUG\""),
+        "{}",
+        text(&out.stderr)
+    );
     // A bad filter is refused by name, exit 2, before anything runs.
     let out = portolan(&["--log-level", "chatty=very=much", "ls"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--log-level"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--log-level"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run(portolan_cmd().env("RUST_LOG", "[[").args(["ls"]));
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("RUST_LOG"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("RUST_LOG"),
+        "{}",
+        text(&out.stderr)
+    );
 }
-
-
 
 #[test]
 fn status_exits_2_when_it_cannot_tell_and_help_says_so() {
@@ -135,7 +166,11 @@ fn status_exits_2_when_it_cannot_tell_and_help_says_so() {
     let missing = dir.path().join("missing.toml");
     let out = portolan(&["status", "--config", missing.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("missing.toml"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("missing.toml"),
+        "{}",
+        text(&out.stderr)
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[watcher]\nnmae = \"lb\"\n").unwrap();
     let out = portolan(&["status", "--config", bad.to_str().unwrap()]);
@@ -149,8 +184,15 @@ fn status_exits_2_when_it_cannot_tell_and_help_says_so() {
 
     let help = stdout_of(&["status", "--help"]);
     let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
-    for promise in ["0 when all three agree", "1 when they do not", "2 when it cannot tell"] {
-        assert!(flat.contains(promise), "status --help lacks {promise:?}:\n{help}");
+    for promise in [
+        "0 when all three agree",
+        "1 when they do not",
+        "2 when it cannot tell",
+    ] {
+        assert!(
+            flat.contains(promise),
+            "status --help lacks {promise:?}:\n{help}"
+        );
     }
 }
 
@@ -169,15 +211,27 @@ fn check_validates_hooks_whatever_else_the_file_has() {
         portolan(&["check", "--config", cfg.to_str().unwrap()])
     };
     for (bad, named) in [
-        ("events = [\"register\"]\nurl = \"ftp://hooks.example/x\"", "hook #1: url"),
-        ("events = [\"regster\"]\ncommand = [\"/bin/true\"]", "\"regster\""),
+        (
+            "events = [\"register\"]\nurl = \"ftp://hooks.example/x\"",
+            "hook #1: url",
+        ),
+        (
+            "events = [\"regster\"]\ncommand = [\"/bin/true\"]",
+            "\"regster\"",
+        ),
         ("events = [\"reload\"]", "exactly one of url"),
-        ("events = [\"register\"]\ncommand = [\"/bin/true\"]\ntimeout_ms = 5", "timeout_ms"),
+        (
+            "events = [\"register\"]\ncommand = [\"/bin/true\"]\ntimeout_ms = 5",
+            "timeout_ms",
+        ),
     ] {
         let out = check(bad);
         assert!(!out.status.success(), "check passed {bad:?}");
         let err = text(&out.stderr);
-        assert!(err.contains(named) && err.contains("[[hook]]"), "{bad:?}: {err}");
+        assert!(
+            err.contains(named) && err.contains("[[hook]]"),
+            "{bad:?}: {err}"
+        );
     }
     let out = check("events = [\"register\", \"reload\"]\ncommand = [\"/bin/true\"]");
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -140,7 +140,10 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "a second dev started: {err}");
     for flag in ["--http-port", "--stats-port", "--etcd-port"] {
-        assert!(err.contains(flag) && err.contains("in use"), "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("in use"),
+            "{flag}: {err}"
+        );
     }
     assert!(!err.contains("panicked"), "{err}");
 
@@ -287,7 +290,16 @@ fn the_demo_image_stops_on_sigterm_at_once() {
     let id = docker(&["run", "-d", "--label", &label, &image]);
     // Serving first: the trap is set once httpd runs.
     wait_until_sync(Duration::from_secs(10), || {
-        try_docker(&["exec", &id, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]).is_some()
+        try_docker(&[
+            "exec",
+            &id,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/",
+        ])
+        .is_some()
     });
     let started = Instant::now();
     docker(&["stop", "-t", "30", &id]);
@@ -297,7 +309,10 @@ fn the_demo_image_stops_on_sigterm_at_once() {
     docker(&["rm", "-f", &id]);
     remove_labelled(&run);
     let _ = try_docker(&["rmi", &image]);
-    assert!(took < Duration::from_secs(10), "docker stop took {took:?} (killed at the timeout?)");
+    assert!(
+        took < Duration::from_secs(10),
+        "docker stop took {took:?} (killed at the timeout?)"
+    );
     assert_eq!(code.trim(), "0", "exited by its trap, not by SIGKILL");
 }
 

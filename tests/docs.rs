@@ -44,7 +44,10 @@ fn the_readme_map_names_every_module() {
     let mut all = BTreeSet::new();
     modules(&repo().join("src"), &mut all);
     let missing: Vec<_> = all.iter().filter(|m| !map.contains(m.as_str())).collect();
-    assert!(missing.is_empty(), "README's Developing map lacks {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README's Developing map lacks {missing:?}"
+    );
 }
 
 /// Every `--flag` any help text mentions is a flag of some command.
@@ -81,13 +84,22 @@ fn help_texts_mention_only_flags_that_exist() {
                 continue;
             }
             let flag = format!("--{word}");
-            let foreign = ["--prefix", "--endpoints", "--rm", "--client-cert-auth", "--max-request-bytes"];
+            let foreign = [
+                "--prefix",
+                "--endpoints",
+                "--rm",
+                "--client-cert-auth",
+                "--max-request-bytes",
+            ];
             if !flags.contains(&flag) && !foreign.contains(&flag.as_str()) {
                 unknown.insert(flag);
             }
         }
     }
-    assert!(unknown.is_empty(), "help mentions flags that do not exist: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "help mentions flags that do not exist: {unknown:?}"
+    );
 }
 
 #[test]
@@ -99,8 +111,14 @@ fn registrar_help_says_what_a_stop_does() {
         .render_long_help()
         .to_string();
     let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
-    assert!(!flat.contains("removed the moment they die, stop, are killed"), "{flat}");
-    assert!(flat.contains("\"draining\": true") && flat.contains("removed when it exits"), "{flat}");
+    assert!(
+        !flat.contains("removed the moment they die, stop, are killed"),
+        "{flat}"
+    );
+    assert!(
+        flat.contains("\"draining\": true") && flat.contains("removed when it exits"),
+        "{flat}"
+    );
 }
 
 #[test]
@@ -120,7 +138,9 @@ fn the_readme_gives_one_duration_for_the_suite() {
 #[test]
 fn the_readme_lists_every_field_templates_get_on_an_instance() {
     let text = readme();
-    let start = text.find("Template context:").expect("a template context paragraph");
+    let start = text
+        .find("Template context:")
+        .expect("a template context paragraph");
     let para = &text[start..start + text[start..].find("\n\n").unwrap()];
     let inst = portolan::schema::Instance {
         id: "a".into(),
@@ -139,7 +159,10 @@ fn the_readme_lists_every_field_templates_get_on_an_instance() {
         panic!()
     };
     for f in fields.keys() {
-        assert!(para.contains(&format!("`{f}`")), "README's template context lacks `{f}`");
+        assert!(
+            para.contains(&format!("`{f}`")),
+            "README's template context lacks `{f}`"
+        );
     }
 }
 
@@ -151,7 +174,10 @@ fn the_diagram_shows_the_v2_key_layout() {
     let diagram = &text[text.find("```").unwrap()..];
     let diagram = &diagram[..diagram[3..].find("```").unwrap()];
     assert!(diagram.contains("nodes/<node>/services/"), "{diagram}");
-    assert!(!diagram.contains("registrar ─put/del─▶ /portolan/services"), "{diagram}");
+    assert!(
+        !diagram.contains("registrar ─put/del─▶ /portolan/services"),
+        "{diagram}"
+    );
 }
 
 /// docs/scaling.md and the README quote the same bench figures: the burst row from
@@ -160,9 +186,10 @@ fn the_diagram_shows_the_v2_key_layout() {
 fn scaling_and_the_readme_agree_on_the_bench_figures() {
     let scaling = std::fs::read_to_string(repo().join("docs/scaling.md")).unwrap();
     let text = readme();
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("docs/convergence.json")).unwrap())
-            .unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("docs/convergence.json")).unwrap(),
+    )
+    .unwrap();
     let burst = &json["burst"];
     let all = format!("{:.0} ms", burst["ms"].as_f64().unwrap());
     let written = format!("{:.0} ms", burst["written_ms"].as_f64().unwrap());
@@ -171,9 +198,15 @@ fn scaling_and_the_readme_agree_on_the_bench_figures() {
         let lines: Vec<&str> = doc.lines().filter(|l| l.contains("1,000 puts")).collect();
         assert!(!lines.is_empty(), "{name} quotes no burst");
         let joined = lines.join(" ");
-        assert!(joined.contains(&all) && joined.contains(&reloads), "{name}: {joined} (bench: {all}, {reloads})");
+        assert!(
+            joined.contains(&all) && joined.contains(&reloads),
+            "{name}: {joined} (bench: {all}, {reloads})"
+        );
     }
-    assert!(scaling.contains(&written), "docs/scaling.md: puts written in {written}");
+    assert!(
+        scaling.contains(&written),
+        "docs/scaling.md: puts written in {written}"
+    );
     // The README says "486 ms for 10,000 servers in one backend"; scaling.md the same.
     let figure = |doc: &str, after: &str| -> Vec<String> {
         doc.match_indices(after)
@@ -191,11 +224,25 @@ fn scaling_and_the_readme_agree_on_the_bench_figures() {
     };
     let mut said: BTreeSet<String> = BTreeSet::new();
     said.extend(figure(&text, " ms for 10,000 servers in one backend"));
-    said.extend(figure(&scaling, " ms\n   for 10,000 servers in one backend"));
-    for l in scaling.lines().filter(|l| l.starts_with("| `haproxy -c`, 10,000 servers")) {
-        said.extend(l.split('|').nth(2).map(|c| c.trim().trim_end_matches(" ms").to_string()));
+    said.extend(figure(
+        &scaling,
+        " ms\n   for 10,000 servers in one backend",
+    ));
+    for l in scaling
+        .lines()
+        .filter(|l| l.starts_with("| `haproxy -c`, 10,000 servers"))
+    {
+        said.extend(
+            l.split('|')
+                .nth(2)
+                .map(|c| c.trim().trim_end_matches(" ms").to_string()),
+        );
     }
-    assert_eq!(said.len(), 1, "haproxy -c at 10,000 servers is quoted as {said:?}");
+    assert_eq!(
+        said.len(),
+        1,
+        "haproxy -c at 10,000 servers is quoted as {said:?}"
+    );
 }
 
 /// The convergence bench measures a delete on its own: it no longer deletes and puts

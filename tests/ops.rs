@@ -382,7 +382,10 @@ fn units_call_the_cli_as_it_parses() {
         // -q would hide HAProxy's reasons from the log, the reject hook and --dry-run.
         assert!(!check.contains(" -q"), "{check}");
         // The runtime API is on: the template opens the socket the watcher talks to.
-        let admin = t.haproxy_admin_socket.as_deref().expect("haproxy_admin_socket set");
+        let admin = t
+            .haproxy_admin_socket
+            .as_deref()
+            .expect("haproxy_admin_socket set");
         assert_eq!(
             t.vars.get("admin_socket").and_then(|v| v.as_str()),
             admin.to_str(),

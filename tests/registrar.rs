@@ -933,7 +933,10 @@ async fn a_lost_lease_is_one_reregister_event_not_a_register_per_instance() {
     let (ka, kb) = (rig.image_key(&a), rig.image_key(&b));
     rig.wait_value(&ka, T).await;
     rig.wait_value(&kb, T).await;
-    wait_until("two register events", T, || async { json.events().len() >= 2 }).await;
+    wait_until("two register events", T, || async {
+        json.events().len() >= 2
+    })
+    .await;
 
     let lease = rig.kvs().await[&ka].lease;
     let mut etcd = rig.etcd.client().await;

@@ -33,7 +33,10 @@ async fn metrics_measure_docker_event_to_etcd() {
     })
     .await;
     let instances = || async {
-        let text = get(&addr, "/metrics").await.map(|m| m.1).unwrap_or_default();
+        let text = get(&addr, "/metrics")
+            .await
+            .map(|m| m.1)
+            .unwrap_or_default();
         series(&text, "portolan_registrar_instances")
     };
     let c = rig.container(&[]);

@@ -510,7 +510,7 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     std::fs::write(
         &fd.config,
         cfg.replace(
-            "check_cmd = \"haproxy -c -q -f {src}\"",
+            "check_cmd = \"haproxy -c -f {src}\"",
             &format!("check_cmd = {blocking:?}"),
         ),
     )

@@ -476,8 +476,16 @@ haproxy_master_socket = "/run/haproxy-master.sock"
     fn each_subcommand_defaults_to_the_file_the_package_ships() {
         let deb = include_str!("../../packaging/build-deb.sh");
         for (unit, path, sub) in [
-            (include_str!("../../systemd/portolan-registrar.service"), REGISTRAR_CONFIG_PATH, "registrar"),
-            (include_str!("../../systemd/portolan-watcher.service"), WATCHER_CONFIG_PATH, "watcher"),
+            (
+                include_str!("../../systemd/portolan-registrar.service"),
+                REGISTRAR_CONFIG_PATH,
+                "registrar",
+            ),
+            (
+                include_str!("../../systemd/portolan-watcher.service"),
+                WATCHER_CONFIG_PATH,
+                "watcher",
+            ),
         ] {
             assert!(unit.contains(&format!("--config {path} {sub}")), "{sub}");
             assert!(deb.contains(&format!("/etc/portolan/{sub}.toml")), "{sub}");
@@ -495,10 +503,17 @@ haproxy_master_socket = "/run/haproxy-master.sock"
         std::fs::write(&b, "[etcd]\nprefix = \"/from-b\"\n").unwrap();
         let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
         let f = FileConfig::load_or_default(None, &[a_s, b_s]).unwrap();
-        assert_eq!(f.etcd.prefix.as_deref(), Some("/from-b"), "the first that exists");
+        assert_eq!(
+            f.etcd.prefix.as_deref(),
+            Some("/from-b"),
+            "the first that exists"
+        );
         let f = FileConfig::load_or_default(None, &[a_s]).unwrap();
         assert!(f.sections.is_empty(), "none exists: nothing read");
-        assert!(FileConfig::load_or_default(Some(&a), &[b_s]).is_err(), "a named file must exist");
+        assert!(
+            FileConfig::load_or_default(Some(&a), &[b_s]).is_err(),
+            "a named file must exist"
+        );
     }
 
     #[test]

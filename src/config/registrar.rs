@@ -390,7 +390,10 @@ port = 5432
         assert!(!reg(&c.services[0]).record.route);
         assert!(reg(&c.services[1]).record.route);
         assert!(!reg(&c.services[2]).record.route);
-        assert!(reg(&c.services[0]).record.to_json().contains(r#""route":false"#));
+        assert!(reg(&c.services[0])
+            .record
+            .to_json()
+            .contains(r#""route":false"#));
         assert!(!reg(&c.services[1]).record.to_json().contains("route"));
 
         let ConfigError::Invalid(p) = resolve(
@@ -405,7 +408,11 @@ port = 2
         .unwrap_err() else {
             panic!()
         };
-        assert!(p.iter().any(|p| p.starts_with("[[service]] #1 (\"Bad Name\")")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("[[service]] #1 (\"Bad Name\")")),
+            "{p:?}"
+        );
         let ConfigError::Invalid(p) = resolve(
             "[[service]]
 name = \"db\"
@@ -418,7 +425,10 @@ port = 1
         .unwrap_err() else {
             panic!()
         };
-        assert!(p[0].contains("[[registrar.service]] #1") && p[0].contains("twice"), "{p:?}");
+        assert!(
+            p[0].contains("[[registrar.service]] #1") && p[0].contains("twice"),
+            "{p:?}"
+        );
     }
 
     #[test]

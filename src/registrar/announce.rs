@@ -164,7 +164,10 @@ mod tests {
         assert_eq!(e.fields["node"], "web");
         assert_eq!(e.fields["instances"][1]["instance"], "web-aaaaaaaaaaaa-80");
         assert_eq!(e.fields["instances"][0]["addr"], "10.0.0.5:1");
-        assert_eq!(e.summary, "2 instances on web registered again after its lease was lost");
+        assert_eq!(
+            e.summary,
+            "2 instances on web registered again after its lease was lost"
+        );
         assert!(reregistered("web", &[]).is_none());
     }
 

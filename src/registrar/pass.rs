@@ -179,7 +179,13 @@ impl Registrar {
         if ops.is_empty() {
             return Ok(());
         }
-        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual, None);
+        let announce = announcer(
+            &self.hooks,
+            &self.cfg.etcd.prefix,
+            &self.cfg.node,
+            &actual,
+            None,
+        );
         self.session.write(&ops, lease, announce).await?;
         // What was written is what etcd holds now: `wrote` counts it (the instances
         // gauge read the old map here and lagged one write behind).

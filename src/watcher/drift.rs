@@ -247,7 +247,8 @@ fn last_apply_line(w: &WatcherStatus, now: u64) -> String {
     let (result, at) = match (w.last_apply_result, w.last_apply_at) {
         (Some(r), at) => (r.as_str(), at),
         (None, _) => (
-            w.last_reload_result.map_or("nothing applied yet", |r| r.as_str()),
+            w.last_reload_result
+                .map_or("nothing applied yet", |r| r.as_str()),
             w.last_reload_at,
         ),
     };
@@ -432,7 +433,10 @@ mod tests {
         ]);
         let (_, diffs) = compare(&file, &file, Some(&ready)).unwrap();
         assert_eq!(diffs.len(), 1, "{diffs:?}");
-        assert!(diffs[0].contains("`set server web/a state maint`"), "{diffs:?}");
+        assert!(
+            diffs[0].contains("`set server web/a state maint`"),
+            "{diffs:?}"
+        );
         assert!(!diffs[0].contains("state ready"), "{diffs:?}");
         // The file says ready, HAProxy drains: drift, and `ready` is its fix.
         let (_, diffs) = compare(CFG, CFG, Some(&drained)).unwrap();
@@ -448,7 +452,12 @@ mod tests {
             revision: 7,
             ..Default::default()
         };
-        w.record_apply(Some(schema::ReloadResult::Failed), Some(schema::ApplyPath::Reload), true, 1000);
+        w.record_apply(
+            Some(schema::ReloadResult::Failed),
+            Some(schema::ApplyPath::Reload),
+            true,
+            1000,
+        );
         w.record_apply(None, Some(schema::ApplyPath::Runtime), false, 1090);
         assert_eq!(
             last_apply_line(&w, 1100),

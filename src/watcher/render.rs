@@ -105,10 +105,15 @@ impl InstanceValues {
             let list: std::borrow::Cow<[Arc<Instance>]> = if all.iter().all(|i| i.route) {
                 std::borrow::Cow::Borrowed(all)
             } else {
-                unrouted.insert(name, all.iter().filter(|i| !i.route).map(|i| &**i).collect());
+                unrouted.insert(
+                    name,
+                    all.iter().filter(|i| !i.route).map(|i| &**i).collect(),
+                );
                 std::borrow::Cow::Owned(all.iter().filter(|i| i.route).cloned().collect())
             };
-            if list.is_empty() {
+            // A service of unrouted instances only has no backend; an emptied one
+            // (kept by linger, no instance at all) keeps its own.
+            if list.is_empty() && !all.is_empty() {
                 continue;
             }
             let list = &*list;
@@ -309,23 +314,42 @@ mod tests {
         ] {
             let mut i = decode_instance("k", svc, id, addr.as_bytes()).unwrap();
             i.route = route;
-            s.services.entry(svc.into()).or_default().push(std::sync::Arc::new(i));
+            s.services
+                .entry(svc.into())
+                .or_default()
+                .push(std::sync::Arc::new(i));
         }
+        // An emptied service that linger keeps (no instance at all) keeps its backend.
+        s.services.insert("lingering".into(), Vec::new());
         let vars = toml::Table::new();
         let plain = Template::compile("t", TPL).unwrap();
         for out in [
             plain.render(&context(&s, &vars)).unwrap(),
-            plain.render(&InstanceValues::default().context(&s, &vars)).unwrap(),
+            plain
+                .render(&InstanceValues::default().context(&s, &vars))
+                .unwrap(),
         ] {
-            assert!(!out.contains("etcd-peers") && !out.contains("server b "), "{out}");
-            assert!(out.contains("server a ") && out.contains("server c "), "{out}");
+            assert!(
+                !out.contains("etcd-peers") && !out.contains("server b "),
+                "{out}"
+            );
+            assert!(
+                out.contains("server a ") && out.contains("server c "),
+                "{out}"
+            );
+            assert!(out.contains("backend lingering"), "{out}");
         }
-        let default = Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
+        let default =
+            Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
         let mut v = toml::Table::new();
         v.insert("domain".into(), "example.com".into());
         let out = default.render(&context(&s, &v)).unwrap();
-        assert!(!out.contains("etcd-peers") && !out.contains(":2380"), "{out}");
-        let tcp = Template::compile("t", include_str!("../../templates/haproxy-tcp.cfg.tera")).unwrap();
+        assert!(
+            !out.contains("etcd-peers") && !out.contains(":2380"),
+            "{out}"
+        );
+        let tcp =
+            Template::compile("t", include_str!("../../templates/haproxy-tcp.cfg.tera")).unwrap();
         let mut v = toml::Table::new();
         let mut ports = toml::Table::new();
         ports.insert("etcd-peers".into(), 2380.into());

@@ -49,10 +49,9 @@ pub(crate) async fn run_check(
     if !result.success && result.output.is_empty() {
         // The log, the `reject` hook and `render --dry-run` show this output: an empty
         // one (`haproxy -c -q`) would say only "exit status: 1".
-        result.output = format!(
-            "the check printed nothing, so why it refused the file is unknown: \
-             drop -q from check_cmd (`haproxy -c -f {{src}}`) to see HAProxy's reasons"
-        );
+        result.output = "the check printed nothing, so why it refused the file is unknown: \
+             drop -q from check_cmd (`haproxy -c -f {src}`) to see HAProxy's reasons"
+            .to_string();
     }
     result
 }
@@ -154,7 +153,10 @@ mod tests {
         assert!(!r.success && r.output == "nope", "{r:?}");
         // A silent failure (`haproxy -c -q`) says how to see the reasons.
         let r = run_check("false", &f, Duration::from_secs(5), 0).await;
-        assert!(!r.success && r.output.contains("drop -q from check_cmd"), "{r:?}");
+        assert!(
+            !r.success && r.output.contains("drop -q from check_cmd"),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
