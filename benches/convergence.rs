@@ -3,9 +3,9 @@
 //! containers and HTTP requests on 127.0.0.1, each figure printed beside its target.
 //!
 //! Rows (`--large` adds 100,000 instances; `--quick` runs fewer changes):
-//! - swaps through the runtime path and through the reload path: one instance replaced
-//!   by another in one etcd txn; put → first request answered by the new one, delete →
-//!   20 requests in a row miss the old one (fresh connection per request);
+//! - the runtime path and the reload path: one instance put beside a steady one and
+//!   deleted again, each write measured on its own; put → first request answered by the
+//!   new one, delete → 20 requests in a row miss it (fresh connection per request);
 //! - a burst of 1,000 puts: reloads, runtime batches, time until HAProxy runs them all;
 //! - 10,000 instances over 1,000 services (a template without health checks, so only
 //!   Portolan's costs count): watcher start → first file, one change → HAProxy runs it,
@@ -130,35 +130,47 @@ async fn measure_switch(
     (routed, unrouted)
 }
 
-/// `n` swaps of the one instance of `web` between two backends.
+/// `n` comings and goings of one instance of `web` beside a steady one (`keep`, so the
+/// service always answers): each put is measured until the first request the new
+/// instance answers (routed), then its delete, on its own, until 20 requests in a row
+/// miss it (unrouted). Two separate writes, two separate samples: a swap in one txn
+/// made the first miss of the old instance the first answer of the new one, so the
+/// delete row only repeated the put row's samples.
 async fn swaps(
     fd: &FrontDoor,
     etcd: &Etcd,
     n: usize,
 ) -> (Vec<Duration>, Vec<Duration>, usize, u64) {
-    let a = Backend::start("swap-a").await;
-    let b = Backend::start("swap-b").await;
-    let mut client = etcd.client().await;
-    etcd.put(&fd.service_key("web", "i0"), &a.record()).await;
+    let keep = Backend::start("swap-keep").await;
+    let comer = Backend::start("swap-new").await;
+    etcd.put(&fd.service_key("web", "keep"), &keep.record())
+        .await;
     wait_until("web routed", Duration::from_secs(20), || {
-        fd.routes_to("web", "swap-a")
+        fd.routes_to("web", "swap-keep")
     })
     .await;
     let reloads = fd.haproxy.reloads().await;
     let (mut put, mut del, mut lost) = (Vec::new(), Vec::new(), 0);
     for i in 1..=n {
-        let (old, new) = if i % 2 == 1 { (&a, &b) } else { (&b, &a) };
-        let txn = etcd_client::Txn::new().and_then(vec![
-            etcd_client::TxnOp::delete(fd.service_key("web", &format!("i{}", i - 1)), None),
-            etcd_client::TxnOp::put(fd.service_key("web", &format!("i{i}")), new.record(), None),
-        ]);
+        let key = fd.service_key("web", &format!("i{i}"));
         let start = Instant::now();
-        client.txn(txn).await.expect("swap txn");
-        let (routed, unrouted) = measure_switch(
+        etcd.put(&key, &comer.record()).await;
+        let (routed, _) = measure_switch(
             fd,
             "web",
-            Some(&old.name),
-            Some(&new.name),
+            None,
+            Some(&comer.name),
+            start,
+            Duration::from_secs(10),
+        )
+        .await;
+        let start = Instant::now();
+        etcd.delete(&key).await;
+        let (_, unrouted) = measure_switch(
+            fd,
+            "web",
+            Some(&comer.name),
+            None,
             start,
             Duration::from_secs(10),
         )

@@ -8,7 +8,8 @@
 #
 # Contents: /usr/bin/portolan; /lib/systemd/system/portolan-{registrar,watcher}.service
 # and haproxy.service.d/portolan.conf; /usr/share/portolan/templates/; the example
-# configs /etc/portolan/{registrar,watcher}.toml as conffiles; /usr/share/doc/portolan/.
+# configs /etc/portolan/{registrar,watcher}.toml as conffiles; /usr/share/doc/portolan/;
+# the man pages the binary prints (`portolan man --out-dir`) in /usr/share/man/man1/.
 # The postinst creates the portolan user and /var/lib/portolan.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,6 +64,11 @@ install -m 0644 "$repo"/templates/*.tera "$root/usr/share/portolan/templates/"
 install -m 0644 "$repo/systemd/etc/portolan/registrar.toml" "$repo/systemd/etc/portolan/watcher.toml" \
   "$root/etc/portolan/"
 install -m 0644 "$repo/README.md" "$root/usr/share/doc/portolan/README.md"
+# Man pages from the command line itself, so they never drift from --help.
+install -d "$root/usr/share/man/man1"
+"$bin" man --out-dir "$root/usr/share/man/man1"
+gzip -9n "$root"/usr/share/man/man1/*.1
+chmod 0644 "$root"/usr/share/man/man1/*.1.gz
 cat >"$root/usr/share/doc/portolan/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: portolan

@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 ensure_packages "${BUILD_PACKAGES[@]}" etcd:etcd-server etcdctl:etcd-client haproxy:haproxy \
   busybox:busybox-static
 ensure_docker /var/log/portolan-dockerd.log
-# No registry can be assumed: build the demo image from busybox, like the tests do.
-docker image inspect portolan-demo:latest >/dev/null 2>&1 || bash scripts/build-test-image.sh portolan-demo:latest
+# No registry can be assumed: build the demo image from busybox, like the tests do. One
+# built before it stopped on SIGTERM at once (no such label) is built again.
+if [ "$(docker image inspect -f '{{ index .Config.Labels "portolan.demo.stops-on-term" }}' portolan-demo:latest 2>/dev/null)" != true ]; then
+  bash scripts/build-test-image.sh portolan-demo:latest --stop-on-term
+fi
 cargo build --release --locked
 exec target/release/portolan dev "$@"

@@ -7,11 +7,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::EtcdOptions;
 pub use crate::config::{RegistrarArgs, WatcherArgs};
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "portolan",
-    version,
+    version = crate::VERSION,
     about = "Keep an HAProxy front door in step with the Docker containers behind it, through etcd.",
     long_about = concat!(
         "Portolan keeps an HAProxy front door in step with the containers behind it.\n\n",
@@ -26,12 +27,16 @@ pub use crate::config::{RegistrarArgs, WatcherArgs};
         "  etcdctl put /portolan/services/web/manual-1 10.0.0.9:80\n\n",
         "Try everything on one machine with `portolan dev`."
     ),
-    after_help = "Every option can also be set in the config file (--config, default \
-/etc/portolan/portolan.toml) or as an environment variable PORTOLAN_<OPTION>; a flag wins \
-over the environment, which wins over the file."
+    after_help = "Every option can also be set in the config file (--config; default: the \
+file the package ships, /etc/portolan/registrar.toml for registrar, \
+/etc/portolan/watcher.toml for watcher, render and status, the first of the two that \
+exists for ls, auth and check) or as an environment variable PORTOLAN_<OPTION>; a flag \
+wins over the environment, which wins over the file."
 )]
 pub struct Cli {
-    /// TOML config file. Default /etc/portolan/portolan.toml, read if it exists.
+    /// TOML config file [default, read if it exists: /etc/portolan/registrar.toml for
+    /// registrar; /etc/portolan/watcher.toml for watcher, render and status; the first of
+    /// the two for ls, auth and check].
     #[arg(
         long,
         short = 'c',
@@ -41,8 +46,23 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
-    /// Log as JSON lines (for log shippers) instead of plain text.
-    #[arg(long, global = true, env = "PORTOLAN_LOG_JSON")]
+    /// What to log: a level (error, warn, info, debug, trace) or tracing directives
+    /// ("info,portolan::watcher=debug") [default: RUST_LOG, else info].
+    #[arg(long, global = true, env = "PORTOLAN_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log as plain text or as JSON lines (one object a line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "PORTOLAN_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+
+    /// Same as --log-format json (kept for existing units and scripts).
+    #[arg(long, global = true, env = "PORTOLAN_LOG_JSON", hide = true)]
     pub log_json: bool,
 
     #[command(subcommand)]
@@ -63,8 +83,12 @@ pub enum Command {
     /// loopback too. Every key lies under <prefix>/nodes/<node>/, so
     /// the node's etcd user needs no other access (see `portolan auth`); a second
     /// registrar with a node name already held by a live one refuses to start.
-    /// Containers are removed the moment they die, stop, are killed, paused or turn
-    /// unhealthy; a lost host is removed by lease expiry after --ttl seconds.
+    /// A container that gets its stop signal (docker stop, or docker kill with SIGKILL
+    /// or its StopSignal) is marked "draining": true at once, so watchers send it no new
+    /// request while in-flight ones finish, and is removed when it exits (given back if
+    /// it does not exit within its stop timeout + 2 s); any other signal changes
+    /// nothing. One that dies, is paused or turns unhealthy is removed at once; a lost
+    /// host is removed by lease expiry after --ttl seconds.
     ///
     /// Container labels (registrator's environment variables in brackets work as fallback):
     ///
@@ -119,7 +143,7 @@ pub enum Command {
     ///   [[template]]
     ///   src = "/usr/share/portolan/templates/haproxy.cfg.tera"
     ///   dest = "/etc/haproxy/haproxy.cfg"
-    ///   check_cmd = "haproxy -c -q -f {src}"          # {src} = the staged file
+    ///   check_cmd = "haproxy -c -f {src}"          # {src} = the staged file
     ///   haproxy_master_socket = "/run/haproxy-master.sock"
     ///   [template.vars]
     ///   domain = "example.com"                       # Host: <service>.example.com
@@ -137,9 +161,11 @@ pub enum Command {
     /// For each backend of each [[template]] of --config: what etcd says (the template
     /// rendered from etcd now), what the file on disk says, and what HAProxy runs
     /// (`show servers state` on the template's haproxy_admin_socket), with the watcher's
-    /// last apply from its status key. Exit 0 when all three agree, 1 when they do not,
-    /// with one "difference:" line naming each server that differs (a manual
-    /// `set server … state maint`, a server added by hand, a file behind etcd, …).
+    /// last apply from its status key. Exit codes: 0 when all three agree; 1 when they
+    /// do not, with one "difference:" line naming each server that differs (a manual
+    /// `set server … state maint`, a server added by hand, a file behind etcd, …); 2
+    /// when it cannot tell (a config file missing or invalid, etcd or HAProxy
+    /// unreachable), with the reason on stderr.
     /// A server HAProxy's health checks mark down is shown, not counted as a difference.
     /// An instance key the watcher refuses (a node's key naming an id not its own, a
     /// service or network the node may not use, a server name another key holds) is a
@@ -160,8 +186,9 @@ pub enum Command {
     /// node outside the service's `services` globs or its `node_networks`, a hand-written
     /// key with `hand_written = false`. --json prints a stable document for scripts:
     /// {prefix, revision, services: {name: [instance…]}, skipped: [{key, reason}],
-    /// refused: [{key, reason, rule}]}. --addrs prints one
-    /// host:port a line and nothing else. While an instance drains (its container got
+    /// refused: [{key, reason, rule}]}. --addrs prints one host:port a line and nothing
+    /// else, for the instances that serve (--all: every one). An instance registered
+    /// with route = false has "route": false in the JSON. While an instance drains (its container got
     /// its stop signal) the table has a last column STATE (up/draining) and the JSON
     /// instance "draining": true.
     Ls(LsArgs),
@@ -191,6 +218,33 @@ pub enum Command {
     /// Needs etcd, haproxy and a running Docker Engine on this machine. Everything it
     /// starts listens on 127.0.0.1 and is stopped with Ctrl-C.
     Dev(DevArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    ///
+    ///   portolan completions bash > /etc/bash_completion.d/portolan
+    ///   portolan completions zsh  > "${fpath[1]}/_portolan"
+    ///   portolan completions fish > ~/.config/fish/completions/portolan.fish
+    #[command(verbatim_doc_comment)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), built from this command line; with --out-dir, write
+    /// portolan.1 and one page a subcommand (portolan-watcher.1, …) there instead.
+    ///
+    /// The Debian package installs these under /usr/share/man/man1.
+    Man {
+        /// Folder to write every page into.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+impl Cli {
+    /// The log format asked for: --log-format, or the old --log-json.
+    pub fn log_format(&self) -> LogFormat {
+        if self.log_json {
+            LogFormat::Json
+        } else {
+            self.log_format
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -219,10 +273,14 @@ pub struct LsArgs {
     /// Print JSON instead of a table, for scripts.
     #[arg(long, conflicts_with = "addrs")]
     pub json: bool,
-    /// Print only the instances' host:port, one a line (e.g. to bootstrap a cluster
-    /// from `portolan ls etcd --addrs`).
+    /// Print only the host:port of the instances that serve, one a line (e.g. to
+    /// bootstrap a cluster from `portolan ls etcd-peers --addrs`): neither draining nor
+    /// on an expired lease; `route = false` services are listed.
     #[arg(long)]
     pub addrs: bool,
+    /// With --addrs: list draining and expired instances too.
+    #[arg(long, requires = "addrs")]
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -16,13 +16,16 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cli::DevArgs;
-use crate::config::{self, EtcdConfig, TemplateResource};
+use crate::config::{self, EtcdConfig};
 use crate::{etcd, registrar, watcher};
 
 /// A binary `portolan dev` needs, and the Debian package that provides it.
 const NEEDS: &[(&str, &str)] = &[("etcd", "etcd-server"), ("haproxy", "haproxy")];
 
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before anything is started or written: a second `dev` on the same ports would
+    // otherwise talk to the first one's etcd (and delete its status key on the way out).
+    ports_are_free(&args)?;
     preflight().await?;
     let dir = workdir()?;
     let tasks = TaskTracker::new();
@@ -41,6 +44,45 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// Every port this stack would listen on, with the flag that moves it.
+fn ports(args: &DevArgs) -> [(u16, &'static str); 4] {
+    [
+        (args.http_port, "--http-port"),
+        (args.stats_port, "--stats-port"),
+        (args.etcd_port, "--etcd-port"),
+        (
+            args.etcd_port.wrapping_add(1),
+            "--etcd-port (etcd's peer port is the next one)",
+        ),
+    ]
+}
+
+/// Refuses ports that are taken (by another `portolan dev`, or anything) or given
+/// twice, naming each and its flag, before anything is touched.
+fn ports_are_free(args: &DevArgs) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let mut seen = std::collections::BTreeMap::new();
+    for (port, flag) in ports(args) {
+        if port == 0 {
+            problems.push(format!("{flag}: port 0 is not a port to listen on"));
+        } else if let Some(other) = seen.insert(port, flag) {
+            problems.push(format!("port {port} is given twice ({other} and {flag})"));
+        } else if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            problems.push(format!(
+                "port {port} on 127.0.0.1 is in use ({e}): another `portolan dev`? stop it, or pick another with {flag}"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "portolan dev cannot start:\n  - {}",
+            problems.join("\n  - ")
+        )
+    }
 }
 
 /// Finds what is missing before anything is started, and says how to install it.
@@ -272,65 +314,77 @@ async fn with_haproxy(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // The same resolution as `portolan watcher` and `portolan registrar`, from the file
-    // a user would write for this stack: dev gets their defaults and validation (a bad
-    // --only-label is refused here, by name).
-    let file = config::FileConfig {
-        etcd: config::EtcdOptions {
-            endpoints: Some(vec![endpoint.to_string()]),
-            prefix: Some(PREFIX.to_string()),
-            ..Default::default()
-        },
-        registrar: config::RegistrarOptions {
-            advertise_ip: Some("127.0.0.1".into()),
-            state_dir: Some(dir.join("state")),
-            deregister_on_exit: Some(true),
-            only_label: args.only_label.clone(),
-            ..Default::default()
-        },
-        watcher: config::WatcherOptions {
-            name: Some("dev".into()),
-            state_dir: Some(dir.join("watcher-state")),
-            // The registrar advertises 127.0.0.1 here, which the default routing
-            // policy refuses (loopback is the load balancer itself).
-            allowed_networks: Some(vec!["127.0.0.0/8".into()]),
-            ..Default::default()
-        },
-        template: vec![TemplateResource {
-            src: dir.join("haproxy.cfg.tera"),
-            dest: dir.join("haproxy.cfg"),
-            check_cmd: Some("haproxy -c -q -f {src}".into()),
-            haproxy_master_socket: Some(master.clone()),
-            reload_cmd: None,
-            haproxy_admin_socket: Some(dir.join("admin.sock")),
-            mode: None,
-            vars,
-        }],
-        ..Default::default()
-    };
+    // The file a user would write for this stack, written where `status` and `ls` can be
+    // pointed at it, and read back through the same resolution as `portolan watcher`
+    // and `portolan registrar`: dev gets their defaults and validation (a bad
+    // --only-label is refused here, by name), and the file is exactly what runs.
+    let config_path = dir.join("portolan.toml");
+    std::fs::write(&config_path, config_file(args, dir, endpoint, &vars))
+        .with_context(|| format!("write {}", config_path.display()))?;
+    let file = config::FileConfig::load(Some(&config_path))?;
     let watcher_cfg = config::resolve_watcher(&file, &Default::default())?;
     let registrar_cfg = config::resolve_registrar(&file, &Default::default())?;
 
     let components = shutdown.child_token();
-    let mut watcher_task = tokio::spawn(
+    let watcher_task = tokio::spawn(
         watcher::run(watcher_cfg, components.clone()).instrument(tracing::info_span!("watcher")),
     );
-    let mut registrar_task = tokio::spawn(
+    let registrar_task = tokio::spawn(
         registrar::run(registrar_cfg, components.clone())
             .instrument(tracing::info_span!("registrar")),
     );
-    print_banner(args, dir, endpoint).await;
+    print_banner(args, dir, endpoint, &config_path).await;
+    let haproxy_exit = async {
+        let s = haproxy.wait().await;
+        format!(
+            "haproxy exited unexpectedly ({})",
+            s.map(|s| s.to_string()).unwrap_or_default()
+        )
+    };
+    supervise(
+        watcher_task,
+        registrar_task,
+        haproxy_exit,
+        shutdown,
+        components,
+    )
+    .await
+}
 
+/// Runs until Ctrl-C or until a component ends: then stops the others and returns that
+/// component's own error (the caller cleans up and exits non-zero). A task that has
+/// ended is never awaited again (a JoinHandle polled after completion panics).
+async fn supervise(
+    mut watcher_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    mut registrar_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    haproxy_exit: impl std::future::Future<Output = String>,
+    shutdown: &CancellationToken,
+    components: CancellationToken,
+) -> anyhow::Result<()> {
+    let (mut watcher_done, mut registrar_done) = (false, false);
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => Ok(()),
-        r = &mut watcher_task => Err(component_ended("watcher", r)),
-        r = &mut registrar_task => Err(component_ended("registrar", r)),
-        s = haproxy.wait() => Err(anyhow::anyhow!("haproxy exited unexpectedly ({})", s.map(|s| s.to_string()).unwrap_or_default())),
+        r = &mut watcher_task => {
+            watcher_done = true;
+            Err(component_ended("watcher", r))
+        }
+        r = &mut registrar_task => {
+            registrar_done = true;
+            Err(component_ended("registrar", r))
+        }
+        why = haproxy_exit => Err(anyhow::anyhow!(why)),
     };
+    if let Err(e) = &outcome {
+        eprintln!("[dev] {e:#}; stopping everything");
+    }
     components.cancel();
     let drain = async {
-        let _ = (&mut watcher_task).await;
-        let _ = (&mut registrar_task).await;
+        if !watcher_done {
+            let _ = (&mut watcher_task).await;
+        }
+        if !registrar_done {
+            let _ = (&mut registrar_task).await;
+        }
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
@@ -341,6 +395,55 @@ async fn with_haproxy(
         eprintln!("[dev] registrar/watcher did not stop within 10 s");
     }
     outcome
+}
+
+/// The stack's config file, as a user would write it (`portolan status --config` and
+/// `portolan ls --config` read it). Paths and strings are TOML-quoted.
+fn config_file(args: &DevArgs, dir: &Path, endpoint: &str, vars: &toml::Table) -> String {
+    let q = |s: &str| toml::Value::from(s).to_string();
+    let p = |p: &Path| q(&p.display().to_string());
+    let only_label = args
+        .only_label
+        .as_deref()
+        .map(|l| format!("only_label = {}\n", q(l)))
+        .unwrap_or_default();
+    format!(
+        "# Written by `portolan dev`: the config of this stack, for\n\
+         #   portolan status --config {path}\n\
+         #   portolan ls --config {path}\n\
+         [etcd]\n\
+         endpoints = [{endpoint}]\n\
+         prefix = {prefix}\n\n\
+         [registrar]\n\
+         advertise_ip = \"127.0.0.1\"\n\
+         state_dir = {state}\n\
+         deregister_on_exit = true\n\
+         {only_label}\n\
+         [watcher]\n\
+         name = \"dev\"\n\
+         state_dir = {wstate}\n\
+         # The registrar advertises 127.0.0.1 here, which the default routing policy\n\
+         # refuses (loopback is the load balancer itself).\n\
+         allowed_networks = [\"127.0.0.0/8\"]\n\n\
+         [[template]]\n\
+         src = {src}\n\
+         dest = {dest}\n\
+         check_cmd = \"haproxy -c -f {{src}}\"\n\
+         haproxy_master_socket = {master}\n\
+         haproxy_admin_socket = {admin}\n\n\
+         [template.vars]\n\
+         {vars}",
+        path = dir.join("portolan.toml").display(),
+        endpoint = q(endpoint),
+        prefix = q(PREFIX),
+        state = p(&dir.join("state")),
+        wstate = p(&dir.join("watcher-state")),
+        src = p(&dir.join("haproxy.cfg.tera")),
+        dest = p(&dir.join("haproxy.cfg")),
+        master = p(&dir.join("master.sock")),
+        admin = p(&dir.join("admin.sock")),
+        vars = toml::to_string(vars).unwrap_or_default(),
+    )
 }
 
 fn component_ended(
@@ -367,7 +470,7 @@ fn self_command() -> String {
     }
 }
 
-async fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str) {
+async fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str, config: &Path) {
     let front = format!("http://127.0.0.1:{}", args.http_port);
     let have_demo = Command::new("docker")
         .args(["image", "inspect", DEMO_IMAGE])
@@ -397,13 +500,165 @@ async fn print_banner(args: &DevArgs, dir: &Path, endpoint: &str) {
             "  files       {}   (edit haproxy.cfg.tera there: it re-renders at once)",
             dir.display()
         ),
+        format!("  config      {}", config.display()),
         String::new(),
         "Try it:".into(),
         format!("  {run}"),
         format!("  curl -H 'Host: hello.{}' {front}/", args.domain),
         format!("  {} ls --etcd-endpoints {endpoint}", self_command()),
+        format!("  {} status --config {}", self_command(), config.display()),
         format!("  etcdctl --endpoints {endpoint} get --prefix {PREFIX}/"),
         String::new(),
     ];
     println!("{}", lines.join("\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(http: u16, stats: u16, etcd: u16) -> DevArgs {
+        DevArgs {
+            http_port: http,
+            stats_port: stats,
+            etcd_port: etcd,
+            domain: "localhost".into(),
+            keep: false,
+            only_label: Some("portolan.test=a\"b".into()),
+        }
+    }
+
+    /// A component that stops is reported with its own error, the other one is
+    /// stopped, and nothing panics (a finished JoinHandle awaited again would).
+    #[tokio::test]
+    async fn a_component_that_stops_is_reported_by_its_own_error() {
+        let shutdown = CancellationToken::new();
+        let components = shutdown.child_token();
+        let registrar = tokio::spawn(async {
+            Err(anyhow::anyhow!(
+                "node name \"vm\" is held by another registrar"
+            ))
+        });
+        let stopped = components.clone();
+        let watcher = tokio::spawn(async move {
+            stopped.cancelled().await;
+            Ok(())
+        });
+        let err = supervise(
+            watcher,
+            registrar,
+            std::future::pending(),
+            &shutdown,
+            components.clone(),
+        )
+        .await
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("registrar failed") && msg.contains("held by another"),
+            "{msg}"
+        );
+        assert!(components.is_cancelled());
+
+        // The watcher ending without error is still a stop to report.
+        let components = shutdown.child_token();
+        let watcher = tokio::spawn(async { Ok(()) });
+        let c = components.clone();
+        let registrar = tokio::spawn(async move {
+            c.cancelled().await;
+            Ok(())
+        });
+        let err = supervise(
+            watcher,
+            registrar,
+            std::future::pending(),
+            &shutdown,
+            components,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("watcher stopped unexpectedly"),
+            "{err}"
+        );
+        // A panic in a component is an error too, not a panic of dev.
+        let components = shutdown.child_token();
+        let watcher = tokio::spawn(async { panic!("boom") });
+        let c = components.clone();
+        let registrar = tokio::spawn(async move {
+            c.cancelled().await;
+            Ok(())
+        });
+        let err = supervise(
+            watcher,
+            registrar,
+            std::future::pending(),
+            &shutdown,
+            components,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("watcher panicked"), "{err}");
+    }
+
+    #[test]
+    fn busy_or_repeated_ports_are_refused_by_flag_before_anything_starts() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let err = ports_are_free(&args(busy, free(), 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("port {busy}")) && err.contains("--http-port"),
+            "{err}"
+        );
+        assert!(err.contains("--etcd-port: port 0"), "{err}");
+        let p = free();
+        let err = ports_are_free(&args(p, p, 0)).unwrap_err().to_string();
+        assert!(
+            err.contains("given twice (--http-port and --stats-port)"),
+            "{err}"
+        );
+        // etcd's peer port (etcd + 1) counts.
+        let err = ports_are_free(&args(free(), free(), busy - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("peer port"), "{err}");
+    }
+
+    /// The file dev writes is one `status`, `ls` and the daemons accept, and it
+    /// describes this stack.
+    #[test]
+    fn the_written_config_file_resolves_to_this_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = toml::Table::new();
+        vars.insert("domain".into(), "localhost".into());
+        vars.insert("drop_privileges".into(), false.into());
+        let text = config_file(
+            &args(8080, 8404, 23790),
+            dir.path(),
+            "http://127.0.0.1:23790",
+            &vars,
+        );
+        let path = dir.path().join("portolan.toml");
+        std::fs::write(&path, &text).unwrap();
+        std::fs::write(dir.path().join("haproxy.cfg.tera"), "x").unwrap();
+        let f = config::FileConfig::load(Some(&path)).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let w = config::resolve_watcher(&f, &Default::default()).unwrap();
+        assert_eq!(w.etcd.endpoints, ["http://127.0.0.1:23790"]);
+        assert_eq!(w.name, "dev");
+        assert_eq!(w.templates[0].dest, dir.path().join("haproxy.cfg"));
+        assert_eq!(
+            w.templates[0].haproxy_admin_socket.as_deref(),
+            Some(dir.path().join("admin.sock").as_path())
+        );
+        assert_eq!(w.templates[0].vars["domain"].as_str(), Some("localhost"));
+        let r = config::resolve_registrar(&f, &Default::default()).unwrap();
+        assert_eq!(r.only_label.as_deref(), Some("portolan.test=a\"b"));
+        assert!(r.deregister_on_exit);
+    }
 }

@@ -37,6 +37,10 @@ pub enum RegistrarEvent {
     Deregister,
     /// An instance left rotation: its container is stopping.
     Drain,
+    /// The registrar's lease was lost (expired during an outage, or etcd lost its
+    /// data) and its instances were written again: one event for all of them, instead
+    /// of a `register` for each.
+    Reregister,
 }
 
 /// The events a watcher emits (see `RegistrarEvent`).
@@ -55,13 +59,19 @@ pub enum WatcherEvent {
 }
 
 impl RegistrarEvent {
-    pub const ALL: [RegistrarEvent; 3] = [Self::Register, Self::Deregister, Self::Drain];
+    pub const ALL: [RegistrarEvent; 4] = [
+        Self::Register,
+        Self::Deregister,
+        Self::Drain,
+        Self::Reregister,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Register => "register",
             Self::Deregister => "deregister",
             Self::Drain => "drain",
+            Self::Reregister => "reregister",
         }
     }
 }

@@ -45,6 +45,39 @@
 //! - `hook`: event hooks (webhooks, commands), delivered off the daemons' loops.
 //! - `ls`, `dev`, `auth`: operator commands (`auth`: least-privilege etcd users).
 
+/// `portolan --version`: the package version and, when built from a git checkout, the
+/// revision (`0.1.0 (git 0123456789ab)`); build.rs works it out.
+pub const VERSION: &str = env!("PORTOLAN_VERSION");
+
+#[cfg(test)]
+#[path = "../build/revision.rs"]
+#[allow(dead_code)] // head_files is build.rs's alone.
+mod revision;
+
+#[cfg(test)]
+mod version_tests {
+    use super::revision::{git_revision, version_string};
+
+    #[test]
+    fn the_version_names_the_git_revision_when_there_is_one() {
+        assert_eq!(
+            version_string("1.2.3", Some("0123456789ab")),
+            "1.2.3 (git 0123456789ab)"
+        );
+        assert_eq!(version_string("1.2.3", None), "1.2.3");
+    }
+
+    #[test]
+    fn outside_a_git_checkout_there_is_no_revision_and_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(git_revision(dir.path()), None);
+        // A folder inside a checkout that is not its top (a tarball unpacked there)
+        // takes no revision either.
+        let inner = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        assert_eq!(git_revision(&inner), None);
+    }
+}
+
 pub mod auth;
 pub(crate) mod backoff;
 pub mod cli;

@@ -365,6 +365,13 @@ struct JsonInstance<'a> {
     /// Present (true) only while the instance drains: older documents stay as they were.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     draining: bool,
+    /// Present (false) only for an instance registered not to be routed (`route = false`).
+    #[serde(skip_serializing_if = "is_true")]
+    route: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Serialize)]
@@ -407,6 +414,7 @@ pub fn json(snap: &Snapshot) -> String {
                             tags: &i.tags,
                             weight: i.weight,
                             draining: i.draining,
+                            route: i.route,
                             lease: match e.lease {
                                 Lease::None => None,
                                 Lease::Live {
@@ -547,15 +555,22 @@ pub async fn read(
 pub enum Format {
     Table,
     Json,
-    /// One `host:port` a line, for scripts that bootstrap a cluster from a service.
-    Addrs,
+    /// One `host:port` a line, for scripts that bootstrap a cluster from a service:
+    /// what serves, or with `all` also draining and expired instances.
+    Addrs {
+        all: bool,
+    },
 }
 
-/// One `host:port` a line, services in name order and instances in id order.
-pub fn addrs(snap: &Snapshot) -> String {
+/// One `host:port` a line, services in name order and instances in id order: what
+/// serves (neither draining nor on an expired lease; routed or not, since `route =
+/// false` services such as a host's etcd peers are what scripts look up), or with
+/// `all` every instance.
+pub fn addrs(snap: &Snapshot, all: bool) -> String {
     snap.services
         .values()
         .flatten()
+        .filter(|e| all || (!e.instance.draining && !matches!(e.lease, Lease::Expired { .. })))
         .map(|e| format!("{}\n", e.instance.addr))
         .collect()
 }
@@ -570,8 +585,8 @@ pub async fn run(
     eprint!("{}", warnings(&snap));
     if format == Format::Json {
         print!("{}", self::json(&snap));
-    } else if format == Format::Addrs {
-        print!("{}", addrs(&snap));
+    } else if let Format::Addrs { all } = format {
+        print!("{}", addrs(&snap, all));
     } else {
         print!("{}", table(&snap));
         if snap.instance_count() == 0 {
@@ -659,6 +674,53 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
         let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();
         assert_eq!(doc["services"]["web"][0]["draining"], true);
         assert!(doc["services"]["web"][1].get("draining").is_none());
+    }
+
+    /// `--addrs` lists what serves: not a draining instance, not one whose lease ran out;
+    /// an unrouted one (a host's etcd peers) is what it is for. `--all` lists every one.
+    #[test]
+    fn addrs_lists_what_serves_and_all_lists_everything() {
+        let kvs = vec![
+            kv(
+                "/portolan/nodes/a/services/etcd/a-svc-etcd-2380",
+                r#"{"addr":"10.0.0.1:2380","route":false}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/b-1",
+                r#"{"addr":"10.0.0.2:2380","draining":true}"#,
+                0,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/c-1",
+                r#"{"addr":"10.0.0.3:2380"}"#,
+                0x1f,
+            ),
+            kv(
+                "/portolan/nodes/a/services/etcd/d-1",
+                r#"{"addr":"10.0.0.4:2380"}"#,
+                0x2a,
+            ),
+        ];
+        let leases = BTreeMap::from([
+            (0x1f, LeaseState::Expired),
+            (
+                0x2a,
+                LeaseState::Live {
+                    ttl: 7,
+                    granted_ttl: 10,
+                },
+            ),
+        ]);
+        let snap = snapshot(P, 1, &kvs, &leases, &Confinement::default());
+        assert_eq!(addrs(&snap, false), "10.0.0.1:2380\n10.0.0.4:2380\n");
+        assert_eq!(
+            addrs(&snap, true),
+            "10.0.0.1:2380\n10.0.0.2:2380\n10.0.0.3:2380\n10.0.0.4:2380\n"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();
+        assert_eq!(doc["services"]["etcd"][0]["route"], false);
+        assert!(doc["services"]["etcd"][1].get("route").is_none());
     }
 
     #[test]

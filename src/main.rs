@@ -11,7 +11,10 @@ use portolan::{auth, dev, ls, registrar, shutdown, telemetry, watcher};
 fn main() -> ExitCode {
     few_malloc_arenas();
     let cli = Cli::parse();
-    telemetry::init(cli.log_json);
+    if let Err(e) = telemetry::init_with(cli.log_level.as_deref(), cli.log_format()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -42,7 +45,8 @@ fn few_malloc_arenas() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let file = || FileConfig::load(cli.config.as_deref());
+    let defaults = config::default_config_paths(subcommand_name(&cli.command));
+    let file = || FileConfig::load_or_default(cli.config.as_deref(), defaults);
     match cli.command {
         Command::Registrar(args) => {
             let cfg = config::resolve_registrar(&file()?, &args)?;
@@ -68,8 +72,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status(args) => {
-            let cfg = config::resolve_watcher(&file()?, &args.watcher)?;
-            // 0 in sync, 1 out of sync, 2 when it cannot tell (etcd or HAProxy unreachable).
+            // 0 in sync, 1 out of sync, 2 when it cannot tell: a config that does not
+            // load or resolve, etcd or HAProxy unreachable. A monitor that pages on 1
+            // must not page "drift" for a typo in the file.
+            let cfg = match file()
+                .map_err(anyhow::Error::from)
+                .and_then(|f| Ok(config::resolve_watcher(&f, &args.watcher)?))
+            {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
             match watcher::status(&cfg, args.json).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(ExitCode::from(1)),
@@ -86,19 +101,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let format = if args.json {
                 ls::Format::Json
             } else if args.addrs {
-                ls::Format::Addrs
+                ls::Format::Addrs { all: args.all }
             } else {
                 ls::Format::Table
             };
             ls::run(&etcd, &confinement, args.service.as_deref(), format).await?;
         }
-        Command::Check => {
-            let path = cli
-                .config
-                .clone()
-                .unwrap_or_else(|| config::DEFAULT_CONFIG_PATH.into());
-            check(&path)?;
-        }
+        Command::Check => match &cli.config {
+            Some(path) => check(path)?,
+            None => {
+                // Every shipped file this host has.
+                let present: Vec<&str> = defaults
+                    .iter()
+                    .copied()
+                    .filter(|p| std::path::Path::new(p).exists())
+                    .collect();
+                anyhow::ensure!(
+                    !present.is_empty(),
+                    "no config file to check: neither {} exists (name one with --config FILE)",
+                    defaults.join(" nor ")
+                );
+                for p in present {
+                    check(std::path::Path::new(p))?;
+                }
+            }
+        },
         Command::Auth(cmd) => {
             let (args, principal): (_, fn(&str, &str) -> auth::Principal) = match cmd {
                 AuthCommand::AddNode(a) => (a, auth::node_principal),
@@ -116,8 +143,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "portolan", &mut script);
+            print_quietly(&script)?;
+        }
+        Command::Man { out_dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("write man pages into {}", dir.display()))?;
+                }
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    print_quietly(&page)?;
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The subcommand's name as typed, for its default config file.
+fn subcommand_name(c: &Command) -> &'static str {
+    match c {
+        Command::Registrar(_) => "registrar",
+        Command::Watcher(_) => "watcher",
+        Command::Render(_) => "render",
+        Command::Status(_) => "status",
+        Command::Ls(_) => "ls",
+        Command::Check => "check",
+        Command::Auth(_) => "auth",
+        Command::Dev(_) => "dev",
+        Command::Completions { .. } => "completions",
+        Command::Man { .. } => "man",
+    }
+}
+
+/// Writes to stdout; a reader that went away (`portolan man | head`) is not an error.
+fn print_quietly(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
 }
 
 /// The shutdown token of every daemon: the first SIGTERM/SIGINT asks for a clean stop;
@@ -141,8 +216,13 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let f = FileConfig::load(Some(path))?;
     let at = |section: &str| format!("{}: {section}", path.display());
     config::resolve_etcd(&f, &Default::default()).with_context(|| at("[etcd]"))?;
-    if f.has("registrar") {
+    if f.has("registrar") || f.has("service") {
         config::resolve_registrar(&f, &Default::default()).with_context(|| at("[registrar]"))?;
+    }
+    // Each daemon reads the [[hook]] sections for its own events, whatever else the
+    // file has: check them against every event either daemon emits.
+    if f.has("hook") {
+        config::resolve_hooks(&f).with_context(|| at("[[hook]]"))?;
     }
     if f.has("watcher") || f.has("template") {
         let cfg =

@@ -322,6 +322,20 @@ pub struct InstanceRecord {
     /// so records of older registrars and hand-written ones read as not draining.
     #[serde(default, skip_serializing_if = "is_false")]
     pub draining: bool,
+    /// Routed through the front door: false for a service that is registered only to
+    /// be found (`portolan ls --addrs`), such as a host's etcd peers. Written only when
+    /// false; watchers leave such instances out of `services` in the template context.
+    /// (An older watcher refuses the unknown field, so it routes nothing either.)
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub route: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_weight() -> u32 {
@@ -342,6 +356,7 @@ impl Default for InstanceRecord {
             tags: Vec::new(),
             weight: DEFAULT_WEIGHT,
             draining: false,
+            route: true,
         }
     }
 }
@@ -371,6 +386,8 @@ pub struct Instance {
     /// `addr` are that IP, `host_name` the name, `id` a server name of its own
     /// (`watcher::dns_names`).
     pub host_name: String,
+    /// Routed through the front door; see [`InstanceRecord::route`].
+    pub route: bool,
 }
 
 /// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
@@ -461,6 +478,7 @@ pub fn decode_owned(
         weight: record.weight,
         draining: record.draining,
         host_name: String::new(),
+        route: record.route,
     })
 }
 
@@ -487,6 +505,13 @@ pub struct WatcherStatus {
     /// How the last change reached HAProxy. Absent in records of older watchers.
     #[serde(default)]
     pub last_apply_path: Option<ApplyPath>,
+    /// Seconds since the epoch of the last apply (a runtime change, a reload, or a
+    /// render its check refused), whatever its path. Absent in older watchers' records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply_at: Option<u64>,
+    /// How the last apply ended: `ok`, `rejected` (its check refused it) or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply_result: Option<ReloadResult>,
     pub last_error: Option<String>,
     /// Removed instances the mass-removal guard holds back now, and until when (seconds
     /// since the epoch): a watcher restarted during a hold ends it then, not later.
@@ -494,6 +519,36 @@ pub struct WatcherStatus {
     pub removals_held: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_until: Option<u64>,
+}
+
+impl WatcherStatus {
+    /// Records one pass that applied something at `now`: the reload's result when it
+    /// reloaded, and the apply's own (whatever its path) in any case, so the last apply
+    /// is never confused with the last reload. `reload`/`path`: what the pass did;
+    /// `failed`: it ended in an error.
+    pub fn record_apply(
+        &mut self,
+        reload: Option<ReloadResult>,
+        path: Option<ApplyPath>,
+        failed: bool,
+        now: u64,
+    ) {
+        if let Some(result) = reload {
+            self.last_reload_at = Some(now);
+            self.last_reload_result = Some(result);
+        }
+        if path.is_some() {
+            self.last_apply_path = path;
+        }
+        if reload.is_some() || path.is_some() {
+            self.last_apply_at = Some(now);
+            self.last_apply_result = Some(match reload {
+                Some(r) => r,
+                None if failed => ReloadResult::Failed,
+                None => ReloadResult::Ok,
+            });
+        }
+    }
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -702,6 +757,7 @@ mod tests {
             tags: vec![],
             weight: 100,
             draining: false,
+            route: true,
         };
         let json = r.to_json();
         assert!(!json.contains('\n'));

@@ -65,6 +65,7 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         let ok = std::process::Command::new("bash")
             .arg(root.join("scripts/build-test-image.sh"))
             .arg(demo)
+            .arg("--stop-on-term")
             .status()
             .expect("build demo image")
             .success();
@@ -120,6 +121,31 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         .expect("files path")
         .to_string();
     assert!(std::path::Path::new(&dir).join("haproxy.cfg").is_file());
+    let config = line("config")
+        .split_whitespace()
+        .nth(1)
+        .expect("config path")
+        .to_string();
+    assert!(config.starts_with(&dir), "{config} not in {dir}");
+
+    // A second `dev` on the same ports refuses before it touches anything (it used to
+    // attach to this stack's etcd and delete its status key on the way out).
+    let second = portolan_cmd()
+        .args(["dev", "--http-port", &http.to_string()])
+        .args(["--stats-port", &stats.to_string()])
+        .args(["--etcd-port", &etcd.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second portolan dev");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second dev started: {err}");
+    for flag in ["--http-port", "--stats-port", "--etcd-port"] {
+        assert!(
+            err.contains(flag) && err.contains("in use"),
+            "{flag}: {err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
 
     // The printed `docker run`, as printed, plus our cleanup label.
     let docker_run = line("docker run");
@@ -174,6 +200,25 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
         "{ls_out}"
     );
 
+    // The printed config file is one `status` and `ls` read: the watcher's status key
+    // is there (the second dev did not delete it) and the container is listed.
+    let status = portolan_cmd()
+        .args(["status", "--config", &config])
+        .output()
+        .expect("run status");
+    let st = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        matches!(status.status.code(), Some(0 | 1)),
+        "status --config {config}: {status:?}\n{st}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(st.contains("watcher dev: last apply"), "{st}");
+    let out = portolan_cmd()
+        .args(["ls", "--config", &config])
+        .output()
+        .expect("run ls --config");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id[..12]));
+
     // SIGTERM: everything it started goes away, and so does its temp folder.
     let family = descendants(dev.pid() as u32);
     let names: Vec<String> = family.iter().filter_map(|p| comm(*p)).collect();
@@ -213,7 +258,9 @@ async fn dev_serves_the_printed_example_and_stops_clean() {
 #[test]
 fn dev_names_the_package_of_a_missing_tool() {
     let out = portolan_cmd()
-        .args(["dev", "--etcd-port", &free_port().to_string()])
+        .args(["dev", "--etcd-port", &free_port_pair().to_string()])
+        .args(["--http-port", &free_port().to_string()])
+        .args(["--stats-port", &free_port().to_string()])
         .env("PATH", "/nonexistent")
         .output()
         .expect("run portolan dev");
@@ -221,4 +268,58 @@ fn dev_names_the_package_of_a_missing_tool() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install etcd-server"), "{err}");
     assert!(err.contains("apt-get install haproxy"), "{err}");
+}
+
+/// The tour's demo image stops at once on `docker stop` (its /bin/serve traps SIGTERM;
+/// httpd as PID 1 would ignore it and make every stop last its whole timeout), while
+/// the tests' image keeps ignoring it (the drain tests measure in that window).
+#[test]
+fn the_demo_image_stops_on_sigterm_at_once() {
+    let image = format!("{}:latest", unique("portolan-demo-test"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = std::process::Command::new("bash")
+        .arg(root.join("scripts/build-test-image.sh"))
+        .arg(&image)
+        .arg("--stop-on-term")
+        .status()
+        .expect("build demo image")
+        .success();
+    assert!(ok, "building {image} failed");
+    let run = unique("demo-stop");
+    let label = format!("{TEST_LABEL}={run}");
+    let id = docker(&["run", "-d", "--label", &label, &image]);
+    // Serving first: the trap is set once httpd runs.
+    wait_until_sync(Duration::from_secs(10), || {
+        try_docker(&[
+            "exec",
+            &id,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/",
+        ])
+        .is_some()
+    });
+    let started = Instant::now();
+    docker(&["stop", "-t", "30", &id]);
+    let took = started.elapsed();
+    let code = docker(&["inspect", "-f", "{{.State.ExitCode}}", &id]);
+    eprintln!("demo image: docker stop took {took:?}, exit code {code}");
+    docker(&["rm", "-f", &id]);
+    remove_labelled(&run);
+    let _ = try_docker(&["rmi", &image]);
+    assert!(
+        took < Duration::from_secs(10),
+        "docker stop took {took:?} (killed at the timeout?)"
+    );
+    assert_eq!(code.trim(), "0", "exited by its trap, not by SIGKILL");
+}
+
+fn wait_until_sync(limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "not ready within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -9,7 +9,7 @@ use common::*;
 const LEASE_TTL: i64 = 3600;
 
 /// Runs the built binary with a config file of nothing, so the machine's
-/// /etc/portolan/portolan.toml and PORTOLAN_* variables cannot leak in.
+/// the default config files (/etc/portolan/{watcher,registrar}.toml) and PORTOLAN_* variables cannot leak in.
 async fn portolan(args: &[&str]) -> Output {
     tokio::process::Command::from(common::portolan_cmd())
         .args(["--config", "/dev/null"])

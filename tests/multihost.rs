@@ -638,7 +638,7 @@ wait = {{ min_ms = 20, max_ms = 500 }}
 [[template]]
 src = "haproxy.cfg.tera"
 dest = "haproxy.cfg"
-check_cmd = "haproxy -c -q -f {{src}}"
+check_cmd = "haproxy -c -f {{src}}"
 haproxy_master_socket = "{sock}"
 haproxy_admin_socket = "{admin}"
 

@@ -377,7 +377,24 @@ fn units_call_the_cli_as_it_parses() {
             t.src,
             Path::new("/usr/share/portolan/templates/haproxy.cfg.tera")
         );
-        assert!(t.check_cmd.as_deref().unwrap().contains("{src}"));
+        let check = t.check_cmd.as_deref().unwrap();
+        assert!(check.contains("{src}"));
+        // -q would hide HAProxy's reasons from the log, the reject hook and --dry-run.
+        assert!(!check.contains(" -q"), "{check}");
+        // The runtime API is on: the template opens the socket the watcher talks to.
+        let admin = t
+            .haproxy_admin_socket
+            .as_deref()
+            .expect("haproxy_admin_socket set");
+        assert_eq!(
+            t.vars.get("admin_socket").and_then(|v| v.as_str()),
+            admin.to_str(),
+            "the template's admin_socket is the watcher's haproxy_admin_socket"
+        );
+        assert_eq!(
+            t.vars.get("admin_socket_group").and_then(|v| v.as_str()),
+            Some("portolan-watcher")
+        );
     }
     assert_eq!(w_cfg.watcher.listen.as_deref(), Some("127.0.0.1:9477"));
 }
@@ -752,6 +769,9 @@ fn debian_package_holds_binary_units_template_and_conffiles() {
         ("/etc/portolan/registrar.toml", "-rw-r--r--"),
         ("/etc/portolan/watcher.toml", "-rw-r--r--"),
         ("/usr/share/doc/portolan/copyright", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan.1.gz", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan-watcher.1.gz", "-rw-r--r--"),
+        ("/usr/share/man/man1/portolan-registrar.1.gz", "-rw-r--r--"),
     ] {
         match entries.get(path) {
             Some((m, owner)) => {
@@ -773,7 +793,11 @@ fn debian_package_holds_binary_units_template_and_conffiles() {
     );
     let r = root.path();
     let v = must(Command::new(r.join("usr/bin/portolan")).arg("--version"));
-    assert_eq!(v.trim(), format!("portolan {version}"));
+    assert!(
+        v.trim() == format!("portolan {version}")
+            || v.trim().starts_with(&format!("portolan {version} (git ")),
+        "{v}"
+    );
     for u in UNITS {
         assert_eq!(
             fs::read_to_string(r.join("lib/systemd/system").join(u)).unwrap(),

@@ -914,6 +914,65 @@ async fn a_second_registrar_with_the_same_node_name_refuses_to_start() {
     assert!(first.running());
 }
 
+/// After a lost lease (revoked here, as an etcd outage longer than the TTL would) every
+/// instance is written again: the hooks hear one `reregister` naming them, not a
+/// `register` per instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_one_reregister_event_not_a_register_per_instance() {
+    let rig = Rig::new("reg-rereg").await;
+    let json = Receiver::start().await;
+    let toml = format!(
+        "[[hook]]\nevents = [\"register\", \"reregister\"]\nurl = \"{}\"\n",
+        json.url()
+    );
+    let _registrar = rig.start(&Opts {
+        toml: Some(toml),
+        ..Default::default()
+    });
+    let (a, b) = (rig.container(&[]), rig.container(&[]));
+    let (ka, kb) = (rig.image_key(&a), rig.image_key(&b));
+    rig.wait_value(&ka, T).await;
+    rig.wait_value(&kb, T).await;
+    wait_until("two register events", T, || async {
+        json.events().len() >= 2
+    })
+    .await;
+
+    let lease = rig.kvs().await[&ka].lease;
+    let mut etcd = rig.etcd.client().await;
+    etcd.lease_revoke(lease).await.expect("revoke");
+    wait_until("both keys back on a new lease", T, || async {
+        let kvs = rig.kvs().await;
+        [&ka, &kb]
+            .iter()
+            .all(|k| kvs.get(*k).is_some_and(|kv| kv.lease != lease))
+    })
+    .await;
+    wait_until("a reregister event", T, || async {
+        json.events().iter().any(|e| e["event"] == "reregister")
+    })
+    .await;
+    let events = json.events();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["register", "register", "reregister"], "{events:#?}");
+    let e = &events[2];
+    assert_eq!(e["count"], 2, "{e}");
+    assert_eq!(e["node"], rig.node.as_str(), "{e}");
+    let mut ids: Vec<&str> = e["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["instance"].as_str())
+        .collect();
+    ids.sort();
+    let mut want = vec![
+        portolan::schema::instance_id(&rig.node, &a.id, 8080),
+        portolan::schema::instance_id(&rig.node, &b.id, 8080),
+    ];
+    want.sort();
+    assert_eq!(ids, want, "{e}");
+}
+
 /// A registrar whose name is taken while it runs (another registrar's record on
 /// another live lease) stops with an error instead of fighting over the keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1398,9 +1457,10 @@ async fn listen(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
 async fn a_host_service_is_registered_while_its_probe_passes_and_goes_with_the_lease() {
     let rig = Rig::new("reg-svc").await;
     let (port, open) = listen(0).await;
+    // `[[service]]` as documented, `[[registrar.service]]` (the alias) beside it.
     let toml = format!(
         r#"
-[[registrar.service]]
+[[service]]
 name = "db"
 port = {port}
 addr = "127.0.0.1"
@@ -1413,6 +1473,7 @@ check_rise = 1
 [[registrar.service]]
 name = "cache"
 port = 6379
+route = true
 "#
     );
     let mut registrar = rig.spawn(&Opts {
@@ -1433,11 +1494,12 @@ port = 6379
     assert_eq!(rec.node, rig.node);
     assert_eq!((rec.container.as_str(), rec.port), ("", None));
     assert_eq!(rec.tags, ["primary"]);
+    // Registered to be found, not routed: `route = false` is the default.
+    assert!(!rec.route);
     // No probe: registered for as long as the registrar runs, at the advertise IP.
-    assert_eq!(
-        record(&rig.wait_value(&cache, T).await).addr,
-        "127.0.0.1:6379"
-    );
+    let cache_rec = record(&rig.wait_value(&cache, T).await);
+    assert_eq!(cache_rec.addr, "127.0.0.1:6379");
+    assert!(cache_rec.route, "route = true asks for routing");
     let kvs = rig.kvs().await;
     assert_eq!(kvs[&db].lease, kvs[&rig.node_key()].lease);
 

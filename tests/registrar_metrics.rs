@@ -32,10 +32,26 @@ async fn metrics_measure_docker_event_to_etcd() {
         matches!(get(&addr, "/healthz").await, Some((200, _)))
     })
     .await;
+    let instances = || async {
+        let text = get(&addr, "/metrics")
+            .await
+            .map(|m| m.1)
+            .unwrap_or_default();
+        series(&text, "portolan_registrar_instances")
+    };
     let c = rig.container(&[]);
     rig.wait_value(&rig.image_key(&c), T).await;
+    // The gauge follows the write that registered it, not the one before.
+    wait_until("portolan_registrar_instances 1", T, || async {
+        instances().await == Some(1.0)
+    })
+    .await;
     docker(&["kill", &c.id]);
     rig.wait_gone(&rig.image_key(&c), T).await;
+    wait_until("portolan_registrar_instances 0", T, || async {
+        instances().await == Some(0.0)
+    })
+    .await;
     let text = get(&addr, "/metrics").await.expect("metrics").1;
     let count = series(&text, "portolan_registrar_event_to_etcd_seconds_count").unwrap_or(0.0);
     let sum = series(&text, "portolan_registrar_event_to_etcd_seconds_sum").unwrap_or(f64::NAN);

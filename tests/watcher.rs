@@ -510,7 +510,7 @@ async fn sigkill_mid_apply_leaves_no_partial_file() {
     std::fs::write(
         &fd.config,
         cfg.replace(
-            "check_cmd = \"haproxy -c -q -f {src}\"",
+            "check_cmd = \"haproxy -c -f {src}\"",
             &format!("check_cmd = {blocking:?}"),
         ),
     )
@@ -702,6 +702,11 @@ async fn render_once_dry_run_and_check_share_the_code_path() {
         "failed check must exit non-zero:\n{stdout}"
     );
     assert!(stdout.contains("check FAILED"), "{stdout}");
+    // HAProxy's own reason, not just "exit status: 1" (the check runs without -q).
+    assert!(
+        stdout.contains("unknown keyword 'bogus_directive_xyz'"),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read(&fd.dest).expect("dest"), bootstrap);
 
     let out = portolan(&["render", "--once"]);

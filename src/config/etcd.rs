@@ -29,7 +29,7 @@ pub struct EtcdOptions {
     /// Key prefix shared by registrars and watchers [default: /portolan].
     #[arg(long, env = "PORTOLAN_PREFIX", value_name = "PREFIX")]
     pub prefix: Option<String>,
-    /// etcd user name (with --etcd-password).
+    /// etcd user name (with --etcd-password-file, or the systemd credential etcd-password).
     #[arg(
         long = "etcd-username",
         env = "PORTOLAN_ETCD_USERNAME",

@@ -34,7 +34,22 @@ pub use self::watcher::{
 use crate::hook::{EventKind, RegistrarEvent, WatcherEvent};
 use crate::schema;
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/portolan/portolan.toml";
+/// The registrar's default config file: the one the Debian package ships.
+pub const REGISTRAR_CONFIG_PATH: &str = "/etc/portolan/registrar.toml";
+/// The watcher's (and `render`'s and `status`'s) default config file, as shipped.
+pub const WATCHER_CONFIG_PATH: &str = "/etc/portolan/watcher.toml";
+
+/// The files a subcommand reads when no `--config` is given, first that exists wins:
+/// the ones the package ships, for the daemon each belongs to. `ls`, `auth` and `check`
+/// serve either host: the watcher's file, else the registrar's.
+pub fn default_config_paths(subcommand: &str) -> &'static [&'static str] {
+    match subcommand {
+        "registrar" => &[REGISTRAR_CONFIG_PATH],
+        "watcher" | "render" | "status" => &[WATCHER_CONFIG_PATH],
+        "dev" | "completions" | "man" => &[],
+        _ => &[WATCHER_CONFIG_PATH, REGISTRAR_CONFIG_PATH],
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +87,10 @@ pub struct FileConfig {
     pub watcher: WatcherOptions,
     #[serde(default)]
     pub template: Vec<TemplateResource>,
+    /// `[[service]]`: services of this host that are not containers, for the registrar
+    /// (the documented spelling; `[[registrar.service]]` is the same).
+    #[serde(default)]
+    pub service: Option<Vec<ServiceOptions>>,
     /// `[[hook]]` sections: each daemon takes those for the events it emits.
     #[serde(default)]
     pub hook: Vec<HookOptions>,
@@ -120,12 +139,24 @@ impl FileConfig {
         self.sections.contains(section)
     }
 
-    /// Reads `path`. A missing file is an error only when the user named it:
-    /// the default path may legitimately not exist.
+    /// Reads `path`. A missing file is an error only when the user named it; without
+    /// one, nothing is read (see [`FileConfig::load_or_default`]).
     pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        Self::load_or_default(path, &[])
+    }
+
+    /// Reads `path`, or without one the first of `defaults` that exists (none: an
+    /// empty file layer). A named file that is missing is an error.
+    pub fn load_or_default(
+        path: Option<&Path>,
+        defaults: &[&str],
+    ) -> Result<FileConfig, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+            None => match defaults.iter().find(|p| Path::new(p).exists()) {
+                Some(p) => (PathBuf::from(p), true),
+                None => return Ok(FileConfig::default()),
+            },
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -290,13 +321,31 @@ pub fn resolve_registrar(
 ) -> Result<RegistrarConfig, ConfigError> {
     let mut problems = Problems::new();
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
-    let mut cfg = layered(&file.registrar, &flags.registrar).resolve(etcd, &mut problems);
+    let mut cfg = layered(&file.registrar, &flags.registrar).resolve(
+        etcd,
+        file.service.as_deref().unwrap_or_default(),
+        &mut problems,
+    );
     cfg.hooks = hook::resolve_hooks(
         &file.hook,
         &RegistrarEvent::ALL.map(EventKind::from),
         &mut problems,
     );
     finish(cfg, problems)
+}
+
+/// Every `[[hook]]` of the file, against the events of both daemons: what `portolan
+/// check` validates (each daemon then takes those for its own events).
+pub fn resolve_hooks(file: &FileConfig) -> Result<Vec<HookConfig>, ConfigError> {
+    let mut problems = Problems::new();
+    let known: Vec<EventKind> = RegistrarEvent::ALL
+        .iter()
+        .copied()
+        .map(EventKind::from)
+        .chain(WatcherEvent::ALL.iter().copied().map(EventKind::from))
+        .collect();
+    let hooks = hook::resolve_hooks(&file.hook, &known, &mut problems);
+    finish(hooks, problems)
 }
 
 pub fn resolve_watcher(
@@ -341,7 +390,7 @@ wait = { min_ms = 20, max_ms = 500 }
 [[template]]
 src = "templates/haproxy.cfg.tera"
 dest = "/etc/haproxy/haproxy.cfg"
-check_cmd = "haproxy -c -q -f {src}"
+check_cmd = "haproxy -c -f {src}"
 haproxy_master_socket = "/run/haproxy-master.sock"
 "#;
         let f = FileConfig::from_str(text, Path::new("x.toml")).unwrap();
@@ -428,6 +477,52 @@ haproxy_master_socket = "/run/haproxy-master.sock"
             err.to_string()
                 .contains("\"relaod\" is not one Portolan emits"),
             "{err}"
+        );
+    }
+
+    /// Without --config each subcommand reads the file the package ships for its
+    /// daemon, and that is the file the units name.
+    #[test]
+    fn each_subcommand_defaults_to_the_file_the_package_ships() {
+        let deb = include_str!("../../packaging/build-deb.sh");
+        for (unit, path, sub) in [
+            (
+                include_str!("../../systemd/portolan-registrar.service"),
+                REGISTRAR_CONFIG_PATH,
+                "registrar",
+            ),
+            (
+                include_str!("../../systemd/portolan-watcher.service"),
+                WATCHER_CONFIG_PATH,
+                "watcher",
+            ),
+        ] {
+            assert!(unit.contains(&format!("--config {path} {sub}")), "{sub}");
+            assert!(deb.contains(&format!("/etc/portolan/{sub}.toml")), "{sub}");
+            assert_eq!(default_config_paths(sub), [path]);
+        }
+        assert_eq!(default_config_paths("status"), [WATCHER_CONFIG_PATH]);
+        assert_eq!(default_config_paths("render"), [WATCHER_CONFIG_PATH]);
+        assert_eq!(
+            default_config_paths("ls"),
+            [WATCHER_CONFIG_PATH, REGISTRAR_CONFIG_PATH]
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(&b, "[etcd]\nprefix = \"/from-b\"\n").unwrap();
+        let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+        let f = FileConfig::load_or_default(None, &[a_s, b_s]).unwrap();
+        assert_eq!(
+            f.etcd.prefix.as_deref(),
+            Some("/from-b"),
+            "the first that exists"
+        );
+        let f = FileConfig::load_or_default(None, &[a_s]).unwrap();
+        assert!(f.sections.is_empty(), "none exists: nothing read");
+        assert!(
+            FileConfig::load_or_default(Some(&a), &[b_s]).is_err(),
+            "a named file must exist"
         );
     }
 

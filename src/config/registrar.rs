@@ -1,9 +1,10 @@
 //! The `[registrar]` section and its flags: one Docker host's node name, address, lease
-//! and Docker connection; and its `[[registrar.service]]` array (file only): services
-//! of this host that are not containers.
+//! and Docker connection; and the `[[service]]` array (file only; `[[registrar.service]]`
+//! is the same, spelled inside the section): services of this host that are not
+//! containers, found with `portolan ls --addrs` and routed only with `route = true`.
 //!
 //! ```toml
-//! [[registrar.service]]
+//! [[service]]
 //! name = "db"
 //! port = 5432
 //! check_tcp = true
@@ -114,6 +115,11 @@ pub struct ServiceOptions {
     pub check_fall: Option<u32>,
     /// Successes in a row that register again [default: 2].
     pub check_rise: Option<u32>,
+    /// Route it through the front door (a backend and a Host rule in the default
+    /// templates) [default: false: registered to be found, e.g. by `portolan ls
+    /// --addrs`, never routed — a host's etcd peers must not become reachable at
+    /// `Host: etcd-peers.<domain>`].
+    pub route: Option<bool>,
 }
 
 impl ServiceOptions {
@@ -140,6 +146,7 @@ impl ServiceOptions {
                 "portolan.check.rise",
                 self.check_rise.map(|n| n.to_string()),
             ),
+            ("portolan.route", self.route.map(|b| b.to_string())),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -180,7 +187,14 @@ pub struct RegistrarConfig {
 
 impl RegistrarOptions {
     /// Validates the merged options into a [`RegistrarConfig`], adding every problem found.
-    pub(super) fn resolve(&self, etcd: EtcdConfig, problems: &mut Problems) -> RegistrarConfig {
+    /// `top_level` is the file's `[[service]]` array; `self.service` its
+    /// `[[registrar.service]]` (the alias): both register, each named by its spelling.
+    pub(super) fn resolve(
+        &self,
+        etcd: EtcdConfig,
+        top_level: &[ServiceOptions],
+        problems: &mut Problems,
+    ) -> RegistrarConfig {
         let node = name_or_hostname(self.node.as_deref(), "--node", problems);
         let listen = self.listen.as_deref().and_then(|l| {
             l.parse::<std::net::SocketAddr>()
@@ -245,27 +259,38 @@ impl RegistrarOptions {
                 ));
             }
         }
-        let services = self.service.clone().unwrap_or_default();
+        let nested = self.service.clone().unwrap_or_default();
+        let spelled = top_level
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ("[[service]]", i + 1, s))
+            .chain(
+                nested
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ("[[registrar.service]]", i + 1, s)),
+            );
         let mut seen = std::collections::BTreeSet::new();
-        for (i, s) in services.iter().enumerate() {
-            let n = i + 1;
+        let mut services = Vec::new();
+        for (section, n, s) in spelled {
             for p in
                 crate::registrar::service_problems(&s.labels(), s.port, s.addr.as_deref(), &node)
             {
-                problems.push(format!("[[registrar.service]] #{n} ({:?}): {p}", s.name));
+                problems.push(format!("{section} #{n} ({:?}): {p}", s.name));
             }
             if s.tags.iter().any(|t| t.contains(',')) {
                 problems.push(format!(
-                    "[[registrar.service]] #{n} ({:?}): tags: one tag per string, without commas",
+                    "{section} #{n} ({:?}): tags: one tag per string, without commas",
                     s.name
                 ));
             }
             if !seen.insert((s.name.clone(), s.port)) {
                 problems.push(format!(
-                    "[[registrar.service]] #{n} ({:?}): port {} is listed twice for this service",
+                    "{section} #{n} ({:?}): port {} is listed twice for this service",
                     s.name, s.port
                 ));
             }
+            services.push(s.clone());
         }
         RegistrarConfig {
             etcd,
@@ -335,6 +360,75 @@ addr = "10.0.0.7"
         assert_eq!(labels["portolan.check.interval"], "1s");
         assert_eq!(labels["portolan.tags"], "primary");
         assert!(resolve("").unwrap().services.is_empty());
+    }
+
+    /// `[[service]]` is the documented spelling, `[[registrar.service]]` its alias: both
+    /// register, a problem names the spelling it is in, and neither is routed unless
+    /// it says `route = true`.
+    #[test]
+    fn service_and_registrar_service_both_register_unrouted_by_default() {
+        let c = resolve(
+            "[[service]]
+name = \"etcd-peers\"
+port = 2380
+             [[service]]
+name = \"api\"
+port = 8080
+route = true
+             [[registrar.service]]
+name = \"db\"
+port = 5432
+",
+        )
+        .unwrap();
+        let names: Vec<_> = c.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["etcd-peers", "api", "db"]);
+        let settings = crate::registrar::selector::fixtures::settings();
+        let reg = |s: &ServiceOptions| {
+            crate::registrar::selector::service(&s.labels(), s.port, None, &settings).unwrap()
+        };
+        assert!(!reg(&c.services[0]).record.route);
+        assert!(reg(&c.services[1]).record.route);
+        assert!(!reg(&c.services[2]).record.route);
+        assert!(reg(&c.services[0])
+            .record
+            .to_json()
+            .contains(r#""route":false"#));
+        assert!(!reg(&c.services[1]).record.to_json().contains("route"));
+
+        let ConfigError::Invalid(p) = resolve(
+            "[[registrar.service]]
+name = \"ok\"
+port = 1
+             [[service]]
+name = \"Bad Name\"
+port = 2
+",
+        )
+        .unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("[[service]] #1 (\"Bad Name\")")),
+            "{p:?}"
+        );
+        let ConfigError::Invalid(p) = resolve(
+            "[[service]]
+name = \"db\"
+port = 1
+[[registrar.service]]
+name = \"db\"
+port = 1
+",
+        )
+        .unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            p[0].contains("[[registrar.service]] #1") && p[0].contains("twice"),
+            "{p:?}"
+        );
     }
 
     #[test]

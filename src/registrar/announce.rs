@@ -9,7 +9,9 @@
 //! | delete | an instance record | `deregister` |
 //!
 //! A put of the value etcd already had (only the lease changes, after a restart that
-//! lost its state file) says nothing new, so it is no event.
+//! lost its state file) says nothing new, so it is no event. After a lost lease every
+//! instance is written again: those `register`s are folded into one `reregister`
+//! ([`reregistered`]), so a hook hears one event per host, not one per instance.
 
 use super::plan::KeyOp;
 use crate::hook::{Event, RegistrarEvent};
@@ -52,6 +54,8 @@ pub(crate) fn event(prefix: &str, node: &str, op: &KeyOp, before: Option<&str>) 
         }
         RegistrarEvent::Register => "registered",
         RegistrarEvent::Deregister => "deregistered",
+        // Made by `reregistered` only.
+        RegistrarEvent::Reregister => "registered again",
     };
     let summary = format!("{service}/{instance} at {} on {node} {what}", record.addr);
     Some(
@@ -61,6 +65,36 @@ pub(crate) fn event(prefix: &str, node: &str, op: &KeyOp, before: Option<&str>) 
             .with("node", node)
             .with("addr", record.addr.clone())
             .with("container", record.container),
+    )
+}
+
+/// The one event for the `register`s of a rewrite after a lost lease: how many, and
+/// each instance's service, id and address. None when there were none.
+pub(crate) fn reregistered(node: &str, registers: &[Event]) -> Option<Event> {
+    if registers.is_empty() {
+        return None;
+    }
+    let field = |e: &Event, k: &str| e.fields.get(k).cloned().unwrap_or_default();
+    let instances: Vec<serde_json::Value> = registers
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "service": field(e, "service"),
+                "instance": field(e, "instance"),
+                "addr": field(e, "addr"),
+            })
+        })
+        .collect();
+    let n = registers.len();
+    let summary = format!(
+        "{n} instance{} on {node} registered again after its lease was lost",
+        if n == 1 { "" } else { "s" }
+    );
+    Some(
+        Event::new(RegistrarEvent::Reregister, summary)
+            .with("node", node)
+            .with("count", n)
+            .with("instances", instances),
     )
 }
 
@@ -110,6 +144,31 @@ mod tests {
         assert_eq!(e.fields["addr"], "10.0.0.5:1");
         // Nothing known about a deleted key: nothing to say.
         assert_eq!(name(&del, None), None);
+    }
+
+    #[test]
+    fn registers_after_a_lost_lease_fold_into_one_reregister() {
+        let registers: Vec<Event> = ["web-3f2a9c1b7d10-80", "web-aaaaaaaaaaaa-80"]
+            .iter()
+            .map(|id| {
+                let op = KeyOp::Put {
+                    key: format!("/p/nodes/web/services/api/{id}"),
+                    value: UP.into(),
+                };
+                event("/p", "web", &op, None).unwrap()
+            })
+            .collect();
+        let e = reregistered("web", &registers).unwrap();
+        assert_eq!(e.kind.as_str(), "reregister");
+        assert_eq!(e.fields["count"], 2);
+        assert_eq!(e.fields["node"], "web");
+        assert_eq!(e.fields["instances"][1]["instance"], "web-aaaaaaaaaaaa-80");
+        assert_eq!(e.fields["instances"][0]["addr"], "10.0.0.5:1");
+        assert_eq!(
+            e.summary,
+            "2 instances on web registered again after its lease was lost"
+        );
+        assert!(reregistered("web", &[]).is_none());
     }
 
     #[test]

@@ -61,7 +61,7 @@ mod metrics;
 mod pass;
 mod plan;
 mod probe;
-mod selector;
+pub(crate) mod selector;
 mod session;
 mod watch;
 
@@ -201,6 +201,7 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         pending_event: None,
         docker_gone: false,
         taken: None,
+        lease_regranted: false,
         watch_tx,
         watch: None,
         watches: 0,
@@ -287,6 +288,9 @@ struct Registrar {
     docker_gone: bool,
     /// Another registrar holds this node's name: the loop ends, `run` fails.
     taken: Option<session::Holder>,
+    /// The lease was lost: the next reconcile writes every instance again, and tells
+    /// the hooks once (`reregister`).
+    lease_regranted: bool,
     watch_tx: mpsc::Sender<WatchReport>,
     /// The running watch on this node's prefix: its number, and how to stop it.
     watch: Option<(u64, CancellationToken)>,
@@ -474,6 +478,7 @@ impl Registrar {
 
     fn lease_lost(&mut self) {
         self.session.lease_lost();
+        self.lease_regranted = true;
         self.node_value = None;
         self.dirty = true;
     }

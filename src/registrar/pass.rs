@@ -86,10 +86,25 @@ impl Registrar {
         let desired = self.desired(|key| actual.get(key).is_some_and(|a| a.lease == lease));
         let ops = plan::plan(&desired, &actual, lease);
         let wrote = !ops.is_empty();
-        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        // After a lost lease every instance is written again: one `reregister` for
+        // them, not a `register` each.
+        let mut folded = self.lease_regranted.then(Vec::new);
+        let announce = announcer(
+            &self.hooks,
+            &self.cfg.etcd.prefix,
+            &self.cfg.node,
+            &actual,
+            folded.as_mut(),
+        );
         self.session.write(&ops, lease, announce).await?;
-        self.wrote(&ops);
+        self.lease_regranted = false;
+        if let Some(e) = folded.and_then(|f| announce::reregistered(&self.cfg.node, &f)) {
+            self.hooks.emit(e);
+        }
+        // What was written is what etcd holds now: `wrote` counts it (the instances
+        // gauge read the old map here and lagged one write behind).
         self.believed = desired;
+        self.wrote(&ops);
         self.dirty = false;
         if !self.v1_cleaned {
             self.remove_v1_keys().await;
@@ -164,10 +179,18 @@ impl Registrar {
         if ops.is_empty() {
             return Ok(());
         }
-        let announce = announcer(&self.hooks, &self.cfg.etcd.prefix, &self.cfg.node, &actual);
+        let announce = announcer(
+            &self.hooks,
+            &self.cfg.etcd.prefix,
+            &self.cfg.node,
+            &actual,
+            None,
+        );
         self.session.write(&ops, lease, announce).await?;
-        self.wrote(&ops);
+        // What was written is what etcd holds now: `wrote` counts it (the instances
+        // gauge read the old map here and lagged one write behind).
         self.believed = desired;
+        self.wrote(&ops);
         Ok(())
     }
 
@@ -195,12 +218,14 @@ impl Registrar {
 }
 
 /// Emits the hook event (`announce::event`) of each op written; `before` is what etcd
-/// held before the write.
+/// held before the write. With `fold`, `register` events are kept there instead (for
+/// one `reregister`); the others are emitted as they come.
 fn announcer<'a>(
     hooks: &'a Hooks,
     prefix: &'a str,
     node: &'a str,
     before: &'a BTreeMap<String, Actual>,
+    mut fold: Option<&'a mut Vec<crate::hook::Event>>,
 ) -> impl FnMut(&KeyOp) + 'a {
     move |op| {
         let key = match op {
@@ -208,7 +233,10 @@ fn announcer<'a>(
         };
         let was = before.get(key).map(|a| a.value.as_str());
         if let Some(e) = announce::event(prefix, node, op, was) {
-            hooks.emit(e);
+            match fold.as_deref_mut() {
+                Some(f) if e.kind == crate::hook::RegistrarEvent::Register.into() => f.push(e),
+                _ => hooks.emit(e),
+            }
         }
     }
 }

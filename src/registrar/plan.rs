@@ -179,6 +179,7 @@ mod tests {
                 tags: vec![],
                 weight: schema::DEFAULT_WEIGHT,
                 draining: false,
+                route: true,
             },
             check: probed.then(|| Check {
                 kind: CheckKind::Tcp,

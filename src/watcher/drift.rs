@@ -104,9 +104,15 @@ pub(crate) fn compare(
                             h.weight.unwrap_or_default()
                         ));
                     }
-                    if f.admin != h.admin {
+                    if !same_admin(f.admin, h.admin) {
+                        // The fix puts HAProxy where the file says, never the reverse:
+                        // `ready` would undo a drain the file asks for.
+                        let to = match f.admin {
+                            Admin::Ready => "ready",
+                            Admin::Maint | Admin::Drain => "maint",
+                        };
                         diffs.push(format!(
-                            "{id}: HAProxy has it in {}, the file says {} (`set server {id} state ready` on the admin socket undoes a manual change)",
+                            "{id}: HAProxy has it in {}, the file says {} (`set server {id} state {to}` on the admin socket undoes a manual change)",
                             admin_word(h.admin),
                             admin_word(f.admin)
                         ));
@@ -118,6 +124,13 @@ pub(crate) fn compare(
         backends.entry(b).or_default().insert(s, row);
     }
     Ok((backends, diffs))
+}
+
+/// The file's admin state and HAProxy's agree. A `disabled` line (a draining instance)
+/// is out of rotation: HAProxy's `maint` is that, and so is `drain`, which is how the
+/// watcher takes it out in a backend with persistence (a sticky client finishes there).
+fn same_admin(file: Admin, running: Admin) -> bool {
+    file == running || (file == Admin::Maint && running == Admin::Drain)
 }
 
 fn admin_word(a: Admin) -> &'static str {
@@ -228,21 +241,44 @@ fn last_apply(w: &Option<WatcherStatus>, name: &str) -> String {
         None => {
             format!("watcher {name}: no status key (not running, or under another name: --name)")
         }
-        Some(w) => format!(
-            "watcher {}: last apply at etcd revision {} via {}, {}{}{}",
-            w.name,
-            w.revision,
-            w.last_apply_path.map_or("-", |p| p.as_str()),
-            w.last_reload_result.map_or("no reload yet", |r| r.as_str()),
-            w.last_reload_at
-                .map(|t| format!(", {}s ago", schema::unix_now().saturating_sub(t)))
-                .unwrap_or_default(),
-            w.last_error
-                .as_deref()
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default(),
-        ),
+        Some(w) => last_apply_line(w, schema::unix_now()),
     }
+}
+
+/// The last apply's path, result and age, then the last reload's when it is another
+/// (a runtime change after it): the apply is what `status` is asked about. A record of
+/// an older watcher has only the reload's.
+fn last_apply_line(w: &WatcherStatus, now: u64) -> String {
+    let ago = |t: Option<u64>| {
+        t.map(|t| format!(", {}s ago", now.saturating_sub(t)))
+            .unwrap_or_default()
+    };
+    let (result, at) = match (w.last_apply_result, w.last_apply_at) {
+        (Some(r), at) => (r.as_str(), at),
+        (None, _) => (
+            w.last_reload_result
+                .map_or("nothing applied yet", |r| r.as_str()),
+            w.last_reload_at,
+        ),
+    };
+    let reload = match (w.last_reload_result, w.last_reload_at) {
+        (Some(r), Some(t)) if w.last_apply_at.is_some_and(|a| a != t) => {
+            format!("; last reload {}{}", r.as_str(), ago(Some(t)))
+        }
+        (None, _) if w.last_apply_at.is_some() => "; no reload yet".to_string(),
+        _ => String::new(),
+    };
+    format!(
+        "watcher {}: last apply at etcd revision {} via {}, {result}{}{reload}{}",
+        w.name,
+        w.revision,
+        w.last_apply_path.map_or("-", |p| p.as_str()),
+        ago(at),
+        w.last_error
+            .as_deref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default(),
+    )
 }
 
 /// `portolan status`: prints the comparison; true when etcd, the files and HAProxy agree.
@@ -400,6 +436,79 @@ mod tests {
         assert!(
             diffs[1].starts_with("web/x: HAProxy runs it, but the file does not have it"),
             "{diffs:?}"
+        );
+    }
+
+    /// In a sticky backend the watcher drains a stopping instance with `state drain`
+    /// while the file says `disabled`: that is the file obeyed, not drift, and no fix
+    /// may suggest `state ready` for it. A server the file has out but HAProxy runs
+    /// ready is drift, fixed by putting it out again.
+    #[test]
+    fn a_drain_in_a_sticky_backend_is_not_drift() {
+        let file = CFG.replace("10.0.0.1:80 weight 100", "10.0.0.1:80 weight 100 disabled");
+        let drained = state(&[
+            ("web", "a", "10.0.0.1", 2, 0x08, 100),
+            ("web", "b", "10.0.0.2", 2, 0, 100),
+        ]);
+        let (_, diffs) = compare(&file, &file, Some(&drained)).unwrap();
+        assert_eq!(diffs, Vec::<String>::new());
+        let ready = state(&[
+            ("web", "a", "10.0.0.1", 2, 0, 100),
+            ("web", "b", "10.0.0.2", 2, 0, 100),
+        ]);
+        let (_, diffs) = compare(&file, &file, Some(&ready)).unwrap();
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert!(
+            diffs[0].contains("`set server web/a state maint`"),
+            "{diffs:?}"
+        );
+        assert!(!diffs[0].contains("state ready"), "{diffs:?}");
+        // The file says ready, HAProxy drains: drift, and `ready` is its fix.
+        let (_, diffs) = compare(CFG, CFG, Some(&drained)).unwrap();
+        assert!(diffs[0].contains("state ready"), "{diffs:?}");
+    }
+
+    /// A runtime change after a reload: the line shows the runtime apply's result and
+    /// age, not the reload's (it used to show the reload's as the last apply's).
+    #[test]
+    fn the_last_apply_line_is_the_last_applys() {
+        let mut w = WatcherStatus {
+            name: "lb".into(),
+            revision: 7,
+            ..Default::default()
+        };
+        w.record_apply(
+            Some(schema::ReloadResult::Failed),
+            Some(schema::ApplyPath::Reload),
+            true,
+            1000,
+        );
+        w.record_apply(None, Some(schema::ApplyPath::Runtime), false, 1090);
+        assert_eq!(
+            last_apply_line(&w, 1100),
+            "watcher lb: last apply at etcd revision 7 via runtime, ok, 10s ago; last reload failed, 100s ago"
+        );
+        // Only runtime applies so far.
+        let mut fresh = WatcherStatus {
+            name: "lb".into(),
+            ..Default::default()
+        };
+        fresh.record_apply(None, Some(schema::ApplyPath::Runtime), false, 50);
+        assert_eq!(
+            last_apply_line(&fresh, 53),
+            "watcher lb: last apply at etcd revision 0 via runtime, ok, 3s ago; no reload yet"
+        );
+        // A render its check refused is an apply that ended `rejected`.
+        fresh.record_apply(Some(schema::ReloadResult::Rejected), None, true, 60);
+        assert!(last_apply_line(&fresh, 60).contains("via runtime, rejected, 0s ago"));
+        // An older watcher's record: the reload's, as before.
+        let old: WatcherStatus = serde_json::from_str(
+            r#"{"name":"lb","revision":3,"last_reload_at":10,"last_reload_result":"ok","last_apply_path":"reload","last_error":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            last_apply_line(&old, 12),
+            "watcher lb: last apply at etcd revision 3 via reload, ok, 2s ago"
         );
     }
 

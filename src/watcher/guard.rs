@@ -334,6 +334,8 @@ fn instance_of_line(service: &str, id: &str, line: &str) -> Option<Instance> {
         tags: Vec::new(),
         weight,
         draining: words.contains(&"disabled"),
+        // It is in the file: it was routed.
+        route: true,
     })
 }
 
@@ -364,6 +366,7 @@ mod tests {
             tags: Vec::new(),
             weight: 100,
             draining: false,
+            route: true,
         })
     }
 

@@ -187,13 +187,12 @@ impl Loop<'_> {
         metrics.instances.set(snapshot.instance_count() as i64);
         self.sink.status(|s| {
             s.revision = revision;
-            if let Some(result) = pass.reload {
-                s.last_reload_at = Some(crate::schema::unix_now());
-                s.last_reload_result = Some(result);
-            }
-            if pass.path.is_some() {
-                s.last_apply_path = pass.path;
-            }
+            s.record_apply(
+                pass.reload,
+                pass.path,
+                !pass.errors.is_empty(),
+                crate::schema::unix_now(),
+            );
             s.last_error = (!pass.errors.is_empty()).then(|| pass.errors.join("\n"));
             s.removals_held = held;
             s.held_until = held_until;

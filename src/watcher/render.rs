@@ -149,8 +149,25 @@ impl InstanceValues {
     ) -> Context {
         let mut next = std::collections::HashMap::with_capacity(snapshot.services.len());
         let mut services = BTreeMap::new();
-        for (name, list) in &snapshot.services {
-            let list = &*serving(list, with_draining);
+        // `route = false` instances (a host's etcd peers): registered to be found, never
+        // routed, so templates see them only under `unrouted`.
+        let mut unrouted: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for (name, all) in &snapshot.services {
+            let routed: Cow<[Arc<Instance>]> = if all.iter().all(|i| i.route) {
+                Cow::Borrowed(all)
+            } else {
+                unrouted.insert(
+                    name,
+                    all.iter().filter(|i| !i.route).map(|i| &**i).collect(),
+                );
+                Cow::Owned(all.iter().filter(|i| i.route).cloned().collect())
+            };
+            // A service of unrouted instances only has no backend; an emptied one
+            // (kept by linger, no instance at all) keeps its own.
+            if routed.is_empty() && !all.is_empty() {
+                continue;
+            }
+            let list = &*serving(&routed, with_draining);
             let old = self.cached.remove(name);
             let value = match old {
                 Some((held, v))
@@ -183,6 +200,7 @@ impl InstanceValues {
         self.cached = next;
         let mut ctx = Context::new();
         ctx.insert_value("services", Value::from(services));
+        ctx.insert("unrouted", &unrouted);
         ctx.insert("nodes", &snapshot.nodes);
         ctx.insert("kv", &snapshot.kv);
         ctx.insert("vars", vars);
@@ -334,6 +352,72 @@ mod tests {
     const TPL: &str = "{% for name, instances in services %}backend {{ name }}\n\
 {% for i in instances %}  server {{ i.id }} {{ i.addr }} weight {{ i.weight }}\n{% endfor %}\
 {% endfor %}domain {{ vars.domain | default(value=\"localhost\") }}\n";
+
+    /// `route = false` (a `[[service]]` such as a host's etcd peers) is never routed:
+    /// not in `services`, so no template renders it unless it reads `unrouted`.
+    #[test]
+    fn unrouted_instances_are_left_out_of_services() {
+        let mut s = snap(&[("web", "a", "10.0.0.1:80")]);
+        for (svc, id, addr, route) in [
+            ("etcd-peers", "p1", "10.0.0.7:2380", false),
+            ("web", "b", "10.0.0.8:2380", false),
+            ("web", "c", "10.0.0.9:80", true),
+        ] {
+            let mut i = decode_instance("k", svc, id, addr.as_bytes()).unwrap();
+            i.route = route;
+            s.services
+                .entry(svc.into())
+                .or_default()
+                .push(std::sync::Arc::new(i));
+        }
+        // An emptied service that linger keeps (no instance at all) keeps its backend.
+        s.services.insert("lingering".into(), Vec::new());
+        let vars = toml::Table::new();
+        let plain = Template::compile("t", TPL).unwrap();
+        for out in [
+            plain.render(&context(&s, &vars)).unwrap(),
+            plain
+                .render(&InstanceValues::default().context(&s, &vars))
+                .unwrap(),
+        ] {
+            assert!(
+                !out.contains("etcd-peers") && !out.contains("server b "),
+                "{out}"
+            );
+            assert!(
+                out.contains("server a ") && out.contains("server c "),
+                "{out}"
+            );
+            assert!(out.contains("backend lingering"), "{out}");
+        }
+        let default =
+            Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
+        let mut v = toml::Table::new();
+        v.insert("domain".into(), "example.com".into());
+        let out = default.render(&context(&s, &v)).unwrap();
+        assert!(
+            !out.contains("etcd-peers") && !out.contains(":2380"),
+            "{out}"
+        );
+        let tcp =
+            Template::compile("t", include_str!("../../templates/haproxy-tcp.cfg.tera")).unwrap();
+        let mut v = toml::Table::new();
+        let mut ports = toml::Table::new();
+        ports.insert("etcd-peers".into(), 2380.into());
+        v.insert("tcp_ports".into(), ports.into());
+        let out = tcp.render(&context(&s, &v)).unwrap();
+        // The listener the operator named stays; no server behind it.
+        assert!(!out.contains("10.0.0.7:2380"), "{out}");
+        let listed = Template::compile(
+            "u",
+            "{% for name, l in unrouted %}{{ name }}={% for i in l %}{{ i.addr }} {% endfor %};{% endfor %}",
+        )
+        .unwrap();
+        assert_eq!(
+            listed.render(&context(&s, &vars)).unwrap(),
+            "etcd-peers=10.0.0.7:2380 ;web=10.0.0.8:2380 ;"
+        );
+    }
 
     #[test]
     fn renders_sorted_and_deterministic() {

@@ -318,7 +318,7 @@ impl Default for Options {
         Options {
             template: None,
             template_extra: String::new(),
-            check_cmd: "haproxy -c -q -f {src}".into(),
+            check_cmd: "haproxy -c -f {src}".into(),
             vars: String::new(),
             wait_min_ms: 20,
             wait_max_ms: 500,

@@ -56,9 +56,14 @@ listen = "127.0.0.1:9477"
 [[template]]
 src = "/usr/share/portolan/templates/haproxy.cfg.tera"
 dest = "/etc/haproxy/haproxy.cfg"
-check_cmd = "haproxy -c -q -f {src}"
+check_cmd = "haproxy -c -f {src}"
 haproxy_master_socket = "/run/haproxy-master.sock"
+haproxy_admin_socket = "/run/haproxy/admin.sock"
 mode = "0644"
+
+[template.vars]
+admin_socket = "/run/haproxy/admin.sock"
+admin_socket_group = "portolan-watcher"
 CONF
 }
 

@@ -332,6 +332,7 @@ pub(crate) fn registrations(
                 tags,
                 weight,
                 draining: false,
+                route: true,
             },
             instance,
             check,

@@ -81,6 +81,16 @@ pub(crate) fn service(
             ));
         }
     }
+    // Not routed unless asked: such a service is registered to be found.
+    let route = match meta.get_label("portolan.route") {
+        None => false,
+        Some((_, "true")) => true,
+        Some((_, "false")) => false,
+        Some((_, v)) => {
+            problems.push(format!("route = {v:?}: expected true or false"));
+            false
+        }
+    };
     let instance = format!("{}-svc-{name}-{port}", settings.node);
     if problems.is_empty() && !schema::is_valid_name(&instance) {
         problems.push(format!(
@@ -101,6 +111,7 @@ pub(crate) fn service(
             tags,
             weight,
             draining: false,
+            route,
         },
         check: probe,
     })
@@ -164,7 +175,7 @@ mod tests {
         assert_eq!(r.instance, "host-a-svc-db-5432");
         assert_eq!(
             r.record.to_json(),
-            r#"{"addr":"10.0.0.5:5432","node":"host-a","tags":[],"weight":100}"#
+            r#"{"addr":"10.0.0.5:5432","node":"host-a","tags":[],"weight":100,"route":false}"#
         );
         assert_eq!(r.check, None);
         assert_eq!(

@@ -45,7 +45,15 @@ pub(crate) async fn run_check(
     timeout: Duration,
     nice: i32,
 ) -> CommandResult {
-    run_shell(&cmd.replace("{src}", &shell_quote(staged)), timeout, nice).await
+    let mut result = run_shell(&cmd.replace("{src}", &shell_quote(staged)), timeout, nice).await;
+    if !result.success && result.output.is_empty() {
+        // The log, the `reject` hook and `render --dry-run` show this output: an empty
+        // one (`haproxy -c -q`) would say only "exit status: 1".
+        result.output = "the check printed nothing, so why it refused the file is unknown: \
+             drop -q from check_cmd (`haproxy -c -f {src}`) to see HAProxy's reasons"
+            .to_string();
+    }
+    result
 }
 
 /// Runs `sh -c cmd` in its own process group with a timeout; on timeout the whole group
@@ -143,6 +151,12 @@ mod tests {
         assert_eq!(r.output, "fine");
         let r = run_check("echo nope >&2; false", &f, Duration::from_secs(5), 0).await;
         assert!(!r.success && r.output == "nope", "{r:?}");
+        // A silent failure (`haproxy -c -q`) says how to see the reasons.
+        let r = run_check("false", &f, Duration::from_secs(5), 0).await;
+        assert!(
+            !r.success && r.output.contains("drop -q from check_cmd"),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
