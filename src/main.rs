@@ -71,29 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Status(args) => {
-            // 0 in sync, 1 out of sync, 2 when it cannot tell: a config that does not
-            // load or resolve, etcd or HAProxy unreachable. A monitor that pages on 1
-            // must not page "drift" for a typo in the file.
-            let cfg = match file()
-                .map_err(anyhow::Error::from)
-                .and_then(|f| Ok(config::resolve_watcher(&f, &args.watcher)?))
-            {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            match watcher::status(&cfg, args.json).await {
-                Ok(true) => {}
-                Ok(false) => return Ok(ExitCode::from(1)),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return Ok(ExitCode::from(2));
-                }
-            }
-        }
+        Command::Status(args) => return Ok(status(file, &args).await),
         Command::Ls(args) => {
             let file = file()?;
             let etcd = config::resolve_etcd(&file, &args.etcd)?;
@@ -143,30 +121,66 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;
         }
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut cmd, "portolan", &mut script);
-            print_quietly(&script)?;
-        }
-        Command::Man { out_dir } => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            match out_dir {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("create {}", dir.display()))?;
-                    clap_mangen::generate_to(cmd, &dir)
-                        .with_context(|| format!("write man pages into {}", dir.display()))?;
-                }
-                None => {
-                    let mut page = Vec::new();
-                    clap_mangen::Man::new(cmd).render(&mut page)?;
-                    print_quietly(&page)?;
-                }
-            }
-        }
+        Command::Completions { shell } => completions(shell)?,
+        Command::Man { out_dir } => man(out_dir)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `portolan status`: 0 in sync, 1 out of sync, 2 when it cannot tell.
+async fn status(
+    file: impl FnOnce() -> Result<FileConfig, config::ConfigError>,
+    args: &portolan::cli::StatusArgs,
+) -> ExitCode {
+    // 0 in sync, 1 out of sync, 2 when it cannot tell: a config that does not
+    // load or resolve, etcd or HAProxy unreachable. A monitor that pages on 1
+    // must not page "drift" for a typo in the file.
+    let cfg = match file()
+        .map_err(anyhow::Error::from)
+        .and_then(|f| Ok(config::resolve_watcher(&f, &args.watcher)?))
+    {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match watcher::status(&cfg, args.json).await {
+        Ok(true) => {}
+        Ok(false) => return ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `portolan completions SHELL`.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "portolan", &mut script);
+    print_quietly(&script)?;
+    Ok(())
+}
+
+/// `portolan man [--out-dir DIR]`.
+fn man(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("write man pages into {}", dir.display()))?;
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            print_quietly(&page)?;
+        }
+    }
+    Ok(())
 }
 
 /// The subcommand's name as typed, for its default config file.

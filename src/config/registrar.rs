@@ -259,39 +259,7 @@ impl RegistrarOptions {
                 ));
             }
         }
-        let nested = self.service.clone().unwrap_or_default();
-        let spelled = top_level
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ("[[service]]", i + 1, s))
-            .chain(
-                nested
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| ("[[registrar.service]]", i + 1, s)),
-            );
-        let mut seen = std::collections::BTreeSet::new();
-        let mut services = Vec::new();
-        for (section, n, s) in spelled {
-            for p in
-                crate::registrar::service_problems(&s.labels(), s.port, s.addr.as_deref(), &node)
-            {
-                problems.push(format!("{section} #{n} ({:?}): {p}", s.name));
-            }
-            if s.tags.iter().any(|t| t.contains(',')) {
-                problems.push(format!(
-                    "{section} #{n} ({:?}): tags: one tag per string, without commas",
-                    s.name
-                ));
-            }
-            if !seen.insert((s.name.clone(), s.port)) {
-                problems.push(format!(
-                    "{section} #{n} ({:?}): port {} is listed twice for this service",
-                    s.name, s.port
-                ));
-            }
-            services.push(s.clone());
-        }
+        let services = self.services(top_level, &node, problems);
         RegistrarConfig {
             etcd,
             node,
@@ -312,6 +280,50 @@ impl RegistrarOptions {
             services,
             listen,
         }
+    }
+
+    /// The static services of `[[service]]` (the documented spelling) and
+    /// `[[registrar.service]]`, every problem named by its section and number.
+    fn services(
+        &self,
+        top_level: &[ServiceOptions],
+        node: &str,
+        problems: &mut Problems,
+    ) -> Vec<ServiceOptions> {
+        let nested = self.service.clone().unwrap_or_default();
+        let spelled = top_level
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ("[[service]]", i + 1, s))
+            .chain(
+                nested
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ("[[registrar.service]]", i + 1, s)),
+            );
+        let mut seen = std::collections::BTreeSet::new();
+        let mut services = Vec::new();
+        for (section, n, s) in spelled {
+            for p in
+                crate::registrar::service_problems(&s.labels(), s.port, s.addr.as_deref(), node)
+            {
+                problems.push(format!("{section} #{n} ({:?}): {p}", s.name));
+            }
+            if s.tags.iter().any(|t| t.contains(',')) {
+                problems.push(format!(
+                    "{section} #{n} ({:?}): tags: one tag per string, without commas",
+                    s.name
+                ));
+            }
+            if !seen.insert((s.name.clone(), s.port)) {
+                problems.push(format!(
+                    "{section} #{n} ({:?}): port {} is listed twice for this service",
+                    s.name, s.port
+                ));
+            }
+            services.push(s.clone());
+        }
+        services
     }
 }
 

@@ -8,11 +8,40 @@ use std::collections::HashMap;
 use std::net::Ipv6Addr;
 
 use super::labels::{check, parse_tags, Meta};
-use super::{NodeSettings, Registration};
+use super::{Check, NodeSettings, Registration};
 use crate::schema::{self, InstanceRecord, DEFAULT_WEIGHT, MAX_WEIGHT};
 
 /// The registration a `[[registrar.service]]` asks for, or every problem with it.
 /// Its instance is `<node>-svc-<name>-<port>`; its address the `addr` host (default:
+/// The registrar's own probe of a `[[service]]`, and the problems of its settings (a
+/// tuning key without a probe to tune).
+fn probe(
+    meta: &Meta,
+    labels: &HashMap<String, String>,
+    port: u16,
+    problems: &mut Vec<String>,
+) -> Option<Check> {
+    let probe = match check(meta, port) {
+        Ok(c) => c,
+        Err((src, e)) => {
+            problems.push(format!("{src}: {e}"));
+            None
+        }
+    };
+    let probe_asked = labels.contains_key("portolan.check.http")
+        || labels
+            .get("portolan.check.tcp")
+            .is_some_and(|v| v == "true");
+    for name in ["interval", "timeout", "fall", "rise"] {
+        if labels.contains_key(&format!("portolan.check.{name}")) && !probe_asked {
+            problems.push(format!(
+                "check_{name} is set, but there is no probe to tune: add check_http = \"/path\" or check_tcp = true"
+            ));
+        }
+    }
+    probe
+}
+
 /// the advertise IP) and `port`; it has no container.
 pub(crate) fn service(
     labels: &HashMap<String, String>,
@@ -63,24 +92,7 @@ pub(crate) fn service(
         },
         None => DEFAULT_WEIGHT,
     };
-    let probe = match check(&meta, port) {
-        Ok(c) => c,
-        Err((src, e)) => {
-            problems.push(format!("{src}: {e}"));
-            None
-        }
-    };
-    let probe_asked = labels.contains_key("portolan.check.http")
-        || labels
-            .get("portolan.check.tcp")
-            .is_some_and(|v| v == "true");
-    for name in ["interval", "timeout", "fall", "rise"] {
-        if labels.contains_key(&format!("portolan.check.{name}")) && !probe_asked {
-            problems.push(format!(
-                "check_{name} is set, but there is no probe to tune: add check_http = \"/path\" or check_tcp = true"
-            ));
-        }
-    }
+    let probe = probe(&meta, labels, port, &mut problems);
     // Not routed unless asked: such a service is registered to be found.
     let route = match meta.get_label("portolan.route") {
         None => false,
