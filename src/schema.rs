@@ -580,30 +580,42 @@ pub enum ApplyPath {
     Other,
 }
 
+#[rustfmt::skip]
 impl ReloadResult {
+    /// The spelling in the record (serde's).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ReloadResult::Ok => "ok",
-            ReloadResult::Rejected => "rejected",
-            ReloadResult::Failed => "failed",
-            ReloadResult::Other => "other",
-        }
+        match self { Self::Ok => "ok", Self::Rejected => "rejected", Self::Failed => "failed", Self::Other => "other" }
     }
 }
 
+#[rustfmt::skip]
 impl ApplyPath {
+    /// The spelling in the record (serde's).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ApplyPath::Runtime => "runtime",
-            ApplyPath::Reload => "reload",
-            ApplyPath::Other => "other",
-        }
+        match self { Self::Runtime => "runtime", Self::Reload => "reload", Self::Other => "other" }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_str_is_the_records_spelling() {
+        use ReloadResult as R;
+        for r in [R::Ok, R::Rejected, R::Failed, R::Other] {
+            assert_eq!(
+                serde_json::to_string(&r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
+        }
+        for p in [ApplyPath::Runtime, ApplyPath::Reload, ApplyPath::Other] {
+            assert_eq!(
+                serde_json::to_string(&p).unwrap(),
+                format!("\"{}\"", p.as_str())
+            );
+        }
+    }
 
     #[test]
     fn a_status_record_spells_its_results_as_readers_match_them() {
