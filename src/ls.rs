@@ -687,17 +687,17 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
                 0,
             ),
             kv(
-                "/portolan/nodes/a/services/etcd/b-1",
+                "/portolan/nodes/a/services/etcd/a-t2",
                 r#"{"addr":"10.0.0.2:2380","draining":true}"#,
                 0,
             ),
             kv(
-                "/portolan/nodes/a/services/etcd/c-1",
+                "/portolan/nodes/a/services/etcd/a-t3",
                 r#"{"addr":"10.0.0.3:2380"}"#,
                 0x1f,
             ),
             kv(
-                "/portolan/nodes/a/services/etcd/d-1",
+                "/portolan/nodes/a/services/etcd/a-t4",
                 r#"{"addr":"10.0.0.4:2380"}"#,
                 0x2a,
             ),
