@@ -561,44 +561,36 @@ mod tests {
         assert!(components.is_cancelled());
 
         // The watcher ending without error is still a stop to report.
-        let components = shutdown.child_token();
-        let watcher = tokio::spawn(async { Ok(()) });
-        let c = components.clone();
-        let registrar = tokio::spawn(async move {
-            c.cancelled().await;
-            Ok(())
-        });
-        let err = supervise(
-            watcher,
-            registrar,
-            std::future::pending(),
-            &shutdown,
-            components,
-        )
-        .await
-        .unwrap_err();
+        let err = watcher_ends(&shutdown, tokio::spawn(async { Ok(()) })).await;
         assert!(
             err.to_string().contains("watcher stopped unexpectedly"),
             "{err}"
         );
         // A panic in a component is an error too, not a panic of dev.
+        let err = watcher_ends(&shutdown, tokio::spawn(async { panic!("boom") })).await;
+        assert!(err.to_string().contains("watcher panicked"), "{err}");
+    }
+
+    /// `supervise` with `watcher` and a registrar that runs until it is stopped.
+    async fn watcher_ends(
+        shutdown: &CancellationToken,
+        watcher: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) -> anyhow::Error {
         let components = shutdown.child_token();
-        let watcher = tokio::spawn(async { panic!("boom") });
         let c = components.clone();
         let registrar = tokio::spawn(async move {
             c.cancelled().await;
             Ok(())
         });
-        let err = supervise(
+        supervise(
             watcher,
             registrar,
             std::future::pending(),
-            &shutdown,
+            shutdown,
             components,
         )
         .await
-        .unwrap_err();
-        assert!(err.to_string().contains("watcher panicked"), "{err}");
+        .unwrap_err()
     }
 
     #[test]
