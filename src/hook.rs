@@ -56,6 +56,12 @@ pub enum WatcherEvent {
     Fail,
     /// A mass removal was held back.
     Hold,
+    /// The ACME issuer wrote a certificate for names that had none.
+    CertIssued,
+    /// The ACME issuer replaced a certificate (renewal, names added, unreadable).
+    CertRenewed,
+    /// An ACME order failed; the certificate is tried again after a backoff.
+    CertFailed,
 }
 
 impl RegistrarEvent {
@@ -77,12 +83,15 @@ impl RegistrarEvent {
 }
 
 impl WatcherEvent {
-    pub const ALL: [WatcherEvent; 5] = [
+    pub const ALL: [WatcherEvent; 8] = [
         Self::Reload,
         Self::Runtime,
         Self::Reject,
         Self::Fail,
         Self::Hold,
+        Self::CertIssued,
+        Self::CertRenewed,
+        Self::CertFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +101,9 @@ impl WatcherEvent {
             Self::Reject => "reject",
             Self::Fail => "fail",
             Self::Hold => "hold",
+            Self::CertIssued => "cert_issued",
+            Self::CertRenewed => "cert_renewed",
+            Self::CertFailed => "cert_failed",
         }
     }
 }

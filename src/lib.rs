@@ -42,6 +42,9 @@
 //!   state`; pure), socket}`, `template_files` (notify), `status` (own etcd key),
 //!   `metrics`, `oneshot` (`render --once`, template checks), `drift` (`portolan status`),
 //!   `ui` (the status page: fed by the loop through a watch channel, served on `listen`).
+//! - `acme`: certificates for the fleet from an ACME CA: `want` (which are wanted and
+//!   due; pure), `record` (the etcd records), `election` (one issuer at a time),
+//!   `order` (the ACME exchange), `challenge` (the HTTP-01 answers every watcher serves).
 //! - `hook`: event hooks (webhooks, commands), delivered off the daemons' loops.
 //! - `ls`, `dev`, `auth`: operator commands (`auth`: least-privilege etcd users).
 
@@ -78,6 +81,7 @@ mod version_tests {
     }
 }
 
+pub mod acme;
 pub mod auth;
 pub(crate) mod backoff;
 pub mod cli;

@@ -3,13 +3,14 @@
 //! Each section has one home, where each of its options is declared once, as a field
 //! that serde reads from the file and clap reads from a flag or a `PORTOLAN_*`
 //! environment variable: `etcd.rs` (`[etcd]`), `registrar.rs` (`[registrar]`),
-//! `watcher.rs` (`[watcher]` and `[[template]]`).
+//! `watcher.rs` (`[watcher]` and `[[template]]`), `acme.rs` (`[acme]`).
 //!
 //! The pipeline: `FileConfig::from_str` (pure) → `load(path)` (I/O) → the command-line
 //! layer laid over it field by field ([`layered`]) → `resolve_*` into a validated
 //! `EtcdConfig` / `RegistrarConfig` / `WatcherConfig`. `resolve_*` collects every
 //! problem before failing, so one run of `portolan check` reports them all.
 
+mod acme;
 mod etcd;
 mod hook;
 mod registrar;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use self::acme::{AcmeConfig, AcmeOptions, DEFAULT_RENEW_BEFORE_DAYS};
 pub use self::etcd::{private_file, EtcdConfig, EtcdOptions, EtcdTls, Secret, DEFAULT_ENDPOINT};
 pub use self::hook::{redact_url, HookConfig, HookFormat, HookOptions, HookTarget};
 pub use self::registrar::{
@@ -94,6 +96,9 @@ pub struct FileConfig {
     /// `[[hook]]` sections: each daemon takes those for the events it emits.
     #[serde(default)]
     pub hook: Vec<HookOptions>,
+    /// `[acme]`: certificates from an ACME CA, for the watcher.
+    #[serde(default)]
+    pub acme: AcmeOptions,
     /// The top-level sections the file has (`etcd`, `registrar`, `watcher`,
     /// `template`): `portolan check` validates each one that is there.
     #[serde(skip)]
@@ -356,6 +361,15 @@ pub fn resolve_watcher(
     let etcd = layered(&file.etcd, &flags.etcd).resolve(&mut problems);
     let mut cfg =
         layered(&file.watcher, &flags.watcher).resolve(etcd, &file.template, &mut problems);
+    cfg.acme = file.acme.resolve(cfg.listen.is_some(), &mut problems);
+    if let (Some(_), Some(listen)) = (&cfg.acme, cfg.listen) {
+        let server = acme::challenge_server(listen).to_string();
+        for t in &mut cfg.templates {
+            t.vars
+                .entry("acme_challenge_server")
+                .or_insert_with(|| server.clone().into());
+        }
+    }
     cfg.hooks = hook::resolve_hooks(
         &file.hook,
         &WatcherEvent::ALL.map(EventKind::from),

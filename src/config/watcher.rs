@@ -221,6 +221,8 @@ pub struct WatcherConfig {
     pub dns_refresh: Duration,
     /// `state_dir`: the persisted DNS answers live here.
     pub state_dir: PathBuf,
+    /// `[acme]`, when enabled (set by `resolve_watcher`).
+    pub acme: Option<super::AcmeConfig>,
 }
 
 impl WatcherOptions {
@@ -311,6 +313,7 @@ impl WatcherOptions {
             )),
             dns_refresh: Duration::from_secs(self.dns_refresh(problems)),
             state_dir: self.state_dir(problems),
+            acme: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub(crate) struct Metrics {
     refused_keys: Family<Labels, Counter>,
     /// Hook events by `result` (delivered, dropped), copied from `hooks` at each scrape.
     hooks: HookMetrics,
+    /// `portolan_acme_orders_total{result}`: the ACME issuer's orders (created,
+    /// resumed, valid, failed).
+    pub(crate) acme_orders: Family<Labels, Counter>,
     /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
     pub(crate) etcd_rbac_bypassable: Gauge,
     ready: AtomicBool,
@@ -111,6 +114,7 @@ impl Metrics {
             empty_backends: reg(r, "empty_backends", "Services with no instance whose backend is kept for empty_backend_grace_s", Gauge::default()),
             refused_keys: reg(r, "refused", "Instance keys refused by confinement, by reason", Family::default()),
             hooks: HookMetrics::default(),
+            acme_orders: Family::default(),
             etcd_rbac_bypassable: Gauge::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
@@ -121,6 +125,11 @@ impl Metrics {
             drop(m.refused_keys.get_or_create(&[("reason", reason.label())]));
         }
         m.hooks.register(r);
+        root.register(
+            "acme_orders",
+            "ACME orders by result: created (a new order at the CA), resumed (one in progress, picked up), valid (certificate written), failed",
+            m.acme_orders.clone(),
+        );
         crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
         Metrics {
             registry: root,

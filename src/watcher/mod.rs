@@ -119,8 +119,11 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     let _template_files = template_files::watch(&srcs, tpl_tx)
         .context("cannot watch the template folders for edits (inotify limits?)")?;
 
+    let answers = cfg.acme.as_ref().map(|_| crate::acme::Answers::default());
     let feed = match cfg.listen {
-        Some(addr) => ui::serve::start(addr, &cfg, &metrics, &tracker, &tasks).await?,
+        Some(addr) => {
+            ui::serve::start(addr, &cfg, &metrics, &tracker, &tasks, answers.clone()).await?
+        }
         None => None,
     };
 
@@ -144,6 +147,9 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         metrics.clone(),
     );
     let source = tracker.spawn(source.run(tasks.clone()));
+    if let (Some(acme), Some(answers)) = (&cfg.acme, answers) {
+        start_acme(&cfg, acme, answers, &metrics, &hooks, snap_rx.clone(), &tracker, &tasks);
+    }
 
     // Read before this run's status record replaces the last run's.
     let held_until = status::held_until(&cfg.etcd, &cfg.name).await;
@@ -193,6 +199,49 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     tracing::info!("watcher stopped");
     Ok(())
+}
+
+/// The ACME issuer (`[acme]`), fed the routed services' names from the store.
+#[allow(clippy::too_many_arguments)]
+fn start_acme(
+    cfg: &WatcherConfig,
+    acme: &crate::config::AcmeConfig,
+    answers: crate::acme::Answers,
+    metrics: &Metrics,
+    hooks: &Hooks,
+    mut snap_rx: watch::Receiver<Option<Published>>,
+    tracker: &TaskTracker,
+    tasks: &CancellationToken,
+) {
+    let (names_tx, names_rx) = watch::channel(std::collections::BTreeSet::new());
+    tracker.spawn(async move {
+        while snap_rx.changed().await.is_ok() {
+            let names: std::collections::BTreeSet<String> = match &*snap_rx.borrow_and_update() {
+                Some(p) => p.snapshot.services.keys().cloned().collect(),
+                None => continue,
+            };
+            names_tx.send_if_modified(|old| {
+                let changed = *old != names;
+                *old = names;
+                changed
+            });
+        }
+    });
+    let domain = cfg
+        .templates
+        .iter()
+        .find_map(|t| t.vars.get("domain").and_then(|d| d.as_str()))
+        .map(str::to_string);
+    let issuer = crate::acme::Issuer {
+        cfg: acme.clone(),
+        etcd: cfg.etcd.clone(),
+        name: cfg.name.clone(),
+        domain,
+        hooks: hooks.clone(),
+        orders: metrics.acme_orders.clone(),
+        answers,
+    };
+    tracker.spawn(crate::acme::run(issuer, names_rx, tracker.clone(), tasks.clone()));
 }
 
 /// Every `[[template]]`, with what its `dest` holds now and its template compiled (a

@@ -184,6 +184,9 @@ impl hyper::body::Body for Events {
 pub(crate) struct Site {
     pub(crate) metrics: Arc<crate::watcher::metrics::Metrics>,
     pub(crate) ui: Option<Ui>,
+    /// With `[acme]`: the HTTP-01 answers, served whatever `ui` says (the front door
+    /// sends the CA's requests here).
+    pub(crate) acme: Option<crate::acme::Answers>,
 }
 
 impl crate::endpoint::Endpoint for Site {
@@ -196,6 +199,18 @@ impl crate::endpoint::Endpoint for Site {
     }
 
     fn route(&self, path: &str) -> Option<Response<Body>> {
+        if let Some(answers) = self.acme.as_ref() {
+            if path.starts_with(crate::acme::challenge::PATH) {
+                return Some(match answers.answer(path) {
+                    Some(v) => answer(StatusCode::OK, "application/octet-stream", full(v)),
+                    None => answer(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        full("no such ACME challenge\n"),
+                    ),
+                });
+            }
+        }
         match &self.ui {
             Some(ui) => ui.route(path),
             None if matches!(path, "/" | "/ui" | "/api/status" | "/api/events") => Some(answer(
@@ -216,6 +231,7 @@ pub(crate) async fn start(
     metrics: &Arc<crate::watcher::metrics::Metrics>,
     tracker: &tokio_util::task::TaskTracker,
     tasks: &tokio_util::sync::CancellationToken,
+    acme: Option<crate::acme::Answers>,
 ) -> anyhow::Result<Option<tokio::sync::watch::Sender<super::Feed>>> {
     let mut feed = None;
     let page_ui = cfg.ui.then(|| {
@@ -235,6 +251,7 @@ pub(crate) async fn start(
     let site = Arc::new(Site {
         metrics: metrics.clone(),
         ui: page_ui,
+        acme,
     });
     crate::endpoint::start(addr, "watcher.listen", site, tracker, tasks).await?;
     if cfg.ui {
