@@ -171,6 +171,11 @@ pub enum Key {
     Config {
         path: String,
     },
+    /// `certs/…` (the certificate store) and `acme/…` (the ACME issuer: lock, account,
+    /// orders, challenges): read by their own watches, not by the render path.
+    Tls {
+        path: String,
+    },
 }
 
 /// Classifies a full etcd key. Keys outside the prefix or of unknown shape are errors.
@@ -237,9 +242,12 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
         "config" if !tail.is_empty() => Ok(Key::Config {
             path: tail.to_string(),
         }),
+        "certs" | "acme" if !tail.is_empty() => Ok(Key::Tls {
+            path: rest.to_string(),
+        }),
         _ => Err(SchemaError::new(
             key,
-            "unknown key kind: expected services/, nodes/, watchers/ or config/",
+            "unknown key kind: expected services/, nodes/, watchers/, config/, certs/ or acme/",
         )),
     }
 }

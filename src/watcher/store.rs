@@ -157,7 +157,7 @@ impl Store {
                 self.nodes.insert(key.to_string(), (v2, name, rec));
             }
             // Watchers' own status records are not inputs to rendering.
-            Key::Watcher { .. } => {}
+            Key::Watcher { .. } | Key::Tls { .. } => {}
             Key::Config { path } => {
                 let text = String::from_utf8(value.to_vec()).map_err(|_| SchemaError {
                     key: key.to_string(),
