@@ -351,3 +351,107 @@ async fn a_service_gets_one_certificate_ordered_once_for_the_fleet() {
     assert_eq!(left, 0);
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_issuer_mid_order_the_other_watcher_finishes_that_order() {
+    let pebble = Pebble::start(None).await;
+    let mut f = fleet(&pebble, None).await;
+    let issuer = f.issuer().await;
+    let other = 1 - issuer;
+    // The CA reaches only the other front door: its watcher answers the challenge the
+    // first issuer may have put, or the one it puts itself.
+    pebble.point("web.test", &format!("127.0.0.{}", other + 1)).await;
+    f.service("web").await;
+    let order_key = format!("{}/acme/orders/web.test", f.prefix);
+    let ordered = got("the order in etcd", || f.get(&order_key)).await;
+    assert!(ordered.is_some(), "no order; logs:\n{}", f.logs());
+    f.doors[issuer].kill_watcher();
+    let Some(rec) = got("a record", || f.record("web.test")).await else {
+        panic!("no certificate record; logs:\n{}", f.logs());
+    };
+    assert_eq!(rec["domains"], serde_json::json!(["web.test"]));
+    assert_eq!(check_chain(&rec, &pebble.root().await, pebble.dir.path()), ["web.test"]);
+    // The order was taken over, not placed again.
+    assert_eq!(pebble.orders(), 1, "orders at Pebble; logs:\n{}", f.logs());
+    let d = &f.doors[other];
+    assert_eq!(
+        d.metric("portolan_acme_orders_total{result=\"resumed\"}").await,
+        Some(1.0),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        d.metric("portolan_acme_orders_total{result=\"created\"}").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_is_renewed_before_its_end() {
+    // 30 s certificates: renewed a third of their life before the end (20 s in).
+    let pebble = Pebble::start(Some(30)).await;
+    let hooks = HookReceiver::start().await;
+    let f = fleet(&pebble, Some(&hooks.url)).await;
+    f.service("web").await;
+    let Some(first) = got("a record", || f.record("web.test")).await else {
+        panic!("no certificate record; logs:\n{}", f.logs());
+    };
+    let renewed = got("a renewed record", || async {
+        f.record("web.test").await.filter(|r| r["cert"] != first["cert"])
+    })
+    .await;
+    let Some(second) = renewed else {
+        panic!("not renewed; logs:\n{}", f.logs());
+    };
+    assert_ne!(second["key"], first["key"], "a renewal makes a new key");
+    assert!(second["not_after"].as_str() > first["not_after"].as_str());
+    check_chain(&second, &pebble.root().await, pebble.dir.path());
+    let ok = eventually(T, || async {
+        !hooks.events("cert_renewed").is_empty() && !hooks.events("cert_issued").is_empty()
+    })
+    .await;
+    assert!(ok, "hooks: {:?}", hooks.bodies.lock().unwrap());
+    let e = &hooks.events("cert_renewed")[0];
+    assert_eq!(e["name"], "web.test");
+    assert_eq!(e["reason"], "renewal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_front_door_answers_a_challenge_put_in_etcd() {
+    // No CA needed: a token put in etcd is answered by both front doors, whichever
+    // watcher would issue. (The directory does not answer: issuing just retries.)
+    let not_a_ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let f = fleet_at("https://127.0.0.1:1/dir", &not_a_ca, free_port(), None).await;
+    let thumb = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI";
+    let key = |t: &str| format!("{}/acme/challenges/{t}", f.prefix);
+    f.put(&key("tok-A_1"), &format!("tok-A_1.{thumb}")).await;
+    // A value that is not the token's key authorization: never served.
+    f.put(&key("evil"), "evil.x\r\nSet-Cookie: a=b").await;
+    for i in 0..2 {
+        let addr = f.http_addr(i);
+        let ok = eventually(T, || async {
+            http_get(&addr, "anything.example", "/.well-known/acme-challenge/tok-A_1").await
+                == Some((200, format!("tok-A_1.{thumb}")))
+        })
+        .await;
+        assert!(ok, "front door {i} did not answer; logs:\n{}", f.logs());
+        let (status, body) = http_get(&addr, "x", "/.well-known/acme-challenge/evil")
+            .await
+            .unwrap();
+        assert_eq!(status, 404, "{body}");
+        assert!(!body.contains("Set-Cookie"));
+    }
+    // Deleted: no longer answered.
+    f.etcd.client().await.delete(key("tok-A_1"), None).await.unwrap();
+    for i in 0..2 {
+        let addr = f.http_addr(i);
+        let ok = eventually(T, || async {
+            matches!(
+                http_get(&addr, "x", "/.well-known/acme-challenge/tok-A_1").await,
+                Some((404, _))
+            )
+        })
+        .await;
+        assert!(ok, "front door {i} still answers a deleted challenge");
+    }
+}
