@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes this Debian machine ready for Portolan's tests: installs what is missing
-# (etcd, HAProxy, Docker Engine, busybox, protoc, wrk, shellcheck, vagrant, …), starts
+# (etcd, HAProxy, Docker Engine, busybox, protoc, wrk, shellcheck, vagrant, Pebble, …), starts
 # dockerd in the background when no engine answers, and builds the busybox test image.
 # Idempotent: a second run does nothing but check.
 set -euo pipefail
@@ -12,7 +12,8 @@ ensure_packages "${BUILD_PACKAGES[@]}" etcd:etcd-server etcdctl:etcd-client hapr
   busybox:busybox-static wrk:wrk socat:socat \
   shellcheck:shellcheck vagrant:vagrant openssl:openssl \
   systemd-analyze:systemd dpkg-deb:dpkg dpkg-shlibdeps:dpkg-dev strip:binutils \
-  /bin/kill:procps ip:iproute2 iptables:iptables chromium:chromium
+  /bin/kill:procps ip:iproute2 iptables:iptables chromium:chromium \
+  pebble:pebble
 ensure_docker /var/log/portolan-test-dockerd.log
 
 # Leftovers of an earlier, interrupted run would confuse the registrar tests.
