@@ -61,8 +61,10 @@ impl Pebble {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "portolan test: Pebble's directory CA");
+        ca.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            "portolan test: Pebble's directory CA",
+        );
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
@@ -146,7 +148,14 @@ impl Pebble {
     /// The root Pebble issues under (from its management interface).
     async fn root(&self) -> String {
         let url = format!("{}/roots/0", self.management);
-        self.client().get(url).send().await.unwrap().text().await.unwrap()
+        self.client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Orders Pebble took, counted in its own log.
@@ -192,7 +201,10 @@ async fn fleet_at(directory: &str, ca_file: &Path, port: u16, hook: Option<&str>
     let prefix = doors[0].prefix.clone();
     for (i, fd) in doors.iter_mut().enumerate() {
         let mut text = std::fs::read_to_string(&fd.config).unwrap();
-        text = text.replace(&format!("prefix = \"{}\"", fd.prefix), &format!("prefix = \"{prefix}\""));
+        text = text.replace(
+            &format!("prefix = \"{}\"", fd.prefix),
+            &format!("prefix = \"{prefix}\""),
+        );
         text = text.replace(
             &format!("http_bind = \"127.0.0.1:{}\"", fd.http_port),
             &format!("http_bind = \"127.0.0.{}:{port}\"", i + 1),
@@ -216,7 +228,12 @@ async fn fleet_at(directory: &str, ca_file: &Path, port: u16, hook: Option<&str>
             fd.haproxy.status().await.is_some_and(|s| s.reloads >= 1)
         })
         .await;
-        assert!(ok, "no first reload; watcher log:\n{}\nhaproxy:\n{}", fd.log(), fd.haproxy.log_text());
+        assert!(
+            ok,
+            "no first reload; watcher log:\n{}\nhaproxy:\n{}",
+            fd.log(),
+            fd.haproxy.log_text()
+        );
     }
     let backend = Backend::start("web-1").await;
     Fleet {
@@ -234,7 +251,12 @@ impl Fleet {
     }
 
     async fn put(&self, key: &str, value: &str) {
-        self.etcd.client().await.put(key, value, None).await.unwrap();
+        self.etcd
+            .client()
+            .await
+            .put(key, value, None)
+            .await
+            .unwrap();
     }
 
     async fn get(&self, key: &str) -> Option<String> {
@@ -259,12 +281,18 @@ impl Fleet {
     /// Index of the door whose watcher holds the issuer's lock.
     async fn issuer(&self) -> usize {
         let key = format!("{}/acme/lock", self.prefix);
-        let who = got("an issuer", || self.get(&key)).await.expect("an issuer");
+        let who = got("an issuer", || self.get(&key))
+            .await
+            .expect("an issuer");
         self.doors.iter().position(|d| d.name == who).unwrap()
     }
 
     fn logs(&self) -> String {
-        self.doors.iter().map(|d| d.log()).collect::<Vec<_>>().join("\n----\n")
+        self.doors
+            .iter()
+            .map(|d| d.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     }
 }
 
@@ -276,7 +304,14 @@ fn check_chain(record: &serde_json::Value, root: &str, dir: &Path) -> Vec<String
     std::fs::write(dir.join("root.pem"), root).unwrap();
     let out = std::process::Command::new("openssl")
         .current_dir(dir)
-        .args(["verify", "-CAfile", "root.pem", "-untrusted", "chain.pem", "chain.pem"])
+        .args([
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "chain.pem",
+            "chain.pem",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -297,7 +332,10 @@ fn check_chain(record: &serde_json::Value, root: &str, dir: &Path) -> Vec<String
     };
     let from_cert = pubkey(&["x509", "-in", "chain.pem", "-noout", "-pubkey"]);
     let from_key = pubkey(&["pkey", "-in", "key.pem", "-pubout"]);
-    assert!(!from_cert.is_empty() && from_cert == from_key, "key does not match the leaf");
+    assert!(
+        !from_cert.is_empty() && from_cert == from_key,
+        "key does not match the leaf"
+    );
     leaf.domains
 }
 
@@ -343,14 +381,17 @@ async fn a_service_gets_one_certificate_ordered_once_for_the_fleet() {
     let left = c
         .get(
             format!("{}/acme/orders/", f.prefix),
-            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
         )
         .await
         .unwrap()
         .count();
     assert_eq!(left, 0);
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_issuer_mid_order_the_other_watcher_finishes_that_order() {
@@ -360,7 +401,9 @@ async fn killing_the_issuer_mid_order_the_other_watcher_finishes_that_order() {
     let other = 1 - issuer;
     // The CA reaches only the other front door: its watcher answers the challenge the
     // first issuer may have put, or the one it puts itself.
-    pebble.point("web.test", &format!("127.0.0.{}", other + 1)).await;
+    pebble
+        .point("web.test", &format!("127.0.0.{}", other + 1))
+        .await;
     f.service("web").await;
     let order_key = format!("{}/acme/orders/web.test", f.prefix);
     let ordered = got("the order in etcd", || f.get(&order_key)).await;
@@ -370,18 +413,23 @@ async fn killing_the_issuer_mid_order_the_other_watcher_finishes_that_order() {
         panic!("no certificate record; logs:\n{}", f.logs());
     };
     assert_eq!(rec["domains"], serde_json::json!(["web.test"]));
-    assert_eq!(check_chain(&rec, &pebble.root().await, pebble.dir.path()), ["web.test"]);
+    assert_eq!(
+        check_chain(&rec, &pebble.root().await, pebble.dir.path()),
+        ["web.test"]
+    );
     // The order was taken over, not placed again.
     assert_eq!(pebble.orders(), 1, "orders at Pebble; logs:\n{}", f.logs());
     let d = &f.doors[other];
     assert_eq!(
-        d.metric("portolan_acme_orders_total{result=\"resumed\"}").await,
+        d.metric("portolan_acme_orders_total{result=\"resumed\"}")
+            .await,
         Some(1.0),
         "{}",
         d.log()
     );
     assert_eq!(
-        d.metric("portolan_acme_orders_total{result=\"created\"}").await,
+        d.metric("portolan_acme_orders_total{result=\"created\"}")
+            .await,
         Some(0.0)
     );
 }
@@ -397,7 +445,9 @@ async fn a_short_lived_certificate_is_renewed_before_its_end() {
         panic!("no certificate record; logs:\n{}", f.logs());
     };
     let renewed = got("a renewed record", || async {
-        f.record("web.test").await.filter(|r| r["cert"] != first["cert"])
+        f.record("web.test")
+            .await
+            .filter(|r| r["cert"] != first["cert"])
     })
     .await;
     let Some(second) = renewed else {
@@ -430,7 +480,12 @@ async fn every_front_door_answers_a_challenge_put_in_etcd() {
     for i in 0..2 {
         let addr = f.http_addr(i);
         let ok = eventually(T, || async {
-            http_get(&addr, "anything.example", "/.well-known/acme-challenge/tok-A_1").await
+            http_get(
+                &addr,
+                "anything.example",
+                "/.well-known/acme-challenge/tok-A_1",
+            )
+            .await
                 == Some((200, format!("tok-A_1.{thumb}")))
         })
         .await;
@@ -442,7 +497,12 @@ async fn every_front_door_answers_a_challenge_put_in_etcd() {
         assert!(!body.contains("Set-Cookie"));
     }
     // Deleted: no longer answered.
-    f.etcd.client().await.delete(key("tok-A_1"), None).await.unwrap();
+    f.etcd
+        .client()
+        .await
+        .delete(key("tok-A_1"), None)
+        .await
+        .unwrap();
     for i in 0..2 {
         let addr = f.http_addr(i);
         let ok = eventually(T, || async {

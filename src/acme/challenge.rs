@@ -81,7 +81,9 @@ impl Answers {
             return;
         }
         if m.len() >= MAX_CHALLENGES && !m.contains_key(token) {
-            tracing::warn!("acme/challenges: {MAX_CHALLENGES} challenges held already; this one is not served");
+            tracing::warn!(
+                "acme/challenges: {MAX_CHALLENGES} challenges held already; this one is not served"
+            );
             return;
         }
         m.insert(token.to_string(), v.to_string());
@@ -101,7 +103,8 @@ impl Answers {
 /// then a watch from its revision; re-listed after any error.
 pub async fn watch(etcd: EtcdConfig, answers: Answers, shutdown: CancellationToken) {
     let prefix = super::record::challenges_prefix(&etcd.prefix);
-    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -118,10 +121,16 @@ pub async fn watch(etcd: EtcdConfig, answers: Answers, shutdown: CancellationTok
 
 async fn session(etcd: &EtcdConfig, prefix: &str, answers: &Answers) -> anyhow::Result<()> {
     let mut client = crate::etcd::connect(etcd).await?;
-    let got = crate::etcd::call(client.get(
-        prefix,
-        Some(GetOptions::new().with_prefix().with_limit(MAX_CHALLENGES as i64)),
-    ))
+    let got = crate::etcd::call(
+        client.get(
+            prefix,
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_limit(MAX_CHALLENGES as i64),
+            ),
+        ),
+    )
     .await?;
     let rev = got.header().map_or(0, |h| h.revision());
     let token = |k: &[u8]| {
@@ -139,7 +148,11 @@ async fn session(etcd: &EtcdConfig, prefix: &str, answers: &Answers) -> anyhow::
     let mut stream = client
         .watch(
             prefix,
-            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
         )
         .await?;
     while let Some(resp) = stream.message().await? {
@@ -172,12 +185,12 @@ mod tests {
             Some(format!("tok-1_A.{THUMB}"))
         );
         let refused: &[(&str, String)] = &[
-            ("tok", "other.thumb".into()),                           // another token's
-            ("tok", "tok.thumb\nSet-Cookie: x".into()),              // a header injected
-            ("tok", format!("tok.{}", "a".repeat(MAX_VALUE))),       // too long
-            ("../etc", format!("../etc.{THUMB}")),                   // not a token
-            ("t%2F", format!("t%2F.{THUMB}")),                       // encoded slash
-            ("<b>", format!("<b>.{THUMB}")),                         // markup
+            ("tok", "other.thumb".into()),                     // another token's
+            ("tok", "tok.thumb\nSet-Cookie: x".into()),        // a header injected
+            ("tok", format!("tok.{}", "a".repeat(MAX_VALUE))), // too long
+            ("../etc", format!("../etc.{THUMB}")),             // not a token
+            ("t%2F", format!("t%2F.{THUMB}")),                 // encoded slash
+            ("<b>", format!("<b>.{THUMB}")),                   // markup
         ];
         for (token, value) in refused {
             a.apply(token, Some(value.as_bytes()));

@@ -91,7 +91,9 @@ pub async fn acquire(
                 while let Some(r) = rx.recv().await {
                     match r.event {
                         KeeperEvent::Lost => {
-                            tracing::warn!("acme: the issuer's lease on the lock expired: stepping down");
+                            tracing::warn!(
+                                "acme: the issuer's lease on the lock expired: stepping down"
+                            );
                             watch_lost.cancel();
                             return;
                         }

@@ -200,17 +200,15 @@ async fn one(
 ) -> anyhow::Result<()> {
     let prefix = &issuer.etcd.prefix;
     tracing::info!(cert = %w.name, domains = ?w.domains, reason = reason.as_str(), "acme: ordering a certificate");
-    let got = order::obtain(
-        &issuer.cfg,
+    let session = order::Session {
+        cfg: &issuer.cfg,
         account,
-        client,
         held,
         prefix,
-        w,
-        &issuer.answers,
-        issuer,
-    )
-    .await;
+        answers: &issuer.answers,
+        progress: issuer,
+    };
+    let got = order::obtain(&session, client, w).await;
     let result = match got {
         Ok(o) => match record::issued(&o.chain, &o.key, SystemTime::now()) {
             Ok(rec) => {
@@ -247,12 +245,20 @@ async fn one(
             };
             tracing::info!(cert = %w.name, not_after = %rec.not_after, resumed, "acme: certificate written to etcd");
             issuer.hooks.emit(
-                Event::new(kind, format!("certificate {} for {} until {}", w.name, w.domains.join(", "), rec.not_after))
-                    .with("name", w.name.as_str())
-                    .with("domains", w.domains.clone())
-                    .with("not_after", rec.not_after.as_str())
-                    .with("reason", reason.as_str())
-                    .with("watcher", issuer.name.as_str()),
+                Event::new(
+                    kind,
+                    format!(
+                        "certificate {} for {} until {}",
+                        w.name,
+                        w.domains.join(", "),
+                        rec.not_after
+                    ),
+                )
+                .with("name", w.name.as_str())
+                .with("domains", w.domains.clone())
+                .with("not_after", rec.not_after.as_str())
+                .with("reason", reason.as_str())
+                .with("watcher", issuer.name.as_str()),
             );
         }
         Err(e) => {
@@ -269,7 +275,11 @@ async fn one(
             issuer.hooks.emit(
                 Event::new(
                     WatcherEvent::CertFailed,
-                    format!("certificate {} for {}: {e}; next try at {retry}", w.name, w.domains.join(", ")),
+                    format!(
+                        "certificate {} for {}: {e}; next try at {retry}",
+                        w.name,
+                        w.domains.join(", ")
+                    ),
                 )
                 .with("name", w.name.as_str())
                 .with("domains", w.domains.clone())

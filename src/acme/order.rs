@@ -105,7 +105,10 @@ pub async fn account(
             .map_err(|e| Failure::Other(format!("account credentials: {e}")))?,
     };
     let value = serde_json::to_string(&rec).map_err(|e| Failure::Other(e.to_string()))?;
-    if !held.write(etcd_client, vec![TxnOp::put(key, value, None)]).await? {
+    if !held
+        .write(etcd_client, vec![TxnOp::put(key, value, None)])
+        .await?
+    {
         return Err(Failure::NotIssuer);
     }
     tracing::info!(directory = %cfg.directory, "acme: account created and kept in etcd");
@@ -125,17 +128,30 @@ pub trait Progress: Sync {
     fn order(&self, result: &'static str);
 }
 
+/// What every order of one term as issuer shares.
+pub struct Session<'a> {
+    pub cfg: &'a AcmeConfig,
+    pub account: &'a Account,
+    pub held: &'a Held,
+    pub prefix: &'a str,
+    pub answers: &'a Answers,
+    pub progress: &'a (dyn Progress + Sync),
+}
+
 /// One certificate, from an order in progress or a new one.
 pub async fn obtain(
-    cfg: &AcmeConfig,
-    account: &Account,
+    s: &Session<'_>,
     etcd_client: &mut Client,
-    held: &Held,
-    prefix: &str,
     want: &Wanted,
-    answers: &Answers,
-    progress: &(dyn Progress + Sync),
 ) -> Result<Obtained, Failure> {
+    let Session {
+        cfg,
+        account,
+        held,
+        prefix,
+        answers,
+        progress,
+    } = *s;
     let okey = record::order_key(prefix, &want.name);
     let stored = etcd::call(etcd_client.get(okey.as_str(), None))
         .await?
@@ -155,7 +171,9 @@ pub async fn obtain(
                     resumed = Some((o, r.key));
                 }
             }
-            Err(e) => tracing::info!(cert = %want.name, "acme: the stored order is gone ({e}): a new one"),
+            Err(e) => {
+                tracing::info!(cert = %want.name, "acme: the stored order is gone ({e}): a new one")
+            }
         }
     }
     let was_resumed = resumed.is_some();
@@ -176,7 +194,10 @@ pub async fn obtain(
                 created_at: record::rfc3339(SystemTime::now()),
             };
             let value = serde_json::to_string(&rec).map_err(|e| Failure::Other(e.to_string()))?;
-            if !held.write(etcd_client, vec![TxnOp::put(okey.as_str(), value, None)]).await? {
+            if !held
+                .write(etcd_client, vec![TxnOp::put(okey.as_str(), value, None)])
+                .await?
+            {
                 return Err(Failure::NotIssuer);
             }
             tracing::info!(cert = %want.name, order = %order.url(), "acme: ordered");
@@ -200,9 +221,9 @@ pub async fn obtain(
                     )))
                 }
             }
-            let challenge = authz.challenge(ChallengeType::Http01).ok_or_else(|| {
-                Failure::Other("the CA offers no http-01 challenge".into())
-            })?;
+            let challenge = authz
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| Failure::Other("the CA offers no http-01 challenge".into()))?;
             let token = challenge.token.clone();
             let value = challenge.key_authorization().as_str().to_string();
             if !super::challenge::is_token(&token)
@@ -214,10 +235,12 @@ pub async fn obtain(
             }
             ready.push((token, value, challenge.url.clone()));
         }
-        drop(authorizations);
         for (token, value, _) in &ready {
             let k = record::challenge_key(prefix, token);
-            if !held.write(etcd_client, vec![TxnOp::put(k, value.as_str(), None)]).await? {
+            if !held
+                .write(etcd_client, vec![TxnOp::put(k, value.as_str(), None)])
+                .await?
+            {
                 return Err(Failure::NotIssuer);
             }
             tokens.push(token.clone());

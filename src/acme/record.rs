@@ -157,10 +157,9 @@ mod tests {
 
     fn self_signed(names: &[&str]) -> (String, String) {
         let k = rcgen::KeyPair::generate().unwrap();
-        let p = rcgen::CertificateParams::new(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-        .unwrap();
+        let p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         (p.self_signed(&k).unwrap().pem(), k.serialize_pem())
     }
 

@@ -149,7 +149,11 @@ pub fn wanted<'a>(
 
 /// When a certificate enters its renewal window: `renew_before` before its not_after,
 /// but at least a third of its lifetime before.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime, renew_before: Duration) -> SystemTime {
+pub fn renew_at(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before: Duration,
+) -> SystemTime {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
     let window = renew_before.min(lifetime / 3);
     not_after.checked_sub(window).unwrap_or(not_before)
@@ -302,7 +306,16 @@ mod tests {
         for good in ["a.b", "web.example.com", "x-1.y2.z"] {
             assert!(is_dns_name(good), "{good}");
         }
-        for bad in ["localhost", "a..b", "-a.b", "a-.b", "A.b", "a_b.c", "a b.c", ""] {
+        for bad in [
+            "localhost",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "A.b",
+            "a_b.c",
+            "a b.c",
+            "",
+        ] {
             assert!(!is_dns_name(bad), "{bad}");
         }
     }
@@ -313,18 +326,49 @@ mod tests {
         let now = t(100);
         let cases: &[(&str, Option<Existing>, Option<Reason>)] = &[
             ("no record: ordered", None, Some(Reason::Missing)),
-            ("unreadable: ordered again", Some(Existing::Unreadable), Some(Reason::Unreadable)),
+            (
+                "unreadable: ordered again",
+                Some(Existing::Unreadable),
+                Some(Reason::Unreadable),
+            ),
             ("fresh, covering: left", Some(cert(&["w.e"], 90, 180)), None),
-            ("covering another name only", Some(cert(&["x.e"], 90, 180)), Some(Reason::NotCovering)),
-            ("29 days left of 90: renewed", Some(cert(&["w.e"], 39, 129)), Some(Reason::Renewal)),
-            ("31 days left of 90: left", Some(cert(&["w.e"], 41, 131)), None),
-            ("expired: renewed", Some(cert(&["w.e"], 0, 90)), Some(Reason::Renewal)),
+            (
+                "covering another name only",
+                Some(cert(&["x.e"], 90, 180)),
+                Some(Reason::NotCovering),
+            ),
+            (
+                "29 days left of 90: renewed",
+                Some(cert(&["w.e"], 39, 129)),
+                Some(Reason::Renewal),
+            ),
+            (
+                "31 days left of 90: left",
+                Some(cert(&["w.e"], 41, 131)),
+                None,
+            ),
+            (
+                "expired: renewed",
+                Some(cert(&["w.e"], 0, 90)),
+                Some(Reason::Renewal),
+            ),
             // A 9-day certificate: renewed 3 days before its end, not 30 (a loop).
-            ("short-lived, 4 of 9 days left: left", Some(cert(&["w.e"], 95, 104)), None),
-            ("short-lived, 2 of 9 days left: renewed", Some(cert(&["w.e"], 93, 102)), Some(Reason::Renewal)),
+            (
+                "short-lived, 4 of 9 days left: left",
+                Some(cert(&["w.e"], 95, 104)),
+                None,
+            ),
+            (
+                "short-lived, 2 of 9 days left: renewed",
+                Some(cert(&["w.e"], 93, 102)),
+                Some(Reason::Renewal),
+            ),
         ];
         for (what, existing, reason) in cases {
-            let ex: BTreeMap<_, _> = existing.iter().map(|e| ("w.e".to_string(), e.clone())).collect();
+            let ex: BTreeMap<_, _> = existing
+                .iter()
+                .map(|e| ("w.e".to_string(), e.clone()))
+                .collect();
             let p = plan(&[want("w.e")], &ex, &BTreeMap::new(), rb, now);
             assert_eq!(p.due.first().map(|d| d.1), *reason, "{what}");
         }

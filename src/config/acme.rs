@@ -85,8 +85,12 @@ impl AcmeOptions {
             }
         };
         if let Some(e) = &self.email {
-            let ok = e.split_once('@').is_some_and(|(u, h)| !u.is_empty() && h.contains('.'))
-                && !e.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',');
+            let ok = e
+                .split_once('@')
+                .is_some_and(|(u, h)| !u.is_empty() && h.contains('.'))
+                && !e
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == ',');
             if !ok {
                 problems.push(format!(
                     "acme.email {e:?}: not a mail address like ops@example.com"
@@ -198,7 +202,10 @@ mod tests {
     #[test]
     fn off_unless_enabled() {
         assert_eq!(resolve("", true), Ok(None));
-        assert_eq!(resolve("enabled = false\ndirectory = \"x\"", true), Ok(None));
+        assert_eq!(
+            resolve("enabled = false\ndirectory = \"x\"", true),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -148,7 +148,16 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     );
     let source = tracker.spawn(source.run(tasks.clone()));
     if let (Some(acme), Some(answers)) = (&cfg.acme, answers) {
-        start_acme(&cfg, acme, answers, &metrics, &hooks, snap_rx.clone(), &tracker, &tasks);
+        start_acme(
+            &cfg,
+            acme,
+            answers,
+            &metrics,
+            &hooks,
+            snap_rx.clone(),
+            &tracker,
+            &tasks,
+        );
     }
 
     // Read before this run's status record replaces the last run's.
@@ -241,7 +250,12 @@ fn start_acme(
         orders: metrics.acme_orders.clone(),
         answers,
     };
-    tracker.spawn(crate::acme::run(issuer, names_rx, tracker.clone(), tasks.clone()));
+    tracker.spawn(crate::acme::run(
+        issuer,
+        names_rx,
+        tracker.clone(),
+        tasks.clone(),
+    ));
 }
 
 /// Every `[[template]]`, with what its `dest` holds now and its template compiled (a
