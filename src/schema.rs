@@ -690,7 +690,17 @@ mod tests {
                 path: "domain".into()
             }
         );
+        // The certificate store's and the ACME issuer's keys: known, not rendered.
+        for (key, path) in [
+            ("/portolan/certs/web.example.com", "certs/web.example.com"),
+            ("/portolan/acme/lock", "acme/lock"),
+            ("/portolan/acme/challenges/tok", "acme/challenges/tok"),
+        ] {
+            assert_eq!(parse_key(p, key).unwrap(), Key::Tls { path: path.into() });
+        }
         for bad in [
+            "/portolan/certs",
+            "/portolan/acme/",
             "/portolan/services/web",
             "/portolan/services/web/a/b",
             "/portolan/services/we b/a",
