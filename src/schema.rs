@@ -171,6 +171,13 @@ pub enum Key {
     Config {
         path: String,
     },
+    /// A certificate: `certs/<name>` (`crate::certs`; the name is checked there, where a
+    /// bad one is refused and named like a bad certificate).
+    Cert {
+        name: String,
+    },
+    /// The ACME issuer's own state (`acme/…`): not an input to rendering.
+    Acme,
 }
 
 /// Classifies a full etcd key. Keys outside the prefix or of unknown shape are errors.
@@ -237,9 +244,13 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
         "config" if !tail.is_empty() => Ok(Key::Config {
             path: tail.to_string(),
         }),
+        "certs" if !tail.is_empty() => Ok(Key::Cert {
+            name: tail.to_string(),
+        }),
+        "acme" => Ok(Key::Acme),
         _ => Err(SchemaError::new(
             key,
-            "unknown key kind: expected services/, nodes/, watchers/ or config/",
+            "unknown key kind: expected services/, nodes/, watchers/, config/, certs/ or acme/",
         )),
     }
 }
@@ -519,6 +530,13 @@ pub struct WatcherStatus {
     pub removals_held: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_until: Option<u64>,
+    /// Certificates this watcher serves: name → the leaf's expiry (seconds since the
+    /// epoch). `portolan certs ls` reads which front doors serve what from here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub certs_served: std::collections::BTreeMap<String, i64>,
+    /// Certificates refused: name → why (the last good one of the name stays served).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub certs_refused: std::collections::BTreeMap<String, String>,
 }
 
 impl WatcherStatus {

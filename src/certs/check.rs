@@ -34,9 +34,23 @@ pub enum Refusal {
     NotYetValid,
     Chain,
     Domain,
+    /// HAProxy's runtime API refused what passed here (`watcher::tls`).
+    Haproxy,
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 9] = [
+        Refusal::Name,
+        Refusal::Json,
+        Refusal::NotPem,
+        Refusal::KeyMismatch,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+        Refusal::Chain,
+        Refusal::Domain,
+        Refusal::Haproxy,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Name => "name",
@@ -47,6 +61,7 @@ impl Refusal {
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::Chain => "chain",
             Refusal::Domain => "domain",
+            Refusal::Haproxy => "haproxy",
         }
     }
 }
@@ -222,12 +237,14 @@ fn key_matches(key: &str, chain: &[X509Certificate]) -> Result<(), Refused> {
         .and_then(|l| l.strip_suffix("-----"));
     match label {
         Some("PRIVATE KEY") => {}
-        Some(other @ ("RSA PRIVATE KEY" | "EC PRIVATE KEY")) => return Err(refused(
-            Refusal::NotPem,
-            format!(
+        Some(other @ ("RSA PRIVATE KEY" | "EC PRIVATE KEY")) => {
+            return Err(refused(
+                Refusal::NotPem,
+                format!(
                 "key is a {other}; convert it to PKCS#8: openssl pkcs8 -topk8 -nocrypt -in key.pem"
             ),
-        )),
+            ))
+        }
         Some(other) => {
             return Err(refused(
                 Refusal::NotPem,

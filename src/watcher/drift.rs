@@ -298,6 +298,7 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
     for t in &cfg.templates {
         let mut r = Resource::open(t.clone(), Duration::ZERO).await?;
         r.load_template().await?;
+        r.tls = super::tls::view_of(&cfg.certs_dir, &snapshot.certs);
         let rendered = match r.render(&snapshot) {
             Some(result) => result?,
             None => continue,

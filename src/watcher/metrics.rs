@@ -74,6 +74,10 @@ pub(crate) struct Metrics {
     hooks: HookMetrics,
     /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
     pub(crate) etcd_rbac_bypassable: Gauge,
+    /// `portolan_cert_not_after_seconds{name}`: each served certificate's expiry.
+    pub(crate) cert_not_after: Family<Vec<(&'static str, String)>, Gauge>,
+    /// `portolan_cert_rejected_total{reason}`: certificates refused (`certs::Refusal`).
+    pub(crate) cert_rejected: Family<Labels, Counter>,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -112,6 +116,8 @@ impl Metrics {
             refused_keys: reg(r, "refused", "Instance keys refused by confinement, by reason", Family::default()),
             hooks: HookMetrics::default(),
             etcd_rbac_bypassable: Gauge::default(),
+            cert_not_after: Family::default(),
+            cert_rejected: Family::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
             registry: Registry::default(),
@@ -121,6 +127,17 @@ impl Metrics {
             drop(m.refused_keys.get_or_create(&[("reason", reason.label())]));
         }
         m.hooks.register(r);
+        root.register_with_unit(
+            "cert_not_after",
+            "Expiry of each certificate this watcher serves, seconds since the epoch",
+            prometheus_client::registry::Unit::Seconds,
+            m.cert_not_after.clone(),
+        );
+        root.register(
+            "cert_rejected",
+            "Certificates refused, by reason (the last good one of the name is served)",
+            m.cert_rejected.clone(),
+        );
         crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
         Metrics {
             registry: root,

@@ -152,6 +152,13 @@ impl State {
         self.check_first = true;
     }
 
+    /// Files the config loads (certificates, `watcher::tls`) changed and HAProxy does
+    /// not run them: reload, and check first, as no check passed the config with them.
+    pub(crate) fn inputs_changed(&mut self) {
+        self.checked = None;
+        self.reload_pending = true;
+    }
+
     pub(crate) fn live(&self) -> Option<&Bytes> {
         self.live.as_ref()
     }
