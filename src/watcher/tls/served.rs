@@ -72,9 +72,12 @@ impl Served {
             events.push(Event::Removed(name));
         }
         for (name, bytes) in raw {
-            if self.served.get(name).is_some_and(|e| e.bytes == *bytes)
-                || self.refused.get(name).is_some_and(|(b, _)| b == bytes)
-            {
+            if self.served.get(name).is_some_and(|e| e.bytes == *bytes) {
+                // etcd holds the served value again: no refusal stands.
+                self.refused.remove(name);
+                continue;
+            }
+            if self.refused.get(name).is_some_and(|(b, _)| b == bytes) {
                 continue;
             }
             match certs::check(name, bytes, now) {
@@ -187,6 +190,10 @@ mod tests {
         assert_eq!(s.served()["a"].bytes, good);
         // Judged once: the same bad value again says nothing.
         assert_eq!(s.judge(&raw(&[("a", &bad)]), now), []);
+        // The good value back in etcd: no refusal stands.
+        assert_eq!(s.judge(&raw(&[("a", &good)]), now), []);
+        assert_eq!(s.refused().count(), 0);
+        s.judge(&raw(&[("a", &bad)]), now);
         let renewed = value(&["a.example"], &["a.example"]);
         assert_eq!(
             s.judge(&raw(&[("a", &renewed)]), now),
