@@ -381,6 +381,25 @@ mod tests {
     }
 
     #[test]
+    fn certificates_are_kept_raw_by_name_and_never_serialised() {
+        let mut s = Store::new(P);
+        let secret = r#"{"key":"-----BEGIN PRIVATE KEY----- secret"}"#;
+        assert!(s.apply(put("/portolan/certs/web", secret)).is_none());
+        assert!(s.apply(put("/portolan/acme/account", "k")).is_none());
+        let snap = s.snapshot();
+        assert_eq!(&*snap.certs["web"], secret.as_bytes());
+        // Snapshots reach the status page (/api/status): no key may, in any spelling.
+        let json = serde_json::to_value(&snap).unwrap();
+        assert!(json.get("certs").is_none(), "{json}");
+        assert!(!json.to_string().contains("PRIVATE KEY"), "{json}");
+        s.apply(Change::Delete {
+            key: "/portolan/certs/web".into(),
+        });
+        assert!(s.snapshot().certs.is_empty());
+        assert_eq!(s.invalid_count(), 0);
+    }
+
+    #[test]
     fn a_valid_key_overwritten_by_an_invalid_value_disappears() {
         let mut s = Store::new(P);
         s.apply(put("/portolan/services/web/a", "10.0.0.1:80"));

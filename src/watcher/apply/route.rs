@@ -448,6 +448,21 @@ mod tests {
     }
 
     #[test]
+    fn changed_inputs_reload_an_unchanged_file_only_after_a_check() {
+        // Certificate files the runtime API could not apply: HAProxy must reload, and
+        // no check ran the config with the new files yet, so it runs first.
+        let mut s = running_v1(ALL);
+        assert_eq!(s.route(b"v1", never), Route::Unchanged);
+        s.inputs_changed();
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Live, Then::Reload(None))
+        );
+        // Nor does a server change go runtime first past it.
+        assert!(matches!(s.route(b"v2", servers), Route::CheckFirst(_)));
+    }
+
+    #[test]
     fn runtime_first_accepted_makes_the_unchecked_file_live_and_due_for_a_check() {
         let mut s = running_v1(ALL);
         assert!(matches!(s.route(b"v2", servers), Route::RuntimeFirst(_)));
