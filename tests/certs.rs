@@ -155,6 +155,15 @@ async fn refused(etcd: &Etcd, fd: &FrontDoor) -> serde_json::Map<String, serde_j
         .unwrap_or_default()
 }
 
+fn certs_cmd(etcd: &Etcd, prefix: &str, args: &[&str]) -> std::process::Output {
+    portolan_cmd()
+        .args(["--config", "/dev/null", "certs"])
+        .args(args)
+        .args(["--etcd-endpoints", &etcd.endpoint(), "--prefix", prefix])
+        .output()
+        .expect("run portolan certs")
+}
+
 fn import(
     etcd: &Etcd,
     prefix: &str,
@@ -224,6 +233,35 @@ async fn a_certificate_goes_live_renews_and_goes_at_both_front_doors_without_a_r
         "no reload for an added certificate"
     );
 
+    // `certs ls` names both front doors as serving it.
+    let ls = certs_cmd(&etcd, &a.prefix, &["ls", "--json"]);
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let row = &v["certs"][0];
+    assert_eq!(row["name"], "web");
+    assert_eq!(row["source"], "import");
+    assert_eq!(row["domains"], serde_json::json!([host()]));
+    assert!(
+        row["days_left"]
+            .as_i64()
+            .is_some_and(|d| (28..=30).contains(&d)),
+        "{row}"
+    );
+    let mut by: Vec<_> = row["served_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    by.sort();
+    let mut names = vec![a.name.clone(), b.name.clone()];
+    names.sort();
+    assert_eq!(by, names);
+
     // Renewal under load: every handshake at either door succeeds, trusting the CA only.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -284,7 +322,12 @@ async fn a_certificate_goes_live_renews_and_goes_at_both_front_doors_without_a_r
     );
 
     // Removed: the default certificate answers again, HTTP is served again, no reload.
-    etcd.delete(&format!("{}/certs/web", a.prefix)).await;
+    let rm = certs_cmd(&etcd, &a.prefix, &["rm", "web"]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
     for fd in [&a, &b] {
         wait_until("v2 gone", T, || async {
             served(fd).await.is_some_and(|(d, _)| d != v2.der)
