@@ -233,15 +233,36 @@ async fn a_certificate_goes_live_renews_and_goes_at_both_front_doors_without_a_r
         "no reload for an added certificate"
     );
 
-    // `certs ls` names both front doors as serving it.
-    let ls = certs_cmd(&etcd, &a.prefix, &["ls", "--json"]);
-    assert!(
-        ls.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ls.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
-    let row = &v["certs"][0];
+    // `certs ls` names both front doors as serving it (once both status keys say so:
+    // each watcher writes its own after its pass).
+    let ls_row = || async {
+        let ls = certs_cmd(&etcd, &a.prefix, &["ls", "--json"]);
+        assert!(
+            ls.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ls.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+        v["certs"][0].clone()
+    };
+    let mut names = vec![a.name.clone(), b.name.clone()];
+    names.sort();
+    let both = serde_json::json!(names);
+    wait_until("certs ls: served by both", T, || async {
+        let row = ls_row().await;
+        let mut by: Vec<String> = row["served_by"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        by.sort();
+        serde_json::json!(by) == both
+    })
+    .await;
+    let row = ls_row().await;
     assert_eq!(row["name"], "web");
     assert_eq!(row["source"], "import");
     assert_eq!(row["domains"], serde_json::json!([host()]));
@@ -251,16 +272,6 @@ async fn a_certificate_goes_live_renews_and_goes_at_both_front_doors_without_a_r
             .is_some_and(|d| (28..=30).contains(&d)),
         "{row}"
     );
-    let mut by: Vec<_> = row["served_by"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
-    by.sort();
-    let mut names = vec![a.name.clone(), b.name.clone()];
-    names.sort();
-    assert_eq!(by, names);
 
     // Renewal under load: every handshake at either door succeeds, trusting the CA only.
     let stop = Arc::new(AtomicBool::new(false));
@@ -352,6 +363,10 @@ async fn each_bad_certificate_is_refused_and_named_and_the_last_good_one_stays_s
         .await;
     let ca = ca();
     let good = ca.leaf(&[&host()], (-1, 30));
+    // Routed first: the new backend is a reload of its own, before the baseline.
+    for fd in [&a, &b] {
+        wait_until("web routed", T, || fd.routes_to("web", "web")).await;
+    }
     let key = format!("{}/certs/web", a.prefix);
     etcd.put(&key, &record(&good.chain, &good.key, &[&host()]))
         .await;
@@ -452,4 +467,29 @@ async fn each_bad_certificate_is_refused_and_named_and_the_last_good_one_stays_s
     for fd in [&a, &b] {
         assert!(serves(fd, &good.der).await);
     }
+
+    // A watcher restarted while etcd holds a bad value keeps serving the last good one
+    // (what it served is kept beside the files in certs_dir).
+    etcd.put(&key, &record(&good.chain, &other.key, &[&h]))
+        .await;
+    wait_until("refused before the restart", T, || async {
+        !refused(&etcd, &a).await.is_empty()
+    })
+    .await;
+    let mut a = a;
+    let before = a.haproxy.reloads().await;
+    a.kill_watcher();
+    a.start_watcher();
+    wait_until("the restarted watcher's first reload", T, || async {
+        a.haproxy.reloads().await > before
+    })
+    .await;
+    wait_until("refused after the restart", T, || async {
+        !refused(&etcd, &a).await.is_empty()
+    })
+    .await;
+    assert!(
+        serves(&a, &good.der).await,
+        "the last good certificate survives a restart"
+    );
 }

@@ -65,6 +65,26 @@ impl Dir {
         self.path.join(DEFAULT)
     }
 
+    /// The etcd values of the certificates served when the folder was last synced
+    /// (`<name>.json`), so a restarted watcher keeps serving a name's last good one
+    /// while etcd holds a bad one. Unreadable files are skipped: judged again anyway.
+    pub(crate) fn saved(&self) -> std::collections::BTreeMap<String, std::sync::Arc<[u8]>> {
+        let mut out = std::collections::BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".json") else {
+                continue;
+            };
+            if let Ok(bytes) = std::fs::read(entry.path()) {
+                out.insert(name.to_string(), bytes.into());
+            }
+        }
+        out
+    }
+
     /// The file of certificate `name` (a valid name: no slash, no dot first).
     pub(crate) fn cert(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.pem"))
@@ -84,12 +104,15 @@ impl Dir {
             if std::fs::read(&path).ok().as_deref() != Some(pem.as_bytes()) {
                 write_whole(&path, pem.as_bytes())?;
             }
+            keep.insert(format!("{name}.json"));
+            replace_if_changed(&self.path.join(format!("{name}.json")), &e.bytes)?;
         }
         replace_if_changed(&self.crt_list(), crt_list(self, served.clone()).as_bytes())?;
         replace_if_changed(&self.hosts(), hosts(served).as_bytes())?;
         for entry in std::fs::read_dir(&self.path)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".pem") && name != DEFAULT && !keep.contains(&name) {
+            let ours = name.ends_with(".pem") || name.ends_with(".json");
+            if ours && name != DEFAULT && !keep.contains(&name) {
                 std::fs::remove_file(self.path.join(&name))?;
             }
         }
@@ -207,6 +230,9 @@ mod tests {
         served.insert("c".to_string(), entry(&["c.example"]));
         dir.sync(served.iter()).unwrap();
         assert_eq!(mode(&dir.cert("a")), 0o600);
+        assert_eq!(mode(&dir.path.join("a.json")), 0o600);
+        assert_eq!(dir.saved().keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(dir.saved()["a"], served["a"].bytes);
         let list = std::fs::read_to_string(dir.crt_list()).unwrap();
         assert_eq!(
             list,
@@ -223,6 +249,7 @@ mod tests {
         served.remove("a");
         dir.sync(served.iter()).unwrap();
         assert!(!dir.cert("a").exists());
+        assert!(!dir.path.join("a.json").exists());
         assert!(dir.default_cert().exists());
         assert_eq!(std::fs::read_to_string(dir.hosts()).unwrap(), "c.example\n");
     }

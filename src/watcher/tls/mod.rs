@@ -12,7 +12,9 @@
 //! config again (`haproxy -c` loads the certificate files too) before it reloads, so
 //! no reload runs onto files no check passed. After a reload a resource's HAProxy runs
 //! what `certs_dir` holds (`Tls::reloaded`); until its first one, what it runs is not
-//! known and nothing is sent (the first apply of a run always reloads).
+//! known and nothing is sent (the first apply of a run always reloads). What was served
+//! is kept beside the files (`<name>.json`, the etcd value) and served again at start,
+//! so a restart during a refusal keeps the name's last good certificate.
 //!
 //! Templates see `crt_list`, `default_cert`, `tls_hosts` (paths), `certs` (name,
 //! domains, not_after of each served certificate: a template that renders them reloads
@@ -128,9 +130,13 @@ impl Tls {
                 None
             }
         };
+        let mut served = Served::default();
+        if let Some(d) = &dir {
+            served.seed(&d.saved(), SystemTime::now());
+        }
         Tls {
             dir,
-            served: Served::default(),
+            served,
             known: vec![None; resources],
         }
     }

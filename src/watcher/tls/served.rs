@@ -120,6 +120,23 @@ impl Served {
         events
     }
 
+    /// At start: what the last run served (`files::Dir::saved`), judged now and taken
+    /// as served silently, so the first `judge` keeps a name's last good certificate
+    /// while etcd holds a bad one (and removes what etcd no longer has).
+    pub(crate) fn seed(&mut self, saved: &BTreeMap<String, Arc<[u8]>>, now: SystemTime) {
+        for (name, bytes) in saved {
+            if let Ok(cert) = certs::check(name, bytes, now) {
+                self.served.insert(
+                    name.clone(),
+                    Entry {
+                        bytes: bytes.clone(),
+                        cert: Arc::new(cert),
+                    },
+                );
+            }
+        }
+    }
+
     /// HAProxy refused the certificate `name` serves now (its own parser is stricter
     /// than ours somewhere): it is refused like a bad one, and the certificate it
     /// replaced in the last `judge`, if any, is served again.
@@ -202,6 +219,21 @@ mod tests {
         assert_eq!(s.refused().count(), 0);
         assert_eq!(s.judge(&raw(&[]), now), [Event::Removed("a".into())]);
         assert!(s.served().is_empty());
+    }
+
+    #[test]
+    fn after_a_restart_the_last_good_certificate_stays_served_under_a_bad_value() {
+        let now = SystemTime::now();
+        let good = value(&["a.example"], &["a.example"]);
+        let bad: Arc<[u8]> = b"{}".to_vec().into();
+        let mut s = Served::default();
+        s.seed(&raw(&[("a", &good), ("gone", &good)]), now);
+        let ev = s.judge(&raw(&[("a", &bad)]), now);
+        assert!(
+            matches!(&ev[..], [Event::Refused { kept: true, .. }, Event::Removed(g)] if g == "gone"),
+            "{ev:?}"
+        );
+        assert_eq!(s.served()["a"].bytes, good);
     }
 
     #[test]
