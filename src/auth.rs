@@ -69,6 +69,21 @@ pub fn watcher_principal(prefix: &str, name: &str) -> Principal {
     }
 }
 
+/// A watcher that also issues certificates (`add-watcher --issuer`, the ACME issuer
+/// of `src/acme`): `watcher_principal`, and read-write on `<prefix>/certs/` and
+/// `<prefix>/acme/`. Whoever writes `certs/` chooses what every front door serves.
+pub fn issuer_principal(prefix: &str, name: &str) -> Principal {
+    let mut p = watcher_principal(prefix, name);
+    for dir in ["certs", "acme"] {
+        p.grants.push(Grant {
+            write: true,
+            key: format!("{prefix}/{dir}/"),
+            prefix: true,
+        });
+    }
+    p
+}
+
 /// The same setup as `etcdctl` commands, for review or scripting.
 pub fn etcdctl_lines(p: &Principal, password_file: &Path) -> String {
     let mut out = format!(

@@ -213,6 +213,18 @@ pub enum Command {
     /// 3.6 below 3.6.14, 3.7.0) is refused unless --allow-unsafe-etcd.
     #[command(verbatim_doc_comment, subcommand)]
     Auth(AuthCommand),
+    /// The certificates every front door serves over HTTPS, kept in etcd under
+    /// <prefix>/certs/<name>.
+    ///
+    /// Each watcher checks a certificate before it serves it (the PEM parses, the key is
+    /// the leaf's, the leaf is valid now, the chain runs leaf first with each
+    /// certificate issued by the next, the domains are among the leaf's names) and
+    /// applies it through HAProxy's runtime API, with no reload. A bad one is refused
+    /// and named (log, portolan_cert_rejected_total, the reject hook, status), and the
+    /// name's last good one stays served. Whoever can read <prefix>/certs/ holds the
+    /// private keys: run etcd with TLS and auth (`portolan auth`).
+    #[command(verbatim_doc_comment, subcommand)]
+    Certs(CertsCommand),
     /// Start a one-machine stack to try Portolan: etcd, HAProxy, a registrar and a watcher.
     ///
     /// Needs etcd, haproxy and a running Docker Engine on this machine. Everything it
@@ -307,12 +319,61 @@ pub struct DevArgs {
 }
 
 #[derive(Debug, Clone, Subcommand)]
+pub enum CertsCommand {
+    /// Name, domains, expiry, days left, source and the front doors serving each (from
+    /// the watchers' status keys); a certificate every watcher refuses says why.
+    Ls {
+        #[command(flatten)]
+        etcd: EtcdOptions,
+        /// Print JSON instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store a certificate under NAME ([a-z0-9][a-z0-9._-]{0,63}) after the watchers'
+    /// own checks; a bad one is refused with the reason and nothing is written.
+    /// Importing under an existing NAME renews it: every front door swaps it at run time.
+    Import {
+        name: String,
+        /// PEM chain, leaf first, each certificate followed by its issuer.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// The leaf's private key, PEM, unencrypted PKCS#8 (BEGIN PRIVATE KEY).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Host names to serve it for (SNI), each among the certificate's names
+        /// [default: the certificate's DNS names].
+        #[arg(long, value_name = "NAME[,NAME…]", value_delimiter = ',')]
+        domains: Option<Vec<String>>,
+        #[command(flatten)]
+        etcd: EtcdOptions,
+    },
+    /// Delete certificate NAME: every front door stops serving it (no reload).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        etcd: EtcdOptions,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum AuthCommand {
     /// User and role portolan-node-NODE: read-write on <prefix>/nodes/NODE/ only.
     AddNode(AuthArgs),
-    /// User and role portolan-watcher-NAME: read on <prefix>/, read-write on
-    /// <prefix>/watchers/NAME.
-    AddWatcher(AuthArgs),
+    /// User and role portolan-watcher-NAME: read on <prefix>/ (certs/ included: the
+    /// watcher serves the private keys there), read-write on <prefix>/watchers/NAME;
+    /// with --issuer read-write on <prefix>/certs/ and <prefix>/acme/ too.
+    AddWatcher(WatcherAuthArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatcherAuthArgs {
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Also let this watcher write certificates (<prefix>/certs/) and the ACME state
+    /// (<prefix>/acme/): for the watchers that may issue; `portolan certs import` runs
+    /// with such a user (or root).
+    #[arg(long)]
+    pub issuer: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -262,6 +262,9 @@ async fn with_etcd(
         format!("127.0.0.1:{}", args.stats_port).into(),
     );
     vars.insert("admin_socket".into(), admin.display().to_string().into());
+    // No HTTPS bind: the default *:443 needs root and may be taken (HTTPS in `dev`, with
+    // a dev CA, is not built yet).
+    vars.insert("https_bind".into(), "off".into());
     // HAProxy runs as the developer on temp paths: no user switch, no chroot.
     vars.insert("drop_privileges".into(), false.into());
     let template =

@@ -84,6 +84,7 @@ mod version_tests {
 pub mod acme;
 pub mod auth;
 pub(crate) mod backoff;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod dev;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use portolan::cli::{AuthCommand, Cli, Command};
+use portolan::cli::{AuthCommand, CertsCommand, Cli, Command};
 use portolan::config::{self, FileConfig};
-use portolan::{auth, dev, ls, registrar, shutdown, telemetry, watcher};
+use portolan::{auth, certs, dev, ls, registrar, shutdown, telemetry, watcher};
 
 fn main() -> ExitCode {
     few_malloc_arenas();
@@ -107,7 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Auth(cmd) => {
             let (args, principal): (_, fn(&str, &str) -> auth::Principal) = match cmd {
                 AuthCommand::AddNode(a) => (a, auth::node_principal),
-                AuthCommand::AddWatcher(a) => (a, auth::watcher_principal),
+                AuthCommand::AddWatcher(a) if a.issuer => (a.auth, auth::issuer_principal),
+                AuthCommand::AddWatcher(a) => (a.auth, auth::watcher_principal),
             };
             anyhow::ensure!(
                 portolan::schema::is_valid_name(&args.name),
@@ -118,6 +119,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let p = principal(&etcd.prefix, &args.name);
             auth::run(&etcd, &p, &args.password_file, args.allow_unsafe_etcd).await?;
         }
+        Command::Certs(cmd) => match cmd {
+            CertsCommand::Ls { etcd, json } => {
+                certs::operator::ls(&config::resolve_etcd(&file()?, &etcd)?, json).await?
+            }
+            CertsCommand::Import {
+                name,
+                cert,
+                key,
+                domains,
+                etcd,
+            } => {
+                let etcd = config::resolve_etcd(&file()?, &etcd)?;
+                certs::operator::import(&etcd, &name, &cert, &key, domains).await?
+            }
+            CertsCommand::Rm { name, etcd } => {
+                certs::operator::rm(&config::resolve_etcd(&file()?, &etcd)?, &name).await?
+            }
+        },
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;
         }
@@ -193,6 +212,7 @@ fn subcommand_name(c: &Command) -> &'static str {
         Command::Ls(_) => "ls",
         Command::Check => "check",
         Command::Auth(_) => "auth",
+        Command::Certs(_) => "certs",
         Command::Dev(_) => "dev",
         Command::Completions { .. } => "completions",
         Command::Man { .. } => "man",

@@ -171,11 +171,13 @@ pub enum Key {
     Config {
         path: String,
     },
-    /// `certs/…` (the certificate store) and `acme/…` (the ACME issuer: lock, account,
-    /// orders, challenges): read by their own watches, not by the render path.
-    Tls {
-        path: String,
+    /// A certificate: `certs/<name>` (`crate::certs`; the name is checked there, where a
+    /// bad one is refused and named like a bad certificate).
+    Cert {
+        name: String,
     },
+    /// The ACME issuer's own state (`acme/…`): not an input to rendering.
+    Acme,
 }
 
 /// Classifies a full etcd key. Keys outside the prefix or of unknown shape are errors.
@@ -242,9 +244,10 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Key, SchemaError> {
         "config" if !tail.is_empty() => Ok(Key::Config {
             path: tail.to_string(),
         }),
-        "certs" | "acme" if !tail.is_empty() => Ok(Key::Tls {
-            path: rest.to_string(),
+        "certs" if !tail.is_empty() => Ok(Key::Cert {
+            name: tail.to_string(),
         }),
+        "acme" if !tail.is_empty() => Ok(Key::Acme),
         _ => Err(SchemaError::new(
             key,
             "unknown key kind: expected services/, nodes/, watchers/, config/, certs/ or acme/",
@@ -527,6 +530,13 @@ pub struct WatcherStatus {
     pub removals_held: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_until: Option<u64>,
+    /// Certificates this watcher serves: name → the leaf's expiry (seconds since the
+    /// epoch). `portolan certs ls` reads which front doors serve what from here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub certs_served: std::collections::BTreeMap<String, i64>,
+    /// Certificates refused: name → why (the last good one of the name stays served).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub certs_refused: std::collections::BTreeMap<String, String>,
 }
 
 impl WatcherStatus {
@@ -691,12 +701,14 @@ mod tests {
             }
         );
         // The certificate store's and the ACME issuer's keys: known, not rendered.
-        for (key, path) in [
-            ("/portolan/certs/web.example.com", "certs/web.example.com"),
-            ("/portolan/acme/lock", "acme/lock"),
-            ("/portolan/acme/challenges/tok", "acme/challenges/tok"),
-        ] {
-            assert_eq!(parse_key(p, key).unwrap(), Key::Tls { path: path.into() });
+        assert_eq!(
+            parse_key(p, "/portolan/certs/web.example.com").unwrap(),
+            Key::Cert {
+                name: "web.example.com".into()
+            }
+        );
+        for key in ["/portolan/acme/lock", "/portolan/acme/challenges/tok"] {
+            assert_eq!(parse_key(p, key).unwrap(), Key::Acme);
         }
         for bad in [
             "/portolan/certs",

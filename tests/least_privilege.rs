@@ -268,3 +268,128 @@ async fn a_registrar_and_a_watcher_work_with_only_the_users_portolan_auth_made()
         "the reload child inherits the password"
     );
 }
+
+/// Whoever reads `<prefix>/certs/` holds every front door's private keys. The attack:
+/// a host's registrar credentials (a node user) reading them, or a plain watcher's
+/// writing one (choosing what every front door serves). Only the watchers read them,
+/// and only a watcher made with `--issuer` writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_user_cannot_read_certificates_and_only_an_issuer_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d);
+    let root_pw = "root-pw-certs";
+    let etcd = secure_etcd(d, root_pw).await;
+    let ep = etcd.endpoint.clone();
+    let prefix = unique_prefix("lpc");
+    write_private(d.join("root.pw"), root_pw);
+    let users = [
+        ("add-node", "n1", false),
+        ("add-watcher", "lb", false),
+        ("add-watcher", "acme1", true),
+    ];
+    for (what, name, issuer) in users {
+        let mut cmd = portolan_cmd();
+        cmd.args([
+            "--config",
+            "/dev/null",
+            "auth",
+            what,
+            name,
+            "--allow-unsafe-etcd",
+        ]);
+        if issuer {
+            cmd.arg("--issuer");
+        }
+        cmd.arg("--password-file")
+            .arg(d.join(format!("{name}.pw")))
+            .args(["--etcd-username", "root", "--etcd-password-file"])
+            .arg(d.join("root.pw"))
+            .args(["--etcd-endpoints", &ep, "--prefix", &prefix])
+            .arg("--etcd-ca")
+            .arg(d.join("ca.pem"));
+        let out = cmd.output().expect("run portolan auth");
+        assert!(out.status.success(), "auth {what}: {}", text(&out.stderr));
+    }
+    let as_user = |user: &str, pw: &str| {
+        let mut c = EtcdConfig::local(&ep, &prefix);
+        c.tls = Some(EtcdTls {
+            ca_file: d.join("ca.pem"),
+            client: None,
+        });
+        c.username = Some(user.into());
+        c.password = Some(Secret::new(pw));
+        c
+    };
+    let pw = |name: &str| {
+        std::fs::read_to_string(d.join(format!("{name}.pw")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let cert_key = format!("{prefix}/certs/web");
+    let secret = r#"{"cert":"","key":"-----BEGIN PRIVATE KEY----- secret","domains":[],"not_after":"","source":"import","issued_at":""}"#;
+    let mut root = portolan::etcd::connect(&as_user("root", root_pw))
+        .await
+        .expect("root");
+    root.put(cert_key.as_str(), secret, None)
+        .await
+        .expect("root writes a certificate");
+    root.put(format!("{prefix}/acme/account"), "account key", None)
+        .await
+        .expect("root writes acme/");
+
+    // The node user: neither certs/ nor acme/, by key or by prefix.
+    let mut node = portolan::etcd::connect(&as_user("portolan-node-n1", &pw("n1")))
+        .await
+        .expect("node");
+    for (what, r) in [
+        ("get certs/web", node.get(cert_key.as_str(), None).await),
+        (
+            "get --prefix certs/",
+            node.get(
+                format!("{prefix}/certs/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await,
+        ),
+        (
+            "get acme/account",
+            node.get(format!("{prefix}/acme/account"), None).await,
+        ),
+    ] {
+        match r {
+            Err(e) => assert!(e.to_string().contains("permission denied"), "{what}: {e}"),
+            Ok(resp) => panic!(
+                "node user could {what}: {:?}",
+                resp.kvs().first().map(|kv| text(kv.value()))
+            ),
+        }
+    }
+    // A plain watcher reads them (it serves them) but cannot write them.
+    let mut lb = portolan::etcd::connect(&as_user("portolan-watcher-lb", &pw("lb")))
+        .await
+        .expect("lb");
+    let got = lb
+        .get(cert_key.as_str(), None)
+        .await
+        .expect("the watcher reads certs/");
+    assert_eq!(got.kvs().len(), 1);
+    let e = lb
+        .put(cert_key.as_str(), "{}", None)
+        .await
+        .expect_err("a plain watcher writes certs/");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    // The issuer writes both.
+    let mut issuer = portolan::etcd::connect(&as_user("portolan-watcher-acme1", &pw("acme1")))
+        .await
+        .expect("issuer");
+    issuer
+        .put(cert_key.as_str(), secret, None)
+        .await
+        .expect("the issuer writes certs/");
+    issuer
+        .put(format!("{prefix}/acme/orders/x"), "o", None)
+        .await
+        .expect("the issuer writes acme/");
+}

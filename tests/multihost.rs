@@ -645,6 +645,8 @@ haproxy_admin_socket = "{admin}"
 [template.vars]
 domain = "test"
 http_bind = "{FRONT_DOOR}"
+# This test is about routing across hosts: no HTTPS bind (tests/certs.rs has that).
+https_bind = "off"
 stats_bind = "127.0.0.1:8404"
 admin_socket = "{admin}"
 "#,

@@ -116,6 +116,12 @@ pub struct WatcherOptions {
     /// [default: /var/lib/portolan-watcher].
     #[arg(long, env = "PORTOLAN_WATCHER_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Where the watcher writes the certificates it serves (one PEM file each, 0600,
+    /// with the key), the crt-list naming them, the hosts they cover and its
+    /// self-signed default certificate; a folder of its own, created 0700
+    /// [default: <state_dir>/certs].
+    #[arg(long, env = "PORTOLAN_WATCHER_CERTS_DIR", value_name = "DIR")]
+    pub certs_dir: Option<PathBuf>,
 }
 
 /// A batch of changes removing more than `share` of the live instances, and at least
@@ -223,6 +229,8 @@ pub struct WatcherConfig {
     pub state_dir: PathBuf,
     /// `[acme]`, when enabled (set by `resolve_watcher`).
     pub acme: Option<super::AcmeConfig>,
+    /// `certs_dir`: the certificates served, as HAProxy reads them (`watcher::tls`).
+    pub certs_dir: PathBuf,
 }
 
 impl WatcherOptions {
@@ -314,7 +322,24 @@ impl WatcherOptions {
             dns_refresh: Duration::from_secs(self.dns_refresh(problems)),
             state_dir: self.state_dir(problems),
             acme: None,
+            certs_dir: self.certs_dir(problems),
         }
+    }
+
+    fn certs_dir(&self, problems: &mut Problems) -> PathBuf {
+        let dir = self.certs_dir.clone().unwrap_or_else(|| {
+            self.state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+                .join("certs")
+        });
+        if !dir.is_absolute() {
+            problems.push(format!(
+                "watcher.certs_dir {}: must be an absolute path (like {DEFAULT_STATE_DIR}/certs)",
+                dir.display()
+            ));
+        }
+        dir
     }
 
     fn dns_refresh(&self, problems: &mut Problems) -> u64 {

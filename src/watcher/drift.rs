@@ -173,6 +173,9 @@ struct Report {
     etcd_rbac_warnings: Vec<String>,
     /// Instance keys confinement refuses (`confine`): in etcd, never rendered.
     refused: Vec<RefusedKey>,
+    /// Certificates stored vs served by this watcher (`certs::operator::compare`);
+    /// apart from `in_sync`.
+    certificates: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -298,6 +301,7 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
     for t in &cfg.templates {
         let mut r = Resource::open(t.clone(), Duration::ZERO).await?;
         r.load_template().await?;
+        r.tls = super::tls::view_of(&cfg.certs_dir, &snapshot.certs);
         let rendered = match r.render(&snapshot) {
             Some(result) => result?,
             None => continue,
@@ -336,6 +340,13 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
         .filter(|e| e.bypassable())
         .map(|e| e.describe())
         .collect();
+    let certificates = crate::certs::operator::compare(
+        &snapshot.certs,
+        &watcher
+            .as_ref()
+            .map(|w| w.certs_served.clone())
+            .unwrap_or_default(),
+    );
     let report = Report {
         in_sync: differences.is_empty(),
         etcd_revision: revision,
@@ -352,6 +363,7 @@ pub async fn run(cfg: &WatcherConfig, json: bool) -> anyhow::Result<bool> {
                 rule: r.rule,
             })
             .collect(),
+        certificates,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -387,6 +399,7 @@ fn print_report(report: &Report, watcher: &str) {
     for r in &report.refused {
         println!("refused: {}: {}", r.key, r.rule);
     }
+    println!("{}", report.certificates);
 }
 
 #[cfg(test)]

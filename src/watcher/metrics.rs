@@ -77,6 +77,10 @@ pub(crate) struct Metrics {
     pub(crate) acme_orders: Family<Labels, Counter>,
     /// `portolan_etcd_rbac_bypassable`, set by `etcd::advisory::watch`.
     pub(crate) etcd_rbac_bypassable: Gauge,
+    /// `portolan_cert_not_after_seconds{name}`: each served certificate's expiry.
+    pub(crate) cert_not_after: Family<Vec<(&'static str, String)>, Gauge>,
+    /// `portolan_cert_rejected_total{reason}`: certificates refused (`certs::Refusal`).
+    pub(crate) cert_rejected: Family<Labels, Counter>,
     ready: AtomicBool,
     etcd_connected: AtomicBool,
 }
@@ -116,6 +120,8 @@ impl Metrics {
             hooks: HookMetrics::default(),
             acme_orders: Family::default(),
             etcd_rbac_bypassable: Gauge::default(),
+            cert_not_after: Family::default(),
+            cert_rejected: Family::default(),
             ready: AtomicBool::new(false),
             etcd_connected: AtomicBool::new(false),
             registry: Registry::default(),
@@ -129,6 +135,17 @@ impl Metrics {
             "acme_orders",
             "ACME orders by result: created (a new order at the CA), resumed (one in progress, picked up), valid (certificate written), failed",
             m.acme_orders.clone(),
+        );
+        root.register_with_unit(
+            "cert_not_after",
+            "Expiry of each certificate this watcher serves, seconds since the epoch",
+            prometheus_client::registry::Unit::Seconds,
+            m.cert_not_after.clone(),
+        );
+        root.register(
+            "cert_rejected",
+            "Certificates refused, by reason (the last good one of the name is served)",
+            m.cert_rejected.clone(),
         );
         crate::etcd::advisory::register(&mut root, &m.etcd_rbac_bypassable);
         Metrics {

@@ -61,6 +61,7 @@ mod source;
 mod status;
 pub mod store;
 mod template_files;
+mod tls;
 mod ui;
 
 use std::sync::Arc;
@@ -178,8 +179,10 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
         tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
         effective.resume_hold(std::time::Instant::now() + left);
     }
+    let tls = tls::Tls::open(&cfg.certs_dir, resources.len());
     let mut lp = Loop {
         cfg: &cfg,
+        tls,
         repeats: resources.iter().map(|_| Default::default()).collect(),
         resources,
         deferred: deferred::Deferred::default(),
@@ -284,6 +287,8 @@ async fn open_resources(cfg: &WatcherConfig, metrics: &Metrics) -> anyhow::Resul
 
 struct Loop<'a> {
     cfg: &'a WatcherConfig,
+    /// The certificates served, and what each HAProxy runs of them.
+    tls: tls::Tls,
     resources: Vec<Resource>,
     /// Per resource: the refusal whose hook went out last (sent once per file).
     repeats: Vec<report::Repeats>,

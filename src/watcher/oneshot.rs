@@ -61,6 +61,7 @@ pub async fn render_once(cfg: &WatcherConfig, once: Once) -> anyhow::Result<bool
             .with_context(|| format!("cannot read {}", t.dest.display()))?;
         r.assume_running();
         r.load_template().await?;
+        r.tls = super::tls::view_of(&cfg.certs_dir, &snapshot.certs);
         let rendered = match r.render(&snapshot) {
             Some(result) => result?,
             None => continue,

@@ -96,6 +96,16 @@ impl Loop<'_> {
                 .map_or(published.received, |s| s.min(published.received)),
         );
         let started = std::time::Instant::now();
+        // Certificates before any render: the files a reload or check loads are in place.
+        let synced = self
+            .tls
+            .sync(
+                &published.snapshot.certs,
+                &mut self.resources,
+                self.cfg.command_timeout,
+            )
+            .await;
+        self.certs_synced(synced, revision);
         let held = self.effective.held();
         let mut pass = report::Pass::new(
             (held > 0)
@@ -122,6 +132,9 @@ impl Loop<'_> {
             };
             self.sink.metrics.renders.inc();
             let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
+            if matches!(outcome, super::apply::Outcome::Reloaded { .. }) {
+                self.tls.reloaded(i);
+            }
             let name = r.name();
             let mut report = report::apply(&outcome, &Scene::of(r, &name, snapshot, started));
             repeats.judge(&mut report, rendered.as_bytes());
@@ -132,6 +145,81 @@ impl Loop<'_> {
             }
         }
         self.passed(pass, revision, snapshot, started.elapsed());
+    }
+
+    /// Says what the certificate sync did: log, metrics, `reject` hooks, status.
+    fn certs_synced(&self, synced: super::tls::Synced, revision: i64) {
+        use super::tls::Event;
+        let metrics = &self.sink.metrics;
+        let dest = |i: usize| {
+            self.resources
+                .get(i)
+                .map(|r| r.cfg.dest.clone())
+                .unwrap_or_default()
+        };
+        for e in &synced.events {
+            match e {
+                Event::Added(name) | Event::Renewed(name) => {
+                    let what = if matches!(e, Event::Added(_)) {
+                        "served"
+                    } else {
+                        "renewed"
+                    };
+                    tracing::info!(cert = %name, "certificate {name} {what}");
+                }
+                Event::Removed(name) => {
+                    tracing::info!(cert = %name, "certificate {name} no longer served (deleted from etcd, or expired)");
+                    metrics.cert_not_after.remove(&vec![("name", name.clone())]);
+                }
+                Event::Refused {
+                    name,
+                    refused,
+                    kept,
+                } => {
+                    let kept = if *kept {
+                        "its last good version stays served"
+                    } else {
+                        "nothing is served under that name"
+                    };
+                    let key = crate::certs::key(&self.cfg.etcd.prefix, name);
+                    let summary = format!("certificate {key} refused: {refused}; {kept}");
+                    tracing::warn!(key = %key, reason = refused.reason.label(), "{summary}");
+                    metrics
+                        .cert_rejected
+                        .get_or_create(&[("reason", refused.reason.label())])
+                        .inc();
+                    for r in &self.resources {
+                        self.sink.hook(
+                            WatcherEvent::Reject,
+                            summary.clone(),
+                            &r.cfg.dest,
+                            revision,
+                        );
+                    }
+                }
+            }
+        }
+        for (i, n) in &synced.runtime {
+            tracing::info!(dest = %dest(*i).display(), "certificates applied through the runtime API ({n} change(s)), no reload");
+        }
+        for (i, why) in &synced.fallback {
+            tracing::info!(dest = %dest(*i).display(), "certificates changed and the runtime API cannot apply them ({why}): a checked reload follows");
+        }
+        if let Some(e) = &synced.error {
+            tracing::error!("{e}");
+        }
+        let served = self.tls.served();
+        for (name, at) in &served {
+            metrics
+                .cert_not_after
+                .get_or_create(&vec![("name", name.clone())])
+                .set(*at);
+        }
+        let refused = self.tls.refused();
+        self.sink.status(|s| {
+            s.certs_served = served;
+            s.certs_refused = refused;
+        });
     }
 
     /// Says what the guard and linger made of this snapshot.

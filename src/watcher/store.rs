@@ -46,6 +46,11 @@ pub struct StoreSnapshot {
     /// Raw values under `<prefix>/config/`, by path below it. Not validated here: a
     /// template pastes one into a config line only through the `haproxy_arg` filter.
     pub(crate) kv: BTreeMap<String, String>,
+    /// Raw values under `<prefix>/certs/`, by name, judged by `watcher::tls` (which
+    /// keeps serving the last good one of a name whose new value it refuses). Never
+    /// serialised: they hold private keys, and snapshots reach the status page.
+    #[serde(skip)]
+    pub(crate) certs: BTreeMap<String, Arc<[u8]>>,
 }
 
 impl StoreSnapshot {
@@ -70,6 +75,7 @@ pub struct Store {
     /// etcd key → (v2 key, node name, record).
     nodes: BTreeMap<String, (bool, String, NodeRecord)>,
     kv: BTreeMap<String, String>,
+    certs: BTreeMap<String, Arc<[u8]>>,
     /// Keys currently in etcd that were left out, with the rule they broke.
     invalid: BTreeMap<String, String>,
 }
@@ -156,8 +162,12 @@ impl Store {
                 let v2 = key == schema::node_key(&self.prefix, &name);
                 self.nodes.insert(key.to_string(), (v2, name, rec));
             }
-            // Watchers' own status records are not inputs to rendering.
-            Key::Watcher { .. } | Key::Tls { .. } => {}
+            // Watchers' own status records and the issuer's state are not inputs to
+            // rendering.
+            Key::Watcher { .. } | Key::Acme => {}
+            Key::Cert { name } => {
+                self.certs.insert(name, value.into());
+            }
             Key::Config { path } => {
                 let text = String::from_utf8(value.to_vec()).map_err(|_| SchemaError {
                     key: key.to_string(),
@@ -173,8 +183,14 @@ impl Store {
         self.invalid.remove(key);
         self.instances.remove(key);
         self.nodes.remove(key);
-        if let Ok(Key::Config { path }) = schema::parse_key(&self.prefix, key) {
-            self.kv.remove(&path);
+        match schema::parse_key(&self.prefix, key) {
+            Ok(Key::Config { path }) => {
+                self.kv.remove(&path);
+            }
+            Ok(Key::Cert { name }) => {
+                self.certs.remove(&name);
+            }
+            _ => {}
         }
     }
 
@@ -254,6 +270,7 @@ impl Store {
             services,
             nodes: nodes.into_iter().map(|(n, (_, r))| (n, r)).collect(),
             kv: self.kv.clone(),
+            certs: self.certs.clone(),
         }
     }
 }
@@ -361,6 +378,25 @@ mod tests {
         }
         assert!(s.snapshot().services.is_empty());
         assert_eq!(s.invalid_count(), 6);
+    }
+
+    #[test]
+    fn certificates_are_kept_raw_by_name_and_never_serialised() {
+        let mut s = Store::new(P);
+        let secret = r#"{"key":"-----BEGIN PRIVATE KEY----- secret"}"#;
+        assert!(s.apply(put("/portolan/certs/web", secret)).is_none());
+        assert!(s.apply(put("/portolan/acme/account", "k")).is_none());
+        let snap = s.snapshot();
+        assert_eq!(&*snap.certs["web"], secret.as_bytes());
+        // Snapshots reach the status page (/api/status): no key may, in any spelling.
+        let json = serde_json::to_value(&snap).unwrap();
+        assert!(json.get("certs").is_none(), "{json}");
+        assert!(!json.to_string().contains("PRIVATE KEY"), "{json}");
+        s.apply(Change::Delete {
+            key: "/portolan/certs/web".into(),
+        });
+        assert!(s.snapshot().certs.is_empty());
+        assert_eq!(s.invalid_count(), 0);
     }
 
     #[test]

@@ -350,6 +350,8 @@ pub struct FrontDoor {
     pub prefix: String,
     pub name: String,
     pub http_port: u16,
+    /// The default template's HTTPS bind (`https_bind`).
+    pub https_port: u16,
     pub stats_port: u16,
     pub metrics_port: u16,
     pub template: PathBuf,
@@ -390,6 +392,7 @@ impl FrontDoor {
         let dest = dir.path().join("haproxy.cfg");
         let sock = dir.path().join("master.sock");
         let http_port = free_port();
+        let https_port = free_port();
         let stats_port = free_port();
         let metrics_port = free_port();
         std::fs::write(&dest, bootstrap_config(http_port)).expect("bootstrap config");
@@ -451,6 +454,7 @@ check_cmd = {check:?}
 drop_privileges = false
 domain = "{DOMAIN}"
 http_bind = "127.0.0.1:{http_port}"
+https_bind = "127.0.0.1:{https_port}"
 stats_bind = "127.0.0.1:{stats_port}"
 {vars}
 "#,
@@ -469,6 +473,7 @@ stats_bind = "127.0.0.1:{stats_port}"
             prefix,
             name,
             http_port,
+            https_port,
             stats_port,
             metrics_port,
             template,

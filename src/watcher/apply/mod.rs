@@ -57,6 +57,8 @@ pub(crate) struct Resource {
     master_pid: Option<u32>,
     /// Tera values of the instances last rendered, reused by the next render.
     values: render::InstanceValues,
+    /// The certificate paths and served certificates templates see (`watcher::tls`).
+    pub(crate) tls: Option<std::sync::Arc<super::tls::View>>,
 }
 
 /// A check of bytes applied runtime first, to run off the latency path
@@ -116,7 +118,14 @@ impl Resource {
             last_reload: None,
             master_pid: None,
             values: render::InstanceValues::default(),
+            tls: None,
         })
+    }
+
+    /// Files the config loads (certificates) changed in a way the runtime API did not
+    /// carry: see `State::inputs_changed`.
+    pub(crate) fn inputs_changed(&mut self) {
+        self.state.inputs_changed();
     }
 
     /// For one-shot renders: see `State::assume_running`.
@@ -177,9 +186,12 @@ impl Resource {
         snapshot: &StoreSnapshot,
     ) -> Option<Result<String, TemplateError>> {
         let t = self.template.as_ref()?;
-        let ctx = self
+        let mut ctx = self
             .values
             .context_for(snapshot, &self.cfg.vars, t.sees_draining());
+        if let Some(tls) = &self.tls {
+            tls.insert_into(&mut ctx, snapshot);
+        }
         Some(t.render(&ctx))
     }
 

@@ -152,6 +152,13 @@ impl State {
         self.check_first = true;
     }
 
+    /// Files the config loads (certificates, `watcher::tls`) changed and HAProxy does
+    /// not run them: reload, and check first, as no check passed the config with them.
+    pub(crate) fn inputs_changed(&mut self) {
+        self.checked = None;
+        self.reload_pending = true;
+    }
+
     pub(crate) fn live(&self) -> Option<&Bytes> {
         self.live.as_ref()
     }
@@ -438,6 +445,21 @@ mod tests {
         for (name, state, rendered, planner, want) in table {
             assert_eq!(state.route(rendered.as_bytes(), planner), want, "{name}");
         }
+    }
+
+    #[test]
+    fn changed_inputs_reload_an_unchanged_file_only_after_a_check() {
+        // Certificate files the runtime API could not apply: HAProxy must reload, and
+        // no check ran the config with the new files yet, so it runs first.
+        let mut s = running_v1(ALL);
+        assert_eq!(s.route(b"v1", never), Route::Unchanged);
+        s.inputs_changed();
+        assert_eq!(
+            s.route(b"v1", never),
+            check_first(Check::Live, Then::Reload(None))
+        );
+        // Nor does a server change go runtime first past it.
+        assert!(matches!(s.route(b"v2", servers), Route::CheckFirst(_)));
     }
 
     #[test]
