@@ -27,6 +27,7 @@ use tera::{Context, Kwargs, State, Tera, Value};
 
 use crate::schema::Instance;
 
+use super::server_ids;
 use super::store::StoreSnapshot;
 
 /// A template that failed to compile or render. The message is tera's report, which
@@ -129,7 +130,17 @@ fn serving(list: &[Arc<Instance>], with_draining: bool) -> Cow<'_, [Arc<Instance
 /// by another instance meanwhile.
 #[derive(Default)]
 pub struct InstanceValues {
-    cached: std::collections::HashMap<String, (Vec<Arc<Instance>>, Value)>,
+    /// Service → its listed instances, their server ids, and their values.
+    cached: std::collections::HashMap<String, (Vec<Arc<Instance>>, Vec<u32>, Value)>,
+}
+
+/// What a template sees of one instance: its fields and `server_id`, the stable
+/// `id <n>` of its server line (`server_ids`).
+#[derive(serde::Serialize)]
+struct InstanceValue<'a> {
+    #[serde(flatten)]
+    instance: &'a Instance,
+    server_id: u32,
 }
 
 impl InstanceValues {
@@ -170,31 +181,50 @@ impl InstanceValues {
             let list = &*serving(&routed, with_draining);
             let old = self.cached.remove(name);
             let value = match old {
-                Some((held, v))
+                Some((held, sids, v))
                     if held.len() == list.len()
                         && held.iter().zip(list).all(|(a, b)| Arc::ptr_eq(a, b)) =>
                 {
-                    v
+                    (sids, v)
                 }
                 old => {
-                    let reuse: std::collections::HashMap<usize, &Value> = old
+                    // Ids are settled over the routed instances, draining ones included,
+                    // so a server keeps its id whether or not a template sees draining.
+                    let ids: std::collections::HashMap<usize, u32> = routed
+                        .iter()
+                        .map(|i| Arc::as_ptr(i) as usize)
+                        .zip(server_ids::assign(routed.iter().map(|i| i.id.as_str())))
+                        .collect();
+                    let reuse: std::collections::HashMap<usize, (u32, &Value)> = old
                         .as_ref()
-                        .and_then(|(held, v)| Some(held.iter().zip(v.as_array()?)))
+                        .and_then(|(held, sids, v)| {
+                            Some(held.iter().zip(sids.iter().zip(v.as_array()?)))
+                        })
                         .into_iter()
                         .flatten()
-                        .map(|(i, v)| (Arc::as_ptr(i) as usize, v))
+                        .map(|(i, (sid, v))| (Arc::as_ptr(i) as usize, (*sid, v)))
                         .collect();
+                    let mut sids = Vec::with_capacity(list.len());
                     let values: Vec<Value> = list
                         .iter()
-                        .map(|i| match reuse.get(&(Arc::as_ptr(i) as usize)) {
-                            Some(v) => (*v).clone(),
-                            None => Value::from_serializable(&**i),
+                        .map(|i| {
+                            let ptr = Arc::as_ptr(i) as usize;
+                            let server_id = ids.get(&ptr).copied().unwrap_or(0);
+                            sids.push(server_id);
+                            match reuse.get(&ptr) {
+                                Some((sid, v)) if *sid == server_id => (*v).clone(),
+                                _ => Value::from_serializable(&InstanceValue {
+                                    instance: i,
+                                    server_id,
+                                }),
+                            }
                         })
                         .collect();
-                    Value::from(values)
+                    (sids, Value::from(values))
                 }
             };
-            next.insert(name.clone(), (list.to_vec(), value.clone()));
+            let (sids, value) = value;
+            next.insert(name.clone(), (list.to_vec(), sids, value.clone()));
             services.insert(name.clone(), value);
         }
         self.cached = next;
@@ -347,6 +377,28 @@ mod tests {
         );
         // Nothing changed since: the whole lists are reused, the output is the same.
         assert_eq!(t.render(&cache.context(&next, &vars)).unwrap(), cached);
+    }
+
+    /// Every server carries `server_id`: the stable id its line renders, the same from
+    /// a fresh context and a reused one, whatever else joins the backend.
+    #[test]
+    fn server_ids_are_stable_and_reach_the_template() {
+        let t = Template::compile("t", "{% for i in services.web %}{{ i.id }}={{ i.server_id }} {% endfor %}").unwrap();
+        let vars = toml::Table::new();
+        let one = snap(&[("web", "a", "10.0.0.1:80")]);
+        let a = server_ids::preferred("a");
+        assert_eq!(t.render(&context(&one, &vars)).unwrap(), format!("a={a} "));
+        let mut cache = InstanceValues::default();
+        cache.context(&one, &vars);
+        let mut two = snap(&[("web", "b", "10.0.0.2:80")]);
+        two.services.get_mut("web").unwrap().insert(0, one.services["web"][0].clone());
+        let b = server_ids::preferred("b");
+        let want = format!("a={a} b={b} ");
+        assert_eq!(t.render(&cache.context(&two, &vars)).unwrap(), want);
+        assert_eq!(t.render(&context(&two, &vars)).unwrap(), want);
+        let shipped = Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
+        let out = shipped.render(&context(&two, &vars)).unwrap();
+        assert!(out.contains(&format!("server a 10.0.0.1:80 id {a} weight 100 check")), "{out}");
     }
 
     const TPL: &str = "{% for name, instances in services %}backend {{ name }}\n\

@@ -400,6 +400,7 @@ fn backend_ops<'a>(
         .into_iter()
         .chain([n])
         .any(|s| PERSISTENCE.iter().any(|k| s.directives(k).next().is_some()));
+    let (adds_before, replaces_before) = (ops.adds.len(), ops.replaces.len());
     for (name, line) in &n.servers {
         let Some(old_line) = o.servers.get(name) else {
             match add(backend, line, &defaults_args) {
@@ -420,7 +421,40 @@ fn backend_ops<'a>(
             )?;
         }
     }
+    // Adds run before removes: an added server whose `id` a live server of another
+    // name still holds would be refused (a rare renumbering, see `server_ids`).
+    let held: std::collections::HashMap<&str, &str> = o
+        .servers
+        .iter()
+        .filter_map(|(name, line)| Some((server_id(line)?, *name)))
+        .collect();
+    let added = ops.adds[adds_before..]
+        .iter()
+        .chain(&ops.replaces[replaces_before..]);
+    for op in added {
+        if let RuntimeOp::Add { server, args, .. } = op {
+            let id = args
+                .iter()
+                .position(|a| a == "id")
+                .and_then(|i| args.get(i + 1));
+            if let Some(holder) = id.and_then(|id| held.get(id.as_str())) {
+                if holder != server {
+                    return Err(format!(
+                        "{backend}/{server} takes id {} which {backend}/{holder} holds until it is removed",
+                        id.map(String::as_str).unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The value after `id` in a server line, if it has one.
+fn server_id(line: &str) -> Option<&str> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().skip(3).position(|w| *w == "id")? + 3;
+    words.get(at + 1).copied()
 }
 
 /// The ops for server `name` of `backend`, whose line changed from `old_line` to `line`.
@@ -698,6 +732,40 @@ backend svc_web
         assert_eq!(runtime(plan(BASE, &with(""))).len(), 2);
     }
 
+    /// `add server` takes the line's `id` as it is (HAProxy 2.6 accepts it), so a server
+    /// added at run time keeps the id the file gives it at the next reload.
+    #[test]
+    fn an_added_server_keeps_its_stable_id() {
+        let old = with("    server a 10.0.0.1:80 id 11 weight 100 check\n");
+        let new = with(
+            "    server a 10.0.0.1:80 id 11 weight 100 check\n    server c 10.0.0.3:80 id 33 weight 100 check\n",
+        );
+        let ops = runtime(plan(&old, &new));
+        let RuntimeOp::Add { args, .. } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(args[6..10], ["id", "33", "weight", "100"]);
+        assert!(ops[0].commands()[0]
+            .text
+            .starts_with("add server svc_web/c 10.0.0.3:80 inter 2s fall 3 observe layer4 id 33 "));
+        // A weight change beside an id is still a weight change.
+        let heavier = with("    server a 10.0.0.1:80 id 11 weight 5 check\n");
+        assert!(matches!(&runtime(plan(&old, &heavier))[0], RuntimeOp::Weight { weight, .. } if weight == "5"));
+    }
+
+    /// Adds run before removes, so a new server taking the id of one that leaves in
+    /// the same batch would be refused by HAProxy: that batch reloads instead.
+    #[test]
+    fn an_added_server_whose_id_another_still_holds_reloads() {
+        let old = with("    server a 10.0.0.1:80 id 11 weight 100 check\n");
+        let new = with("    server c 10.0.0.3:80 id 11 weight 100 check\n");
+        let why = reason(plan(&old, &new));
+        assert!(why.contains("svc_web/c takes id 11 which svc_web/a holds"), "{why}");
+        // The same server replaced (its address changed) keeps its id: runtime.
+        let moved = with("    server a 10.0.0.9:80 id 11 weight 100 check\n");
+        assert_eq!(runtime(plan(&old, &moved)).len(), 2);
+    }
+
     fn state(server: &str, state: AdminState) -> RuntimeOp {
         RuntimeOp::State {
             backend: "svc_web".into(),
@@ -880,14 +948,14 @@ backend svc_web
         let golden = include_str!("../../../tests/golden/haproxy.cfg");
         assert_eq!(plan(golden, golden), RuntimePlan::Runtime(vec![]));
         let fewer = golden.replace(
-            "    server host-b-0123456789ab-8080 10.0.0.6:32769 weight 50 check\n",
+            "    server host-b-0123456789ab-8080 10.0.0.6:32769 id 1143396666 weight 50 check\n",
             "",
         );
         assert_eq!(runtime(plan(golden, &fewer)).len(), 1);
         // api's dns-1 is a host name: removing a server is fine, adding one like it is not.
         let more = golden.replace(
-            "    server manual-1 10.0.0.9:80 weight 100 check\n",
-            "    server manual-1 10.0.0.9:80 weight 100 check\n    server dns-2 api2.internal:8080 weight 100 check\n",
+            "    server manual-1 10.0.0.9:80 id 1785994721 weight 100 check\n",
+            "    server manual-1 10.0.0.9:80 id 1785994721 weight 100 check\n    server dns-2 api2.internal:8080 id 2 weight 100 check\n",
         );
         assert!(matches!(plan(golden, &more), RuntimePlan::Reload(_)));
     }
