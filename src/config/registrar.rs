@@ -120,6 +120,37 @@ pub struct ServiceOptions {
     /// --addrs`, never routed — a host's etcd peers must not become reachable at
     /// `Host: etcd-peers.<domain>`].
     pub route: Option<bool>,
+    // Route options (README, "Routing"), with `route = true`: the labels of the same
+    // names (`portolan.hosts`, `portolan.check.path` as `check_path`, …).
+    /// Extra host names, `*.example.org` wildcards among them.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// false: no `<name>.<domain>` route [default: true].
+    pub default_host: Option<bool>,
+    /// A path prefix, `/api` (longest prefix wins, then host).
+    pub path: Option<String>,
+    /// Take the path prefix off before the request reaches the service.
+    pub strip_prefix: Option<bool>,
+    /// `http` or `tcp` (with `sni` or `listen`) [default: http].
+    pub mode: Option<String>,
+    /// TLS server names passed through unterminated on the shared HTTPS port.
+    #[serde(default)]
+    pub sni: Vec<String>,
+    /// A TCP port of its own on the front door.
+    pub listen: Option<u16>,
+    /// `roundrobin`, `leastconn`, `source` or `uri` [default: roundrobin].
+    pub balance: Option<String>,
+    /// `cookie`: a client sticks to one server.
+    pub sticky: Option<String>,
+    /// HAProxy's own HTTP check of each server: `GET` this path.
+    pub check_path: Option<String>,
+    /// HAProxy's `timeout server`, `30s`.
+    pub timeout_server: Option<String>,
+    /// Client networks allowed (CIDRs); others get 403.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Connections per server at most.
+    pub maxconn: Option<u32>,
 }
 
 impl ServiceOptions {
@@ -147,6 +178,34 @@ impl ServiceOptions {
                 self.check_rise.map(|n| n.to_string()),
             ),
             ("portolan.route", self.route.map(|b| b.to_string())),
+            (
+                "portolan.hosts",
+                (!self.hosts.is_empty()).then(|| self.hosts.join(",")),
+            ),
+            (
+                "portolan.default_host",
+                self.default_host.map(|b| b.to_string()),
+            ),
+            ("portolan.path", self.path.clone()),
+            (
+                "portolan.strip_prefix",
+                self.strip_prefix.map(|b| b.to_string()),
+            ),
+            ("portolan.mode", self.mode.clone()),
+            (
+                "portolan.sni",
+                (!self.sni.is_empty()).then(|| self.sni.join(",")),
+            ),
+            ("portolan.listen", self.listen.map(|p| p.to_string())),
+            ("portolan.balance", self.balance.clone()),
+            ("portolan.sticky", self.sticky.clone()),
+            ("portolan.check.path", self.check_path.clone()),
+            ("portolan.timeout.server", self.timeout_server.clone()),
+            (
+                "portolan.allow",
+                (!self.allow.is_empty()).then(|| self.allow.join(",")),
+            ),
+            ("portolan.maxconn", self.maxconn.map(|n| n.to_string())),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -399,9 +458,9 @@ port = 5432
         let reg = |s: &ServiceOptions| {
             crate::registrar::selector::service(&s.labels(), s.port, None, &settings).unwrap()
         };
-        assert!(!reg(&c.services[0]).record.route);
-        assert!(reg(&c.services[1]).record.route);
-        assert!(!reg(&c.services[2]).record.route);
+        assert!(!reg(&c.services[0]).record.route.is_routed());
+        assert!(reg(&c.services[1]).record.route.is_routed());
+        assert!(!reg(&c.services[2]).record.route.is_routed());
         assert!(reg(&c.services[0])
             .record
             .to_json()
