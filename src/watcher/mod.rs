@@ -56,6 +56,7 @@ pub mod policy;
 pub mod render;
 mod report;
 mod resolve;
+pub mod routes;
 mod server_ids;
 mod sink;
 mod source;

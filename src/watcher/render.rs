@@ -27,6 +27,7 @@ use tera::{Context, Kwargs, State, Tera, Value};
 
 use crate::schema::Instance;
 
+use super::routes;
 use super::server_ids;
 use super::store::StoreSnapshot;
 
@@ -132,6 +133,8 @@ fn serving(list: &[Arc<Instance>], with_draining: bool) -> Cow<'_, [Arc<Instance
 pub struct InstanceValues {
     /// Service → its listed instances, their server ids, and their values.
     cached: std::collections::HashMap<String, (Vec<Arc<Instance>>, Vec<u32>, Value)>,
+    /// The route conflicts of the last render, so each is logged once.
+    conflicts: Vec<routes::Conflict>,
 }
 
 /// What a template sees of one instance: its fields and `server_id`, the stable
@@ -163,6 +166,7 @@ impl InstanceValues {
         // `route = false` instances (a host's etcd peers): registered to be found, never
         // routed, so templates see them only under `unrouted`.
         let mut unrouted: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        let mut routed_lists: Vec<(&str, Cow<[Arc<Instance>]>)> = Vec::new();
         for (name, all) in &snapshot.services {
             let routed: Cow<[Arc<Instance>]> = if all.iter().all(|i| i.route) {
                 Cow::Borrowed(all)
@@ -226,15 +230,58 @@ impl InstanceValues {
             let (sids, value) = value;
             next.insert(name.clone(), (list.to_vec(), sids, value.clone()));
             services.insert(name.clone(), value);
+            routed_lists.push((name, routed));
         }
         self.cached = next;
+        let routes = self.routes(&routed_lists, vars);
         let mut ctx = Context::new();
         ctx.insert_value("services", Value::from(services));
         ctx.insert("unrouted", &unrouted);
         ctx.insert("nodes", &snapshot.nodes);
         ctx.insert("kv", &snapshot.kv);
         ctx.insert("vars", vars);
+        ctx.insert("routes", &routes);
         ctx
+    }
+
+    /// Route ownership for `routes` in the context (`watcher::routes`): the
+    /// `<service>.<domain>` hosts use `vars.domain`, and no service may listen on a
+    /// port the template binds itself (`http_bind`, `https_bind`, `sni_bind`,
+    /// `stats_bind`). A conflict is logged once, when it appears.
+    fn routes(
+        &mut self,
+        routed: &[(&str, Cow<[Arc<Instance>]>)],
+        vars: &toml::Table,
+    ) -> routes::Routes {
+        let domain = vars
+            .get("domain")
+            .and_then(|v| v.as_str())
+            .unwrap_or("localhost")
+            .to_ascii_lowercase();
+        let reserved: Vec<u16> = [
+            ("http_bind", "*:80"),
+            ("https_bind", ""),
+            ("sni_bind", ""),
+            ("stats_bind", "127.0.0.1:8404"),
+        ]
+        .iter()
+        .filter_map(|(var, default)| {
+            let bind = vars.get(*var).and_then(|v| v.as_str()).unwrap_or(default);
+            bind.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect();
+        let routes = routes::resolve(
+            routed.iter().map(|(n, l)| (*n, &**l)),
+            &domain,
+            &reserved,
+        );
+        for c in &routes.conflicts {
+            if !self.conflicts.contains(c) {
+                tracing::warn!(service = %c.service, "{c}");
+            }
+        }
+        self.conflicts = routes.conflicts.clone();
+        routes
     }
 }
 
