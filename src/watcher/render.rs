@@ -1,8 +1,10 @@
 //! Templates: compile (tera 2) and render from a snapshot. Pure apart from nothing: the
 //! caller reads the template file and hands over its text.
 //!
-//! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`) and `vars` (the
-//! resource's `vars` table from the config file).
+//! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`), `vars` (the
+//! resource's `vars` table from the config file) and `routes` (`watcher::routes`: the
+//! services' route options resolved, one owner per route). Each instance carries
+//! `server_id`, its server's stable id (`watcher::server_ids`).
 //!
 //! Draining instances (their container is stopping) reach only templates that mention
 //! `draining` outside a `{# comment #}`: such a template decides what a draining

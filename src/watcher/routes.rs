@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub struct ServiceRoute {
     /// `http` or `tcp`.
     pub mode: &'static str,
-    /// `roundrobin` unless set.
+    /// Empty unless set (the template's default applies).
     pub balance: &'static str,
     pub sticky: bool,
     /// HTTP check path, or empty.
@@ -42,6 +42,8 @@ pub struct ServiceRoute {
     pub maxconn: u32,
     /// Path prefix to take off (with `strip_prefix`), or empty.
     pub strip: String,
+    /// The listen port it owns (mode tcp), 0: none.
+    pub listen: u16,
 }
 
 /// One HTTP rule: requests for `host` (exact, or below `suffix` for a wildcard) whose
@@ -212,7 +214,12 @@ pub fn resolve<'a>(
                 name,
                 service,
             }),
-            Claim::Listen(port) => routes.listen.push(ListenRule { port, service }),
+            Claim::Listen(port) => {
+                if let Some(s) = routes.services.get_mut(&service) {
+                    s.listen = port;
+                }
+                routes.listen.push(ListenRule { port, service })
+            }
         }
     }
     routes.http.sort_by(|a, b| {
@@ -220,13 +227,14 @@ pub fn resolve<'a>(
             .len()
             .cmp(&a.path.len())
             .then(a.suffix.is_empty().cmp(&b.suffix.is_empty()).reverse())
-            .then(b.host.len().cmp(&a.host.len()))
+            // Among wildcards the longer suffix first; exact hosts never overlap.
+            .then(b.suffix.len().cmp(&a.suffix.len()))
             .then(a.host.cmp(&b.host))
             .then(a.path.cmp(&b.path))
     });
     routes.sni.sort_by(|a, b| {
         (a.suffix.is_empty().cmp(&b.suffix.is_empty()).reverse())
-            .then(b.name.len().cmp(&a.name.len()))
+            .then(b.suffix.len().cmp(&a.suffix.len()))
             .then(a.name.cmp(&b.name))
     });
     routes.conflicts.sort();
@@ -270,7 +278,7 @@ fn service_route(r: &Route) -> ServiceRoute {
             Mode::Http => "http",
             Mode::Tcp => "tcp",
         },
-        balance: r.balance.map_or("roundrobin", |b| b.as_str()),
+        balance: r.balance.map_or("", |b| b.as_str()),
         sticky: r.sticky == Some(Sticky::Cookie),
         check_path: r.check_path.clone().unwrap_or_default(),
         timeout_server: r.timeout_server.clone().unwrap_or_default(),
@@ -281,6 +289,7 @@ fn service_route(r: &Route) -> ServiceRoute {
         } else {
             String::new()
         },
+        listen: 0,
     }
 }
 
@@ -325,7 +334,7 @@ mod tests {
     fn a_plain_service_gets_its_default_host_and_nothing_else() {
         let r = resolve(iter(&services(&[("web", "a", 1, "")])), "example.com", &[]);
         assert_eq!(http(&r), ["web.example.com -> web"]);
-        assert_eq!(r.services["web"].balance, "roundrobin");
+        assert_eq!(r.services["web"].balance, "", "the template's default");
         assert!(r.conflicts.is_empty() && r.sni.is_empty() && r.listen.is_empty());
     }
 
@@ -341,8 +350,8 @@ mod tests {
             http(&r),
             [
                 "example.com/api/v2 -> v2",
-                "example.com/api -> api",
                 "api.d/api -> api",
+                "example.com/api -> api",
                 "example.com -> site",
                 "site.d -> site",
                 "*.a.example.com -> site",
@@ -407,7 +416,8 @@ mod tests {
         assert_eq!(lost, [("db2", "sni db.example.com"), ("grab", "listen 80"), ("pg2", "listen 5432")]);
         // TCP services have no Host route.
         assert!(r.http.is_empty());
-        assert_eq!(r.services["pg"].mode, "tcp");
+        assert_eq!((r.services["pg"].mode, r.services["pg"].listen), ("tcp", 5432));
+        assert_eq!(r.services["pg2"].listen, 0, "refused its port");
     }
 
     #[test]
