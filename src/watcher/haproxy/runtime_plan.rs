@@ -48,6 +48,10 @@ pub(crate) enum RuntimeOp {
         agent: bool,
         /// False when the line says `disabled`: the server stays in maintenance.
         enable: bool,
+        /// The backend hands out dynamic cookies (`cookie … dynamic`): `add server`
+        /// leaves the new server without one until `enable dynamic-cookie backend`
+        /// computes them again (HAProxy 2.6, tried here: the cookie was empty).
+        dynamic_cookie: bool,
     },
     /// Maintenance, then `del server` once its requests are done.
     Remove { backend: String, server: String },
@@ -118,6 +122,7 @@ impl RuntimeOp {
                 check,
                 agent,
                 enable,
+                dynamic_cookie,
             } => {
                 let id = format!("{backend}/{server}");
                 let mut add = format!("add server {id} {addr}");
@@ -126,6 +131,12 @@ impl RuntimeOp {
                     add.push_str(a);
                 }
                 let mut out = vec![Command::new(add, REGISTERED)];
+                if *dynamic_cookie {
+                    out.push(Command::new(
+                        format!("enable dynamic-cookie backend {backend}"),
+                        "",
+                    ));
+                }
                 // A dynamic server starts in maintenance with checks off.
                 for (on, what) in [(*check, "health"), (*agent, "agent"), (*enable, "server")] {
                     if on {
@@ -428,6 +439,15 @@ fn backend_ops<'a>(
         .iter()
         .filter_map(|(name, line)| Some((server_id(line)?, *name)))
         .collect();
+    let dynamic = n.directives("cookie").any(|w| w.contains(&"dynamic"));
+    for op in ops.adds[adds_before..]
+        .iter_mut()
+        .chain(&mut ops.replaces[replaces_before..])
+    {
+        if let RuntimeOp::Add { dynamic_cookie, .. } = op {
+            *dynamic_cookie = dynamic;
+        }
+    }
     let added = ops.adds[adds_before..]
         .iter()
         .chain(&ops.replaces[replaces_before..]);
@@ -618,6 +638,7 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<RuntimeOp, S
         check,
         agent,
         enable,
+        dynamic_cookie: false,
     })
 }
 
@@ -693,6 +714,7 @@ backend svc_web
                 check: true,
                 agent: false,
                 enable: true,
+                dynamic_cookie: false,
             }]
         );
     }
@@ -749,6 +771,16 @@ backend svc_web
             .text
             .starts_with("add server svc_web/c 10.0.0.3:80 inter 2s fall 3 observe layer4 id 33 "));
         // A weight change beside an id is still a weight change.
+        // In a backend of dynamic cookies, the new server gets its cookie computed.
+        let sticky = |s: &str| {
+            s.replace(
+                "    balance roundrobin\n",
+                "    balance roundrobin\n    cookie c insert indirect nocache dynamic\n    dynamic-cookie-key k\n",
+            )
+        };
+        let ops = runtime(plan(&sticky(&old), &sticky(&new)));
+        let texts: Vec<String> = ops[0].commands().into_iter().map(|c| c.text).collect();
+        assert_eq!(texts[1], "enable dynamic-cookie backend svc_web", "{texts:?}");
         let heavier = with("    server a 10.0.0.1:80 id 11 weight 5 check\n");
         assert!(matches!(&runtime(plan(&old, &heavier))[0], RuntimeOp::Weight { weight, .. } if weight == "5"));
     }
