@@ -381,3 +381,44 @@ async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_n
     })
     .await;
 }
+
+/// End to end from Docker labels: a container asking for an extra host and a path
+/// with the prefix stripped is reached there through the front door, and a container
+/// whose route label tries to inject a line is not registered at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_route_labels_reach_the_front_door() {
+    use common::registrar::{Opts, Rig};
+    let mut rig = Rig::new("routes-docker").await;
+    let fd = FrontDoor::start(&rig.etcd, Options::default()).await;
+    // The registrar writes under the watcher's prefix.
+    rig.prefix = fd.prefix.clone();
+    let _registrar = rig.start(&Opts::default());
+    let c = rig.container(&[
+        "--label",
+        "portolan.service=labelled",
+        "--label",
+        "portolan.hosts=labels.example.com",
+        "--label",
+        "portolan.path=/p",
+        "--label",
+        "portolan.strip_prefix=true",
+    ]);
+    let bad = rig.container(&[
+        "--label",
+        "portolan.service=injected",
+        "--label",
+        "portolan.path=/x\n    bind :9999",
+    ]);
+    wait_until("the labelled container answers at its path", T, || async {
+        let (status, body) = get(&fd, "labels.example.com", "/p").await;
+        status == 200 && body.trim() == c.short_id()
+    })
+    .await;
+    assert_eq!(get(&fd, "labels.example.com", "/").await.0, 503);
+    assert_eq!(get(&fd, "labelled.test", "/p/").await.1.trim(), c.short_id());
+    // The other one is left out, named: never in etcd, never in the file.
+    assert!(rig.value(&rig.key("injected", &bad, 8080)).await.is_none());
+    assert!(!fd.dest_text().contains("9999") && !fd.dest_text().contains("injected"));
+    drop((c, bad));
+    common::remove_labelled(&rig.run);
+}
