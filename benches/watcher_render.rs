@@ -62,7 +62,11 @@ fn main() {
             fmt(render),
             fmt(check),
             fmt(no_ids),
-            if ok && ok_no_ids { "" } else { "  (check failed)" }
+            if ok && ok_no_ids {
+                ""
+            } else {
+                "  (check failed)"
+            }
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -88,13 +92,15 @@ fn haproxy_check(file: &std::path::Path, text: &str) -> (Duration, bool) {
 /// `text` with the ` id <n>` of every server line taken out.
 fn without_ids(text: &str) -> String {
     text.lines()
-        .map(|l| match (l.trim_start().starts_with("server "), l.find(" id ")) {
-            (true, Some(at)) => {
-                let rest = &l[at + 4..];
-                let end = rest.find(' ').unwrap_or(rest.len());
-                format!("{}{}\n", &l[..at], &rest[end..])
-            }
-            _ => format!("{l}\n"),
-        })
+        .map(
+            |l| match (l.trim_start().starts_with("server "), l.find(" id ")) {
+                (true, Some(at)) => {
+                    let rest = &l[at + 4..];
+                    let end = rest.find(' ').unwrap_or(rest.len());
+                    format!("{}{}\n", &l[..at], &rest[end..])
+                }
+                _ => format!("{l}\n"),
+            },
+        )
         .collect()
 }

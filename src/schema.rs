@@ -807,18 +807,29 @@ mod tests {
         assert_eq!(r.path.as_deref(), Some("/api"));
         assert!(ok.route);
         for (bad, field) in [
-            (&br#"{"addr":"1.2.3.4:80","route":{"path":"/api\n    bind :9999"}}"#[..], "route.path"),
-            (br#"{"addr":"1.2.3.4:80","route":{"allow":["10.0.0.0/8 #"]}}"#, "route.allow"),
-            (br#"{"addr":"1.2.3.4:80","route":{"balance":"first"}}"#, "route: unknown variant"),
+            (
+                &br#"{"addr":"1.2.3.4:80","route":{"path":"/api\n    bind :9999"}}"#[..],
+                "route.path",
+            ),
+            (
+                br#"{"addr":"1.2.3.4:80","route":{"allow":["10.0.0.0/8 #"]}}"#,
+                "route.allow",
+            ),
+            (
+                br#"{"addr":"1.2.3.4:80","route":{"balance":"first"}}"#,
+                "route: unknown variant",
+            ),
         ] {
             let err = decode_instance("/p/services/web/x", "web", "x", bad).unwrap_err();
             assert_eq!(err.key, "/p/services/web/x");
             assert!(err.rule.contains(field), "{}", err.rule);
         }
         // `route: false` and `route: true` read as before.
-        let off = decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":false}"#).unwrap();
+        let off =
+            decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":false}"#).unwrap();
         assert!(!off.route && off.routing.is_none());
-        let on = decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":true}"#).unwrap();
+        let on =
+            decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":true}"#).unwrap();
         assert!(on.route && on.routing.is_none());
     }
 }

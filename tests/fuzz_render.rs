@@ -455,8 +455,14 @@ fn the_yardstick_is_sound() {
         (format!("{line} backup"), "backup"),
         (line.replace(" disabled", ""), "disabled lost"),
         (format!("backend other\n{line}"), "section"),
-        (line.replace(&format!(" id {id} "), " id 0 "), "id out of range"),
-        (line.replace(&format!(" id {id} "), " id x "), "id not a number"),
+        (
+            line.replace(&format!(" id {id} "), " id 0 "),
+            "id out of range",
+        ),
+        (
+            line.replace(&format!(" id {id} "), " id x "),
+            "id not a number",
+        ),
     ] {
         let tampered = out.replace(line, &bad);
         assert_eq!(

@@ -27,7 +27,9 @@ impl Echo {
         let n = name.to_string();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else { continue };
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
                 let n = n.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -49,10 +51,7 @@ impl Echo {
                 });
             }
         });
-        Echo {
-            addr,
-            task,
-        }
+        Echo { addr, task }
     }
 
     /// A hand-written record with these route options (a JSON object, or "").
@@ -218,7 +217,9 @@ async fn a_tcp_service_gets_its_listen_port() {
 fn self_signed(dir: &std::path::Path, cn: &str) -> (String, String) {
     let (cert, key) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", &format!("/CN={cn}")])
         .arg("-keyout")
         .arg(&key)
@@ -226,7 +227,11 @@ fn self_signed(dir: &std::path::Path, cn: &str) -> (String, String) {
         .arg(&cert)
         .output()
         .expect("openssl req");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert.display().to_string(), key.display().to_string())
 }
 
@@ -301,7 +306,10 @@ async fn tls_is_passed_through_by_sni_on_the_shared_https_port() {
 /// The `Set-Cookie` value HAProxy gave for `name`, if any.
 fn cookie(head: &str, name: &str) -> Option<String> {
     head.lines()
-        .filter_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
         .find_map(|c| c.strip_prefix(&format!("{name}=")))
         .map(|v| v.split(';').next().unwrap_or("").to_string())
 }
@@ -312,13 +320,15 @@ async fn a_sticky_cookie_holds_and_a_runtime_added_server_gets_one_too() {
     let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
     let route = r#"{"sticky":"cookie"}"#;
-    etcd.put(&fd.service_key("web", "a"), &a.record(route)).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record(route))
+        .await;
     wait_until("web routed", T, || async {
         get(&fd, "web.test", "/").await == (200, "a /".to_string())
     })
     .await;
     let reloads = fd.haproxy.reloads().await;
-    etcd.put(&fd.service_key("web", "b"), &b.record(route)).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record(route))
+        .await;
     // b arrives through the runtime API (no reload) and is served with a cookie of its own.
     let mut cookies = std::collections::BTreeMap::new();
     let deadline = tokio::time::Instant::now() + T;
@@ -333,7 +343,11 @@ async fn a_sticky_cookie_holds_and_a_runtime_added_server_gets_one_too() {
             }
         }
     }
-    assert_eq!(fd.haproxy.reloads().await, reloads, "b was added at run time");
+    assert_eq!(
+        fd.haproxy.reloads().await,
+        reloads,
+        "b was added at run time"
+    );
     assert_ne!(cookies["a /"], cookies["b /"]);
     for (body, c) in &cookies {
         for _ in 0..10 {
@@ -356,7 +370,8 @@ async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_n
     let fd = FrontDoor::start(&etcd, Options::default()).await;
     let (first, second) = (Echo::start("first").await, Echo::start("second").await);
     let claim = r#"{"hosts":["shared.example.com"]}"#;
-    etcd.put(&fd.service_key("first", "f"), &first.record(claim)).await;
+    etcd.put(&fd.service_key("first", "f"), &first.record(claim))
+        .await;
     wait_until("first routed", T, || async {
         get(&fd, "shared.example.com", "/").await.1 == "first /"
     })
@@ -369,9 +384,11 @@ async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_n
     .await;
     assert_eq!(get(&fd, "shared.example.com", "/").await.1, "first /");
     wait_until("the refusal is logged, naming both", T, || async {
-        std::fs::read_to_string(&fd.watcher_log).unwrap_or_default().contains(
-            "service second is refused host shared.example.com: service first claimed it first",
-        )
+        std::fs::read_to_string(&fd.watcher_log)
+            .unwrap_or_default()
+            .contains(
+                "service second is refused host shared.example.com: service first claimed it first",
+            )
     })
     .await;
     // Its owner gone, the other takes the route.
@@ -415,7 +432,10 @@ async fn docker_route_labels_reach_the_front_door() {
     })
     .await;
     assert_eq!(get(&fd, "labels.example.com", "/").await.0, 503);
-    assert_eq!(get(&fd, "labelled.test", "/p/").await.1.trim(), c.short_id());
+    assert_eq!(
+        get(&fd, "labelled.test", "/p/").await.1.trim(),
+        c.short_id()
+    );
     // The other one is left out, named: never in etcd, never in the file.
     assert!(rig.value(&rig.key("injected", &bad, 8080)).await.is_none());
     assert!(!fd.dest_text().contains("9999") && !fd.dest_text().contains("injected"));

@@ -266,8 +266,14 @@ fn store_with_routes() -> Store {
     ];
     let warnings = s.reset_created(keys);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
-    assert!(warnings.iter().any(|w| w.rule.contains("route.path")), "{warnings:?}");
-    assert!(warnings.iter().any(|w| w.rule.contains("route.allow")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.rule.contains("route.path")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.rule.contains("route.allow")),
+        "{warnings:?}"
+    );
     s
 }
 
@@ -285,14 +291,25 @@ fn http_template_routes_golden() {
         .expect("renders");
     assert!(!out.contains("9999") && !out.contains("0.0.0.0/0"), "{out}");
     // www.example.com was shop's first: late keeps only its default host.
-    assert!(out.contains("use_backend svc_shop if { var(txn.host) -m str www.example.com }"), "{out}");
-    assert!(!out.contains("use_backend svc_late if { var(txn.host) -m str www.example.com }"), "{out}");
+    assert!(
+        out.contains("use_backend svc_shop if { var(txn.host) -m str www.example.com }"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("use_backend svc_late if { var(txn.host) -m str www.example.com }"),
+        "{out}"
+    );
     let golden = "haproxy-routes.cfg";
     if let Some(dir) = std::env::var_os("PORTOLAN_GOLDEN_OUT") {
         std::fs::write(Path::new(&dir).join(golden), &out).unwrap();
     }
     let path = root().join("tests/golden").join(golden);
     let want = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(out, want, "{} differs; scripts/update-golden.sh", path.display());
+    assert_eq!(
+        out,
+        want,
+        "{} differs; scripts/update-golden.sh",
+        path.display()
+    );
     haproxy_check(&path);
 }

@@ -389,20 +389,44 @@ mod tests {
         ];
         for p in payloads {
             for (field, json) in [
-                ("hosts", serde_json::json!({ "hosts": [format!("a{p}.example.com")] })),
+                (
+                    "hosts",
+                    serde_json::json!({ "hosts": [format!("a{p}.example.com")] }),
+                ),
                 ("hosts", serde_json::json!({ "hosts": [p] })),
                 ("path", serde_json::json!({ "path": format!("/api{p}") })),
-                ("check_path", serde_json::json!({ "check_path": format!("/h{p}") })),
-                ("timeout_server", serde_json::json!({ "timeout_server": format!("30s{p}") })),
-                ("allow", serde_json::json!({ "allow": [format!("10.0.0.0/8{p}")] })),
-                ("sni", serde_json::json!({ "mode": "tcp", "sni": [format!("db{p}.example.com")] })),
+                (
+                    "check_path",
+                    serde_json::json!({ "check_path": format!("/h{p}") }),
+                ),
+                (
+                    "timeout_server",
+                    serde_json::json!({ "timeout_server": format!("30s{p}") }),
+                ),
+                (
+                    "allow",
+                    serde_json::json!({ "allow": [format!("10.0.0.0/8{p}")] }),
+                ),
+                (
+                    "sni",
+                    serde_json::json!({ "mode": "tcp", "sni": [format!("db{p}.example.com")] }),
+                ),
             ] {
                 let err = route(&json.to_string()).unwrap_err();
-                assert!(err.contains(&format!("route.{field}")), "{p:?} in {field}: {err}");
+                assert!(
+                    err.contains(&format!("route.{field}")),
+                    "{p:?} in {field}: {err}"
+                );
             }
             for (field, json) in [
-                ("balance", serde_json::json!({ "balance": format!("roundrobin{p}") })),
-                ("sticky", serde_json::json!({ "sticky": format!("cookie{p}") })),
+                (
+                    "balance",
+                    serde_json::json!({ "balance": format!("roundrobin{p}") }),
+                ),
+                (
+                    "sticky",
+                    serde_json::json!({ "sticky": format!("cookie{p}") }),
+                ),
                 ("mode", serde_json::json!({ "mode": format!("tcp{p}") })),
             ] {
                 assert!(route(&json.to_string()).is_err(), "{p:?} in {field}");
@@ -448,9 +472,18 @@ mod tests {
             (r#"{"listen":5432}"#, "mode = tcp"),
             (r#"{"mode":"tcp"}"#, "needs route.sni"),
             (r#"{"mode":"tcp","listen":0}"#, "not a port"),
-            (r#"{"mode":"tcp","sni":["a.example.com"],"listen":1}"#, "not both"),
-            (r#"{"mode":"tcp","listen":1,"path":"/x"}"#, "route.path is an HTTP setting"),
-            (r#"{"mode":"tcp","listen":1,"sticky":"cookie"}"#, "route.sticky"),
+            (
+                r#"{"mode":"tcp","sni":["a.example.com"],"listen":1}"#,
+                "not both",
+            ),
+            (
+                r#"{"mode":"tcp","listen":1,"path":"/x"}"#,
+                "route.path is an HTTP setting",
+            ),
+            (
+                r#"{"mode":"tcp","listen":1,"sticky":"cookie"}"#,
+                "route.sticky",
+            ),
         ] {
             let err = route(json).unwrap_err();
             assert!(err.contains(says), "{json}: {err}");
@@ -470,7 +503,10 @@ mod tests {
         assert_eq!(on.options().unwrap().path.as_deref(), Some("/api"));
         assert_eq!(serde_json::to_string(&on).unwrap(), r#"{"path":"/api"}"#);
         let err = serde_json::from_str::<Routing>(r#"{"balance":"random"}"#).unwrap_err();
-        assert!(err.to_string().contains("route: unknown variant `random`"), "{err}");
+        assert!(
+            err.to_string().contains("route: unknown variant `random`"),
+            "{err}"
+        );
         assert!(serde_json::from_str::<Routing>("\"yes\"").is_err());
     }
 }

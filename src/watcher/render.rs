@@ -131,10 +131,13 @@ fn serving(list: &[Arc<Instance>], with_draining: bool) -> Cow<'_, [Arc<Instance
 /// whole list; a changed one reuses the values of its unchanged instances. The cache
 /// holds the instances themselves, so an address it compares cannot have been reused
 /// by another instance meanwhile.
+/// One service's listed instances, their server ids and their tera values.
+type Cached = (Vec<Arc<Instance>>, Vec<u32>, Value);
+
 #[derive(Default)]
 pub struct InstanceValues {
     /// Service → its listed instances, their server ids, and their values.
-    cached: std::collections::HashMap<String, (Vec<Arc<Instance>>, Vec<u32>, Value)>,
+    cached: std::collections::HashMap<String, Cached>,
     /// The route conflicts of the last render, so each is logged once.
     conflicts: Vec<routes::Conflict>,
 }
@@ -272,11 +275,7 @@ impl InstanceValues {
             bind.rsplit_once(':')?.1.parse().ok()
         })
         .collect();
-        let routes = routes::resolve(
-            routed.iter().map(|(n, l)| (*n, &**l)),
-            &domain,
-            &reserved,
-        );
+        let routes = routes::resolve(routed.iter().map(|(n, l)| (*n, &**l)), &domain, &reserved);
         for c in &routes.conflicts {
             if !self.conflicts.contains(c) {
                 tracing::warn!(service = %c.service, "{c}");
@@ -432,7 +431,11 @@ mod tests {
     /// a fresh context and a reused one, whatever else joins the backend.
     #[test]
     fn server_ids_are_stable_and_reach_the_template() {
-        let t = Template::compile("t", "{% for i in services.web %}{{ i.id }}={{ i.server_id }} {% endfor %}").unwrap();
+        let t = Template::compile(
+            "t",
+            "{% for i in services.web %}{{ i.id }}={{ i.server_id }} {% endfor %}",
+        )
+        .unwrap();
         let vars = toml::Table::new();
         let one = snap(&[("web", "a", "10.0.0.1:80")]);
         let a = server_ids::preferred("a");
@@ -440,14 +443,21 @@ mod tests {
         let mut cache = InstanceValues::default();
         cache.context(&one, &vars);
         let mut two = snap(&[("web", "b", "10.0.0.2:80")]);
-        two.services.get_mut("web").unwrap().insert(0, one.services["web"][0].clone());
+        two.services
+            .get_mut("web")
+            .unwrap()
+            .insert(0, one.services["web"][0].clone());
         let b = server_ids::preferred("b");
         let want = format!("a={a} b={b} ");
         assert_eq!(t.render(&cache.context(&two, &vars)).unwrap(), want);
         assert_eq!(t.render(&context(&two, &vars)).unwrap(), want);
-        let shipped = Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
+        let shipped =
+            Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
         let out = shipped.render(&context(&two, &vars)).unwrap();
-        assert!(out.contains(&format!("server a 10.0.0.1:80 id {a} weight 100 check")), "{out}");
+        assert!(
+            out.contains(&format!("server a 10.0.0.1:80 id {a} weight 100 check")),
+            "{out}"
+        );
     }
 
     const TPL: &str = "{% for name, instances in services %}backend {{ name }}\n\

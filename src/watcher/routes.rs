@@ -148,7 +148,10 @@ pub fn resolve<'a>(
             .iter()
             .filter(live)
             .min_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)))
-            .or_else(|| list.iter().min_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id))));
+            .or_else(|| {
+                list.iter()
+                    .min_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)))
+            });
         let (age, options) = match oldest {
             Some(i) => ((i.created, false), i.routing.as_deref().unwrap_or(&empty)),
             // An emptied service kept by linger: its backend with a default route.
@@ -342,8 +345,18 @@ mod tests {
     fn longest_prefix_first_then_exact_hosts_then_longer_wildcards() {
         let s = services(&[
             ("api", "a", 1, r#"{"hosts":["example.com"],"path":"/api"}"#),
-            ("v2", "b", 2, r#"{"hosts":["example.com"],"path":"/api/v2","default_host":false}"#),
-            ("site", "c", 3, r#"{"hosts":["example.com","*.example.com","*.a.example.com"]}"#),
+            (
+                "v2",
+                "b",
+                2,
+                r#"{"hosts":["example.com"],"path":"/api/v2","default_host":false}"#,
+            ),
+            (
+                "site",
+                "c",
+                3,
+                r#"{"hosts":["example.com","*.example.com","*.a.example.com"]}"#,
+            ),
         ]);
         let r = resolve(iter(&s), "d", &[]);
         assert_eq!(
@@ -366,12 +379,26 @@ mod tests {
         // b's oldest instance (created 5) is older than a's (created 9).
         let s = services(&[
             ("a", "a1", 9, r#"{"hosts":["shop.example.com"]}"#),
-            ("b", "b1", 12, r#"{"hosts":["shop.example.com"],"path":"/x"}"#),
-            ("b", "b2", 5, r#"{"hosts":["shop.example.com"],"path":"/x"}"#),
+            (
+                "b",
+                "b1",
+                12,
+                r#"{"hosts":["shop.example.com"],"path":"/x"}"#,
+            ),
+            (
+                "b",
+                "b2",
+                5,
+                r#"{"hosts":["shop.example.com"],"path":"/x"}"#,
+            ),
             ("c", "c1", 7, r#"{"hosts":["shop.example.com"]}"#),
         ]);
         let r = resolve(iter(&s), "d", &[]);
-        assert!(http(&r).contains(&"shop.example.com -> c".to_string()), "{:?}", http(&r));
+        assert!(
+            http(&r).contains(&"shop.example.com -> c".to_string()),
+            "{:?}",
+            http(&r)
+        );
         // A different path is a different route: b keeps /x.
         assert!(http(&r).contains(&"shop.example.com/x -> b".to_string()));
         assert_eq!(
@@ -385,7 +412,9 @@ mod tests {
         );
         // a keeps its other routes.
         assert!(http(&r).contains(&"a.d -> a".to_string()));
-        assert!(r.conflicts[0].to_string().contains("service a is refused host shop.example.com: service c"));
+        assert!(r.conflicts[0]
+            .to_string()
+            .contains("service a is refused host shop.example.com: service c"));
     }
 
     #[test]
@@ -395,28 +424,60 @@ mod tests {
             ("evil", "e", 20, r#"{"hosts":["web.example.com"]}"#),
         ]);
         let r = resolve(iter(&s), "example.com", &[]);
-        assert_eq!(http(&r), ["evil.example.com -> evil", "web.example.com -> web"]);
+        assert_eq!(
+            http(&r),
+            ["evil.example.com -> evil", "web.example.com -> web"]
+        );
         assert_eq!(r.conflicts[0].service, "evil");
     }
 
     #[test]
     fn sni_and_listen_routes_have_one_owner_and_reserved_ports_none() {
         let s = services(&[
-            ("db", "d", 1, r#"{"mode":"tcp","sni":["db.example.com","*.db.example.com"]}"#),
+            (
+                "db",
+                "d",
+                1,
+                r#"{"mode":"tcp","sni":["db.example.com","*.db.example.com"]}"#,
+            ),
             ("db2", "d2", 2, r#"{"mode":"tcp","sni":["db.example.com"]}"#),
             ("pg", "p", 3, r#"{"mode":"tcp","listen":5432}"#),
             ("pg2", "p2", 4, r#"{"mode":"tcp","listen":5432}"#),
             ("grab", "g", 0, r#"{"mode":"tcp","listen":80}"#),
         ]);
         let r = resolve(iter(&s), "d", &[80, 443]);
-        let sni: Vec<_> = r.sni.iter().map(|s| (s.name.as_str(), s.service.as_str())).collect();
+        let sni: Vec<_> = r
+            .sni
+            .iter()
+            .map(|s| (s.name.as_str(), s.service.as_str()))
+            .collect();
         assert_eq!(sni, [("db.example.com", "db"), ("*.db.example.com", "db")]);
-        assert_eq!(r.listen, [ListenRule { port: 5432, service: "pg".into() }]);
-        let lost: Vec<_> = r.conflicts.iter().map(|c| (c.service.as_str(), c.what.as_str())).collect();
-        assert_eq!(lost, [("db2", "sni db.example.com"), ("grab", "listen 80"), ("pg2", "listen 5432")]);
+        assert_eq!(
+            r.listen,
+            [ListenRule {
+                port: 5432,
+                service: "pg".into()
+            }]
+        );
+        let lost: Vec<_> = r
+            .conflicts
+            .iter()
+            .map(|c| (c.service.as_str(), c.what.as_str()))
+            .collect();
+        assert_eq!(
+            lost,
+            [
+                ("db2", "sni db.example.com"),
+                ("grab", "listen 80"),
+                ("pg2", "listen 5432")
+            ]
+        );
         // TCP services have no Host route.
         assert!(r.http.is_empty());
-        assert_eq!((r.services["pg"].mode, r.services["pg"].listen), ("tcp", 5432));
+        assert_eq!(
+            (r.services["pg"].mode, r.services["pg"].listen),
+            ("tcp", 5432)
+        );
         assert_eq!(r.services["pg2"].listen, 0, "refused its port");
     }
 
@@ -424,15 +485,30 @@ mod tests {
     fn instances_that_disagree_take_the_oldest_instances_options_and_are_named() {
         let s = services(&[
             ("web", "new", 30, r#"{"balance":"leastconn"}"#),
-            ("web", "old", 10, r#"{"balance":"source","allow":["10.0.0.0/8"]}"#),
-            ("web", "same", 20, r#"{"balance":"source","allow":["10.0.0.0/8"]}"#),
+            (
+                "web",
+                "old",
+                10,
+                r#"{"balance":"source","allow":["10.0.0.0/8"]}"#,
+            ),
+            (
+                "web",
+                "same",
+                20,
+                r#"{"balance":"source","allow":["10.0.0.0/8"]}"#,
+            ),
         ]);
         let r = resolve(iter(&s), "d", &[]);
         assert_eq!(r.services["web"].balance, "source");
         assert_eq!(r.services["web"].allow, "10.0.0.0/8");
         assert_eq!(
             r.conflicts,
-            [Conflict { kind: "options", service: "web".into(), what: "new".into(), owner: "old".into() }]
+            [Conflict {
+                kind: "options",
+                service: "web".into(),
+                what: "new".into(),
+                owner: "old".into()
+            }]
         );
     }
 
@@ -445,7 +521,10 @@ mod tests {
         let mut old = (*s["web"][0]).clone();
         old.draining = true;
         s.get_mut("web").unwrap()[0] = Arc::new(old);
-        assert_eq!(resolve(iter(&s), "d", &[]).services["web"].balance, "leastconn");
+        assert_eq!(
+            resolve(iter(&s), "d", &[]).services["web"].balance,
+            "leastconn"
+        );
     }
 
     #[test]
@@ -459,7 +538,14 @@ mod tests {
         let r = resolve(iter(&s), "d", &[]);
         let a = &r.services["api"];
         assert_eq!(
-            (a.strip.as_str(), a.sticky, a.check_path.as_str(), a.timeout_server.as_str(), a.maxconn, a.allow.as_str()),
+            (
+                a.strip.as_str(),
+                a.sticky,
+                a.check_path.as_str(),
+                a.timeout_server.as_str(),
+                a.maxconn,
+                a.allow.as_str()
+            ),
             ("/api", true, "/healthz", "5s", 7, "10.0.0.0/8 fd00::/8")
         );
         // An emptied service (kept by linger) still has its default route.

@@ -65,9 +65,16 @@ mod tests {
     #[test]
     fn an_id_depends_on_the_name_alone_and_lies_in_haproxys_range() {
         // Pinned: a changed hash would renumber every server of every deployment.
-        assert_eq!(preferred("a"), (0xaf63_dc4c_8601_ec8c_u64 % u64::from(MAX_ID)) as u32 + 1);
+        assert_eq!(
+            preferred("a"),
+            (0xaf63_dc4c_8601_ec8c_u64 % u64::from(MAX_ID)) as u32 + 1
+        );
         assert_eq!(assign(["b", "a"]), assign(["b", "a"]));
-        assert_eq!(assign(["a"])[0], assign(["z", "a"])[1], "neighbours do not matter");
+        assert_eq!(
+            assign(["a"])[0],
+            assign(["z", "a"])[1],
+            "neighbours do not matter"
+        );
         for n in 0..10_000 {
             let id = preferred(&format!("host-{n}-3f2a9c1b7d10-8080"));
             assert!((1..=MAX_ID).contains(&id), "{id}");

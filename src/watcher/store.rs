@@ -37,7 +37,9 @@ pub(crate) enum Change {
         value: Vec<u8>,
         created: i64,
     },
-    Delete { key: String },
+    Delete {
+        key: String,
+    },
 }
 
 /// What templates see: `services`, `nodes`, `kv`. Serialised into the tera context.

@@ -367,7 +367,10 @@ pub(super) fn route(meta: &Meta, port: Option<u16>) -> Result<schema::Route, Lab
                 .ok()
                 .filter(|n| (1..=r::MAX_MAXCONN).contains(n))
                 .ok_or_else(|| {
-                    err(&src, format!("{v:?} is not a number in 1..={}", r::MAX_MAXCONN))
+                    err(
+                        &src,
+                        format!("{v:?} is not a number in 1..={}", r::MAX_MAXCONN),
+                    )
                 })?,
         );
     }
@@ -458,7 +461,10 @@ mod tests {
     fn route_labels_become_the_records_route() {
         let c = inspect(
             &[
-                ("portolan.hosts", "Example.com, www.example.com,*.example.org,example.com"),
+                (
+                    "portolan.hosts",
+                    "Example.com, www.example.com,*.example.org,example.com",
+                ),
                 ("portolan.default_host", "false"),
                 ("portolan.path", "/api"),
                 ("portolan.strip_prefix", "true"),
@@ -481,15 +487,24 @@ mod tests {
         let back = schema::decode_instance("k", "shop-web", "x", json.as_bytes()).unwrap();
         assert_eq!(back.routing.as_deref().unwrap().maxconn, Some(200));
         // No route label: the record is as before (no "route" field).
-        assert!(!regs(&inspect(&[], &[], one_port()))[0].record.to_json().contains("route"));
+        assert!(!regs(&inspect(&[], &[], one_port()))[0]
+            .record
+            .to_json()
+            .contains("route"));
         // TCP, per port.
         let c = inspect(
-            &[("portolan.mode", "tcp"), ("portolan.port.8080.listen", "5432")],
+            &[
+                ("portolan.mode", "tcp"),
+                ("portolan.port.8080.listen", "5432"),
+            ],
             &[],
             one_port(),
         );
         let route = regs(&c)[0].record.route.options().unwrap().clone();
-        assert_eq!((route.mode, route.listen), (schema::route::Mode::Tcp, Some(5432)));
+        assert_eq!(
+            (route.mode, route.listen),
+            (schema::route::Mode::Tcp, Some(5432))
+        );
     }
 
     /// A bad route label is a warning naming it, and the container is not registered
@@ -503,7 +518,11 @@ mod tests {
             ("portolan.hosts", "a.example.com\"", "host name"),
             ("portolan.sni", "db.example.com", "mode = tcp"),
             ("portolan.allow", "10.0.0.0/8 || 0.0.0.0/0", "prefix length"),
-            ("portolan.timeout.server", "30s\n  timeout client 1", "duration"),
+            (
+                "portolan.timeout.server",
+                "30s\n  timeout client 1",
+                "duration",
+            ),
             ("portolan.balance", "first", "not a balance"),
             ("portolan.sticky", "ip", "not a stickiness"),
             ("portolan.maxconn", "0", "1..=1000000"),

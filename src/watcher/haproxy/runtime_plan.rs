@@ -780,9 +780,14 @@ backend svc_web
         };
         let ops = runtime(plan(&sticky(&old), &sticky(&new)));
         let texts: Vec<String> = ops[0].commands().into_iter().map(|c| c.text).collect();
-        assert_eq!(texts[1], "enable dynamic-cookie backend svc_web", "{texts:?}");
+        assert_eq!(
+            texts[1], "enable dynamic-cookie backend svc_web",
+            "{texts:?}"
+        );
         let heavier = with("    server a 10.0.0.1:80 id 11 weight 5 check\n");
-        assert!(matches!(&runtime(plan(&old, &heavier))[0], RuntimeOp::Weight { weight, .. } if weight == "5"));
+        assert!(
+            matches!(&runtime(plan(&old, &heavier))[0], RuntimeOp::Weight { weight, .. } if weight == "5")
+        );
     }
 
     /// Adds run before removes, so a new server taking the id of one that leaves in
@@ -792,7 +797,10 @@ backend svc_web
         let old = with("    server a 10.0.0.1:80 id 11 weight 100 check\n");
         let new = with("    server c 10.0.0.3:80 id 11 weight 100 check\n");
         let why = reason(plan(&old, &new));
-        assert!(why.contains("svc_web/c takes id 11 which svc_web/a holds"), "{why}");
+        assert!(
+            why.contains("svc_web/c takes id 11 which svc_web/a holds"),
+            "{why}"
+        );
         // The same server replaced (its address changed) keeps its id: runtime.
         let moved = with("    server a 10.0.0.9:80 id 11 weight 100 check\n");
         assert_eq!(runtime(plan(&old, &moved)).len(), 2);
