@@ -433,6 +433,80 @@ addr = "10.0.0.7"
         assert!(resolve("").unwrap().services.is_empty());
     }
 
+    /// A `[[service]]` takes the route options as fields of the labels' names, read by
+    /// the labels' code; they need `route = true`, and a bad one names the field.
+    #[test]
+    fn service_route_fields_become_the_records_route() {
+        let c = resolve(
+            r#"
+[[service]]
+name = "pg"
+port = 5432
+route = true
+mode = "tcp"
+listen = 15432
+allow = ["10.0.0.0/8"]
+maxconn = 20
+
+[[service]]
+name = "api"
+port = 8080
+route = true
+hosts = ["api.example.com", "*.api.example.com"]
+path = "/v1"
+strip_prefix = true
+balance = "leastconn"
+sticky = "cookie"
+check_path = "/healthz"
+timeout_server = "45s"
+default_host = false
+"#,
+        )
+        .unwrap();
+        let settings = crate::registrar::selector::fixtures::settings();
+        let reg = |s: &ServiceOptions| {
+            crate::registrar::selector::service(&s.labels(), s.port, None, &settings)
+        };
+        let pg = reg(&c.services[0]).unwrap();
+        assert!(pg.record.to_json().ends_with(
+            r#""route":{"mode":"tcp","listen":15432,"allow":["10.0.0.0/8"],"maxconn":20}}"#
+        ));
+        let api = reg(&c.services[1]).unwrap();
+        let r = api.record.route.options().unwrap();
+        assert_eq!(r.hosts, ["api.example.com", "*.api.example.com"]);
+        assert_eq!(
+            (r.path.as_deref(), r.strip_prefix, r.default_host),
+            (Some("/v1"), true, Some(false))
+        );
+        assert_eq!(r.check_path.as_deref(), Some("/healthz"));
+        // `portolan check` and the start refuse these, naming the section and field.
+        let ConfigError::Invalid(p) = resolve(
+            r#"
+[[service]]
+name = "quiet"
+port = 9000
+path = "/x"
+
+[[service]]
+name = "bad"
+port = 9001
+route = true
+path = "/x\n    bind :9999"
+"#,
+        )
+        .unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            p[0].contains("(\"quiet\"): route options") && p[0].contains("add route = true"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("(\"bad\"): path = ") && p[1].contains("not a path"),
+            "{p:?}"
+        );
+    }
+
     /// `[[service]]` is the documented spelling, `[[registrar.service]]` its alias: both
     /// register, a problem names the spelling it is in, and neither is routed unless
     /// it says `route = true`.
