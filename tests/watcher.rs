@@ -2031,7 +2031,12 @@ async fn hooks_hear_reloads_runtime_changes_and_rejects() {
 
     // A template whose output HAProxy refuses.
     let text = std::fs::read_to_string(&fd.template).unwrap();
-    fd.save_template(&text.replace("    balance roundrobin", "    balance no-such-algorithm"));
+    let bad = text.replace(
+        "{% else %}roundrobin{% endif %}",
+        "{% else %}no-such-algorithm{% endif %}",
+    );
+    assert_ne!(bad, text, "the shipped template's balance line moved");
+    fd.save_template(&bad);
     wait_until("a reject event", T, || async {
         !receiver.events("reject").is_empty()
     })
