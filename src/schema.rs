@@ -534,6 +534,10 @@ pub struct WatcherStatus {
     pub removals_held: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_until: Option<u64>,
+    /// Routes refused to a service because another owns them, and instances outvoted
+    /// on route options (`watcher::routes`), one sentence each, as of the last render.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_conflicts: Vec<String>,
 }
 
 impl WatcherStatus {

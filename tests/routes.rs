@@ -391,10 +391,34 @@ async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_n
             )
     })
     .await;
+    // The watcher's status record names it, and so does `portolan ls` (on stderr).
+    let ls = || async {
+        let out = tokio::process::Command::from(portolan_cmd())
+            .args(["--config", "/dev/null", "ls", "--etcd-endpoints"])
+            .arg(etcd.endpoint())
+            .args(["--prefix", &fd.prefix])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("portolan ls");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let named = format!(
+        "warning: watcher {}: service second is refused host shared.example.com: service first claimed it first",
+        fd.name
+    );
+    wait_until("ls names the conflict", T, || async {
+        ls().await.contains(&named)
+    })
+    .await;
     // Its owner gone, the other takes the route.
     etcd.delete(&fd.service_key("first", "f")).await;
     wait_until("second takes the host", T, || async {
         get(&fd, "shared.example.com", "/").await.1 == "second /"
+    })
+    .await;
+    wait_until("the conflict is over for ls too", T, || async {
+        !ls().await.contains("refused host")
     })
     .await;
 }

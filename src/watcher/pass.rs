@@ -185,7 +185,14 @@ impl Loop<'_> {
         }
         metrics.services.set(snapshot.services.len() as i64);
         metrics.instances.set(snapshot.instance_count() as i64);
+        // Every resource's route conflicts, once each (`portolan status` prints them).
+        let conflicts: std::collections::BTreeSet<String> = self
+            .resources
+            .iter()
+            .flat_map(|r| r.route_conflicts())
+            .collect();
         self.sink.status(|s| {
+            s.route_conflicts = conflicts.into_iter().collect();
             s.revision = revision;
             s.record_apply(
                 pass.reload,

@@ -249,6 +249,11 @@ impl InstanceValues {
         ctx
     }
 
+    /// The route conflicts of the last render (`routes::Conflict`).
+    pub(crate) fn conflicts(&self) -> &[routes::Conflict] {
+        &self.conflicts
+    }
+
     /// Route ownership for `routes` in the context (`watcher::routes`): the
     /// `<service>.<domain>` hosts use `vars.domain`, and no service may listen on a
     /// port the template binds itself (`http_bind`, `https_bind`, `sni_bind`,

@@ -183,6 +183,11 @@ impl Resource {
         Some(t.render(&ctx))
     }
 
+    /// The route conflicts its last render found, one sentence each.
+    pub(crate) fn route_conflicts(&self) -> impl Iterator<Item = String> + '_ {
+        self.values.conflicts().iter().map(|c| c.to_string())
+    }
+
     /// The diff of the live file against `rendered`, for logs and dry runs.
     pub(crate) fn diff(&self, rendered: &str) -> String {
         let live = self.live().map(String::from_utf8_lossy).unwrap_or_default();
