@@ -367,7 +367,16 @@ async fn a_sticky_cookie_holds_and_a_runtime_added_server_gets_one_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_named() {
     let etcd = Etcd::start().await;
-    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    let receiver = common::haproxy::HookReceiver::start().await;
+    let mut fd = FrontDoor::prepare(&etcd, Options::default()).await;
+    let mut config = std::fs::read_to_string(&fd.config).unwrap();
+    config += &format!(
+        "\n[[hook]]\nevents = [\"reject\"]\nurl = {:?}\n",
+        receiver.url
+    );
+    std::fs::write(&fd.config, config).unwrap();
+    fd.start_watcher();
+    fd.wait_for_first_reload().await;
     let (first, second) = (Echo::start("first").await, Echo::start("second").await);
     let claim = r#"{"hosts":["shared.example.com"]}"#;
     etcd.put(&fd.service_key("first", "f"), &first.record(claim))
@@ -411,6 +420,20 @@ async fn of_two_services_claiming_one_host_the_older_keeps_it_and_the_other_is_n
         ls().await.contains(&named)
     })
     .await;
+    // The reject hook heard it once.
+    wait_until("a reject event", T, || async {
+        !receiver.events("reject").is_empty()
+    })
+    .await;
+    let reject = receiver.events("reject");
+    assert_eq!(reject.len(), 1, "{reject:?}");
+    assert!(
+        reject[0]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("route conflict: service second is refused host shared.example.com"),
+        "{reject:?}"
+    );
     // Its owner gone, the other takes the route.
     etcd.delete(&fd.service_key("first", "f")).await;
     wait_until("second takes the host", T, || async {

@@ -121,6 +121,16 @@ impl Loop<'_> {
                 }
             };
             self.sink.metrics.renders.inc();
+            // A route refused to a service is a refusal of what its owner asked for:
+            // the `reject` hook hears it once, when it appears.
+            for c in r.fresh_route_conflicts() {
+                self.sink.hook(
+                    WatcherEvent::Reject,
+                    format!("route conflict: {c}"),
+                    &r.cfg.dest,
+                    revision,
+                );
+            }
             let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
             let name = r.name();
             let mut report = report::apply(&outcome, &Scene::of(r, &name, snapshot, started));

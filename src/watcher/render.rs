@@ -140,6 +140,8 @@ pub struct InstanceValues {
     cached: std::collections::HashMap<String, Cached>,
     /// The route conflicts of the last render, so each is logged once.
     conflicts: Vec<routes::Conflict>,
+    /// Those of them the render before did not have.
+    fresh: Vec<routes::Conflict>,
 }
 
 /// What a template sees of one instance: its fields and `server_id`, the stable
@@ -254,6 +256,11 @@ impl InstanceValues {
         &self.conflicts
     }
 
+    /// The conflicts the last render found that the one before did not.
+    pub(crate) fn fresh_conflicts(&self) -> &[routes::Conflict] {
+        &self.fresh
+    }
+
     /// Route ownership for `routes` in the context (`watcher::routes`): the
     /// `<service>.<domain>` hosts use `vars.domain`, and no service may listen on a
     /// port the template binds itself (`http_bind`, `https_bind`, `sni_bind`,
@@ -281,10 +288,14 @@ impl InstanceValues {
         })
         .collect();
         let routes = routes::resolve(routed.iter().map(|(n, l)| (*n, &**l)), &domain, &reserved);
-        for c in &routes.conflicts {
-            if !self.conflicts.contains(c) {
-                tracing::warn!(service = %c.service, "{c}");
-            }
+        self.fresh = routes
+            .conflicts
+            .iter()
+            .filter(|c| !self.conflicts.contains(c))
+            .cloned()
+            .collect();
+        for c in &self.fresh {
+            tracing::warn!(service = %c.service, "{c}");
         }
         self.conflicts = routes.conflicts.clone();
         routes
