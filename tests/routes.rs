@@ -190,7 +190,7 @@ async fn a_tcp_service_gets_its_listen_port() {
     let fd = FrontDoor::start(
         &etcd,
         Options {
-            vars: "tcp_bind_ip = \"127.0.0.1\"".into(),
+            vars: format!("tcp_bind_ip = \"127.0.0.1\"\nlisten_ports = [{port}]"),
             ..Default::default()
         },
     )

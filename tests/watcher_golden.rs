@@ -283,7 +283,7 @@ fn http_template_routes_golden() {
     let text = std::fs::read_to_string(&src).expect("template");
     let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
     let vars: toml::Table = toml::from_str(
-        "domain = \"example.org\"\nhttp_bind = \"127.0.0.1:8080\"\nhttps_bind = \"127.0.0.1:8443\"\ntcp_bind_ip = \"127.0.0.1\"\ndrop_privileges = false",
+        "domain = \"example.org\"\nhttp_bind = \"127.0.0.1:8080\"\nhttps_bind = \"127.0.0.1:8443\"\ntcp_bind_ip = \"127.0.0.1\"\nlisten_ports = [\"15000-15999\"]\ndrop_privileges = false",
     )
     .unwrap();
     let out = t

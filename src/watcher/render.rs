@@ -262,9 +262,10 @@ impl InstanceValues {
     }
 
     /// Route ownership for `routes` in the context (`watcher::routes`): the
-    /// `<service>.<domain>` hosts use `vars.domain`, and no service may listen on a
-    /// port the template binds itself (`http_bind`, `https_bind`, `sni_bind`,
-    /// `stats_bind`). A conflict is logged once, when it appears.
+    /// `<service>.<domain>` hosts use `vars.domain`; a service may listen only on a port
+    /// `vars.listen_ports` opens and the template does not bind itself (`http_bind`,
+    /// `https_bind`, `sni_bind`, `stats_bind`). A conflict is logged once, when it
+    /// appears.
     fn routes(
         &mut self,
         routed: &[(&str, Cow<[Arc<Instance>]>)],
@@ -287,7 +288,11 @@ impl InstanceValues {
             bind.rsplit_once(':')?.1.parse().ok()
         })
         .collect();
-        let routes = routes::resolve(routed.iter().map(|(n, l)| (*n, &**l)), &domain, &reserved);
+        let ports = routes::ListenPorts {
+            reserved,
+            open: listen_ports(vars),
+        };
+        let routes = routes::resolve(routed.iter().map(|(n, l)| (*n, &**l)), &domain, &ports);
         self.fresh = routes
             .conflicts
             .iter()
@@ -300,6 +305,36 @@ impl InstanceValues {
         self.conflicts = routes.conflicts.clone();
         routes
     }
+}
+
+/// `vars.listen_ports`: ports (`5432`) and ranges (`"6000-6100"`) services may listen
+/// on; anything else in the list is ignored with a warning. Missing: none.
+fn listen_ports(vars: &toml::Table) -> Vec<(u16, u16)> {
+    let Some(list) = vars.get("listen_ports") else {
+        return Vec::new();
+    };
+    let items = list
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(std::slice::from_ref(list));
+    let mut out = Vec::new();
+    for item in items {
+        let range = match item {
+            toml::Value::Integer(n) => u16::try_from(*n).ok().map(|p| (p, p)),
+            toml::Value::String(s) => s
+                .split_once('-')
+                .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))),
+            _ => None,
+        };
+        match range {
+            Some((lo, hi)) if lo >= 1 && lo <= hi => out.push((lo, hi)),
+            _ => tracing::warn!(
+                key = "template.vars.listen_ports",
+                "{item} is not a port or a range like \"6000-6100\": ignored"
+            ),
+        }
+    }
+    out
 }
 
 /// Longest value `haproxy_arg` passes: a config argument, not a document.

@@ -11,7 +11,9 @@
 //!   listen port. Two services claiming one route: the service whose oldest instance
 //!   is older keeps it (ties: the lower service name); the other is refused that route
 //!   and named (kind `route`), keeping its other routes. A listen port the front door
-//!   binds itself (`reserved`) is refused to everyone.
+//!   binds itself, or one the operator did not open for services (`ListenPorts`:
+//!   `vars.listen_ports`, none by default), is refused to everyone: a container must not
+//!   take port 22, nor a port whose bind would fail every reload.
 //! - HTTP rules come in match order: the longest path prefix first, then exact hosts
 //!   before wildcards, then longer wildcards first. A path `/api` matches `/api` and
 //!   `/api/…`, never `/apix`.
@@ -75,7 +77,8 @@ pub struct ListenRule {
 /// A claim refused or an instance outvoted.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Conflict {
-    /// `route` (another service owns it) or `options` (the oldest instance's win).
+    /// `route` (another service owns it), `port` (a listen port no service may take)
+    /// or `options` (the oldest instance's win).
     pub kind: &'static str,
     pub service: String,
     /// The route (`host a.example.org path /api`, `sni db.example.org`, `listen 5432`)
@@ -88,6 +91,11 @@ pub struct Conflict {
 impl std::fmt::Display for Conflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.kind {
+            "port" => write!(
+                f,
+                "service {} is refused {}: {}",
+                self.service, self.what, self.owner
+            ),
             "options" => write!(
                 f,
                 "service {}: instance {}'s route options differ from its oldest instance {}'s, which are used",
@@ -131,12 +139,34 @@ impl Claim {
     }
 }
 
+/// Which ports services may listen on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenPorts {
+    /// Ports the front door binds itself.
+    pub reserved: Vec<u16>,
+    /// Inclusive ranges the operator opened (`vars.listen_ports`); empty: none.
+    pub open: Vec<(u16, u16)>,
+}
+
+impl ListenPorts {
+    /// Why `port` may not be taken, if it may not.
+    fn refuses(&self, port: u16) -> Option<&'static str> {
+        if self.reserved.contains(&port) {
+            Some("the front door binds it itself")
+        } else if !self.open.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)) {
+            Some("it is not in [template.vars] listen_ports")
+        } else {
+            None
+        }
+    }
+}
+
 /// Resolves `services` (routed instances by service, each list sorted by id) for
-/// `domain`; `reserved`: ports the front door binds itself.
+/// `domain`; `ports`: where listen routes may go.
 pub fn resolve<'a>(
     services: impl IntoIterator<Item = (&'a str, &'a [Arc<Instance>])>,
     domain: &str,
-    reserved: &[u16],
+    ports: &ListenPorts,
 ) -> Routes {
     let empty = Route::default();
     let mut routes = Routes::default();
@@ -179,12 +209,12 @@ pub fn resolve<'a>(
     for (_, name, options) in by_age {
         for claim in claims(name, options, domain) {
             if let Claim::Listen(p) = claim {
-                if reserved.contains(&p) {
+                if let Some(why) = ports.refuses(p) {
                     routes.conflicts.push(Conflict {
-                        kind: "route",
+                        kind: "port",
                         service: name.to_string(),
                         what: claim.describe(),
-                        owner: "the front door itself".into(),
+                        owner: why.into(),
                     });
                     continue;
                 }
@@ -320,6 +350,11 @@ mod tests {
         out
     }
 
+    const NONE: ListenPorts = ListenPorts {
+        reserved: Vec::new(),
+        open: Vec::new(),
+    };
+
     fn iter(
         s: &BTreeMap<String, Vec<Arc<Instance>>>,
     ) -> impl Iterator<Item = (&str, &[Arc<Instance>])> {
@@ -335,7 +370,11 @@ mod tests {
 
     #[test]
     fn a_plain_service_gets_its_default_host_and_nothing_else() {
-        let r = resolve(iter(&services(&[("web", "a", 1, "")])), "example.com", &[]);
+        let r = resolve(
+            iter(&services(&[("web", "a", 1, "")])),
+            "example.com",
+            &NONE,
+        );
         assert_eq!(http(&r), ["web.example.com -> web"]);
         assert_eq!(r.services["web"].balance, "", "the template's default");
         assert!(r.conflicts.is_empty() && r.sni.is_empty() && r.listen.is_empty());
@@ -358,7 +397,7 @@ mod tests {
                 r#"{"hosts":["example.com","*.example.com","*.a.example.com"]}"#,
             ),
         ]);
-        let r = resolve(iter(&s), "d", &[]);
+        let r = resolve(iter(&s), "d", &NONE);
         assert_eq!(
             http(&r),
             [
@@ -393,7 +432,7 @@ mod tests {
             ),
             ("c", "c1", 7, r#"{"hosts":["shop.example.com"]}"#),
         ]);
-        let r = resolve(iter(&s), "d", &[]);
+        let r = resolve(iter(&s), "d", &NONE);
         assert!(
             http(&r).contains(&"shop.example.com -> c".to_string()),
             "{:?}",
@@ -423,7 +462,7 @@ mod tests {
             ("web", "w", 10, ""),
             ("evil", "e", 20, r#"{"hosts":["web.example.com"]}"#),
         ]);
-        let r = resolve(iter(&s), "example.com", &[]);
+        let r = resolve(iter(&s), "example.com", &NONE);
         assert_eq!(
             http(&r),
             ["evil.example.com -> evil", "web.example.com -> web"]
@@ -445,7 +484,11 @@ mod tests {
             ("pg2", "p2", 4, r#"{"mode":"tcp","listen":5432}"#),
             ("grab", "g", 0, r#"{"mode":"tcp","listen":80}"#),
         ]);
-        let r = resolve(iter(&s), "d", &[80, 443]);
+        let ports = ListenPorts {
+            reserved: vec![80, 443],
+            open: vec![(1, 10_000)],
+        };
+        let r = resolve(iter(&s), "d", &ports);
         let sni: Vec<_> = r
             .sni
             .iter()
@@ -467,10 +510,27 @@ mod tests {
         assert_eq!(
             lost,
             [
-                ("db2", "sni db.example.com"),
                 ("grab", "listen 80"),
+                ("db2", "sni db.example.com"),
                 ("pg2", "listen 5432")
             ]
+        );
+        assert_eq!(
+            r.conflicts[0].to_string(),
+            "service grab is refused listen 80: the front door binds it itself"
+        );
+        // A port the operator did not open is nobody's: not even the first to ask.
+        let only = ListenPorts {
+            reserved: Vec::new(),
+            open: vec![(6000, 6100)],
+        };
+        let closed = resolve(iter(&s), "d", &only);
+        assert!(closed.listen.is_empty());
+        assert!(closed.conflicts.iter().any(|c| c.to_string()
+            == "service pg is refused listen 5432: it is not in [template.vars] listen_ports"));
+        assert!(
+            resolve(iter(&s), "d", &NONE).listen.is_empty(),
+            "none open by default"
         );
         // TCP services have no Host route.
         assert!(r.http.is_empty());
@@ -498,7 +558,7 @@ mod tests {
                 r#"{"balance":"source","allow":["10.0.0.0/8"]}"#,
             ),
         ]);
-        let r = resolve(iter(&s), "d", &[]);
+        let r = resolve(iter(&s), "d", &NONE);
         assert_eq!(r.services["web"].balance, "source");
         assert_eq!(r.services["web"].allow, "10.0.0.0/8");
         assert_eq!(
@@ -522,7 +582,7 @@ mod tests {
         old.draining = true;
         s.get_mut("web").unwrap()[0] = Arc::new(old);
         assert_eq!(
-            resolve(iter(&s), "d", &[]).services["web"].balance,
+            resolve(iter(&s), "d", &NONE).services["web"].balance,
             "leastconn"
         );
     }
@@ -535,7 +595,7 @@ mod tests {
             1,
             r#"{"path":"/api","strip_prefix":true,"sticky":"cookie","check_path":"/healthz","timeout_server":"5s","maxconn":7,"allow":["10.0.0.0/8","fd00::/8"]}"#,
         )]);
-        let r = resolve(iter(&s), "d", &[]);
+        let r = resolve(iter(&s), "d", &NONE);
         let a = &r.services["api"];
         assert_eq!(
             (
@@ -551,6 +611,6 @@ mod tests {
         // An emptied service (kept by linger) still has its default route.
         let mut e = BTreeMap::new();
         e.insert("gone".to_string(), Vec::new());
-        assert_eq!(http(&resolve(iter(&e), "d", &[])), ["gone.d -> gone"]);
+        assert_eq!(http(&resolve(iter(&e), "d", &NONE)), ["gone.d -> gone"]);
     }
 }
