@@ -84,6 +84,9 @@ pub struct Snapshot {
     pub skipped: Vec<SchemaError>,
     /// Valid keys confinement refuses (`watcher::confine`), in key order.
     pub refused: Vec<Refused>,
+    /// What the watchers' status records say about contested routes
+    /// (`watcher::routes`): `watcher <name>: <sentence>`.
+    pub route_conflicts: Vec<String>,
 }
 
 /// A key that decodes but is refused: who wrote it may not say what it says.
@@ -229,11 +232,28 @@ pub fn snapshot(
         services.insert(service.to_string(), entries);
     }
     skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    let route_conflicts = kvs
+        .iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(&kv.key);
+            let Ok(Key::Watcher { name }) = schema::parse_key(prefix, &key) else {
+                return None;
+            };
+            let w: schema::WatcherStatus = serde_json::from_slice(&kv.value).ok()?;
+            Some(
+                w.route_conflicts
+                    .into_iter()
+                    .map(move |c| format!("watcher {name}: {c}")),
+            )
+        })
+        .flatten()
+        .collect();
     Snapshot {
         prefix: prefix.to_string(),
         revision,
         services,
         skipped,
+        route_conflicts,
         refused: refused
             .into_iter()
             .map(|(key, r)| Refused {
@@ -342,6 +362,8 @@ struct JsonDoc<'a> {
     services: BTreeMap<&'a str, Vec<JsonInstance<'a>>>,
     skipped: Vec<JsonSkipped<'a>>,
     refused: Vec<JsonRefused<'a>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    route_conflicts: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -455,6 +477,7 @@ pub fn json(snap: &Snapshot) -> String {
                 rule: &r.rule,
             })
             .collect(),
+        route_conflicts: &snap.route_conflicts,
     };
     let mut text = serde_json::to_string_pretty(&doc).expect("ls document serialises");
     text.push('\n');
@@ -471,7 +494,11 @@ pub fn warnings(snap: &Snapshot) -> String {
         .refused
         .iter()
         .map(|r| format!("warning: refused key {:?}: {}\n", r.key, r.rule));
-    skipped.chain(refused).collect()
+    let conflicts = snap
+        .route_conflicts
+        .iter()
+        .map(|c| format!("warning: {c}\n"));
+    skipped.chain(refused).chain(conflicts).collect()
 }
 
 /// Reads the snapshot from etcd: one `get --prefix`, one `LeaseTimeToLive` per lease.
@@ -731,6 +758,34 @@ web      host-b-aaaaaaaaaaaa-8080  10.0.0.6:32769  host-b  aaaaaaaaaaaa  expired
             "SERVICE  INSTANCE  ADDR  NODE  CONTAINER  LEASE  WEIGHT  TAGS\n"
         );
         assert_eq!(snap.instance_count(), 0);
+    }
+
+    /// The watchers' status records name contested routes: `ls` repeats them on
+    /// stderr and in the JSON (absent when there are none).
+    #[test]
+    fn route_conflicts_the_watchers_found_are_named() {
+        let kvs = vec![
+            kv("/portolan/services/web/a", "10.0.0.1:80", 0),
+            kv(
+                "/portolan/watchers/lb",
+                r#"{"name":"lb","revision":3,"last_reload_at":null,"last_reload_result":null,"last_error":null,"route_conflicts":["service b is refused host x.example.com: service a claimed it first (its oldest instance is older)"]}"#,
+                0,
+            ),
+        ];
+        let snap = snapshot(P, 1, &kvs, &BTreeMap::new(), &Confinement::default());
+        assert_eq!(
+            warnings(&snap),
+            "warning: watcher lb: service b is refused host x.example.com: service a claimed it first (its oldest instance is older)\n"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json(&snap)).unwrap();
+        assert!(
+            doc["route_conflicts"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("watcher lb: service b is refused"),
+            "{doc}"
+        );
+        assert!(!json(&fixture()).contains("route_conflicts"));
     }
 
     #[test]

@@ -22,6 +22,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod route;
+pub use route::{Route, Routing};
+
 pub const DEFAULT_PREFIX: &str = "/portolan";
 /// HAProxy accepts server weights 0..=256.
 pub const MAX_WEIGHT: u32 = 256;
@@ -334,19 +337,13 @@ pub struct InstanceRecord {
     #[serde(default, skip_serializing_if = "is_false")]
     pub draining: bool,
     /// Routed through the front door: false for a service that is registered only to
-    /// be found (`portolan ls --addrs`), such as a host's etcd peers. Written only when
-    /// false; watchers leave such instances out of `services` in the template context.
-    /// (An older watcher refuses the unknown field, so it routes nothing either.)
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
-    pub route: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
+    /// be found (`portolan ls --addrs`), such as a host's etcd peers, or the route
+    /// options (`route::Route`: extra hosts, a path, TCP/SNI, per-service options) as an
+    /// object. Written only when not plain routing; watchers leave `false` instances out
+    /// of `services` in the template context. (An older watcher refuses the unknown
+    /// field or the object, so it routes nothing either.)
+    #[serde(default, skip_serializing_if = "Routing::is_plain")]
+    pub route: Routing,
 }
 
 fn default_weight() -> u32 {
@@ -367,7 +364,7 @@ impl Default for InstanceRecord {
             tags: Vec::new(),
             weight: DEFAULT_WEIGHT,
             draining: false,
-            route: true,
+            route: Routing::default(),
         }
     }
 }
@@ -399,6 +396,14 @@ pub struct Instance {
     pub host_name: String,
     /// Routed through the front door; see [`InstanceRecord::route`].
     pub route: bool,
+    /// Its route options, validated (`route::Route`); None when it has none. Templates
+    /// see them resolved per service (`watcher::routes`), not per instance.
+    #[serde(skip)]
+    pub routing: Option<std::sync::Arc<Route>>,
+    /// The etcd revision its key was created at (0 when unknown): the older instance
+    /// of two is the one with the lower, which decides who owns a contested route.
+    #[serde(skip)]
+    pub created: i64,
 }
 
 /// Decodes the value of a hand-written `<prefix>/services/<service>/<instance>`: a JSON
@@ -471,6 +476,9 @@ pub fn decode_owned(
             format!("tag {bad:?}: tags must match [A-Za-z0-9_.:=-]{{1,64}}"),
         ));
     }
+    if let Routing::Routed(r) = &record.route {
+        r.validate().map_err(|e| SchemaError::new(key, e))?;
+    }
     if record.weight > MAX_WEIGHT {
         return Err(SchemaError::new(
             key,
@@ -489,7 +497,14 @@ pub fn decode_owned(
         weight: record.weight,
         draining: record.draining,
         host_name: String::new(),
-        route: record.route,
+        route: record.route.is_routed(),
+        routing: record
+            .route
+            .options()
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .map(std::sync::Arc::new),
+        created: 0,
     })
 }
 
@@ -537,6 +552,10 @@ pub struct WatcherStatus {
     /// Certificates refused: name → why (the last good one of the name stays served).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub certs_refused: std::collections::BTreeMap<String, String>,
+    /// Routes refused to a service because another owns them, and instances outvoted
+    /// on route options (`watcher::routes`), one sentence each, as of the last render.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_conflicts: Vec<String>,
 }
 
 impl WatcherStatus {
@@ -799,10 +818,52 @@ mod tests {
             tags: vec![],
             weight: 100,
             draining: false,
-            route: true,
+            route: Routing::default(),
         };
         let json = r.to_json();
         assert!(!json.contains('\n'));
         assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), r);
+    }
+
+    /// A hand-written record is untrusted: a route field that breaks a rule refuses
+    /// the whole record, naming the key and the field (kept without it, an `allow`
+    /// dropped would open the service to everyone).
+    #[test]
+    fn a_record_with_a_bad_route_field_is_refused_whole_and_named() {
+        let ok = decode_instance(
+            "/p/services/web/x",
+            "web",
+            "x",
+            br#"{"addr":"1.2.3.4:80","route":{"path":"/api","allow":["10.0.0.0/8"]}}"#,
+        )
+        .unwrap();
+        let r = ok.routing.as_deref().unwrap();
+        assert_eq!(r.path.as_deref(), Some("/api"));
+        assert!(ok.route);
+        for (bad, field) in [
+            (
+                &br#"{"addr":"1.2.3.4:80","route":{"path":"/api\n    bind :9999"}}"#[..],
+                "route.path",
+            ),
+            (
+                br#"{"addr":"1.2.3.4:80","route":{"allow":["10.0.0.0/8 #"]}}"#,
+                "route.allow",
+            ),
+            (
+                br#"{"addr":"1.2.3.4:80","route":{"balance":"first"}}"#,
+                "route: unknown variant",
+            ),
+        ] {
+            let err = decode_instance("/p/services/web/x", "web", "x", bad).unwrap_err();
+            assert_eq!(err.key, "/p/services/web/x");
+            assert!(err.rule.contains(field), "{}", err.rule);
+        }
+        // `route: false` and `route: true` read as before.
+        let off =
+            decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":false}"#).unwrap();
+        assert!(!off.route && off.routing.is_none());
+        let on =
+            decode_instance("k", "web", "x", br#"{"addr":"1.2.3.4:80","route":true}"#).unwrap();
+        assert!(on.route && on.routing.is_none());
     }
 }

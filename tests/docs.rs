@@ -155,6 +155,8 @@ fn the_readme_lists_every_field_templates_get_on_an_instance() {
         weight: 100,
         draining: false,
         route: true,
+        routing: None,
+        created: 0,
     };
     let serde_json::Value::Object(fields) = serde_json::to_value(&inst).unwrap() else {
         panic!()

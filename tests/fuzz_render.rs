@@ -128,11 +128,24 @@ fn servers_as_allowed(
             want.push((vec!["backend".into(), format!("svc_{name}")], args));
         }
     }
-    let got: Vec<(Vec<String>, Vec<String>)> = parse(out)
-        .into_iter()
-        .filter(|l| l.keyword == "server")
-        .map(|l| (l.section, l.args))
-        .collect();
+    // `id <n>` after the address: the stable server id, a number in HAProxy's range
+    // and unique in its backend (anything else stays in and fails the comparison).
+    let mut ids: std::collections::BTreeSet<(Vec<String>, u32)> = Default::default();
+    let mut got: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for l in parse(out).into_iter().filter(|l| l.keyword == "server") {
+        let mut args = l.args;
+        let id = (args.len() > 3 && args[2] == "id")
+            .then(|| args[3].parse::<u32>().ok())
+            .flatten()
+            .filter(|n| (1..=i32::MAX as u32).contains(n));
+        if let Some(id) = id {
+            if !ids.insert((l.section.clone(), id)) {
+                return Err(format!("server id {id} twice in {:?}", l.section));
+            }
+            args.drain(2..4);
+        }
+        got.push((l.section, args));
+    }
     if got == want {
         return Ok(());
     }
@@ -432,20 +445,26 @@ fn the_yardstick_is_sound() {
         br#"{"addr":"10.0.0.1:80","draining":true}"#.to_vec(),
     )]);
     assert_eq!(servers_as_allowed(&out, &services), Ok(()));
-    let line = "    server a 10.0.0.1:80 weight 100 check disabled";
-    assert!(out.contains(line), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("    server a 10.0.0.1:80 id "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.ends_with(" weight 100 check disabled"), "{out}");
+    let id = line.split_whitespace().nth(4).unwrap();
     for (bad, why) in [
+        (format!("{line} backup"), "backup"),
+        (line.replace(" disabled", ""), "disabled lost"),
+        (format!("backend other\n{line}"), "section"),
         (
-            "    server a 10.0.0.1:80 weight 100 check disabled backup",
-            "backup",
+            line.replace(&format!(" id {id} "), " id 0 "),
+            "id out of range",
         ),
-        ("    server a 10.0.0.1:80 weight 100 check", "disabled lost"),
         (
-            "backend other\n    server a 10.0.0.1:80 weight 100 check disabled",
-            "section",
+            line.replace(&format!(" id {id} "), " id x "),
+            "id not a number",
         ),
     ] {
-        let tampered = out.replace(line, bad);
+        let tampered = out.replace(line, &bad);
         assert_eq!(
             lines(&tampered) - lines(&out),
             usize::from(why == "section"),

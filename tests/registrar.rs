@@ -1495,11 +1495,11 @@ route = true
     assert_eq!((rec.container.as_str(), rec.port), ("", None));
     assert_eq!(rec.tags, ["primary"]);
     // Registered to be found, not routed: `route = false` is the default.
-    assert!(!rec.route);
+    assert!(!rec.route.is_routed());
     // No probe: registered for as long as the registrar runs, at the advertise IP.
     let cache_rec = record(&rig.wait_value(&cache, T).await);
     assert_eq!(cache_rec.addr, "127.0.0.1:6379");
-    assert!(cache_rec.route, "route = true asks for routing");
+    assert!(cache_rec.route.is_routed(), "route = true asks for routing");
     let kvs = rig.kvs().await;
     assert_eq!(kvs[&db].lease, kvs[&rig.node_key()].lease);
 

@@ -246,3 +246,70 @@ fn privileges_are_dropped_unless_drop_privileges_is_false() {
         haproxy_check(&path);
     }
 }
+
+/// Every route option (README "Routing") beside the plain services: extra hosts and a
+/// wildcard, a path with strip, the per-service options, a TCP listen port, SNI
+/// passthrough, a contested host (the older service keeps it) and hand-written
+/// records whose route fields try to inject a line (refused whole, named).
+fn store_with_routes() -> Store {
+    let mut s = Store::new("/portolan");
+    let keys: Vec<(&str, &[u8], i64)> = vec![
+        ("/portolan/services/shop/s1", br#"{"addr":"10.0.1.1:80","route":{"hosts":["example.com","www.example.com","*.shop.example.com"],"balance":"leastconn","sticky":"cookie","check_path":"/healthz","timeout_server":"45s","maxconn":100}}"#, 10),
+        ("/portolan/services/api/a1", br#"{"addr":"10.0.1.2:80","route":{"hosts":["example.com"],"path":"/api","strip_prefix":true,"default_host":false,"allow":["10.0.0.0/8","192.168.0.0/16"]}}"#, 11),
+        ("/portolan/services/apiv2/b1", br#"{"addr":"10.0.1.3:80","route":{"hosts":["example.com"],"path":"/api/v2","default_host":false}}"#, 12),
+        ("/portolan/services/late/l1", br#"{"addr":"10.0.1.4:80","route":{"hosts":["www.example.com"]}}"#, 20),
+        ("/portolan/services/pg/p1", br#"{"addr":"10.0.1.5:5432","route":{"mode":"tcp","listen":15432,"allow":["10.0.0.0/8"]}}"#, 13),
+        ("/portolan/services/db/d1", br#"{"addr":"10.0.1.6:443","route":{"mode":"tcp","sni":["db.example.com","*.db.example.com"],"balance":"source"}}"#, 14),
+        ("/portolan/services/plain/x", b"10.0.1.7:80", 15),
+        ("/portolan/services/evil/e1", b"{\"addr\":\"10.0.1.8:80\",\"route\":{\"path\":\"/x\\n    bind :9999\"}}", 16),
+        ("/portolan/services/evil/e2", br#"{"addr":"10.0.1.9:80","route":{"allow":["0.0.0.0/0 #"]}}"#, 17),
+    ];
+    let warnings = s.reset_created(keys);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.rule.contains("route.path")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.rule.contains("route.allow")),
+        "{warnings:?}"
+    );
+    s
+}
+
+#[test]
+fn http_template_routes_golden() {
+    let src = root().join("templates/haproxy.cfg.tera");
+    let text = std::fs::read_to_string(&src).expect("template");
+    let t = Template::compile(&src.display().to_string(), &text).expect("compiles");
+    let vars: toml::Table = toml::from_str(
+        "domain = \"example.org\"\nhttp_bind = \"127.0.0.1:8080\"\nhttps_bind = \"127.0.0.1:8443\"\ntcp_bind_ip = \"127.0.0.1\"\nlisten_ports = [\"15000-15999\"]\ndrop_privileges = false",
+    )
+    .unwrap();
+    let out = t
+        .render(&context(&store_with_routes().snapshot(), &vars))
+        .expect("renders");
+    assert!(!out.contains("9999") && !out.contains("0.0.0.0/0"), "{out}");
+    // www.example.com was shop's first: late keeps only its default host.
+    assert!(
+        out.contains("use_backend svc_shop if { var(txn.host) -m str www.example.com }"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("use_backend svc_late if { var(txn.host) -m str www.example.com }"),
+        "{out}"
+    );
+    let golden = "haproxy-routes.cfg";
+    if let Some(dir) = std::env::var_os("PORTOLAN_GOLDEN_OUT") {
+        std::fs::write(Path::new(&dir).join(golden), &out).unwrap();
+    }
+    let path = root().join("tests/golden").join(golden);
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        out,
+        want,
+        "{} differs; scripts/update-golden.sh",
+        path.display()
+    );
+    haproxy_check(&path);
+}

@@ -120,6 +120,37 @@ pub struct ServiceOptions {
     /// --addrs`, never routed — a host's etcd peers must not become reachable at
     /// `Host: etcd-peers.<domain>`].
     pub route: Option<bool>,
+    // Route options (README, "Routing"), with `route = true`: the labels of the same
+    // names (`portolan.hosts`, `portolan.check.path` as `check_path`, …).
+    /// Extra host names, `*.example.org` wildcards among them.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// false: no `<name>.<domain>` route [default: true].
+    pub default_host: Option<bool>,
+    /// A path prefix, `/api` (longest prefix wins, then host).
+    pub path: Option<String>,
+    /// Take the path prefix off before the request reaches the service.
+    pub strip_prefix: Option<bool>,
+    /// `http` or `tcp` (with `sni` or `listen`) [default: http].
+    pub mode: Option<String>,
+    /// TLS server names passed through unterminated on the shared HTTPS port.
+    #[serde(default)]
+    pub sni: Vec<String>,
+    /// A TCP port of its own on the front door.
+    pub listen: Option<u16>,
+    /// `roundrobin`, `leastconn`, `source` or `uri` [default: roundrobin].
+    pub balance: Option<String>,
+    /// `cookie`: a client sticks to one server.
+    pub sticky: Option<String>,
+    /// HAProxy's own HTTP check of each server: `GET` this path.
+    pub check_path: Option<String>,
+    /// HAProxy's `timeout server`, `30s`.
+    pub timeout_server: Option<String>,
+    /// Client networks allowed (CIDRs); others get 403.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Connections per server at most.
+    pub maxconn: Option<u32>,
 }
 
 impl ServiceOptions {
@@ -147,6 +178,34 @@ impl ServiceOptions {
                 self.check_rise.map(|n| n.to_string()),
             ),
             ("portolan.route", self.route.map(|b| b.to_string())),
+            (
+                "portolan.hosts",
+                (!self.hosts.is_empty()).then(|| self.hosts.join(",")),
+            ),
+            (
+                "portolan.default_host",
+                self.default_host.map(|b| b.to_string()),
+            ),
+            ("portolan.path", self.path.clone()),
+            (
+                "portolan.strip_prefix",
+                self.strip_prefix.map(|b| b.to_string()),
+            ),
+            ("portolan.mode", self.mode.clone()),
+            (
+                "portolan.sni",
+                (!self.sni.is_empty()).then(|| self.sni.join(",")),
+            ),
+            ("portolan.listen", self.listen.map(|p| p.to_string())),
+            ("portolan.balance", self.balance.clone()),
+            ("portolan.sticky", self.sticky.clone()),
+            ("portolan.check.path", self.check_path.clone()),
+            ("portolan.timeout.server", self.timeout_server.clone()),
+            (
+                "portolan.allow",
+                (!self.allow.is_empty()).then(|| self.allow.join(",")),
+            ),
+            ("portolan.maxconn", self.maxconn.map(|n| n.to_string())),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -374,6 +433,80 @@ addr = "10.0.0.7"
         assert!(resolve("").unwrap().services.is_empty());
     }
 
+    /// A `[[service]]` takes the route options as fields of the labels' names, read by
+    /// the labels' code; they need `route = true`, and a bad one names the field.
+    #[test]
+    fn service_route_fields_become_the_records_route() {
+        let c = resolve(
+            r#"
+[[service]]
+name = "pg"
+port = 5432
+route = true
+mode = "tcp"
+listen = 15432
+allow = ["10.0.0.0/8"]
+maxconn = 20
+
+[[service]]
+name = "api"
+port = 8080
+route = true
+hosts = ["api.example.com", "*.api.example.com"]
+path = "/v1"
+strip_prefix = true
+balance = "leastconn"
+sticky = "cookie"
+check_path = "/healthz"
+timeout_server = "45s"
+default_host = false
+"#,
+        )
+        .unwrap();
+        let settings = crate::registrar::selector::fixtures::settings();
+        let reg = |s: &ServiceOptions| {
+            crate::registrar::selector::service(&s.labels(), s.port, None, &settings)
+        };
+        let pg = reg(&c.services[0]).unwrap();
+        assert!(pg.record.to_json().ends_with(
+            r#""route":{"mode":"tcp","listen":15432,"allow":["10.0.0.0/8"],"maxconn":20}}"#
+        ));
+        let api = reg(&c.services[1]).unwrap();
+        let r = api.record.route.options().unwrap();
+        assert_eq!(r.hosts, ["api.example.com", "*.api.example.com"]);
+        assert_eq!(
+            (r.path.as_deref(), r.strip_prefix, r.default_host),
+            (Some("/v1"), true, Some(false))
+        );
+        assert_eq!(r.check_path.as_deref(), Some("/healthz"));
+        // `portolan check` and the start refuse these, naming the section and field.
+        let ConfigError::Invalid(p) = resolve(
+            r#"
+[[service]]
+name = "quiet"
+port = 9000
+path = "/x"
+
+[[service]]
+name = "bad"
+port = 9001
+route = true
+path = "/x\n    bind :9999"
+"#,
+        )
+        .unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            p[0].contains("(\"quiet\"): route options") && p[0].contains("add route = true"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("(\"bad\"): path = ") && p[1].contains("not a path"),
+            "{p:?}"
+        );
+    }
+
     /// `[[service]]` is the documented spelling, `[[registrar.service]]` its alias: both
     /// register, a problem names the spelling it is in, and neither is routed unless
     /// it says `route = true`.
@@ -399,9 +532,9 @@ port = 5432
         let reg = |s: &ServiceOptions| {
             crate::registrar::selector::service(&s.labels(), s.port, None, &settings).unwrap()
         };
-        assert!(!reg(&c.services[0]).record.route);
-        assert!(reg(&c.services[1]).record.route);
-        assert!(!reg(&c.services[2]).record.route);
+        assert!(!reg(&c.services[0]).record.route.is_routed());
+        assert!(reg(&c.services[1]).record.route.is_routed());
+        assert!(!reg(&c.services[2]).record.route.is_routed());
         assert!(reg(&c.services[0])
             .record
             .to_json()

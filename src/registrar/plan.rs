@@ -179,7 +179,7 @@ mod tests {
                 tags: vec![],
                 weight: schema::DEFAULT_WEIGHT,
                 draining: false,
-                route: true,
+                route: schema::Routing::default(),
             },
             check: probed.then(|| Check {
                 kind: CheckKind::Tcp,

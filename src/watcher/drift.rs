@@ -281,7 +281,11 @@ fn last_apply_line(w: &WatcherStatus, now: u64) -> String {
             .as_deref()
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default(),
-    )
+    ) + &w
+        .route_conflicts
+        .iter()
+        .map(|c| format!("\n  route conflict: {c}"))
+        .collect::<String>()
 }
 
 /// `portolan status`: prints the comparison; true when etcd, the files and HAProxy agree.
@@ -511,6 +515,11 @@ mod tests {
             last_apply_line(&fresh, 53),
             "watcher lb: last apply at etcd revision 0 via runtime, ok, 3s ago; no reload yet"
         );
+        // Route conflicts the watcher found, one line each.
+        fresh.route_conflicts = vec!["service b is refused host x.example.com: service a claimed it first (its oldest instance is older)".into()];
+        assert!(last_apply_line(&fresh, 53).ends_with(
+            "no reload yet\n  route conflict: service b is refused host x.example.com: service a claimed it first (its oldest instance is older)"
+        ));
         // A render its check refused is an apply that ended `rejected`.
         fresh.record_apply(Some(schema::ReloadResult::Rejected), None, true, 60);
         assert!(last_apply_line(&fresh, 60).contains("via runtime, rejected, 0s ago"));

@@ -336,6 +336,8 @@ fn instance_of_line(service: &str, id: &str, line: &str) -> Option<Instance> {
         draining: words.contains(&"disabled"),
         // It is in the file: it was routed.
         route: true,
+        routing: None,
+        created: 0,
     })
 }
 
@@ -367,6 +369,8 @@ mod tests {
             weight: 100,
             draining: false,
             route: true,
+            routing: None,
+            created: 0,
         })
     }
 

@@ -56,6 +56,8 @@ pub mod policy;
 pub mod render;
 mod report;
 mod resolve;
+pub mod routes;
+mod server_ids;
 mod sink;
 mod source;
 mod status;

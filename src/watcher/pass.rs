@@ -131,6 +131,16 @@ impl Loop<'_> {
                 }
             };
             self.sink.metrics.renders.inc();
+            // A route refused to a service is a refusal of what its owner asked for:
+            // the `reject` hook hears it once, when it appears.
+            for c in r.fresh_route_conflicts() {
+                self.sink.hook(
+                    WatcherEvent::Reject,
+                    format!("route conflict: {c}"),
+                    &r.cfg.dest,
+                    revision,
+                );
+            }
             let outcome = r.apply(&rendered, self.cfg.command_timeout).await;
             if matches!(outcome, super::apply::Outcome::Reloaded { .. }) {
                 self.tls.reloaded(i);
@@ -273,7 +283,14 @@ impl Loop<'_> {
         }
         metrics.services.set(snapshot.services.len() as i64);
         metrics.instances.set(snapshot.instance_count() as i64);
+        // Every resource's route conflicts, once each (`portolan status` prints them).
+        let conflicts: std::collections::BTreeSet<String> = self
+            .resources
+            .iter()
+            .flat_map(|r| r.route_conflicts())
+            .collect();
         self.sink.status(|s| {
+            s.route_conflicts = conflicts.into_iter().collect();
             s.revision = revision;
             s.record_apply(
                 pass.reload,

@@ -1,8 +1,10 @@
 //! Templates: compile (tera 2) and render from a snapshot. Pure apart from nothing: the
 //! caller reads the template file and hands over its text.
 //!
-//! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`) and `vars` (the
-//! resource's `vars` table from the config file).
+//! The context is `services`, `nodes`, `kv` (see `store::StoreSnapshot`), `vars` (the
+//! resource's `vars` table from the config file) and `routes` (`watcher::routes`: the
+//! services' route options resolved, one owner per route). Each instance carries
+//! `server_id`, its server's stable id (`watcher::server_ids`).
 //!
 //! Draining instances (their container is stopping) reach only templates that mention
 //! `draining` outside a `{# comment #}`: such a template decides what a draining
@@ -27,6 +29,8 @@ use tera::{Context, Kwargs, State, Tera, Value};
 
 use crate::schema::Instance;
 
+use super::routes;
+use super::server_ids;
 use super::store::StoreSnapshot;
 
 /// A template that failed to compile or render. The message is tera's report, which
@@ -127,9 +131,26 @@ fn serving(list: &[Arc<Instance>], with_draining: bool) -> Cow<'_, [Arc<Instance
 /// whole list; a changed one reuses the values of its unchanged instances. The cache
 /// holds the instances themselves, so an address it compares cannot have been reused
 /// by another instance meanwhile.
+/// One service's listed instances, their server ids and their tera values.
+type Cached = (Vec<Arc<Instance>>, Vec<u32>, Value);
+
 #[derive(Default)]
 pub struct InstanceValues {
-    cached: std::collections::HashMap<String, (Vec<Arc<Instance>>, Value)>,
+    /// Service → its listed instances, their server ids, and their values.
+    cached: std::collections::HashMap<String, Cached>,
+    /// The route conflicts of the last render, so each is logged once.
+    conflicts: Vec<routes::Conflict>,
+    /// Those of them the render before did not have.
+    fresh: Vec<routes::Conflict>,
+}
+
+/// What a template sees of one instance: its fields and `server_id`, the stable
+/// `id <n>` of its server line (`server_ids`).
+#[derive(serde::Serialize)]
+struct InstanceValue<'a> {
+    #[serde(flatten)]
+    instance: &'a Instance,
+    server_id: u32,
 }
 
 impl InstanceValues {
@@ -152,6 +173,7 @@ impl InstanceValues {
         // `route = false` instances (a host's etcd peers): registered to be found, never
         // routed, so templates see them only under `unrouted`.
         let mut unrouted: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        let mut routed_lists: Vec<(&str, Cow<[Arc<Instance>]>)> = Vec::new();
         for (name, all) in &snapshot.services {
             let routed: Cow<[Arc<Instance>]> = if all.iter().all(|i| i.route) {
                 Cow::Borrowed(all)
@@ -170,42 +192,149 @@ impl InstanceValues {
             let list = &*serving(&routed, with_draining);
             let old = self.cached.remove(name);
             let value = match old {
-                Some((held, v))
+                Some((held, sids, v))
                     if held.len() == list.len()
                         && held.iter().zip(list).all(|(a, b)| Arc::ptr_eq(a, b)) =>
                 {
-                    v
+                    (sids, v)
                 }
                 old => {
-                    let reuse: std::collections::HashMap<usize, &Value> = old
+                    // Ids are settled over the routed instances, draining ones included,
+                    // so a server keeps its id whether or not a template sees draining.
+                    let ids: std::collections::HashMap<usize, u32> = routed
+                        .iter()
+                        .map(|i| Arc::as_ptr(i) as usize)
+                        .zip(server_ids::assign(routed.iter().map(|i| i.id.as_str())))
+                        .collect();
+                    let reuse: std::collections::HashMap<usize, (u32, &Value)> = old
                         .as_ref()
-                        .and_then(|(held, v)| Some(held.iter().zip(v.as_array()?)))
+                        .and_then(|(held, sids, v)| {
+                            Some(held.iter().zip(sids.iter().zip(v.as_array()?)))
+                        })
                         .into_iter()
                         .flatten()
-                        .map(|(i, v)| (Arc::as_ptr(i) as usize, v))
+                        .map(|(i, (sid, v))| (Arc::as_ptr(i) as usize, (*sid, v)))
                         .collect();
+                    let mut sids = Vec::with_capacity(list.len());
                     let values: Vec<Value> = list
                         .iter()
-                        .map(|i| match reuse.get(&(Arc::as_ptr(i) as usize)) {
-                            Some(v) => (*v).clone(),
-                            None => Value::from_serializable(&**i),
+                        .map(|i| {
+                            let ptr = Arc::as_ptr(i) as usize;
+                            let server_id = ids.get(&ptr).copied().unwrap_or(0);
+                            sids.push(server_id);
+                            match reuse.get(&ptr) {
+                                Some((sid, v)) if *sid == server_id => (*v).clone(),
+                                _ => Value::from_serializable(&InstanceValue {
+                                    instance: i,
+                                    server_id,
+                                }),
+                            }
                         })
                         .collect();
-                    Value::from(values)
+                    (sids, Value::from(values))
                 }
             };
-            next.insert(name.clone(), (list.to_vec(), value.clone()));
+            let (sids, value) = value;
+            next.insert(name.clone(), (list.to_vec(), sids, value.clone()));
             services.insert(name.clone(), value);
+            routed_lists.push((name, routed));
         }
         self.cached = next;
+        let routes = self.routes(&routed_lists, vars);
         let mut ctx = Context::new();
         ctx.insert_value("services", Value::from(services));
         ctx.insert("unrouted", &unrouted);
         ctx.insert("nodes", &snapshot.nodes);
         ctx.insert("kv", &snapshot.kv);
         ctx.insert("vars", vars);
+        ctx.insert("routes", &routes);
         ctx
     }
+
+    /// The route conflicts of the last render (`routes::Conflict`).
+    pub(crate) fn conflicts(&self) -> &[routes::Conflict] {
+        &self.conflicts
+    }
+
+    /// The conflicts the last render found that the one before did not.
+    pub(crate) fn fresh_conflicts(&self) -> &[routes::Conflict] {
+        &self.fresh
+    }
+
+    /// Route ownership for `routes` in the context (`watcher::routes`): the
+    /// `<service>.<domain>` hosts use `vars.domain`; a service may listen only on a port
+    /// `vars.listen_ports` opens and the template does not bind itself (`http_bind`,
+    /// `https_bind`, `sni_bind`, `stats_bind`). A conflict is logged once, when it
+    /// appears.
+    fn routes(
+        &mut self,
+        routed: &[(&str, Cow<[Arc<Instance>]>)],
+        vars: &toml::Table,
+    ) -> routes::Routes {
+        let domain = vars
+            .get("domain")
+            .and_then(|v| v.as_str())
+            .unwrap_or("localhost")
+            .to_ascii_lowercase();
+        let reserved: Vec<u16> = [
+            ("http_bind", "*:80"),
+            ("https_bind", ""),
+            ("sni_bind", ""),
+            ("stats_bind", "127.0.0.1:8404"),
+        ]
+        .iter()
+        .filter_map(|(var, default)| {
+            let bind = vars.get(*var).and_then(|v| v.as_str()).unwrap_or(default);
+            bind.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect();
+        let ports = routes::ListenPorts {
+            reserved,
+            open: listen_ports(vars),
+        };
+        let routes = routes::resolve(routed.iter().map(|(n, l)| (*n, &**l)), &domain, &ports);
+        self.fresh = routes
+            .conflicts
+            .iter()
+            .filter(|c| !self.conflicts.contains(c))
+            .cloned()
+            .collect();
+        for c in &self.fresh {
+            tracing::warn!(service = %c.service, "{c}");
+        }
+        self.conflicts = routes.conflicts.clone();
+        routes
+    }
+}
+
+/// `vars.listen_ports`: ports (`5432`) and ranges (`"6000-6100"`) services may listen
+/// on; anything else in the list is ignored with a warning. Missing: none.
+fn listen_ports(vars: &toml::Table) -> Vec<(u16, u16)> {
+    let Some(list) = vars.get("listen_ports") else {
+        return Vec::new();
+    };
+    let items = list
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(std::slice::from_ref(list));
+    let mut out = Vec::new();
+    for item in items {
+        let range = match item {
+            toml::Value::Integer(n) => u16::try_from(*n).ok().map(|p| (p, p)),
+            toml::Value::String(s) => s
+                .split_once('-')
+                .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))),
+            _ => None,
+        };
+        match range {
+            Some((lo, hi)) if lo >= 1 && lo <= hi => out.push((lo, hi)),
+            _ => tracing::warn!(
+                key = "template.vars.listen_ports",
+                "{item} is not a port or a range like \"6000-6100\": ignored"
+            ),
+        }
+    }
+    out
 }
 
 /// Longest value `haproxy_arg` passes: a config argument, not a document.
@@ -347,6 +476,39 @@ mod tests {
         );
         // Nothing changed since: the whole lists are reused, the output is the same.
         assert_eq!(t.render(&cache.context(&next, &vars)).unwrap(), cached);
+    }
+
+    /// Every server carries `server_id`: the stable id its line renders, the same from
+    /// a fresh context and a reused one, whatever else joins the backend.
+    #[test]
+    fn server_ids_are_stable_and_reach_the_template() {
+        let t = Template::compile(
+            "t",
+            "{% for i in services.web %}{{ i.id }}={{ i.server_id }} {% endfor %}",
+        )
+        .unwrap();
+        let vars = toml::Table::new();
+        let one = snap(&[("web", "a", "10.0.0.1:80")]);
+        let a = server_ids::preferred("a");
+        assert_eq!(t.render(&context(&one, &vars)).unwrap(), format!("a={a} "));
+        let mut cache = InstanceValues::default();
+        cache.context(&one, &vars);
+        let mut two = snap(&[("web", "b", "10.0.0.2:80")]);
+        two.services
+            .get_mut("web")
+            .unwrap()
+            .insert(0, one.services["web"][0].clone());
+        let b = server_ids::preferred("b");
+        let want = format!("a={a} b={b} ");
+        assert_eq!(t.render(&cache.context(&two, &vars)).unwrap(), want);
+        assert_eq!(t.render(&context(&two, &vars)).unwrap(), want);
+        let shipped =
+            Template::compile("d", include_str!("../../templates/haproxy.cfg.tera")).unwrap();
+        let out = shipped.render(&context(&two, &vars)).unwrap();
+        assert!(
+            out.contains(&format!("server a 10.0.0.1:80 id {a} weight 100 check")),
+            "{out}"
+        );
     }
 
     const TPL: &str = "{% for name, instances in services %}backend {{ name }}\n\

@@ -154,12 +154,22 @@ impl Source {
             ),
             _ => {}
         }
-        let keys: Vec<(String, &[u8])> = listing
+        let keys: Vec<(String, &[u8], i64)> = listing
             .kvs
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value(),
+                    kv.create_revision(),
+                )
+            })
             .collect();
-        warn_all(&self.store.reset(keys.iter().map(|(k, v)| (k.as_str(), *v))));
+        warn_all(
+            &self
+                .store
+                .reset_created(keys.iter().map(|(k, v, c)| (k.as_str(), *v, *c))),
+        );
         let too_large = listing.too_large_errors();
         warn_all(&too_large);
         for e in too_large {
@@ -252,6 +262,7 @@ impl Source {
                     EventType::Put => Change::Put {
                         key,
                         value: kv.value().to_vec(),
+                        created: kv.create_revision(),
                     },
                     EventType::Delete => Change::Delete { key },
                 };

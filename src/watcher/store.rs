@@ -30,8 +30,16 @@ use crate::schema::{self, Instance, Key, NodeRecord, SchemaError};
 /// One change seen on the watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    /// `created`: the key's etcd create revision (0 when unknown), which orders
+    /// instances by age (`Instance::created`).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        created: i64,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 /// What templates see: `services`, `nodes`, `kv`. Serialised into the tera context.
@@ -93,12 +101,21 @@ impl Store {
         &mut self,
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Vec<SchemaError> {
+        self.reset_created(kvs.into_iter().map(|(k, v)| (k, v, 0)))
+    }
+
+    /// `reset` with each key's etcd create revision (`Change::Put::created`).
+    pub fn reset_created<'a>(
+        &mut self,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>,
+    ) -> Vec<SchemaError> {
         *self = Store::new(&self.prefix);
         kvs.into_iter()
-            .filter_map(|(k, v)| {
+            .filter_map(|(k, v, created)| {
                 self.apply(Change::Put {
                     key: k.to_string(),
                     value: v.to_vec(),
+                    created,
                 })
             })
             .collect()
@@ -113,9 +130,13 @@ impl Store {
                 self.remove(&key);
                 None
             }
-            Change::Put { key, value } => {
+            Change::Put {
+                key,
+                value,
+                created,
+            } => {
                 self.remove(&key);
-                match self.decode(&key, &value) {
+                match self.decode(&key, &value, created) {
                     Ok(()) => None,
                     Err(w) => {
                         self.invalid.insert(key, w.rule.clone());
@@ -133,14 +154,16 @@ impl Store {
         self.invalid.insert(e.key, e.rule);
     }
 
-    fn decode(&mut self, key: &str, value: &[u8]) -> Result<(), SchemaError> {
+    fn decode(&mut self, key: &str, value: &[u8], created: i64) -> Result<(), SchemaError> {
         match schema::parse_key(&self.prefix, key)? {
             Key::Service {
                 service,
                 instance,
                 node,
             } => {
-                let inst = schema::decode_owned(key, &service, &instance, node.as_deref(), value)?;
+                let mut inst =
+                    schema::decode_owned(key, &service, &instance, node.as_deref(), value)?;
+                inst.created = created;
                 self.instances.insert(
                     key.to_string(),
                     Stored {
@@ -321,6 +344,7 @@ mod tests {
         Change::Put {
             key: key.into(),
             value: value.as_bytes().to_vec(),
+            created: 0,
         }
     }
 

@@ -102,6 +102,20 @@ const PORT_SETTINGS: &[&str] = &[
     "check.timeout",
     "check.fall",
     "check.rise",
+    // Route options (`schema::route`), read by `route` below.
+    "hosts",
+    "default_host",
+    "path",
+    "strip_prefix",
+    "mode",
+    "sni",
+    "listen",
+    "balance",
+    "sticky",
+    "check.path",
+    "timeout.server",
+    "allow",
+    "maxconn",
 ];
 
 /// The container's labels that start with `prefix`, sorted (warnings come in order).
@@ -162,7 +176,7 @@ pub(super) fn check_container_labels(meta: &Meta, w: &mut Warnings) {
         if !PORT_SETTINGS.contains(&setting) {
             w.push(
                 &format!("label {key}"),
-                "unknown check setting; known: http, tcp, interval, timeout, fall, rise",
+                "unknown check setting; known: http, tcp, interval, timeout, fall, rise, path",
             );
         }
     }
@@ -242,6 +256,131 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
 
 type LabelError = (String, String);
 
+/// The route options of container port `port` (or of a `[[registrar.service]]`), from
+/// `portolan.hosts`, `portolan.path`, … (`portolan.port.<p>.<x>` first). Each value is
+/// parsed and checked by the rules a watcher applies again to the record
+/// (`schema::Route::validate`); Err names the label at fault.
+pub(super) fn route(meta: &Meta, port: Option<u16>) -> Result<schema::Route, LabelError> {
+    use schema::route::{self as r, Balance, Mode, Sticky};
+    let get = |name: &str| meta.label(port, name);
+    let err = |src: &str, e: String| (src.to_string(), e);
+    let list = |src: &str, v: &str, check: &dyn Fn(&str) -> Result<(), String>| {
+        let mut out: Vec<String> = Vec::new();
+        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let item = item.to_ascii_lowercase();
+            check(&item).map_err(|e| err(src, e))?;
+            if !out.contains(&item) {
+                out.push(item);
+            }
+        }
+        Ok::<_, LabelError>(out)
+    };
+    let mut route = schema::Route::default();
+    let mut first: Option<String> = None;
+    let mut seen = |src: &str| {
+        first.get_or_insert_with(|| src.to_string());
+    };
+    if let Some((src, v)) = get("hosts") {
+        seen(&src);
+        route.hosts = list(&src, v, &|h| r::check_host(h, true))?;
+    }
+    if let Some((src, v)) = get("default_host") {
+        seen(&src);
+        route.default_host = Some(parse_bool(v).map_err(|e| err(&src, e))?);
+    }
+    if let Some((src, v)) = get("path") {
+        seen(&src);
+        let v = v.trim();
+        r::check_path(v).map_err(|e| err(&src, e))?;
+        route.path = Some(v.to_string());
+    }
+    if let Some((src, v)) = get("strip_prefix") {
+        seen(&src);
+        route.strip_prefix = parse_bool(v).map_err(|e| err(&src, e))?;
+    }
+    if let Some((src, v)) = get("mode") {
+        seen(&src);
+        route.mode = match v.trim() {
+            "http" => Mode::Http,
+            "tcp" => Mode::Tcp,
+            _ => return Err(err(&src, format!("{v:?} is not a mode: http or tcp"))),
+        };
+    }
+    if let Some((src, v)) = get("sni") {
+        seen(&src);
+        route.sni = list(&src, v, &|h| r::check_host(h, true))?;
+    }
+    if let Some((src, v)) = get("listen") {
+        seen(&src);
+        route.listen = Some(
+            v.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| err(&src, format!("{v:?} is not a port in 1..=65535")))?,
+        );
+    }
+    if let Some((src, v)) = get("balance") {
+        seen(&src);
+        route.balance = Some(match v.trim() {
+            "roundrobin" => Balance::Roundrobin,
+            "leastconn" => Balance::Leastconn,
+            "source" => Balance::Source,
+            "uri" => Balance::Uri,
+            _ => {
+                return Err(err(
+                    &src,
+                    format!("{v:?} is not a balance: roundrobin, leastconn, source or uri"),
+                ))
+            }
+        });
+    }
+    if let Some((src, v)) = get("sticky") {
+        seen(&src);
+        route.sticky = match v.trim() {
+            "cookie" => Some(Sticky::Cookie),
+            "" | "false" | "none" => None,
+            _ => return Err(err(&src, format!("{v:?} is not a stickiness: cookie"))),
+        };
+    }
+    if let Some((src, v)) = get("check.path") {
+        seen(&src);
+        let v = v.trim();
+        r::check_path(v).map_err(|e| err(&src, e))?;
+        route.check_path = Some(v.to_string());
+    }
+    if let Some((src, v)) = get("timeout.server") {
+        seen(&src);
+        let v = v.trim();
+        r::check_timeout(v).map_err(|e| err(&src, e))?;
+        route.timeout_server = Some(v.to_string());
+    }
+    if let Some((src, v)) = get("allow") {
+        seen(&src);
+        route.allow = list(&src, v, &r::check_network)?;
+    }
+    if let Some((src, v)) = get("maxconn") {
+        seen(&src);
+        route.maxconn = Some(
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=r::MAX_MAXCONN).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        &src,
+                        format!("{v:?} is not a number in 1..={}", r::MAX_MAXCONN),
+                    )
+                })?,
+        );
+    }
+    // The rules between fields (mode = tcp needs sni or listen, …), on the first label.
+    route
+        .validate()
+        .map_err(|e| err(first.as_deref().unwrap_or("route labels"), e))?;
+    Ok(route)
+}
+
 pub(super) fn check(meta: &Meta, port: u16) -> Result<Option<Check>, LabelError> {
     // Per-port check labels replace the container's as a whole, so a port can opt out
     // of an HTTP check meant for another port with `portolan.port.<p>.check.tcp=false`.
@@ -315,6 +454,89 @@ mod tests {
     use super::super::fixtures::*;
     use super::super::*;
     use super::*;
+
+    /// Every route label reaches the record's route object, lists trimmed, lowered
+    /// and without repeats; the record round-trips through the watcher's decode.
+    #[test]
+    fn route_labels_become_the_records_route() {
+        let c = inspect(
+            &[
+                (
+                    "portolan.hosts",
+                    "Example.com, www.example.com,*.example.org,example.com",
+                ),
+                ("portolan.default_host", "false"),
+                ("portolan.path", "/api"),
+                ("portolan.strip_prefix", "true"),
+                ("portolan.balance", "leastconn"),
+                ("portolan.sticky", "cookie"),
+                ("portolan.check.path", "/healthz"),
+                ("portolan.timeout.server", "45s"),
+                ("portolan.allow", "10.0.0.0/8, 192.168.0.0/16"),
+                ("portolan.maxconn", "200"),
+            ],
+            &[],
+            one_port(),
+        );
+        let r = &regs(&c)[0];
+        let json = r.record.to_json();
+        assert!(
+            json.ends_with(r#""route":{"hosts":["example.com","www.example.com","*.example.org"],"default_host":false,"path":"/api","strip_prefix":true,"balance":"leastconn","sticky":"cookie","check_path":"/healthz","timeout_server":"45s","allow":["10.0.0.0/8","192.168.0.0/16"],"maxconn":200}}"#),
+            "{json}"
+        );
+        let back = schema::decode_instance("k", "shop-web", "x", json.as_bytes()).unwrap();
+        assert_eq!(back.routing.as_deref().unwrap().maxconn, Some(200));
+        // No route label: the record is as before (no "route" field).
+        assert!(!regs(&inspect(&[], &[], one_port()))[0]
+            .record
+            .to_json()
+            .contains("route"));
+        // TCP, per port.
+        let c = inspect(
+            &[
+                ("portolan.mode", "tcp"),
+                ("portolan.port.8080.listen", "5432"),
+            ],
+            &[],
+            one_port(),
+        );
+        let route = regs(&c)[0].record.route.options().unwrap().clone();
+        assert_eq!(
+            (route.mode, route.listen),
+            (schema::route::Mode::Tcp, Some(5432))
+        );
+    }
+
+    /// A bad route label is a warning naming it, and the container is not registered
+    /// (as for any bad label): injection attempts included.
+    #[test]
+    fn a_bad_route_label_is_named_and_the_container_left_out() {
+        for (label, value, says) in [
+            ("portolan.path", "/api\n    bind :9999", "not a path"),
+            ("portolan.path", "/a b", "not a path"),
+            ("portolan.hosts", "a.example.com#x", "host name"),
+            ("portolan.hosts", "a.example.com\"", "host name"),
+            ("portolan.sni", "db.example.com", "mode = tcp"),
+            ("portolan.allow", "10.0.0.0/8 || 0.0.0.0/0", "prefix length"),
+            (
+                "portolan.timeout.server",
+                "30s\n  timeout client 1",
+                "duration",
+            ),
+            ("portolan.balance", "first", "not a balance"),
+            ("portolan.sticky", "ip", "not a stickiness"),
+            ("portolan.maxconn", "0", "1..=1000000"),
+            ("portolan.mode", "udp", "not a mode"),
+            ("portolan.listen", "80 ssl", "not a port"),
+            ("portolan.check.path", "/h%[env(X)]", "not a path"),
+            ("portolan.strip_prefix", "true", "no route.path"),
+        ] {
+            let w = warnings(&inspect(&[(label, value)], &[], one_port()));
+            assert_eq!(w.len(), 1, "{label}={value:?}: {w:?}");
+            assert!(w[0].label.contains(label), "{w:?}");
+            assert!(w[0].message.contains(says), "{label}={value:?}: {w:?}");
+        }
+    }
 
     #[test]
     fn image_names() {

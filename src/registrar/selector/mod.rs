@@ -321,6 +321,13 @@ pub(crate) fn registrations(
                 continue;
             }
         };
+        let route = match labels::route(&meta, Some(port)) {
+            Ok(r) => r,
+            Err((src, e)) => {
+                w.push(&src, &e);
+                continue;
+            }
+        };
         let instance = schema::instance_id(&settings.node, id, port);
         out.push(Registration {
             service,
@@ -332,7 +339,7 @@ pub(crate) fn registrations(
                 tags,
                 weight,
                 draining: false,
-                route: true,
+                route: schema::Routing::Routed(route),
             },
             instance,
             check,

@@ -103,6 +103,21 @@ pub(crate) fn service(
             false
         }
     };
+    let route = match super::labels::route(&meta, None) {
+        Ok(options) if route => schema::Routing::Routed(options),
+        Ok(options) if options.is_empty() => schema::Routing::Unrouted,
+        Ok(_) => {
+            problems.push(
+                "route options (hosts, path, mode, …) are set but route is not true: add route = true"
+                    .to_string(),
+            );
+            schema::Routing::Unrouted
+        }
+        Err((src, e)) => {
+            problems.push(format!("{src}: {e}"));
+            schema::Routing::Unrouted
+        }
+    };
     let instance = format!("{}-svc-{name}-{port}", settings.node);
     if problems.is_empty() && !schema::is_valid_name(&instance) {
         problems.push(format!(

@@ -195,6 +195,16 @@ impl Resource {
         Some(t.render(&ctx))
     }
 
+    /// The route conflicts its last render found, one sentence each.
+    pub(crate) fn route_conflicts(&self) -> impl Iterator<Item = String> + '_ {
+        self.values.conflicts().iter().map(|c| c.to_string())
+    }
+
+    /// Those its last render found and the one before did not.
+    pub(crate) fn fresh_route_conflicts(&self) -> impl Iterator<Item = String> + '_ {
+        self.values.fresh_conflicts().iter().map(|c| c.to_string())
+    }
+
     /// The diff of the live file against `rendered`, for logs and dry runs.
     pub(crate) fn diff(&self, rendered: &str) -> String {
         let live = self.live().map(String::from_utf8_lossy).unwrap_or_default();

@@ -48,6 +48,10 @@ pub(crate) enum RuntimeOp {
         agent: bool,
         /// False when the line says `disabled`: the server stays in maintenance.
         enable: bool,
+        /// The backend hands out dynamic cookies (`cookie … dynamic`): `add server`
+        /// leaves the new server without one until `enable dynamic-cookie backend`
+        /// computes them again (HAProxy 2.6, tried here: the cookie was empty).
+        dynamic_cookie: bool,
     },
     /// Maintenance, then `del server` once its requests are done.
     Remove { backend: String, server: String },
@@ -118,6 +122,7 @@ impl RuntimeOp {
                 check,
                 agent,
                 enable,
+                dynamic_cookie,
             } => {
                 let id = format!("{backend}/{server}");
                 let mut add = format!("add server {id} {addr}");
@@ -126,6 +131,12 @@ impl RuntimeOp {
                     add.push_str(a);
                 }
                 let mut out = vec![Command::new(add, REGISTERED)];
+                if *dynamic_cookie {
+                    out.push(Command::new(
+                        format!("enable dynamic-cookie backend {backend}"),
+                        "",
+                    ));
+                }
                 // A dynamic server starts in maintenance with checks off.
                 for (on, what) in [(*check, "health"), (*agent, "agent"), (*enable, "server")] {
                     if on {
@@ -400,6 +411,7 @@ fn backend_ops<'a>(
         .into_iter()
         .chain([n])
         .any(|s| PERSISTENCE.iter().any(|k| s.directives(k).next().is_some()));
+    let (adds_before, replaces_before) = (ops.adds.len(), ops.replaces.len());
     for (name, line) in &n.servers {
         let Some(old_line) = o.servers.get(name) else {
             match add(backend, line, &defaults_args) {
@@ -420,7 +432,49 @@ fn backend_ops<'a>(
             )?;
         }
     }
+    // Adds run before removes: an added server whose `id` a live server of another
+    // name still holds would be refused (a rare renumbering, see `server_ids`).
+    let held: std::collections::HashMap<&str, &str> = o
+        .servers
+        .iter()
+        .filter_map(|(name, line)| Some((server_id(line)?, *name)))
+        .collect();
+    let dynamic = n.directives("cookie").any(|w| w.contains(&"dynamic"));
+    for op in ops.adds[adds_before..]
+        .iter_mut()
+        .chain(&mut ops.replaces[replaces_before..])
+    {
+        if let RuntimeOp::Add { dynamic_cookie, .. } = op {
+            *dynamic_cookie = dynamic;
+        }
+    }
+    let added = ops.adds[adds_before..]
+        .iter()
+        .chain(&ops.replaces[replaces_before..]);
+    for op in added {
+        if let RuntimeOp::Add { server, args, .. } = op {
+            let id = args
+                .iter()
+                .position(|a| a == "id")
+                .and_then(|i| args.get(i + 1));
+            if let Some(holder) = id.and_then(|id| held.get(id.as_str())) {
+                if holder != server {
+                    return Err(format!(
+                        "{backend}/{server} takes id {} which {backend}/{holder} holds until it is removed",
+                        id.map(String::as_str).unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The value after `id` in a server line, if it has one.
+fn server_id(line: &str) -> Option<&str> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().skip(3).position(|w| *w == "id")? + 3;
+    words.get(at + 1).copied()
 }
 
 /// The ops for server `name` of `backend`, whose line changed from `old_line` to `line`.
@@ -584,6 +638,7 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<RuntimeOp, S
         check,
         agent,
         enable,
+        dynamic_cookie: false,
     })
 }
 
@@ -659,6 +714,7 @@ backend svc_web
                 check: true,
                 agent: false,
                 enable: true,
+                dynamic_cookie: false,
             }]
         );
     }
@@ -696,6 +752,58 @@ backend svc_web
         );
         // Emptying a backend keeps the section: still a runtime change.
         assert_eq!(runtime(plan(BASE, &with(""))).len(), 2);
+    }
+
+    /// `add server` takes the line's `id` as it is (HAProxy 2.6 accepts it), so a server
+    /// added at run time keeps the id the file gives it at the next reload.
+    #[test]
+    fn an_added_server_keeps_its_stable_id() {
+        let old = with("    server a 10.0.0.1:80 id 11 weight 100 check\n");
+        let new = with(
+            "    server a 10.0.0.1:80 id 11 weight 100 check\n    server c 10.0.0.3:80 id 33 weight 100 check\n",
+        );
+        let ops = runtime(plan(&old, &new));
+        let RuntimeOp::Add { args, .. } = &ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(args[6..10], ["id", "33", "weight", "100"]);
+        assert!(ops[0].commands()[0]
+            .text
+            .starts_with("add server svc_web/c 10.0.0.3:80 inter 2s fall 3 observe layer4 id 33 "));
+        // A weight change beside an id is still a weight change.
+        // In a backend of dynamic cookies, the new server gets its cookie computed.
+        let sticky = |s: &str| {
+            s.replace(
+                "    balance roundrobin\n",
+                "    balance roundrobin\n    cookie c insert indirect nocache dynamic\n    dynamic-cookie-key k\n",
+            )
+        };
+        let ops = runtime(plan(&sticky(&old), &sticky(&new)));
+        let texts: Vec<String> = ops[0].commands().into_iter().map(|c| c.text).collect();
+        assert_eq!(
+            texts[1], "enable dynamic-cookie backend svc_web",
+            "{texts:?}"
+        );
+        let heavier = with("    server a 10.0.0.1:80 id 11 weight 5 check\n");
+        assert!(
+            matches!(&runtime(plan(&old, &heavier))[0], RuntimeOp::Weight { weight, .. } if weight == "5")
+        );
+    }
+
+    /// Adds run before removes, so a new server taking the id of one that leaves in
+    /// the same batch would be refused by HAProxy: that batch reloads instead.
+    #[test]
+    fn an_added_server_whose_id_another_still_holds_reloads() {
+        let old = with("    server a 10.0.0.1:80 id 11 weight 100 check\n");
+        let new = with("    server c 10.0.0.3:80 id 11 weight 100 check\n");
+        let why = reason(plan(&old, &new));
+        assert!(
+            why.contains("svc_web/c takes id 11 which svc_web/a holds"),
+            "{why}"
+        );
+        // The same server replaced (its address changed) keeps its id: runtime.
+        let moved = with("    server a 10.0.0.9:80 id 11 weight 100 check\n");
+        assert_eq!(runtime(plan(&old, &moved)).len(), 2);
     }
 
     fn state(server: &str, state: AdminState) -> RuntimeOp {
@@ -880,14 +988,14 @@ backend svc_web
         let golden = include_str!("../../../tests/golden/haproxy.cfg");
         assert_eq!(plan(golden, golden), RuntimePlan::Runtime(vec![]));
         let fewer = golden.replace(
-            "    server host-b-0123456789ab-8080 10.0.0.6:32769 weight 50 check\n",
+            "    server host-b-0123456789ab-8080 10.0.0.6:32769 id 1143396666 weight 50 check\n",
             "",
         );
         assert_eq!(runtime(plan(golden, &fewer)).len(), 1);
         // api's dns-1 is a host name: removing a server is fine, adding one like it is not.
         let more = golden.replace(
-            "    server manual-1 10.0.0.9:80 weight 100 check\n",
-            "    server manual-1 10.0.0.9:80 weight 100 check\n    server dns-2 api2.internal:8080 weight 100 check\n",
+            "    server manual-1 10.0.0.9:80 id 1785994721 weight 100 check\n",
+            "    server manual-1 10.0.0.9:80 id 1785994721 weight 100 check\n    server dns-2 api2.internal:8080 id 2 weight 100 check\n",
         );
         assert!(matches!(plan(golden, &more), RuntimePlan::Reload(_)));
     }
