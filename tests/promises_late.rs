@@ -1,0 +1,219 @@
+//! README promises that had no test of their own (issue 22, the last of them), each
+//! against the real parts: etcd TLS files read again on reconnect, a periodic
+//! `--resync` healing what the event streams missed, etcd auth tokens outliving
+//! `--auth-token-ttl`, the deferred check's cap under churn, HAProxy refusing a runtime
+//! batch, drain on the reload path and in a persistent backend, one reload at a time.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::haproxy::{Backend, FrontDoor, Options};
+use common::pki::make_pki;
+use common::registrar::*;
+use common::*;
+use portolan::config::EtcdTls;
+
+const T: Duration = Duration::from_secs(20);
+
+// ---------- etcd over TLS, restartable with other certificates ----------
+
+/// A single-member etcd on fixed ports demanding client certificates, restartable with
+/// another PKI (a folder made by `make_pki`) over the same data.
+struct TlsEtcd {
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    proc: Option<Proc>,
+}
+
+impl TlsEtcd {
+    fn start(dir: &Path, pki: &Path) -> TlsEtcd {
+        let mut e = TlsEtcd {
+            dir: dir.to_path_buf(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            proc: None,
+        };
+        e.launch(pki);
+        e
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.client_port)
+    }
+
+    fn launch(&mut self, pki: &Path) {
+        let endpoint = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let file = |name: &str| pki.join(name).display().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .expect("etcd log");
+        let mut cmd = owned_command("etcd");
+        cmd.args(["--name", "tls", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("tls={peer}")])
+            .args(["--cert-file", &file("server.pem")])
+            .args(["--key-file", &file("server.key")])
+            .args(["--trusted-ca-file", &file("ca.pem"), "--client-cert-auth"])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.proc = Some(Proc::spawn("etcd (TLS)", &mut cmd));
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// An `[etcd]` config using the CA, certificate and key in `files`.
+fn tls_config(endpoint: &str, prefix: &str, files: &Path) -> EtcdConfig {
+    let mut cfg = EtcdConfig::local(endpoint, prefix);
+    cfg.tls = Some(EtcdTls {
+        ca_file: files.join("ca.pem"),
+        client: Some((files.join("client.pem"), files.join("client.key"))),
+    });
+    cfg
+}
+
+async fn answers(cfg: &EtcdConfig) -> bool {
+    match portolan::etcd::connect(cfg).await {
+        Ok(mut c) => portolan::etcd::call(c.status()).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// The lease of `key` (0 for none), None when the key is absent.
+async fn lease_of(cfg: &EtcdConfig, key: &str) -> Option<i64> {
+    let mut c = portolan::etcd::connect(cfg).await.ok()?;
+    let r = portolan::etcd::call(c.get(key, None)).await.ok()?;
+    r.kvs().first().map(|kv| kv.lease())
+}
+
+/// Copies `from`'s CA, client certificate and key over `to`'s, each by a rename (as
+/// certificate tools do).
+fn install_client_files(from: &Path, to: &Path) {
+    for name in ["ca.pem", "client.pem", "client.key"] {
+        let tmp = to.join(format!(".{name}.new"));
+        std::fs::copy(from.join(name), &tmp).expect("copy a TLS file");
+        std::fs::rename(&tmp, to.join(name)).expect("rename a TLS file");
+    }
+}
+
+/// Certificates replaced on disk while etcd is down (a new CA, new client and server
+/// certificates; the old client certificate refused) are what both daemons use once
+/// etcd is back: the watcher routes a change made afterwards, and the registrar keeps
+/// its lease alive past several TTLs and registers a container on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_replaced_while_etcd_is_down_are_read_again_on_reconnect() {
+    let rig = Rig::new("tls-reread").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (old, new, files) = (
+        tmp.path().join("old"),
+        tmp.path().join("new"),
+        tmp.path().join("files"),
+    );
+    for d in [&old, &new, &files] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    make_pki(&old);
+    make_pki(&new);
+    install_client_files(&old, &files);
+    let mut etcd = TlsEtcd::start(tmp.path(), &old);
+    let cfg = tls_config(&etcd.endpoint(), &rig.prefix, &files);
+    wait_until("the TLS etcd to answer", T, || answers(&cfg)).await;
+
+    let opts = Opts::default();
+    let mut reg_cfg = rig.config(&opts);
+    reg_cfg.etcd = cfg.clone();
+    let registrar = InProcess::start(reg_cfg);
+    let node_key = rig.node_key();
+    wait_until("the registrar's node key", T, || async {
+        lease_of(&cfg, &node_key).await.is_some()
+    })
+    .await;
+    let lease = lease_of(&cfg, &node_key).await.expect("node key");
+    assert_ne!(lease, 0);
+
+    // The watcher: the harness's front door, its [etcd] pointed at the TLS etcd.
+    let mut fd = FrontDoor::prepare(&rig.etcd, Options::default()).await;
+    let text = std::fs::read_to_string(&fd.config).expect("watcher config");
+    let f = |name: &str| files.join(name).display().to_string();
+    let text = text.replace(
+        &format!("endpoints = [\"{}\"]", rig.etcd.endpoint()),
+        &format!(
+            "endpoints = [\"{}\"]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
+            etcd.endpoint(),
+            f("ca.pem"),
+            f("client.pem"),
+            f("client.key")
+        ),
+    );
+    std::fs::write(&fd.config, text).expect("watcher config");
+    fd.start_watcher();
+    fd.wait_for_first_reload().await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let put = |key: String, value: String| {
+        let cfg = cfg.clone();
+        async move {
+            let mut c = portolan::etcd::connect(&cfg).await.expect("connect");
+            c.put(key, value, None).await.expect("put over TLS");
+        }
+    };
+    put(fd.service_key("web", "a"), a.record()).await;
+    wait_until("web routed to a over TLS", T, || fd.routes_to("web", "a")).await;
+
+    // The rotation: etcd down, every file replaced, etcd back with the new PKI only.
+    etcd.stop();
+    install_client_files(&new, &files);
+    etcd.launch(&new);
+    wait_until("etcd to answer with the new files", T, || answers(&cfg)).await;
+    let back = Instant::now();
+    assert!(
+        !answers(&tls_config(&etcd.endpoint(), &rig.prefix, &old)).await,
+        "etcd still accepts the old client certificate: the rotation proves nothing"
+    );
+
+    put(fd.service_key("api", "b"), b.record()).await;
+    wait_until(
+        "a change made after the rotation routed by the watcher",
+        T,
+        || fd.routes_to("api", "b"),
+    )
+    .await;
+
+    // Past two TTLs since etcd came back, the lease is still the one from before: its
+    // keep-alives went over the new files (etcd expires a lease not renewed within its
+    // TTL, once a leader is elected).
+    tokio::time::sleep_until((back + Duration::from_secs(2 * opts.ttl + 1)).into()).await;
+    let c = rig.container(&[]);
+    let key = rig.image_key(&c);
+    wait_until("a container started after the rotation registered", T, || async {
+        lease_of(&cfg, &key).await.is_some()
+    })
+    .await;
+    assert_eq!(
+        lease_of(&cfg, &key).await,
+        Some(lease),
+        "the container was registered on another lease: the old one expired"
+    );
+    assert_eq!(lease_of(&cfg, &node_key).await, Some(lease));
+    assert!(registrar.running());
+    assert!(
+        !fd.log().contains("panicked"),
+        "{}",
+        fd.log()
+    );
+}
