@@ -217,3 +217,140 @@ async fn tls_files_replaced_while_etcd_is_down_are_read_again_on_reconnect() {
         fd.log()
     );
 }
+
+// ---------- a periodic --resync heals what Docker's events missed ----------
+
+/// A proxy in front of the machine's Docker socket that passes every request but
+/// withholds the body of `/events`: the registrar's event stream opens and then hears
+/// nothing, as a stream that silently lost events would. Stops on drop.
+struct DeafDocker {
+    dir: tempfile::TempDir,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl DeafDocker {
+    fn start() -> DeafDocker {
+        let dir = tempfile::Builder::new()
+            .prefix("pdd")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let listener =
+            tokio::net::UnixListener::bind(dir.path().join("docker.sock")).expect("bind");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let client = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
+                };
+                tokio::spawn(Self::relay(client, s.clone()));
+            }
+        });
+        DeafDocker { dir, stop }
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    async fn relay(client: tokio::net::UnixStream, stop: tokio_util::sync::CancellationToken) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(server) = tokio::net::UnixStream::connect("/var/run/docker.sock").await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let events = Arc::new(AtomicBool::new(false));
+        let seen = events.clone();
+        let up = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if String::from_utf8_lossy(&buf[..n]).contains("/events") {
+                    seen.store(true, Ordering::SeqCst);
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut head = Vec::new();
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut out = &buf[..n];
+                if events.load(Ordering::SeqCst) {
+                    // Headers through (the stream is open), then nothing.
+                    let before = head.len();
+                    head.extend_from_slice(out);
+                    match head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        Some(end) if end + 4 > before => out = &out[..end + 4 - before],
+                        Some(_) => out = &[],
+                        None => {}
+                    }
+                }
+                if cw.write_all(out).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = async { tokio::join!(up, down) } => {}
+        }
+    }
+}
+
+impl Drop for DeafDocker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// With Docker's events lost on the way (the stream open and silent), a container
+/// started and one stopped are put right by the next `--resync` alone: the first
+/// registered, the second's key deleted, and the registrar never reconnected to Docker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_resync_heals_what_lost_docker_events_left_behind() {
+    let rig = Rig::new("resync-heal").await;
+    let deaf = DeafDocker::start();
+    let stays = rig.container(&[]);
+    let goes = rig.container(&[]);
+    let registrar = rig.spawn(&Opts {
+        resync: 2,
+        docker_host: Some(deaf.host()),
+        ..Default::default()
+    });
+    // Both listed at start (the snapshot goes through).
+    for c in [&stays, &goes] {
+        rig.wait_value(&rig.image_key(c), T).await;
+    }
+    let started = rig.container(&[]);
+    docker(&["rm", "-f", &goes.id]);
+    let took = wait_until(
+        "the started container registered and the removed one deleted, by a resync",
+        T,
+        || async {
+            rig.value(&rig.image_key(&started)).await.is_some()
+                && rig.value(&rig.image_key(&goes)).await.is_none()
+        },
+    )
+    .await;
+    eprintln!("healed by --resync 2 in {took:?}");
+    assert!(rig.value(&rig.image_key(&stays)).await.is_some());
+    let log = registrar.log();
+    assert!(
+        !log.contains("docker: reconnected") && !log.contains("connection lost"),
+        "healed by a Docker reconnect, not the resync: {log}"
+    );
+}
