@@ -354,3 +354,127 @@ async fn a_periodic_resync_heals_what_lost_docker_events_left_behind() {
         "healed by a Docker reconnect, not the resync: {log}"
     );
 }
+
+// ---------- etcd auth tokens past --auth-token-ttl ----------
+
+/// A plain single-member etcd with `extra` flags, waited for; (endpoint, process).
+async fn etcd_with(dir: &Path, extra: &[&str]) -> (String, Proc) {
+    let (client_port, peer_port) = (free_port(), free_port());
+    let endpoint = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = owned_command("etcd");
+    cmd.args(["--name", "own", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &endpoint])
+        .args(["--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("own={peer}")])
+        .args(["--logger", "zap", "--log-level", "error"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = Proc::spawn("etcd", &mut cmd);
+    let cfg = EtcdConfig::local(&endpoint, "/x");
+    wait_until("etcd to answer", T, || answers(&cfg)).await;
+    (endpoint, proc)
+}
+
+/// With etcd's simple tokens living 2 s (`--auth-token-ttl 2`), both daemons, idle for
+/// several token lifetimes, still do their work: the registrar registers a container
+/// without a single failed sync (the expired token is refreshed and the call made
+/// again), and the watcher routes a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
+    const TOKEN_TTL: u64 = 2;
+    let rig = Rig::new("token-ttl").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ttl = TOKEN_TTL.to_string();
+    let (endpoint, _etcd) = etcd_with(dir.path(), &["--auth-token-ttl", &ttl]).await;
+    let password = "pw-token-ttl";
+    let mut root = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    root.user_add("root", password, None).await.expect("user add");
+    root.user_grant_role("root", "root").await.expect("grant root");
+    root.auth_enable().await.expect("auth enable");
+    let pw = dir.path().join("etcd-password");
+    write_private(&pw, password);
+    let mut cfg = EtcdConfig::local(&endpoint, &rig.prefix);
+    cfg.username = Some("root".into());
+    cfg.password = Some(portolan::config::Secret::new(password));
+    let get = |key: String| {
+        let cfg = cfg.clone();
+        async move {
+            let mut c = portolan::etcd::connect(&cfg).await.ok()?;
+            let r = portolan::etcd::call(c.get(key, None)).await.ok()?;
+            r.kvs().first().map(|kv| kv.value_str().unwrap_or("").to_string())
+        }
+    };
+
+    // The registrar, as a process (its log is the oracle), on this etcd.
+    let log = dir.path().join("registrar.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut cmd = portolan_cmd();
+    cmd.args(["registrar", "--config", "/dev/null"])
+        .args(["--etcd-endpoints", &endpoint, "--prefix", &rig.prefix])
+        .args(["--etcd-username", "root", "--etcd-password-file"])
+        .arg(&pw)
+        .args(["--node", &rig.node, "--advertise-ip", "127.0.0.1"])
+        .args(["--ttl", "3", "--resync", "3600"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--only-label", &rig.only_label()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file);
+    let mut registrar = Proc::spawn("portolan registrar", &mut cmd);
+    let node_key = rig.node_key();
+    wait_until("the registrar's node key", T, || async {
+        get(node_key.clone()).await.is_some()
+    })
+    .await;
+
+    // The watcher, on the same etcd with the same user.
+    let mut fd = FrontDoor::prepare(&rig.etcd, Options::default()).await;
+    let text = std::fs::read_to_string(&fd.config).expect("watcher config");
+    let text = text.replace(
+        &format!("endpoints = [\"{}\"]", rig.etcd.endpoint()),
+        &format!(
+            "endpoints = [\"{endpoint}\"]\nusername = \"root\"\npassword_file = {:?}",
+            pw.display().to_string()
+        ),
+    );
+    std::fs::write(&fd.config, text).expect("watcher config");
+    fd.start_watcher();
+    fd.wait_for_first_reload().await;
+
+    // Idle for three token lifetimes: every token either daemon holds has expired.
+    let idle = Duration::from_secs(3 * TOKEN_TTL + 1);
+    tokio::time::sleep(idle).await;
+    let c = rig.container(&[]);
+    let key = rig.image_key(&c);
+    wait_until("a container started after the idle spell registered", T, || async {
+        get(key.clone()).await.is_some()
+    })
+    .await;
+    let a = Backend::start("a").await;
+    let mut writer = portolan::etcd::connect(&cfg).await.expect("connect");
+    writer
+        .put(fd.service_key("web", "a"), a.record(), None)
+        .await
+        .expect("put");
+    wait_until("the watcher to route an instance put after the idle spell", T, || {
+        fd.routes_to("web", "a")
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains("cannot sync") && !text.contains("invalid auth token"),
+        "the registrar failed a call on an expired token: {text}"
+    );
+    assert!(registrar.alive(), "{text}");
+    assert!(!fd.log().contains("invalid auth token"), "{}", fd.log());
+}
