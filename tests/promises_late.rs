@@ -478,3 +478,100 @@ async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
     assert!(registrar.alive(), "{text}");
     assert!(!fd.log().contains("invalid auth token"), "{}", fd.log());
 }
+
+// ---------- the deferred check's cap under steady churn ----------
+
+/// Seconds since the epoch, as `date +%s.%N` writes them.
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// The start times a check command wrapper logged (`date +%s.%N >> log`).
+fn logged_times(log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn weighted(b: &Backend, weight: u32) -> String {
+    format!(
+        r#"{{"addr":"{}","node":"test","tags":["t"],"weight":{weight}}}"#,
+        b.addr
+    )
+}
+
+/// A change every 100 ms (less than the 250 ms of quiet a deferred check waits for)
+/// for 8 s, each taking the runtime path: the background check still runs during the
+/// churn, at most ~2 s after the first change it covers, instead of after the churn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
+    const CHURN: Duration = Duration::from_secs(8);
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checks = dir.path().join("checks.log");
+    let a = Backend::start("a").await;
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            admin_socket: true,
+            check_cmd: format!(
+                "date +%s.%N >> {}; haproxy -c -f {{src}}",
+                checks.display()
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let key = fd.service_key("web", "a");
+    etcd.put(&key, &weighted(&a, 100)).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    let start = epoch_now();
+    let began = Instant::now();
+    let mut weight = 1;
+    while began.elapsed() < CHURN {
+        weight = weight % 200 + 1;
+        etcd.put(&key, &weighted(&a, weight)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = epoch_now();
+    // The last weight reached HAProxy: every change was applied, runtime first.
+    wait_until("the last weight in HAProxy", T, || async {
+        fd.admin("show servers state svc_web")
+            .await
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("a") && l.contains(&format!(" {weight} ")))
+    })
+    .await;
+    assert_eq!(fd.haproxy.reloads().await, reloads, "the churn reloaded");
+
+    let during: Vec<f64> = logged_times(&checks)
+        .into_iter()
+        .filter(|t| *t > start && *t < end)
+        .collect();
+    let gaps: Vec<f64> = std::iter::once(start)
+        .chain(during.iter().copied())
+        .chain(std::iter::once(end))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .collect();
+    eprintln!("checks started during {CHURN:?} of churn: {}; gaps (s): {gaps:.2?}", during.len());
+    // 8 s of churn under a 2 s cap: three or four checks; without the cap, none.
+    assert!(
+        during.len() >= 2,
+        "{} deferred checks ran during {CHURN:?} of steady churn (gaps {gaps:.2?})",
+        during.len()
+    );
+    // A generous sanity bound: the cap is 2 s, the check itself takes its time too.
+    assert!(
+        gaps.iter().all(|g| *g < 5.0),
+        "a deferred check waited past 5 s under churn: {gaps:.2?}"
+    );
+}
