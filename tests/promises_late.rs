@@ -575,3 +575,220 @@ async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
         "a deferred check waited past 5 s under churn: {gaps:.2?}"
     );
 }
+
+// ---------- HAProxy refusing a runtime batch; a server that never drains ----------
+
+/// Servers HAProxy's running worker has in `backend` (`show servers state`).
+async fn live_servers(fd: &FrontDoor, backend: &str) -> Vec<String> {
+    let state = fd.admin(&format!("show servers state {backend}")).await;
+    let mut names: Vec<String> = state
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 6 && f[1] == backend).then(|| f[3].to_string())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// An operator deletes server b by hand (`set server … state maint`, `del server`); the
+/// next batch adds d, re-weights c and removes b in one etcd transaction. HAProxy takes
+/// the add and the weight, then refuses b's removal (no such server): the watcher says
+/// so, reloads onto the file instead and HAProxy runs exactly what etcd says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_refusing_a_runtime_batch_part_way_is_repaired_by_a_reload_and_said() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = Etcd::start().await;
+    let (a, b, c, d) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+        Backend::start("d").await,
+    );
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
+    for x in [&a, &b, &c] {
+        etcd.put(&fd.service_key("web", &x.name), &x.record()).await;
+    }
+    wait_until("a, b and c in HAProxy", T, || async {
+        live_servers(&fd, "svc_web").await == ["a", "b", "c"]
+    })
+    .await;
+    let reloads = fd.haproxy.reloads().await;
+
+    // The operator, behind the watcher's back.
+    assert_eq!(fd.admin("set server svc_web/b state maint").await, "");
+    let del = fd.admin("del server svc_web/b").await;
+    assert!(del.contains("Server deleted"), "{del}");
+
+    let mut client = etcd.client().await;
+    client
+        .txn(Txn::new().and_then([
+            TxnOp::put(fd.service_key("web", "d"), d.record(), None),
+            TxnOp::put(fd.service_key("web", "c"), weighted(&c, 7), None),
+            TxnOp::delete(fd.service_key("web", "b"), None),
+        ]))
+        .await
+        .expect("txn");
+    wait_until("the refused batch reported and reloaded instead", T, || async {
+        fd.log().contains("runtime API failed, reloaded instead")
+    })
+    .await;
+    wait_until("HAProxy runs a, c (weight 7) and d after the reload", T, || async {
+        live_servers(&fd, "svc_web").await == ["a", "c", "d"]
+            && fd.haproxy.reloads().await > reloads
+    })
+    .await;
+    let log = fd.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("runtime API failed, reloaded instead"))
+        .unwrap_or_default();
+    eprintln!("{line}");
+    assert!(
+        line.contains("svc_web/b") && line.contains("refused"),
+        "the warning names the refused command: {line}"
+    );
+    let state = fd.admin("show servers state svc_web").await;
+    assert!(
+        state
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("c") && l.contains(" 7 ")),
+        "{state}"
+    );
+    assert_eq!(
+        fd.metric(r#"portolan_watcher_runtime_updates_total{result="fallback"}"#)
+            .await,
+        Some(1.0)
+    );
+    for _ in 0..6 {
+        let got = fd.get("web").await;
+        assert!(
+            matches!(&got, Some((200, body)) if body != "b"),
+            "{got:?}"
+        );
+    }
+}
+
+/// A backend that accepts connections and never answers: a request sent to it stays
+/// in flight. Counts the connections that carried a request (health checks only
+/// connect).
+struct Mute {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Mute {
+    async fn start() -> Mute {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (r, s) = (requests.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut conn = tokio::select! {
+                    _ = s.cancelled() => return,
+                    c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
+                };
+                let (r, s) = (r.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut counted = false;
+                    loop {
+                        tokio::select! {
+                            _ = s.cancelled() => return,
+                            n = conn.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if !counted && buf[..n].starts_with(b"GET ") {
+                                        counted = true;
+                                        r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    }
+                                }
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        Mute {
+            addr,
+            requests,
+            stop,
+        }
+    }
+
+    fn record(&self) -> String {
+        format!(
+            r#"{{"addr":"{}","node":"test","tags":["t"],"weight":100}}"#,
+            self.addr
+        )
+    }
+}
+
+impl Drop for Mute {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A removed server with a request that never finishes cannot be deleted through the
+/// runtime API: after its drain window the watcher gives up on it, says so (naming the
+/// server), and reloads; the new worker has no such server and the old one keeps the
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_server_that_never_drains_is_left_to_a_reload_and_said() {
+    use tokio::io::AsyncWriteExt;
+    let etcd = Etcd::start().await;
+    let (a, mute) = (Backend::start("a").await, Mute::start().await);
+    let fd = FrontDoor::start(&etcd, Options::with_admin_socket()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    etcd.put(&fd.service_key("web", "m"), &mute.record()).await;
+    wait_until("a and m in HAProxy", T, || async {
+        live_servers(&fd, "svc_web").await == ["a", "m"]
+    })
+    .await;
+    let reloads = fd.haproxy.reloads().await;
+    // Requests until one is in flight at m (round robin sends every other one there).
+    let mut held = Vec::new();
+    let deadline = Instant::now() + T;
+    while mute.requests.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no request reached m");
+        let mut s = tokio::net::TcpStream::connect(fd.http_addr())
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .expect("send");
+        held.push(s);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    etcd.delete(&fd.service_key("web", "m")).await;
+    wait_until("m given up on and reloaded instead", T, || async {
+        fd.log()
+            .lines()
+            .any(|l| l.contains("runtime API failed, reloaded instead") && l.contains("still had connections"))
+    })
+    .await;
+    wait_until("the new worker without m", T, || async {
+        live_servers(&fd, "svc_web").await == ["a"] && fd.haproxy.reloads().await > reloads
+    })
+    .await;
+    let line = fd
+        .log()
+        .lines()
+        .find(|l| l.contains("still had connections"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("{line}");
+    assert!(line.contains("svc_web/m"), "{line}");
+    assert!(!fd.dest_text().contains("server m "));
+    assert!(fd.routes_to("web", "a").await);
+    drop(held);
+}
