@@ -792,3 +792,129 @@ async fn a_removed_server_that_never_drains_is_left_to_a_reload_and_said() {
     assert!(fd.routes_to("web", "a").await);
     drop(held);
 }
+
+// ---------- drain on the reload path, and in a persistent backend ----------
+
+/// Without an admin socket, a draining instance leaves rotation by a reload onto a file
+/// that says `disabled`: no request reaches it afterwards, and clearing the flag
+/// routes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_leaves_rotation_by_reload_without_an_admin_socket() {
+    use std::sync::atomic::Ordering;
+    let etcd = Etcd::start().await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let fd = FrontDoor::start(&etcd, Options::default()).await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("web routed to a", T, || fd.routes_to("web", "a")).await;
+    wait_until("web routed to b", T, || fd.routes_to("web", "b")).await;
+    let reloads = fd.haproxy.reloads().await;
+
+    etcd.put(&fd.service_key("web", "b"), &b.draining_record())
+        .await;
+    let line = format!("server b {} weight 100 check disabled", b.addr);
+    wait_until("a reload onto the file that says b is disabled", T, || async {
+        fd.dest_text().contains(&line) && fd.haproxy.reloads().await > reloads
+    })
+    .await;
+    // The reload is confirmed once the new worker runs: from then on, only a.
+    wait_until("the new worker serving", T, || async {
+        fd.haproxy
+            .status()
+            .await
+            .is_some_and(|s| s.reloads > reloads)
+    })
+    .await;
+    let before = b.hits.load(Ordering::Relaxed);
+    for _ in 0..40 {
+        assert_eq!(fd.get("web").await, Some((200, "a".to_string())));
+    }
+    assert_eq!(b.hits.load(Ordering::Relaxed), before, "b got new requests");
+
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("b routed again", T, || fd.routes_to("web", "b")).await;
+}
+
+/// GET http://web.test/ through `front` from the local address `from`: the body of a
+/// 200, None otherwise.
+async fn get_from(from: &str, front: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(format!("{from}:0").parse().ok()?).ok()?;
+    let mut s = socket.connect(front.parse().ok()?).await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.trim().to_string())
+}
+
+/// In a backend whose clients persist on a server (`stick on src`), a draining instance
+/// is put in HAProxy's `drain` state, not maintenance: a client already stuck to it
+/// keeps reaching it, a new client does not, and the file says `disabled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let template = std::fs::read_to_string(common::haproxy::shipped_template())
+        .expect("shipped template")
+        .replace(
+            "    balance roundrobin\n",
+            "    balance roundrobin\n    stick-table type ip size 1k expire 10m\n    stick on src\n",
+        );
+    assert!(template.contains("stick on src"), "the template changed");
+    let fd = FrontDoor::start(
+        &etcd,
+        Options {
+            template: Some(template),
+            admin_socket: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let front = fd.http_addr();
+    // b alone first: 127.0.0.1 sticks to it.
+    etcd.put(&fd.service_key("web", "b"), &b.record()).await;
+    wait_until("127.0.0.1 stuck to b", T, || async {
+        get_from("127.0.0.1", &front).await.as_deref() == Some("b")
+    })
+    .await;
+    etcd.put(&fd.service_key("web", "a"), &a.record()).await;
+    wait_until("a in HAProxy", T, || async {
+        fd.admin_state("svc_web", "a").await == Some(0)
+    })
+    .await;
+    let reloads = fd.haproxy.reloads().await;
+
+    etcd.put(&fd.service_key("web", "b"), &b.draining_record())
+        .await;
+    wait_until("b in HAProxy's drain state", T, || async {
+        fd.admin_state("svc_web", "b").await.is_some_and(|s| s & 8 == 8)
+    })
+    .await;
+    let line = format!("server b {} weight 100 check disabled", b.addr);
+    wait_until("the file says b is disabled", T, || async {
+        fd.dest_text().contains(&line)
+    })
+    .await;
+    assert_eq!(fd.admin_state("svc_web", "b").await.map(|s| s & 1), Some(0), "b in maintenance");
+    for _ in 0..10 {
+        assert_eq!(
+            get_from("127.0.0.1", &front).await.as_deref(),
+            Some("b"),
+            "the client stuck to b was sent elsewhere"
+        );
+        assert_eq!(
+            get_from("127.0.0.2", &front).await.as_deref(),
+            Some("a"),
+            "a new client reached the draining b"
+        );
+    }
+    assert_eq!(fd.haproxy.reloads().await, reloads, "the drain reloaded");
+}
