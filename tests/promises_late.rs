@@ -918,3 +918,100 @@ async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
     }
     assert_eq!(fd.haproxy.reloads().await, reloads, "the drain reloaded");
 }
+
+// ---------- one reload in flight ----------
+
+/// A burst of changes that each need a reload (a new service every 80 ms), against a
+/// reload command that takes 300 ms and stamps its start and end: reloads never
+/// overlap, changes that arrive during one are folded into the next, and every service
+/// ends up routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_two_reloads_at_once() {
+    const SERVICES: usize = 8;
+    let etcd = Etcd::start().await;
+    let a = Backend::start("a").await;
+    let mut fd = FrontDoor::prepare(
+        &etcd,
+        Options {
+            reload_cmd: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let stamps = fd.dir.path().join("reloads");
+    let cmd = format!(
+        "echo s $(date +%s.%N) >> {log}; sleep 0.3; kill -USR2 {pid}; echo e $(date +%s.%N) >> {log}",
+        log = stamps.display(),
+        pid = fd.haproxy.master_pid()
+    );
+    let cfg = std::fs::read_to_string(&fd.config).expect("config");
+    std::fs::write(
+        &fd.config,
+        cfg.replace("reload_cmd = \"\"", &format!("reload_cmd = {cmd:?}")),
+    )
+    .expect("config");
+    fd.start_watcher();
+    fd.wait_for_first_reload().await;
+    let first = std::fs::read_to_string(&stamps).unwrap_or_default().lines().count();
+
+    let mut puts = Vec::new();
+    for i in 0..SERVICES {
+        puts.push(epoch_now());
+        etcd.put(&fd.service_key(&format!("s{i}"), "a"), &a.record())
+            .await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    for i in 0..SERVICES {
+        let name = format!("s{i}");
+        wait_until(&format!("{name} routed"), T, || fd.routes_to(&name, "a")).await;
+    }
+    // The last reload's end stamped too.
+    let spans = || -> Vec<(f64, f64)> {
+        let text = std::fs::read_to_string(&stamps).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().skip(first).collect();
+        let mut starts = Vec::new();
+        let mut spans = Vec::new();
+        for l in lines {
+            match l.split_once(' ') {
+                Some(("s", t)) => starts.push(t.parse::<f64>().expect("stamp")),
+                Some(("e", t)) => {
+                    // Ends pair with starts in order only if reloads never overlap;
+                    // pair with the earliest open start, and judge below.
+                    let s = starts.remove(0);
+                    spans.push((s, t.parse::<f64>().expect("stamp")));
+                }
+                _ => {}
+            }
+        }
+        spans
+    };
+    wait_until("every reload's end stamped", T, || async {
+        let text = std::fs::read_to_string(&stamps).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().skip(first).collect();
+        lines.iter().filter(|l| l.starts_with("s ")).count()
+            == lines.iter().filter(|l| l.starts_with("e ")).count()
+    })
+    .await;
+    let spans = spans();
+    eprintln!(
+        "{} reloads for {SERVICES} changes: {:.2?}",
+        spans.len(),
+        spans.iter().map(|(s, e)| e - s).collect::<Vec<_>>()
+    );
+    assert!(spans.len() >= 2, "the burst took one reload: {spans:?}");
+    for w in spans.windows(2) {
+        assert!(
+            w[1].0 >= w[0].1,
+            "a reload started at {:.3} while the one started at {:.3} ran until {:.3}",
+            w[1].0,
+            w[0].0,
+            w[0].1
+        );
+    }
+    // The scenario happened: some change arrived while a reload was in flight.
+    assert!(
+        puts.iter()
+            .any(|p| spans.iter().any(|(s, e)| p > s && p < e)),
+        "no change arrived during a reload: puts {puts:?}, reloads {spans:?}"
+    );
+}
