@@ -1015,3 +1015,118 @@ async fn never_two_reloads_at_once() {
         "no change arrived during a reload: puts {puts:?}, reloads {spans:?}"
     );
 }
+
+// ---------- keep-alives past an endpoint that accepts and never answers ----------
+
+/// The node key's (lease, create revision), None when absent.
+async fn node_key_identity(etcd: &Etcd, key: &str) -> Option<(i64, i64)> {
+    let mut c = etcd.client().await;
+    let r = c.get(key, None).await.ok()?;
+    r.kvs().first().map(|kv| (kv.lease(), kv.create_revision()))
+}
+
+/// A TCP relay to `upstream` that can be made to behave like an etcd member restarted
+/// without quorum: while muted, it accepts connections and answers nothing (they are
+/// closed when it is unmuted). Relayed connections end with the upstream's.
+struct Muting {
+    addr: std::net::SocketAddr,
+    muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    unmuted: std::sync::Arc<tokio::sync::Notify>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Muting {
+    async fn start(upstream: String) -> Muting {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let muted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let unmuted = std::sync::Arc::new(tokio::sync::Notify::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (m, u, s) = (muted.clone(), unmuted.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut conn = tokio::select! {
+                    _ = s.cancelled() => return,
+                    c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
+                };
+                let (m, u, s, upstream) = (m.clone(), u.clone(), s.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    if m.load(Ordering::SeqCst) {
+                        // Held, unanswered, until unmuted.
+                        tokio::select! {
+                            _ = s.cancelled() => {}
+                            _ = u.notified() => {}
+                        }
+                        return;
+                    }
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut conn, &mut up) => {}
+                    }
+                });
+            }
+        });
+        Muting {
+            addr,
+            muted,
+            unmuted,
+            stop,
+        }
+    }
+
+    fn mute(&self, on: bool) {
+        self.muted.store(on, std::sync::atomic::Ordering::SeqCst);
+        if !on {
+            self.unmuted.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Muting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// An etcd member restarted while its cluster has no quorum accepts connections before
+/// it serves anything (etcd answers only once it has published itself through a
+/// leader): a call sent there hangs. Here a relay to etcd plays that member after each
+/// restart, beside etcd's own endpoint: the registrar's keep-alive stream, broken by
+/// the restart, must resume on the member that answers within the lease's TTL (which
+/// etcd restarts when a leader is elected). Four restarts later, the node key is still
+/// the first one, on the first lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_resume_past_an_endpoint_that_accepts_and_never_answers() {
+    let mut rig = Rig::new("mute-member").await;
+    let relay = Muting::start(format!("127.0.0.1:{}", rig.etcd.client_port)).await;
+    let opts = Opts::default();
+    let mut cfg = rig.config(&opts);
+    cfg.etcd.endpoints = vec![format!("http://{}", relay.addr), rig.etcd.endpoint()];
+    let registrar = InProcess::start(cfg);
+    let key = rig.node_key();
+    wait_until("the registrar's node key", T, || async {
+        node_key_identity(&rig.etcd, &key).await.is_some()
+    })
+    .await;
+    let first = node_key_identity(&rig.etcd, &key).await;
+    for round in 0..4 {
+        relay.mute(true);
+        rig.etcd.restart().await;
+        // Two TTLs with etcd answering: a lease not renewed in one is gone.
+        tokio::time::sleep(Duration::from_secs(2 * opts.ttl)).await;
+        assert_eq!(
+            node_key_identity(&rig.etcd, &key).await,
+            first,
+            "round {round}: the node key was lost and written again (its lease expired)"
+        );
+        relay.mute(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(registrar.running());
+}

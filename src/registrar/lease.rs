@@ -4,20 +4,31 @@
 //! The lease id is kept in `<state-dir>/registrar.lease`, so a restarted registrar picks
 //! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
 //! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
-//! stream whenever it dies (an etcd restart kills open streams); it reports, never
-//! decides: the session re-grants when told the lease is lost. `keep_alive` knows only
-//! a lease id and a TTL, so any other holder of a lease can run it too.
+//! stream whenever it dies (an etcd restart kills open streams) or leaves a keep-alive
+//! unanswered for a period; it reports, never decides: the session re-grants when told
+//! the lease is lost. `keep_alive` knows only a lease id, a TTL and where etcd is, so
+//! any other holder of a lease can run it too.
+//!
+//! A new stream is opened on every endpoint at once, each over a connection of its own,
+//! and the first member to answer carries it; each try is bounded by TTL/3, and tries
+//! are at most TTL/3 apart. The shared client's balancer would pick one member, and a
+//! member that accepts connections but answers nothing (one restarted while its
+//! cluster has no quorum serves only once it has published itself through a leader)
+//! held a try for the whole call timeout: longer than a short TTL, so a lease that
+//! survived the outage (etcd restarts every lease's TTL when a leader is elected)
+//! expired after it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{sleep_or_stop, Backoff};
+use crate::config::EtcdConfig;
 use crate::etcd;
 
 const STATE_FILE: &str = "registrar.lease";
@@ -163,7 +174,7 @@ pub(crate) enum KeeperEvent {
 pub(crate) enum Trouble {
     #[error("cannot open the keep-alive stream: {0}")]
     Open(String),
-    #[error("no keep-alive answer for a whole TTL")]
+    #[error("no answer to a keep-alive within TTL/3")]
     Silent,
     #[error("the keep-alive stream closed")]
     Closed,
@@ -177,21 +188,72 @@ pub(crate) struct KeeperReport {
     pub(crate) event: KeeperEvent,
 }
 
+/// The one endpoint `endpoint` of `cfg`, as a config of its own.
+fn single(cfg: &EtcdConfig, endpoint: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..cfg.clone()
+    }
+}
+
+/// Opens a keep-alive stream of `lease` on every endpoint at once, each over a new
+/// connection (so TLS files are read again too), each try bounded by `limit`; the
+/// first member that answers wins. `Lost` as soon as one says the lease is gone.
+async fn open(
+    cfg: &EtcdConfig,
+    lease: i64,
+    limit: Duration,
+) -> Result<(Client, LeaseKeeper, LeaseKeepAliveStream), Opened> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut tries: FuturesUnordered<_> = cfg
+        .endpoints
+        .iter()
+        .map(|e| {
+            let one = single(cfg, e);
+            async move {
+                let attempt = async {
+                    let mut client = etcd::connect(&one).await?;
+                    let (keeper, stream) = client.lease_keep_alive(lease).await?;
+                    Ok::<_, etcd_client::Error>((client, keeper, stream))
+                };
+                match tokio::time::timeout(limit, attempt).await {
+                    Ok(r) => r.map_err(|e| (e.to_string(), is_lease_not_found(&e))),
+                    Err(_) => Err((format!("{e}: no answer within {limit:?}"), false)),
+                }
+            }
+        })
+        .collect();
+    let mut errors = Vec::new();
+    while let Some(r) = tries.next().await {
+        match r {
+            Ok(opened) => return Ok(opened),
+            Err((_, true)) => return Err(Opened::Lost),
+            Err((e, false)) => errors.push(e),
+        }
+    }
+    Err(Opened::Failed(errors.join("; ")))
+}
+
+enum Opened {
+    Lost,
+    Failed(String),
+}
+
 /// Keeps `lease` alive until cancelled or lost, reporting on `reports` (tagged with the
 /// lease id, so a report about a replaced lease can be told apart). Run it as a tracked
 /// task. Knows nothing of what hangs on the lease: any holder of a lease can use it.
 pub(crate) async fn keep_alive(
-    mut client: Client,
+    cfg: EtcdConfig,
     lease: i64,
     ttl: Duration,
     reports: mpsc::Sender<KeeperReport>,
     shutdown: CancellationToken,
 ) {
     let period = ttl / 3;
-    let mut backoff = Backoff::new(
-        Duration::from_millis(100),
-        period.max(Duration::from_secs(1)),
-    );
+    // Tries at most a period apart, each bounded by a period: a keep-alive goes out
+    // within TTL/3 of etcd answering again.
+    let limit = period.min(etcd::CALL_TIMEOUT);
+    let mut backoff = Backoff::new(Duration::from_millis(100), period);
     let mut healthy = true;
     let report = |event: KeeperEvent| {
         let reports = reports.clone();
@@ -202,18 +264,19 @@ pub(crate) async fn keep_alive(
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = etcd::call(client.lease_keep_alive(lease)) => r,
+            r = open(&cfg, lease, limit) => r,
         };
-        let (mut keeper, mut stream) = match opened {
-            Ok(pair) => pair,
-            Err(e) if is_lease_not_found(&e) => {
+        // The client is kept with its stream: dropping it could close the connection.
+        let (_client, mut keeper, mut stream) = match opened {
+            Ok(o) => o,
+            Err(Opened::Lost) => {
                 report(KeeperEvent::Lost).await;
                 return;
             }
-            Err(e) => {
+            Err(Opened::Failed(e)) => {
                 if healthy {
                     healthy = false;
-                    report(KeeperEvent::Trouble(Trouble::Open(e.to_string()))).await;
+                    report(KeeperEvent::Trouble(Trouble::Open(e))).await;
                 }
                 if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
                     return;
@@ -226,37 +289,42 @@ pub(crate) async fn keep_alive(
             report(KeeperEvent::Alive).await;
         }
         backoff.reset();
-        let mut last_ack = Instant::now();
+        // Opening the stream was a keep-alive, answered.
+        let mut answered = true;
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let trouble = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    // No answer for a whole TTL: the stream is dead even if it says nothing.
-                    if last_ack.elapsed() > ttl {
+                    // The last keep-alive had a whole period: a member that answers
+                    // nothing is left for one that does while the lease still runs.
+                    if !answered {
                         break Trouble::Silent;
                     }
                     if let Err(e) = keeper.keep_alive().await {
                         break Trouble::Failed(e.to_string());
                     }
+                    answered = false;
                 }
                 msg = stream.message() => match msg {
                     Ok(Some(r)) if r.ttl() <= 0 => {
                         report(KeeperEvent::Lost).await;
                         return;
                     }
-                    Ok(Some(_)) => last_ack = Instant::now(),
+                    Ok(Some(_)) => answered = true,
                     Ok(None) => break Trouble::Closed,
                     Err(e) => break Trouble::Failed(e.to_string()),
                 },
             }
         };
+        let silent = trouble == Trouble::Silent;
         if healthy {
             healthy = false;
             report(KeeperEvent::Trouble(trouble)).await;
         }
-        if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+        // A silent member: try again at once (elsewhere); a failure: after a backoff.
+        if !silent && !sleep_or_stop(backoff.next_delay(), &shutdown).await {
             return;
         }
     }

@@ -204,29 +204,23 @@ impl Session {
 
     /// Connects on first use and after a failed call (`failed`), so TLS files replaced
     /// on disk are read again: the client's own reconnects keep the files it was made
-    /// with. A new connection also carries the lease's keep-alives from then on.
+    /// with. (The keeper makes connections of its own, each time it opens a stream.)
     async fn client(&mut self) -> Result<&mut Client, SessionError> {
         let client = match self.client.take() {
             Some(c) => c,
-            None => {
-                let c = etcd::connect(&self.etcd).await?;
-                if let Some(lease) = self.lease {
-                    self.start_keeper(c.clone(), lease);
-                }
-                c
-            }
+            None => etcd::connect(&self.etcd).await?,
         };
         Ok(self.client.insert(client))
     }
 
-    /// (Re)starts the keeper of `lease` on `client`, stopping the one before.
-    fn start_keeper(&mut self, client: Client, lease: i64) {
+    /// Starts the keeper of `lease`, stopping the one before.
+    fn start_keeper(&mut self, lease: i64) {
         if let Some(stop) = self.keeper_stop.take() {
             stop.cancel();
         }
         let stop = self.shutdown.child_token();
         self.tracker.spawn(lease::keep_alive(
-            client,
+            self.etcd.clone(),
             lease,
             self.ttl,
             self.keeper_tx.clone(),
@@ -249,7 +243,6 @@ impl Session {
         let l = lease::acquire(client, ttl, &state_dir)
             .await
             .map_err(SessionError::Lease)?;
-        let client = client.clone();
         tracing::info!(
             lease = l.id,
             reused = l.reused,
@@ -257,7 +250,7 @@ impl Session {
             "etcd: {} lease",
             if l.reused { "reusing live" } else { "granted" }
         );
-        self.start_keeper(client, l.id);
+        self.start_keeper(l.id);
         self.lease = Some(l.id);
         self.replaced_lease = l.replaced;
         // Before anything is written: a registrar that started second with a name
