@@ -200,9 +200,11 @@ async fn tls_files_replaced_while_etcd_is_down_are_read_again_on_reconnect() {
     tokio::time::sleep_until((back + Duration::from_secs(2 * opts.ttl + 1)).into()).await;
     let c = rig.container(&[]);
     let key = rig.image_key(&c);
-    wait_until("a container started after the rotation registered", T, || async {
-        lease_of(&cfg, &key).await.is_some()
-    })
+    wait_until(
+        "a container started after the rotation registered",
+        T,
+        || async { lease_of(&cfg, &key).await.is_some() },
+    )
     .await;
     assert_eq!(
         lease_of(&cfg, &key).await,
@@ -211,11 +213,7 @@ async fn tls_files_replaced_while_etcd_is_down_are_read_again_on_reconnect() {
     );
     assert_eq!(lease_of(&cfg, &node_key).await, Some(lease));
     assert!(registrar.running());
-    assert!(
-        !fd.log().contains("panicked"),
-        "{}",
-        fd.log()
-    );
+    assert!(!fd.log().contains("panicked"), "{}", fd.log());
 }
 
 // ---------- a periodic --resync heals what Docker's events missed ----------
@@ -396,8 +394,12 @@ async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
     let mut root = etcd_client::Client::connect([endpoint.as_str()], None)
         .await
         .expect("connect");
-    root.user_add("root", password, None).await.expect("user add");
-    root.user_grant_role("root", "root").await.expect("grant root");
+    root.user_add("root", password, None)
+        .await
+        .expect("user add");
+    root.user_grant_role("root", "root")
+        .await
+        .expect("grant root");
     root.auth_enable().await.expect("auth enable");
     let pw = dir.path().join("etcd-password");
     write_private(&pw, password);
@@ -409,7 +411,9 @@ async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
         async move {
             let mut c = portolan::etcd::connect(&cfg).await.ok()?;
             let r = portolan::etcd::call(c.get(key, None)).await.ok()?;
-            r.kvs().first().map(|kv| kv.value_str().unwrap_or("").to_string())
+            r.kvs()
+                .first()
+                .map(|kv| kv.value_str().unwrap_or("").to_string())
         }
     };
 
@@ -456,9 +460,11 @@ async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
     tokio::time::sleep(idle).await;
     let c = rig.container(&[]);
     let key = rig.image_key(&c);
-    wait_until("a container started after the idle spell registered", T, || async {
-        get(key.clone()).await.is_some()
-    })
+    wait_until(
+        "a container started after the idle spell registered",
+        T,
+        || async { get(key.clone()).await.is_some() },
+    )
     .await;
     let a = Backend::start("a").await;
     let mut writer = portolan::etcd::connect(&cfg).await.expect("connect");
@@ -466,9 +472,11 @@ async fn etcd_auth_tokens_are_refreshed_past_the_auth_token_ttl() {
         .put(fd.service_key("web", "a"), a.record(), None)
         .await
         .expect("put");
-    wait_until("the watcher to route an instance put after the idle spell", T, || {
-        fd.routes_to("web", "a")
-    })
+    wait_until(
+        "the watcher to route an instance put after the idle spell",
+        T,
+        || fd.routes_to("web", "a"),
+    )
     .await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -519,10 +527,7 @@ async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
         &etcd,
         Options {
             admin_socket: true,
-            check_cmd: format!(
-                "date +%s.%N >> {}; haproxy -c -f {{src}}",
-                checks.display()
-            ),
+            check_cmd: format!("date +%s.%N >> {}; haproxy -c -f {{src}}", checks.display()),
             ..Default::default()
         },
     )
@@ -562,7 +567,10 @@ async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
         .windows(2)
         .map(|w| w[1] - w[0])
         .collect();
-    eprintln!("checks started during {CHURN:?} of churn: {}; gaps (s): {gaps:.2?}", during.len());
+    eprintln!(
+        "checks started during {CHURN:?} of churn: {}; gaps (s): {gaps:.2?}",
+        during.len()
+    );
     // 8 s of churn under a 2 s cap: three or four checks; without the cap, none.
     assert!(
         during.len() >= 2,
@@ -630,14 +638,20 @@ async fn haproxy_refusing_a_runtime_batch_part_way_is_repaired_by_a_reload_and_s
         ]))
         .await
         .expect("txn");
-    wait_until("the refused batch reported and reloaded instead", T, || async {
-        fd.log().contains("runtime API failed, reloaded instead")
-    })
+    wait_until(
+        "the refused batch reported and reloaded instead",
+        T,
+        || async { fd.log().contains("runtime API failed, reloaded instead") },
+    )
     .await;
-    wait_until("HAProxy runs a, c (weight 7) and d after the reload", T, || async {
-        live_servers(&fd, "svc_web").await == ["a", "c", "d"]
-            && fd.haproxy.reloads().await > reloads
-    })
+    wait_until(
+        "HAProxy runs a, c (weight 7) and d after the reload",
+        T,
+        || async {
+            live_servers(&fd, "svc_web").await == ["a", "c", "d"]
+                && fd.haproxy.reloads().await > reloads
+        },
+    )
     .await;
     let log = fd.log();
     let line = log
@@ -663,10 +677,7 @@ async fn haproxy_refusing_a_runtime_batch_part_way_is_repaired_by_a_reload_and_s
     );
     for _ in 0..6 {
         let got = fd.get("web").await;
-        assert!(
-            matches!(&got, Some((200, body)) if body != "b"),
-            "{got:?}"
-        );
+        assert!(matches!(&got, Some((200, body)) if body != "b"), "{got:?}");
     }
 }
 
@@ -771,9 +782,10 @@ async fn a_removed_server_that_never_drains_is_left_to_a_reload_and_said() {
 
     etcd.delete(&fd.service_key("web", "m")).await;
     wait_until("m given up on and reloaded instead", T, || async {
-        fd.log()
-            .lines()
-            .any(|l| l.contains("runtime API failed, reloaded instead") && l.contains("still had connections"))
+        fd.log().lines().any(|l| {
+            l.contains("runtime API failed, reloaded instead")
+                && l.contains("still had connections")
+        })
     })
     .await;
     wait_until("the new worker without m", T, || async {
@@ -813,9 +825,11 @@ async fn a_draining_instance_leaves_rotation_by_reload_without_an_admin_socket()
     etcd.put(&fd.service_key("web", "b"), &b.draining_record())
         .await;
     let line = format!("server b {} weight 100 check disabled", b.addr);
-    wait_until("a reload onto the file that says b is disabled", T, || async {
-        fd.dest_text().contains(&line) && fd.haproxy.reloads().await > reloads
-    })
+    wait_until(
+        "a reload onto the file that says b is disabled",
+        T,
+        || async { fd.dest_text().contains(&line) && fd.haproxy.reloads().await > reloads },
+    )
     .await;
     // The reload is confirmed once the new worker runs: from then on, only a.
     wait_until("the new worker serving", T, || async {
@@ -852,7 +866,8 @@ async fn get_from(from: &str, front: &str) -> Option<String> {
         .ok()?;
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.trim().to_string())
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_string())
 }
 
 /// In a backend whose clients persist on a server (`stick on src`), a draining instance
@@ -895,7 +910,9 @@ async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
     etcd.put(&fd.service_key("web", "b"), &b.draining_record())
         .await;
     wait_until("b in HAProxy's drain state", T, || async {
-        fd.admin_state("svc_web", "b").await.is_some_and(|s| s & 8 == 8)
+        fd.admin_state("svc_web", "b")
+            .await
+            .is_some_and(|s| s & 8 == 8)
     })
     .await;
     let line = format!("server b {} weight 100 check disabled", b.addr);
@@ -903,7 +920,11 @@ async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
         fd.dest_text().contains(&line)
     })
     .await;
-    assert_eq!(fd.admin_state("svc_web", "b").await.map(|s| s & 1), Some(0), "b in maintenance");
+    assert_eq!(
+        fd.admin_state("svc_web", "b").await.map(|s| s & 1),
+        Some(0),
+        "b in maintenance"
+    );
     for _ in 0..10 {
         assert_eq!(
             get_from("127.0.0.1", &front).await.as_deref(),
@@ -952,7 +973,10 @@ async fn never_two_reloads_at_once() {
     .expect("config");
     fd.start_watcher();
     fd.wait_for_first_reload().await;
-    let first = std::fs::read_to_string(&stamps).unwrap_or_default().lines().count();
+    let first = std::fs::read_to_string(&stamps)
+        .unwrap_or_default()
+        .lines()
+        .count();
 
     let mut puts = Vec::new();
     for i in 0..SERVICES {
