@@ -4,17 +4,17 @@
 //! The lease id is kept in `<state-dir>/registrar.lease`, so a restarted registrar picks
 //! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
 //! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
-//! stream whenever it dies (an etcd restart kills open streams) or leaves a keep-alive
-//! unanswered for a period; it reports, never decides: the session re-grants when told
-//! the lease is lost. `keep_alive` knows only a lease id, a TTL and where etcd is, so
-//! any other holder of a lease can run it too.
+//! stream whenever it dies (an etcd restart kills open streams) or goes unanswered for
+//! half the TTL; it reports, never decides: the session re-grants when told the lease
+//! is lost. `keep_alive` knows only a lease id, a TTL and where etcd is, so any other
+//! holder of a lease can run it too.
 //!
-//! A new stream is opened on every endpoint at once, each over a connection of its own,
-//! and the first member to answer carries it; each try is bounded by TTL/3, and tries
-//! are at most TTL/3 apart. The shared client's balancer would pick one member, and a
-//! member that accepts connections but answers nothing (one restarted while its
-//! cluster has no quorum serves only once it has published itself through a leader)
-//! held a try for the whole call timeout: longer than a short TTL, so a lease that
+//! A new stream is opened on every endpoint at once, each member over a client of its
+//! own, and the first member to answer carries it; each try is bounded by TTL/3, and
+//! tries are at most TTL/3 apart. Through the shared client's balancer a try went to one
+//! member, and a member that accepts connections but answers nothing (one restarted
+//! while its cluster has no quorum: it serves only once it has published itself through
+//! a leader) held it for the whole call timeout, longer than a short TTL: a lease that
 //! survived the outage (etcd restarts every lease's TTL when a leader is elected)
 //! expired after it.
 
@@ -174,7 +174,7 @@ pub(crate) enum KeeperEvent {
 pub(crate) enum Trouble {
     #[error("cannot open the keep-alive stream: {0}")]
     Open(String),
-    #[error("no answer to a keep-alive within TTL/3")]
+    #[error("no keep-alive answer for half the TTL")]
     Silent,
     #[error("the keep-alive stream closed")]
     Closed,
@@ -196,42 +196,71 @@ fn single(cfg: &EtcdConfig, endpoint: &str) -> EtcdConfig {
     }
 }
 
-/// Opens a keep-alive stream of `lease` on every endpoint at once, each over a new
-/// connection (so TLS files are read again too), each try bounded by `limit`; the
-/// first member that answers wins. `Lost` as soon as one says the lease is gone.
-async fn open(
-    cfg: &EtcdConfig,
-    lease: i64,
-    limit: Duration,
-) -> Result<(Client, LeaseKeeper, LeaseKeepAliveStream), Opened> {
-    use futures_util::stream::{FuturesUnordered, StreamExt};
-    let mut tries: FuturesUnordered<_> = cfg
-        .endpoints
-        .iter()
-        .map(|e| {
-            let one = single(cfg, e);
-            async move {
-                let attempt = async {
-                    let mut client = etcd::connect(&one).await?;
-                    let (keeper, stream) = client.lease_keep_alive(lease).await?;
-                    Ok::<_, etcd_client::Error>((client, keeper, stream))
-                };
-                match tokio::time::timeout(limit, attempt).await {
-                    Ok(r) => r.map_err(|e| (e.to_string(), is_lease_not_found(&e))),
-                    Err(_) => Err((format!("{e}: no answer within {limit:?}"), false)),
+/// One client per endpoint, so that a keep-alive stream can be opened on every member
+/// at once. A member's client is kept while it works (reusing its connection, which
+/// matters on a lossy link) and made again after a failed or unanswered try (a
+/// connection that may be dead is dropped, and TLS files are read again).
+struct Members {
+    cfg: EtcdConfig,
+    clients: Vec<Option<Client>>,
+}
+
+impl Members {
+    fn new(cfg: EtcdConfig) -> Members {
+        let clients = vec![None; cfg.endpoints.len()];
+        Members { cfg, clients }
+    }
+
+    /// Opens a keep-alive stream of `lease` on every endpoint at once, each try bounded
+    /// by `limit`; the first member that answers wins. `Lost` as soon as one says the
+    /// lease is gone.
+    async fn open(
+        &mut self,
+        lease: i64,
+        limit: Duration,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), Opened> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut tries: FuturesUnordered<_> = self
+            .cfg
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let one = single(&self.cfg, e);
+                let known = self.clients[i].clone();
+                async move {
+                    let attempt = async {
+                        let mut client = match known {
+                            Some(c) => c,
+                            None => etcd::connect(&one).await?,
+                        };
+                        let opened = client.lease_keep_alive(lease).await?;
+                        Ok::<_, etcd_client::Error>((client, opened))
+                    };
+                    let r = match tokio::time::timeout(limit, attempt).await {
+                        Ok(r) => r.map_err(|e| (e.to_string(), is_lease_not_found(&e))),
+                        Err(_) => Err((format!("{e}: no answer within {limit:?}"), false)),
+                    };
+                    (i, r)
+                }
+            })
+            .collect();
+        let mut errors = Vec::new();
+        while let Some((i, r)) = tries.next().await {
+            match r {
+                Ok((client, opened)) => {
+                    self.clients[i] = Some(client);
+                    return Ok(opened);
+                }
+                Err((_, true)) => return Err(Opened::Lost),
+                Err((e, false)) => {
+                    self.clients[i] = None;
+                    errors.push(e);
                 }
             }
-        })
-        .collect();
-    let mut errors = Vec::new();
-    while let Some(r) = tries.next().await {
-        match r {
-            Ok(opened) => return Ok(opened),
-            Err((_, true)) => return Err(Opened::Lost),
-            Err((e, false)) => errors.push(e),
         }
+        Err(Opened::Failed(errors.join("; ")))
     }
-    Err(Opened::Failed(errors.join("; ")))
 }
 
 enum Opened {
@@ -253,8 +282,10 @@ pub(crate) async fn keep_alive(
     // Tries at most a period apart, each bounded by a period: a keep-alive goes out
     // within TTL/3 of etcd answering again.
     let limit = period.min(etcd::CALL_TIMEOUT);
+    let silence = ttl / 2;
     let mut backoff = Backoff::new(Duration::from_millis(100), period);
     let mut healthy = true;
+    let mut members = Members::new(cfg);
     let report = |event: KeeperEvent| {
         let reports = reports.clone();
         async move {
@@ -264,10 +295,9 @@ pub(crate) async fn keep_alive(
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = open(&cfg, lease, limit) => r,
+            r = members.open(lease, limit) => r,
         };
-        // The client is kept with its stream: dropping it could close the connection.
-        let (_client, mut keeper, mut stream) = match opened {
+        let (mut keeper, mut stream) = match opened {
             Ok(o) => o,
             Err(Opened::Lost) => {
                 report(KeeperEvent::Lost).await;
@@ -290,29 +320,27 @@ pub(crate) async fn keep_alive(
         }
         backoff.reset();
         // Opening the stream was a keep-alive, answered.
-        let mut answered = true;
+        let mut last_ack = Instant::now();
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let trouble = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                // Half a TTL without an answer (retransmissions on a lossy link fit
+                // in that): the other half is left to open the stream on a member
+                // that answers, a try taking at most a third.
+                _ = tokio::time::sleep_until(last_ack + silence) => break Trouble::Silent,
                 _ = tick.tick() => {
-                    // The last keep-alive had a whole period: a member that answers
-                    // nothing is left for one that does while the lease still runs.
-                    if !answered {
-                        break Trouble::Silent;
-                    }
                     if let Err(e) = keeper.keep_alive().await {
                         break Trouble::Failed(e.to_string());
                     }
-                    answered = false;
                 }
                 msg = stream.message() => match msg {
                     Ok(Some(r)) if r.ttl() <= 0 => {
                         report(KeeperEvent::Lost).await;
                         return;
                     }
-                    Ok(Some(_)) => answered = true,
+                    Ok(Some(_)) => last_ack = Instant::now(),
                     Ok(None) => break Trouble::Closed,
                     Err(e) => break Trouble::Failed(e.to_string()),
                 },
