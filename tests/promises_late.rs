@@ -1055,6 +1055,9 @@ async fn node_key_identity(etcd: &Etcd, key: &str) -> Option<(i64, i64)> {
 struct Muting {
     addr: std::net::SocketAddr,
     muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Relayed connections pass nothing on while set (a member that stops answering
+    /// mid-stream, or the path to it cut), and resume after.
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     unmuted: std::sync::Arc<tokio::sync::Notify>,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -1067,16 +1070,18 @@ impl Muting {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let muted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let unmuted = std::sync::Arc::new(tokio::sync::Notify::new());
         let stop = tokio_util::sync::CancellationToken::new();
-        let (m, u, s) = (muted.clone(), unmuted.clone(), stop.clone());
+        let (m, f, u, s) = (muted.clone(), frozen.clone(), unmuted.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let mut conn = tokio::select! {
+                let conn = tokio::select! {
                     _ = s.cancelled() => return,
                     c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
                 };
-                let (m, u, s, upstream) = (m.clone(), u.clone(), s.clone(), upstream.clone());
+                let (m, f, u, s, upstream) =
+                    (m.clone(), f.clone(), u.clone(), s.clone(), upstream.clone());
                 tokio::spawn(async move {
                     if m.load(Ordering::SeqCst) {
                         // Held, unanswered, until unmuted.
@@ -1086,12 +1091,15 @@ impl Muting {
                         }
                         return;
                     }
-                    let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
                         return;
                     };
+                    let (cr, cw) = conn.into_split();
+                    let (ur, uw) = up.into_split();
                     tokio::select! {
                         _ = s.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut conn, &mut up) => {}
+                        _ = Self::pump(cr, uw, f.clone()) => {}
+                        _ = Self::pump(ur, cw, f) => {}
                     }
                 });
             }
@@ -1099,9 +1107,38 @@ impl Muting {
         Muting {
             addr,
             muted,
+            frozen,
             unmuted,
             stop,
         }
+    }
+
+    /// Copies `from` to `to`, holding what it read while `frozen`.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Muted and frozen: nothing passes, old connections or new.
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.mute(on);
     }
 
     fn mute(&self, on: bool) {
@@ -1150,6 +1187,48 @@ async fn keep_alives_resume_past_an_endpoint_that_accepts_and_never_answers() {
             "round {round}: the node key was lost and written again (its lease expired)"
         );
         relay.mute(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(registrar.running());
+}
+
+/// The member carrying the keep-alive stream stops answering mid-stream (the path to it
+/// cut; its TCP connection open, silent): the stream moves to a member that answers
+/// while the lease runs. Two relays to one etcd stand for two members and are frozen in
+/// turn, so the stream is on the frozen one in at least three of four rounds; the node
+/// key keeps its first lease throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_move_off_a_member_that_stops_answering_mid_stream() {
+    let rig = Rig::new("silent-member").await;
+    let upstream = format!("127.0.0.1:{}", rig.etcd.client_port);
+    let relays = [
+        Muting::start(upstream.clone()).await,
+        Muting::start(upstream).await,
+    ];
+    let opts = Opts::default();
+    let mut cfg = rig.config(&opts);
+    cfg.etcd.endpoints = relays
+        .iter()
+        .map(|r| format!("http://{}", r.addr))
+        .collect();
+    let registrar = InProcess::start(cfg);
+    let key = rig.node_key();
+    wait_until("the registrar's node key", T, || async {
+        node_key_identity(&rig.etcd, &key).await.is_some()
+    })
+    .await;
+    let first = node_key_identity(&rig.etcd, &key).await;
+    for round in 0..4 {
+        let relay = &relays[round % 2];
+        relay.freeze(true);
+        // Two TTLs: a lease not renewed in one is gone.
+        tokio::time::sleep(Duration::from_secs(2 * opts.ttl)).await;
+        assert_eq!(
+            node_key_identity(&rig.etcd, &key).await,
+            first,
+            "round {round}: the node key was lost and written again (its lease expired)"
+        );
+        relay.freeze(false);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(registrar.running());
