@@ -204,7 +204,7 @@ impl Session {
 
     /// Connects on first use and after a failed call (`failed`), so TLS files replaced
     /// on disk are read again: the client's own reconnects keep the files it was made
-    /// with. (The keeper makes connections of its own, each time it opens a stream.)
+    /// with. (The keeper has clients of its own, one per member: `lease::keep_alive`.)
     async fn client(&mut self) -> Result<&mut Client, SessionError> {
         let client = match self.client.take() {
             Some(c) => c,
