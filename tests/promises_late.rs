@@ -515,7 +515,8 @@ fn weighted(b: &Backend, weight: u32) -> String {
 
 /// A change every 100 ms (less than the 250 ms of quiet a deferred check waits for)
 /// for 8 s, each taking the runtime path: the background check still runs during the
-/// churn, at most ~2 s after the first change it covers, instead of after the churn.
+/// churn, at most ~2 s after the first change it covers, instead of after the churn,
+/// and not back to back either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
     const CHURN: Duration = Duration::from_secs(8);
@@ -575,6 +576,13 @@ async fn steady_churn_never_puts_the_deferred_check_off_past_its_cap() {
     assert!(
         during.len() >= 2,
         "{} deferred checks ran during {CHURN:?} of steady churn (gaps {gaps:.2?})",
+        during.len()
+    );
+    // Nor back to back: a check starts 250 ms after the last change or at the cap,
+    // so about four in 8 s (eight allows for a machine that stalls the watcher).
+    assert!(
+        during.len() <= 8,
+        "{} deferred checks during {CHURN:?} of churn: run back to back (gaps {gaps:.2?})",
         during.len()
     );
     // A generous sanity bound: the cap is 2 s, the check itself takes its time too.
