@@ -4,20 +4,31 @@
 //! The lease id is kept in `<state-dir>/registrar.lease`, so a restarted registrar picks
 //! up its live lease and its keys stay exactly as they are (no rewrite, no churn for
 //! watchers). The keeper task sends keep-alives at TTL/3 and recreates the keep-alive
-//! stream whenever it dies (an etcd restart kills open streams); it reports, never
-//! decides: the session re-grants when told the lease is lost. `keep_alive` knows only
-//! a lease id and a TTL, so any other holder of a lease can run it too.
+//! stream whenever it dies (an etcd restart kills open streams) or goes unanswered for
+//! half the TTL; it reports, never decides: the session re-grants when told the lease
+//! is lost. `keep_alive` knows only a lease id, a TTL and where etcd is, so any other
+//! holder of a lease can run it too.
+//!
+//! A new stream is opened on every endpoint at once, each member over a client of its
+//! own, and the first member to answer carries it; each try is bounded by TTL/3, and
+//! tries are at most TTL/3 apart. Through the shared client's balancer a try went to one
+//! member, and a member that accepts connections but answers nothing (one restarted
+//! while its cluster has no quorum: it serves only once it has published itself through
+//! a leader) held it for the whole call timeout, longer than a short TTL: a lease that
+//! survived the outage (etcd restarts every lease's TTL when a leader is elected)
+//! expired after it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{sleep_or_stop, Backoff};
+use crate::config::EtcdConfig;
 use crate::etcd;
 
 const STATE_FILE: &str = "registrar.lease";
@@ -163,7 +174,7 @@ pub(crate) enum KeeperEvent {
 pub(crate) enum Trouble {
     #[error("cannot open the keep-alive stream: {0}")]
     Open(String),
-    #[error("no keep-alive answer for a whole TTL")]
+    #[error("no keep-alive answer for half the TTL")]
     Silent,
     #[error("the keep-alive stream closed")]
     Closed,
@@ -177,22 +188,104 @@ pub(crate) struct KeeperReport {
     pub(crate) event: KeeperEvent,
 }
 
+/// The one endpoint `endpoint` of `cfg`, as a config of its own.
+fn single(cfg: &EtcdConfig, endpoint: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..cfg.clone()
+    }
+}
+
+/// One client per endpoint, so that a keep-alive stream can be opened on every member
+/// at once. A member's client is kept while it works (reusing its connection, which
+/// matters on a lossy link) and made again after a failed or unanswered try (a
+/// connection that may be dead is dropped, and TLS files are read again).
+struct Members {
+    cfg: EtcdConfig,
+    clients: Vec<Option<Client>>,
+}
+
+impl Members {
+    fn new(cfg: EtcdConfig) -> Members {
+        let clients = vec![None; cfg.endpoints.len()];
+        Members { cfg, clients }
+    }
+
+    /// Opens a keep-alive stream of `lease` on every endpoint at once, each try bounded
+    /// by `limit`; the first member that answers wins. `Lost` as soon as one says the
+    /// lease is gone.
+    async fn open(
+        &mut self,
+        lease: i64,
+        limit: Duration,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), Opened> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut tries: FuturesUnordered<_> = self
+            .cfg
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let one = single(&self.cfg, e);
+                let known = self.clients[i].clone();
+                async move {
+                    let attempt = async {
+                        let mut client = match known {
+                            Some(c) => c,
+                            None => etcd::connect(&one).await?,
+                        };
+                        let opened = client.lease_keep_alive(lease).await?;
+                        Ok::<_, etcd_client::Error>((client, opened))
+                    };
+                    let r = match tokio::time::timeout(limit, attempt).await {
+                        Ok(r) => r.map_err(|e| (e.to_string(), is_lease_not_found(&e))),
+                        Err(_) => Err((format!("{e}: no answer within {limit:?}"), false)),
+                    };
+                    (i, r)
+                }
+            })
+            .collect();
+        let mut errors = Vec::new();
+        while let Some((i, r)) = tries.next().await {
+            match r {
+                Ok((client, opened)) => {
+                    self.clients[i] = Some(client);
+                    return Ok(opened);
+                }
+                Err((_, true)) => return Err(Opened::Lost),
+                Err((e, false)) => {
+                    self.clients[i] = None;
+                    errors.push(e);
+                }
+            }
+        }
+        Err(Opened::Failed(errors.join("; ")))
+    }
+}
+
+enum Opened {
+    Lost,
+    Failed(String),
+}
+
 /// Keeps `lease` alive until cancelled or lost, reporting on `reports` (tagged with the
 /// lease id, so a report about a replaced lease can be told apart). Run it as a tracked
 /// task. Knows nothing of what hangs on the lease: any holder of a lease can use it.
 pub(crate) async fn keep_alive(
-    mut client: Client,
+    cfg: EtcdConfig,
     lease: i64,
     ttl: Duration,
     reports: mpsc::Sender<KeeperReport>,
     shutdown: CancellationToken,
 ) {
     let period = ttl / 3;
-    let mut backoff = Backoff::new(
-        Duration::from_millis(100),
-        period.max(Duration::from_secs(1)),
-    );
+    // Tries at most a period apart, each bounded by a period: a keep-alive goes out
+    // within TTL/3 of etcd answering again.
+    let limit = period.min(etcd::CALL_TIMEOUT);
+    let silence = ttl / 2;
+    let mut backoff = Backoff::new(Duration::from_millis(100), period);
     let mut healthy = true;
+    let mut members = Members::new(cfg);
     let report = |event: KeeperEvent| {
         let reports = reports.clone();
         async move {
@@ -202,18 +295,18 @@ pub(crate) async fn keep_alive(
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = etcd::call(client.lease_keep_alive(lease)) => r,
+            r = members.open(lease, limit) => r,
         };
         let (mut keeper, mut stream) = match opened {
-            Ok(pair) => pair,
-            Err(e) if is_lease_not_found(&e) => {
+            Ok(o) => o,
+            Err(Opened::Lost) => {
                 report(KeeperEvent::Lost).await;
                 return;
             }
-            Err(e) => {
+            Err(Opened::Failed(e)) => {
                 if healthy {
                     healthy = false;
-                    report(KeeperEvent::Trouble(Trouble::Open(e.to_string()))).await;
+                    report(KeeperEvent::Trouble(Trouble::Open(e))).await;
                 }
                 if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
                     return;
@@ -226,17 +319,18 @@ pub(crate) async fn keep_alive(
             report(KeeperEvent::Alive).await;
         }
         backoff.reset();
+        // Opening the stream was a keep-alive, answered.
         let mut last_ack = Instant::now();
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let trouble = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                // Half a TTL without an answer (retransmissions on a lossy link fit
+                // in that): the other half is left to open the stream on a member
+                // that answers, a try taking at most a third.
+                _ = tokio::time::sleep_until(last_ack + silence) => break Trouble::Silent,
                 _ = tick.tick() => {
-                    // No answer for a whole TTL: the stream is dead even if it says nothing.
-                    if last_ack.elapsed() > ttl {
-                        break Trouble::Silent;
-                    }
                     if let Err(e) = keeper.keep_alive().await {
                         break Trouble::Failed(e.to_string());
                     }
@@ -252,11 +346,13 @@ pub(crate) async fn keep_alive(
                 },
             }
         };
+        let silent = trouble == Trouble::Silent;
         if healthy {
             healthy = false;
             report(KeeperEvent::Trouble(trouble)).await;
         }
-        if !sleep_or_stop(backoff.next_delay(), &shutdown).await {
+        // A silent member: try again at once (elsewhere); a failure: after a backoff.
+        if !silent && !sleep_or_stop(backoff.next_delay(), &shutdown).await {
             return;
         }
     }

@@ -1,4 +1,5 @@
-//! The registrar's etcd session: one client (connected once; it reconnects by itself),
+//! The registrar's etcd session: one client (made again after a failed call, so that
+//! TLS files replaced on disk are read again; otherwise it reconnects by itself),
 //! this node's lease and the keeper task that keeps it alive, and the retry policy
 //! after a failure. It reads this node's keys back and writes the planned ops; what to
 //! write is the loop's business.
@@ -201,13 +202,31 @@ impl Session {
         self.retry_at = None;
     }
 
-    /// Connects on first use; the client reconnects by itself after that.
+    /// Connects on first use and after a failed call (`failed`), so TLS files replaced
+    /// on disk are read again: the client's own reconnects keep the files it was made
+    /// with. (The keeper has clients of its own, one per member: `lease::keep_alive`.)
     async fn client(&mut self) -> Result<&mut Client, SessionError> {
         let client = match self.client.take() {
             Some(c) => c,
             None => etcd::connect(&self.etcd).await?,
         };
         Ok(self.client.insert(client))
+    }
+
+    /// Starts the keeper of `lease`, stopping the one before.
+    fn start_keeper(&mut self, lease: i64) {
+        if let Some(stop) = self.keeper_stop.take() {
+            stop.cancel();
+        }
+        let stop = self.shutdown.child_token();
+        self.tracker.spawn(lease::keep_alive(
+            self.etcd.clone(),
+            lease,
+            self.ttl,
+            self.keeper_tx.clone(),
+            stop.clone(),
+        ));
+        self.keeper_stop = Some(stop);
     }
 
     /// A client for a watch: the session's own connection.
@@ -224,7 +243,6 @@ impl Session {
         let l = lease::acquire(client, ttl, &state_dir)
             .await
             .map_err(SessionError::Lease)?;
-        let client = client.clone();
         tracing::info!(
             lease = l.id,
             reused = l.reused,
@@ -232,15 +250,7 @@ impl Session {
             "etcd: {} lease",
             if l.reused { "reusing live" } else { "granted" }
         );
-        let stop = self.shutdown.child_token();
-        self.tracker.spawn(lease::keep_alive(
-            client,
-            l.id,
-            ttl,
-            self.keeper_tx.clone(),
-            stop.clone(),
-        ));
-        self.keeper_stop = Some(stop);
+        self.start_keeper(l.id);
         self.lease = Some(l.id);
         self.replaced_lease = l.replaced;
         // Before anything is written: a registrar that started second with a name
@@ -456,6 +466,13 @@ impl Session {
     /// A sync failed for a reason other than a lost lease: retry after a backoff. Logs
     /// the first failure of a spell as a warning, the rest at debug.
     pub(crate) fn failed(&mut self, e: &SessionError) {
+        if matches!(
+            e,
+            SessionError::Etcd(_) | SessionError::Lease(LeaseError::Etcd(_))
+        ) {
+            // The next attempt connects afresh, reading the TLS files again.
+            self.client = None;
+        }
         let delay = self.backoff.next_delay();
         if !self.trouble {
             tracing::warn!(error = %e, "etcd: cannot sync; retrying with backoff");

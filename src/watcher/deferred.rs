@@ -43,6 +43,12 @@ impl Deferred {
         self.due = Some((now + QUIET).min(since + LATEST));
     }
 
+    /// A start is already due (an apply came after the last one): it will start what
+    /// is left unchecked, at its time.
+    pub(crate) fn due(&self) -> bool {
+        self.due.is_some()
+    }
+
     /// The next thing to do: start the checks, or take a verdict. Pending while neither.
     pub(crate) async fn next(&mut self) -> Wake {
         loop {
@@ -107,7 +113,12 @@ impl Loop<'_> {
             })
         });
         if repair.is_none() {
-            self.deferred.start(&self.resources, timeout);
+            // Bytes applied while this check ran: checked at once only when their own
+            // start has passed already (it skipped this resource, busy); otherwise at
+            // that start, so steady churn is checked every `LATEST`, not back to back.
+            if !self.deferred.due() {
+                self.deferred.start(&self.resources, timeout);
+            }
             return false;
         }
         self.sink.status(|s| {
