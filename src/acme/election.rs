@@ -59,6 +59,7 @@ impl Held {
 /// lease's keep-alive on `tracker`.
 pub async fn acquire(
     client: &mut Client,
+    etcd_cfg: &crate::config::EtcdConfig,
     key: &str,
     name: &str,
     ttl: Duration,
@@ -85,7 +86,7 @@ pub async fn acquire(
         if r.succeeded() {
             let lost = shutdown.child_token();
             let (tx, mut rx) = mpsc::channel(4);
-            tracker.spawn(keep_alive(client.clone(), lease, ttl, tx, lost.clone()));
+            tracker.spawn(keep_alive(etcd_cfg.clone(), lease, ttl, tx, lost.clone()));
             let watch_lost = lost.clone();
             tracker.spawn(async move {
                 while let Some(r) = rx.recv().await {

@@ -99,6 +99,7 @@ pub async fn run(
         let lock = record::lock_key(&issuer.etcd.prefix);
         let held = match election::acquire(
             &mut client,
+            &issuer.etcd,
             &lock,
             &issuer.name,
             issuer.cfg.lock_ttl,
