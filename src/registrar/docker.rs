@@ -64,7 +64,7 @@ impl DockerSettings {
 }
 
 #[derive(Debug)]
-pub(crate) enum DockerReport {
+pub enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its
     /// view from this and reconciles etcd against it.
     Snapshot(Vec<ContainerInspectResponse>),
