@@ -136,6 +136,8 @@ struct Scenario {
     scripted: usize,
     /// Per door: change → routed.
     latency: Vec<Vec<Duration>>,
+    /// Change → its put seen by the bench's watch (registrar + etcd's share).
+    to_etcd: Vec<Duration>,
     /// Replacements made but not timed (4 followed at once).
     untimed: usize,
     /// From the scenario's end: etcd holds what the running hosts register.
@@ -145,6 +147,7 @@ struct Scenario {
     lost: usize,
     leases: usize,
     db_mb: f64,
+    db_in_use_mb: f64,
     keys: f64,
     /// Per door: (RSS, peak RSS) of the watcher in MB.
     rss: Vec<(f64, f64)>,
@@ -222,6 +225,13 @@ impl World {
             )
             .await,
         ];
+        eprintln!(
+            "logs: {} (registrars), {} (etcd), {} and {} (watchers, HAProxy)",
+            dir.path().display(),
+            cluster.dir.path().display(),
+            doors[0].dir.path().display(),
+            doors[1].dir.path().display()
+        );
         let client = etcd_client::Client::connect(cluster.endpoints(), None)
             .await
             .expect("connect to the fleet's etcd");
@@ -284,6 +294,7 @@ impl World {
         s.txns = max(delta(|m| m.txns));
         s.keepalives = delta(|m| m.renewed).into_iter().sum();
         s.db_mb = now.iter().map(|m| m.db_bytes).fold(0.0, f64::max) / 1e6;
+        s.db_in_use_mb = now.iter().map(|m| m.db_in_use).fold(0.0, f64::max) / 1e6;
         s.keys = now.iter().map(|m| m.keys).fold(0.0, f64::max);
         s.leases = match self.client.leases().await {
             Ok(r) => r.leases().len(),
@@ -363,32 +374,52 @@ impl World {
 
     /// Replaces `churn_per_min` % of the instances per minute for `secs`; see `churn`.
     async fn churn(&mut self, s: &mut Scenario, secs: u64) {
-        let socks: Vec<std::path::PathBuf> = self.doors.iter().map(|d| d.admin_sock.clone()).collect();
+        let socks: Vec<std::path::PathBuf> =
+            self.doors.iter().map(|d| d.admin_sock.clone()).collect();
         let names: Vec<String> = self.doors.iter().map(|d| d.name.clone()).collect();
-        let samples = churn(&mut self.hosts, &socks, &names, &self.args, self.epoch, s, secs).await;
+        let eyes = Eyes {
+            socks,
+            names,
+            writes: self.writes.clone(),
+            epoch: self.epoch,
+        };
+        let samples = churn(&mut self.hosts, &eyes, &self.args, s, secs).await;
         self.samples.extend(samples);
     }
 }
 
+/// What a churn follows its changes with: each door's admin socket and name, the
+/// bench's watch, and the clock of the picture.
+struct Eyes {
+    socks: Vec<std::path::PathBuf>,
+    names: Vec<String>,
+    writes: Arc<Writes>,
+    epoch: Instant,
+}
+
 /// Replaces `churn_per_min` % of the instances per minute for `secs`, following up to 4
-/// changes at once to each door (`socks`); the latencies go into `s`, and are returned
-/// as (seconds since `epoch`, door, ms) for the picture.
+/// changes at once to each door; the latencies go into `s`, and are returned as
+/// (seconds since `epoch`, door, ms) for the picture.
 async fn churn(
     hosts: &mut [Host],
-    socks: &[std::path::PathBuf],
-    names: &[String],
+    eyes: &Eyes,
     args: &Args,
-    epoch: Instant,
     s: &mut Scenario,
     secs: u64,
 ) -> Vec<(f64, usize, f64)> {
+    let Eyes {
+        socks,
+        names,
+        writes,
+        epoch,
+    } = eyes;
     let per_sec = args.instances() as f64 * args.churn_per_min / 100.0 / 60.0;
     let period = Duration::from_secs_f64(1.0 / per_sec.max(0.01));
     let end = Instant::now() + Duration::from_secs(secs);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let slots = Arc::new(tokio::sync::Semaphore::new(4));
-    let socks: Arc<Vec<std::path::PathBuf>> = Arc::new(socks.to_vec());
+    let socks: Arc<Vec<std::path::PathBuf>> = Arc::new(socks.clone());
     let mut follow = tokio::task::JoinSet::new();
     let bound = (secs as f64 * per_sec) as usize + 2;
     for _ in 0..bound {
@@ -403,34 +434,47 @@ async fn churn(
         let h = running[fastrand::usize(..running.len())];
         let t0 = Instant::now();
         let at = epoch.elapsed().as_secs_f64();
-        let Some(server) = hosts[h].replace() else {
+        let permit = slots.clone().try_acquire_owned().ok();
+        let timed = permit.is_some();
+        let Some(server) = hosts[h].replace(|server| {
+            if timed {
+                writes.expect(&server.1);
+            }
+        }) else {
             continue;
         };
         s.scripted += 1;
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Some(permit) = permit else {
             s.untimed += 1;
             continue;
         };
         let socks = socks.clone();
+        let writes = writes.clone();
         follow.spawn(async move {
             let _permit = permit;
-            (at, follow_change(&socks, &server, t0).await)
+            let routed = follow_change(&socks, &server, t0).await;
+            let in_etcd = writes
+                .arrived(&server.1)
+                .map(|t| t.saturating_duration_since(t0));
+            (at, routed, in_etcd)
         });
     }
     let mut latency = vec![Vec::new(); socks.len()];
     let mut samples = Vec::new();
     while let Some(r) = follow.join_next().await {
-        let Ok((at, per_door)) = r else { continue };
+        let Ok((at, per_door, in_etcd)) = r else {
+            continue;
+        };
+        s.to_etcd.extend(in_etcd);
         for (i, d) in per_door.into_iter().enumerate() {
             match d {
                 Some(d) => {
                     latency[i].push(d);
                     samples.push((at, i, ms(d)));
                 }
-                None => s.notes.push(format!(
-                    "{} did not route a change within 30 s",
-                    names[i]
-                )),
+                None => s
+                    .notes
+                    .push(format!("{} did not route a change within 30 s", names[i])),
             }
         }
     }
@@ -595,13 +639,16 @@ async fn member_restart(w: &mut World) -> Scenario {
     let secs = w.args.churn_secs.max(30);
     let leader = w.cluster.leader().await.unwrap_or(0);
     let name = w.cluster.members[leader].name.clone();
-    let socks: Vec<std::path::PathBuf> = w.doors.iter().map(|d| d.admin_sock.clone()).collect();
-    let names: Vec<String> = w.doors.iter().map(|d| d.name.clone()).collect();
+    let eyes = Eyes {
+        socks: w.doors.iter().map(|d| d.admin_sock.clone()).collect(),
+        names: w.doors.iter().map(|d| d.name.clone()).collect(),
+        writes: w.writes.clone(),
+        epoch: w.epoch,
+    };
     let World {
         cluster,
         hosts,
         args,
-        epoch,
         ..
     } = &mut *w;
     // Churn and the restart at once: the leader killed after a quarter of the window,
@@ -612,10 +659,7 @@ async fn member_restart(w: &mut World) -> Scenario {
         let elected = cluster.restart(leader, Duration::from_secs(5)).await;
         (t.elapsed(), elected)
     };
-    let (samples, (took, elected)) = tokio::join!(
-        churn(hosts, &socks, &names, args, *epoch, &mut s, secs),
-        restart
-    );
+    let (samples, (took, elected)) = tokio::join!(churn(hosts, &eyes, args, &mut s, secs), restart);
     w.samples.extend(samples);
     s.notes.push(format!(
         "leader {name} killed (SIGKILL) {} s into the churn, started again 5 s later; all three agreed on a leader {} after the kill",
@@ -643,7 +687,8 @@ fn report(w: &World, scenarios: &[Scenario], when: &str, on: &str) -> String {
         a.services(),
         a.ttl.as_secs()
     );
-    let opt = |d: Option<Duration>| d.map_or("never".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
+    let opt =
+        |d: Option<Duration>| d.map_or("never".to_string(), |d| format!("{:.1}", d.as_secs_f64()));
     let lat = |v: &[Duration]| {
         if v.is_empty() {
             "-".to_string()
@@ -654,8 +699,8 @@ fn report(w: &World, scenarios: &[Scenario], when: &str, on: &str) -> String {
     };
     let _ = writeln!(
         out,
-        "{:<36} {:>6} {:>9} {:>9} {:>7} {:>7} {:>18} {:>18} {:>6} {:>6} {:>6} {:>4} {:>6} {:>7} {:>13}",
-        "scenario", "secs", "writes/s", "etcd w/s", "txn/s", "ka/s", "A p50/p99 ms", "B p50/p99 ms", "etcd s", "A s", "B s", "lost", "leases", "db MB", "RSS A/B MB"
+        "{:<36} {:>6} {:>9} {:>9} {:>7} {:>7} {:>18} {:>18} {:>18} {:>6} {:>6} {:>6} {:>4} {:>6} {:>7} {:>13}",
+        "scenario", "secs", "writes/s", "etcd w/s", "txn/s", "ka/s", "→etcd p50/p99 ms", "A p50/p99 ms", "B p50/p99 ms", "etcd s", "A s", "B s", "lost", "leases", "db MB", "RSS A/B MB"
     );
     for s in scenarios {
         let lat_of = |i: usize| s.latency.get(i).map(|v| lat(v)).unwrap_or("-".into());
@@ -668,13 +713,14 @@ fn report(w: &World, scenarios: &[Scenario], when: &str, on: &str) -> String {
             .join("/");
         let _ = writeln!(
             out,
-            "{:<36} {:>6.1} {:>9.1} {:>9.1} {:>7.1} {:>7.1} {:>18} {:>18} {:>6} {:>6} {:>6} {:>4} {:>6} {:>7.1} {:>13}",
+            "{:<36} {:>6.1} {:>9.1} {:>9.1} {:>7.1} {:>7.1} {:>18} {:>18} {:>18} {:>6} {:>6} {:>6} {:>4} {:>6} {:>7.1} {:>13}",
             s.name,
             s.secs,
             s.watch_writes,
             s.etcd_writes,
             s.txns,
             s.keepalives,
+            lat(&s.to_etcd),
             lat_of(0),
             lat_of(1),
             opt(s.etcd_settled),
@@ -688,7 +734,7 @@ fn report(w: &World, scenarios: &[Scenario], when: &str, on: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "\nwrites/s: puts + deletes under the prefix as the bench's own watch saw them; etcd w/s: etcd_mvcc_put_total + etcd_mvcc_delete_total of the busiest member; ka/s: etcd_debugging_lease_renewed_total (all members); etcd s / A s / B s: seconds after the scenario's last step until etcd holds exactly what the running hosts register, and until each HAProxy runs exactly what etcd holds; lost: instances missing or extra after that (must be 0); RSS: the watcher's peak (VmHWM)."
+        "\nwrites/s: puts + deletes under the prefix as the bench's own watch saw them; etcd w/s: etcd_mvcc_put_total + etcd_mvcc_delete_total of the busiest member; ka/s: etcd_debugging_lease_renewed_total (all members); →etcd: scripted event → its put seen by the bench's watch (the registrar's and etcd's share of A and B); etcd s / A s / B s: seconds after the scenario's last step until etcd holds exactly what the running hosts register, and until each HAProxy runs exactly what etcd holds; lost: instances missing or extra after that (must be 0); RSS: the watcher's peak (VmHWM)."
     );
     for s in scenarios {
         for n in &s.notes {
@@ -789,12 +835,14 @@ async fn main() {
             "keepalives_per_s": s.keepalives,
             "scripted_changes": s.scripted,
             "untimed_changes": s.untimed,
+            "change_to_etcd_ms": s.to_etcd.iter().copied().map(ms).collect::<Vec<_>>(),
             "change_to_routed_ms": s.latency.iter().map(|v| v.iter().copied().map(ms).collect::<Vec<_>>()).collect::<Vec<_>>(),
             "etcd_settled_s": s.etcd_settled.map(|d| d.as_secs_f64()),
             "doors_agreed_s": s.agreed.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "changes_lost": s.lost,
             "leases": s.leases,
             "db_mb": s.db_mb,
+            "db_in_use_mb": s.db_in_use_mb,
             "keys": s.keys,
             "watcher_rss_mb": s.rss.iter().map(|(r, p)| json!({"rss": r, "peak": p})).collect::<Vec<_>>(),
             "notes": s.notes,

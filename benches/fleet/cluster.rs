@@ -20,10 +20,6 @@ impl Member {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.proc.as_ref().map(Proc::pid).unwrap_or(0)
-    }
-
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -56,7 +52,9 @@ pub async fn member_status(endpoint: &str) -> Option<(u64, u64)> {
     let opts = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(500))
         .with_timeout(Duration::from_secs(1));
-    let mut c = etcd_client::Client::connect([endpoint], Some(opts)).await.ok()?;
+    let mut c = etcd_client::Client::connect([endpoint], Some(opts))
+        .await
+        .ok()?;
     let s = tokio::time::timeout(Duration::from_secs(1), c.status())
         .await
         .ok()?

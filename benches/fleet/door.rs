@@ -126,12 +126,6 @@ admin_socket = {admin:?}
     pub async fn servers(&self, backend: Option<&str>) -> Option<BTreeSet<Server>> {
         servers_at(&self.admin_sock, backend).await
     }
-
-    /// One sample of the watcher's /metrics, e.g. `portolan_watcher_removals_held`.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = crate::observe::http10_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics").await?;
-        crate::observe::sample(&text, series)
-    }
 }
 
 /// One runtime API command on `sock`; None when HAProxy does not answer within 5 s
@@ -167,7 +161,11 @@ pub async fn servers_at(sock: &Path, backend: Option<&str>) -> Option<BTreeSet<S
         // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state … srv_port
         // (the 19th field).
         if f.len() > 18 && f[6] == "0" {
-            out.insert((f[1].to_string(), f[3].to_string(), format!("{}:{}", f[4], f[18])));
+            out.insert((
+                f[1].to_string(),
+                f[3].to_string(),
+                format!("{}:{}", f[4], f[18]),
+            ));
         }
     }
     Some(out)

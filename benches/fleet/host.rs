@@ -50,7 +50,12 @@ impl Host {
     /// Host `idx` with `instances` containers over `services` services.
     pub fn new(idx: usize, instances: usize, services: usize, dir: &std::path::Path) -> Host {
         // 127.1.0.0/16 and up: an address of its own per host, inside allowed_networks.
-        let ip = Ipv4Addr::new(127, 1 + (idx / 65_536) as u8, ((idx / 256) % 256) as u8, (idx % 256) as u8);
+        let ip = Ipv4Addr::new(
+            127,
+            1 + (idx / 65_536) as u8,
+            ((idx / 256) % 256) as u8,
+            (idx % 256) as u8,
+        );
         let mut h = Host {
             node: format!("h{idx:05}"),
             ip,
@@ -170,8 +175,8 @@ impl Host {
 
     /// One container replaced: `die` of a random one, `start` of a new one of the same
     /// service. Returns the new instance (None when the host is down or the channel is
-    /// full).
-    pub fn replace(&mut self) -> Option<Server> {
+    /// full); `before` hears of it before the registrar does.
+    pub fn replace(&mut self, before: impl FnOnce(&Server)) -> Option<Server> {
         let run = self.run.as_ref()?;
         if run.tx.capacity() < 2 || self.containers.is_empty() {
             return None;
@@ -182,6 +187,8 @@ impl Host {
         let new = self.add(gone.service);
         let at = SystemTime::now();
         let doc = self.inspect(&new);
+        let server = self.server(&new);
+        before(&server);
         let run = self.run.as_ref()?;
         let _ = run.tx.try_send(ContainerReport::Event {
             at,
@@ -194,7 +201,7 @@ impl Host {
             at,
             report: Box::new(ContainerReport::Changed(Box::new(doc))),
         });
-        Some(self.server(&new))
+        Some(server)
     }
 }
 

@@ -2,7 +2,7 @@
 //! that counts every write the simulated hosts make (the simulator's side of the count),
 //! and the RSS of a process.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,11 +83,26 @@ impl Member {
 pub struct Writes {
     pub puts: AtomicU64,
     pub deletes: AtomicU64,
-    /// (second since the bench started, writes in that second).
+    /// Writes per second since the bench started.
     pub timeline: Mutex<Vec<u64>>,
+    /// Instances followed (`expect`) → when their first put arrived.
+    followed: Mutex<HashMap<String, Option<Instant>>>,
 }
 
 impl Writes {
+    /// Notes when a put of `instance` arrives (see `arrived`).
+    pub fn expect(&self, instance: &str) {
+        self.followed
+            .lock()
+            .unwrap()
+            .insert(instance.to_string(), None);
+    }
+
+    /// When the first put of `instance` arrived, if it has; forgets it.
+    pub fn arrived(&self, instance: &str) -> Option<Instant> {
+        self.followed.lock().unwrap().remove(instance).flatten()
+    }
+
     pub fn total(&self) -> u64 {
         self.puts.load(Ordering::Relaxed) + self.deletes.load(Ordering::Relaxed)
     }
@@ -123,11 +138,25 @@ impl Writes {
                         m = stream.message() => m,
                     };
                     let Ok(Some(resp)) = msg else { break };
+                    let now = Instant::now();
                     let second = epoch.elapsed().as_secs() as usize;
                     let n = resp.events().len() as u64;
                     for ev in resp.events() {
                         match ev.event_type() {
-                            etcd_client::EventType::Put => me.puts.fetch_add(1, Ordering::Relaxed),
+                            etcd_client::EventType::Put => {
+                                if let Some(instance) = ev
+                                    .kv()
+                                    .and_then(|kv| kv.key_str().ok())
+                                    .and_then(|k| k.rsplit('/').next())
+                                {
+                                    if let Some(at @ None) =
+                                        me.followed.lock().unwrap().get_mut(instance)
+                                    {
+                                        *at = Some(now);
+                                    }
+                                }
+                                me.puts.fetch_add(1, Ordering::Relaxed)
+                            }
                             etcd_client::EventType::Delete => {
                                 me.deletes.fetch_add(1, Ordering::Relaxed)
                             }

@@ -14,7 +14,12 @@ pub fn timeline(w: &World) -> String {
     let (top_y0, top_y1) = (30.0, 200.0);
     let (bot_y0, bot_y1) = (250.0, 430.0);
     let height = 470.0 + 16.0 * w.marks.len() as f64;
-    let timeline = w.writes.timeline.lock().map(|t| t.clone()).unwrap_or_default();
+    let timeline = w
+        .writes
+        .timeline
+        .lock()
+        .map(|t| t.clone())
+        .unwrap_or_default();
     let end = (timeline.len() as f64)
         .max(w.samples.iter().map(|s| s.0).fold(0.0, f64::max))
         .max(1.0);
