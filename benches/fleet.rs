@@ -736,6 +736,17 @@ fn report(w: &World, scenarios: &[Scenario], when: &str, on: &str) -> String {
         out,
         "\nwrites/s: puts + deletes under the prefix as the bench's own watch saw them; etcd w/s: etcd_mvcc_put_total + etcd_mvcc_delete_total of the busiest member; ka/s: etcd_debugging_lease_renewed_total (all members); →etcd: scripted event → its put seen by the bench's watch (the registrar's and etcd's share of A and B); etcd s / A s / B s: seconds after the scenario's last step until etcd holds exactly what the running hosts register, and until each HAProxy runs exactly what etcd holds; lost: instances missing or extra after that (must be 0); RSS: the watcher's peak (VmHWM)."
     );
+    let own = observe::rss_mb(std::process::id() as i32);
+    let _ = writeln!(
+        out,
+        "- the simulator (all {} registrar sessions, the bench's watch and polls, one process): RSS {:.0} MB, peak {:.0} MB, {} file descriptors open at the end; keep-alives expected at {:.0}/s ({} leases renewed every TTL/3; hosts started together renew together, so a short window sees whole rounds)",
+        a.hosts,
+        own.0,
+        own.1,
+        observe::fds(std::process::id() as i32),
+        a.hosts as f64 * 3.0 / a.ttl.as_secs_f64(),
+        a.hosts
+    );
     for s in scenarios {
         for n in &s.notes {
             let _ = writeln!(out, "- {}: {n}", s.name);

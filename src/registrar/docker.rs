@@ -63,6 +63,8 @@ impl DockerSettings {
     }
 }
 
+/// What the Docker task tells the loop (and a scripted `Source` too: the registrar's
+/// `ContainerReport`).
 #[derive(Debug)]
 pub enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its

@@ -9,6 +9,10 @@
 //!                                                         written; queued, never awaited)
 //! ```
 //!
+//! The containers come from Docker (`Source::Docker`, what `portolan registrar` runs) or,
+//! in the fleet bench's simulated hosts, from a script that sends the same reports
+//! (`Source::Scripted`); everything after the docker task is the same code.
+//!
 //! A container that gets its stop signal is draining (`drain`, `containers`): its
 //! instances stay, marked `draining`, until its `die` deletes them or, if it does not
 //! exit within its stop timeout, the loop wakes (`Wake::GiveBack`) and puts them back
