@@ -163,7 +163,8 @@ struct Window {
 
 struct World {
     args: Args,
-    dir: tempfile::TempDir,
+    /// The registrars' state dirs and log: removed with the world.
+    _dir: tempfile::TempDir,
     cluster: Cluster,
     doors: Vec<Door>,
     hosts: Vec<Host>,
@@ -240,7 +241,7 @@ impl World {
             .collect();
         World {
             args,
-            dir,
+            _dir: dir,
             cluster,
             doors,
             hosts,
@@ -873,8 +874,17 @@ async fn main() {
         let _ = std::fs::write(docs.join("fleet.svg"), svg::timeline(&w));
         println!("wrote docs/fleet.txt, docs/fleet.json and docs/fleet.svg");
     } else {
-        let out = w.dir.path().join("fleet.svg");
-        let _ = std::fs::write(&out, svg::timeline(&w));
-        println!("(--quick or --no-docs: docs/ left as it was)");
+        let out = std::env::temp_dir().join("portolan-fleet");
+        let _ = std::fs::create_dir_all(&out);
+        let _ = std::fs::write(out.join("fleet.txt"), &text);
+        let _ = std::fs::write(
+            out.join("fleet.json"),
+            serde_json::to_string_pretty(&json).unwrap_or_default() + "\n",
+        );
+        let _ = std::fs::write(out.join("fleet.svg"), svg::timeline(&w));
+        println!(
+            "(--quick or --no-docs: docs/ left as it was; wrote {}/fleet.{{txt,json,svg}})",
+            out.display()
+        );
     }
 }
