@@ -337,17 +337,17 @@ impl World {
             if settled.is_none() && in_etcd == want {
                 settled = Some(start.elapsed());
             }
-            if settled.is_some() {
-                for (i, d) in self.doors.iter().enumerate() {
-                    if agreed[i].is_some() {
-                        continue;
+            // Compared with etcd even before etcd settles, so that what is lost
+            // between etcd and a door is counted apart from what etcd lacks.
+            for (i, d) in self.doors.iter().enumerate() {
+                if agreed[i].is_some() {
+                    continue;
+                }
+                if let Some(running) = d.servers(None).await {
+                    if settled.is_some() && running == in_etcd {
+                        agreed[i] = Some(start.elapsed());
                     }
-                    if let Some(running) = d.servers(None).await {
-                        if running == in_etcd {
-                            agreed[i] = Some(start.elapsed());
-                        }
-                        last[i] = running;
-                    }
+                    last[i] = running;
                 }
             }
             if settled.is_some() && agreed.iter().all(Option::is_some) {
