@@ -63,8 +63,10 @@ impl DockerSettings {
     }
 }
 
+/// What the Docker task tells the loop (and a scripted `Source` too: the registrar's
+/// `ContainerReport`).
 #[derive(Debug)]
-pub(crate) enum DockerReport {
+pub enum DockerReport {
     /// Every running container, after a (re)connect or on request: the loop rebuilds its
     /// view from this and reconciles etcd against it.
     Snapshot(Vec<ContainerInspectResponse>),

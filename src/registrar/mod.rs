@@ -9,6 +9,10 @@
 //!                                                         written; queued, never awaited)
 //! ```
 //!
+//! The containers come from Docker (`Source::Docker`, what `portolan registrar` runs) or,
+//! in the fleet bench's simulated hosts, from a script that sends the same reports
+//! (`Source::Scripted`); everything after the docker task is the same code.
+//!
 //! A container that gets its stop signal is draining (`drain`, `containers`): its
 //! instances stay, marked `draining`, until its `die` deletes them or, if it does not
 //! exit within its stop timeout, the loop wakes (`Wake::GiveBack`) and puts them back
@@ -64,6 +68,8 @@ mod probe;
 pub(crate) mod selector;
 mod session;
 mod watch;
+
+pub use self::docker::DockerReport as ContainerReport;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -127,8 +133,29 @@ fn static_services(cfg: &RegistrarConfig, settings: &NodeSettings) -> Vec<select
         .collect()
 }
 
+/// Where the registrar learns which containers run: the one thing that differs between
+/// `portolan registrar` and the fleet bench's simulated hosts (`benches/fleet.rs`). Both
+/// feed the same loop, passes, plans and session.
+pub enum Source {
+    /// The Docker Engine (`docker_host`, `only_label`): what `portolan registrar` runs.
+    Docker,
+    /// Reports as the Docker task would send them, from a script: a `Snapshot` first,
+    /// then events. A resync finds no Docker to ask and only reads etcd back; the
+    /// sender dropped ends the registrar as a lost Docker task does.
+    Scripted(mpsc::Receiver<ContainerReport>),
+}
+
 /// Runs until `shutdown` is cancelled. Never returns because a stream closed.
 pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_from(cfg, Source::Docker, shutdown).await
+}
+
+/// `run` with the containers from `source`.
+pub async fn run_from(
+    cfg: RegistrarConfig,
+    source: Source,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "cannot create the state dir {} (set --state-dir to a writable folder)",
@@ -151,17 +178,25 @@ pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::R
         metrics.etcd_rbac_bypassable.clone(),
         shutdown.clone(),
     ));
-    let (docker_tx, docker_rx) = mpsc::channel(256);
     let (resync_tx, resync_rx) = mpsc::channel(1);
     let (probe_tx, probe_rx) = mpsc::channel(256);
     let (keeper_tx, keeper_rx) = mpsc::channel(16);
     let (watch_tx, watch_rx) = mpsc::channel(64);
-    tracker.spawn(docker::run(
-        DockerSettings::of(&cfg),
-        docker_tx,
-        resync_rx,
-        shutdown.clone(),
-    ));
+    let docker_rx = match source {
+        Source::Docker => {
+            let (docker_tx, docker_rx) = mpsc::channel(256);
+            tracker.spawn(docker::run(
+                DockerSettings::of(&cfg),
+                docker_tx,
+                resync_rx,
+                shutdown.clone(),
+            ));
+            docker_rx
+        }
+        // Nobody asks for a fresh list: `resync_rx` is dropped, the loop's request
+        // fails quietly, and the resync reads etcd back all the same.
+        Source::Scripted(rx) => rx,
+    };
     tracing::info!(
         node = %cfg.node,
         advertise_ip = %advertise_ip,
