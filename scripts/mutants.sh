@@ -50,6 +50,7 @@ for f in "${files[@]}"; do
   name=${name//\//-}
   glob=$f
   [ -d "$f" ] && glob="${f%/}/**"
+  mkdir -p "$out_root/$name"
   echo "== $f -> $out_root/$name/mutants.out"
   # Unit tests only: the integration tests need etcd, HAProxy and Docker, and take minutes.
   # Exit 2 (some mutants missed) or 3 (timeouts) must not stop the other modules.
