@@ -891,4 +891,94 @@ backend svc_web
         );
         assert!(matches!(plan(golden, &more), RuntimePlan::Reload(_)));
     }
+
+    #[test]
+    fn each_op_is_the_admin_commands_an_operator_would_type() {
+        let texts = |op: &RuntimeOp| {
+            op.commands()
+                .into_iter()
+                .map(|c| (c.text, c.expect))
+                .collect::<Vec<_>>()
+        };
+        let add = RuntimeOp::Add {
+            backend: "svc_web".into(),
+            server: "c".into(),
+            addr: "10.0.0.3:80".into(),
+            args: vec!["weight".into(), "5".into(), "check".into()],
+            check: true,
+            agent: true,
+            enable: true,
+        };
+        assert_eq!(
+            texts(&add),
+            [
+                (
+                    "add server svc_web/c 10.0.0.3:80 weight 5 check".to_string(),
+                    REGISTERED
+                ),
+                ("enable health svc_web/c".into(), ""),
+                ("enable agent svc_web/c".into(), ""),
+                ("enable server svc_web/c".into(), ""),
+            ]
+        );
+        assert!(add.repool().is_empty());
+        assert_eq!(
+            add.describe(),
+            "add server svc_web/c 10.0.0.3:80 weight 5 check; enable health svc_web/c; \
+             enable agent svc_web/c; enable server svc_web/c"
+        );
+        // Checks off and `disabled`: added, and nothing enabled.
+        let parked = RuntimeOp::Add {
+            backend: "svc_web".into(),
+            server: "c".into(),
+            addr: "10.0.0.3:80".into(),
+            args: vec!["weight".into(), "5".into(), "check".into()],
+            check: false,
+            agent: false,
+            enable: false,
+        };
+        assert_eq!(
+            parked.describe(),
+            "add server svc_web/c 10.0.0.3:80 weight 5 check (stays in maintenance)"
+        );
+        let remove = RuntimeOp::Remove {
+            backend: "svc_web".into(),
+            server: "a".into(),
+        };
+        assert_eq!(
+            texts(&remove),
+            [
+                ("set server svc_web/a state maint".to_string(), ""),
+                ("del server svc_web/a".into(), DELETED),
+            ]
+        );
+        assert_eq!(
+            remove.describe(),
+            "set server svc_web/a state maint; del server svc_web/a (while it still has \
+             connections: set server svc_web/a state drain; set server svc_web/a state maint; \
+             del again)"
+        );
+        let weight = RuntimeOp::Weight {
+            backend: "svc_web".into(),
+            server: "a".into(),
+            weight: "7".into(),
+        };
+        assert_eq!(
+            texts(&weight),
+            [("set server svc_web/a weight 7".to_string(), "")]
+        );
+        assert_eq!(weight.describe(), "set server svc_web/a weight 7");
+        for (admin, word) in [
+            (AdminState::Ready, "ready"),
+            (AdminState::Maint, "maint"),
+            (AdminState::Drain, "drain"),
+        ] {
+            let op = state("a", admin);
+            assert_eq!(
+                texts(&op),
+                [(format!("set server svc_web/a state {word}"), "")]
+            );
+            assert!(op.repool().is_empty());
+        }
+    }
 }
