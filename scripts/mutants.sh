@@ -9,6 +9,7 @@
 #   bash scripts/mutants.sh MODULE -- --iterate      # extra cargo-mutants flags after `--`:
 #                                                    # --iterate re-tests only what was not
 #                                                    # caught last time, --re REGEX some mutants
+#   bash scripts/mutants.sh --summary                # the table of what the runs found so far
 #
 # Each module gets its own results, kept between runs (so --iterate works):
 # $MUTANTS_OUT/<module>/mutants.out/{caught,missed,timeout,unviable}.txt and
@@ -29,6 +30,27 @@ pure=(
   src/watcher/policy.rs src/watcher/confine.rs src/watcher/apply/route.rs
   src/registrar/selector src/schema.rs src/config
 )
+if [ "${1:-}" = --summary ]; then
+  # One row per module run so far: the numbers docs/mutants.txt tabulates. Viable is
+  # caught + missed + timeout; "not run" is what --list finds that no run got to.
+  out_root=${MUTANTS_OUT:-mutants.out}
+  printf '%-40s %7s %6s %6s %7s %8s %7s %8s\n' module mutants caught missed timeout \
+    unviable "not run" "% caught"
+  for f in "${pure[@]}"; do
+    name=${f#src/}; name=${name%.rs}; name=${name//\//-}
+    d=$out_root/$name/mutants.out
+    [ -d "$d" ] || continue
+    glob=$f; [ -d "$f" ] && glob="$f/**"
+    total=$(cargo mutants --list --file "$glob" | wc -l)
+    n() { sort -u "$d/$1.txt" 2>/dev/null | grep -c . || true; }
+    c=$(n caught) m=$(n missed) t=$(n timeout) u=$(n unviable)
+    viable=$((c + m + t))
+    pct=$([ "$viable" -gt 0 ] && echo "$((100 * c / viable)) %" || echo -)
+    printf '%-40s %7s %6s %6s %7s %8s %7s %8s\n' "$f" "$total" "$c" "$m" "$t" "$u" \
+      "$((total - c - m - t - u))" "$pct"
+  done
+  exit 0
+fi
 diff=()
 if [ "${1:-}" = --in-diff ]; then
   [ -f "${2:-}" ] || { echo "mutants.sh: --in-diff needs a diff file (git diff > FILE)" >&2; exit 2; }

@@ -981,4 +981,39 @@ backend svc_web
             assert!(op.repool().is_empty());
         }
     }
+
+    #[test]
+    fn a_batch_counts_every_kind_of_change_and_a_replacement_once() {
+        // Live: 12 servers. Rendered: 3 reweighted, 3 drained, 3 moved (a replacement:
+        // a remove and an add, one change), 3 removed, and `adds` new ones.
+        let line = |name: String, addr: String, rest: &str| {
+            format!("    server {name} {addr} weight 100 check{rest}\n")
+        };
+        let live: String = (0..12)
+            .map(|k| line(format!("l{k}"), format!("10.2.0.{k}:80"), ""))
+            .collect();
+        let rendered = |adds: usize| {
+            let mut out = String::new();
+            for k in 0..3 {
+                out += &line(format!("l{k}"), format!("10.2.0.{k}:80"), "")
+                    .replace("weight 100", "weight 5");
+            }
+            for k in 3..6 {
+                out += &line(format!("l{k}"), format!("10.2.0.{k}:80"), " disabled");
+            }
+            for k in 6..9 {
+                out += &line(format!("l{k}"), format!("10.3.0.{k}:80"), "");
+            }
+            for k in 0..adds {
+                out += &line(format!("n{k}"), format!("10.1.0.{k}:80"), "");
+            }
+            with(&out)
+        };
+        // 88 adds + 3 + 3 + 3 + 3 = 100 changes: still the runtime path.
+        let ops = runtime(plan(&with(&live), &rendered(88)));
+        assert_eq!(ops.len(), 88 + 3 + 3 + 2 * 3 + 3);
+        // One more: a reload, and the reason says how many.
+        let why = reason(plan(&with(&live), &rendered(89)));
+        assert!(why.starts_with("101 server changes"), "{why}");
+    }
 }
