@@ -1016,4 +1016,25 @@ backend svc_web
         let why = reason(plan(&with(&live), &rendered(89)));
         assert!(why.starts_with("101 server changes"), "{why}");
     }
+
+    #[test]
+    fn only_the_value_after_weight_changing_is_a_weight_change() {
+        let old = with("    server a 10.0.0.1:80 weight 100 maxconn 10 check\n");
+        // Another number changed: the server is replaced, not reweighted.
+        let ops = runtime(plan(
+            &old,
+            &with("    server a 10.0.0.1:80 weight 100 maxconn 20 check\n"),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Remove { .. }, RuntimeOp::Add { args, .. }]
+                if args.windows(2).any(|w| w == ["maxconn", "20"])),
+            "{ops:?}"
+        );
+        // `weight` turned into a garbled `weight weight 7`: not a weight of 7.
+        let why = reason(plan(
+            &with("    server a 10.0.0.1:80 weight 100 check\n"),
+            &with("    server a 10.0.0.1:80 weight weight 7\n"),
+        ));
+        assert!(why.contains("`7` is not accepted"), "{why}");
+    }
 }
