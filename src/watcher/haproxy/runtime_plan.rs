@@ -1037,4 +1037,31 @@ backend svc_web
         ));
         assert!(why.contains("`7` is not accepted"), "{why}");
     }
+
+    #[test]
+    fn a_servers_enabled_overrides_a_default_server_disabled() {
+        let parked = |servers: &str| {
+            with(servers).replace(
+                "default-server inter 2s",
+                "default-server disabled inter 2s",
+            )
+        };
+        let one = "    server a 10.0.0.1:80 weight 100 check\n";
+        let ops = runtime(plan(
+            &parked(one),
+            &parked(&format!("{one}    server c 10.0.0.3:80 enabled check\n")),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Add { enable: true, .. }]),
+            "{ops:?}"
+        );
+        let ops = runtime(plan(
+            &parked(one),
+            &parked(&format!("{one}    server c 10.0.0.3:80 check\n")),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Add { enable: false, .. }]),
+            "{ops:?}"
+        );
+    }
 }
