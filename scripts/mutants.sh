@@ -16,7 +16,8 @@
 # outcomes.json, with MUTANTS_OUT=mutants.out by default and <module> the path under
 # src/ with / turned into - (watcher-guard, registrar-selector, ...).
 #
-# It runs under `nice -n 19` (a mutant is a build and a test run; the machine may be
+# A mutant whose tests run past MUTANTS_TIMEOUT seconds (default 60; they take ~4 s) is
+# a timeout (an endless loop, mostly). It runs under `nice -n 19` (a mutant is a build and a test run; the machine may be
 # shared) and skips the one slow unit test that no pure module reaches (it waits 10 s
 # of wall clock for a metrics client to go idle) — skipping tests can only miss more
 # mutants, never catch more, so the score stays honest. About 20-30 s a mutant on a
@@ -78,7 +79,7 @@ for f in "${files[@]}"; do
   # `--cargo-arg --lib` builds only the lib's test binary too (with `-- --lib` alone the
   # build step links all ~70 test and bench binaries for every mutant).
   # Exit 2 (some mutants missed) or 3 (timeouts) must not stop the other modules.
-  nice -n 19 cargo mutants --no-shuffle --timeout 120 --file "$glob" "${diff[@]}" \
+  nice -n 19 cargo mutants --no-shuffle --timeout "${MUTANTS_TIMEOUT:-60}" --file "$glob" "${diff[@]}" \
     --output "$out_root/$name" "${extra[@]}" \
     --cargo-arg --lib -- -- --skip idle_clients_are_dropped_and_do_not_block_scrapes || status=$?
 done
