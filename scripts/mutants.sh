@@ -44,7 +44,11 @@ if [ "${1:-}" = --summary ]; then
     glob=$f; [ -d "$f" ] && glob="$f/**"
     total=$(cargo mutants --list --file "$glob" | wc -l)
     n() { sort -u "$d/$1.txt" 2>/dev/null | grep -c . || true; }
-    c=$(n caught) m=$(n missed) t=$(n timeout) u=$(n unviable)
+    # After --iterate, caught.txt has only this run's; previously_caught.txt has the
+    # earlier caught and unviable ones (unviable.txt keeps all unviable, see below).
+    c=$(cat "$d/caught.txt" "$d/previously_caught.txt" 2>/dev/null | sort -u |
+      comm -23 - <(sort -u "$d/unviable.txt" 2>/dev/null) | grep -c . || true)
+    m=$(n missed) t=$(n timeout) u=$(n unviable)
     viable=$((c + m + t))
     pct=$([ "$viable" -gt 0 ] && echo "$((100 * c / viable)) %" || echo -)
     printf '%-40s %7s %6s %6s %7s %8s %7s %8s\n' "$f" "$total" "$c" "$m" "$t" "$u" \
@@ -79,8 +83,15 @@ for f in "${files[@]}"; do
   # `--cargo-arg --lib` builds only the lib's test binary too (with `-- --lib` alone the
   # build step links all ~70 test and bench binaries for every mutant).
   # Exit 2 (some mutants missed) or 3 (timeouts) must not stop the other modules.
+  # --iterate moves the last results to mutants.out.old and leaves the unviable ones out
+  # of the new unviable.txt: put them back, so the counts stay whole across iterations.
+  prev_unviable=$(cat "$out_root/$name/mutants.out/unviable.txt" 2>/dev/null || true)
   nice -n 19 cargo mutants --no-shuffle --timeout "${MUTANTS_TIMEOUT:-60}" --file "$glob" "${diff[@]}" \
     --output "$out_root/$name" "${extra[@]}" \
     --cargo-arg --lib -- -- --skip idle_clients_are_dropped_and_do_not_block_scrapes || status=$?
+  if [[ " ${extra[*]} " == *" --iterate "* ]] && [ -n "$prev_unviable" ]; then
+    u=$out_root/$name/mutants.out/unviable.txt
+    { cat "$u" 2>/dev/null; echo "$prev_unviable"; } | sort -u | grep . > "$u.new" && mv "$u.new" "$u"
+  fi
 done
 exit "$status"
