@@ -706,4 +706,128 @@ mod tests {
         );
         assert_eq!(out.instance_count(), 0);
     }
+
+    #[test]
+    fn a_held_removal_reports_its_drop_as_a_percentage_of_the_peak() {
+        let held = |live, drop| Held {
+            count: 3,
+            live,
+            drop,
+            service: None,
+            until: Instant::now(),
+        };
+        assert_eq!(held(10, 7).percent(), 70.0);
+        assert_eq!(held(8, 8).percent(), 100.0);
+        assert_eq!(held(0, 0).percent(), 0.0, "no peak: no division by zero");
+    }
+
+    #[test]
+    fn a_peak_exactly_one_window_old_has_left_the_window() {
+        // 20 live, then 9 go (not more than half), then 5 more exactly one window
+        // after the peak of 20: judged against the 11 live now, 5 of 11 is not held.
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let at_boundary = |late: Duration| {
+            let (mut g, mut live) = (guard(), fleet(20, 5));
+            assert_eq!(step(&mut g, &mut live, &fleet(20, 5), t0), None);
+            assert_eq!(step(&mut g, &mut live, &fleet(11, 5), t0 + s(30)), None);
+            step(&mut g, &mut live, &fleet(6, 5), t0 + late)
+        };
+        assert_eq!(
+            at_boundary(s(60)),
+            None,
+            "the window is [peak, peak + hold)"
+        );
+        let inside = at_boundary(s(60) - Duration::from_millis(1)).expect("held");
+        assert_eq!((inside.live, inside.drop), (20, 14));
+    }
+
+    #[test]
+    fn a_second_batch_held_counts_only_its_own_removals() {
+        let mut g = Guard::new(&MassRemoval {
+            share: 0.2,
+            per_service_share: 1.0,
+            min: 5,
+            hold: Duration::from_secs(60),
+        });
+        let t0 = Instant::now();
+        let mut live = fleet(20, 5);
+        let first = step(&mut g, &mut live, &fleet(14, 5), t0).expect("6 of 20 held");
+        assert_eq!(first.count, 6);
+        // Six more go while the first six are held: those are not removed again.
+        let second = step(&mut g, &mut live, &fleet(8, 5), t0 + Duration::from_secs(1))
+            .expect("6 more held");
+        assert_eq!((second.count, second.drop), (6, 6));
+        assert_eq!((g.held(), live.instance_count()), (12, 20));
+    }
+
+    #[test]
+    fn a_services_peak_is_remembered_while_it_is_absent_within_the_window() {
+        // `b` had 6, is absent from one render, then one instance of it comes and goes:
+        // judged against the peak of 6 (still within the window), not the 1 it had.
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut big = fleet(40, 10);
+        big.services.insert(
+            "b".into(),
+            (0..6).map(|k| inst("b", &format!("b{k}"), "h1")).collect(),
+        );
+        let web = without(&big, |i| i.service == "b");
+        let mut b_back = web.clone();
+        b_back
+            .services
+            .insert("b".into(), vec![inst("b", "b0", "h1")]);
+        let mut g = Guard::new(&settings(0.5, 60));
+        assert_eq!(g.filter(Some(&big), &big, t0).1, None);
+        assert_eq!(g.filter(Some(&web), &web, t0 + s(1)).1, None);
+        let held = g.filter(Some(&b_back), &web, t0 + s(2)).1.expect("b0 held");
+        assert_eq!(
+            (held.service.as_deref(), held.count, held.live, held.drop),
+            (Some("b"), 1, 6, 6)
+        );
+    }
+
+    #[test]
+    fn a_later_batch_never_brings_the_held_deadline_forward() {
+        // An earlier run held until t0 + 100 s (a longer `hold` then); this run's hold
+        // is 60 s. A second batch held at t0 + 1 s keeps the later end for all.
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut g = Guard::new(&MassRemoval {
+            share: 0.2,
+            ..settings(1.0, 60)
+        });
+        g.resume_hold(t0 + s(100));
+        let mut live = fleet(20, 5);
+        assert!(step(&mut g, &mut live, &fleet(14, 5), t0).is_some());
+        assert_eq!(g.deadline(), Some(t0 + s(100)));
+        let second = step(&mut g, &mut live, &fleet(8, 5), t0 + s(1)).expect("held");
+        assert_eq!(second.until, t0 + s(100));
+        assert_eq!(g.deadline(), Some(t0 + s(100)));
+    }
+
+    #[test]
+    fn a_services_held_instances_count_as_still_there_when_more_of_it_go() {
+        // `pay` 12 → 5 is held (7 of 12); then 2 more go: against 5 + 7 held that is a
+        // drop of 2, under `min`, so they go.
+        let t0 = Instant::now();
+        let mut big = fleet(40, 10);
+        big.services.insert(
+            "pay".into(),
+            (0..12)
+                .map(|k| inst("pay", &format!("p{k:02}"), "h1"))
+                .collect(),
+        );
+        let pay_left =
+            |n: usize| without(&big, |i| i.service == "pay" && i.id >= format!("p{n:02}"));
+        let mut g = Guard::new(&settings(0.5, 60));
+        let mut live = big.clone();
+        let held = step(&mut g, &mut live, &pay_left(5), t0).expect("pay held");
+        assert_eq!((held.service.as_deref(), held.count), (Some("pay"), 7));
+        assert_eq!(
+            step(&mut g, &mut live, &pay_left(3), t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!((g.held(), live.services["pay"].len()), (7, 10));
+    }
 }

@@ -227,10 +227,9 @@ impl Resource {
         }
         let rendered: Bytes = rendered.as_bytes().into();
         let outcome = match self.state.route(&rendered, plan) {
-            Route::Unchanged => {
-                self.state.unchanged();
-                Outcome::Unchanged
-            }
+            // No state to change: `route` answers Unchanged only when no reload is owed
+            // or none is configured (and then nothing reads `reload_pending`).
+            Route::Unchanged => Outcome::Unchanged,
             Route::RuntimeFirst(ops) => self.runtime_first(rendered, &ops, timeout).await,
             Route::CheckFirst(route) => self.check_first(rendered, route, None, timeout).await,
         };

@@ -233,11 +233,6 @@ impl State {
         }
     }
 
-    /// `Route::Unchanged` taken.
-    pub(crate) fn unchanged(&mut self) {
-        self.reload_pending = false;
-    }
-
     /// HAProxy may not run `live` (a runtime change half done and not undone, a reload
     /// unconfirmed or failed): the next apply reloads, even with unchanged bytes.
     pub(crate) fn must_reload(&mut self) {

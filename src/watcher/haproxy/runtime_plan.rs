@@ -999,4 +999,177 @@ backend svc_web
         );
         assert!(matches!(plan(golden, &more), RuntimePlan::Reload(_)));
     }
+
+    #[test]
+    fn each_op_is_the_admin_commands_an_operator_would_type() {
+        let texts = |op: &RuntimeOp| {
+            op.commands()
+                .into_iter()
+                .map(|c| (c.text, c.expect))
+                .collect::<Vec<_>>()
+        };
+        let add = RuntimeOp::Add {
+            backend: "svc_web".into(),
+            server: "c".into(),
+            addr: "10.0.0.3:80".into(),
+            args: vec!["weight".into(), "5".into(), "check".into()],
+            check: true,
+            agent: true,
+            enable: true,
+        };
+        assert_eq!(
+            texts(&add),
+            [
+                (
+                    "add server svc_web/c 10.0.0.3:80 weight 5 check".to_string(),
+                    REGISTERED
+                ),
+                ("enable health svc_web/c".into(), ""),
+                ("enable agent svc_web/c".into(), ""),
+                ("enable server svc_web/c".into(), ""),
+            ]
+        );
+        assert!(add.repool().is_empty());
+        assert_eq!(
+            add.describe(),
+            "add server svc_web/c 10.0.0.3:80 weight 5 check; enable health svc_web/c; \
+             enable agent svc_web/c; enable server svc_web/c"
+        );
+        // Checks off and `disabled`: added, and nothing enabled.
+        let parked = RuntimeOp::Add {
+            backend: "svc_web".into(),
+            server: "c".into(),
+            addr: "10.0.0.3:80".into(),
+            args: vec!["weight".into(), "5".into(), "check".into()],
+            check: false,
+            agent: false,
+            enable: false,
+        };
+        assert_eq!(
+            parked.describe(),
+            "add server svc_web/c 10.0.0.3:80 weight 5 check (stays in maintenance)"
+        );
+        let remove = RuntimeOp::Remove {
+            backend: "svc_web".into(),
+            server: "a".into(),
+        };
+        assert_eq!(
+            texts(&remove),
+            [
+                ("set server svc_web/a state maint".to_string(), ""),
+                ("del server svc_web/a".into(), DELETED),
+            ]
+        );
+        assert_eq!(
+            remove.describe(),
+            "set server svc_web/a state maint; del server svc_web/a (while it still has \
+             connections: set server svc_web/a state drain; set server svc_web/a state maint; \
+             del again)"
+        );
+        let weight = RuntimeOp::Weight {
+            backend: "svc_web".into(),
+            server: "a".into(),
+            weight: "7".into(),
+        };
+        assert_eq!(
+            texts(&weight),
+            [("set server svc_web/a weight 7".to_string(), "")]
+        );
+        assert_eq!(weight.describe(), "set server svc_web/a weight 7");
+        for (admin, word) in [
+            (AdminState::Ready, "ready"),
+            (AdminState::Maint, "maint"),
+            (AdminState::Drain, "drain"),
+        ] {
+            let op = state("a", admin);
+            assert_eq!(
+                texts(&op),
+                [(format!("set server svc_web/a state {word}"), "")]
+            );
+            assert!(op.repool().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_every_kind_of_change_and_a_replacement_once() {
+        // Live: 12 servers. Rendered: 3 reweighted, 3 drained, 3 moved (a replacement:
+        // a remove and an add, one change), 3 removed, and `adds` new ones.
+        let line = |name: String, addr: String, rest: &str| {
+            format!("    server {name} {addr} weight 100 check{rest}\n")
+        };
+        let live: String = (0..12)
+            .map(|k| line(format!("l{k}"), format!("10.2.0.{k}:80"), ""))
+            .collect();
+        let rendered = |adds: usize| {
+            let mut out = String::new();
+            for k in 0..3 {
+                out += &line(format!("l{k}"), format!("10.2.0.{k}:80"), "")
+                    .replace("weight 100", "weight 5");
+            }
+            for k in 3..6 {
+                out += &line(format!("l{k}"), format!("10.2.0.{k}:80"), " disabled");
+            }
+            for k in 6..9 {
+                out += &line(format!("l{k}"), format!("10.3.0.{k}:80"), "");
+            }
+            for k in 0..adds {
+                out += &line(format!("n{k}"), format!("10.1.0.{k}:80"), "");
+            }
+            with(&out)
+        };
+        // 88 adds + 3 + 3 + 3 + 3 = 100 changes: still the runtime path.
+        let ops = runtime(plan(&with(&live), &rendered(88)));
+        assert_eq!(ops.len(), 88 + 3 + 3 + 2 * 3 + 3);
+        // One more: a reload, and the reason says how many.
+        let why = reason(plan(&with(&live), &rendered(89)));
+        assert!(why.starts_with("101 server changes"), "{why}");
+    }
+
+    #[test]
+    fn only_the_value_after_weight_changing_is_a_weight_change() {
+        let old = with("    server a 10.0.0.1:80 weight 100 maxconn 10 check\n");
+        // Another number changed: the server is replaced, not reweighted.
+        let ops = runtime(plan(
+            &old,
+            &with("    server a 10.0.0.1:80 weight 100 maxconn 20 check\n"),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Remove { .. }, RuntimeOp::Add { args, .. }]
+                if args.windows(2).any(|w| w == ["maxconn", "20"])),
+            "{ops:?}"
+        );
+        // `weight` turned into a garbled `weight weight 7`: not a weight of 7.
+        let why = reason(plan(
+            &with("    server a 10.0.0.1:80 weight 100 check\n"),
+            &with("    server a 10.0.0.1:80 weight weight 7\n"),
+        ));
+        assert!(why.contains("`7` is not accepted"), "{why}");
+    }
+
+    #[test]
+    fn a_servers_enabled_overrides_a_default_server_disabled() {
+        let parked = |servers: &str| {
+            with(servers).replace(
+                "default-server inter 2s",
+                "default-server disabled inter 2s",
+            )
+        };
+        let one = "    server a 10.0.0.1:80 weight 100 check\n";
+        let ops = runtime(plan(
+            &parked(one),
+            &parked(&format!("{one}    server c 10.0.0.3:80 enabled check\n")),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Add { enable: true, .. }]),
+            "{ops:?}"
+        );
+        let ops = runtime(plan(
+            &parked(one),
+            &parked(&format!("{one}    server c 10.0.0.3:80 check\n")),
+        ));
+        assert!(
+            matches!(&ops[..], [RuntimeOp::Add { enable: false, .. }]),
+            "{ops:?}"
+        );
+    }
 }
