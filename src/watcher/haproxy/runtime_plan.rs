@@ -1016,6 +1016,7 @@ backend svc_web
             check: true,
             agent: true,
             enable: true,
+            dynamic_cookie: false,
         };
         assert_eq!(
             texts(&add),
@@ -1044,6 +1045,7 @@ backend svc_web
             check: false,
             agent: false,
             enable: false,
+            dynamic_cookie: false,
         };
         assert_eq!(
             parked.describe(),
