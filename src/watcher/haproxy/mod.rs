@@ -1,6 +1,7 @@
 //! Talking to HAProxy, one file per socket:
 //! - `master`: the master CLI (`haproxy -W -S <socket>`): `show proc`, confirmed reloads;
 //! - `runtime_plan` (pure): live file + rendered file → runtime ops, or "reload, because …";
+//! - `runtime_ops` (pure): one such op and the admin-socket commands that carry it out;
 //! - `runtime_api`: the admin `stats socket`: sends those ops;
 //! - `sections` (pure): a config file read into sections and server lines;
 //! - `servers` (pure): server lines and `show servers state` read into one shape;
@@ -9,6 +10,7 @@
 
 pub(crate) mod master;
 pub(crate) mod runtime_api;
+pub(crate) mod runtime_ops;
 pub(crate) mod runtime_plan;
 pub(crate) mod sections;
 pub(crate) mod servers;

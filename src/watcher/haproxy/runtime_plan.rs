@@ -30,172 +30,11 @@
 use super::sections::{parse, Section};
 use std::net::IpAddr;
 
+pub(crate) use super::runtime_ops::{AdminState, Command, RuntimeOp};
+
 /// More server changes than this in one batch go through one reload instead: a reload
 /// is atomic and costs the same however many servers change.
 const MAX_SERVER_CHANGES: usize = 100;
-
-/// One membership change inside an existing backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum RuntimeOp {
-    /// `add server <backend>/<server> <addr> <args…>`, then enable checks and traffic.
-    Add {
-        backend: String,
-        server: String,
-        addr: String,
-        /// Effective arguments: default-server ones first, `init-addr` dropped.
-        args: Vec<String>,
-        check: bool,
-        agent: bool,
-        /// False when the line says `disabled`: the server stays in maintenance.
-        enable: bool,
-        /// The backend hands out dynamic cookies (`cookie … dynamic`): `add server`
-        /// leaves the new server without one until `enable dynamic-cookie backend`
-        /// computes them again (HAProxy 2.6, tried here: the cookie was empty).
-        dynamic_cookie: bool,
-    },
-    /// Maintenance, then `del server` once its requests are done.
-    Remove { backend: String, server: String },
-    /// `set server <backend>/<server> weight <n>`.
-    Weight {
-        backend: String,
-        server: String,
-        weight: String,
-    },
-    /// `set server <backend>/<server> state <state>`: in or out of rotation.
-    State {
-        backend: String,
-        server: String,
-        state: AdminState,
-    },
-}
-
-/// The admin states a server line's `disabled` maps to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AdminState {
-    /// Back in rotation.
-    Ready,
-    /// No new connection, persistent ones included.
-    Maint,
-    /// No new connection but for clients that persist on it.
-    Drain,
-}
-
-impl AdminState {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            AdminState::Ready => "ready",
-            AdminState::Maint => "maint",
-            AdminState::Drain => "drain",
-        }
-    }
-}
-
-/// One admin-socket command and the answer that means it worked (most commands answer
-/// nothing on success and a sentence on failure).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Command {
-    pub(crate) text: String,
-    pub(crate) expect: &'static str,
-}
-
-impl Command {
-    fn new(text: String, expect: &'static str) -> Command {
-        Command { text, expect }
-    }
-}
-
-/// `del server`'s answer when the server is gone.
-pub(crate) const DELETED: &str = "Server deleted.";
-/// `add server`'s answer when the server exists.
-const REGISTERED: &str = "New server registered.";
-
-impl RuntimeOp {
-    /// The commands it is, in the order `runtime_api` sends them: the one text of each
-    /// command, which the dry run prints and the runtime API receives.
-    pub(crate) fn commands(&self) -> Vec<Command> {
-        match self {
-            RuntimeOp::Add {
-                backend,
-                server,
-                addr,
-                args,
-                check,
-                agent,
-                enable,
-                dynamic_cookie,
-            } => {
-                let id = format!("{backend}/{server}");
-                let mut add = format!("add server {id} {addr}");
-                for a in args {
-                    add.push(' ');
-                    add.push_str(a);
-                }
-                let mut out = vec![Command::new(add, REGISTERED)];
-                if *dynamic_cookie {
-                    out.push(Command::new(
-                        format!("enable dynamic-cookie backend {backend}"),
-                        "",
-                    ));
-                }
-                // A dynamic server starts in maintenance with checks off.
-                for (on, what) in [(*check, "health"), (*agent, "agent"), (*enable, "server")] {
-                    if on {
-                        out.push(Command::new(format!("enable {what} {id}"), ""));
-                    }
-                }
-                out
-            }
-            RuntimeOp::Remove { backend, server } => vec![
-                Command::new(format!("set server {backend}/{server} state maint"), ""),
-                Command::new(format!("del server {backend}/{server}"), DELETED),
-            ],
-            RuntimeOp::Weight {
-                backend,
-                server,
-                weight,
-            } => vec![Command::new(
-                format!("set server {backend}/{server} weight {weight}"),
-                "",
-            )],
-            RuntimeOp::State {
-                backend,
-                server,
-                state,
-            } => vec![Command::new(
-                format!("set server {backend}/{server} state {}", state.as_str()),
-                "",
-            )],
-        }
-    }
-
-    /// For a `Remove` whose `del server` found connections still pooled: the commands
-    /// that empty the idle pool again before the next `del` (see `runtime_api`).
-    pub(crate) fn repool(&self) -> Vec<Command> {
-        match self {
-            RuntimeOp::Remove { backend, server } => ["drain", "maint"]
-                .map(|s| Command::new(format!("set server {backend}/{server} state {s}"), ""))
-                .into(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// What the dry run prints: the commands as an operator would type them.
-    pub(crate) fn describe(&self) -> String {
-        let join = |c: Vec<Command>| c.into_iter().map(|c| c.text).collect::<Vec<_>>().join("; ");
-        let mut out = join(self.commands());
-        let repool = self.repool();
-        if !repool.is_empty() {
-            out += &format!(
-                " (while it still has connections: {}; del again)",
-                join(repool)
-            );
-        }
-        if let RuntimeOp::Add { enable: false, .. } = self {
-            out += " (stays in maintenance)";
-        }
-        out
-    }
-}
 
 /// What `plan` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,7 +180,6 @@ pub(crate) fn plan(live: &str, rendered: &str) -> RuntimePlan {
     RuntimePlan::Runtime(ops)
 }
 
-/// Whether a server line says `disabled` (after its name and address), and the line
 /// The ops of one plan, by kind: applied adds first, so a backend whose instance is
 /// replaced never runs empty.
 #[derive(Default)]
@@ -432,6 +270,23 @@ fn backend_ops<'a>(
             )?;
         }
     }
+    let (adds, replaces) = (
+        &mut ops.adds[adds_before..],
+        &mut ops.replaces[replaces_before..],
+    );
+    finish_adds(backend, o, n, adds, replaces)
+}
+
+/// Settles what the servers added to `backend` (its live section `o`, rendered `n`)
+/// carry beyond their lines: a dynamic cookie when the backend's cookie is, and an
+/// `id` no live server of another name still holds.
+fn finish_adds(
+    backend: &str,
+    o: &Section<'_>,
+    n: &Section<'_>,
+    adds: &mut [RuntimeOp],
+    replaces: &mut [RuntimeOp],
+) -> Result<(), String> {
     // Adds run before removes: an added server whose `id` a live server of another
     // name still holds would be refused (a rare renumbering, see `server_ids`).
     let held: std::collections::HashMap<&str, &str> = o
@@ -440,18 +295,12 @@ fn backend_ops<'a>(
         .filter_map(|(name, line)| Some((server_id(line)?, *name)))
         .collect();
     let dynamic = n.directives("cookie").any(|w| w.contains(&"dynamic"));
-    for op in ops.adds[adds_before..]
-        .iter_mut()
-        .chain(&mut ops.replaces[replaces_before..])
-    {
+    for op in adds.iter_mut().chain(replaces.iter_mut()) {
         if let RuntimeOp::Add { dynamic_cookie, .. } = op {
             *dynamic_cookie = dynamic;
         }
     }
-    let added = ops.adds[adds_before..]
-        .iter()
-        .chain(&ops.replaces[replaces_before..]);
-    for op in added {
+    for op in adds.iter().chain(replaces.iter()) {
         if let RuntimeOp::Add { server, args, .. } = op {
             let id = args
                 .iter()
@@ -527,6 +376,7 @@ fn changed_server(
     Ok(())
 }
 
+/// Whether a server line says `disabled` (after its name and address), and the line
 /// without it.
 fn without_disabled(line: &str) -> (bool, String) {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -645,6 +495,7 @@ fn add(backend: &str, line: &str, defaults_args: &[&str]) -> Result<RuntimeOp, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::watcher::haproxy::runtime_ops::{DELETED, REGISTERED};
 
     const BASE: &str = "\
 # generated
