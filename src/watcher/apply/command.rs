@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use super::dest::Dest;
+
 /// Niceness of a check run off the latency path: it yields the CPU to HAProxy and to the
 /// next change.
 pub(crate) const BACKGROUND_NICE: i32 = 10;
@@ -126,6 +128,28 @@ pub(crate) async fn run_shell(cmd: &str, timeout: Duration, nice: i32) -> Comman
             }
         }
     }
+}
+
+/// Runs `check_cmd` on a private copy of `bytes` beside `dest`, then removes the copy.
+pub(super) async fn check_copy(
+    cmd: &str,
+    dest: &Dest,
+    bytes: &[u8],
+    timeout: Duration,
+    nice: i32,
+) -> CommandResult {
+    let staged = match dest.stage_copy(bytes).await {
+        Ok(p) => p,
+        Err(e) => {
+            return CommandResult::not_run(format!(
+                "cannot stage a copy of {} to check: {e}",
+                dest.show()
+            ))
+        }
+    };
+    let result = run_check(cmd, &staged, timeout, nice).await;
+    let _ = tokio::fs::remove_file(&staged).await;
+    result
 }
 
 #[cfg(test)]

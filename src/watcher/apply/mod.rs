@@ -20,6 +20,7 @@ mod route;
 
 use std::time::Duration;
 
+use command::check_copy;
 pub(crate) use command::{run_shell, CommandResult};
 pub(crate) use outcome::{failure_report, ApplyError, Chain, Left, Outcome};
 pub(crate) use route::Bytes;
@@ -582,28 +583,6 @@ fn plan(live: &[u8], rendered: &[u8]) -> RuntimePlan {
         &String::from_utf8_lossy(live),
         &String::from_utf8_lossy(rendered),
     )
-}
-
-/// Runs `check_cmd` on a private copy of `bytes` beside `dest`, then removes the copy.
-async fn check_copy(
-    cmd: &str,
-    dest: &Dest,
-    bytes: &[u8],
-    timeout: Duration,
-    nice: i32,
-) -> CommandResult {
-    let staged = match dest.stage_copy(bytes).await {
-        Ok(p) => p,
-        Err(e) => {
-            return CommandResult::not_run(format!(
-                "cannot stage a copy of {} to check: {e}",
-                dest.show()
-            ))
-        }
-    };
-    let result = command::run_check(cmd, &staged, timeout, nice).await;
-    let _ = tokio::fs::remove_file(&staged).await;
-    result
 }
 
 #[cfg(test)]
