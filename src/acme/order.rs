@@ -144,13 +144,40 @@ pub async fn obtain(
     etcd_client: &mut Client,
     want: &Wanted,
 ) -> Result<Obtained, Failure> {
+    let (mut order, key_pem, was_resumed) = resume_or_order(s, etcd_client, want).await?;
+    let tokens = answer_challenges(s, etcd_client, &mut order).await?;
+    let result = finish(&mut order, &key_pem, want).await;
+    // The answers are of no use once the CA decided.
+    let dels: Vec<TxnOp> = tokens
+        .iter()
+        .map(|t| TxnOp::delete(record::challenge_key(s.prefix, t), None))
+        .collect();
+    if !dels.is_empty() {
+        let _ = s.held.write(etcd_client, dels).await;
+    }
+    let chain = result?;
+    Ok(Obtained {
+        chain,
+        key: key_pem,
+        resumed: was_resumed,
+    })
+}
+
+/// The order in progress for `want` (stored in etcd by this or an earlier issuer, and
+/// still alive at the CA), or a new one, stored with its certificate's key before
+/// anything else happens. Answers the order, the key's PEM and whether it was resumed.
+async fn resume_or_order(
+    s: &Session<'_>,
+    etcd_client: &mut Client,
+    want: &Wanted,
+) -> Result<(instant_acme::Order, String, bool), Failure> {
     let Session {
         cfg,
         account,
         held,
         prefix,
-        answers,
         progress,
+        ..
     } = *s;
     let okey = record::order_key(prefix, &want.name);
     let stored = etcd::call(etcd_client.get(okey.as_str(), None))
@@ -177,7 +204,7 @@ pub async fn obtain(
         }
     }
     let was_resumed = resumed.is_some();
-    let (mut order, key_pem) = match resumed {
+    let (order, key_pem) = match resumed {
         Some(pair) => pair,
         None => {
             let ids: Vec<Identifier> = want.domains.iter().cloned().map(Identifier::Dns).collect();
@@ -204,7 +231,23 @@ pub async fn obtain(
             (order, key)
         }
     };
+    Ok((order, key_pem, was_resumed))
+}
 
+/// Puts the answer to each pending HTTP-01 challenge of `order` in etcd, waits (bounded)
+/// until this watcher's own view serves them, then tells the CA to look. Answers the
+/// tokens put, to remove once the CA decided.
+async fn answer_challenges(
+    s: &Session<'_>,
+    etcd_client: &mut Client,
+    order: &mut instant_acme::Order,
+) -> Result<Vec<String>, Failure> {
+    let Session {
+        held,
+        prefix,
+        answers,
+        ..
+    } = *s;
     let mut tokens = Vec::new();
     if matches!(order.state().status, OrderStatus::Pending) {
         let mut ready = Vec::new();
@@ -262,21 +305,7 @@ pub async fn obtain(
             }
         }
     }
-    let result = finish(&mut order, &key_pem, want).await;
-    // The answers are of no use once the CA decided.
-    let dels: Vec<TxnOp> = tokens
-        .iter()
-        .map(|t| TxnOp::delete(record::challenge_key(prefix, t), None))
-        .collect();
-    if !dels.is_empty() {
-        let _ = held.write(etcd_client, dels).await;
-    }
-    let chain = result?;
-    Ok(Obtained {
-        chain,
-        key: key_pem,
-        resumed: was_resumed,
-    })
+    Ok(tokens)
 }
 
 /// Waits for the CA's validation, finalizes with a CSR of `key_pem`, downloads.
