@@ -9,6 +9,7 @@ use super::{
     DEFAULT_CHECK_TIMEOUT,
 };
 use crate::schema;
+use crate::schema::route::{self as rules, Balance, Mode, Sticky};
 
 pub(super) struct Warnings {
     pub(super) container: String,
@@ -261,124 +262,121 @@ type LabelError = (String, String);
 /// parsed and checked by the rules a watcher applies again to the record
 /// (`schema::Route::validate`); Err names the label at fault.
 pub(super) fn route(meta: &Meta, port: Option<u16>) -> Result<schema::Route, LabelError> {
-    use schema::route::{self as r, Balance, Mode, Sticky};
-    let get = |name: &str| meta.label(port, name);
-    let err = |src: &str, e: String| (src.to_string(), e);
-    let list = |src: &str, v: &str, check: &dyn Fn(&str) -> Result<(), String>| {
-        let mut out: Vec<String> = Vec::new();
-        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let item = item.to_ascii_lowercase();
-            check(&item).map_err(|e| err(src, e))?;
-            if !out.contains(&item) {
-                out.push(item);
-            }
-        }
-        Ok::<_, LabelError>(out)
-    };
     let mut route = schema::Route::default();
     let mut first: Option<String> = None;
-    let mut seen = |src: &str| {
-        first.get_or_insert_with(|| src.to_string());
-    };
-    if let Some((src, v)) = get("hosts") {
-        seen(&src);
-        route.hosts = list(&src, v, &|h| r::check_host(h, true))?;
+    for (name, set) in ROUTE_LABELS {
+        if let Some((src, v)) = meta.label(port, name) {
+            first.get_or_insert_with(|| src.clone());
+            set(&mut route, v).map_err(|e| (src, e))?;
+        }
     }
-    if let Some((src, v)) = get("default_host") {
-        seen(&src);
-        route.default_host = Some(parse_bool(v).map_err(|e| err(&src, e))?);
-    }
-    if let Some((src, v)) = get("path") {
-        seen(&src);
-        let v = v.trim();
-        r::check_path(v).map_err(|e| err(&src, e))?;
-        route.path = Some(v.to_string());
-    }
-    if let Some((src, v)) = get("strip_prefix") {
-        seen(&src);
-        route.strip_prefix = parse_bool(v).map_err(|e| err(&src, e))?;
-    }
-    if let Some((src, v)) = get("mode") {
-        seen(&src);
-        route.mode = match v.trim() {
+    // The rules between fields (mode = tcp needs sni or listen, …), on the first label.
+    route
+        .validate()
+        .map_err(|e| (first.unwrap_or_else(|| "route labels".to_string()), e))?;
+    Ok(route)
+}
+
+/// How one route label's value sets its field of the route.
+type RouteSetter = fn(&mut schema::Route, &str) -> Result<(), String>;
+
+/// The route labels (`portolan.<name>`), in the order they are read: the first one
+/// present names the labels when a rule between fields fails.
+const ROUTE_LABELS: &[(&str, RouteSetter)] = &[
+    ("hosts", |r, v| {
+        r.hosts = label_list(v, |h| rules::check_host(h, true))?;
+        Ok(())
+    }),
+    ("default_host", |r, v| {
+        r.default_host = Some(parse_bool(v)?);
+        Ok(())
+    }),
+    ("path", |r, v| {
+        r.path = Some(checked(v, rules::check_path)?);
+        Ok(())
+    }),
+    ("strip_prefix", |r, v| {
+        r.strip_prefix = parse_bool(v)?;
+        Ok(())
+    }),
+    ("mode", |r, v| {
+        r.mode = match v.trim() {
             "http" => Mode::Http,
             "tcp" => Mode::Tcp,
-            _ => return Err(err(&src, format!("{v:?} is not a mode: http or tcp"))),
+            _ => return Err(format!("{v:?} is not a mode: http or tcp")),
         };
-    }
-    if let Some((src, v)) = get("sni") {
-        seen(&src);
-        route.sni = list(&src, v, &|h| r::check_host(h, true))?;
-    }
-    if let Some((src, v)) = get("listen") {
-        seen(&src);
-        route.listen = Some(
-            v.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| err(&src, format!("{v:?} is not a port in 1..=65535")))?,
-        );
-    }
-    if let Some((src, v)) = get("balance") {
-        seen(&src);
-        route.balance = Some(match v.trim() {
+        Ok(())
+    }),
+    ("sni", |r, v| {
+        r.sni = label_list(v, |h| rules::check_host(h, true))?;
+        Ok(())
+    }),
+    ("listen", |r, v| {
+        let port = v.trim().parse::<u16>().ok().filter(|p| *p != 0);
+        r.listen = Some(port.ok_or_else(|| format!("{v:?} is not a port in 1..=65535"))?);
+        Ok(())
+    }),
+    ("balance", |r, v| {
+        r.balance = Some(match v.trim() {
             "roundrobin" => Balance::Roundrobin,
             "leastconn" => Balance::Leastconn,
             "source" => Balance::Source,
             "uri" => Balance::Uri,
             _ => {
-                return Err(err(
-                    &src,
-                    format!("{v:?} is not a balance: roundrobin, leastconn, source or uri"),
+                return Err(format!(
+                    "{v:?} is not a balance: roundrobin, leastconn, source or uri"
                 ))
             }
         });
-    }
-    if let Some((src, v)) = get("sticky") {
-        seen(&src);
-        route.sticky = match v.trim() {
+        Ok(())
+    }),
+    ("sticky", |r, v| {
+        r.sticky = match v.trim() {
             "cookie" => Some(Sticky::Cookie),
             "" | "false" | "none" => None,
-            _ => return Err(err(&src, format!("{v:?} is not a stickiness: cookie"))),
+            _ => return Err(format!("{v:?} is not a stickiness: cookie")),
         };
+        Ok(())
+    }),
+    ("check.path", |r, v| {
+        r.check_path = Some(checked(v, rules::check_path)?);
+        Ok(())
+    }),
+    ("timeout.server", |r, v| {
+        r.timeout_server = Some(checked(v, rules::check_timeout)?);
+        Ok(())
+    }),
+    ("allow", |r, v| {
+        r.allow = label_list(v, rules::check_network)?;
+        Ok(())
+    }),
+    ("maxconn", |r, v| {
+        let n = v.trim().parse::<u32>().ok();
+        let n = n.filter(|n| (1..=rules::MAX_MAXCONN).contains(n));
+        r.maxconn =
+            Some(n.ok_or_else(|| format!("{v:?} is not a number in 1..={}", rules::MAX_MAXCONN))?);
+        Ok(())
+    }),
+];
+
+/// A comma-separated label value: each item trimmed, lower case, checked, once.
+fn label_list(v: &str, check: impl Fn(&str) -> Result<(), String>) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let item = item.to_ascii_lowercase();
+        check(&item)?;
+        if !out.contains(&item) {
+            out.push(item);
+        }
     }
-    if let Some((src, v)) = get("check.path") {
-        seen(&src);
-        let v = v.trim();
-        r::check_path(v).map_err(|e| err(&src, e))?;
-        route.check_path = Some(v.to_string());
-    }
-    if let Some((src, v)) = get("timeout.server") {
-        seen(&src);
-        let v = v.trim();
-        r::check_timeout(v).map_err(|e| err(&src, e))?;
-        route.timeout_server = Some(v.to_string());
-    }
-    if let Some((src, v)) = get("allow") {
-        seen(&src);
-        route.allow = list(&src, v, &r::check_network)?;
-    }
-    if let Some((src, v)) = get("maxconn") {
-        seen(&src);
-        route.maxconn = Some(
-            v.trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=r::MAX_MAXCONN).contains(n))
-                .ok_or_else(|| {
-                    err(
-                        &src,
-                        format!("{v:?} is not a number in 1..={}", r::MAX_MAXCONN),
-                    )
-                })?,
-        );
-    }
-    // The rules between fields (mode = tcp needs sni or listen, …), on the first label.
-    route
-        .validate()
-        .map_err(|e| err(first.as_deref().unwrap_or("route labels"), e))?;
-    Ok(route)
+    Ok(out)
+}
+
+/// A single label value, trimmed, that `check` accepts.
+fn checked(v: &str, check: fn(&str) -> Result<(), String>) -> Result<String, String> {
+    let v = v.trim();
+    check(v)?;
+    Ok(v.to_string())
 }
 
 pub(super) fn check(meta: &Meta, port: u16) -> Result<Option<Check>, LabelError> {
