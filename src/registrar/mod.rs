@@ -145,6 +145,33 @@ pub enum Source {
     Scripted(mpsc::Receiver<ContainerReport>),
 }
 
+impl Source {
+    /// The reports the loop reads: from a Docker task started here, or the script's.
+    fn start(
+        self,
+        cfg: &RegistrarConfig,
+        resync_rx: mpsc::Receiver<()>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> mpsc::Receiver<ContainerReport> {
+        match self {
+            Source::Docker => {
+                let (docker_tx, docker_rx) = mpsc::channel(256);
+                tracker.spawn(docker::run(
+                    DockerSettings::of(cfg),
+                    docker_tx,
+                    resync_rx,
+                    shutdown.clone(),
+                ));
+                docker_rx
+            }
+            // Nobody asks for a fresh list: `resync_rx` is dropped, the loop's request
+            // fails quietly, and the resync reads etcd back all the same.
+            Source::Scripted(rx) => rx,
+        }
+    }
+}
+
 /// Runs until `shutdown` is cancelled. Never returns because a stream closed.
 pub async fn run(cfg: RegistrarConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     run_from(cfg, Source::Docker, shutdown).await
@@ -182,21 +209,7 @@ pub async fn run_from(
     let (probe_tx, probe_rx) = mpsc::channel(256);
     let (keeper_tx, keeper_rx) = mpsc::channel(16);
     let (watch_tx, watch_rx) = mpsc::channel(64);
-    let docker_rx = match source {
-        Source::Docker => {
-            let (docker_tx, docker_rx) = mpsc::channel(256);
-            tracker.spawn(docker::run(
-                DockerSettings::of(&cfg),
-                docker_tx,
-                resync_rx,
-                shutdown.clone(),
-            ));
-            docker_rx
-        }
-        // Nobody asks for a fresh list: `resync_rx` is dropped, the loop's request
-        // fails quietly, and the resync reads etcd back all the same.
-        Source::Scripted(rx) => rx,
-    };
+    let docker_rx = source.start(&cfg, resync_rx, &tracker, &shutdown);
     tracing::info!(
         node = %cfg.node,
         advertise_ip = %advertise_ip,
