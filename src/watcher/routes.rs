@@ -204,13 +204,27 @@ pub fn resolve<'a>(
             .insert(name.to_string(), service_route(options));
         by_age.push((age, name, options));
     }
+    let owners = award(by_age, domain, ports, &mut routes.conflicts);
+    lay_out(owners, &mut routes);
+    routes.conflicts.sort();
+    routes
+}
+
+/// Each claim to the oldest service making it (`by_age`: age, name, options); the
+/// younger claimants, and listen ports the template keeps, go to `conflicts`.
+fn award<'a>(
+    mut by_age: Vec<((i64, bool), &'a str, &Route)>,
+    domain: &str,
+    ports: &ListenPorts,
+    conflicts: &mut Vec<Conflict>,
+) -> BTreeMap<Claim, &'a str> {
     by_age.sort();
     let mut owners: BTreeMap<Claim, &str> = BTreeMap::new();
     for (_, name, options) in by_age {
         for claim in claims(name, options, domain) {
             if let Claim::Listen(p) = claim {
                 if let Some(why) = ports.refuses(p) {
-                    routes.conflicts.push(Conflict {
+                    conflicts.push(Conflict {
                         kind: "port",
                         service: name.to_string(),
                         what: claim.describe(),
@@ -220,7 +234,7 @@ pub fn resolve<'a>(
                 }
             }
             match owners.get(&claim) {
-                Some(owner) if *owner != name => routes.conflicts.push(Conflict {
+                Some(owner) if *owner != name => conflicts.push(Conflict {
                     kind: "route",
                     service: name.to_string(),
                     what: claim.describe(),
@@ -233,6 +247,12 @@ pub fn resolve<'a>(
             }
         }
     }
+    owners
+}
+
+/// The awarded claims as the template's rules, in match order: longest path first,
+/// exact hosts before wildcards, longer wildcard suffixes first.
+fn lay_out(owners: BTreeMap<Claim, &str>, routes: &mut Routes) {
     for (claim, service) in owners {
         let service = service.to_string();
         match claim {
@@ -270,8 +290,6 @@ pub fn resolve<'a>(
             .then(b.suffix.len().cmp(&a.suffix.len()))
             .then(a.name.cmp(&b.name))
     });
-    routes.conflicts.sort();
-    routes
 }
 
 fn wildcard_suffix(host: &str) -> String {
