@@ -239,28 +239,7 @@ async fn one(
         Ok((rec, resumed)) => {
             failures.remove(&w.name);
             issuer.order("valid");
-            let kind = if reason.replaces() {
-                WatcherEvent::CertRenewed
-            } else {
-                WatcherEvent::CertIssued
-            };
-            tracing::info!(cert = %w.name, not_after = %rec.not_after, resumed, "acme: certificate written to etcd");
-            issuer.hooks.emit(
-                Event::new(
-                    kind,
-                    format!(
-                        "certificate {} for {} until {}",
-                        w.name,
-                        w.domains.join(", "),
-                        rec.not_after
-                    ),
-                )
-                .with("name", w.name.as_str())
-                .with("domains", w.domains.clone())
-                .with("not_after", rec.not_after.as_str())
-                .with("reason", reason.as_str())
-                .with("watcher", issuer.name.as_str()),
-            );
+            written(issuer, w, reason, &rec, resumed);
         }
         Err(e) => {
             let f = want::failed(
@@ -271,25 +250,56 @@ async fn one(
             );
             failures.insert(w.name.clone(), f);
             issuer.order("failed");
-            let retry = record::rfc3339(f.retry_at);
-            tracing::warn!(cert = %w.name, failures = f.count, retry_at = %retry, "acme: order failed: {e}");
-            issuer.hooks.emit(
-                Event::new(
-                    WatcherEvent::CertFailed,
-                    format!(
-                        "certificate {} for {}: {e}; next try at {retry}",
-                        w.name,
-                        w.domains.join(", ")
-                    ),
-                )
-                .with("name", w.name.as_str())
-                .with("domains", w.domains.clone())
-                .with("error", e.to_string())
-                .with("failures", f.count)
-                .with("retry_at", retry.as_str())
-                .with("watcher", issuer.name.as_str()),
-            );
+            failed(issuer, w, f, &e);
         }
     }
     Ok(())
+}
+
+/// Tells of a certificate written: the log and the `cert_issued`/`cert_renewed` hook.
+fn written(issuer: &Issuer, w: &Wanted, reason: Reason, rec: &record::CertRecord, resumed: bool) {
+    let kind = if reason.replaces() {
+        WatcherEvent::CertRenewed
+    } else {
+        WatcherEvent::CertIssued
+    };
+    tracing::info!(cert = %w.name, not_after = %rec.not_after, resumed, "acme: certificate written to etcd");
+    issuer.hooks.emit(
+        Event::new(
+            kind,
+            format!(
+                "certificate {} for {} until {}",
+                w.name,
+                w.domains.join(", "),
+                rec.not_after
+            ),
+        )
+        .with("name", w.name.as_str())
+        .with("domains", w.domains.clone())
+        .with("not_after", rec.not_after.as_str())
+        .with("reason", reason.as_str())
+        .with("watcher", issuer.name.as_str()),
+    );
+}
+
+/// Tells of a failed order: the log and the `cert_failed` hook, with the next try.
+fn failed(issuer: &Issuer, w: &Wanted, f: Failures, e: &order::Failure) {
+    let retry = record::rfc3339(f.retry_at);
+    tracing::warn!(cert = %w.name, failures = f.count, retry_at = %retry, "acme: order failed: {e}");
+    issuer.hooks.emit(
+        Event::new(
+            WatcherEvent::CertFailed,
+            format!(
+                "certificate {} for {}: {e}; next try at {retry}",
+                w.name,
+                w.domains.join(", ")
+            ),
+        )
+        .with("name", w.name.as_str())
+        .with("domains", w.domains.clone())
+        .with("error", e.to_string())
+        .with("failures", f.count)
+        .with("retry_at", retry.as_str())
+        .with("watcher", issuer.name.as_str()),
+    );
 }
