@@ -119,24 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let p = principal(&etcd.prefix, &args.name);
             auth::run(&etcd, &p, &args.password_file, args.allow_unsafe_etcd).await?;
         }
-        Command::Certs(cmd) => match cmd {
-            CertsCommand::Ls { etcd, json } => {
-                certs::operator::ls(&config::resolve_etcd(&file()?, &etcd)?, json).await?
-            }
-            CertsCommand::Import {
-                name,
-                cert,
-                key,
-                domains,
-                etcd,
-            } => {
-                let etcd = config::resolve_etcd(&file()?, &etcd)?;
-                certs::operator::import(&etcd, &name, &cert, &key, domains).await?
-            }
-            CertsCommand::Rm { name, etcd } => {
-                certs::operator::rm(&config::resolve_etcd(&file()?, &etcd)?, &name).await?
-            }
-        },
+        Command::Certs(cmd) => certs_command(cmd, &file()?).await?,
         Command::Dev(args) => {
             dev::run(args, stop_on_signals()?).await?;
         }
@@ -200,6 +183,28 @@ fn man(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `portolan certs ls | import | rm`, against the etcd the config file (and flags) name.
+async fn certs_command(cmd: CertsCommand, file: &FileConfig) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Ls { etcd, json } => {
+            certs::operator::ls(&config::resolve_etcd(file, &etcd)?, json).await
+        }
+        CertsCommand::Import {
+            name,
+            cert,
+            key,
+            domains,
+            etcd,
+        } => {
+            let etcd = config::resolve_etcd(file, &etcd)?;
+            certs::operator::import(&etcd, &name, &cert, &key, domains).await
+        }
+        CertsCommand::Rm { name, etcd } => {
+            certs::operator::rm(&config::resolve_etcd(file, &etcd)?, &name).await
+        }
+    }
 }
 
 /// The subcommand's name as typed, for its default config file.
