@@ -173,14 +173,7 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     tracker.spawn(status);
 
     tracing::info!(watcher = %cfg.name, prefix = %cfg.etcd.prefix, templates = resources.len(), "watcher started");
-    let mut effective = effective::Effective::new(&cfg, resources.first().and_then(Resource::live));
-    if let Some(until) = held_until {
-        let left = until
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
-        effective.resume_hold(std::time::Instant::now() + left);
-    }
+    let effective = effective_at_start(&cfg, &resources, held_until);
     let tls = tls::Tls::open(&cfg.certs_dir, resources.len());
     let mut lp = Loop {
         cfg: &cfg,
@@ -213,6 +206,24 @@ pub async fn run(cfg: WatcherConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     tracing::info!("watcher stopped");
     Ok(())
+}
+
+/// The guard and linger seeded from the file HAProxy runs, and a mass removal the last
+/// run held still held until the time it would have ended.
+fn effective_at_start(
+    cfg: &WatcherConfig,
+    resources: &[Resource],
+    held_until: Option<std::time::SystemTime>,
+) -> effective::Effective {
+    let mut effective = effective::Effective::new(cfg, resources.first().and_then(Resource::live));
+    if let Some(until) = held_until {
+        let left = until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::warn!("a mass removal was held when this watcher last stopped: if the first render holds it again, the hold ends in {} s, as it would have", left.as_secs());
+        effective.resume_hold(std::time::Instant::now() + left);
+    }
+    effective
 }
 
 /// The ACME issuer (`[acme]`), fed the routed services' names from the store.
