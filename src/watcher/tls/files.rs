@@ -187,27 +187,9 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::{CertSource, Record};
     use std::collections::BTreeMap;
-    use std::sync::Arc;
 
-    fn entry(names: &[&str]) -> Entry {
-        let (cert, key) = crate::certs::self_signed(names).unwrap();
-        let r = Record {
-            cert,
-            key,
-            domains: names.iter().map(|s| s.to_string()).collect(),
-            not_after: String::new(),
-            source: CertSource::Import,
-            issued_at: String::new(),
-        };
-        let bytes: Arc<[u8]> = serde_json::to_vec(&r).unwrap().into();
-        let cert = crate::certs::check("x", &bytes, std::time::SystemTime::now()).unwrap();
-        Entry {
-            bytes,
-            cert: Arc::new(cert),
-        }
-    }
+    use super::super::served::test_entry as entry;
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777

@@ -217,26 +217,8 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::{CertSource, Record};
-    use std::sync::Arc;
 
-    fn entry(domains: &[&str]) -> Entry {
-        let (cert, key) = crate::certs::self_signed(domains).unwrap();
-        let r = Record {
-            cert,
-            key,
-            domains: domains.iter().map(|s| s.to_string()).collect(),
-            not_after: String::new(),
-            source: CertSource::Import,
-            issued_at: String::new(),
-        };
-        let bytes: Arc<[u8]> = serde_json::to_vec(&r).unwrap().into();
-        let cert = crate::certs::check("x", &bytes, std::time::SystemTime::now()).unwrap();
-        Entry {
-            bytes,
-            cert: Arc::new(cert),
-        }
-    }
+    use super::super::served::test_entry as entry;
 
     #[test]
     fn removals_go_first_and_hosts_follow_their_certificates() {

@@ -163,6 +163,27 @@ impl Served {
     }
 }
 
+/// A checked entry for a self-signed certificate of `domains`, as tests need one.
+#[cfg(test)]
+pub(crate) fn test_entry(domains: &[&str]) -> Entry {
+    use crate::certs::{CertSource, Record};
+    let (cert, key) = crate::certs::self_signed(domains).unwrap();
+    let r = Record {
+        cert,
+        key,
+        domains: domains.iter().map(|s| s.to_string()).collect(),
+        not_after: String::new(),
+        source: CertSource::Import,
+        issued_at: String::new(),
+    };
+    let bytes: Arc<[u8]> = serde_json::to_vec(&r).unwrap().into();
+    let cert = crate::certs::check("x", &bytes, std::time::SystemTime::now()).unwrap();
+    Entry {
+        bytes,
+        cert: Arc::new(cert),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
