@@ -462,37 +462,15 @@ impl Bed {
             switch.plug("ctl", n, &ns, "ctl", &format!("{ip}/24"));
             let client = format!("http://{ip}:2379");
             let peer = format!("http://{ip}:2380");
-            let args: Vec<String> = [
-                "--name",
+            let args = etcd_member_args(
                 n,
-                "--data-dir",
-                &dir.path().join(n).display().to_string(),
-                "--listen-client-urls",
+                &dir.path().join(n),
                 &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
                 &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
                 &cluster.join(","),
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
                 &run,
-                "--heartbeat-interval",
-                "100",
-                "--election-timeout",
-                "1000",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+                &["--heartbeat-interval", "100", "--election-timeout", "1000"],
+            );
             let mut m = Member {
                 name: n.to_string(),
                 log: dir.path().join(format!("etcd-{n}.log")),

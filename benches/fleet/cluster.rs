@@ -78,33 +78,15 @@ impl Cluster {
         for (n, (client_port, peer_port)) in names.iter().zip(&ports) {
             let client = format!("http://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");
-            let args: Vec<String> = [
-                "--name",
+            let args = crate::common::etcd_member_args(
                 n,
-                "--data-dir",
-                &dir.path().join(n).display().to_string(),
-                "--listen-client-urls",
+                &dir.path().join(n),
                 &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
                 &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
                 &initial.join(","),
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
                 &token,
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+                &[],
+            );
             let mut m = Member {
                 name: n.to_string(),
                 client_port: *client_port,

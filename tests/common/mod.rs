@@ -191,6 +191,48 @@ impl Drop for Proc {
     }
 }
 
+/// The flags of one member of a new etcd cluster (`initial_cluster`: `name=peer_url,…`
+/// of every member), logging warnings only; `extra` flags after them.
+pub fn etcd_member_args(
+    name: &str,
+    data_dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    initial_cluster: &str,
+    token: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let data_dir = data_dir.display().to_string();
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data_dir,
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        token,
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A private single-member etcd on free 127.0.0.1 ports with a temp data dir.
 pub struct Etcd {
     pub dir: tempfile::TempDir,
