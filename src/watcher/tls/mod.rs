@@ -232,7 +232,19 @@ impl Tls {
                 }
             }
         }
-        if let Err(e) = dir.sync(self.served.served().iter()) {
+        // Reads, fsyncs and renames: off the loop's runtime threads.
+        let served: Vec<(String, Entry)> = self
+            .served
+            .served()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        let writer = dir.clone();
+        let written =
+            tokio::task::spawn_blocking(move || writer.sync(served.iter().map(|(n, e)| (n, e))))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
             out.error = Some(format!(
                 "cannot write the certificates to watcher.certs_dir {}: {e}",
                 dir.path.display()
