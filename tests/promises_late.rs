@@ -832,11 +832,12 @@ async fn a_draining_instance_leaves_rotation_by_reload_without_an_admin_socket()
 
     etcd.put(&fd.service_key("web", "b"), &b.draining_record())
         .await;
-    let line = format!("server b {} weight 100 check disabled", b.addr);
     wait_until(
         "a reload onto the file that says b is disabled",
         T,
-        || async { fd.dest_text().contains(&line) && fd.haproxy.reloads().await > reloads },
+        || async {
+            says_disabled(&fd.dest_text(), "b", b.addr) && fd.haproxy.reloads().await > reloads
+        },
     )
     .await;
     // The reload is confirmed once the new worker runs: from then on, only a.
@@ -878,6 +879,15 @@ async fn get_from(from: &str, front: &str) -> Option<String> {
         .then(|| body.trim().to_string())
 }
 
+/// Whether `file` has `server <name> <addr> id <n> weight 100 check disabled` (the id
+/// is the shipped template's, derived from the name).
+fn says_disabled(file: &str, name: &str, addr: std::net::SocketAddr) -> bool {
+    let head = format!("server {name} {addr} ");
+    file.lines()
+        .map(str::trim)
+        .any(|l| l.starts_with(&head) && l.ends_with(" weight 100 check disabled"))
+}
+
 /// In a backend whose clients persist on a server (`stick on src`), a draining instance
 /// is put in HAProxy's `drain` state, not maintenance: a client already stuck to it
 /// keeps reaching it, a new client does not, and the file says `disabled`.
@@ -888,8 +898,8 @@ async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
     let template = std::fs::read_to_string(common::haproxy::shipped_template())
         .expect("shipped template")
         .replace(
-            "    balance roundrobin\n",
-            "    balance roundrobin\n    stick-table type ip size 1k expire 10m\n    stick on src\n",
+            "{% else %}roundrobin{% endif %}\n",
+            "{% else %}roundrobin{% endif %}\n    stick-table type ip size 1k expire 10m\n    stick on src\n",
         );
     assert!(template.contains("stick on src"), "the template changed");
     let fd = FrontDoor::start(
@@ -923,9 +933,8 @@ async fn a_draining_instance_in_a_persistent_backend_keeps_its_stuck_clients() {
             .is_some_and(|s| s & 8 == 8)
     })
     .await;
-    let line = format!("server b {} weight 100 check disabled", b.addr);
     wait_until("the file says b is disabled", T, || async {
-        fd.dest_text().contains(&line)
+        says_disabled(&fd.dest_text(), "b", b.addr)
     })
     .await;
     assert_eq!(
